@@ -1,0 +1,387 @@
+//! Stateless validation of `#commit` and `#sync` events (PROTOCOL.md §3-5).
+//!
+//! [`check_commit`] does everything that needs no stored state and no key:
+//! limits, the CAR slice (every block hashed), the signed commit object
+//! (version 3, DID and rev match the event, rev a TID not too far in the
+//! future), the operations (paths, CIDs), and the Sync 1.1 proof: load the
+//! slice as a partial MST at `commit.data`, invert the ops, and compare the
+//! result with `prevData`. It returns a [`CheckedCommit`] carrying the
+//! SHA-256 of the unsigned commit, so the signature can be verified (and
+//! re-verified after a DID refresh) without redoing the rest.
+//!
+//! The unsigned commit bytes are the signed object minus its `sig` entry.
+//! We hash them straight from the block (map head with one entry fewer, then
+//! every other entry's raw bytes) when the block is canonical, which real
+//! PDSes always produce; otherwise we re-encode with sorted keys.
+//!
+//! What needs stored state (rev order, the prevData chain, account status)
+//! is the sequencer's job: see `policy`.
+
+use crate::car::{CarError, CarSlice};
+use crate::cbor::{self, CborError, Reader};
+use crate::cid::Cid;
+use crate::crypto::{PublicKey, SigError};
+use crate::frame::{Action, Commit, RepoOp, SyncEvent};
+use crate::mst::{Mst, MstError};
+use crate::syntax::{is_did, is_nsid, is_record_key, Tid};
+use sha2::{Digest, Sha256};
+
+/// How far in the future a rev's timestamp may be.
+pub const REV_FUTURE_MICROS_MAX: i64 = 5 * 60 * 1_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Drop commits whose MST proof does not hold (the default).
+    Strict,
+    /// Pass them on, only counting.
+    Lenient,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum CommitError {
+    #[error("blocks: {0}")]
+    Car(#[from] CarError),
+    #[error("CAR root {car} is not the commit {commit}")]
+    CarRoot { car: Cid, commit: Cid },
+    #[error("commit block {0} is missing from the CAR")]
+    MissingCommitBlock(Cid),
+    #[error("commit object: {0}")]
+    CommitDecode(CborError),
+    #[error("commit version {0} (expected 3)")]
+    Version(u64),
+    #[error("commit DID {commit:?} does not match the event's {event:?}")]
+    DidMismatch { event: String, commit: String },
+    #[error("commit rev {commit:?} does not match the event's {event:?}")]
+    RevMismatch { event: String, commit: String },
+    #[error("{0:?} is not a valid DID")]
+    BadDid(String),
+    #[error("rev {0:?} is not a TID")]
+    BadRev(String),
+    #[error("rev {0:?} is more than 5 minutes in the future")]
+    FutureRev(String),
+    #[error("signature field is {0} bytes (expected 64)")]
+    SigLength(usize),
+    #[error("tooBig commits are not accepted")]
+    TooBig,
+    #[error("rebase commits are not accepted")]
+    Rebase,
+    #[error("op {path:?}: {what}")]
+    BadOp { path: String, what: &'static str },
+    #[error("proof: {0}")]
+    Proof(#[from] ProofError),
+}
+
+/// Why a Sync 1.1 inversion failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum ProofError {
+    #[error("{0}")]
+    Mst(#[from] MstError),
+    #[error("op {path:?} expects {expected:?} in the tree, found {found:?}")]
+    OpMismatch { path: String, expected: Option<Cid>, found: Option<Cid> },
+    #[error("path {0:?} appears in more than one op")]
+    DuplicatePath(String),
+    #[error("op {0:?} lacks the prev CID needed to invert it")]
+    MissingPrev(String),
+    #[error("inverted root {computed} does not match prevData {claimed}")]
+    RootMismatch { computed: Cid, claimed: Cid },
+}
+
+/// What the proof check concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// Inversion reproduced `prevData`.
+    Verified(Cid),
+    /// The event carried no `prevData` (legacy, or the first commit).
+    Absent,
+    /// Lenient mode only: the proof failed, the event passes, counted.
+    Failed(ProofError),
+}
+
+/// A commit whose structure and proof were checked; signature pending.
+#[derive(Debug, Clone)]
+pub struct CheckedCommit {
+    pub commit_cid: Cid,
+    pub data: Cid,
+    pub rev: Tid,
+    pub proof: Proof,
+    pub unsigned_sha256: [u8; 32],
+    pub sig: [u8; 64],
+}
+
+impl CheckedCommit {
+    pub fn verify_signature(&self, key: &PublicKey) -> Result<(), SigError> {
+        key.verify_digest(&self.unsigned_sha256, &self.sig)
+    }
+}
+
+/// The signed commit object as found in a block.
+struct CommitObject<'a> {
+    did: &'a str,
+    version: u64,
+    data: Cid,
+    rev: &'a str,
+    sig: &'a [u8],
+    unsigned_sha256: [u8; 32],
+}
+
+fn parse_commit_object(bytes: &[u8]) -> Result<CommitObject<'_>, CborError> {
+    let mut r = Reader::new(bytes);
+    let n = r.map()?;
+    let (mut did, mut version, mut data, mut rev, mut sig) = (None, None, None, None, None);
+    // (key, raw entry bytes) of every entry but `sig`, in block order.
+    let mut entries: Vec<(&str, &[u8])> = Vec::with_capacity(n);
+    let mut canonical = true;
+    let mut prev_key: Option<&str> = None;
+    for _ in 0..n {
+        let start = r.position();
+        let key = r.key()?;
+        if let Some(p) = prev_key {
+            if cbor::key_order(p.as_bytes(), key.as_bytes()) != std::cmp::Ordering::Less {
+                canonical = false;
+            }
+        }
+        prev_key = Some(key);
+        match key {
+            "did" => did = Some(r.text()?),
+            "version" => version = Some(r.u64()?),
+            "data" => data = Some(r.cid()?),
+            "rev" => rev = Some(r.text()?),
+            "sig" => sig = Some(r.bytes()?),
+            "prev" => {
+                r.opt_cid()?;
+            }
+            _ => {
+                r.skip(1)?;
+            }
+        }
+        if key != "sig" {
+            entries.push((key, &bytes[start..r.position()]));
+        }
+    }
+    r.finish()?;
+    if !canonical {
+        entries.sort_by(|a, b| cbor::key_order(a.0.as_bytes(), b.0.as_bytes()));
+    }
+    let mut h = Sha256::new();
+    let mut head = Vec::with_capacity(9);
+    cbor::write_head(&mut head, cbor::MAJOR_MAP, entries.len() as u64);
+    h.update(&head);
+    for (_, raw) in &entries {
+        h.update(raw);
+    }
+    Ok(CommitObject {
+        did: did.ok_or(CborError::Missing("did"))?,
+        version: version.ok_or(CborError::Missing("version"))?,
+        data: data.ok_or(CborError::Missing("data"))?,
+        rev: rev.ok_or(CborError::Missing("rev"))?,
+        sig: sig.ok_or(CborError::Missing("sig"))?,
+        unsigned_sha256: h.finalize().into(),
+    })
+}
+
+/// The parts of a checked signed object that outlive its block.
+struct Signed {
+    data: Cid,
+    rev: Tid,
+    unsigned_sha256: [u8; 32],
+    sig: [u8; 64],
+}
+
+/// Shared part of `#commit` and `#sync`: the signed object.
+fn check_signed_object(
+    car: &CarSlice<'_>,
+    commit_cid: Cid,
+    event_did: &str,
+    event_rev: &str,
+    now_micros: i64,
+) -> Result<Signed, CommitError> {
+    if car.root() != commit_cid {
+        return Err(CommitError::CarRoot { car: car.root(), commit: commit_cid });
+    }
+    let block = car.get(&commit_cid).ok_or(CommitError::MissingCommitBlock(commit_cid))?;
+    let obj = parse_commit_object(block).map_err(CommitError::CommitDecode)?;
+    if obj.version != 3 {
+        return Err(CommitError::Version(obj.version));
+    }
+    if !is_did(event_did) {
+        return Err(CommitError::BadDid(event_did.to_owned()));
+    }
+    if obj.did != event_did {
+        return Err(CommitError::DidMismatch { event: event_did.to_owned(), commit: obj.did.to_owned() });
+    }
+    if obj.rev != event_rev {
+        return Err(CommitError::RevMismatch { event: event_rev.to_owned(), commit: obj.rev.to_owned() });
+    }
+    let rev = Tid::new(obj.rev).map_err(|_| CommitError::BadRev(obj.rev.to_owned()))?;
+    if rev.micros() as i64 > now_micros + REV_FUTURE_MICROS_MAX {
+        return Err(CommitError::FutureRev(obj.rev.to_owned()));
+    }
+    let sig: [u8; 64] = obj.sig.try_into().map_err(|_| CommitError::SigLength(obj.sig.len()))?;
+    Ok(Signed { data: obj.data, rev, unsigned_sha256: obj.unsigned_sha256, sig })
+}
+
+fn check_ops(ops: &[RepoOp<'_>]) -> Result<(), CommitError> {
+    for op in ops {
+        let bad = |what| CommitError::BadOp { path: op.path.to_owned(), what };
+        let Some((collection, rkey)) = op.path.split_once('/') else {
+            return Err(bad("path is not collection/rkey"));
+        };
+        if !is_nsid(collection) || !is_record_key(rkey) {
+            return Err(bad("invalid collection or record key"));
+        }
+        match op.action {
+            Action::Create | Action::Update if op.cid.is_none() => return Err(bad("create/update without cid")),
+            Action::Delete if op.cid.is_some() => return Err(bad("delete with a cid")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Invert `ops` on the partial tree rooted at `data`; return the root before.
+pub fn invert_ops(car: &CarSlice<'_>, data: Cid, ops: &[RepoOp<'_>]) -> Result<Cid, ProofError> {
+    let mut paths: Vec<&str> = ops.iter().map(|o| o.path).collect();
+    paths.sort_unstable();
+    if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ProofError::DuplicatePath(w[0].to_owned()));
+    }
+    let mut mst = Mst::load(car, data)?;
+    for op in ops.iter().rev() {
+        let path = op.path.as_bytes();
+        let mismatch = |expected: Option<Cid>, found: Option<Cid>| ProofError::OpMismatch {
+            path: op.path.to_owned(),
+            expected,
+            found,
+        };
+        match op.action {
+            Action::Create => {
+                let found = match mst.delete(path) {
+                    Ok(c) => Some(c),
+                    Err(MstError::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                if found != op.cid {
+                    return Err(mismatch(op.cid, found));
+                }
+            }
+            Action::Update => {
+                let prev = op.prev.ok_or_else(|| ProofError::MissingPrev(op.path.to_owned()))?;
+                let found = mst.put(path, prev)?;
+                if found != op.cid {
+                    return Err(mismatch(op.cid, found));
+                }
+            }
+            Action::Delete => {
+                let prev = op.prev.ok_or_else(|| ProofError::MissingPrev(op.path.to_owned()))?;
+                let found = mst.put(path, prev)?;
+                if found.is_some() {
+                    return Err(mismatch(None, found));
+                }
+            }
+        }
+    }
+    Ok(mst.root())
+}
+
+/// Check a `#commit` (everything but the signature).
+pub fn check_commit(ev: &Commit<'_>, mode: Mode, now_micros: i64) -> Result<CheckedCommit, CommitError> {
+    if mode == Mode::Strict {
+        if ev.too_big {
+            return Err(CommitError::TooBig);
+        }
+        if ev.rebase {
+            return Err(CommitError::Rebase);
+        }
+    }
+    let car = CarSlice::parse(ev.blocks)?;
+    let signed = check_signed_object(&car, ev.commit, ev.repo, ev.rev, now_micros)?;
+    check_ops(&ev.ops)?;
+    let proof = match ev.prev_data {
+        None => Proof::Absent,
+        Some(claimed) => {
+            let outcome = invert_ops(&car, signed.data, &ev.ops).and_then(|computed| {
+                if computed == claimed {
+                    Ok(computed)
+                } else {
+                    Err(ProofError::RootMismatch { computed, claimed })
+                }
+            });
+            match (outcome, mode) {
+                (Ok(c), _) => Proof::Verified(c),
+                (Err(e), Mode::Strict) => return Err(CommitError::Proof(e)),
+                (Err(e), Mode::Lenient) => Proof::Failed(e),
+            }
+        }
+    };
+    Ok(CheckedCommit {
+        commit_cid: ev.commit,
+        data: signed.data,
+        rev: signed.rev,
+        proof,
+        unsigned_sha256: signed.unsigned_sha256,
+        sig: signed.sig,
+    })
+}
+
+/// Check a `#sync` (everything but the signature): the CAR holds the signed
+/// commit, which resets the account's (rev, data).
+pub fn check_sync(ev: &SyncEvent<'_>, now_micros: i64) -> Result<CheckedCommit, CommitError> {
+    let car = CarSlice::parse(ev.blocks)?;
+    let root = car.root();
+    let signed = check_signed_object(&car, root, ev.did, ev.rev, now_micros)?;
+    Ok(CheckedCommit {
+        commit_cid: root,
+        data: signed.data,
+        rev: signed.rev,
+        proof: Proof::Absent,
+        unsigned_sha256: signed.unsigned_sha256,
+        sig: signed.sig,
+    })
+}
+
+/// Build and sign a version-3 commit object; returns its CID and block.
+pub fn sign_commit(did: &str, data: &Cid, rev: &str, key: &crate::crypto::PrivateKey) -> (Cid, Vec<u8>) {
+    let write = |w: &mut cbor::Writer, sig: Option<&[u8; 64]>| {
+        w.map(if sig.is_some() { 6 } else { 5 });
+        w.text("did");
+        w.text(did);
+        w.text("rev");
+        w.text(rev);
+        if let Some(s) = sig {
+            w.text("sig");
+            w.bytes(s);
+        }
+        w.text("data");
+        w.cid(data);
+        w.text("prev");
+        w.null();
+        w.text("version");
+        w.u64(3);
+    };
+    let mut unsigned = cbor::Writer::with_capacity(160);
+    write(&mut unsigned, None);
+    let sig = key.sign(&unsigned.buf);
+    let mut signed = cbor::Writer::with_capacity(240);
+    write(&mut signed, Some(&sig));
+    let bytes = signed.into_inner();
+    (Cid::compute(crate::cid::Codec::DagCbor, &bytes), bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Curve, PrivateKey};
+    use rand::SeedableRng;
+
+    #[test]
+    fn signed_commit_verifies_and_unsigned_hash_matches() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let key = PrivateKey::generate(Curve::K256, &mut rng);
+        let data = Cid::compute(crate::cid::Codec::DagCbor, b"x");
+        let (cid, block) = sign_commit("did:plc:abc", &data, "3lmxjza3nva27", &key);
+        assert!(cid.matches(&block));
+        let obj = parse_commit_object(&block).unwrap();
+        assert_eq!(obj.data, data);
+        key.public_key().verify_digest(&obj.unsigned_sha256, obj.sig).unwrap();
+    }
+}

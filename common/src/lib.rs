@@ -1,0 +1,19 @@
+//! sluice-common: everything the relay's processes share that needs no I/O
+//! runtime.
+//!
+//! Protocol core (PROTOCOL.md): [`cbor`] (strict zero-copy DAG-CBOR),
+//! [`cid`], [`car`] (CAR slices), [`syntax`] (identifiers), [`crypto`] (keys
+//! and signatures), [`identity`] (DID documents), [`mst`] (Merkle Search
+//! Trees, partial trees, inversion), [`frame`] (subscribeRepos frames) and
+//! [`commit`] (stateless `#commit`/`#sync` validation). Nothing here blocks,
+//! spawns or reads the clock: callers pass the time in.
+
+pub mod car;
+pub mod cbor;
+pub mod cid;
+pub mod commit;
+pub mod crypto;
+pub mod frame;
+pub mod identity;
+pub mod mst;
+pub mod syntax;

@@ -1,0 +1,697 @@
+//! Merkle Search Trees: the repository structure, and the partial-tree
+//! operations behind Sync 1.1 commit proofs.
+//!
+//! An MST is fully determined by its set of `(key, cid)` pairs: each key sits
+//! in the layer given by the leading zero bits of `sha256(key)` divided by two
+//! ([`key_layer`]); the root is at the highest layer; a node at layer L holds
+//! the layer-L keys of its range, interleaved with links to layer L-1 nodes
+//! for the gaps. Intermediate nodes with no keys exist (a chain down to the
+//! next populated layer); empty nodes are pruned at the top and bottom.
+//!
+//! [`Mst`] is a *partial* tree: it starts from a root CID over any
+//! [`BlockSource`] and loads nodes only when an operation walks into them.
+//! Unloaded subtrees stay as their CID. `put`/`delete` keep the tree
+//! canonical (split on insert, merge on delete, trim at the top), and
+//! [`Mst::root`] re-encodes only the nodes that changed. A node an operation
+//! needs but the source lacks is [`MstError::MissingBlock`], never a panic:
+//! that is how a commit's proof is checked (see `commit`).
+//!
+//! Nodes live in an arena (`Vec<Node>`) addressed by index; the recursion
+//! depth is bounded by the number of layers (≤ 128).
+
+use crate::cbor::{CborError, Reader, Writer};
+use crate::cid::{Cid, Codec};
+use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+
+/// Longest key we accept in a node (repo spec: 1024 bytes).
+pub const KEY_BYTES_MAX: usize = 1024;
+/// Entries in one node; a bound against hostile input, far above real trees.
+pub const NODE_ENTRIES_MAX: usize = 4096;
+
+/// Layer of a key: leading zero bits of sha256(key), halved (fanout 4).
+pub fn key_layer(key: &[u8]) -> u8 {
+    let h = Sha256::digest(key);
+    let mut zeros = 0u32;
+    for b in h.iter() {
+        if *b == 0 {
+            zeros += 8;
+        } else {
+            zeros += b.leading_zeros();
+            break;
+        }
+    }
+    (zeros / 2) as u8
+}
+
+pub fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum MstError {
+    #[error("MST block {0} is not in the proof")]
+    MissingBlock(Cid),
+    #[error("MST node {0}: {1}")]
+    Decode(Cid, CborError),
+    #[error("MST node {0}: {1}")]
+    BadNode(Cid, &'static str),
+    #[error("MST node {0} is at the wrong layer")]
+    Layer(Cid),
+    #[error("key {0:?} not found")]
+    NotFound(String),
+}
+
+/// Where nodes come from.
+pub trait BlockSource {
+    fn get_block(&self, cid: &Cid) -> Option<&[u8]>;
+}
+
+impl BlockSource for crate::car::CarSlice<'_> {
+    fn get_block(&self, cid: &Cid) -> Option<&[u8]> {
+        self.get(cid)
+    }
+}
+
+impl BlockSource for HashMap<Cid, Vec<u8>> {
+    fn get_block(&self, cid: &Cid) -> Option<&[u8]> {
+        self.get(cid).map(Vec::as_slice)
+    }
+}
+
+/// A source with nothing in it (build trees from scratch).
+pub struct NoBlocks;
+impl BlockSource for NoBlocks {
+    fn get_block(&self, _: &Cid) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// Wraps a source and records every CID read through it (to compute the
+/// proof a commit must carry).
+pub struct Recording<'a, S: BlockSource> {
+    pub inner: &'a S,
+    pub read: RefCell<HashSet<Cid>>,
+}
+
+impl<'a, S: BlockSource> Recording<'a, S> {
+    pub fn new(inner: &'a S) -> Self {
+        Recording { inner, read: RefCell::new(HashSet::new()) }
+    }
+}
+
+impl<S: BlockSource> BlockSource for Recording<'_, S> {
+    fn get_block(&self, cid: &Cid) -> Option<&[u8]> {
+        self.read.borrow_mut().insert(*cid);
+        self.inner.get_block(cid)
+    }
+}
+
+/// A decoded node in wire form, keys expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeData {
+    pub left: Option<Cid>,
+    pub entries: Vec<EntryData>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryData {
+    pub key: Vec<u8>,
+    pub val: Cid,
+    pub right: Option<Cid>,
+}
+
+/// Decode an MST node, expanding prefix-compressed keys and checking that
+/// keys are strictly increasing and compression is canonical.
+pub fn decode_node(cid: &Cid, bytes: &[u8]) -> Result<NodeData, MstError> {
+    let e = |err| MstError::Decode(*cid, err);
+    let bad = |what| MstError::BadNode(*cid, what);
+    let mut r = Reader::new(bytes);
+    let n = r.map().map_err(e)?;
+    let mut left = None;
+    let mut entries: Option<Vec<EntryData>> = None;
+    for _ in 0..n {
+        match r.key().map_err(e)? {
+            "l" => left = r.opt_cid().map_err(e)?,
+            "e" => {
+                let count = r.array().map_err(e)?;
+                if count > NODE_ENTRIES_MAX {
+                    return Err(bad("too many entries"));
+                }
+                let mut v: Vec<EntryData> = Vec::with_capacity(count);
+                for _ in 0..count {
+                    v.push(decode_entry(&mut r, v.last().map(|p| p.key.as_slice()), cid)?);
+                }
+                entries = Some(v);
+            }
+            _ => return Err(bad("unknown field")),
+        }
+    }
+    r.finish().map_err(e)?;
+    let entries = entries.ok_or(bad("missing entries"))?;
+    Ok(NodeData { left, entries })
+}
+
+fn decode_entry(r: &mut Reader<'_>, prev: Option<&[u8]>, cid: &Cid) -> Result<EntryData, MstError> {
+    let e = |err| MstError::Decode(*cid, err);
+    let bad = |what| MstError::BadNode(*cid, what);
+    let n = r.map().map_err(e)?;
+    let (mut p, mut k, mut v, mut t) = (None, None, None, None);
+    for _ in 0..n {
+        match r.key().map_err(e)? {
+            "p" => p = Some(r.u64().map_err(e)?),
+            "k" => k = Some(r.bytes().map_err(e)?),
+            "v" => v = Some(r.cid().map_err(e)?),
+            "t" => t = Some(r.opt_cid().map_err(e)?),
+            _ => return Err(bad("unknown entry field")),
+        }
+    }
+    let (Some(p), Some(k), Some(v), Some(t)) = (p, k, v, t) else {
+        return Err(bad("entry field missing"));
+    };
+    let prev = prev.unwrap_or(&[]);
+    let p = p as usize;
+    if p > prev.len() {
+        return Err(bad("prefix longer than previous key"));
+    }
+    let mut key = Vec::with_capacity(p + k.len());
+    key.extend_from_slice(&prev[..p]);
+    key.extend_from_slice(k);
+    if key.is_empty() || key.len() > KEY_BYTES_MAX {
+        return Err(bad("key length"));
+    }
+    if key.as_slice() <= prev {
+        return Err(bad("keys not strictly increasing"));
+    }
+    if common_prefix_len(prev, &key) != p {
+        return Err(bad("prefix compression not canonical"));
+    }
+    Ok(EntryData { key, val: v, right: t })
+}
+
+/// Canonical encoding of a node.
+pub fn encode_node(node: &NodeData) -> Vec<u8> {
+    let mut w = Writer::with_capacity(64 + node.entries.len() * 80);
+    w.map(2);
+    w.text("e");
+    w.array(node.entries.len());
+    let mut prev: &[u8] = &[];
+    for ent in &node.entries {
+        let p = common_prefix_len(prev, &ent.key);
+        w.map(4);
+        w.text("k");
+        w.bytes(&ent.key[p..]);
+        w.text("p");
+        w.u64(p as u64);
+        w.text("t");
+        w.opt_cid(ent.right.as_ref());
+        w.text("v");
+        w.cid(&ent.val);
+        prev = &ent.key;
+    }
+    w.text("l");
+    w.opt_cid(node.left.as_ref());
+    w.into_inner()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Empty,
+    Stub(Cid),
+    Node(u32),
+}
+
+impl Link {
+    fn from_opt(c: Option<Cid>) -> Link {
+        c.map_or(Link::Empty, Link::Stub)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    key: Vec<u8>,
+    val: Cid,
+    right: Link,
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    left: Link,
+    entries: Vec<Entry>,
+    /// The node's CID while it is unchanged since it was loaded or encoded.
+    cid: Option<Cid>,
+}
+
+/// A partially loaded, mutable MST over a block source.
+pub struct Mst<'s, S: BlockSource> {
+    store: &'s S,
+    nodes: Vec<Node>,
+    root: Link,
+    /// Layer of the root; meaningful only when `root` is not `Empty`.
+    root_layer: u8,
+}
+
+impl<'s, S: BlockSource> Mst<'s, S> {
+    /// An empty tree.
+    pub fn empty(store: &'s S) -> Self {
+        Mst { store, nodes: Vec::new(), root: Link::Empty, root_layer: 0 }
+    }
+
+    /// Open the tree rooted at `root`; the root node must be in `store`.
+    pub fn load(store: &'s S, root: Cid) -> Result<Self, MstError> {
+        let mut m = Mst::empty(store);
+        let bytes = store.get_block(&root).ok_or(MstError::MissingBlock(root))?;
+        let data = decode_node(&root, bytes)?;
+        if data.entries.is_empty() {
+            if data.left.is_some() {
+                return Err(MstError::BadNode(root, "root without entries must be pruned"));
+            }
+            return Ok(m); // the empty tree
+        }
+        let layer = key_layer(&data.entries[0].key);
+        let idx = m.insert_loaded(root, data, layer)?;
+        m.root = Link::Node(idx);
+        m.root_layer = layer;
+        Ok(m)
+    }
+
+    /// Build a full tree from `(key, value)` pairs (any order).
+    pub fn from_entries(store: &'s S, pairs: impl IntoIterator<Item = (Vec<u8>, Cid)>) -> Result<Self, MstError> {
+        let mut m = Mst::empty(store);
+        for (k, v) in pairs {
+            m.put(&k, v)?;
+        }
+        Ok(m)
+    }
+
+    fn insert_loaded(&mut self, cid: Cid, data: NodeData, layer: u8) -> Result<u32, MstError> {
+        for e in &data.entries {
+            if key_layer(&e.key) != layer {
+                return Err(MstError::Layer(cid));
+            }
+        }
+        if layer == 0 && (data.left.is_some() || data.entries.iter().any(|e| e.right.is_some())) {
+            return Err(MstError::BadNode(cid, "layer 0 node with subtrees"));
+        }
+        if data.entries.is_empty() && data.left.is_none() {
+            return Err(MstError::BadNode(cid, "empty node below the root"));
+        }
+        let entries = data
+            .entries
+            .into_iter()
+            .map(|e| Entry { key: e.key, val: e.val, right: Link::from_opt(e.right) })
+            .collect();
+        self.nodes.push(Node { left: Link::from_opt(data.left), entries, cid: Some(cid) });
+        Ok((self.nodes.len() - 1) as u32)
+    }
+
+    /// Resolve a link at `layer` to an arena index, loading a stub.
+    fn resolve(&mut self, link: Link, layer: u8) -> Result<Option<u32>, MstError> {
+        match link {
+            Link::Empty => Ok(None),
+            Link::Node(i) => Ok(Some(i)),
+            Link::Stub(cid) => {
+                let bytes = self.store.get_block(&cid).ok_or(MstError::MissingBlock(cid))?;
+                let data = decode_node(&cid, bytes)?;
+                self.insert_loaded(cid, data, layer).map(Some)
+            }
+        }
+    }
+
+    fn new_node(&mut self, left: Link, entries: Vec<Entry>) -> Link {
+        if entries.is_empty() && left == Link::Empty {
+            return Link::Empty;
+        }
+        self.nodes.push(Node { left, entries, cid: None });
+        Link::Node((self.nodes.len() - 1) as u32)
+    }
+
+    /// Wrap `link` (at layer `from`) in empty nodes up to layer `to`.
+    fn raise(&mut self, mut link: Link, from: u8, to: u8) -> Link {
+        for _ in from..to {
+            link = self.new_node(link, Vec::new());
+        }
+        link
+    }
+
+    fn gap(&self, n: u32, i: usize) -> Link {
+        let node = &self.nodes[n as usize];
+        if i == 0 {
+            node.left
+        } else {
+            node.entries[i - 1].right
+        }
+    }
+
+    fn set_gap(&mut self, n: u32, i: usize, l: Link) {
+        let node = &mut self.nodes[n as usize];
+        if i == 0 {
+            node.left = l;
+        } else {
+            node.entries[i - 1].right = l;
+        }
+        node.cid = None;
+    }
+
+    /// Index of the first entry with key >= `key`, and whether it is equal.
+    fn position(&self, n: u32, key: &[u8]) -> (usize, bool) {
+        let es = &self.nodes[n as usize].entries;
+        match es.binary_search_by(|e| e.key.as_slice().cmp(key)) {
+            Ok(i) => (i, true),
+            Err(i) => (i, false),
+        }
+    }
+
+    /// Look a key up.
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Cid>, MstError> {
+        let Some(mut n) = self.resolve(self.root, self.root_layer)? else {
+            return Ok(None);
+        };
+        self.root = Link::Node(n);
+        let mut layer = self.root_layer;
+        loop {
+            let (i, found) = self.position(n, key);
+            if found {
+                return Ok(Some(self.nodes[n as usize].entries[i].val));
+            }
+            if layer == 0 {
+                return Ok(None);
+            }
+            let Some(child) = self.resolve(self.gap(n, i), layer - 1)? else {
+                return Ok(None);
+            };
+            // Loading does not change the node: patch the link, keep its CID.
+            let node = &mut self.nodes[n as usize];
+            if i == 0 {
+                node.left = Link::Node(child);
+            } else {
+                node.entries[i - 1].right = Link::Node(child);
+            }
+            n = child;
+            layer -= 1;
+        }
+    }
+
+    /// Insert or update; returns the previous value.
+    pub fn put(&mut self, key: &[u8], val: Cid) -> Result<Option<Cid>, MstError> {
+        let kl = key_layer(key);
+        if self.root == Link::Empty {
+            self.root = self.new_node(Link::Empty, vec![Entry { key: key.to_vec(), val, right: Link::Empty }]);
+            self.root_layer = kl;
+            return Ok(None);
+        }
+        if kl > self.root_layer {
+            let (l, r) = self.split(self.root, self.root_layer, key)?;
+            let l = self.raise(l, self.root_layer, kl - 1);
+            let r = self.raise(r, self.root_layer, kl - 1);
+            self.root = self.new_node(l, vec![Entry { key: key.to_vec(), val, right: r }]);
+            self.root_layer = kl;
+            return Ok(None);
+        }
+        let mut prev = None;
+        self.root = self.put_at(self.root, self.root_layer, key, val, kl, &mut prev)?;
+        Ok(prev)
+    }
+
+    fn put_at(
+        &mut self,
+        link: Link,
+        layer: u8,
+        key: &[u8],
+        val: Cid,
+        kl: u8,
+        prev: &mut Option<Cid>,
+    ) -> Result<Link, MstError> {
+        let Some(n) = self.resolve(link, layer)? else {
+            let leaf = self.new_node(Link::Empty, vec![Entry { key: key.to_vec(), val, right: Link::Empty }]);
+            return Ok(self.raise(leaf, kl, layer));
+        };
+        let (i, found) = self.position(n, key);
+        if found {
+            let node = &mut self.nodes[n as usize];
+            *prev = Some(node.entries[i].val);
+            if node.entries[i].val != val {
+                node.entries[i].val = val;
+                node.cid = None;
+            }
+            return Ok(Link::Node(n));
+        }
+        let gap = self.gap(n, i);
+        if kl == layer {
+            let (gl, gr) = if layer == 0 { (Link::Empty, Link::Empty) } else { self.split(gap, layer - 1, key)? };
+            self.set_gap(n, i, gl);
+            self.nodes[n as usize].entries.insert(i, Entry { key: key.to_vec(), val, right: gr });
+        } else {
+            let child = self.put_at(gap, layer - 1, key, val, kl, prev)?;
+            self.set_gap(n, i, child);
+        }
+        Ok(Link::Node(n))
+    }
+
+    /// Split the subtree at `layer` around `key` (absent from it).
+    fn split(&mut self, link: Link, layer: u8, key: &[u8]) -> Result<(Link, Link), MstError> {
+        let Some(n) = self.resolve(link, layer)? else {
+            return Ok((Link::Empty, Link::Empty));
+        };
+        let (i, _) = self.position(n, key);
+        let gap = self.gap(n, i);
+        let (gl, gr) = if layer == 0 { (Link::Empty, Link::Empty) } else { self.split(gap, layer - 1, key)? };
+        let right_entries = self.nodes[n as usize].entries.split_off(i);
+        let right = self.new_node(gr, right_entries);
+        self.set_gap(n, i, gl);
+        let node = &self.nodes[n as usize];
+        let left = if node.entries.is_empty() && node.left == Link::Empty { Link::Empty } else { Link::Node(n) };
+        Ok((left, right))
+    }
+
+    /// Delete a key; returns its value.
+    pub fn delete(&mut self, key: &[u8]) -> Result<Cid, MstError> {
+        let mut removed = None;
+        self.root = self.delete_at(self.root, self.root_layer, key, &mut removed)?;
+        self.trim_top()?;
+        removed.ok_or_else(|| MstError::NotFound(String::from_utf8_lossy(key).into_owned()))
+    }
+
+    fn delete_at(&mut self, link: Link, layer: u8, key: &[u8], removed: &mut Option<Cid>) -> Result<Link, MstError> {
+        let Some(n) = self.resolve(link, layer)? else {
+            return Err(MstError::NotFound(String::from_utf8_lossy(key).into_owned()));
+        };
+        let (i, found) = self.position(n, key);
+        if found {
+            let e = self.nodes[n as usize].entries.remove(i);
+            *removed = Some(e.val);
+            let merged = if layer == 0 { Link::Empty } else { self.merge(self.gap(n, i), e.right, layer - 1)? };
+            self.set_gap(n, i, merged);
+        } else {
+            if layer == 0 {
+                return Err(MstError::NotFound(String::from_utf8_lossy(key).into_owned()));
+            }
+            let child = self.delete_at(self.gap(n, i), layer - 1, key, removed)?;
+            self.set_gap(n, i, child);
+        }
+        let node = &self.nodes[n as usize];
+        Ok(if node.entries.is_empty() && node.left == Link::Empty { Link::Empty } else { Link::Node(n) })
+    }
+
+    /// Join two adjacent subtrees at `layer` (all keys of `a` < all of `b`).
+    fn merge(&mut self, a: Link, b: Link, layer: u8) -> Result<Link, MstError> {
+        let Some(ai) = self.resolve(a, layer)? else {
+            return Ok(b);
+        };
+        let Some(bi) = self.resolve(b, layer)? else {
+            return Ok(Link::Node(ai));
+        };
+        let a_last = self.nodes[ai as usize].entries.len();
+        let mid = if layer == 0 {
+            Link::Empty
+        } else {
+            let a_gap = self.gap(ai, a_last);
+            let b_gap = self.nodes[bi as usize].left;
+            self.merge(a_gap, b_gap, layer - 1)?
+        };
+        self.set_gap(ai, a_last, mid);
+        let moved = std::mem::take(&mut self.nodes[bi as usize].entries);
+        self.nodes[ai as usize].entries.extend(moved);
+        Ok(Link::Node(ai))
+    }
+
+    /// Prune empty nodes at the top after deletions.
+    fn trim_top(&mut self) -> Result<(), MstError> {
+        loop {
+            let Some(n) = self.resolve(self.root, self.root_layer)? else {
+                return Ok(());
+            };
+            self.root = Link::Node(n);
+            let node = &self.nodes[n as usize];
+            if !node.entries.is_empty() {
+                return Ok(());
+            }
+            if node.left == Link::Empty || self.root_layer == 0 {
+                self.root = Link::Empty;
+                return Ok(());
+            }
+            self.root = node.left;
+            self.root_layer -= 1;
+        }
+    }
+
+    /// Compute the root CID, encoding every changed node. Each newly
+    /// encoded node is passed to `emit` (to build repositories and proofs).
+    pub fn root_with(&mut self, emit: &mut dyn FnMut(Cid, Vec<u8>)) -> Cid {
+        match self.root {
+            Link::Empty => {
+                let bytes = encode_node(&NodeData { left: None, entries: Vec::new() });
+                let cid = Cid::compute(Codec::DagCbor, &bytes);
+                emit(cid, bytes);
+                cid
+            }
+            Link::Stub(c) => c,
+            Link::Node(n) => self.node_cid(n, emit),
+        }
+    }
+
+    pub fn root(&mut self) -> Cid {
+        self.root_with(&mut |_, _| {})
+    }
+
+    fn link_cid(&mut self, l: Link, emit: &mut dyn FnMut(Cid, Vec<u8>)) -> Option<Cid> {
+        match l {
+            Link::Empty => None,
+            Link::Stub(c) => Some(c),
+            Link::Node(n) => Some(self.node_cid(n, emit)),
+        }
+    }
+
+    fn node_cid(&mut self, n: u32, emit: &mut dyn FnMut(Cid, Vec<u8>)) -> Cid {
+        if let Some(c) = self.nodes[n as usize].cid {
+            return c;
+        }
+        let left = self.link_cid(self.nodes[n as usize].left, emit);
+        let mut entries = Vec::with_capacity(self.nodes[n as usize].entries.len());
+        for i in 0..self.nodes[n as usize].entries.len() {
+            let right = self.link_cid(self.nodes[n as usize].entries[i].right, emit);
+            let e = &self.nodes[n as usize].entries[i];
+            entries.push(EntryData { key: e.key.clone(), val: e.val, right });
+        }
+        let bytes = encode_node(&NodeData { left, entries });
+        let cid = Cid::compute(Codec::DagCbor, &bytes);
+        emit(cid, bytes);
+        self.nodes[n as usize].cid = Some(cid);
+        cid
+    }
+
+    /// Every `(key, value)` in order; loads the whole tree.
+    pub fn entries(&mut self) -> Result<Vec<(Vec<u8>, Cid)>, MstError> {
+        let mut out = Vec::new();
+        let (root, layer) = (self.root, self.root_layer);
+        self.walk(root, layer, &mut out)?;
+        Ok(out)
+    }
+
+    fn walk(&mut self, link: Link, layer: u8, out: &mut Vec<(Vec<u8>, Cid)>) -> Result<(), MstError> {
+        let Some(n) = self.resolve(link, layer)? else {
+            return Ok(());
+        };
+        let sub = layer.saturating_sub(1);
+        self.walk(self.nodes[n as usize].left, sub, out)?;
+        for i in 0..self.nodes[n as usize].entries.len() {
+            let e = &self.nodes[n as usize].entries[i];
+            out.push((e.key.clone(), e.val));
+            let r = e.right;
+            self.walk(r, sub, out)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn leaf() -> Cid {
+        Cid::parse("bafyreie5cvv4h45feadgeuwhbcutmh6t2ceseocckahdoe6uat64zmz454").unwrap()
+    }
+
+    /// Build a store + root for a set of keys from scratch.
+    fn build(keys: &[String]) -> (HashMap<Cid, Vec<u8>>, Cid) {
+        let mut store = HashMap::new();
+        let mut m = Mst::empty(&NoBlocks);
+        for k in keys {
+            m.put(k.as_bytes(), leaf()).unwrap();
+        }
+        let root = m.root_with(&mut |c, b| {
+            store.insert(c, b);
+        });
+        (store, root)
+    }
+
+    #[test]
+    fn empty_tree_root() {
+        // The well-known CID of the empty MST node.
+        assert_eq!(
+            Mst::empty(&NoBlocks).root().to_string(),
+            "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
+        );
+    }
+
+    #[test]
+    fn insertion_order_does_not_matter_and_deletes_invert() {
+        use rand::{seq::SliceRandom, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let keys: Vec<String> = (0..300).map(|i| format!("app.bsky.feed.post/{i:06}")).collect();
+        let (_, want) = build(&keys);
+        for _ in 0..5 {
+            let mut shuffled = keys.clone();
+            shuffled.shuffle(&mut rng);
+            let (_, got) = build(&shuffled);
+            assert_eq!(got, want);
+        }
+        // Delete half from the loaded tree and compare with building the rest.
+        let (store, root) = build(&keys);
+        let mut m = Mst::load(&store, root).unwrap();
+        let mut rest: BTreeMap<String, ()> = keys.iter().map(|k| (k.clone(), ())).collect();
+        let mut dels = keys.clone();
+        dels.shuffle(&mut rng);
+        for k in dels.iter().take(150) {
+            assert_eq!(m.delete(k.as_bytes()).unwrap(), leaf());
+            rest.remove(k);
+        }
+        let (_, want_rest) = build(&rest.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(m.root(), want_rest);
+        // and down to nothing
+        for k in dels.iter().skip(150) {
+            m.delete(k.as_bytes()).unwrap();
+        }
+        assert_eq!(m.root(), Mst::empty(&NoBlocks).root());
+    }
+
+    #[test]
+    fn missing_blocks_are_errors() {
+        let keys: Vec<String> = (0..200).map(|i| format!("c/{i:04}")).collect();
+        let (mut store, root) = build(&keys);
+        // Keep only the root: any descent must fail cleanly.
+        store.retain(|c, _| *c == root);
+        let mut m = Mst::load(&store, root).unwrap();
+        let mut missing = 0;
+        for k in &keys {
+            match m.get(k.as_bytes()) {
+                Ok(_) => {}
+                Err(MstError::MissingBlock(_)) => missing += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(missing > 0);
+    }
+
+    #[test]
+    fn node_codec_round_trip() {
+        let (store, root) = build(&["a/1".into(), "a/2".into(), "b/1".into()]);
+        for (cid, bytes) in &store {
+            let n = decode_node(cid, bytes).unwrap();
+            assert_eq!(&encode_node(&n), bytes);
+        }
+        assert!(store.contains_key(&root));
+    }
+}

@@ -1,0 +1,1 @@
+//! sluice-dbwriter (built in later steps).

@@ -1,0 +1,1 @@
+//! sluice-shard (built in later steps).
