@@ -496,6 +496,14 @@ impl<'s, S: BlockSource> Mst<'s, S> {
 
     /// Join two adjacent subtrees at `layer` (all keys of `a` < all of `b`).
     fn merge(&mut self, a: Link, b: Link, layer: u8) -> Result<Link, MstError> {
+        // Joining with nothing must not load the other side: a proof does
+        // not carry nodes that the operation leaves untouched.
+        if a == Link::Empty {
+            return Ok(b);
+        }
+        if b == Link::Empty {
+            return Ok(a);
+        }
         let Some(ai) = self.resolve(a, layer)? else {
             return Ok(b);
         };
