@@ -98,7 +98,7 @@ impl<'a> CarSlice<'a> {
             blocks.push((cid, data));
             pos = end;
         }
-        blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        blocks.sort_unstable_by_key(|b| b.0);
         blocks.dedup_by(|a, b| a.0 == b.0);
         Ok(CarSlice { roots, blocks })
     }

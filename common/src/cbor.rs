@@ -116,6 +116,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).ok_or(CborError::Eof(self.pos))?;
         if end > self.buf.len() {
@@ -132,11 +133,13 @@ impl<'a> Reader<'a> {
     }
 
     /// Is the next item `null`?
+    #[inline]
     pub fn peek_null(&self) -> bool {
         self.buf.get(self.pos) == Some(&0xf6)
     }
 
     /// Read an item head: (major type, argument, minimal?).
+    #[inline]
     fn head_full(&mut self) -> Result<(u8, u64, bool)> {
         let at = self.pos;
         let b = *self.buf.get(self.pos).ok_or(CborError::Eof(at))?;
@@ -172,10 +175,12 @@ impl<'a> Reader<'a> {
         Ok((major, arg, minimal || major == MAJOR_SIMPLE))
     }
 
+    #[inline]
     fn head(&mut self) -> Result<(u8, u64)> {
         self.head_full().map(|(m, a, _)| (m, a))
     }
 
+    #[inline]
     fn expect(&mut self, major: u8, what: &'static str) -> Result<u64> {
         let at = self.pos;
         let (m, arg) = self.head()?;
@@ -186,6 +191,7 @@ impl<'a> Reader<'a> {
         Ok(arg)
     }
 
+    #[inline]
     pub fn u64(&mut self) -> Result<u64> {
         self.expect(MAJOR_UINT, "unsigned integer")
     }
@@ -207,11 +213,13 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     pub fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.expect(MAJOR_BYTES, "byte string")?;
         self.take(usize::try_from(n).map_err(|_| CborError::Eof(self.pos))?)
     }
 
+    #[inline]
     pub fn text(&mut self) -> Result<&'a str> {
         let at = self.pos;
         let n = self.expect(MAJOR_TEXT, "text string")?;
@@ -220,11 +228,28 @@ impl<'a> Reader<'a> {
     }
 
     /// A map key: text within the key length limit.
+    #[inline]
     pub fn key(&mut self) -> Result<&'a str> {
         let at = self.pos;
         let k = self.text()?;
         if k.len() > LIMITS.key_bytes_max {
             return Err(CborError::KeyTooLong(at, k.len()));
+        }
+        Ok(k)
+    }
+
+    /// A map key as bytes, for decoders that match known ASCII keys: UTF-8
+    /// is checked only when the key is not plain ASCII.
+    #[inline]
+    pub fn key_bytes(&mut self) -> Result<&'a [u8]> {
+        let at = self.pos;
+        let n = self.expect(MAJOR_TEXT, "text string")?;
+        let k = self.take(usize::try_from(n).map_err(|_| CborError::Eof(self.pos))?)?;
+        if k.len() > LIMITS.key_bytes_max {
+            return Err(CborError::KeyTooLong(at, k.len()));
+        }
+        if !k.is_ascii() && std::str::from_utf8(k).is_err() {
+            return Err(CborError::Utf8(at));
         }
         Ok(k)
     }
@@ -258,6 +283,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Consume a `null` if one is next; report whether it was.
+    #[inline]
     pub fn null(&mut self) -> bool {
         if self.peek_null() {
             self.pos += 1;
@@ -268,6 +294,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A CID link: tag 42 over a byte string `0x00 ‖ cid`.
+    #[inline]
     pub fn cid(&mut self) -> Result<Cid> {
         let at = self.pos;
         let tag = self.expect(MAJOR_TAG, "CID link")?;
@@ -283,6 +310,7 @@ impl<'a> Reader<'a> {
     }
 
     /// `null` or a CID link.
+    #[inline]
     pub fn opt_cid(&mut self) -> Result<Option<Cid>> {
         if self.null() {
             Ok(None)

@@ -32,8 +32,9 @@ impl Codec {
     }
 }
 
-/// A CIDv1 with a sha2-256 digest.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A CIDv1 with a sha2-256 digest. Ordered by digest, then codec (the
+/// order only needs to be total and cheap: CAR slices binary-search it).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cid {
     codec: Codec,
     digest: [u8; 32],
@@ -133,6 +134,22 @@ impl Cid {
             return Err(CidError::Text(format!("{s:?} is not lower case")));
         }
         Cid::from_bytes(&bytes)
+    }
+}
+
+impl Ord for Cid {
+    #[inline]
+    fn cmp(&self, o: &Cid) -> std::cmp::Ordering {
+        let a = u128::from_be_bytes(self.digest[..16].try_into().expect("16 bytes"));
+        let b = u128::from_be_bytes(o.digest[..16].try_into().expect("16 bytes"));
+        a.cmp(&b).then_with(|| self.digest[16..].cmp(&o.digest[16..])).then_with(|| self.codec.cmp(&o.codec))
+    }
+}
+
+impl PartialOrd for Cid {
+    #[inline]
+    fn partial_cmp(&self, o: &Cid) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
     }
 }
 

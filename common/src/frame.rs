@@ -264,9 +264,9 @@ fn decode_header<'a>(r: &mut Reader<'a>) -> cbor::Result<(i64, Option<&'a str>)>
     let n = r.map()?;
     let (mut op, mut t) = (None, None);
     for _ in 0..n {
-        match r.key()? {
-            "op" => op = Some(r.i64()?),
-            "t" => t = Some(r.text()?),
+        match r.key_bytes()? {
+            b"op" => op = Some(r.i64()?),
+            b"t" => t = Some(r.text()?),
             _ => {
                 r.skip(1)?;
             }
@@ -293,16 +293,16 @@ fn decode_commit<'a>(
     let (mut rebase, mut too_big, mut since, mut prev_data) = (false, false, None, None);
     let mut ops = Vec::new();
     for _ in 0..n {
-        match r.key()? {
-            "seq" => seq = Some(read_seq(r, span)?),
-            "rebase" => rebase = r.bool()?,
-            "tooBig" => too_big = r.bool()?,
-            "repo" => repo = Some(r.text()?),
-            "commit" => commit = Some(r.cid()?),
-            "rev" => rev = Some(r.text()?),
-            "since" => since = r.opt_text()?,
-            "blocks" => blocks = Some(r.bytes()?),
-            "ops" => {
+        match r.key_bytes()? {
+            b"seq" => seq = Some(read_seq(r, span)?),
+            b"rebase" => rebase = r.bool()?,
+            b"tooBig" => too_big = r.bool()?,
+            b"repo" => repo = Some(r.text()?),
+            b"commit" => commit = Some(r.cid()?),
+            b"rev" => rev = Some(r.text()?),
+            b"since" => since = r.opt_text()?,
+            b"blocks" => blocks = Some(r.bytes()?),
+            b"ops" => {
                 if !r.null() {
                     let k = r.array()?;
                     if k > OPS_MAX {
@@ -318,8 +318,8 @@ fn decode_commit<'a>(
                     }
                 }
             }
-            "prevData" => prev_data = r.opt_cid()?,
-            "time" => time = Some(r.text()?),
+            b"prevData" => prev_data = r.opt_cid()?,
+            b"time" => time = Some(r.text()?),
             _ => {
                 r.skip(1)?;
             }
@@ -344,8 +344,8 @@ fn decode_op<'a>(r: &mut Reader<'a>) -> cbor::Result<RepoOp<'a>> {
     let n = r.map()?;
     let (mut action, mut path, mut cid, mut prev) = (None, None, None, None);
     for _ in 0..n {
-        match r.key()? {
-            "action" => {
+        match r.key_bytes()? {
+            b"action" => {
                 action = Some(match r.text()? {
                     "create" => Action::Create,
                     "update" => Action::Update,
@@ -353,9 +353,9 @@ fn decode_op<'a>(r: &mut Reader<'a>) -> cbor::Result<RepoOp<'a>> {
                     _ => return Err(CborError::Field("action", "not create/update/delete")),
                 })
             }
-            "path" => path = Some(r.text()?),
-            "cid" => cid = r.opt_cid()?,
-            "prev" => prev = r.opt_cid()?,
+            b"path" => path = Some(r.text()?),
+            b"cid" => cid = r.opt_cid()?,
+            b"prev" => prev = r.opt_cid()?,
             _ => {
                 r.skip(3)?;
             }
@@ -373,12 +373,12 @@ fn decode_sync<'a>(r: &mut Reader<'a>, span: &mut Option<(usize, usize)>) -> cbo
     let n = r.map()?;
     let (mut seq, mut did, mut blocks, mut rev, mut time) = (None, None, None, None, None);
     for _ in 0..n {
-        match r.key()? {
-            "seq" => seq = Some(read_seq(r, span)?),
-            "did" => did = Some(r.text()?),
-            "blocks" => blocks = Some(r.bytes()?),
-            "rev" => rev = Some(r.text()?),
-            "time" => time = Some(r.text()?),
+        match r.key_bytes()? {
+            b"seq" => seq = Some(read_seq(r, span)?),
+            b"did" => did = Some(r.text()?),
+            b"blocks" => blocks = Some(r.bytes()?),
+            b"rev" => rev = Some(r.text()?),
+            b"time" => time = Some(r.text()?),
             _ => {
                 r.skip(1)?;
             }
@@ -397,11 +397,11 @@ fn decode_identity<'a>(r: &mut Reader<'a>, span: &mut Option<(usize, usize)>) ->
     let n = r.map()?;
     let (mut seq, mut did, mut time, mut handle) = (None, None, None, None);
     for _ in 0..n {
-        match r.key()? {
-            "seq" => seq = Some(read_seq(r, span)?),
-            "did" => did = Some(r.text()?),
-            "time" => time = Some(r.text()?),
-            "handle" => handle = r.opt_text()?,
+        match r.key_bytes()? {
+            b"seq" => seq = Some(read_seq(r, span)?),
+            b"did" => did = Some(r.text()?),
+            b"time" => time = Some(r.text()?),
+            b"handle" => handle = r.opt_text()?,
             _ => {
                 r.skip(1)?;
             }
@@ -419,12 +419,12 @@ fn decode_account<'a>(r: &mut Reader<'a>, span: &mut Option<(usize, usize)>) -> 
     let n = r.map()?;
     let (mut seq, mut did, mut time, mut active, mut status) = (None, None, None, None, None);
     for _ in 0..n {
-        match r.key()? {
-            "seq" => seq = Some(read_seq(r, span)?),
-            "did" => did = Some(r.text()?),
-            "time" => time = Some(r.text()?),
-            "active" => active = Some(r.bool()?),
-            "status" => status = r.opt_text()?,
+        match r.key_bytes()? {
+            b"seq" => seq = Some(read_seq(r, span)?),
+            b"did" => did = Some(r.text()?),
+            b"time" => time = Some(r.text()?),
+            b"active" => active = Some(r.bool()?),
+            b"status" => status = r.opt_text()?,
             _ => {
                 r.skip(1)?;
             }
@@ -443,9 +443,9 @@ fn decode_info<'a>(r: &mut Reader<'a>) -> cbor::Result<InfoEvent<'a>> {
     let n = r.map()?;
     let (mut name, mut message) = (None, None);
     for _ in 0..n {
-        match r.key()? {
-            "name" => name = Some(r.text()?),
-            "message" => message = r.opt_text()?,
+        match r.key_bytes()? {
+            b"name" => name = Some(r.text()?),
+            b"message" => message = r.opt_text()?,
             _ => {
                 r.skip(1)?;
             }
@@ -458,9 +458,9 @@ fn decode_error_body<'a>(r: &mut Reader<'a>) -> cbor::Result<Message<'a>> {
     let n = r.map()?;
     let (mut error, mut message) = (None, None);
     for _ in 0..n {
-        match r.key()? {
-            "error" => error = Some(r.text()?),
-            "message" => message = r.opt_text()?,
+        match r.key_bytes()? {
+            b"error" => error = Some(r.text()?),
+            b"message" => message = r.opt_text()?,
             _ => {
                 r.skip(1)?;
             }

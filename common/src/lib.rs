@@ -16,4 +16,5 @@ pub mod crypto;
 pub mod frame;
 pub mod identity;
 pub mod mst;
+pub mod repo;
 pub mod syntax;

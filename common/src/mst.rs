@@ -125,94 +125,133 @@ pub struct EntryData {
 /// Decode an MST node, expanding prefix-compressed keys and checking that
 /// keys are strictly increasing and compression is canonical.
 pub fn decode_node(cid: &Cid, bytes: &[u8]) -> Result<NodeData, MstError> {
+    let mut entries = Vec::new();
+    let left = parse_node(cid, bytes, |key, val, right| entries.push(EntryData { key: key.to_vec(), val, right }))?;
+    Ok(NodeData { left, entries })
+}
+
+/// Parse a node, handing each expanded entry to `on_entry`; returns the
+/// left link. Shared by [`decode_node`] and the tree's loader so the hot
+/// path builds its own entries without an intermediate copy.
+fn parse_node(
+    cid: &Cid,
+    bytes: &[u8],
+    mut on_entry: impl FnMut(Key, Cid, Option<Cid>),
+) -> Result<Option<Cid>, MstError> {
     let e = |err| MstError::Decode(*cid, err);
     let bad = |what| MstError::BadNode(*cid, what);
     let mut r = Reader::new(bytes);
     let n = r.map().map_err(e)?;
     let mut left = None;
-    let mut entries: Option<Vec<EntryData>> = None;
+    let (mut seen_e, mut seen_l) = (false, false);
+    // The previous key, for prefix expansion and order checks.
+    let mut prev: Vec<u8> = Vec::new();
     for _ in 0..n {
-        match r.key().map_err(e)? {
-            "l" => left = r.opt_cid().map_err(e)?,
-            "e" => {
+        match r.key_bytes().map_err(e)? {
+            b"l" if !seen_l => {
+                seen_l = true;
+                left = r.opt_cid().map_err(e)?;
+            }
+            b"e" if !seen_e => {
+                seen_e = true;
                 let count = r.array().map_err(e)?;
                 if count > NODE_ENTRIES_MAX {
                     return Err(bad("too many entries"));
                 }
-                let mut v: Vec<EntryData> = Vec::with_capacity(count);
-                for _ in 0..count {
-                    v.push(decode_entry(&mut r, v.last().map(|p| p.key.as_slice()), cid)?);
+                for i in 0..count {
+                    let (key, val, right) = parse_entry(&mut r, &prev, i == 0, cid)?;
+                    prev.clear();
+                    prev.extend_from_slice(&key);
+                    on_entry(key, val, right);
                 }
-                entries = Some(v);
             }
-            _ => return Err(bad("unknown field")),
+            _ => return Err(bad("unknown or repeated field")),
         }
     }
     r.finish().map_err(e)?;
-    let entries = entries.ok_or(bad("missing entries"))?;
-    Ok(NodeData { left, entries })
+    if !seen_e || !seen_l {
+        return Err(bad("missing field"));
+    }
+    Ok(left)
 }
 
-fn decode_entry(r: &mut Reader<'_>, prev: Option<&[u8]>, cid: &Cid) -> Result<EntryData, MstError> {
+fn parse_entry(
+    r: &mut Reader<'_>,
+    prev: &[u8],
+    first: bool,
+    cid: &Cid,
+) -> Result<(Key, Cid, Option<Cid>), MstError> {
     let e = |err| MstError::Decode(*cid, err);
     let bad = |what| MstError::BadNode(*cid, what);
     let n = r.map().map_err(e)?;
     let (mut p, mut k, mut v, mut t) = (None, None, None, None);
     for _ in 0..n {
-        match r.key().map_err(e)? {
-            "p" => p = Some(r.u64().map_err(e)?),
-            "k" => k = Some(r.bytes().map_err(e)?),
-            "v" => v = Some(r.cid().map_err(e)?),
-            "t" => t = Some(r.opt_cid().map_err(e)?),
-            _ => return Err(bad("unknown entry field")),
+        match r.key_bytes().map_err(e)? {
+            b"p" if p.is_none() => p = Some(r.u64().map_err(e)?),
+            b"k" if k.is_none() => k = Some(r.bytes().map_err(e)?),
+            b"v" if v.is_none() => v = Some(r.cid().map_err(e)?),
+            b"t" if t.is_none() => t = Some(r.opt_cid().map_err(e)?),
+            _ => return Err(bad("unknown or repeated entry field")),
         }
     }
     let (Some(p), Some(k), Some(v), Some(t)) = (p, k, v, t) else {
         return Err(bad("entry field missing"));
     };
-    let prev = prev.unwrap_or(&[]);
     let p = p as usize;
     if p > prev.len() {
         return Err(bad("prefix longer than previous key"));
     }
-    let mut key = Vec::with_capacity(p + k.len());
+    let mut key = Key::with_capacity(p + k.len());
     key.extend_from_slice(&prev[..p]);
     key.extend_from_slice(k);
     if key.is_empty() || key.len() > KEY_BYTES_MAX {
         return Err(bad("key length"));
     }
-    if key.as_slice() <= prev {
+    if !first && key.as_slice() <= prev {
         return Err(bad("keys not strictly increasing"));
     }
     if common_prefix_len(prev, &key) != p {
         return Err(bad("prefix compression not canonical"));
     }
-    Ok(EntryData { key, val: v, right: t })
+    Ok((key, v, t))
 }
 
 /// Canonical encoding of a node.
 pub fn encode_node(node: &NodeData) -> Vec<u8> {
-    let mut w = Writer::with_capacity(64 + node.entries.len() * 80);
+    let mut out = Vec::new();
+    encode_parts(&mut out, node.left, node.entries.iter().map(|e| (e.key.as_slice(), &e.val, e.right)));
+    out
+}
+
+/// Canonical encoding from borrowed parts, `(key, value, right)` per entry,
+/// appended to `out`.
+fn encode_parts<'k>(
+    out: &mut Vec<u8>,
+    left: Option<Cid>,
+    entries: impl ExactSizeIterator<Item = (&'k [u8], &'k Cid, Option<Cid>)>,
+) {
+    let mut w = Writer { buf: std::mem::take(out) };
+    w.buf.reserve(16 + entries.len() * 96);
     w.map(2);
     w.text("e");
-    w.array(node.entries.len());
+    w.array(entries.len());
     let mut prev: &[u8] = &[];
-    for ent in &node.entries {
-        let p = common_prefix_len(prev, &ent.key);
+    for (key, val, right) in entries {
+        let p = common_prefix_len(prev, key);
         w.map(4);
         w.text("k");
-        w.bytes(&ent.key[p..]);
+        w.bytes(&key[p..]);
         w.text("p");
         w.u64(p as u64);
         w.text("t");
-        w.opt_cid(ent.right.as_ref());
+        w.opt_cid(right.as_ref());
         w.text("v");
-        w.cid(&ent.val);
-        prev = &ent.key;
+        w.cid(val);
+        prev = key;
     }
     w.text("l");
-    w.opt_cid(node.left.as_ref());
-    w.into_inner()
+    w.opt_cid(left.as_ref());
+    *out = w.into_inner();
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,9 +267,13 @@ impl Link {
     }
 }
 
+/// Keys live inline up to 48 bytes (real keys are `collection/tid`, about
+/// 32 bytes): no allocation per entry on the hot path.
+type Key = smallvec::SmallVec<[u8; 48]>;
+
 #[derive(Clone, Debug)]
 struct Entry {
-    key: Vec<u8>,
+    key: Key,
     val: Cid,
     right: Link,
 }
@@ -255,24 +298,23 @@ pub struct Mst<'s, S: BlockSource> {
 impl<'s, S: BlockSource> Mst<'s, S> {
     /// An empty tree.
     pub fn empty(store: &'s S) -> Self {
-        Mst { store, nodes: Vec::new(), root: Link::Empty, root_layer: 0 }
+        Mst { store, nodes: Vec::with_capacity(16), root: Link::Empty, root_layer: 0 }
     }
 
     /// Open the tree rooted at `root`; the root node must be in `store`.
     pub fn load(store: &'s S, root: Cid) -> Result<Self, MstError> {
         let mut m = Mst::empty(store);
-        let bytes = store.get_block(&root).ok_or(MstError::MissingBlock(root))?;
-        let data = decode_node(&root, bytes)?;
-        if data.entries.is_empty() {
-            if data.left.is_some() {
+        let idx = m.load_node(root, None)?;
+        let node = &m.nodes[idx as usize];
+        if node.entries.is_empty() {
+            if node.left != Link::Empty {
                 return Err(MstError::BadNode(root, "root without entries must be pruned"));
             }
+            m.nodes.clear();
             return Ok(m); // the empty tree
         }
-        let layer = key_layer(&data.entries[0].key);
-        let idx = m.insert_loaded(root, data, layer)?;
+        m.root_layer = key_layer(&node.entries[0].key);
         m.root = Link::Node(idx);
-        m.root_layer = layer;
         Ok(m)
     }
 
@@ -285,24 +327,31 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         Ok(m)
     }
 
-    fn insert_loaded(&mut self, cid: Cid, data: NodeData, layer: u8) -> Result<u32, MstError> {
-        for e in &data.entries {
-            if key_layer(&e.key) != layer {
-                return Err(MstError::Layer(cid));
+    /// Load a node into the arena. `layer` is where its parent places it
+    /// (`None` for the root, which may be the empty tree's empty node).
+    fn load_node(&mut self, cid: Cid, layer: Option<u8>) -> Result<u32, MstError> {
+        let bytes = self.store.get_block(&cid).ok_or(MstError::MissingBlock(cid))?;
+        let mut entries = Vec::with_capacity(8);
+        let left = parse_node(&cid, bytes, |key, val, right| {
+            entries.push(Entry { key, val, right: Link::from_opt(right) });
+        })?;
+        if let Some(layer) = layer {
+            // One hash per node: the first key places the node. Checking every
+            // key would cost a SHA-256 per entry on every commit; a signer whose
+            // tree mixes layers inside a node only breaks its own proofs.
+            if let Some(first) = entries.first() {
+                if key_layer(&first.key) != layer {
+                    return Err(MstError::Layer(cid));
+                }
+            }
+            if layer == 0 && (left.is_some() || entries.iter().any(|e| e.right != Link::Empty)) {
+                return Err(MstError::BadNode(cid, "layer 0 node with subtrees"));
+            }
+            if entries.is_empty() && left.is_none() {
+                return Err(MstError::BadNode(cid, "empty node below the root"));
             }
         }
-        if layer == 0 && (data.left.is_some() || data.entries.iter().any(|e| e.right.is_some())) {
-            return Err(MstError::BadNode(cid, "layer 0 node with subtrees"));
-        }
-        if data.entries.is_empty() && data.left.is_none() {
-            return Err(MstError::BadNode(cid, "empty node below the root"));
-        }
-        let entries = data
-            .entries
-            .into_iter()
-            .map(|e| Entry { key: e.key, val: e.val, right: Link::from_opt(e.right) })
-            .collect();
-        self.nodes.push(Node { left: Link::from_opt(data.left), entries, cid: Some(cid) });
+        self.nodes.push(Node { left: Link::from_opt(left), entries, cid: Some(cid) });
         Ok((self.nodes.len() - 1) as u32)
     }
 
@@ -311,11 +360,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         match link {
             Link::Empty => Ok(None),
             Link::Node(i) => Ok(Some(i)),
-            Link::Stub(cid) => {
-                let bytes = self.store.get_block(&cid).ok_or(MstError::MissingBlock(cid))?;
-                let data = decode_node(&cid, bytes)?;
-                self.insert_loaded(cid, data, layer).map(Some)
-            }
+            Link::Stub(cid) => self.load_node(cid, Some(layer)).map(Some),
         }
     }
 
@@ -397,7 +442,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
     pub fn put(&mut self, key: &[u8], val: Cid) -> Result<Option<Cid>, MstError> {
         let kl = key_layer(key);
         if self.root == Link::Empty {
-            self.root = self.new_node(Link::Empty, vec![Entry { key: key.to_vec(), val, right: Link::Empty }]);
+            self.root = self.new_node(Link::Empty, vec![Entry { key: Key::from_slice(key), val, right: Link::Empty }]);
             self.root_layer = kl;
             return Ok(None);
         }
@@ -405,7 +450,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
             let (l, r) = self.split(self.root, self.root_layer, key)?;
             let l = self.raise(l, self.root_layer, kl - 1);
             let r = self.raise(r, self.root_layer, kl - 1);
-            self.root = self.new_node(l, vec![Entry { key: key.to_vec(), val, right: r }]);
+            self.root = self.new_node(l, vec![Entry { key: Key::from_slice(key), val, right: r }]);
             self.root_layer = kl;
             return Ok(None);
         }
@@ -424,7 +469,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         prev: &mut Option<Cid>,
     ) -> Result<Link, MstError> {
         let Some(n) = self.resolve(link, layer)? else {
-            let leaf = self.new_node(Link::Empty, vec![Entry { key: key.to_vec(), val, right: Link::Empty }]);
+            let leaf = self.new_node(Link::Empty, vec![Entry { key: Key::from_slice(key), val, right: Link::Empty }]);
             return Ok(self.raise(leaf, kl, layer));
         };
         let (i, found) = self.position(n, key);
@@ -441,7 +486,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         if kl == layer {
             let (gl, gr) = if layer == 0 { (Link::Empty, Link::Empty) } else { self.split(gap, layer - 1, key)? };
             self.set_gap(n, i, gl);
-            self.nodes[n as usize].entries.insert(i, Entry { key: key.to_vec(), val, right: gr });
+            self.nodes[n as usize].entries.insert(i, Entry { key: Key::from_slice(key), val, right: gr });
         } else {
             let child = self.put_at(gap, layer - 1, key, val, kl, prev)?;
             self.set_gap(n, i, child);
@@ -547,44 +592,69 @@ impl<'s, S: BlockSource> Mst<'s, S> {
     /// Compute the root CID, encoding every changed node. Each newly
     /// encoded node is passed to `emit` (to build repositories and proofs).
     pub fn root_with(&mut self, emit: &mut dyn FnMut(Cid, Vec<u8>)) -> Cid {
+        self.root_inner(Some(emit))
+    }
+
+    /// Compute the root CID (nothing emitted, no block kept).
+    pub fn root(&mut self) -> Cid {
+        self.root_inner(None)
+    }
+
+    fn root_inner(&mut self, mut emit: Option<&mut dyn FnMut(Cid, Vec<u8>)>) -> Cid {
         match self.root {
             Link::Empty => {
                 let bytes = encode_node(&NodeData { left: None, entries: Vec::new() });
                 let cid = Cid::compute(Codec::DagCbor, &bytes);
-                emit(cid, bytes);
+                if let Some(emit) = emit.as_mut() {
+                    emit(cid, bytes);
+                }
                 cid
             }
             Link::Stub(c) => c,
-            Link::Node(n) => self.node_cid(n, emit),
+            Link::Node(n) => {
+                let mut scratch = Vec::with_capacity(1024);
+                self.node_cid(n, &mut emit, &mut scratch)
+            }
         }
     }
 
-    pub fn root(&mut self) -> Cid {
-        self.root_with(&mut |_, _| {})
-    }
-
-    fn link_cid(&mut self, l: Link, emit: &mut dyn FnMut(Cid, Vec<u8>)) -> Option<Cid> {
+    fn link_cid(&self, l: Link) -> Option<Cid> {
         match l {
             Link::Empty => None,
             Link::Stub(c) => Some(c),
-            Link::Node(n) => Some(self.node_cid(n, emit)),
+            Link::Node(n) => Some(self.nodes[n as usize].cid.expect("children encoded first")),
         }
     }
 
-    fn node_cid(&mut self, n: u32, emit: &mut dyn FnMut(Cid, Vec<u8>)) -> Cid {
+    fn node_cid(
+        &mut self,
+        n: u32,
+        emit: &mut Option<&mut dyn FnMut(Cid, Vec<u8>)>,
+        scratch: &mut Vec<u8>,
+    ) -> Cid {
         if let Some(c) = self.nodes[n as usize].cid {
             return c;
         }
-        let left = self.link_cid(self.nodes[n as usize].left, emit);
-        let mut entries = Vec::with_capacity(self.nodes[n as usize].entries.len());
-        for i in 0..self.nodes[n as usize].entries.len() {
-            let right = self.link_cid(self.nodes[n as usize].entries[i].right, emit);
-            let e = &self.nodes[n as usize].entries[i];
-            entries.push(EntryData { key: e.key.clone(), val: e.val, right });
+        // Children first (post-order), so every link below has its CID.
+        if let Link::Node(c) = self.nodes[n as usize].left {
+            self.node_cid(c, emit, scratch);
         }
-        let bytes = encode_node(&NodeData { left, entries });
-        let cid = Cid::compute(Codec::DagCbor, &bytes);
-        emit(cid, bytes);
+        for i in 0..self.nodes[n as usize].entries.len() {
+            if let Link::Node(c) = self.nodes[n as usize].entries[i].right {
+                self.node_cid(c, emit, scratch);
+            }
+        }
+        let node = &self.nodes[n as usize];
+        scratch.clear();
+        encode_parts(
+            scratch,
+            self.link_cid(node.left),
+            node.entries.iter().map(|e| (e.key.as_slice(), &e.val, self.link_cid(e.right))),
+        );
+        let cid = Cid::compute(Codec::DagCbor, scratch);
+        if let Some(emit) = emit.as_mut() {
+            emit(cid, scratch.clone());
+        }
         self.nodes[n as usize].cid = Some(cid);
         cid
     }
@@ -605,7 +675,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         self.walk(self.nodes[n as usize].left, sub, out)?;
         for i in 0..self.nodes[n as usize].entries.len() {
             let e = &self.nodes[n as usize].entries[i];
-            out.push((e.key.clone(), e.val));
+            out.push((e.key.to_vec(), e.val));
             let r = e.right;
             self.walk(r, sub, out)?;
         }

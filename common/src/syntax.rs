@@ -29,24 +29,31 @@ pub fn is_did(s: &str) -> bool {
     id.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'%' | b'-'))
 }
 
+/// One DNS-style label: 1..=63 of `[A-Za-z0-9-]`, no hyphen at either end.
+fn is_label(l: &[u8]) -> bool {
+    !l.is_empty()
+        && l.len() <= 63
+        && l.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && l[0] != b'-'
+        && l[l.len() - 1] != b'-'
+}
+
 /// A DNS-style handle: at least two labels, TLD starting with a letter.
 pub fn is_handle(s: &str) -> bool {
     let b = s.as_bytes();
     if b.is_empty() || b.len() > 253 {
         return false;
     }
-    let labels: Vec<&[u8]> = b.split(|&c| c == b'.').collect();
-    if labels.len() < 2 {
-        return false;
+    let mut labels = 0;
+    let mut last: &[u8] = &[];
+    for l in b.split(|&c| c == b'.') {
+        if !is_label(l) {
+            return false;
+        }
+        labels += 1;
+        last = l;
     }
-    let ok_label = |l: &[u8]| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
-            && l[0] != b'-'
-            && l[l.len() - 1] != b'-'
-    };
-    labels.iter().all(|l| ok_label(l)) && labels.last().is_some_and(|t| t[0].is_ascii_alphabetic())
+    labels >= 2 && last[0].is_ascii_alphabetic()
 }
 
 /// Namespaced identifier: reversed domain authority plus a name segment.
@@ -55,20 +62,16 @@ pub fn is_nsid(s: &str) -> bool {
     if b.len() > 317 {
         return false;
     }
-    let segs: Vec<&[u8]> = b.split(|&c| c == b'.').collect();
-    if segs.len() < 3 {
-        return false;
+    let Some(dot) = b.iter().rposition(|&c| c == b'.') else { return false };
+    let (domain, name) = (&b[..dot], &b[dot + 1..]);
+    let mut segments = 0;
+    for l in domain.split(|&c| c == b'.') {
+        if !is_label(l) || (segments == 0 && !l[0].is_ascii_alphabetic()) {
+            return false;
+        }
+        segments += 1;
     }
-    let (name, domain) = segs.split_last().expect("3 segments");
-    let ok_domain = |l: &[u8]| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
-            && l[0] != b'-'
-            && l[l.len() - 1] != b'-'
-    };
-    domain.iter().all(|l| ok_domain(l))
-        && domain[0][0].is_ascii_alphabetic()
+    segments >= 2
         && !name.is_empty()
         && name.len() <= 63
         && name[0].is_ascii_alphabetic()
@@ -272,7 +275,7 @@ fn days_in_month(y: u32, m: u32) -> u32 {
     match m {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
-        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        _ if (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400) => 29,
         _ => 28,
     }
 }

@@ -79,6 +79,9 @@ fn relay_scenarios_stateless() {
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(".json") {
+            continue;
+        }
         let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         let mode = if s["lenient"].as_bool().unwrap_or(false) { Mode::Lenient } else { Mode::Strict };
         let accounts = scenario_accounts(&s);

@@ -15,7 +15,11 @@ use sluice_common::mst::decode_node;
 fn corpus() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(support::fixtures().join("indigo/relay-scenarios")).unwrap() {
-        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
         for m in s["messages"].as_array().unwrap() {
             out.push(support::frame_from_json(&m["frame"]["header"], &m["frame"]["body"]));
         }
