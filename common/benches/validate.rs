@@ -54,7 +54,8 @@ fn fixture(curve: Curve) -> (PublicKey, Vec<u8>, Vec<u8>) {
             _ => WriteOp::Delete { path: format!("app.bsky.feed.post/{}", rkey(j * 991 + 3)) },
         });
     }
-    let ten = repo.commit(&ops, Tid::from_micros(1_750_000_000_000_100, 1)).unwrap().frame(2, "2025-04-16T21:30:26.717Z");
+    let ten =
+        repo.commit(&ops, Tid::from_micros(1_750_000_000_000_100, 1)).unwrap().frame(2, "2025-04-16T21:30:26.717Z");
     (pk, one, ten)
 }
 
@@ -91,7 +92,9 @@ fn bench_validate(c: &mut Criterion) {
                 b.iter(|| sluice_common::commit::invert_ops(&car, checked.data, black_box(&c.ops)).unwrap())
             });
         }
-        g.bench_with_input(BenchmarkId::new(curve.name(), "1op_decode"), &one, |b, f| b.iter(|| decode(black_box(f)).unwrap()));
+        g.bench_with_input(BenchmarkId::new(curve.name(), "1op_decode"), &one, |b, f| {
+            b.iter(|| decode(black_box(f)).unwrap())
+        });
         g.bench_with_input(BenchmarkId::new(curve.name(), "1op_decode_car"), &one, |b, f| {
             b.iter(|| {
                 let d = decode(black_box(f)).unwrap();
@@ -126,7 +129,8 @@ fn bench_verifiers(c: &mut Criterion) {
     let rc = k256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
     let rc_sig = k256::ecdsa::Signature::from_slice(&sig).unwrap();
     g.bench_function("K-256/rustcrypto-k256", |b| b.iter(|| rc.verify_prehash(black_box(&digest), &rc_sig).unwrap()));
-    let lc = aws_lc_rs::signature::ParsedPublicKey::new(&aws_lc_rs::signature::ECDSA_P256K1_SHA256_FIXED, point).unwrap();
+    let lc =
+        aws_lc_rs::signature::ParsedPublicKey::new(&aws_lc_rs::signature::ECDSA_P256K1_SHA256_FIXED, point).unwrap();
     let d = aws_lc_rs::digest::Digest::import_less_safe(&digest, &aws_lc_rs::digest::SHA256).unwrap();
     g.bench_function("K-256/aws-lc-rs", |b| b.iter(|| lc.verify_digest_sig(black_box(&d), &sig).unwrap()));
 

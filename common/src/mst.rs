@@ -175,12 +175,7 @@ fn parse_node(
     Ok(left)
 }
 
-fn parse_entry(
-    r: &mut Reader<'_>,
-    prev: &[u8],
-    first: bool,
-    cid: &Cid,
-) -> Result<(Key, Cid, Option<Cid>), MstError> {
+fn parse_entry(r: &mut Reader<'_>, prev: &[u8], first: bool, cid: &Cid) -> Result<(Key, Cid, Option<Cid>), MstError> {
     let e = |err| MstError::Decode(*cid, err);
     let bad = |what| MstError::BadNode(*cid, what);
     let n = r.map().map_err(e)?;
@@ -626,12 +621,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         }
     }
 
-    fn node_cid(
-        &mut self,
-        n: u32,
-        emit: &mut Option<&mut dyn FnMut(Cid, Vec<u8>)>,
-        scratch: &mut Vec<u8>,
-    ) -> Cid {
+    fn node_cid(&mut self, n: u32, emit: &mut Option<&mut dyn FnMut(Cid, Vec<u8>)>, scratch: &mut Vec<u8>) -> Cid {
         if let Some(c) = self.nodes[n as usize].cid {
             return c;
         }

@@ -26,9 +26,17 @@ use std::collections::{BTreeMap, HashMap};
 #[derive(Debug, Clone)]
 pub enum WriteOp {
     /// `record` is the DAG-CBOR record.
-    Create { path: String, record: Vec<u8> },
-    Update { path: String, record: Vec<u8> },
-    Delete { path: String },
+    Create {
+        path: String,
+        record: Vec<u8>,
+    },
+    Update {
+        path: String,
+        record: Vec<u8>,
+    },
+    Delete {
+        path: String,
+    },
 }
 
 impl WriteOp {
@@ -64,11 +72,8 @@ pub struct RepoCommit {
 impl RepoCommit {
     /// Encode as a `#commit` frame.
     pub fn frame(&self, seq: i64, time: &str) -> Vec<u8> {
-        let ops: Vec<RepoOp<'_>> = self
-            .ops
-            .iter()
-            .map(|o| RepoOp { action: o.action, path: &o.path, cid: o.cid, prev: o.prev })
-            .collect();
+        let ops: Vec<RepoOp<'_>> =
+            self.ops.iter().map(|o| RepoOp { action: o.action, path: &o.path, cid: o.cid, prev: o.prev }).collect();
         let ev = Commit {
             seq,
             rebase: false,
@@ -100,6 +105,15 @@ pub enum RepoError {
     Rev { old: String, new: String },
 }
 
+/// The part of a [`Repo`] a commit changes (blocks are only ever added).
+#[derive(Clone)]
+pub struct RepoSnapshot {
+    data: Cid,
+    rev: Option<Tid>,
+    commit: Option<(Cid, Vec<u8>)>,
+    records: usize,
+}
+
 /// An in-memory repository with its signing key.
 pub struct Repo {
     pub did: String,
@@ -118,6 +132,18 @@ impl Repo {
             blocks.insert(c, b);
         });
         Repo { did: did.into(), key, blocks, data, rev: None, commit: None, records: 0 }
+    }
+
+    /// Remember the current head, to undo commits with [`Repo::restore`].
+    pub fn snapshot(&self) -> RepoSnapshot {
+        RepoSnapshot { data: self.data, rev: self.rev.clone(), commit: self.commit.clone(), records: self.records }
+    }
+
+    pub fn restore(&mut self, s: RepoSnapshot) {
+        self.data = s.data;
+        self.rev = s.rev;
+        self.commit = s.commit;
+        self.records = s.records;
     }
 
     pub fn key(&self) -> &PrivateKey {
@@ -206,7 +232,12 @@ impl Repo {
                             Err(e) => return Err(e.into()),
                         };
                         delta -= 1;
-                        out_ops.push(OpRecord { action: Action::Delete, path: path.clone(), cid: None, prev: Some(prev) });
+                        out_ops.push(OpRecord {
+                            action: Action::Delete,
+                            path: path.clone(),
+                            cid: None,
+                            prev: Some(prev),
+                        });
                     }
                 }
             }
@@ -325,7 +356,10 @@ mod tests {
                 t += 1000;
                 let ops = vec![
                     WriteOp::Create { path: format!("app.bsky.feed.like/{round:013}"), record: rec(round) },
-                    WriteOp::Update { path: format!("app.bsky.feed.post/{:013}", round * 7), record: rec(round + 1000) },
+                    WriteOp::Update {
+                        path: format!("app.bsky.feed.post/{:013}", round * 7),
+                        record: rec(round + 1000),
+                    },
                     WriteOp::Delete { path: format!("app.bsky.feed.post/{:013}", round * 7 + 1) },
                 ];
                 let c = repo.commit(&ops, Tid::from_micros(t, 0)).unwrap();
@@ -346,8 +380,11 @@ mod tests {
             assert!(repo.block_count() < before);
             assert_eq!(repo.entries().unwrap().len(), 500);
             // still able to commit after compaction
-            repo.commit(&[WriteOp::Delete { path: "app.bsky.feed.like/0000000000000".into() }], Tid::from_micros(t + 1, 0))
-                .unwrap();
+            repo.commit(
+                &[WriteOp::Delete { path: "app.bsky.feed.like/0000000000000".into() }],
+                Tid::from_micros(t + 1, 0),
+            )
+            .unwrap();
         }
     }
 }

@@ -1,0 +1,165 @@
+//! `fakenet`: a synthetic AT Protocol network (PDS hosts, PLC directory,
+//! did:web documents, a fake upstream relay) with a ledger of what a relay
+//! must do, and the checker that holds a relay to it.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice_tests::fakenet::{check, runner, world::FaultRates};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "fakenet", about = "A synthetic AT Protocol network and an exact relay checker")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start PDS hosts, a PLC directory and did:web documents on 127.0.0.1
+    /// and generate traffic; keeps serving until interrupted.
+    Serve(ServeArgs),
+    /// Subscribe to a relay and check its stream against a ledger; exits
+    /// non-zero on any mismatch.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Number of PDS hosts (one port each, named localhost:PORT).
+    #[arg(long, default_value_t = 3)]
+    hosts: usize,
+    /// Accounts on the biggest host; smaller hosts get fewer by --skew.
+    #[arg(long, default_value_t = 10)]
+    accounts: usize,
+    /// Zipf exponent spreading accounts and traffic over hosts (0 = even).
+    #[arg(long, default_value_t = 1.0)]
+    skew: f64,
+    /// Accounts with did:web identities (each served on its own port).
+    #[arg(long, default_value_t = 0)]
+    web_accounts: usize,
+    /// Seed: the same seed and flags give the same events, byte for byte.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Events per second over all hosts (0 = as fast as possible).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Stop generating after this many seconds (keeps serving).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Stop generating after this many events (keeps serving).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Faults: `default`, `none`, or `name=rate,...` with names badsig,
+    /// missingblock, badprevdata, wronghost, malformed, oversized,
+    /// truncated, disconnect, stall, seqbackwards, replayedrev, futurerev,
+    /// unknowntype, deactivatedcommit, and split (share of connections
+    /// whose writes are split at random byte boundaries).
+    #[arg(long, default_value = "none")]
+    faults: String,
+    /// Let accounts migrate between hosts.
+    #[arg(long)]
+    migrations: bool,
+    /// Ledger file (JSON lines; see tests/README.md).
+    #[arg(long, default_value = "fakenet-ledger.jsonl")]
+    ledger: PathBuf,
+    /// Write {plc_url, hosts, relay_listhosts_url, ledger, ...} here once
+    /// every listener is up.
+    #[arg(long)]
+    info: Option<PathBuf>,
+    /// Before generating, wait up to this many seconds for every host to
+    /// have a subscriber.
+    #[arg(long)]
+    wait_subscribers: Option<f64>,
+    /// Items each host keeps for cursor replay.
+    #[arg(long, default_value_t = 200_000)]
+    backlog: usize,
+    /// First port (hosts, then did:web, then the directory); 0 = ephemeral.
+    #[arg(long, default_value_t = 0)]
+    base_port: u16,
+    /// Every 10 s, one second at 5x the rate.
+    #[arg(long)]
+    bursts: bool,
+    /// Records each account starts with.
+    #[arg(long, default_value_t = 5)]
+    initial_records: usize,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The relay, `ws://HOST:PORT`.
+    #[arg(long)]
+    relay: String,
+    /// The ledger fakenet wrote.
+    #[arg(long)]
+    ledger: PathBuf,
+    /// Subscribe from this cursor (default 0: the relay's whole window).
+    #[arg(long, default_value_t = 0)]
+    cursor: i64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// After everything expected arrived, keep listening this long.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+    /// Check only the events of this host (to check a host's own stream).
+    #[arg(long)]
+    only_host: Option<String>,
+    /// Do not wait for the ledger's done line.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    match Cli::parse().cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Check(a) => {
+            let report = check::run(&check::CheckConfig {
+                relay: check::normalise_url(&a.relay),
+                ledger: a.ledger,
+                cursor: Some(a.cursor),
+                timeout: Duration::from_secs_f64(a.timeout),
+                settle: Duration::from_secs_f64(a.settle),
+                wait_done: !a.no_wait,
+                only_host: a.only_host,
+            })?;
+            for n in &report.notes {
+                eprintln!("  {n}");
+            }
+            println!("{}", report.summary());
+            std::process::exit(if report.ok() { 0 } else { 1 })
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let faults = FaultRates::parse(&a.faults).map_err(|e| anyhow::anyhow!("--faults: {e}"))?;
+    let mut running = runner::start(runner::ServeConfig {
+        hosts: a.hosts,
+        accounts: a.accounts,
+        skew: a.skew,
+        web_accounts: a.web_accounts,
+        seed: a.seed,
+        rate: a.rate,
+        duration: a.duration.map(Duration::from_secs_f64),
+        max_events: a.events,
+        faults,
+        migrations: a.migrations,
+        ledger: a.ledger,
+        info: a.info,
+        wait_subscribers: a.wait_subscribers.map(Duration::from_secs_f64),
+        backlog_items: a.backlog,
+        base_port: a.base_port,
+        bursts: a.bursts,
+        initial_records: a.initial_records,
+    })
+    .context("starting fakenet")?;
+    eprintln!("fakenet: {} hosts, PLC at {}", running.info.hosts.len(), running.info.plc_url);
+    running.wait_generation()?;
+    eprintln!("fakenet: generation done, {} events; serving until interrupted", running.events());
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,331 @@
+//! Putting fakenet together: bind every listener, build the world, write
+//! the info file, and drive generation on its own thread at the requested
+//! rate while tokio serves the network.
+
+use super::ledger::{LedgerWriter, Line};
+use super::server::{self, ControlRequest, HostState, RepoInfo, Shared};
+use super::world::{FaultRates, Output, Status, World, WorldConfig};
+use anyhow::Context;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub hosts: usize,
+    pub accounts: usize,
+    pub skew: f64,
+    /// did:web accounts (each gets its own port).
+    pub web_accounts: usize,
+    pub seed: u64,
+    /// Events per second (0 = as fast as generation goes).
+    pub rate: f64,
+    pub duration: Option<Duration>,
+    pub max_events: Option<u64>,
+    pub faults: FaultRates,
+    pub migrations: bool,
+    pub ledger: PathBuf,
+    pub info: Option<PathBuf>,
+    /// Wait (at most this long) for every host to have a subscriber before
+    /// generating, so a relay sees every event from the first.
+    pub wait_subscribers: Option<Duration>,
+    pub backlog_items: usize,
+    /// First port for hosts (0 = ephemeral).
+    pub base_port: u16,
+    /// Every 10 s, one second at 5x the rate.
+    pub bursts: bool,
+    pub initial_records: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> ServeConfig {
+        ServeConfig {
+            hosts: 3,
+            accounts: 10,
+            skew: 1.0,
+            web_accounts: 0,
+            seed: 1,
+            rate: 100.0,
+            duration: None,
+            max_events: None,
+            faults: FaultRates::none(),
+            migrations: false,
+            ledger: PathBuf::from("fakenet-ledger.jsonl"),
+            info: None,
+            wait_subscribers: None,
+            backlog_items: server::BACKLOG_ITEMS_DEFAULT,
+            base_port: 0,
+            bursts: false,
+            initial_records: 5,
+        }
+    }
+}
+
+/// Where everything is (the `--info` file's content).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Info {
+    pub plc_url: String,
+    pub hosts: Vec<String>,
+    pub relay_listhosts_url: String,
+    pub ledger: String,
+    pub control_url: String,
+    pub web_hosts: Vec<String>,
+}
+
+pub struct Running {
+    pub info: Info,
+    pub shared: Arc<Shared>,
+    generator: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Running {
+    /// Block until generation has finished (duration or event count). The
+    /// generator thread lives on, serving control requests.
+    pub fn wait_generation(&mut self) -> anyhow::Result<()> {
+        while !self.shared.generation_done.load(Ordering::Acquire) {
+            if self.generator.as_ref().is_some_and(|g| g.is_finished()) {
+                let g = self.generator.take().expect("checked");
+                g.join().map_err(|_| anyhow::anyhow!("generator panicked"))??;
+                anyhow::bail!("generator stopped early");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    pub fn events(&self) -> u64 {
+        self.shared.events.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn bind(rt: &tokio::runtime::Runtime, port: u16) -> anyhow::Result<(tokio::net::TcpListener, u16)> {
+    let l = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    let p = l.local_addr()?.port();
+    Ok((l, p))
+}
+
+/// Start fakenet; returns once every listener is up and the info file is
+/// written. Generation runs on its own thread.
+pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fakenet-net")
+        .enable_all()
+        .build()?;
+    let next_port = |i: usize| if cfg.base_port == 0 { 0 } else { cfg.base_port + i as u16 };
+    let mut host_listeners = Vec::new();
+    let mut host_names = Vec::new();
+    for i in 0..cfg.hosts {
+        let (l, p) = bind(&rt, next_port(i))?;
+        host_listeners.push(l);
+        host_names.push(format!("localhost:{p}"));
+    }
+    let mut web_listeners = Vec::new();
+    let mut web_names = Vec::new();
+    for i in 0..cfg.web_accounts {
+        let (l, p) = bind(&rt, next_port(cfg.hosts + i))?;
+        web_listeners.push(l);
+        web_names.push(format!("localhost:{p}"));
+    }
+    let (dir_listener, dir_port) = bind(&rt, next_port(cfg.hosts + cfg.web_accounts))?;
+    let world = World::new(WorldConfig {
+        seed: cfg.seed,
+        hosts: host_names.clone(),
+        accounts_per_host: cfg.accounts,
+        skew: cfg.skew,
+        web_hosts: web_names.clone(),
+        p256_share: 0.3,
+        initial_records: cfg.initial_records,
+        faults: cfg.faults.clone(),
+        migrations: cfg.migrations,
+    });
+    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared {
+        hosts: host_names.iter().map(|n| Arc::new(HostState::new(n.clone(), cfg.backlog_items))).collect(),
+        docs: RwLock::new(HashMap::new()),
+        repos: RwLock::new(HashMap::new()),
+        control: Mutex::new(control_tx),
+        split_connections: cfg.faults.split_connections,
+        seed: cfg.seed,
+        events: Default::default(),
+        generation_done: Default::default(),
+    });
+    let (keys, docs) = world.initial();
+    shared.docs.write().expect("docs").extend(docs);
+    {
+        let mut repos = shared.repos.write().expect("repos");
+        for a in &world.accounts {
+            repos.insert(a.did.clone(), repo_info(&world, a));
+        }
+    }
+    let mut ledger = LedgerWriter::create(&cfg.ledger).with_context(|| format!("{}", cfg.ledger.display()))?;
+    ledger.write(&Line::Header { ledger: 1, seed: cfg.seed, accounts: keys })?;
+    ledger.flush()?;
+    for (i, l) in host_listeners.into_iter().enumerate() {
+        rt.spawn(server::serve_host(l, shared.clone(), i));
+    }
+    for (l, name) in web_listeners.into_iter().zip(&web_names) {
+        rt.spawn(server::serve_web_did(l, shared.clone(), super::world::web_did(name)));
+    }
+    rt.spawn(server::serve_directory(dir_listener, shared.clone()));
+    let base = format!("http://127.0.0.1:{dir_port}");
+    let info = Info {
+        plc_url: base.clone(),
+        hosts: host_names,
+        relay_listhosts_url: base.clone(),
+        ledger: cfg.ledger.display().to_string(),
+        control_url: format!("{base}/_fakenet/fault"),
+        web_hosts: web_names,
+    };
+    if let Some(p) = &cfg.info {
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&info)?)?;
+        std::fs::rename(&tmp, p)?;
+    }
+    let gen_shared = shared.clone();
+    let generator = std::thread::Builder::new()
+        .name("fakenet-gen".into())
+        .spawn(move || generate(world, gen_shared, ledger, cfg, control_rx))?;
+    Ok(Running { info, shared, generator: Some(generator), runtime: Some(rt) })
+}
+
+fn repo_info(world: &World, a: &super::world::Account) -> RepoInfo {
+    RepoInfo {
+        host: world.cfg.hosts[a.host].clone(),
+        active: a.status == Status::Active,
+        status: match a.status {
+            Status::Active => None,
+            Status::Deactivated => Some("deactivated"),
+            Status::TakenDown => Some("takendown"),
+            Status::Deleted => Some("deleted"),
+        },
+        rev: a.repo.rev().map(|r| r.to_string()),
+        head: a.repo.commit_block().map(|(c, _)| c.to_string()),
+    }
+}
+
+fn generate(
+    mut world: World,
+    shared: Arc<Shared>,
+    mut ledger: LedgerWriter,
+    cfg: ServeConfig,
+    control: std::sync::mpsc::Receiver<ControlRequest>,
+) -> anyhow::Result<()> {
+    if let Some(wait) = cfg.wait_subscribers {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline && !shared.hosts.iter().all(|h| h.subscribed.load(Ordering::Acquire)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut index: HashMap<String, usize> =
+        world.accounts.iter().enumerate().map(|(i, a)| (a.did.clone(), i)).collect();
+    let started = Instant::now();
+    let mut last_flush = Instant::now();
+    let mut steps: u64 = 0;
+    let mut outputs = Vec::new();
+    loop {
+        let elapsed = started.elapsed();
+        if cfg.duration.is_some_and(|d| elapsed >= d) || cfg.max_events.is_some_and(|m| world.events() >= m) {
+            break;
+        }
+        while let Ok(req) = control.try_recv() {
+            let host = req.host.as_deref().and_then(|h| world.cfg.hosts.iter().position(|x| x == h));
+            let mut out = Vec::new();
+            world.inject(req.fault, host, &mut out);
+            apply(&world, &shared, &mut ledger, &mut index, out)?;
+        }
+        if cfg.rate > 0.0 {
+            let secs = elapsed.as_secs_f64();
+            let burst = cfg.bursts && (secs as u64) % 10 == 9;
+            let target = (secs * cfg.rate) as u64 + if burst { (secs.fract() * cfg.rate * 4.0) as u64 } else { 0 };
+            if steps >= target {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+        }
+        outputs.clear();
+        outputs.extend(world.step());
+        steps += 1;
+        apply(&world, &shared, &mut ledger, &mut index, std::mem::take(&mut outputs))?;
+        if last_flush.elapsed() > Duration::from_millis(100) {
+            ledger.flush()?;
+            last_flush = Instant::now();
+        }
+    }
+    ledger.write(&Line::Done { done: true, events: world.events() })?;
+    ledger.flush()?;
+    shared.generation_done.store(true, Ordering::Release);
+    // Faults on command still work after generation (they are written to
+    // the ledger after its done line, which readers accept).
+    while let Ok(req) = control.recv() {
+        let host = req.host.as_deref().and_then(|h| world.cfg.hosts.iter().position(|x| x == h));
+        let mut out = Vec::new();
+        world.inject(req.fault, host, &mut out);
+        apply(&world, &shared, &mut ledger, &mut index, out)?;
+        ledger.flush()?;
+    }
+    Ok(())
+}
+
+fn apply(
+    world: &World,
+    shared: &Shared,
+    ledger: &mut LedgerWriter,
+    index: &mut HashMap<String, usize>,
+    outputs: Vec<Output>,
+) -> anyhow::Result<()> {
+    let mut touched: Vec<String> = Vec::new();
+    for o in outputs {
+        match o {
+            Output::Frame { host, seq, frame, entry } => {
+                if let Some(d) = &entry.did {
+                    touched.push(d.clone());
+                }
+                ledger.write(&Line::Event(entry))?;
+                shared.hosts[host].push_frame(seq, frame);
+                shared.events.fetch_add(1, Ordering::Relaxed);
+            }
+            Output::Transient { host, what, entry } => {
+                ledger.write(&Line::Event(entry))?;
+                shared.hosts[host].push_transient(what);
+            }
+            Output::Document { did, doc } => {
+                shared.docs.write().expect("docs").insert(did, doc);
+            }
+            Output::Amend { did, host } => {
+                ledger.write(&Line::Amend {
+                    amend: super::ledger::Expect::Either,
+                    did,
+                    host: world.cfg.hosts[host].clone(),
+                })?;
+            }
+            Output::NewAccount(k) => {
+                index.insert(k.did.clone(), world.accounts.len() - 1);
+                touched.push(k.did.clone());
+                ledger.write(&Line::Key { key: k })?;
+            }
+        }
+    }
+    if !touched.is_empty() {
+        let mut repos = shared.repos.write().expect("repos");
+        for did in touched {
+            if let Some(&i) = index.get(&did) {
+                repos.insert(did, repo_info(world, &world.accounts[i]));
+            }
+        }
+    }
+    Ok(())
+}

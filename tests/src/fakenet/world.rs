@@ -1,0 +1,1115 @@
+//! The synthetic network's state and its event generator: pure, seeded,
+//! no I/O. [`World::step`] advances a logical clock by one millisecond and
+//! returns what the network does in that instant: frames appended to a
+//! host's stream, connection faults, identity document changes, and for
+//! each a ledger entry saying what a correct relay must do.
+//!
+//! Determinism: everything comes from one ChaCha8 stream seeded by
+//! `--seed` and from the logical clock (which starts at 2025-01-01 and moves
+//! one millisecond per step), so two runs with the same seed and flags emit
+//! identical bytes. Revs and `time` fields come from that clock: always in
+//! the past for a relay, strictly increasing.
+//!
+//! A fault that a relay must drop leaves the account's repository as it
+//! was (snapshot/restore), so the next valid commit chains from the last
+//! valid one and nothing else is disturbed.
+
+use super::ledger::{AccountKey, Entry, Expect};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sluice_common::car::{write_car, CarSlice};
+use sluice_common::cbor::Writer;
+use sluice_common::cid::{Cid, Codec};
+use sluice_common::commit::sign_commit;
+use sluice_common::crypto::{Curve, PrivateKey};
+use sluice_common::frame::{self, AccountEvent, Event, IdentityEvent, Message};
+use sluice_common::repo::{Repo, RepoCommit, WriteOp};
+use sluice_common::syntax::{format_datetime_micros, Tid};
+
+/// 2025-01-01T00:00:00Z in unix microseconds: the logical clock's start.
+pub const CLOCK_START_MICROS: i64 = 1_735_689_600_000_000;
+
+/// Every fault fakenet can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fault {
+    /// Commit signed by a key that is not the account's.
+    BadSignature,
+    /// Commit whose CAR lacks an MST node the inversion needs.
+    MissingBlock,
+    /// Commit whose prevData is not the previous root.
+    WrongPrevData,
+    /// Valid commit for an account hosted elsewhere.
+    WrongHost,
+    /// A frame that is not valid CBOR (connection fault).
+    MalformedCbor,
+    /// A frame over 5 MB (connection fault).
+    Oversized,
+    /// A frame cut short (connection fault).
+    Truncated,
+    /// Close the TCP connection without a WebSocket close.
+    Disconnect,
+    /// Stop sending and reading for a while, without closing.
+    Stall,
+    /// Re-send an earlier frame with its old, lower seq.
+    SeqBackwards,
+    /// Re-send an earlier commit with a new seq (its rev is old).
+    ReplayedRev,
+    /// Commit whose rev is in the year 2100.
+    FutureRev,
+    /// A frame of a message type nobody knows.
+    UnknownType,
+    /// Commit from an account the host itself deactivated.
+    DeactivatedCommit,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 14] = [
+        Fault::BadSignature,
+        Fault::MissingBlock,
+        Fault::WrongPrevData,
+        Fault::WrongHost,
+        Fault::MalformedCbor,
+        Fault::Oversized,
+        Fault::Truncated,
+        Fault::Disconnect,
+        Fault::Stall,
+        Fault::SeqBackwards,
+        Fault::ReplayedRev,
+        Fault::FutureRev,
+        Fault::UnknownType,
+        Fault::DeactivatedCommit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::BadSignature => "badsig",
+            Fault::MissingBlock => "missingblock",
+            Fault::WrongPrevData => "badprevdata",
+            Fault::WrongHost => "wronghost",
+            Fault::MalformedCbor => "malformed",
+            Fault::Oversized => "oversized",
+            Fault::Truncated => "truncated",
+            Fault::Disconnect => "disconnect",
+            Fault::Stall => "stall",
+            Fault::SeqBackwards => "seqbackwards",
+            Fault::ReplayedRev => "replayedrev",
+            Fault::FutureRev => "futurerev",
+            Fault::UnknownType => "unknowntype",
+            Fault::DeactivatedCommit => "deactivatedcommit",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == s)
+    }
+}
+
+/// Fault probabilities per step, plus the share of connections whose
+/// writes are split at random byte boundaries.
+#[derive(Debug, Clone, Default)]
+pub struct FaultRates {
+    pub per_step: Vec<(Fault, f64)>,
+    pub split_connections: f64,
+}
+
+impl FaultRates {
+    pub fn none() -> FaultRates {
+        FaultRates::default()
+    }
+
+    /// A mix where roughly 3% of steps carry a fault, every kind present.
+    pub fn default_mix() -> FaultRates {
+        let mut per_step: Vec<(Fault, f64)> = Fault::ALL.iter().map(|f| (*f, 0.002)).collect();
+        for (f, p) in &mut per_step {
+            // Connection faults cost a reconnect each; keep them rarer.
+            if matches!(f, Fault::Stall | Fault::Oversized) {
+                *p = 0.0005;
+            }
+        }
+        FaultRates { per_step, split_connections: 0.2 }
+    }
+
+    /// `default`, `none`, or `name=rate,name=rate,...` (`split=rate` for
+    /// split connections; a bare name means 0.002).
+    pub fn parse(s: &str) -> Result<FaultRates, String> {
+        match s {
+            "default" => return Ok(FaultRates::default_mix()),
+            "none" | "" => return Ok(FaultRates::none()),
+            _ => {}
+        }
+        let mut r = FaultRates::none();
+        for part in s.split(',') {
+            let (name, rate) = match part.split_once('=') {
+                Some((n, v)) => (n, v.parse::<f64>().map_err(|e| format!("{part}: {e}"))?),
+                None => (part, 0.002),
+            };
+            if name == "split" {
+                r.split_connections = rate;
+            } else {
+                let f = Fault::from_name(name).ok_or_else(|| format!("unknown fault {name:?}"))?;
+                r.per_step.push((f, rate));
+            }
+        }
+        Ok(r)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    pub seed: u64,
+    /// `localhost:PORT` of each PDS host.
+    pub hosts: Vec<String>,
+    /// Accounts on the biggest host; others get fewer by `skew`.
+    pub accounts_per_host: usize,
+    /// Zipf exponent over hosts for account counts and traffic (0 = even).
+    pub skew: f64,
+    /// `localhost:PORT` of each did:web account (one port per account).
+    pub web_hosts: Vec<String>,
+    /// Share of accounts with P-256 keys.
+    pub p256_share: f64,
+    /// Records each account starts with (bulk loaded, no events).
+    pub initial_records: usize,
+    pub faults: FaultRates,
+    /// Accounts may move between hosts.
+    pub migrations: bool,
+}
+
+impl WorldConfig {
+    pub fn small(seed: u64, hosts: Vec<String>) -> WorldConfig {
+        WorldConfig {
+            seed,
+            hosts,
+            accounts_per_host: 5,
+            skew: 0.0,
+            web_hosts: Vec::new(),
+            p256_share: 0.3,
+            initial_records: 3,
+            faults: FaultRates::none(),
+            migrations: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    Deactivated,
+    TakenDown,
+    Deleted,
+}
+
+pub struct Account {
+    pub did: String,
+    pub handle: String,
+    pub host: usize,
+    pub web_host: Option<String>,
+    pub status: Status,
+    pub repo: Repo,
+    /// Record paths present, to pick updates and deletes from.
+    paths: Vec<String>,
+    /// Index of the last frame of this account in its host's history.
+    last_frames: Vec<(usize, Vec<u8>)>,
+}
+
+/// What happens on a live connection, not in a host's replayable stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transient {
+    /// Send these bytes as one binary WebSocket message.
+    Raw(Vec<u8>),
+    /// Drop the TCP connection.
+    Disconnect,
+    /// Send and read nothing for this long.
+    Stall(std::time::Duration),
+}
+
+/// One thing the network does.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// A frame in a host's stream (replayable by cursor).
+    Frame { host: usize, seq: i64, frame: Vec<u8>, entry: Entry },
+    /// A live-connection fault on a host.
+    Transient { host: usize, what: Transient, entry: Entry },
+    /// A DID document changed (PLC or did:web): serve it before anything
+    /// that follows.
+    Document { did: String, doc: serde_json::Value },
+    /// Events of `did` from `host` become "either" (it migrated away).
+    Amend { did: String, host: usize },
+    /// A new account (its key, for the ledger).
+    NewAccount(AccountKey),
+}
+
+pub struct World {
+    pub cfg: WorldConfig,
+    rng: ChaCha8Rng,
+    pub accounts: Vec<Account>,
+    /// Next seq per host.
+    host_seq: Vec<i64>,
+    /// Traffic weights per host (cumulative, for sampling).
+    host_cdf: Vec<f64>,
+    /// Accounts of each host.
+    by_host: Vec<Vec<usize>>,
+    /// Recent frames per host (for seq-backwards re-sends).
+    recent: Vec<Vec<(i64, Vec<u8>)>>,
+    clock_micros: i64,
+    pub step_index: u64,
+    event_index: u64,
+    web_used: usize,
+}
+
+fn zipf_weights(n: usize, s: f64) -> Vec<f64> {
+    (1..=n).map(|r| 1.0 / (r as f64).powf(s)).collect()
+}
+
+fn plc_did(rng: &mut ChaCha8Rng) -> String {
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let s: String = (0..24).map(|_| A[rng.gen_range(0..32)] as char).collect();
+    format!("did:plc:{s}")
+}
+
+/// The did:web DID served on `localhost:PORT`.
+pub fn web_did(web_host: &str) -> String {
+    format!("did:web:{}", web_host.replace(':', "%3A"))
+}
+
+pub fn did_document(did: &str, handle: &str, key: &PrivateKey, pds: &str) -> serde_json::Value {
+    serde_json::json!({
+        "@context": ["https://www.w3.org/ns/did/v1", "https://w3id.org/security/multikey/v1"],
+        "id": did,
+        "alsoKnownAs": [format!("at://{handle}")],
+        "verificationMethod": [{
+            "id": format!("{did}#atproto"),
+            "type": "Multikey",
+            "controller": did,
+            "publicKeyMultibase": key.public_key().to_multikey(),
+        }],
+        "service": [{
+            "id": "#atproto_pds",
+            "type": "AtprotoPersonalDataServer",
+            "serviceEndpoint": format!("http://{pds}"),
+        }],
+    })
+}
+
+fn record(kind: &str, text: &str, time: &str) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.map(3);
+    w.text("text");
+    w.text(text);
+    w.text("$type");
+    w.text(kind);
+    w.text("createdAt");
+    w.text(time);
+    w.into_inner()
+}
+
+const COLLECTIONS: [&str; 4] =
+    ["app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow", "app.bsky.feed.repost"];
+
+impl World {
+    pub fn new(cfg: WorldConfig) -> World {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let nh = cfg.hosts.len();
+        let weights = zipf_weights(nh, cfg.skew);
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let host_cdf = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        let host_seq = (0..nh).map(|_| rng.gen_range(100..10_000)).collect();
+        let mut w = World {
+            cfg,
+            rng,
+            accounts: Vec::new(),
+            host_seq,
+            host_cdf,
+            by_host: vec![Vec::new(); nh],
+            recent: vec![Vec::new(); nh],
+            clock_micros: CLOCK_START_MICROS,
+            step_index: 0,
+            event_index: 0,
+            web_used: 0,
+        };
+        for (h, weight) in weights.iter().enumerate() {
+            let n = ((w.cfg.accounts_per_host as f64) * weight).round().max(1.0) as usize;
+            for _ in 0..n {
+                w.create_account(h);
+            }
+        }
+        w
+    }
+
+    fn create_account(&mut self, host: usize) -> usize {
+        let curve = if self.rng.gen_bool(self.cfg.p256_share.clamp(0.0, 1.0)) { Curve::P256 } else { Curve::K256 };
+        let key = PrivateKey::generate(curve, &mut self.rng);
+        let web_host = (self.web_used < self.cfg.web_hosts.len()).then(|| {
+            self.web_used += 1;
+            self.cfg.web_hosts[self.web_used - 1].clone()
+        });
+        let did = match &web_host {
+            Some(wh) => web_did(wh),
+            None => plc_did(&mut self.rng),
+        };
+        let idx = self.accounts.len();
+        let handle = format!("u{idx}.h{host}.test");
+        let mut repo = Repo::new(did.clone(), key);
+        let mut paths = Vec::new();
+        let records: Vec<(String, Vec<u8>)> = (0..self.cfg.initial_records)
+            .map(|i| {
+                let p = format!("app.bsky.feed.post/{}", Tid::from_micros(1_700_000_000_000_000 + i as u64, 0));
+                paths.push(p.clone());
+                (p, record("app.bsky.feed.post", &format!("hello {i}"), "2024-01-01T00:00:00.000Z"))
+            })
+            .collect();
+        repo.bulk_load(records).expect("fresh repo");
+        self.accounts.push(Account {
+            did,
+            handle,
+            host,
+            web_host,
+            status: Status::Active,
+            repo,
+            paths,
+            last_frames: Vec::new(),
+        });
+        self.by_host[host].push(idx);
+        idx
+    }
+
+    /// Ledger header entries and the initial DID documents.
+    pub fn initial(&self) -> (Vec<AccountKey>, Vec<(String, serde_json::Value)>) {
+        let keys = self.accounts.iter().map(|a| self.account_key(a)).collect();
+        let docs = self.accounts.iter().map(|a| (a.did.clone(), self.document(a))).collect();
+        (keys, docs)
+    }
+
+    fn account_key(&self, a: &Account) -> AccountKey {
+        AccountKey {
+            did: a.did.clone(),
+            key: a.repo.key().public_key().to_multikey(),
+            host: self.cfg.hosts[a.host].clone(),
+        }
+    }
+
+    pub fn document(&self, a: &Account) -> serde_json::Value {
+        did_document(&a.did, &a.handle, a.repo.key(), &self.cfg.hosts[a.host])
+    }
+
+    /// Now, in unix microseconds, on the logical clock.
+    pub fn now_micros(&self) -> i64 {
+        self.clock_micros
+    }
+
+    fn time(&self) -> String {
+        format_datetime_micros(self.clock_micros)
+    }
+
+    fn tid(&mut self) -> Tid {
+        // A fresh microsecond per TID keeps revs unique and increasing.
+        self.clock_micros += 1;
+        Tid::from_micros(self.clock_micros as u64, 0)
+    }
+
+    fn next_seq(&mut self, host: usize) -> i64 {
+        let s = self.host_seq[host];
+        self.host_seq[host] += 1;
+        s
+    }
+
+    fn entry(
+        &mut self,
+        host: usize,
+        hseq: Option<i64>,
+        did: Option<&str>,
+        t: &str,
+        id: String,
+        verdict: (Expect, &str),
+    ) -> Entry {
+        let (expect, why) = verdict;
+        self.event_index += 1;
+        Entry {
+            i: self.event_index,
+            host: self.cfg.hosts[host].clone(),
+            hseq,
+            did: did.map(str::to_owned),
+            t: t.to_owned(),
+            id,
+            expect,
+            why: why.to_owned(),
+        }
+    }
+
+    fn pick_host(&mut self) -> usize {
+        let x: f64 = self.rng.gen();
+        self.host_cdf.iter().position(|c| x <= *c).unwrap_or(self.host_cdf.len() - 1)
+    }
+
+    fn pick_account(&mut self, host: usize, status: Status) -> Option<usize> {
+        let candidates: Vec<usize> =
+            self.by_host[host].iter().copied().filter(|&i| self.accounts[i].status == status).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        Some(candidates[self.rng.gen_range(0..candidates.len())])
+    }
+
+    /// Advance one millisecond.
+    pub fn step(&mut self) -> Vec<Output> {
+        self.step_index += 1;
+        self.clock_micros = self.clock_micros.max(CLOCK_START_MICROS + self.step_index as i64 * 1000);
+        let mut out = Vec::new();
+        let fault_roll: f64 = self.rng.gen();
+        let mut acc = 0.0;
+        let mut fault = None;
+        for (f, p) in &self.cfg.faults.per_step {
+            acc += p;
+            if fault_roll < acc {
+                fault = Some(*f);
+                break;
+            }
+        }
+        if let Some(f) = fault {
+            self.inject(f, None, &mut out);
+            if !out.is_empty() {
+                return out;
+            }
+        }
+        self.normal_event(&mut out);
+        out
+    }
+
+    fn normal_event(&mut self, out: &mut Vec<Output>) {
+        let host = self.pick_host();
+        let roll = self.rng.gen_range(0..1000);
+        match roll {
+            0..=9 => {
+                let a = self.create_account(host);
+                let k = self.account_key(&self.accounts[a]);
+                out.push(Output::NewAccount(k));
+                out.push(Output::Document { did: self.accounts[a].did.clone(), doc: self.document(&self.accounts[a]) });
+                self.emit_identity(a, out);
+                self.emit_account(a, true, None, out);
+            }
+            10..=39 => {
+                if let Some(a) = self.pick_account(host, Status::Active) {
+                    let n = self.accounts[a].handle.matches('-').count();
+                    let base = self.accounts[a]
+                        .handle
+                        .split('.')
+                        .next()
+                        .unwrap_or("u")
+                        .split('-')
+                        .next()
+                        .unwrap_or("u")
+                        .to_owned();
+                    self.accounts[a].handle = format!("{base}-{}.h{}.test", n + 1, self.accounts[a].host);
+                    out.push(Output::Document {
+                        did: self.accounts[a].did.clone(),
+                        doc: self.document(&self.accounts[a]),
+                    });
+                    self.emit_identity(a, out);
+                }
+            }
+            40..=54 => {
+                // Deactivate an active account, or reactivate one.
+                if self.rng.gen_bool(0.5) {
+                    if let Some(a) = self.pick_account(host, Status::Active) {
+                        self.accounts[a].status = Status::Deactivated;
+                        self.emit_account(a, false, Some("deactivated"), out);
+                    }
+                } else if let Some(a) = self.pick_account(host, Status::Deactivated) {
+                    self.accounts[a].status = Status::Active;
+                    self.emit_account(a, true, None, out);
+                }
+            }
+            55..=74 => {
+                if let Some(a) = self.pick_account(host, Status::Active) {
+                    self.emit_sync(a, out);
+                }
+            }
+            75..=77 => {
+                if let Some(a) = self.pick_account(host, Status::Active) {
+                    self.accounts[a].status = Status::TakenDown;
+                    self.emit_account(a, false, Some("takendown"), out);
+                }
+            }
+            78..=80 => {
+                if let Some(a) = self.pick_account(host, Status::Active) {
+                    self.accounts[a].status = Status::Deleted;
+                    self.emit_account(a, false, Some("deleted"), out);
+                }
+            }
+            81..=85 if self.cfg.migrations && self.cfg.hosts.len() > 1 => {
+                if let Some(a) = self.pick_account(host, Status::Active) {
+                    self.migrate(a, out);
+                }
+            }
+            _ => {
+                if let Some(a) = self.pick_account(host, Status::Active) {
+                    let ops = self.random_ops(a, roll);
+                    if let Some(c) = self.commit(a, &ops) {
+                        self.emit_commit(a, &c, Expect::Relay, "", out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn random_ops(&mut self, a: usize, roll: u32) -> Vec<WriteOp> {
+        let count = if roll >= 900 { self.rng.gen_range(2..=10) } else { 1 };
+        let mut ops = Vec::with_capacity(count);
+        let mut touched: Vec<String> = Vec::new();
+        for _ in 0..count {
+            let time = self.time();
+            let r: u32 = self.rng.gen_range(0..100);
+            let acct = &self.accounts[a];
+            let existing: Vec<&String> = acct.paths.iter().filter(|p| !touched.contains(p)).collect();
+            if r < 15 && !existing.is_empty() {
+                let p = existing[self.rng.gen_range(0..existing.len())].clone();
+                touched.push(p.clone());
+                ops.push(WriteOp::Update { path: p, record: record("app.bsky.feed.post", "edited", &time) });
+            } else if r < 30 && !existing.is_empty() {
+                let p = existing[self.rng.gen_range(0..existing.len())].clone();
+                touched.push(p.clone());
+                ops.push(WriteOp::Delete { path: p });
+            } else {
+                let coll = COLLECTIONS[self.rng.gen_range(0..COLLECTIONS.len())];
+                let tid = self.tid();
+                let p = format!("{coll}/{tid}");
+                touched.push(p.clone());
+                let text = format!("event {} from {}", self.step_index, self.accounts[a].handle);
+                ops.push(WriteOp::Create { path: p, record: record(coll, &text, &time) });
+            }
+        }
+        ops
+    }
+
+    /// Apply ops to an account's repo; keeps `paths` in step.
+    fn commit(&mut self, a: usize, ops: &[WriteOp]) -> Option<RepoCommit> {
+        let rev = self.tid();
+        let c = self.accounts[a].repo.commit(ops, rev).ok()?;
+        let paths = &mut self.accounts[a].paths;
+        for op in ops {
+            match op {
+                WriteOp::Create { path, .. } => paths.push(path.clone()),
+                WriteOp::Delete { path } => paths.retain(|p| p != path),
+                WriteOp::Update { .. } => {}
+            }
+        }
+        Some(c)
+    }
+
+    /// A commit that will be dropped: the repo and paths go back to how
+    /// they were.
+    fn throwaway_commit(&mut self, a: usize) -> Option<RepoCommit> {
+        let saved = self.accounts[a].repo.snapshot();
+        let saved_paths = self.accounts[a].paths.clone();
+        let ops = self.random_ops(a, 0);
+        let c = self.commit(a, &ops);
+        self.accounts[a].repo.restore(saved);
+        self.accounts[a].paths = saved_paths;
+        c
+    }
+
+    fn emit_commit(&mut self, a: usize, c: &RepoCommit, expect: Expect, why: &str, out: &mut Vec<Output>) {
+        let host = self.accounts[a].host;
+        self.emit_commit_on(host, a, c, expect, why, out);
+    }
+
+    fn emit_commit_on(
+        &mut self,
+        host: usize,
+        a: usize,
+        c: &RepoCommit,
+        expect: Expect,
+        why: &str,
+        out: &mut Vec<Output>,
+    ) {
+        let seq = self.next_seq(host);
+        let frame = c.frame(seq, &self.time());
+        let did = self.accounts[a].did.clone();
+        let entry = self.entry(host, Some(seq), Some(&did), "#commit", c.commit_cid.to_string(), (expect, why));
+        self.push_frame(host, a, seq, frame, entry, out);
+    }
+
+    fn push_frame(&mut self, host: usize, a: usize, seq: i64, frame: Vec<u8>, entry: Entry, out: &mut Vec<Output>) {
+        if entry.expect == Expect::Relay {
+            let lf = &mut self.accounts[a].last_frames;
+            lf.push((host, frame.clone()));
+            if lf.len() > 4 {
+                lf.remove(0);
+            }
+        }
+        let recent = &mut self.recent[host];
+        recent.push((seq, frame.clone()));
+        if recent.len() > 16 {
+            recent.remove(0);
+        }
+        out.push(Output::Frame { host, seq, frame, entry });
+    }
+
+    fn emit_identity(&mut self, a: usize, out: &mut Vec<Output>) {
+        let host = self.accounts[a].host;
+        let seq = self.next_seq(host);
+        let time = self.time();
+        let did = self.accounts[a].did.clone();
+        let mut frame = Vec::new();
+        IdentityEvent { seq, did: &did, time: &time, handle: Some(&self.accounts[a].handle) }.encode(&mut frame);
+        let entry = self.entry(
+            host,
+            Some(seq),
+            Some(&did),
+            "#identity",
+            format!("#identity|{did}|{time}"),
+            (Expect::Relay, ""),
+        );
+        self.push_frame(host, a, seq, frame, entry, out);
+        self.clock_micros += 1;
+    }
+
+    fn emit_account(&mut self, a: usize, active: bool, status: Option<&str>, out: &mut Vec<Output>) {
+        let host = self.accounts[a].host;
+        let seq = self.next_seq(host);
+        let time = self.time();
+        let did = self.accounts[a].did.clone();
+        let mut frame = Vec::new();
+        AccountEvent { seq, did: &did, time: &time, active, status }.encode(&mut frame);
+        let entry =
+            self.entry(host, Some(seq), Some(&did), "#account", format!("#account|{did}|{time}"), (Expect::Relay, ""));
+        self.push_frame(host, a, seq, frame, entry, out);
+        self.clock_micros += 1;
+    }
+
+    fn emit_sync(&mut self, a: usize, out: &mut Vec<Output>) {
+        let host = self.accounts[a].host;
+        if self.accounts[a].repo.commit_block().is_none() {
+            return;
+        }
+        let seq = self.next_seq(host);
+        let time = self.time();
+        let frame = self.accounts[a].repo.sync_frame(seq, &time).expect("has a commit");
+        let did = self.accounts[a].did.clone();
+        let entry =
+            self.entry(host, Some(seq), Some(&did), "#sync", format!("#sync|{did}|{time}"), (Expect::Relay, ""));
+        self.push_frame(host, a, seq, frame, entry, out);
+        self.clock_micros += 1;
+    }
+
+    fn migrate(&mut self, a: usize, out: &mut Vec<Output>) {
+        let from = self.accounts[a].host;
+        let mut to = self.rng.gen_range(0..self.cfg.hosts.len() - 1);
+        if to >= from {
+            to += 1;
+        }
+        self.by_host[from].retain(|&i| i != a);
+        self.by_host[to].push(a);
+        self.accounts[a].host = to;
+        out.push(Output::Amend { did: self.accounts[a].did.clone(), host: from });
+        out.push(Output::Document { did: self.accounts[a].did.clone(), doc: self.document(&self.accounts[a]) });
+        self.emit_identity(a, out);
+        self.emit_account(a, true, None, out);
+    }
+
+    /// Inject one fault now, on `host` or a random one. Does nothing if no
+    /// account fits.
+    pub fn inject(&mut self, f: Fault, host: Option<usize>, out: &mut Vec<Output>) {
+        let host = host.unwrap_or_else(|| self.pick_host());
+        match f {
+            Fault::BadSignature | Fault::MissingBlock | Fault::WrongPrevData | Fault::FutureRev => {
+                let Some(a) = self.pick_account(host, Status::Active) else { return };
+                let Some(c) = self.broken_commit(a, f) else { return };
+                self.emit_commit(a, &c, Expect::Drop, f.name(), out);
+            }
+            Fault::WrongHost => {
+                if self.cfg.hosts.len() < 2 {
+                    return;
+                }
+                let Some(a) = self.pick_account(host, Status::Active) else { return };
+                let Some(c) = self.throwaway_commit(a) else { return };
+                let mut other = self.rng.gen_range(0..self.cfg.hosts.len() - 1);
+                if other >= host {
+                    other += 1;
+                }
+                self.emit_commit_on(other, a, &c, Expect::Drop, f.name(), out);
+            }
+            Fault::DeactivatedCommit => {
+                let Some(a) = self.pick_account(host, Status::Deactivated) else { return };
+                let Some(c) = self.throwaway_commit(a) else { return };
+                self.emit_commit(a, &c, Expect::Drop, f.name(), out);
+            }
+            Fault::ReplayedRev => {
+                let Some(a) = self.pick_account(host, Status::Active) else { return };
+                let Some((h, old)) = self.accounts[a].last_frames.first().cloned() else { return };
+                let Ok(d) = frame::decode(&old) else { return };
+                let (Some(span), Message::Event(Event::Commit(c))) = (d.seq_span, &d.message) else { return };
+                let id = c.commit.to_string();
+                let did = self.accounts[a].did.clone();
+                let seq = self.next_seq(h);
+                let mut frame = Vec::new();
+                frame::resequence(&old, span, seq, &mut frame);
+                let entry = self.entry(h, Some(seq), Some(&did), "#commit", id, (Expect::Drop, f.name()));
+                self.push_frame(h, a, seq, frame, entry, out);
+            }
+            Fault::UnknownType => {
+                let seq = self.next_seq(host);
+                let mut w = Writer::new();
+                w.map(2);
+                w.text("t");
+                w.text("#fakenetUnknown");
+                w.text("op");
+                w.i64(1);
+                w.map(2);
+                w.text("seq");
+                w.i64(seq);
+                w.text("note");
+                w.text("a message type no relay knows");
+                let id = format!("#fakenetUnknown|{}|{seq}", self.cfg.hosts[host]);
+                let entry = self.entry(host, Some(seq), None, "#fakenetUnknown", id, (Expect::Drop, f.name()));
+                let recent = &mut self.recent[host];
+                recent.push((seq, w.buf.clone()));
+                out.push(Output::Frame { host, seq, frame: w.into_inner(), entry });
+            }
+            Fault::SeqBackwards => {
+                let Some((seq, frame)) = self.recent[host].first().cloned() else { return };
+                let (id, did, t) = match frame::decode(&frame).map(|d| d.message) {
+                    Ok(Message::Event(Event::Commit(c))) => (c.commit.to_string(), Some(c.repo.to_owned()), "#commit"),
+                    _ => (format!("seqbackwards|{}|{seq}", self.cfg.hosts[host]), None, "?"),
+                };
+                let entry = self.entry(host, None, did.as_deref(), t, id, (Expect::Drop, f.name()));
+                out.push(Output::Transient { host, what: Transient::Raw(frame), entry });
+            }
+            Fault::MalformedCbor | Fault::Oversized | Fault::Truncated => {
+                let bytes = self.bad_frame_bytes(f);
+                let id = format!("{}|{}|{}", f.name(), self.cfg.hosts[host], self.step_index);
+                let entry = self.entry(host, None, None, "?", id, (Expect::Drop, f.name()));
+                out.push(Output::Transient { host, what: Transient::Raw(bytes), entry });
+            }
+            Fault::Disconnect | Fault::Stall => {
+                let what = if f == Fault::Disconnect {
+                    Transient::Disconnect
+                } else {
+                    Transient::Stall(std::time::Duration::from_millis(self.rng.gen_range(1500..3000)))
+                };
+                let id = format!("{}|{}|{}", f.name(), self.cfg.hosts[host], self.step_index);
+                let entry = self.entry(host, None, None, "-", id, (Expect::Drop, f.name()));
+                out.push(Output::Transient { host, what, entry });
+            }
+        }
+    }
+
+    /// A signed, well-formed commit broken the way `f` says; the repo is
+    /// left as it was.
+    fn broken_commit(&mut self, a: usize, f: Fault) -> Option<RepoCommit> {
+        let saved = self.accounts[a].repo.snapshot();
+        let saved_paths = self.accounts[a].paths.clone();
+        let ops = self.random_ops(a, 0);
+        let c = if f == Fault::FutureRev {
+            // 2100-01-01: far beyond any relay's clock.
+            let rev = Tid::from_micros(4_102_444_800_000_000 + self.step_index, 0);
+            self.accounts[a].repo.commit(&ops, rev).ok()
+        } else {
+            self.commit(a, &ops)
+        };
+        self.accounts[a].repo.restore(saved);
+        self.accounts[a].paths = saved_paths;
+        let mut c = c?;
+        match f {
+            Fault::BadSignature => {
+                let wrong = PrivateKey::generate(Curve::K256, &mut self.rng);
+                let (cid, block) = sign_commit(&c.did, &c.data, c.rev.as_str(), &wrong);
+                c.car = replace_root(&c.car, c.commit_cid, cid, &block);
+                c.commit_cid = cid;
+            }
+            Fault::MissingBlock => {
+                // Drop the deepest MST node the proof carries (not the
+                // commit, not a record): the inversion needs every one.
+                let car = CarSlice::parse(&c.car).ok()?;
+                let victim = car
+                    .iter()
+                    .filter(|(cid, b)| *cid != c.commit_cid && sluice_common::mst::decode_node(cid, b).is_ok())
+                    .map(|(cid, _)| cid)
+                    .find(|cid| *cid != c.data)?;
+                let kept: Vec<(Cid, Vec<u8>)> =
+                    car.iter().filter(|(cid, _)| *cid != victim).map(|(cid, b)| (cid, b.to_vec())).collect();
+                c.car = write_car(&c.commit_cid, kept.iter().map(|(cid, b)| (cid, b.as_slice())));
+            }
+            Fault::WrongPrevData => {
+                c.prev_data =
+                    Cid::compute(Codec::DagCbor, format!("not the previous root {}", self.step_index).as_bytes());
+            }
+            _ => {}
+        }
+        Some(c)
+    }
+
+    fn bad_frame_bytes(&mut self, f: Fault) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.map(2);
+        w.text("t");
+        w.text("#commit");
+        w.text("op");
+        w.i64(1);
+        let header = w.into_inner();
+        match f {
+            Fault::MalformedCbor => {
+                // A body map that claims three entries and has one, then a
+                // reserved additional-info byte.
+                let mut b = header;
+                b.extend_from_slice(&[0xa3, 0x63, b's', b'e', b'q', 0x01, 0x1c]);
+                b
+            }
+            Fault::Oversized => {
+                let mut b = header;
+                let mut body = Writer::new();
+                body.map(1);
+                body.text("blocks");
+                body.bytes(&vec![0u8; frame::FRAME_BYTES_MAX]);
+                b.extend_from_slice(&body.buf);
+                b
+            }
+            _ => {
+                let mut b = header;
+                b.extend_from_slice(&[0xab, 0x63, b'o', b'p', b's', 0x81]);
+                b
+            }
+        }
+    }
+
+    /// Live events emitted so far.
+    pub fn events(&self) -> u64 {
+        self.event_index
+    }
+
+    pub fn host_seq(&self, host: usize) -> i64 {
+        self.host_seq[host]
+    }
+}
+
+/// A CAR with its root block replaced.
+fn replace_root(car: &[u8], old: Cid, new: Cid, block: &[u8]) -> Vec<u8> {
+    let parsed = CarSlice::parse(car).expect("our own CAR");
+    let mut blocks: Vec<(Cid, Vec<u8>)> = vec![(new, block.to_vec())];
+    blocks.extend(parsed.iter().filter(|(c, _)| *c != old).map(|(c, b)| (c, b.to_vec())));
+    write_car(&new, blocks.iter().map(|(c, b)| (c, b.as_slice())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_common::commit::{check_commit, CommitError, Mode, ProofError};
+    use sluice_common::crypto::PublicKey;
+    use sluice_common::mst::MstError;
+
+    fn world(faults: FaultRates) -> World {
+        let hosts = (0..3).map(|i| format!("localhost:{}", 4000 + i)).collect();
+        let mut cfg = WorldConfig::small(7, hosts);
+        cfg.faults = faults;
+        World::new(cfg)
+    }
+
+    fn frames(out: &[Output]) -> Vec<(&Vec<u8>, &Entry)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Frame { frame, entry, .. } => Some((frame, entry)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn key_of(w: &World, did: &str) -> PublicKey {
+        w.accounts.iter().find(|a| a.did == did).unwrap().repo.key().public_key()
+    }
+
+    /// Run a while with no faults: every frame decodes and verifies.
+    #[test]
+    fn clean_traffic_verifies() {
+        let mut w = world(FaultRates::none());
+        let mut n = 0;
+        for _ in 0..400 {
+            for (frame, entry) in frames(&w.step()) {
+                assert_eq!(entry.expect, Expect::Relay);
+                let d = frame::decode(frame).unwrap();
+                let Message::Event(ev) = d.message else { panic!() };
+                if let Event::Commit(c) = &ev {
+                    let checked = check_commit(c, Mode::Strict, w.now_micros()).unwrap();
+                    checked.verify_signature(&key_of(&w, c.repo)).unwrap();
+                    assert_eq!(entry.id, c.commit.to_string());
+                }
+                n += 1;
+            }
+        }
+        assert!(n > 300, "{n}");
+    }
+
+    #[test]
+    fn same_seed_same_bytes() {
+        let run = || {
+            let mut w = world(FaultRates::default_mix());
+            let mut all = Vec::new();
+            for _ in 0..200 {
+                for (f, _) in frames(&w.step()) {
+                    all.push(f.clone());
+                }
+            }
+            all
+        };
+        assert_eq!(run(), run());
+    }
+
+    fn injected(f: Fault) -> (World, Vec<Output>) {
+        let mut w = world(FaultRates::none());
+        for _ in 0..50 {
+            w.step();
+        }
+        // Make sure there is a deactivated account for DeactivatedCommit.
+        w.accounts[0].status = Status::Deactivated;
+        for (i, a) in w.accounts.iter_mut().enumerate() {
+            if a.host == 0 && i > 0 {
+                a.status = if f == Fault::DeactivatedCommit { Status::Deactivated } else { Status::Active };
+            }
+        }
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            w.inject(f, None, &mut out);
+            if !out.is_empty() {
+                break;
+            }
+        }
+        assert!(!out.is_empty(), "{f:?} produced nothing");
+        (w, out)
+    }
+
+    fn the_commit(out: &[Output]) -> (Vec<u8>, Entry) {
+        let (f, e) = frames(out)[0];
+        (f.clone(), e.clone())
+    }
+
+    #[test]
+    fn fault_bad_signature() {
+        let (w, out) = injected(Fault::BadSignature);
+        let (f, e) = the_commit(&out);
+        assert_eq!((e.expect, e.why.as_str()), (Expect::Drop, "badsig"));
+        let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
+        let checked = check_commit(&c, Mode::Strict, w.now_micros()).unwrap();
+        assert!(checked.verify_signature(&key_of(&w, c.repo)).is_err());
+    }
+
+    #[test]
+    fn fault_missing_block() {
+        let (w, out) = injected(Fault::MissingBlock);
+        let (f, e) = the_commit(&out);
+        assert_eq!(e.expect, Expect::Drop);
+        let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
+        let err = check_commit(&c, Mode::Strict, w.now_micros()).unwrap_err();
+        assert!(matches!(err, CommitError::Proof(ProofError::Mst(MstError::MissingBlock(_)))), "{err}");
+    }
+
+    #[test]
+    fn fault_wrong_prev_data() {
+        let (w, out) = injected(Fault::WrongPrevData);
+        let (f, _) = the_commit(&out);
+        let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
+        let err = check_commit(&c, Mode::Strict, w.now_micros()).unwrap_err();
+        assert!(matches!(err, CommitError::Proof(ProofError::RootMismatch { .. })), "{err}");
+    }
+
+    #[test]
+    fn fault_future_rev() {
+        let (_, out) = injected(Fault::FutureRev);
+        let (f, e) = the_commit(&out);
+        assert_eq!(e.why, "futurerev");
+        let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
+        let real_now = 1_800_000_000_000_000;
+        assert!(matches!(check_commit(&c, Mode::Strict, real_now), Err(CommitError::FutureRev(_))));
+    }
+
+    #[test]
+    fn fault_wrong_host() {
+        let (w, out) = injected(Fault::WrongHost);
+        let (f, e) = the_commit(&out);
+        let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
+        let home = &w.cfg.hosts[w.accounts.iter().find(|a| a.did == c.repo).unwrap().host];
+        assert_ne!(&e.host, home);
+        // The commit itself is valid: only its host is wrong.
+        check_commit(&c, Mode::Strict, w.now_micros()).unwrap().verify_signature(&key_of(&w, c.repo)).unwrap();
+    }
+
+    #[test]
+    fn fault_replayed_rev_reuses_commit_with_new_seq() {
+        let (_, out) = injected(Fault::ReplayedRev);
+        let (f, e) = the_commit(&out);
+        let d = frame::decode(&f).unwrap();
+        let Message::Event(Event::Commit(c)) = d.message else { panic!() };
+        assert_eq!(e.id, c.commit.to_string());
+        assert_eq!(Some(c.seq), e.hseq);
+        assert_eq!(e.expect, Expect::Drop);
+    }
+
+    #[test]
+    fn fault_transients() {
+        for f in [
+            Fault::MalformedCbor,
+            Fault::Oversized,
+            Fault::Truncated,
+            Fault::SeqBackwards,
+            Fault::Disconnect,
+            Fault::Stall,
+        ] {
+            let (_, out) = injected(f);
+            let Output::Transient { what, entry, .. } = &out[0] else { panic!("{f:?}: {out:?}") };
+            assert_eq!(entry.expect, Expect::Drop);
+            assert_eq!(entry.hseq, None);
+            match (f, what) {
+                (Fault::MalformedCbor | Fault::Truncated, Transient::Raw(b)) => assert!(frame::decode(b).is_err()),
+                (Fault::Oversized, Transient::Raw(b)) => {
+                    assert!(b.len() > frame::FRAME_BYTES_MAX);
+                    assert!(matches!(frame::decode(b), Err(frame::FrameError::TooLarge(_))));
+                }
+                (Fault::SeqBackwards, Transient::Raw(b)) => {
+                    assert!(frame::decode(b).unwrap().message != Message::Error { error: "", message: None })
+                }
+                (Fault::Disconnect, Transient::Disconnect) | (Fault::Stall, Transient::Stall(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fault_unknown_type_and_deactivated_commit() {
+        let (_, out) = injected(Fault::UnknownType);
+        let (f, e) = the_commit(&out);
+        assert!(matches!(frame::decode(&f).unwrap().message, Message::Event(Event::Unknown { .. })));
+        assert_eq!(e.expect, Expect::Drop);
+        let (w, out) = injected(Fault::DeactivatedCommit);
+        let (f, e) = the_commit(&out);
+        let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
+        let acct = w.accounts.iter().find(|a| a.did == c.repo).unwrap();
+        assert_eq!(acct.status, Status::Deactivated);
+        assert_eq!(e.why, "deactivatedcommit");
+    }
+
+    #[test]
+    fn dropped_faults_leave_the_chain_intact() {
+        let mut w = world(FaultRates::parse("badsig=0.1,missingblock=0.1,badprevdata=0.1,futurerev=0.1").unwrap());
+        let mut last_data: std::collections::HashMap<String, Cid> = std::collections::HashMap::new();
+        for _ in 0..400 {
+            for (f, e) in frames(&w.step()) {
+                let Ok(d) = frame::decode(f) else { continue };
+                let Message::Event(Event::Commit(c)) = d.message else { continue };
+                if e.expect != Expect::Relay {
+                    continue;
+                }
+                // Every relayed commit's prevData is the data of the last
+                // relayed commit of its account.
+                let checked = check_commit(&c, Mode::Strict, w.now_micros()).unwrap();
+                if let Some(prev) = last_data.get(c.repo) {
+                    assert_eq!(c.prev_data, Some(*prev));
+                }
+                last_data.insert(c.repo.to_owned(), checked.data);
+            }
+        }
+    }
+}

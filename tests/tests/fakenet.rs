@@ -1,0 +1,277 @@
+//! fakenet against itself: the checker on a host's own stream, and each
+//! connection fault's behaviour on the wire. Bounded: small worlds, short
+//! timeouts.
+
+use sluice_common::frame::{self, Event, Message};
+use sluice_tests::fakenet::check::{self, CheckConfig};
+use sluice_tests::fakenet::ledger::{Expect, Ledger};
+use sluice_tests::fakenet::runner::{self, ServeConfig};
+use sluice_tests::fakenet::world::FaultRates;
+use std::time::{Duration, Instant};
+
+fn start(faults: &str, events: u64, dir: &tempfile::TempDir) -> runner::Running {
+    let mut r = runner::start(ServeConfig {
+        hosts: 3,
+        accounts: 8,
+        rate: 0.0,
+        max_events: Some(events),
+        faults: FaultRates::parse(faults).unwrap(),
+        ledger: dir.path().join("ledger.jsonl"),
+        web_accounts: 2,
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    r.wait_generation().unwrap();
+    r
+}
+
+fn check_host(r: &runner::Running, host: &str) -> check::Report {
+    check::run(&CheckConfig {
+        relay: format!("ws://{host}"),
+        ledger: r.info.ledger.clone().into(),
+        cursor: Some(0),
+        timeout: Duration::from_secs(20),
+        settle: Duration::from_millis(300),
+        wait_done: true,
+        only_host: Some(host.to_owned()),
+    })
+    .unwrap()
+}
+
+/// A PDS is itself a firehose: with no faults, each host's own stream
+/// matches the ledger exactly.
+#[test]
+fn checker_passes_on_clean_host_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start("none", 600, &dir);
+    let mut total = 0;
+    for h in &r.info.hosts {
+        let rep = check_host(&r, h);
+        assert!(rep.ok(), "{h}: {}\n{:?}", rep.summary(), rep.notes);
+        total += rep.relayed;
+    }
+    assert_eq!(total, 600);
+}
+
+/// With faults in the streams, the checker sees every one of them.
+#[test]
+fn checker_catches_every_in_stream_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(
+        "badsig=0.02,missingblock=0.02,badprevdata=0.02,replayedrev=0.02,unknowntype=0.02,futurerev=0.02",
+        800,
+        &dir,
+    );
+    let ledger = Ledger::read(std::path::Path::new(&r.info.ledger)).unwrap();
+    for h in &r.info.hosts {
+        let drops = ledger.entries.iter().filter(|e| &e.host == h && e.hseq.is_some() && e.expect == Expect::Drop);
+        // Unknown types are not events a checker can name; every other
+        // drop shows up as unexpected (a new id) or duplicate (a replay).
+        let nameable = drops.filter(|e| e.why != "unknowntype").count() as u64;
+        let rep = check_host(&r, h);
+        assert_eq!(rep.missing, 0, "{h}: {}", rep.summary());
+        assert_eq!(rep.unexpected + rep.duplicates, nameable, "{h}: {}", rep.summary());
+        // Bad signatures, proofs and future revs also fail verification.
+        assert!(rep.invalid > 0 || nameable == 0, "{h}: {}", rep.summary());
+    }
+}
+
+fn subscribe(
+    host: &str,
+    cursor: Option<i64>,
+) -> tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>> {
+    let url = match cursor {
+        Some(c) => format!("ws://{host}/xrpc/com.atproto.sync.subscribeRepos?cursor={c}"),
+        None => format!("ws://{host}/xrpc/com.atproto.sync.subscribeRepos"),
+    };
+    let (ws, _) = tungstenite::connect(url).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    }
+    ws
+}
+
+fn post(url: &str) {
+    let u = url.strip_prefix("http://").unwrap();
+    let (hostport, path) = u.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    use std::io::{Read, Write};
+    write!(s, "POST /{path} HTTP/1.1\r\nhost: {hostport}\r\ncontent-length: 0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// What a live connection receives within `within`: decoded frames, or
+/// `Err` for bytes that do not decode, ending at close or disconnect.
+fn observe(
+    ws: &mut tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    within: Duration,
+) -> (Vec<Result<String, String>>, bool) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while start.elapsed() < within {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) => got.push(match frame::decode(&b) {
+                Ok(d) => Ok(match d.message {
+                    Message::Event(e) => e.type_name().to_owned(),
+                    Message::Error { error, .. } => format!("error:{error}"),
+                }),
+                Err(e) => Err(e.to_string()),
+            }),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return (got, true),
+        }
+    }
+    (got, false)
+}
+
+#[test]
+fn transient_faults_on_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start("none", 50, &dir);
+    let host = r.info.hosts[0].clone();
+    let control = |kind: &str| post(&format!("{}?kind={kind}&host={host}", r.info.control_url));
+
+    // Malformed, truncated and oversized frames arrive as messages that do
+    // not decode.
+    for kind in ["malformed", "truncated", "oversized"] {
+        let mut ws = subscribe(&host, None);
+        control(kind);
+        let (got, _) = observe(&mut ws, Duration::from_secs(2));
+        assert!(got.iter().any(|g| g.is_err()), "{kind}: {got:?}");
+    }
+    // A disconnect ends the connection without a close handshake.
+    let mut ws = subscribe(&host, None);
+    control("disconnect");
+    let (_, ended) = observe(&mut ws, Duration::from_secs(3));
+    assert!(ended, "disconnect did not end the connection");
+    // A reconnect with a cursor does not meet those faults again, and
+    // replays the stream.
+    let mut ws = subscribe(&host, Some(0));
+    let (got, _) = observe(&mut ws, Duration::from_secs(1));
+    assert!(!got.is_empty() && got.iter().all(|g| g.is_ok()), "{got:?}");
+    // Seq going backwards: an old frame arrives again, live.
+    let mut ws = subscribe(&host, None);
+    control("seqbackwards");
+    let (got, _) = observe(&mut ws, Duration::from_secs(2));
+    assert_eq!(got, vec![Ok("#commit".to_owned())]);
+    // A future cursor is an error frame.
+    let mut ws = subscribe(&host, Some(1 << 40));
+    let (got, _) = observe(&mut ws, Duration::from_secs(1));
+    assert_eq!(got.first(), Some(&Ok("error:FutureCursor".to_owned())));
+}
+
+/// A stall: nothing arrives for a while though events are produced.
+#[test]
+fn stall_sends_nothing_then_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = runner::start(ServeConfig {
+        hosts: 1,
+        accounts: 4,
+        rate: 50.0,
+        duration: Some(Duration::from_secs(6)),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let host = r.info.hosts[0].clone();
+    let mut ws = subscribe(&host, None);
+    std::thread::sleep(Duration::from_millis(500));
+    let (before, _) = observe(&mut ws, Duration::from_millis(500));
+    assert!(!before.is_empty());
+    post(&format!("{}?kind=stall&host={host}", r.info.control_url));
+    // Everything before the stall drains quickly; then silence.
+    let _ = observe(&mut ws, Duration::from_millis(300));
+    let (during, _) = observe(&mut ws, Duration::from_millis(1000));
+    assert!(during.is_empty(), "got {} frames during a stall", during.len());
+    let (after, _) = observe(&mut ws, Duration::from_secs(3));
+    assert!(!after.is_empty(), "nothing after the stall");
+    r.wait_generation().unwrap();
+}
+
+/// Split writes: bytes arrive in many small pieces, and still parse.
+#[test]
+fn split_writes_arrive_in_pieces() {
+    use rand::SeedableRng;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let msg = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n".repeat(20);
+        let m2 = msg.clone();
+        let w = tokio::spawn(async move {
+            sluice_tests::fakenet::ws::write_maybe_split(&mut a, &m2, Some(&mut rng)).await.unwrap();
+        });
+        let mut got = Vec::new();
+        let mut reads = 0;
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        while got.len() < msg.len() {
+            let n = b.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+            reads += 1;
+        }
+        w.await.unwrap();
+        assert_eq!(got, msg);
+        assert!(reads > 10, "{reads} reads");
+    });
+}
+
+/// Same seed, same flags: the same ledger (host names normalised: ports
+/// are ephemeral; the world test checks bytes with fixed names).
+#[test]
+fn ledgers_are_deterministic() {
+    let run = || {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = runner::start(ServeConfig {
+            hosts: 3,
+            accounts: 8,
+            rate: 0.0,
+            max_events: Some(300),
+            faults: FaultRates::default_mix(),
+            ledger: dir.path().join("ledger.jsonl"),
+            ..ServeConfig::default()
+        })
+        .unwrap();
+        r.wait_generation().unwrap();
+        let l = Ledger::read(std::path::Path::new(&r.info.ledger)).unwrap();
+        let norm = |s: &str| {
+            let mut s = s.to_owned();
+            for (i, h) in r.info.hosts.iter().enumerate() {
+                s = s.replace(h, &format!("host{i}"));
+            }
+            s
+        };
+        l.entries.iter().map(|e| (norm(&e.id), norm(&e.host), e.expect, e.why.clone())).collect::<Vec<_>>()
+    };
+    let (a, b) = (run(), run());
+    assert!(a.len() >= 300);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn sync_endpoints_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start("none", 100, &dir);
+    let host = &r.info.hosts[0];
+    let get = |path: &str| -> serde_json::Value {
+        let mut s = std::net::TcpStream::connect(host.replace("localhost", "127.0.0.1")).unwrap();
+        use std::io::{Read, Write};
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    };
+    let repos = get("/xrpc/com.atproto.sync.listRepos?limit=100");
+    let list = repos["repos"].as_array().unwrap();
+    assert!(!list.is_empty());
+    let did = list[0]["did"].as_str().unwrap();
+    let st = get(&format!("/xrpc/com.atproto.sync.getRepoStatus?did={did}"));
+    assert_eq!(st["did"], did);
+    let d = get("/xrpc/com.atproto.server.describeServer");
+    assert!(d["did"].as_str().unwrap().starts_with("did:web:"));
+    let _ = (Event::Unknown { t: "" }, 0);
+}
