@@ -1,0 +1,399 @@
+//! Configuration, parsed once: TOML file → [`RawConfig`] (every field
+//! optional, unknown keys rejected) → environment overrides (`SLUICE_*`) →
+//! [`Config`] (every default filled in one place, validated, errors name
+//! the key). The supervisor writes the effective config to
+//! `data_dir/run/effective.toml`; children read that file, so every process
+//! of one relay runs on the same values.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Where `sluice run` looks when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/sluice.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("{path}: {err}")]
+    Parse { path: PathBuf, err: String },
+    #[error("config key {key}: {msg}")]
+    Invalid { key: &'static str, msg: String },
+}
+
+fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, msg: msg.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Validation {
+    Strict,
+    Lenient,
+}
+
+/// `shard_count`: a number, or "auto" (one per core).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ShardCount {
+    Number(u32),
+    Word(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub host_events_per_second_max: Option<u32>,
+    pub host_account_limit_default: Option<u64>,
+    pub new_hosts_per_day_max: Option<u32>,
+    pub consumers_max: Option<u32>,
+    pub consumer_lag_events_max: Option<u64>,
+    pub identity_cache_entries_max: Option<u32>,
+    pub account_cache_entries_max: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub shard_count: Option<ShardCount>,
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub plc_url: Option<String>,
+    pub retention_hours: Option<u32>,
+    pub bootstrap_relay: Option<String>,
+    pub validation: Option<Validation>,
+    pub limits: Option<RawLimits>,
+    pub admin_password_file: Option<PathBuf>,
+    pub allow_insecure_hosts: Option<bool>,
+    pub initial_seq: Option<i64>,
+    pub ring_size_bytes: Option<u64>,
+    pub flush_interval_ms: Option<u32>,
+    pub segment_size_bytes: Option<u64>,
+    pub shutdown_timeout_ms: Option<u32>,
+    pub public_request_crawl: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Limits {
+    /// Events per second one upstream host may send before it is slowed.
+    pub host_events_per_second_max: u32,
+    /// Accounts a new host may have before further new accounts are
+    /// marked throttled (per-host limits in Postgres override this).
+    pub host_account_limit_default: u64,
+    pub new_hosts_per_day_max: u32,
+    pub consumers_max: u32,
+    /// A consumer further behind the head than this gets ConsumerTooSlow.
+    pub consumer_lag_events_max: u64,
+    pub identity_cache_entries_max: u32,
+    pub account_cache_entries_max: u32,
+}
+
+/// The validated configuration every process runs on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub shard_count: u32,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub plc_url: String,
+    pub retention_hours: u32,
+    pub bootstrap_relay: Option<String>,
+    pub validation: Validation,
+    pub limits: Limits,
+    pub admin_password_file: Option<PathBuf>,
+    pub allow_insecure_hosts: bool,
+    pub initial_seq: i64,
+    pub ring_size_bytes: u64,
+    pub flush_interval_ms: u32,
+    pub segment_size_bytes: u64,
+    pub shutdown_timeout_ms: u32,
+    pub public_request_crawl: bool,
+}
+
+/// Environment variables that override file keys, and their keys.
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("SLUICE_SHARD_COUNT", "shard_count"),
+    ("SLUICE_LISTEN", "listen"),
+    ("SLUICE_METRICS_LISTEN", "metrics_listen"),
+    ("SLUICE_DATA_DIR", "data_dir"),
+    ("SLUICE_DATABASE_URL", "database_url"),
+    ("SLUICE_PLC_URL", "plc_url"),
+    ("SLUICE_RETENTION_HOURS", "retention_hours"),
+    ("SLUICE_BOOTSTRAP_RELAY", "bootstrap_relay"),
+    ("SLUICE_VALIDATION", "validation"),
+    ("SLUICE_ADMIN_PASSWORD_FILE", "admin_password_file"),
+    ("SLUICE_ALLOW_INSECURE_HOSTS", "allow_insecure_hosts"),
+    ("SLUICE_INITIAL_SEQ", "initial_seq"),
+    ("SLUICE_RING_SIZE_BYTES", "ring_size_bytes"),
+    ("SLUICE_FLUSH_INTERVAL_MS", "flush_interval_ms"),
+    ("SLUICE_SEGMENT_SIZE_BYTES", "segment_size_bytes"),
+    ("SLUICE_PUBLIC_REQUEST_CRAWL", "public_request_crawl"),
+    ("SLUICE_CONSUMER_LAG_EVENTS_MAX", "limits.consumer_lag_events_max"),
+    ("SLUICE_CONSUMERS_MAX", "limits.consumers_max"),
+    ("SLUICE_HOST_ACCOUNT_LIMIT_DEFAULT", "limits.host_account_limit_default"),
+];
+
+impl RawConfig {
+    pub fn from_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), err: e.to_string() })
+    }
+
+    /// Read `path`; a missing file at the default path means "all defaults".
+    pub fn load(path: Option<&Path>) -> Result<RawConfig, ConfigError> {
+        let (p, required) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&p) {
+            Ok(t) => RawConfig::from_toml(&t, &p),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(RawConfig::default()),
+            Err(err) => Err(ConfigError::Read { path: p, err }),
+        }
+    }
+
+    /// Apply `SLUICE_*` overrides from `env` (a lookup function, so tests
+    /// need not touch the process environment).
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let parse_num = |k: &'static str, v: &str| -> Result<u64, ConfigError> {
+            v.trim().parse::<u64>().map_err(|e| invalid(k, format!("{v:?}: {e}")))
+        };
+        let parse_bool = |k: &'static str, v: &str| -> Result<bool, ConfigError> {
+            match v.trim() {
+                "1" | "true" | "yes" => Ok(true),
+                "0" | "false" | "no" => Ok(false),
+                _ => Err(invalid(k, format!("{v:?} is not a boolean"))),
+            }
+        };
+        for (var, key) in ENV_KEYS {
+            let Some(v) = env(var) else { continue };
+            let limits = self.limits.get_or_insert_with(RawLimits::default);
+            match *key {
+                "shard_count" => {
+                    self.shard_count = Some(match v.trim().parse::<u32>() {
+                        Ok(n) => ShardCount::Number(n),
+                        Err(_) => ShardCount::Word(v.trim().to_owned()),
+                    })
+                }
+                "listen" => self.listen = Some(v),
+                "metrics_listen" => self.metrics_listen = Some(v),
+                "data_dir" => self.data_dir = Some(PathBuf::from(v)),
+                "database_url" => self.database_url = Some(v),
+                "plc_url" => self.plc_url = Some(v),
+                "retention_hours" => self.retention_hours = Some(parse_num(key, &v)? as u32),
+                "bootstrap_relay" => self.bootstrap_relay = Some(v),
+                "validation" => {
+                    self.validation = Some(match v.trim() {
+                        "strict" => Validation::Strict,
+                        "lenient" => Validation::Lenient,
+                        _ => return Err(invalid(key, format!("{v:?} is not strict or lenient"))),
+                    })
+                }
+                "admin_password_file" => self.admin_password_file = Some(PathBuf::from(v)),
+                "allow_insecure_hosts" => self.allow_insecure_hosts = Some(parse_bool(key, &v)?),
+                "initial_seq" => {
+                    self.initial_seq = Some(v.trim().parse().map_err(|e| invalid(key, format!("{v:?}: {e}")))?)
+                }
+                "ring_size_bytes" => self.ring_size_bytes = Some(parse_num(key, &v)?),
+                "flush_interval_ms" => self.flush_interval_ms = Some(parse_num(key, &v)? as u32),
+                "segment_size_bytes" => self.segment_size_bytes = Some(parse_num(key, &v)?),
+                "public_request_crawl" => self.public_request_crawl = Some(parse_bool(key, &v)?),
+                "limits.consumer_lag_events_max" => limits.consumer_lag_events_max = Some(parse_num(key, &v)?),
+                "limits.consumers_max" => limits.consumers_max = Some(parse_num(key, &v)? as u32),
+                "limits.host_account_limit_default" => limits.host_account_limit_default = Some(parse_num(key, &v)?),
+                _ => unreachable!("every ENV_KEYS entry is handled"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fill defaults and validate. `cores` is used for `shard_count = "auto"`.
+    pub fn validate(self, cores: u32) -> Result<Config, ConfigError> {
+        let shard_count = match self.shard_count {
+            None => 1,
+            Some(ShardCount::Number(0)) => return Err(invalid("shard_count", "must be at least 1")),
+            Some(ShardCount::Number(n)) => n,
+            Some(ShardCount::Word(w)) if w == "auto" => cores.max(1),
+            Some(ShardCount::Word(w)) => {
+                return Err(invalid("shard_count", format!("{w:?} is not a number or \"auto\"")))
+            }
+        };
+        if shard_count > 256 {
+            return Err(invalid("shard_count", "at most 256"));
+        }
+        let addr = |key: &'static str, v: Option<String>, d: &str| -> Result<SocketAddr, ConfigError> {
+            let s = v.unwrap_or_else(|| d.to_owned());
+            s.parse().map_err(|e| invalid(key, format!("{s:?}: {e}")))
+        };
+        let l = self.limits.unwrap_or_default();
+        let limits = Limits {
+            host_events_per_second_max: l.host_events_per_second_max.unwrap_or(5_000),
+            host_account_limit_default: l.host_account_limit_default.unwrap_or(100_000),
+            new_hosts_per_day_max: l.new_hosts_per_day_max.unwrap_or(500),
+            consumers_max: l.consumers_max.unwrap_or(1_000),
+            consumer_lag_events_max: l.consumer_lag_events_max.unwrap_or(2_000_000),
+            identity_cache_entries_max: l.identity_cache_entries_max.unwrap_or(200_000),
+            account_cache_entries_max: l.account_cache_entries_max.unwrap_or(500_000),
+        };
+        if limits.consumers_max == 0 {
+            return Err(invalid("limits.consumers_max", "must be at least 1"));
+        }
+        let ring_size_bytes = self.ring_size_bytes.unwrap_or(64 << 20);
+        if !ring_size_bytes.is_power_of_two() || !(1 << 16..=1 << 32).contains(&ring_size_bytes) {
+            return Err(invalid("ring_size_bytes", "a power of two from 64 KiB to 4 GiB"));
+        }
+        // A ring must hold at least one maximal record.
+        if ring_size_bytes < 2 * crate::frame::FRAME_BYTES_MAX as u64 + (1 << 16) {
+            return Err(invalid("ring_size_bytes", "must hold two maximal frames (at least 16 MiB)"));
+        }
+        let segment_size_bytes = self.segment_size_bytes.unwrap_or(256 << 20);
+        if !(8 << 20..=1 << 34).contains(&segment_size_bytes) {
+            return Err(invalid("segment_size_bytes", "from 8 MiB to 16 GiB"));
+        }
+        let initial_seq = self.initial_seq.unwrap_or(1);
+        if !(1..crate::frame::SEQ_MAX).contains(&initial_seq) {
+            return Err(invalid("initial_seq", "a positive integer below 2^53"));
+        }
+        let plc_url = self.plc_url.unwrap_or_else(|| "https://plc.directory".into()).trim_end_matches('/').to_owned();
+        if !(plc_url.starts_with("https://") || plc_url.starts_with("http://")) {
+            return Err(invalid("plc_url", "must be an http(s) URL"));
+        }
+        if let Some(u) = &self.database_url {
+            if u.trim().is_empty() {
+                return Err(invalid("database_url", "empty"));
+            }
+        }
+        let flush_interval_ms = self.flush_interval_ms.unwrap_or(5);
+        if !(1..=1000).contains(&flush_interval_ms) {
+            return Err(invalid("flush_interval_ms", "from 1 to 1000"));
+        }
+        Ok(Config {
+            shard_count,
+            listen: addr("listen", self.listen, "0.0.0.0:2470")?,
+            metrics_listen: addr("metrics_listen", self.metrics_listen, "127.0.0.1:2471")?,
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./sluice-data")),
+            database_url: self.database_url,
+            plc_url,
+            retention_hours: self.retention_hours.unwrap_or(72).max(1),
+            bootstrap_relay: self.bootstrap_relay,
+            validation: self.validation.unwrap_or(Validation::Strict),
+            limits,
+            admin_password_file: self.admin_password_file,
+            allow_insecure_hosts: self.allow_insecure_hosts.unwrap_or(false),
+            initial_seq,
+            ring_size_bytes,
+            flush_interval_ms,
+            segment_size_bytes,
+            shutdown_timeout_ms: self.shutdown_timeout_ms.unwrap_or(30_000),
+            public_request_crawl: self.public_request_crawl.unwrap_or(true),
+        })
+    }
+}
+
+impl Config {
+    /// Load the file (or defaults), apply the environment, validate.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut raw = RawConfig::load(path)?;
+        raw.apply_env(|k| std::env::var(k).ok())?;
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        raw.validate(cores)
+    }
+
+    /// The effective config as TOML (children read this).
+    pub fn to_toml(&self) -> String {
+        let raw = RawConfig {
+            shard_count: Some(ShardCount::Number(self.shard_count)),
+            listen: Some(self.listen.to_string()),
+            metrics_listen: Some(self.metrics_listen.to_string()),
+            data_dir: Some(self.data_dir.clone()),
+            database_url: self.database_url.clone(),
+            plc_url: Some(self.plc_url.clone()),
+            retention_hours: Some(self.retention_hours),
+            bootstrap_relay: self.bootstrap_relay.clone(),
+            validation: Some(self.validation),
+            limits: Some(RawLimits {
+                host_events_per_second_max: Some(self.limits.host_events_per_second_max),
+                host_account_limit_default: Some(self.limits.host_account_limit_default),
+                new_hosts_per_day_max: Some(self.limits.new_hosts_per_day_max),
+                consumers_max: Some(self.limits.consumers_max),
+                consumer_lag_events_max: Some(self.limits.consumer_lag_events_max),
+                identity_cache_entries_max: Some(self.limits.identity_cache_entries_max),
+                account_cache_entries_max: Some(self.limits.account_cache_entries_max),
+            }),
+            admin_password_file: self.admin_password_file.clone(),
+            allow_insecure_hosts: Some(self.allow_insecure_hosts),
+            initial_seq: Some(self.initial_seq),
+            ring_size_bytes: Some(self.ring_size_bytes),
+            flush_interval_ms: Some(self.flush_interval_ms),
+            segment_size_bytes: Some(self.segment_size_bytes),
+            shutdown_timeout_ms: Some(self.shutdown_timeout_ms),
+            public_request_crawl: Some(self.public_request_crawl),
+        };
+        toml::to_string(&raw).expect("config serializes")
+    }
+
+    /// Read back what [`Config::to_toml`] wrote (no environment applied).
+    pub fn from_effective(path: &Path) -> Result<Config, ConfigError> {
+        let raw = RawConfig::load(Some(path))?;
+        raw.validate(1)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+
+    pub fn events_dir(&self) -> PathBuf {
+        self.data_dir.join("events")
+    }
+
+    pub fn query_socket(&self) -> PathBuf {
+        self.run_dir().join("query.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_env() {
+        let mut raw =
+            RawConfig::from_toml("shard_count = \"auto\"\nallow_insecure_hosts = true\n", Path::new("x")).unwrap();
+        raw.apply_env(|k| match k {
+            "SLUICE_LISTEN" => Some("127.0.0.1:9999".into()),
+            "SLUICE_CONSUMERS_MAX" => Some("7".into()),
+            _ => None,
+        })
+        .unwrap();
+        let c = raw.validate(4).unwrap();
+        assert_eq!(c.shard_count, 4);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(c.limits.consumers_max, 7);
+        assert!(c.allow_insecure_hosts);
+        assert_eq!(c.retention_hours, 72);
+        assert_eq!(c.validation, Validation::Strict);
+        // round trip through the effective file
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e.toml");
+        std::fs::write(&p, c.to_toml()).unwrap();
+        assert_eq!(Config::from_effective(&p).unwrap(), c);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = RawConfig::from_toml("shard_count = 0", Path::new("x")).unwrap().validate(2).unwrap_err();
+        assert!(e.to_string().contains("shard_count"), "{e}");
+        let e = RawConfig::from_toml("listen = \"nope\"", Path::new("x")).unwrap().validate(2).unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e = RawConfig::from_toml("bogus = 1", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let mut raw = RawConfig::default();
+        let e = raw.apply_env(|k| (k == "SLUICE_VALIDATION").then(|| "loose".into())).unwrap_err();
+        assert!(e.to_string().contains("validation"), "{e}");
+        let e = RawConfig::from_toml("ring_size_bytes = 1000", Path::new("x")).unwrap().validate(2).unwrap_err();
+        assert!(e.to_string().contains("ring_size_bytes"), "{e}");
+    }
+}

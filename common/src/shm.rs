@@ -1,0 +1,331 @@
+//! Shared memory between the relay's processes: memfd-backed mappings that
+//! children inherit by file descriptor, the futex used as a doorbell, and
+//! the [`ControlBlock`] (committed watermark, lifecycle flags, per-shard
+//! slots).
+//!
+//! Every shared word is an atomic at a fixed, aligned offset inside a
+//! mapping that outlives every reference handed out (the mapping is owned by
+//! the struct that hands the references out). This module and `ring` are
+//! the only places with `unsafe`.
+
+use memmap2::MmapMut;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    #[error("memfd {name}: {err}")]
+    Create { name: String, err: std::io::Error },
+    #[error("mapping fd {fd}: {err}")]
+    Map { fd: RawFd, err: std::io::Error },
+    #[error("shared block at fd {fd} has magic {found:#x}, expected {expected:#x}")]
+    Magic { fd: RawFd, found: u64, expected: u64 },
+    #[error("shared block at fd {fd} is {len} bytes, expected at least {need}")]
+    Size { fd: RawFd, len: usize, need: usize },
+}
+
+/// A shared mapping of a memfd.
+pub struct Shm {
+    file: File,
+    map: MmapMut,
+}
+
+impl Shm {
+    /// Create a zeroed memfd of `len` bytes and map it.
+    pub fn create(name: &str, len: usize) -> Result<Shm, ShmError> {
+        let err = |err| ShmError::Create { name: name.to_owned(), err };
+        let cname = std::ffi::CString::new(name).expect("no NUL in shm names");
+        // Not CLOEXEC: the supervisor hands these to its children by number.
+        let fd = nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::empty())
+            .map_err(|e| err(std::io::Error::from(e)))?;
+        let file = File::from(fd);
+        file.set_len(len as u64).map_err(err)?;
+        Shm::map(file)
+    }
+
+    /// Map an inherited descriptor.
+    ///
+    /// # Safety
+    /// `fd` must be an open memfd (or file) owned by nobody else in this
+    /// process; ownership passes to the returned value.
+    pub unsafe fn from_raw_fd(fd: RawFd) -> Result<Shm, ShmError> {
+        // SAFETY: the caller hands over an open descriptor it owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Shm::map(file)
+    }
+
+    fn map(file: File) -> Result<Shm, ShmError> {
+        let fd = file.as_raw_fd();
+        // SAFETY: a MAP_SHARED mapping of a memfd; other processes write it
+        // concurrently, which is why every access goes through atomics or
+        // through the ring's ownership protocol, never through plain
+        // references that assume exclusivity across processes.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(|err| ShmError::Map { fd, err })?;
+        Ok(Shm { file, map })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr() as *mut u8
+    }
+
+    /// An atomic u64 at `off` (8-byte aligned, inside the mapping).
+    pub fn u64_at(&self, off: usize) -> &AtomicU64 {
+        assert!(off.is_multiple_of(8) && off + 8 <= self.len(), "u64 at {off} outside {}", self.len());
+        // SAFETY: in bounds and aligned (checked above; mappings are
+        // page-aligned); the mapping lives as long as `self`, and shared
+        // words are only ever accessed atomically.
+        unsafe { &*(self.as_ptr().add(off) as *const AtomicU64) }
+    }
+
+    /// An atomic u32 at `off` (4-byte aligned, inside the mapping).
+    pub fn u32_at(&self, off: usize) -> &AtomicU32 {
+        assert!(off.is_multiple_of(4) && off + 4 <= self.len(), "u32 at {off} outside {}", self.len());
+        // SAFETY: as in `u64_at`.
+        unsafe { &*(self.as_ptr().add(off) as *const AtomicU32) }
+    }
+}
+
+/// Wait while `*word == expected`, at most `timeout` (process-shared futex).
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call;
+    // FUTEX_WAIT only reads it. Errors (EAGAIN when the value changed,
+    // EINTR, ETIMEDOUT) all mean "go and look again".
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// Wake every waiter on `word`.
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not access it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<u32>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// A doorbell: a sleeper announces itself, a ringer wakes it only then.
+/// `word` counts rings; `sleeping` is 1 while someone waits.
+pub struct Doorbell<'a> {
+    pub word: &'a AtomicU32,
+    pub sleeping: &'a AtomicU32,
+}
+
+impl Doorbell<'_> {
+    /// Ring (cheap when nobody sleeps: two atomic operations).
+    pub fn ring(&self) {
+        self.word.fetch_add(1, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) != 0 {
+            futex_wake(self.word);
+        }
+    }
+
+    /// Sleep until rung or `timeout`, unless `ready()` says there is work
+    /// (checked after announcing, so a ring between the check and the wait
+    /// is never lost).
+    pub fn wait(&self, timeout: Duration, ready: impl Fn() -> bool) {
+        let seen = self.word.load(Ordering::SeqCst);
+        self.sleeping.store(1, Ordering::SeqCst);
+        if !ready() {
+            futex_wait(self.word, seen, timeout);
+        }
+        self.sleeping.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Lifecycle of the db-writer, as the supervisor and shards see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WriterState {
+    Starting = 0,
+    Ready = 1,
+    Stopping = 2,
+    Stopped = 3,
+}
+
+pub const CONTROL_MAGIC: u64 = 0x534c_5549_4345_4331; // "SLUICEC1"
+pub const SHARDS_MAX: usize = 256;
+const SHARD_SLOT_BYTES: usize = 64;
+const SHARDS_OFF: usize = 4096;
+/// Size of the control block mapping.
+pub const CONTROL_BYTES: usize = SHARDS_OFF + SHARDS_MAX * SHARD_SLOT_BYTES;
+
+// Offsets in the control block; each hot word on its own cache line.
+const OFF_MAGIC: usize = 0;
+const OFF_COMMITTED: usize = 64;
+const OFF_WRITER_DOORBELL: usize = 128;
+const OFF_WRITER_SLEEPING: usize = 132;
+const OFF_WRITER_STATE: usize = 192;
+const OFF_STOP_READING: usize = 256;
+const OFF_OLDEST_SEQ: usize = 320;
+const OFF_SHARD_COUNT: usize = 384;
+const OFF_WRITER_HEARTBEAT: usize = 448;
+
+/// The relay-wide shared words.
+pub struct ControlBlock {
+    shm: Shm,
+}
+
+/// One shard's slot in the control block.
+pub struct ShardSlot<'a> {
+    /// Set by the db-writer when it found the shard's ring corrupt: the
+    /// shard must exit (the supervisor restarts it, and it re-reads from
+    /// the durable cursors).
+    pub poisoned: &'a AtomicU32,
+    /// Upstream hosts currently connected.
+    pub hosts_connected: &'a AtomicU64,
+    /// Consumers currently subscribed.
+    pub consumers: &'a AtomicU64,
+    /// Unix seconds of the shard's last heartbeat.
+    pub heartbeat: &'a AtomicU64,
+}
+
+impl ControlBlock {
+    pub fn create() -> Result<ControlBlock, ShmError> {
+        let shm = Shm::create("sluice-control", CONTROL_BYTES)?;
+        shm.u64_at(OFF_MAGIC).store(CONTROL_MAGIC, Ordering::Release);
+        Ok(ControlBlock { shm })
+    }
+
+    /// # Safety
+    /// As [`Shm::from_raw_fd`].
+    pub unsafe fn from_raw_fd(fd: RawFd) -> Result<ControlBlock, ShmError> {
+        // SAFETY: forwarded to the caller.
+        let shm = unsafe { Shm::from_raw_fd(fd) }?;
+        if shm.len() < CONTROL_BYTES {
+            return Err(ShmError::Size { fd, len: shm.len(), need: CONTROL_BYTES });
+        }
+        let found = shm.u64_at(OFF_MAGIC).load(Ordering::Acquire);
+        if found != CONTROL_MAGIC {
+            return Err(ShmError::Magic { fd, found, expected: CONTROL_MAGIC });
+        }
+        Ok(ControlBlock { shm })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.shm.fd()
+    }
+
+    /// The highest relay seq that is durable (0 = none yet).
+    pub fn committed(&self) -> &AtomicU64 {
+        self.shm.u64_at(OFF_COMMITTED)
+    }
+
+    /// The lowest relay seq still in the event log (0 = empty).
+    pub fn oldest(&self) -> &AtomicU64 {
+        self.shm.u64_at(OFF_OLDEST_SEQ)
+    }
+
+    pub fn writer_doorbell(&self) -> Doorbell<'_> {
+        Doorbell { word: self.shm.u32_at(OFF_WRITER_DOORBELL), sleeping: self.shm.u32_at(OFF_WRITER_SLEEPING) }
+    }
+
+    pub fn writer_state(&self) -> WriterState {
+        match self.shm.u32_at(OFF_WRITER_STATE).load(Ordering::Acquire) {
+            0 => WriterState::Starting,
+            1 => WriterState::Ready,
+            2 => WriterState::Stopping,
+            _ => WriterState::Stopped,
+        }
+    }
+
+    pub fn set_writer_state(&self, s: WriterState) {
+        self.shm.u32_at(OFF_WRITER_STATE).store(s as u32, Ordering::Release);
+    }
+
+    pub fn writer_heartbeat(&self) -> &AtomicU64 {
+        self.shm.u64_at(OFF_WRITER_HEARTBEAT)
+    }
+
+    /// Set on shutdown: shards stop reading upstream.
+    pub fn stop_reading(&self) -> &AtomicU32 {
+        self.shm.u32_at(OFF_STOP_READING)
+    }
+
+    /// The shard count the supervisor runs now.
+    pub fn shard_count(&self) -> &AtomicU32 {
+        self.shm.u32_at(OFF_SHARD_COUNT)
+    }
+
+    pub fn shard(&self, k: usize) -> ShardSlot<'_> {
+        assert!(k < SHARDS_MAX, "shard {k} beyond {SHARDS_MAX}");
+        let base = SHARDS_OFF + k * SHARD_SLOT_BYTES;
+        ShardSlot {
+            poisoned: self.shm.u32_at(base),
+            hosts_connected: self.shm.u64_at(base + 8),
+            consumers: self.shm.u64_at(base + 16),
+            heartbeat: self.shm.u64_at(base + 24),
+        }
+    }
+}
+
+/// Clear FD_CLOEXEC on `fd` so a child started with exec keeps it.
+pub fn inheritable(fd: RawFd) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map(|_| ()).map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_block_round_trip_through_fd() {
+        let cb = ControlBlock::create().unwrap();
+        cb.committed().store(42, Ordering::Release);
+        cb.shard(3).consumers.store(5, Ordering::Release);
+        let dup = nix::unistd::dup(cb.fd()).unwrap();
+        // SAFETY: a fresh dup we own.
+        let other = unsafe { ControlBlock::from_raw_fd(dup) }.unwrap();
+        assert_eq!(other.committed().load(Ordering::Acquire), 42);
+        assert_eq!(other.shard(3).consumers.load(Ordering::Acquire), 5);
+        other.committed().store(43, Ordering::Release);
+        assert_eq!(cb.committed().load(Ordering::Acquire), 43);
+    }
+
+    #[test]
+    fn doorbell_wakes_a_sleeper() {
+        let cb = std::sync::Arc::new(ControlBlock::create().unwrap());
+        let c2 = cb.clone();
+        let t = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            c2.writer_doorbell().wait(Duration::from_secs(5), || false);
+            start.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        cb.writer_doorbell().ring();
+        let waited = t.join().unwrap();
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+}
