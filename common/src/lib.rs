@@ -5,7 +5,12 @@
 //! [`cid`], [`car`] (CAR slices), [`syntax`] (identifiers), [`crypto`] (keys
 //! and signatures), [`identity`] (DID documents), [`mst`] (Merkle Search
 //! Trees, partial trees, inversion), [`frame`] (subscribeRepos frames) and
-//! [`commit`] (stateless `#commit`/`#sync` validation). Nothing here blocks,
+//! [`commit`] (stateless `#commit`/`#sync` validation).
+//!
+//! Relay plumbing shared by its processes: [`config`], [`shm`] (control
+//! block), [`ring`] (SPSC shared-memory ring) and [`ringrec`] (what the
+//! ring carries), [`eventlog`] (segments, index, repair), [`policy`]
+//! (stateful checks), [`partition`] (host → shard). Nothing here blocks,
 //! spawns or reads the clock: callers pass the time in.
 
 pub mod car;
@@ -14,10 +19,14 @@ pub mod cid;
 pub mod commit;
 pub mod config;
 pub mod crypto;
+pub mod eventlog;
 pub mod frame;
 pub mod identity;
 pub mod mst;
+pub mod partition;
+pub mod policy;
 pub mod repo;
 pub mod ring;
+pub mod ringrec;
 pub mod shm;
 pub mod syntax;

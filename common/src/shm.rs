@@ -209,6 +209,12 @@ pub struct ShardSlot<'a> {
     pub consumers: &'a AtomicU64,
     /// Unix seconds of the shard's last heartbeat.
     pub heartbeat: &'a AtomicU64,
+    /// Validated events the shard wrote into its ring.
+    pub events_in: &'a AtomicU64,
+    /// Frames the shard sent to consumers.
+    pub frames_out: &'a AtomicU64,
+    /// Events the shard dropped (invalid), and connection faults.
+    pub dropped: &'a AtomicU64,
 }
 
 impl ControlBlock {
@@ -286,6 +292,9 @@ impl ControlBlock {
             hosts_connected: self.shm.u64_at(base + 8),
             consumers: self.shm.u64_at(base + 16),
             heartbeat: self.shm.u64_at(base + 24),
+            events_in: self.shm.u64_at(base + 32),
+            frames_out: self.shm.u64_at(base + 40),
+            dropped: self.shm.u64_at(base + 48),
         }
     }
 }

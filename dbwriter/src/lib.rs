@@ -1,1 +1,90 @@
-//! sluice-dbwriter (built in later steps).
+//! The db-writer process (`sluice db-writer`): plain threads, blocking I/O,
+//! the only writer of Postgres and of the event log.
+//!
+//! - [`sequencer`]: drains the shards' rings, applies the stateful checks,
+//!   assigns relay seqs, appends to the event log, group-commits.
+//! - [`query`]: the XRPC endpoints other than subscribeRepos, answered over
+//!   a Unix socket for the shards.
+//! - [`db`]: Postgres (migrations, hosts, accounts, the commit transaction).
+//!
+//! Started by the supervisor with the control block and every ring passed
+//! as inherited file descriptors.
+
+pub mod db;
+pub mod query;
+pub mod sequencer;
+
+use sluice_common::config::{Config, Validation};
+use sluice_common::eventlog::LogWriter;
+use sluice_common::ring::{Consumer, Ring};
+use sluice_common::shm::{ControlBlock, WriterState};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Run the db-writer until `stop` is set and the rings are drained.
+///
+/// # Safety
+/// `control_fd` and `ring_fds` must be the descriptors the supervisor
+/// passed (memfds this process owns from now on).
+pub unsafe fn run(
+    cfg: &Config,
+    database_url: &str,
+    control_fd: RawFd,
+    ring_fds: &[RawFd],
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    // SAFETY: forwarded to the caller.
+    let control = Arc::new(unsafe { ControlBlock::from_raw_fd(control_fd) }?);
+    control.set_writer_state(WriterState::Starting);
+    let mut rings = Vec::new();
+    for &fd in ring_fds {
+        // SAFETY: forwarded to the caller.
+        rings.push(Consumer::new(unsafe { Ring::from_raw_fd(fd) }?));
+    }
+    let mut pg = db::connect(database_url)?;
+    let durable = db::last_seq(&mut pg)?;
+    let log = LogWriter::open(&cfg.events_dir(), cfg.segment_size_bytes, durable)?;
+    control.committed().store(durable.max(0) as u64, Ordering::Release);
+    if let Some(first) = log.oldest_seq()? {
+        control.oldest().store(first as u64, Ordering::Release);
+    }
+    let query_stop = Arc::new(AtomicBool::new(false));
+    let workers = query::start(
+        &cfg.query_socket(),
+        query::QueryConfig {
+            database_url: database_url.to_owned(),
+            allow_insecure_hosts: cfg.allow_insecure_hosts,
+            workers: 2,
+        },
+        query_stop.clone(),
+    )?;
+    let mut seq = sequencer::Sequencer::new(
+        pg,
+        log,
+        control.clone(),
+        rings,
+        cfg.validation == Validation::Strict,
+        cfg.limits.account_cache_entries_max as usize,
+        cfg.retention_hours,
+    )?;
+    control.set_writer_state(WriterState::Ready);
+    tracing::info!(durable_seq = durable, "db-writer ready");
+    let r = seq.run(&stop);
+    control.set_writer_state(WriterState::Stopping);
+    query_stop.store(true, Ordering::Release);
+    for w in workers {
+        let _ = w.join();
+    }
+    let s = &seq.stats;
+    tracing::info!(
+        last_seq = seq.log.next_seq() - 1,
+        relayed = s.relayed.load(Ordering::Relaxed),
+        dropped = s.dropped.load(Ordering::Relaxed),
+        duplicates = s.duplicates.load(Ordering::Relaxed),
+        chain_breaks = s.chain_breaks.load(Ordering::Relaxed),
+        "db-writer stopped"
+    );
+    control.set_writer_state(WriterState::Stopped);
+    r
+}

@@ -1,1 +1,191 @@
-//! sluice-shard (built in later steps).
+//! The shard process (`sluice shard --id K`): one glommio executor pinned
+//! to one core, io_uring for every socket. Never blocks its executor:
+//! DNS and DID documents go through [`resolver`]'s helper threads;
+//! Postgres is the db-writer's.
+//!
+//! - [`upstream`]: one task per assigned host (WebSocket client, validation,
+//!   ring producer).
+//! - [`downstream`]: the public port (subscribeRepos from the event log,
+//!   health, forwarding to the query workers).
+//! - assignment: the supervisor writes the shard's host list as JSON lines
+//!   on an inherited pipe; a helper thread reads it into a channel.
+//!
+//! The shard exits when the db-writer marks its ring poisoned (the
+//! supervisor restarts it; it resumes from the durable cursors).
+
+pub mod downstream;
+pub mod resolver;
+pub mod upstream;
+
+use sluice_common::config::{Config, Validation};
+use sluice_common::eventlog::LogReader;
+use sluice_common::ring::{Producer, Ring};
+use sluice_common::shm::{ControlBlock, ShardSlot};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use upstream::{HostAssignment, HostHandle};
+
+/// glommio's registered I/O memory: small enough for an 8 MiB
+/// RLIMIT_MEMLOCK with room to spare.
+const IO_MEMORY_BYTES: usize = 512 * 1024;
+
+/// glommio's errors as `std::io::Error` (they are not `Sync`, so `anyhow`
+/// cannot take them directly).
+pub fn io(e: glommio::GlommioError<()>) -> std::io::Error {
+    e.into()
+}
+
+/// What every task of the shard shares (single-threaded).
+pub struct Shared {
+    pub id: usize,
+    pub control: Arc<ControlBlock>,
+    pub producer: RefCell<Producer>,
+    pub payload_max: usize,
+    pub resolver: Rc<resolver::Resolver>,
+    pub log: RefCell<LogReader>,
+    pub strict: bool,
+    pub allow_insecure: bool,
+    pub listen: SocketAddr,
+    pub query_socket: PathBuf,
+    pub consumers_max: u64,
+    pub consumer_lag_max: u64,
+}
+
+impl Shared {
+    pub fn slot(&self) -> ShardSlot<'_> {
+        self.control.shard(self.id)
+    }
+}
+
+/// One line from the supervisor: the complete host list of this shard.
+#[derive(Debug, serde::Deserialize)]
+struct Assignment {
+    hosts: Vec<AssignedHost>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct AssignedHost {
+    id: i64,
+    hostname: String,
+    cursor: i64,
+}
+
+/// Run shard `id` until the assignment pipe closes or the ring is poisoned.
+///
+/// # Safety
+/// The descriptors must be the ones the supervisor passed to this process.
+pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, assign_fd: RawFd) -> anyhow::Result<()> {
+    // SAFETY: forwarded to the caller.
+    let control = Arc::new(unsafe { ControlBlock::from_raw_fd(control_fd) }?);
+    // SAFETY: forwarded to the caller.
+    let ring = unsafe { Ring::from_raw_fd(ring_fd) }?;
+    // SAFETY: forwarded to the caller; the pipe is ours alone.
+    let assign = unsafe { std::fs::File::from_raw_fd(assign_fd) };
+    let (atx, arx) = flume::bounded::<Vec<HostAssignment>>(16);
+    std::thread::Builder::new().name("assign".into()).spawn(move || {
+        for line in std::io::BufReader::new(assign).lines() {
+            let Ok(line) = line else { break };
+            match serde_json::from_str::<Assignment>(&line) {
+                Ok(a) => {
+                    let hosts = a
+                        .hosts
+                        .into_iter()
+                        .map(|h| HostAssignment { id: h.id, hostname: h.hostname, cursor: h.cursor })
+                        .collect();
+                    if atx.send(hosts).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "bad assignment line from the supervisor"),
+            }
+        }
+    })?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cfg = cfg.clone();
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(id % cores))
+        .name(&format!("shard-{id}"))
+        .io_memory(IO_MEMORY_BYTES)
+        .ring_depth(256)
+        .make()
+        .map_err(|e| anyhow::anyhow!("starting the glommio executor: {e}"))?;
+    ex.run(async move {
+        let payload_max = ring.payload_max();
+        let sh = Rc::new(Shared {
+            id,
+            control: control.clone(),
+            producer: RefCell::new(Producer::new(ring)),
+            payload_max,
+            resolver: resolver::Resolver::new(
+                &cfg.plc_url,
+                cfg.allow_insecure_hosts,
+                4,
+                cfg.limits.identity_cache_entries_max as usize,
+            )?,
+            log: RefCell::new(LogReader::new(&cfg.events_dir())),
+            strict: cfg.validation == Validation::Strict,
+            allow_insecure: cfg.allow_insecure_hosts,
+            listen: cfg.listen,
+            query_socket: cfg.query_socket(),
+            consumers_max: cfg.limits.consumers_max as u64,
+            consumer_lag_max: cfg.limits.consumer_lag_events_max,
+        });
+        let ds = sh.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = downstream::serve(ds).await {
+                tracing::error!(error = %e, "cannot serve consumers");
+                std::process::exit(3);
+            }
+        })
+        .detach();
+        let mut running: HashMap<i64, (String, HostHandle)> = HashMap::new();
+        loop {
+            // Heartbeat and poison check, between assignment messages.
+            sh.slot().heartbeat.store(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                Ordering::Relaxed,
+            );
+            if sh.slot().poisoned.load(Ordering::Acquire) != 0 {
+                tracing::error!(shard = id, "ring marked corrupt by the db-writer; exiting for a clean restart");
+                std::process::exit(4);
+            }
+            let msg = futures::future::select(
+                Box::pin(arx.recv_async()),
+                Box::pin(glommio::timer::sleep(Duration::from_millis(500))),
+            )
+            .await;
+            let hosts = match msg {
+                futures::future::Either::Left((Ok(h), _)) => h,
+                futures::future::Either::Left((Err(_), _)) => break,
+                futures::future::Either::Right(_) => continue,
+            };
+            let wanted: HashMap<i64, HostAssignment> = hosts.into_iter().map(|h| (h.id, h)).collect();
+            running.retain(|hid, (name, handle)| {
+                let keep = wanted.contains_key(hid);
+                if !keep {
+                    tracing::info!(shard = id, host = name.as_str(), "host no longer assigned here");
+                    handle.cancel.set(true);
+                }
+                keep
+            });
+            for (hid, h) in wanted {
+                if running.contains_key(&hid) {
+                    continue;
+                }
+                let cancel = Rc::new(std::cell::Cell::new(false));
+                running.insert(hid, (h.hostname.clone(), HostHandle { cancel: cancel.clone() }));
+                tracing::info!(shard = id, host = h.hostname.as_str(), cursor = h.cursor, "host assigned");
+                glommio::spawn_local(upstream::run_host(sh.clone(), h, cancel)).detach();
+            }
+        }
+        tracing::info!(shard = id, "assignment pipe closed; exiting");
+        anyhow::Ok(())
+    })
+}

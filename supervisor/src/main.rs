@@ -1,1 +1,119 @@
-fn main() {}
+//! `sluice`: the relay's one binary. `sluice run` is the supervisor; it
+//! starts itself again as `sluice db-writer` and `sluice shard --id K`
+//! (see ARCHITECTURE.md); `sluice demo` runs the relay against a synthetic
+//! network on loopback.
+
+mod demo;
+mod pg;
+mod supervise;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice_common::config::{Config, DEFAULT_CONFIG_PATH};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "sluice: an AT Protocol relay")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay (the supervisor): db-writer and shards as child processes.
+    Run {
+        /// Config file (TOML). Default /etc/sluice/sluice.toml if it exists,
+        /// else built-in defaults; SLUICE_* environment variables override.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a synthetic network (fakenet) and the relay on loopback, offline.
+    Demo {
+        /// Where the demo keeps its data (event log, private PostgreSQL).
+        #[arg(long, default_value = "./sluice-demo")]
+        data_dir: PathBuf,
+        /// Port for consumers.
+        #[arg(long, default_value_t = 2470)]
+        port: u16,
+        /// Fake PDS hosts.
+        #[arg(long, default_value_t = 4)]
+        hosts: usize,
+        /// Events per second from the network.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
+    /// (internal) The db-writer process, started by `sluice run`.
+    #[command(name = "db-writer", hide = true)]
+    DbWriter {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// (internal) A shard process, started by `sluice run`.
+    #[command(hide = true)]
+    Shard {
+        #[arg(long)]
+        id: usize,
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn fd_env(name: &str) -> anyhow::Result<Vec<i32>> {
+    let v =
+        std::env::var(name).with_context(|| format!("{name} not set: this subcommand is started by `sluice run`"))?;
+    v.split(',').map(|s| s.parse::<i32>().with_context(|| format!("{name}={v:?}"))).collect()
+}
+
+fn signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    Ok(term)
+}
+
+fn load(config: Option<&Path>) -> anyhow::Result<Config> {
+    let path = config.map(Path::to_path_buf).or_else(|| {
+        let d = PathBuf::from(DEFAULT_CONFIG_PATH);
+        d.exists().then_some(d)
+    });
+    Ok(Config::load(path.as_deref())?)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn,refinery=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run { config } => {
+            let cfg = load(config.as_deref())?;
+            let term = signals()?;
+            let mut s = supervise::Supervisor::start(cfg)?;
+            s.run(term, None)
+        }
+        Cmd::Demo { data_dir, port, hosts, rate } => demo::run(&data_dir, port, hosts, rate),
+        Cmd::DbWriter { config } => {
+            let cfg = Config::from_effective(&config)?;
+            let url = cfg.database_url.clone().context("effective config lacks database_url")?;
+            let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
+            let rings = fd_env(supervise::ENV_RING_FDS)?;
+            let term = signals()?;
+            // SAFETY: the supervisor passed these descriptors to us alone.
+            unsafe { sluice_dbwriter::run(&cfg, &url, control, &rings, term) }
+        }
+        Cmd::Shard { id, config } => {
+            let cfg = Config::from_effective(&config)?;
+            let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
+            let ring = fd_env(supervise::ENV_RING_FDS)?[0];
+            let assign = fd_env(supervise::ENV_ASSIGN_FD)?[0];
+            // SAFETY: the supervisor passed these descriptors to us alone.
+            unsafe { sluice_shard::run(&cfg, id, control, ring, assign) }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The stateful checks (PROTOCOL.md §5, items 5-8), as a pure function of
+//! the stored account state and one validated event. The db-writer's
+//! sequencer calls [`decide`] for every event, in upstream order per host,
+//! and stores the returned state in the same transaction that makes the
+//! event durable.
+//!
+//! Behaviours:
+//! - `#commit` from an account that is not active (upstream deactivated,
+//!   suspended, deleted, or taken down here) is dropped.
+//! - `#commit` whose rev is not strictly greater than the stored rev is
+//!   dropped (replays, reordering).
+//! - Strict mode: a `#commit` without `prevData` is dropped unless it is
+//!   the first commit seen for the account.
+//! - A chain break (`prevData` differs from the stored data CID) on an
+//!   otherwise valid commit passes, moves the stored state, and is counted.
+//! - `#sync` with a rev older than the stored one is dropped; otherwise it
+//!   resets (rev, data).
+//! - `#account` stores the upstream status and passes; `#identity` passes.
+//! - A taken-down account's events are dropped whatever they are.
+
+use crate::ringrec::{EventRecord, Kind, PROOF_ABSENT, PROOF_FAILED};
+
+/// What the relay stores per account.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccountState {
+    pub host_id: i64,
+    /// Upstream: active flag and status as the host last said.
+    pub upstream_active: bool,
+    pub upstream_status: Option<String>,
+    /// Local moderation: taken down by the relay's admin.
+    pub takendown: bool,
+    pub rev: Option<String>,
+    pub commit_cid: Option<Vec<u8>>,
+    pub data_cid: Option<Vec<u8>>,
+}
+
+impl AccountState {
+    pub fn new(host_id: i64) -> AccountState {
+        AccountState { host_id, upstream_active: true, ..Default::default() }
+    }
+
+    /// The status the relay reports: local takedown wins.
+    pub fn status(&self) -> &str {
+        if self.takendown {
+            "takendown"
+        } else if self.upstream_active {
+            "active"
+        } else {
+            self.upstream_status.as_deref().unwrap_or("deactivated")
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    TakenDown,
+    Inactive,
+    RevNotNewer,
+    PrevDataMissing,
+    SyncRevOlder,
+}
+
+impl Drop {
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::TakenDown => "takendown",
+            Drop::Inactive => "inactive",
+            Drop::RevNotNewer => "rev_not_newer",
+            Drop::PrevDataMissing => "prevdata_missing",
+            Drop::SyncRevOlder => "sync_rev_older",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Sequence it. `chain_break`: prevData did not follow the stored
+    /// data; `proof_failed`: lenient pass of a failed proof.
+    Relay {
+        chain_break: bool,
+        proof_failed: bool,
+    },
+    Drop(Drop),
+}
+
+/// Decide on `ev` given the stored state (None = never seen); returns the
+/// verdict and the state to store (unchanged on drop).
+pub fn decide(stored: Option<&AccountState>, ev: &EventRecord<'_>, strict: bool) -> (Verdict, AccountState) {
+    let mut st = stored.cloned().unwrap_or_else(|| AccountState::new(ev.host_id));
+    let drop = |d, st| (Verdict::Drop(d), st);
+    if st.takendown {
+        return drop(Drop::TakenDown, st);
+    }
+    let relay = Verdict::Relay { chain_break: false, proof_failed: false };
+    match Kind::from_u8(ev.kind) {
+        Some(Kind::Commit) => {
+            if !st.upstream_active {
+                return drop(Drop::Inactive, st);
+            }
+            if let Some(r) = &st.rev {
+                if ev.rev <= r.as_str() {
+                    return drop(Drop::RevNotNewer, st);
+                }
+            }
+            if strict && ev.proof == PROOF_ABSENT && st.data_cid.is_some() {
+                return drop(Drop::PrevDataMissing, st);
+            }
+            let chain_break = match (&st.data_cid, ev.prev_data.is_empty()) {
+                (Some(d), false) => d.as_slice() != ev.prev_data,
+                _ => false,
+            };
+            st.host_id = ev.host_id;
+            st.rev = Some(ev.rev.to_owned());
+            st.commit_cid = Some(ev.commit_cid.to_vec());
+            st.data_cid = Some(ev.data_cid.to_vec());
+            (Verdict::Relay { chain_break, proof_failed: ev.proof == PROOF_FAILED }, st)
+        }
+        Some(Kind::Sync) => {
+            if let Some(r) = &st.rev {
+                if ev.rev < r.as_str() {
+                    return drop(Drop::SyncRevOlder, st);
+                }
+            }
+            st.host_id = ev.host_id;
+            st.rev = Some(ev.rev.to_owned());
+            st.commit_cid = Some(ev.commit_cid.to_vec());
+            st.data_cid = Some(ev.data_cid.to_vec());
+            (relay, st)
+        }
+        Some(Kind::Account) => {
+            st.host_id = ev.host_id;
+            st.upstream_active = ev.active;
+            st.upstream_status = (!ev.status.is_empty()).then(|| ev.status.to_owned());
+            (relay, st)
+        }
+        Some(Kind::Identity) | None => {
+            st.host_id = ev.host_id;
+            (relay, st)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ringrec::PROOF_VERIFIED;
+
+    fn ev<'a>(kind: Kind, rev: &'a str, data: &'a [u8], prev: &'a [u8]) -> EventRecord<'a> {
+        EventRecord {
+            host_id: 1,
+            upstream_seq: 1,
+            kind: kind as u8,
+            did: "did:plc:a",
+            rev,
+            since: "",
+            commit_cid: b"c",
+            data_cid: data,
+            prev_data: prev,
+            proof: if prev.is_empty() { PROOF_ABSENT } else { PROOF_VERIFIED },
+            active: true,
+            status: "",
+            time_micros: 0,
+            frame: b"",
+            seq_start: 0,
+            seq_end: 0,
+        }
+    }
+
+    const RELAY: Verdict = Verdict::Relay { chain_break: false, proof_failed: false };
+
+    #[test]
+    fn rev_order_chain_and_first_commit() {
+        let (v, s) = decide(None, &ev(Kind::Commit, "b", b"d1", b""), true);
+        assert_eq!(v, RELAY, "first commit may lack prevData");
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "b", b"d2", b"d1"), true);
+        assert_eq!(v, Verdict::Drop(Drop::RevNotNewer));
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "a", b"d2", b"d1"), true);
+        assert_eq!(v, Verdict::Drop(Drop::RevNotNewer));
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b""), true);
+        assert_eq!(v, Verdict::Drop(Drop::PrevDataMissing));
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b""), false);
+        assert_eq!(v, RELAY, "lenient allows a missing prevData");
+        let (v, s2) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b"d1"), true);
+        assert_eq!(v, RELAY);
+        let (v, s3) = decide(Some(&s2), &ev(Kind::Commit, "d", b"d3", b"zz"), true);
+        assert_eq!(v, Verdict::Relay { chain_break: true, proof_failed: false });
+        assert_eq!(s3.data_cid.as_deref(), Some(&b"d3"[..]));
+    }
+
+    #[test]
+    fn account_status_gates_commits_and_sync_resets() {
+        let (_, s) = decide(None, &ev(Kind::Commit, "b", b"d1", b""), true);
+        let mut deact = ev(Kind::Account, "", b"", b"");
+        deact.active = false;
+        deact.status = "deactivated";
+        let (v, s) = decide(Some(&s), &deact, true);
+        assert_eq!(v, RELAY);
+        assert_eq!(s.status(), "deactivated");
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b"d1"), true);
+        assert_eq!(v, Verdict::Drop(Drop::Inactive));
+        let (v, s) = decide(Some(&s), &ev(Kind::Account, "", b"", b""), true);
+        assert_eq!(v, RELAY);
+        assert_eq!(s.status(), "active");
+        // #sync at the same rev passes and resets data; older is dropped.
+        let (v, s) = decide(Some(&s), &ev(Kind::Sync, "b", b"d9", b""), true);
+        assert_eq!(v, RELAY);
+        assert_eq!(s.data_cid.as_deref(), Some(&b"d9"[..]));
+        let (v, _) = decide(Some(&s), &ev(Kind::Sync, "a", b"d8", b""), true);
+        assert_eq!(v, Verdict::Drop(Drop::SyncRevOlder));
+        let mut t = s.clone();
+        t.takendown = true;
+        assert_eq!(t.status(), "takendown");
+        let (v, _) = decide(Some(&t), &ev(Kind::Identity, "", b"", b""), true);
+        assert_eq!(v, Verdict::Drop(Drop::TakenDown));
+    }
+}

@@ -1,0 +1,169 @@
+//! What travels through a shard's ring to the db-writer: one [`RingRecord`]
+//! per ring record, encoded with bincode 2 and decoded borrowing from the
+//! ring's bytes (no copy of the frame).
+//!
+//! A shard writes an [`EventRecord`] only for an event that passed every
+//! stateless check (frame, CAR, signature, MST proof, host authority); the
+//! db-writer adds the stateful checks (see `policy`). [`RingRecord::Cursor`]
+//! tells the db-writer that a host's upstream seq moved past events the shard
+//! dropped, so the persisted cursor does not lag behind dropped events.
+
+use bincode::{BorrowDecode, Encode};
+
+/// Event kinds as stored in rings and in the event log header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    Commit = 1,
+    Sync = 2,
+    Identity = 3,
+    Account = 4,
+}
+
+impl Kind {
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Commit),
+            2 => Some(Kind::Sync),
+            3 => Some(Kind::Identity),
+            4 => Some(Kind::Account),
+            _ => None,
+        }
+    }
+}
+
+/// Outcome of the Sync 1.1 proof, as the shard saw it.
+pub const PROOF_VERIFIED: u8 = 0;
+pub const PROOF_ABSENT: u8 = 1;
+/// Lenient mode only.
+pub const PROOF_FAILED: u8 = 2;
+
+/// A validated upstream event.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, BorrowDecode)]
+pub struct EventRecord<'a> {
+    /// `hosts.id` in Postgres.
+    pub host_id: i64,
+    /// The host's own seq for this event.
+    pub upstream_seq: i64,
+    /// [`Kind`] as u8.
+    pub kind: u8,
+    pub did: &'a str,
+    /// `#commit`/`#sync`: the commit's rev; empty otherwise.
+    pub rev: &'a str,
+    /// `#commit`: `since`, empty when null.
+    pub since: &'a str,
+    /// Binary CIDs; empty when not applicable.
+    pub commit_cid: &'a [u8],
+    pub data_cid: &'a [u8],
+    /// `#commit`: the prevData field (empty = absent).
+    pub prev_data: &'a [u8],
+    pub proof: u8,
+    /// `#account`: upstream active flag and status (empty = none).
+    pub active: bool,
+    pub status: &'a str,
+    /// Event `time` in micros since the epoch (0 if unparseable).
+    pub time_micros: i64,
+    /// The frame as received.
+    pub frame: &'a [u8],
+    /// Byte range of the body's `seq` value inside `frame`.
+    pub seq_start: u32,
+    pub seq_end: u32,
+}
+
+/// One record in a shard's ring.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, BorrowDecode)]
+pub enum RingRecord<'a> {
+    Event(EventRecord<'a>),
+    /// Events of `host_id` up to `upstream_seq` were handled (dropped by
+    /// the shard); the cursor may move there.
+    Cursor {
+        host_id: i64,
+        upstream_seq: i64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("ring record does not decode: {0}")]
+pub struct DecodeError(String);
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_little_endian().with_variable_int_encoding()
+}
+
+impl<'a> RingRecord<'a> {
+    /// Encode into `out` (cleared first).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        bincode::encode_into_std_write(self, out, config()).expect("writing to a Vec cannot fail");
+    }
+
+    pub fn decode(bytes: &'a [u8]) -> Result<RingRecord<'a>, DecodeError> {
+        let (r, used) = bincode::borrow_decode_from_slice(bytes, config()).map_err(|e| DecodeError(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(DecodeError(format!("{} trailing bytes", bytes.len() - used)));
+        }
+        Ok(r)
+    }
+}
+
+/// A 64-bit hash of a DID (FNV-1a), stored in event log headers so replay
+/// can skip a taken-down account's records without decoding frames.
+pub fn did_hash(did: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in did.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_borrows() {
+        let frame = vec![1u8, 2, 3, 4, 5];
+        let r = RingRecord::Event(EventRecord {
+            host_id: 7,
+            upstream_seq: 99,
+            kind: Kind::Commit as u8,
+            did: "did:plc:abc",
+            rev: "3k2a",
+            since: "",
+            commit_cid: &[1, 2],
+            data_cid: &[3],
+            prev_data: &[],
+            proof: PROOF_VERIFIED,
+            active: true,
+            status: "",
+            time_micros: 5,
+            frame: &frame,
+            seq_start: 1,
+            seq_end: 2,
+        });
+        let mut out = Vec::new();
+        r.encode(&mut out);
+        let back = RingRecord::decode(&out).unwrap();
+        assert_eq!(back, r);
+        let c = RingRecord::Cursor { host_id: 1, upstream_seq: 2 };
+        c.encode(&mut out);
+        assert_eq!(RingRecord::decode(&out).unwrap(), c);
+        assert!(RingRecord::decode(&out[..1]).is_err());
+        out.push(0);
+        assert!(RingRecord::decode(&out).is_err());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u64 = 1;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect();
+            let _ = RingRecord::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Postgres access for the db-writer: migrations, the durable relay seq,
+//! hosts, accounts, and the one transaction per group commit.
+
+use postgres::{Client, NoTls};
+use sluice_common::policy::AccountState;
+use std::collections::HashMap;
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("postgres: {0}")]
+    Pg(#[from] postgres::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] refinery::Error),
+}
+
+pub fn connect(url: &str) -> Result<Client, DbError> {
+    Ok(Client::connect(url, NoTls)?)
+}
+
+/// Apply every migration in `migrations/` not yet applied, and create the
+/// relay_meta row (last_seq = initial_seq - 1) if it is missing.
+pub fn migrate(url: &str, initial_seq: i64) -> Result<(), DbError> {
+    let mut c = connect(url)?;
+    embedded::migrations::runner().run(&mut c)?;
+    c.execute(
+        "INSERT INTO relay_meta (id, last_seq) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        &[&(initial_seq.max(1) - 1)],
+    )?;
+    Ok(())
+}
+
+pub fn last_seq(c: &mut Client) -> Result<i64, DbError> {
+    Ok(c.query_one("SELECT last_seq FROM relay_meta WHERE id = 1", &[])?.get(0))
+}
+
+/// A host the relay crawls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRow {
+    pub id: i64,
+    pub hostname: String,
+    pub cursor: i64,
+    pub status: String,
+}
+
+pub fn hosts(c: &mut Client) -> Result<Vec<HostRow>, DbError> {
+    let rows = c.query("SELECT id, hostname, cursor, status FROM hosts ORDER BY id", &[])?;
+    Ok(rows.iter().map(|r| HostRow { id: r.get(0), hostname: r.get(1), cursor: r.get(2), status: r.get(3) }).collect())
+}
+
+/// Load the stored state of `dids` (those not found are absent).
+pub fn load_accounts(c: &mut Client, dids: &[&str]) -> Result<HashMap<String, AccountState>, DbError> {
+    let rows = c.query(
+        "SELECT did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid
+         FROM accounts WHERE did = ANY($1)",
+        &[&dids],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                AccountState {
+                    host_id: r.get(1),
+                    upstream_active: r.get(2),
+                    upstream_status: r.get(3),
+                    takendown: r.get(4),
+                    rev: r.get(5),
+                    commit_cid: r.get(6),
+                    data_cid: r.get(7),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Everything one group commit writes.
+#[derive(Default)]
+pub struct Batch {
+    pub accounts: HashMap<String, AccountState>,
+    /// Accounts seen for the first time, per host.
+    pub new_accounts: HashMap<i64, i64>,
+    /// Accounts that moved between hosts: (from, to).
+    pub moves: Vec<(i64, i64)>,
+    pub cursors: HashMap<i64, i64>,
+    pub last_seq: i64,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty() && self.cursors.is_empty()
+    }
+}
+
+/// One transaction: accounts, host cursors and counters, the relay seq.
+pub fn commit(c: &mut Client, b: &Batch) -> Result<(), DbError> {
+    let mut t = c.transaction()?;
+    if !b.accounts.is_empty() {
+        let mut dids = Vec::with_capacity(b.accounts.len());
+        let (mut host, mut ua, mut us, mut td, mut rev, mut cc, mut dc, mut st) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (did, a) in &b.accounts {
+            dids.push(did.as_str());
+            host.push(a.host_id);
+            ua.push(a.upstream_active);
+            us.push(a.upstream_status.clone());
+            td.push(a.takendown);
+            rev.push(a.rev.clone());
+            cc.push(a.commit_cid.clone());
+            dc.push(a.data_cid.clone());
+            st.push(a.status().to_owned());
+        }
+        t.execute(
+            "INSERT INTO accounts (did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid, status, updated_at)
+             SELECT *, now() FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::bool[], $6::text[], $7::bytea[], $8::bytea[], $9::text[])
+             ON CONFLICT (did) DO UPDATE SET host_id = EXCLUDED.host_id, upstream_active = EXCLUDED.upstream_active,
+               upstream_status = EXCLUDED.upstream_status, takendown = EXCLUDED.takendown, rev = EXCLUDED.rev,
+               commit_cid = EXCLUDED.commit_cid, data_cid = EXCLUDED.data_cid, status = EXCLUDED.status, updated_at = now()",
+            &[&dids, &host, &ua, &us, &td, &rev, &cc, &dc, &st],
+        )?;
+    }
+    let mut deltas: HashMap<i64, i64> = b.new_accounts.clone();
+    for &(from, to) in &b.moves {
+        *deltas.entry(from).or_default() -= 1;
+        *deltas.entry(to).or_default() += 1;
+    }
+    for (host, d) in deltas {
+        if d != 0 {
+            t.execute(
+                "UPDATE hosts SET account_count = account_count + $2, updated_at = now() WHERE id = $1",
+                &[&host, &d],
+            )?;
+        }
+    }
+    for (host, cursor) in &b.cursors {
+        t.execute("UPDATE hosts SET cursor = GREATEST(cursor, $2), updated_at = now() WHERE id = $1", &[host, cursor])?;
+    }
+    t.execute("UPDATE relay_meta SET last_seq = $1 WHERE id = 1", &[&b.last_seq])?;
+    t.commit()?;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! Query workers: the XRPC endpoints other than subscribeRepos. Shards
+//! forward such requests over the Unix socket `data_dir/run/query.sock`,
+//! one request per connection (HTTP/1.1, `Connection: close`); a small pool
+//! of threads, each with its own Postgres connection, answers them.
+//!
+//! Endpoints: `com.atproto.sync.requestCrawl` (POST), `listHosts`,
+//! `getHostStatus`, `getRepoStatus`; anything else is a 404 XRPC error.
+
+use postgres::Client;
+use serde_json::{json, Value};
+use sluice_common::identity::PdsHost;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Requests above this are refused (headers + body).
+pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
+/// Connections waiting for a worker.
+const QUEUE_MAX: usize = 256;
+
+pub struct Response {
+    pub status: u16,
+    pub body: Value,
+}
+
+fn error(status: u16, name: &str, message: &str) -> Response {
+    Response { status, body: json!({"error": name, "message": message}) }
+}
+
+pub struct QueryConfig {
+    pub database_url: String,
+    pub allow_insecure_hosts: bool,
+    pub workers: usize,
+}
+
+/// Start the listener and the workers; they run until `stop`.
+pub fn start(
+    socket: &Path,
+    cfg: QueryConfig,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    listener.set_nonblocking(true)?;
+    let (tx, rx) = flume_like::channel(QUEUE_MAX);
+    let mut handles = Vec::new();
+    let cfg = Arc::new(cfg);
+    for i in 0..cfg.workers.max(1) {
+        let rx = rx.clone();
+        let cfg = cfg.clone();
+        let stop = stop.clone();
+        handles.push(std::thread::Builder::new().name(format!("query-{i}")).spawn(move || {
+            let mut pg: Option<Client> = None;
+            while !stop.load(Ordering::Acquire) {
+                let Some(mut s) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+                if pg.as_mut().is_none_or(|c| c.is_closed()) {
+                    pg = crate::db::connect(&cfg.database_url)
+                        .map_err(|e| tracing::error!(error = %e, "query worker cannot reach Postgres"))
+                        .ok();
+                }
+                let resp = match read_request(&mut s) {
+                    Ok(req) => match pg.as_mut() {
+                        Some(c) => handle(c, &cfg, &req),
+                        None => error(503, "Unavailable", "database unavailable"),
+                    },
+                    Err(e) => error(400, "InvalidRequest", &e),
+                };
+                let _ = write_response(&mut s, &resp);
+            }
+        })?);
+    }
+    handles.push(std::thread::Builder::new().name("query-accept".into()).spawn(move || {
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+                    if let Err(mut s) = tx.try_send(s) {
+                        let _ = write_response(&mut s, &error(503, "Busy", "too many requests in flight"));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "query socket accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })?);
+    Ok(handles)
+}
+
+/// A bounded MPMC queue from std parts (the pool is small; contention is
+/// irrelevant).
+mod flume_like {
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    pub struct Tx<T>(SyncSender<T>);
+    pub struct Rx<T>(Arc<Mutex<Receiver<T>>>);
+    impl<T> Clone for Rx<T> {
+        fn clone(&self) -> Self {
+            Rx(self.0.clone())
+        }
+    }
+    pub fn channel<T>(n: usize) -> (Tx<T>, Rx<T>) {
+        let (t, r) = sync_channel(n);
+        (Tx(t), Rx(Arc::new(Mutex::new(r))))
+    }
+    impl<T> Tx<T> {
+        pub fn try_send(&self, v: T) -> Result<(), T> {
+            self.0.try_send(v).map_err(|e| match e {
+                TrySendError::Full(v) | TrySendError::Disconnected(v) => v,
+            })
+        }
+    }
+    impl<T> Rx<T> {
+        pub fn recv_timeout(&self, d: Duration) -> Option<T> {
+            self.0.lock().ok()?.recv_timeout(d).ok()
+        }
+    }
+}
+
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+fn read_request(s: &mut UnixStream) -> Result<Request, String> {
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed mid-request".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > REQUEST_BYTES_MAX {
+            return Err("request too large".into());
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(head)) => {
+                let len = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if head + len > REQUEST_BYTES_MAX {
+                    return Err("request too large".into());
+                }
+                let method = req.method.unwrap_or("GET").to_owned();
+                let target = req.path.unwrap_or("/").to_owned();
+                while buf.len() < head + len {
+                    let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("connection closed mid-body".into());
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let (path, query) = split_target(&target);
+                return Ok(Request { method, path, query, body: buf[head..head + len].to_vec() });
+            }
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(format!("bad request: {e}")),
+        }
+    }
+}
+
+pub fn split_target(target: &str) -> (String, Vec<(String, String)>) {
+    let (path, q) = target.split_once('?').unwrap_or((target, ""));
+    let query = q
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    (path.to_owned(), query)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn write_response(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&r.body).expect("JSON values serialise");
+    let reason = match r.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        r.status,
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(&body)?;
+    s.flush()
+}
+
+fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
+    req.query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+}
+
+pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
+    let r = match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/xrpc/com.atproto.sync.requestCrawl") => request_crawl(c, cfg, req),
+        ("GET", "/xrpc/com.atproto.sync.listHosts") => list_hosts(c, req),
+        ("GET", "/xrpc/com.atproto.sync.getHostStatus") => host_status(c, req),
+        ("GET", "/xrpc/com.atproto.sync.getRepoStatus") => repo_status(c, req),
+        (_, p) if p.starts_with("/xrpc/") => Ok(error(404, "MethodNotImplemented", "method not implemented")),
+        _ => Ok(error(404, "NotFound", "not found")),
+    };
+    r.unwrap_or_else(|e| {
+        tracing::error!(path = req.path, error = %e, "query failed");
+        error(500, "InternalServerError", "internal error")
+    })
+}
+
+fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Response, postgres::Error> {
+    let Ok(v) = serde_json::from_slice::<Value>(&req.body) else {
+        return Ok(error(400, "InvalidRequest", "body must be JSON {\"hostname\": ...}"));
+    };
+    let Some(raw) = v.get("hostname").and_then(|h| h.as_str()) else {
+        return Ok(error(400, "InvalidRequest", "missing hostname"));
+    };
+    // Accept a bare authority or a URL.
+    let parsed = if raw.contains("://") {
+        PdsHost::from_endpoint(raw)
+    } else {
+        PdsHost::parse_authority(raw, false).or_else(|| PdsHost::parse_authority(raw, true))
+    };
+    let Some(host) = parsed else {
+        return Ok(error(400, "InvalidRequest", &format!("{raw:?} is not a hostname")));
+    };
+    if (host.insecure || host.is_local()) && !cfg.allow_insecure_hosts {
+        return Ok(error(400, "InvalidRequest", "loopback, private and ws:// hosts need allow_insecure_hosts"));
+    }
+    let banned: i64 = c
+        .query_one("SELECT count(*) FROM domain_bans WHERE $1 = domain OR $1 LIKE '%.' || domain", &[&host.hostname()])?
+        .get(0);
+    if banned > 0 {
+        return Ok(error(400, "HostBanned", "host is banned"));
+    }
+    let n = c.execute("INSERT INTO hosts (hostname) VALUES ($1) ON CONFLICT (hostname) DO NOTHING", &[&host.name])?;
+    if n > 0 {
+        tracing::info!(host = host.name, "new host from requestCrawl");
+    }
+    Ok(Response { status: 200, body: json!({}) })
+}
+
+fn list_hosts(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let limit: i64 = param(req, "limit").and_then(|l| l.parse().ok()).unwrap_or(200).clamp(1, 1000);
+    let cursor: i64 = param(req, "cursor").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let rows = c.query(
+        "SELECT id, hostname, cursor, account_count, status FROM hosts WHERE id > $1 ORDER BY id LIMIT $2",
+        &[&cursor, &limit],
+    )?;
+    let hosts: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"hostname": r.get::<_, String>(1), "seq": r.get::<_, i64>(2),
+                   "accountCount": r.get::<_, i64>(3), "status": r.get::<_, String>(4)})
+        })
+        .collect();
+    let mut body = json!({ "hosts": hosts });
+    if rows.len() as i64 == limit {
+        body["cursor"] = json!(rows.last().map(|r| r.get::<_, i64>(0).to_string()));
+    }
+    Ok(Response { status: 200, body })
+}
+
+fn host_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let Some(h) = param(req, "hostname") else {
+        return Ok(error(400, "InvalidRequest", "missing hostname"));
+    };
+    let rows = c.query("SELECT hostname, cursor, account_count, status FROM hosts WHERE hostname = $1", &[&h])?;
+    Ok(match rows.first() {
+        None => error(400, "HostNotFound", "unknown host"),
+        Some(r) => Response {
+            status: 200,
+            body: json!({"hostname": r.get::<_, String>(0), "seq": r.get::<_, i64>(1),
+                         "accountCount": r.get::<_, i64>(2), "status": r.get::<_, String>(3)}),
+        },
+    })
+}
+
+fn repo_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let Some(did) = param(req, "did") else {
+        return Ok(error(400, "InvalidRequest", "missing did"));
+    };
+    let rows = c.query("SELECT status, rev FROM accounts WHERE did = $1", &[&did])?;
+    Ok(match rows.first() {
+        None => error(400, "RepoNotFound", "unknown repo"),
+        Some(r) => {
+            let status: String = r.get(0);
+            let mut body = json!({"did": did, "active": status == "active", "rev": r.get::<_, Option<String>>(1)});
+            if status != "active" {
+                body["status"] = json!(status);
+            }
+            Response { status: 200, body }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_and_percent_decoding() {
+        let (p, q) = split_target("/xrpc/x?did=did%3Aplc%3Aabc&limit=5&flag");
+        assert_eq!(p, "/xrpc/x");
+        assert_eq!(q[0], ("did".into(), "did:plc:abc".into()));
+        assert_eq!(q[1], ("limit".into(), "5".into()));
+        assert_eq!(q[2], ("flag".into(), "".into()));
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,260 @@
+//! The sequencer thread: the durable path of every event.
+//!
+//! One round, written as steps:
+//! 1. Read up to [`BATCH_PER_RING`] records from each ring in turn (fair).
+//! 2. Per record: drop what an earlier run already made durable (upstream
+//!    seq at or below the host's durable cursor: a restarted shard re-reads
+//!    from that cursor); load the account (cache, else Postgres); apply
+//!    `policy::decide`; on relay, assign the next relay seq, re-sequence the
+//!    frame and append it to the event log.
+//! 3. `fsync` the log.
+//! 4. One Postgres transaction: accounts, host cursors and counters,
+//!    `relay_meta.last_seq`.
+//! 5. Publish the committed watermark and release the ring space read.
+//!
+//! A crash anywhere before 4 commits leaves Postgres at the previous
+//! round; on start the log is cut back to Postgres' last_seq and the rings
+//! still hold the unreleased records, so nothing is lost or doubled.
+
+use crate::db::{self, Batch};
+use lru::LruCache;
+use postgres::Client;
+use sluice_common::eventlog::LogWriter;
+use sluice_common::frame;
+use sluice_common::policy::{self, AccountState, Verdict};
+use sluice_common::ring::Consumer;
+use sluice_common::ringrec::{did_hash, RingRecord};
+use sluice_common::shm::ControlBlock;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Records taken from one ring per round.
+pub const BATCH_PER_RING: usize = 2048;
+
+/// Counters the query workers report (and tests read).
+#[derive(Default)]
+pub struct Stats {
+    pub relayed: AtomicU64,
+    pub dropped: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub chain_breaks: AtomicU64,
+    pub proof_failed: AtomicU64,
+    pub corrupt_rings: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+pub struct Sequencer {
+    pub pg: Client,
+    pub log: LogWriter,
+    pub control: Arc<ControlBlock>,
+    pub rings: Vec<Consumer>,
+    pub strict: bool,
+    pub cache: LruCache<String, AccountState>,
+    /// Durable upstream cursor per host (as far as this process knows).
+    pub host_floor: HashMap<i64, i64>,
+    pub stats: Arc<Stats>,
+    pub retention_micros: i64,
+    pub scratch: Vec<u8>,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+impl Sequencer {
+    pub fn new(
+        mut pg: Client,
+        log: LogWriter,
+        control: Arc<ControlBlock>,
+        rings: Vec<Consumer>,
+        strict: bool,
+        cache_entries: usize,
+        retention_hours: u32,
+    ) -> Result<Sequencer, db::DbError> {
+        let host_floor = db::hosts(&mut pg)?.into_iter().map(|h| (h.id, h.cursor)).collect();
+        Ok(Sequencer {
+            pg,
+            log,
+            control,
+            rings,
+            strict,
+            cache: LruCache::new(NonZeroUsize::new(cache_entries.max(16)).expect("positive")),
+            host_floor,
+            stats: Arc::new(Stats::default()),
+            retention_micros: retention_hours as i64 * 3_600_000_000,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Run until `stop` is set and every ring is empty.
+    pub fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let mut last_retention = Instant::now();
+        loop {
+            self.control.writer_heartbeat().store(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+                Ordering::Relaxed,
+            );
+            let n = self.round()?;
+            if n == 0 {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let rings = &self.rings;
+                self.control.writer_doorbell().wait(Duration::from_millis(20), || rings.iter().any(|r| r.has_data()));
+            }
+            if last_retention.elapsed() > Duration::from_secs(60) {
+                last_retention = Instant::now();
+                if let Some(first) = self.log.retain(now_micros() - self.retention_micros)? {
+                    self.control.oldest().store(first as u64, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// One group commit. Returns how many ring records it consumed.
+    pub fn round(&mut self) -> anyhow::Result<usize> {
+        let mut batch = Batch { last_seq: self.log.next_seq() - 1, ..Default::default() };
+        let mut ends: Vec<Option<u64>> = vec![None; self.rings.len()];
+        let mut taken = 0;
+        let mut rings = std::mem::take(&mut self.rings);
+        let result = self.read_rings(&mut rings, &mut batch, &mut ends, &mut taken);
+        self.rings = rings;
+        result?;
+        if taken == 0 {
+            return Ok(0);
+        }
+        self.log.sync()?;
+        batch.last_seq = self.log.next_seq() - 1;
+        db::commit(&mut self.pg, &batch)?;
+        for (host, c) in &batch.cursors {
+            let f = self.host_floor.entry(*host).or_insert(0);
+            *f = (*f).max(*c);
+        }
+        self.control.committed().store(batch.last_seq.max(0) as u64, Ordering::Release);
+        if self.control.oldest().load(Ordering::Acquire) == 0 {
+            if let Some(first) = self.log.oldest_seq()? {
+                self.control.oldest().store(first as u64, Ordering::Release);
+            }
+        }
+        for (k, e) in ends.into_iter().enumerate() {
+            if let Some(e) = e {
+                self.rings[k].release(e);
+            }
+        }
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(taken)
+    }
+
+    fn read_rings(
+        &mut self,
+        rings: &mut [Consumer],
+        batch: &mut Batch,
+        ends: &mut [Option<u64>],
+        taken: &mut usize,
+    ) -> anyhow::Result<()> {
+        let mut first_seen: HashMap<String, ()> = HashMap::new();
+        for (k, ring) in rings.iter_mut().enumerate() {
+            let mut n = 0;
+            let mut poisoned = false;
+            while n < BATCH_PER_RING {
+                let rec = match ring.next_record() {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(shard = k, error = %e, "ring corrupt; discarding it and restarting the shard");
+                        poisoned = true;
+                        break;
+                    }
+                };
+                ends[k] = Some(rec.end);
+                n += 1;
+                *taken += 1;
+                match RingRecord::decode(rec.payload) {
+                    Ok(r) => self.apply(&r, batch, &mut first_seen)?,
+                    Err(e) => {
+                        tracing::error!(shard = k, error = %e, "undecodable ring record; restarting the shard");
+                        poisoned = true;
+                        break;
+                    }
+                }
+            }
+            if poisoned {
+                // Never trust a corrupt ring: drop its content and make the
+                // shard restart from its durable cursors.
+                self.stats.corrupt_rings.fetch_add(1, Ordering::Relaxed);
+                ring.discard_all();
+                ends[k] = Some(ring.position());
+                *taken += 1;
+                self.control.shard(k).poisoned.store(1, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    fn account(&mut self, did: &str, batch: &Batch) -> anyhow::Result<Option<AccountState>> {
+        if let Some(a) = batch.accounts.get(did) {
+            return Ok(Some(a.clone()));
+        }
+        if let Some(a) = self.cache.get(did) {
+            return Ok(Some(a.clone()));
+        }
+        let mut m = db::load_accounts(&mut self.pg, &[did])?;
+        Ok(m.remove(did))
+    }
+
+    fn apply(
+        &mut self,
+        r: &RingRecord<'_>,
+        batch: &mut Batch,
+        first_seen: &mut HashMap<String, ()>,
+    ) -> anyhow::Result<()> {
+        let (host, useq) = match r {
+            RingRecord::Event(e) => (e.host_id, e.upstream_seq),
+            RingRecord::Cursor { host_id, upstream_seq } => (*host_id, *upstream_seq),
+        };
+        let floor =
+            batch.cursors.get(&host).copied().unwrap_or(i64::MIN).max(self.host_floor.get(&host).copied().unwrap_or(0));
+        if useq <= floor {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        batch.cursors.insert(host, useq);
+        let RingRecord::Event(e) = r else { return Ok(()) };
+        let stored = self.account(e.did, batch)?;
+        let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
+        match verdict {
+            Verdict::Drop(d) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(did = e.did, host, upstream_seq = useq, reason = d.name(), "dropped");
+                return Ok(());
+            }
+            Verdict::Relay { chain_break, proof_failed } => {
+                if chain_break {
+                    self.stats.chain_breaks.fetch_add(1, Ordering::Relaxed);
+                }
+                if proof_failed {
+                    self.stats.proof_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        match &stored {
+            None if !first_seen.contains_key(e.did) => {
+                first_seen.insert(e.did.to_owned(), ());
+                *batch.new_accounts.entry(state.host_id).or_default() += 1;
+            }
+            Some(old) if old.host_id != state.host_id => batch.moves.push((old.host_id, state.host_id)),
+            _ => {}
+        }
+        let seq = self.log.next_seq();
+        self.scratch.clear();
+        frame::resequence(e.frame, (e.seq_start as usize, e.seq_end as usize), seq, &mut self.scratch);
+        self.log.append(seq, e.kind, 0, did_hash(e.did), e.time_micros, &self.scratch)?;
+        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+        self.cache.put(e.did.to_owned(), state.clone());
+        batch.accounts.insert(e.did.to_owned(), state);
+        Ok(())
+    }
+}

@@ -1,0 +1,367 @@
+//! The public port: every shard accepts on `listen` (SO_REUSEPORT, the
+//! kernel spreads connections), serves `subscribeRepos` from the event log
+//! and `/xrpc/_health` itself, and forwards every other request to the
+//! db-writer's query workers over the Unix socket.
+//!
+//! subscribeRepos behaviours:
+//! - no cursor: live, from the next committed seq;
+//! - `cursor=N` (0 < N ≤ committed): every seq > N, then live, no gap, no
+//!   duplicate;
+//! - `cursor=0`: the whole window; a cursor older than the window gets
+//!   `#info OutdatedCursor`, then the window from its start;
+//! - `cursor` above the committed seq: error frame `FutureCursor`, close;
+//! - a consumer more than `consumer_lag_events_max` behind gets error frame
+//!   `ConsumerTooSlow` and is closed; an idle stream gets a ping every
+//!   [`PING_EVERY`]; at most `consumers_max` consumers per shard.
+//!
+//! Consumers only ever see seqs at or below the committed watermark.
+
+use crate::{io, Shared};
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::tungstenite::Message;
+use async_tungstenite::WebSocketStream;
+use futures::{AsyncReadExt, AsyncWriteExt, SinkExt, StreamExt};
+use glommio::net::{TcpListener, TcpStream};
+use sluice_common::eventlog::{Missing, FLAG_TAKEDOWN};
+use sluice_common::frame::{encode_error, InfoEvent};
+use sluice_common::shm::WriterState;
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const HEAD_BYTES_MAX: usize = 16 * 1024;
+const BODY_BYTES_MAX: usize = 64 * 1024;
+const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// Frames sent per flush.
+const SEND_BATCH: usize = 256;
+/// How often a caught-up consumer looks at the watermark.
+const POLL: Duration = Duration::from_millis(2);
+
+pub async fn serve(sh: Rc<Shared>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(sh.listen).map_err(io)?;
+    tracing::info!(shard = sh.id, listen = %sh.listen, "serving consumers");
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(shard = sh.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let sh = sh.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = handle(sh, stream).await {
+                tracing::debug!(error = %e, "downstream connection ended");
+            }
+        })
+        .detach();
+    }
+}
+
+struct Head {
+    method: String,
+    target: String,
+    ws_key: Option<String>,
+    content_length: usize,
+    /// Bytes read past the head (start of the body).
+    rest: Vec<u8>,
+    raw: Vec<u8>,
+}
+
+async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let deadline = Instant::now() + HEAD_TIMEOUT;
+    stream.set_read_timeout(Some(HEAD_TIMEOUT)).map_err(io)?;
+    loop {
+        if Instant::now() > deadline {
+            anyhow::bail!("request head timed out");
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!("closed before the request head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf)? {
+            httparse::Status::Complete(len) => {
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .map(|v| v.trim().to_owned())
+                };
+                let upgrade = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+                let head = Head {
+                    method: req.method.unwrap_or("GET").to_owned(),
+                    target: req.path.unwrap_or("/").to_owned(),
+                    ws_key: if upgrade { header("sec-websocket-key") } else { None },
+                    content_length: header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0),
+                    rest: buf[len..].to_vec(),
+                    raw: buf[..len].to_vec(),
+                };
+                stream.set_read_timeout(None).map_err(io)?;
+                return Ok(head);
+            }
+            httparse::Status::Partial if buf.len() < HEAD_BYTES_MAX => continue,
+            httparse::Status::Partial => anyhow::bail!("request head too large"),
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, body: &serde_json::Value) -> anyhow::Result<()> {
+    let body = body.to_string();
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        413 => "Payload Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+async fn handle(sh: Rc<Shared>, mut stream: TcpStream) -> anyhow::Result<()> {
+    let head = read_head(&mut stream).await?;
+    let path = head.target.split('?').next().unwrap_or("");
+    match (head.method.as_str(), path) {
+        ("GET", "/xrpc/com.atproto.sync.subscribeRepos") => match head.ws_key.clone() {
+            Some(key) => subscribe(sh, stream, &head, &key).await,
+            None => {
+                respond(
+                    &mut stream,
+                    400,
+                    &serde_json::json!({"error": "InvalidRequest", "message": "WebSocket upgrade required"}),
+                )
+                .await
+            }
+        },
+        ("GET", "/xrpc/_health") => {
+            let (status, body) = health(&sh);
+            respond(&mut stream, status, &body).await
+        }
+        _ => proxy(&sh, stream, head).await,
+    }
+}
+
+/// 200 once the pipeline is up; 503 with the reason otherwise.
+pub fn health(sh: &Shared) -> (u16, serde_json::Value) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let beat = sh.control.writer_heartbeat().load(Ordering::Relaxed);
+    let seq = sh.control.committed().load(Ordering::Acquire);
+    let reason = match sh.control.writer_state() {
+        WriterState::Ready if now.saturating_sub(beat) <= 10 => None,
+        WriterState::Ready => Some("db-writer heartbeat is stale"),
+        WriterState::Starting => Some("db-writer is starting"),
+        WriterState::Stopping | WriterState::Stopped => Some("relay is shutting down"),
+    };
+    match reason {
+        None => (200, serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "seq": seq})),
+        Some(r) => (503, serde_json::json!({"status": "unavailable", "reason": r})),
+    }
+}
+
+/// Forward a request to the db-writer's query workers.
+async fn proxy(sh: &Shared, mut stream: TcpStream, head: Head) -> anyhow::Result<()> {
+    if head.content_length > BODY_BYTES_MAX {
+        return respond(&mut stream, 413, &serde_json::json!({"error": "PayloadTooLarge"})).await;
+    }
+    let mut body = head.rest;
+    stream.set_read_timeout(Some(HEAD_TIMEOUT)).map_err(io)?;
+    let mut chunk = [0u8; 4096];
+    while body.len() < head.content_length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!("closed mid-body");
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(head.content_length);
+    let mut up = match glommio::net::UnixStream::connect(&sh.query_socket).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, socket = %sh.query_socket.display(), "query socket unreachable");
+            return respond(
+                &mut stream,
+                503,
+                &serde_json::json!({"error": "Unavailable", "message": "query workers unreachable"}),
+            )
+            .await;
+        }
+    };
+    up.write_all(&head.raw).await?;
+    up.write_all(&body).await?;
+    up.flush().await?;
+    let mut resp = Vec::new();
+    loop {
+        let n = up.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        resp.extend_from_slice(&chunk[..n]);
+        if resp.len() > RESPONSE_BYTES_MAX {
+            anyhow::bail!("query response too large");
+        }
+    }
+    stream.write_all(&resp).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+fn cursor_param(target: &str) -> Result<Option<i64>, String> {
+    let q = target.split_once('?').map_or("", |(_, q)| q);
+    for p in q.split('&') {
+        if let Some(v) = p.strip_prefix("cursor=") {
+            return v.parse::<i64>().map(Some).map_err(|_| format!("cursor {v:?} is not an integer"));
+        }
+    }
+    Ok(None)
+}
+
+fn error_frame(name: &str, message: &str) -> Message {
+    let mut out = Vec::new();
+    encode_error(name, Some(message), &mut out);
+    Message::binary(out)
+}
+
+async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str) -> anyhow::Result<()> {
+    let slot = sh.slot();
+    if slot.consumers.load(Ordering::Relaxed) >= sh.consumers_max {
+        return respond(&mut stream, 503, &serde_json::json!({"error": "TooManyConsumers"})).await;
+    }
+    let cursor = match cursor_param(&head.target) {
+        Ok(c) => c,
+        Err(m) => {
+            return respond(&mut stream, 400, &serde_json::json!({"error": "InvalidRequest", "message": m})).await
+        }
+    };
+    let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.flush().await?;
+    let mut cfg = WebSocketConfig::default();
+    cfg.max_message_size = Some(64 * 1024);
+    let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(cfg)).await;
+    slot.consumers.fetch_add(1, Ordering::Relaxed);
+    let r = stream_events(&sh, ws, cursor).await;
+    sh.slot().consumers.fetch_sub(1, Ordering::Relaxed);
+    r
+}
+
+async fn stream_events(sh: &Rc<Shared>, ws: WebSocketStream<TcpStream>, cursor: Option<i64>) -> anyhow::Result<()> {
+    let (mut sink, mut incoming) = ws.split();
+    // The reader half answers pings and notices the consumer leaving.
+    let closed = Rc::new(Cell::new(false));
+    let c2 = closed.clone();
+    let reader = glommio::spawn_local(async move {
+        while let Some(m) = incoming.next().await {
+            match m {
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        c2.set(true);
+    })
+    .detach();
+    let committed = || sh.control.committed().load(Ordering::Acquire) as i64;
+    let oldest = || (sh.control.oldest().load(Ordering::Acquire) as i64).max(1);
+    let mut next = match cursor {
+        None => committed() + 1,
+        Some(c) if c > committed() => {
+            sink.send(error_frame("FutureCursor", "cursor is ahead of the stream")).await?;
+            sink.close(None).await?;
+            return Ok(());
+        }
+        Some(0) => oldest(),
+        Some(c) if c + 1 < oldest() => {
+            outdated(&mut sink).await?;
+            oldest()
+        }
+        Some(c) => c + 1,
+    };
+    let mut last_send = Instant::now();
+    let lag_max = sh.consumer_lag_max as i64;
+    while !closed.get() {
+        let top = committed();
+        if next > top {
+            if last_send.elapsed() > PING_EVERY {
+                sink.send(Message::Ping(Vec::new().into())).await?;
+                last_send = Instant::now();
+            }
+            glommio::timer::sleep(POLL).await;
+            continue;
+        }
+        if top - next > lag_max {
+            tracing::info!(shard = sh.id, seq = next, committed = top, "consumer too slow; closing");
+            sink.send(error_frame("ConsumerTooSlow", "consumer fell too far behind")).await?;
+            sink.close(None).await?;
+            break;
+        }
+        let mut sent = 0;
+        while sent < SEND_BATCH && next <= top {
+            let found = sh.log.borrow_mut().lookup(next)?;
+            match found {
+                Ok((h, f)) => {
+                    if h.flags & FLAG_TAKEDOWN == 0 {
+                        sink.feed(Message::binary(f.bytes().to_vec())).await?;
+                        sent += 1;
+                    }
+                    next += 1;
+                }
+                Err(Missing::Gone) => {
+                    outdated(&mut sink).await?;
+                    next = oldest().max(next + 1);
+                }
+                Err(Missing::NotYet) => anyhow::bail!("seq {next} is committed but not in the event log"),
+            }
+        }
+        sink.flush().await?;
+        sh.slot().frames_out.fetch_add(sent as u64, Ordering::Relaxed);
+        last_send = Instant::now();
+    }
+    drop(reader);
+    Ok(())
+}
+
+async fn outdated<S: futures::Sink<Message, Error = async_tungstenite::tungstenite::Error> + Unpin>(
+    sink: &mut S,
+) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    InfoEvent {
+        name: "OutdatedCursor",
+        message: Some("cursor is older than the replay window; starting at its oldest event"),
+    }
+    .encode(&mut out);
+    sink.send(Message::binary(out)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_parsing() {
+        assert_eq!(cursor_param("/x"), Ok(None));
+        assert_eq!(cursor_param("/x?cursor=5"), Ok(Some(5)));
+        assert_eq!(cursor_param("/x?a=b&cursor=0"), Ok(Some(0)));
+        assert!(cursor_param("/x?cursor=abc").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! Blocking lookups kept off the executor: DID documents (PLC directory,
+//! did:web) and hostname resolution run on a small pool of helper threads,
+//! fed by a bounded channel; the executor side keeps a bounded TTL cache
+//! with negative entries and de-duplicates lookups in flight.
+
+use futures::channel::oneshot;
+use lru::LruCache;
+use sluice_common::identity::Identity;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Jobs waiting for a helper thread.
+const QUEUE_MAX: usize = 1024;
+const POSITIVE_TTL: Duration = Duration::from_secs(3600);
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// DID documents larger than this are refused.
+const DOC_BYTES_MAX: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("{did}: {why}")]
+    Did { did: String, why: String },
+    #[error("resolving {host}: {why}")]
+    Host { host: String, why: String },
+    #[error("identity helper threads are gone")]
+    Gone,
+}
+
+enum Job {
+    Did { did: String, reply: oneshot::Sender<Result<Arc<Identity>, ResolveError>> },
+    Host { host: String, reply: oneshot::Sender<Result<SocketAddr, ResolveError>> },
+}
+
+/// A cached lookup and when it was made.
+type Cached = (Result<Arc<Identity>, ResolveError>, Instant);
+
+type Waiters = Vec<oneshot::Sender<Result<Arc<Identity>, ResolveError>>>;
+
+/// Executor-side handle (one per shard; `Rc`, not `Send`).
+pub struct Resolver {
+    tx: flume::Sender<Job>,
+    cache: RefCell<LruCache<String, Cached>>,
+    inflight: RefCell<HashMap<String, Waiters>>,
+}
+
+fn helper(rx: flume::Receiver<Job>, plc_url: String, insecure: bool) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .redirects(2)
+        .build();
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Did { did, reply } => {
+                let r = fetch_did(&agent, &plc_url, insecure, &did).map(Arc::new);
+                let _ = reply.send(r);
+            }
+            Job::Host { host, reply } => {
+                let r = (host.as_str(), 0)
+                    .to_socket_addrs()
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
+                    .map_err(|why| ResolveError::Host { host: host.clone(), why });
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+/// Where a DID's document lives.
+pub fn did_document_url(plc_url: &str, insecure: bool, did: &str) -> Option<String> {
+    if did.starts_with("did:plc:") {
+        return Some(format!("{}/{did}", plc_url.trim_end_matches('/')));
+    }
+    let host = did.strip_prefix("did:web:")?;
+    if host.contains(':') || host.contains('/') {
+        return None; // paths are not allowed for atproto did:web
+    }
+    let host = host.replace("%3A", ":").replace("%3a", ":");
+    let local = host.starts_with("localhost") || host.starts_with("127.");
+    let scheme = if insecure && local { "http" } else { "https" };
+    Some(format!("{scheme}://{host}/.well-known/did.json"))
+}
+
+fn fetch_did(agent: &ureq::Agent, plc_url: &str, insecure: bool, did: &str) -> Result<Identity, ResolveError> {
+    let err = |why: String| ResolveError::Did { did: did.to_owned(), why };
+    let url = did_document_url(plc_url, insecure, did).ok_or_else(|| err("unsupported DID method".into()))?;
+    let resp = agent.get(&url).call().map_err(|e| err(format!("GET {url}: {e}")))?;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(resp.into_reader(), DOC_BYTES_MAX + 1), &mut body)
+        .map_err(|e| err(format!("reading {url}: {e}")))?;
+    if body.len() as u64 > DOC_BYTES_MAX {
+        return Err(err("document too large".into()));
+    }
+    Identity::from_did_document(&body, Some(did)).map_err(|e| err(e.to_string()))
+}
+
+impl Resolver {
+    pub fn new(plc_url: &str, insecure: bool, threads: usize, cache_entries: usize) -> std::io::Result<Rc<Resolver>> {
+        let (tx, rx) = flume::bounded(QUEUE_MAX);
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let plc = plc_url.to_owned();
+            std::thread::Builder::new().name(format!("resolver-{i}")).spawn(move || helper(rx, plc, insecure))?;
+        }
+        Ok(Rc::new(Resolver {
+            tx,
+            cache: RefCell::new(LruCache::new(NonZeroUsize::new(cache_entries.max(16)).expect("positive"))),
+            inflight: RefCell::new(HashMap::new()),
+        }))
+    }
+
+    /// The DID's identity; `fresh` bypasses the cache (after a failed check,
+    /// or an `#identity` event).
+    pub async fn did(&self, did: &str, fresh: bool) -> Result<Arc<Identity>, ResolveError> {
+        if !fresh {
+            if let Some((r, at)) = self.cache.borrow_mut().get(did) {
+                let ttl = if r.is_ok() { POSITIVE_TTL } else { NEGATIVE_TTL };
+                if at.elapsed() < ttl {
+                    return r.clone();
+                }
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut inflight = self.inflight.borrow_mut();
+            match inflight.get_mut(did) {
+                Some(w) => {
+                    w.push(tx);
+                    false
+                }
+                None => {
+                    inflight.insert(did.to_owned(), vec![tx]);
+                    true
+                }
+            }
+        };
+        if first {
+            let (jtx, jrx) = oneshot::channel();
+            let r = match self.tx.send_async(Job::Did { did: did.to_owned(), reply: jtx }).await {
+                Ok(()) => jrx.await.unwrap_or(Err(ResolveError::Gone)),
+                Err(_) => Err(ResolveError::Gone),
+            };
+            self.cache.borrow_mut().put(did.to_owned(), (r.clone(), Instant::now()));
+            for w in self.inflight.borrow_mut().remove(did).unwrap_or_default() {
+                let _ = w.send(r.clone());
+            }
+        }
+        rx.await.unwrap_or(Err(ResolveError::Gone))
+    }
+
+    pub fn forget(&self, did: &str) {
+        self.cache.borrow_mut().pop(did);
+    }
+
+    /// Resolve `host` (a name, no port) to an address with `port`.
+    pub async fn host(&self, host: &str, port: u16) -> Result<SocketAddr, ResolveError> {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx.send_async(Job::Host { host: host.to_owned(), reply: tx }).await.map_err(|_| ResolveError::Gone)?;
+        let mut a = rx.await.unwrap_or(Err(ResolveError::Gone))?;
+        a.set_port(port);
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_urls() {
+        assert_eq!(
+            did_document_url("http://127.0.0.1:9/", false, "did:plc:abc").as_deref(),
+            Some("http://127.0.0.1:9/did:plc:abc")
+        );
+        assert_eq!(
+            did_document_url("", true, "did:web:localhost%3A8080").as_deref(),
+            Some("http://localhost:8080/.well-known/did.json")
+        );
+        assert_eq!(
+            did_document_url("", false, "did:web:localhost%3A8080").as_deref(),
+            Some("https://localhost:8080/.well-known/did.json")
+        );
+        assert_eq!(
+            did_document_url("", true, "did:web:example.com").as_deref(),
+            Some("https://example.com/.well-known/did.json")
+        );
+        assert_eq!(did_document_url("", true, "did:key:z6Mk"), None);
+    }
+}

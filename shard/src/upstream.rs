@@ -1,0 +1,328 @@
+//! One task per upstream host: connect, subscribe from the host's cursor,
+//! validate every frame (stateless checks, identity, host authority,
+//! signature), and write what passes into the shard's ring. A full ring
+//! makes the task wait, so TCP backpressure reaches the host.
+//!
+//! Behaviours:
+//! - A frame that does not decode, an error frame, a WebSocket protocol
+//!   error, or a read idle past [`READ_IDLE`] closes the connection; the
+//!   task reconnects with exponential backoff (1 s .. 60 s, reset once
+//!   events flow) from the last upstream seq it handled.
+//! - An event whose seq is not above the last one handled is dropped.
+//! - An event that fails a check is dropped and counted; a `Cursor` record
+//!   still tells the db-writer the host's cursor may move past it.
+//! - A failed host-authority or signature check re-resolves the DID once
+//!   before dropping (migrations, key rotations).
+
+use crate::resolver::{ResolveError, Resolver};
+use crate::{io, Shared};
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::tungstenite::Message;
+use futures::StreamExt;
+use sluice_common::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof};
+use sluice_common::frame::{self, Event};
+use sluice_common::identity::PdsHost;
+use sluice_common::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// A connection with no frame for this long is considered stalled.
+pub const READ_IDLE: Duration = Duration::from_secs(20);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Largest WebSocket message accepted (PROTOCOL.md: 5 MB frames).
+pub const MESSAGE_BYTES_MAX: usize = 5 * 1024 * 1024 + 64 * 1024;
+
+/// A host assigned to this shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAssignment {
+    pub id: i64,
+    pub hostname: String,
+    pub cursor: i64,
+}
+
+/// Handle the shard keeps per running host task.
+pub struct HostHandle {
+    pub cancel: Rc<Cell<bool>>,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Why an event was not relayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected {
+    /// Drop the event, keep the connection.
+    Drop(String),
+    /// Close the connection (the stream itself is broken).
+    Close(String),
+}
+
+pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cell<bool>>) {
+    let mut last_seq = host.cursor;
+    let mut backoff = BACKOFF_MIN;
+    let stopping = || cancel.get() || sh.control.stop_reading().load(Ordering::Acquire) != 0;
+    while !stopping() {
+        let before = last_seq;
+        match connect_and_read(&sh, &host, &mut last_seq, &stopping).await {
+            Ok(()) => tracing::info!(host = host.hostname, seq = last_seq, "upstream closed the stream"),
+            Err(e) => tracing::warn!(host = host.hostname, seq = last_seq, error = %e, "upstream connection ended"),
+        }
+        if last_seq > before {
+            backoff = BACKOFF_MIN;
+        }
+        if stopping() {
+            break;
+        }
+        // Sleep in small steps so cancellation is prompt.
+        let until = std::time::Instant::now() + backoff;
+        while std::time::Instant::now() < until && !stopping() {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect_and_read(
+    sh: &Rc<Shared>,
+    host: &HostAssignment,
+    last_seq: &mut i64,
+    stopping: &impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let pds = PdsHost::parse_authority(&host.hostname, true)
+        .ok_or_else(|| anyhow::anyhow!("{:?} is not a hostname", host.hostname))?;
+    let insecure = sh.allow_insecure && pds.is_local();
+    if !insecure {
+        anyhow::bail!("wss:// upstreams are not supported yet (host {})", host.hostname);
+    }
+    let port = pds.name.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(80);
+    let addr = sh.resolver.host(pds.hostname(), port).await?;
+    let tcp = glommio::net::TcpStream::connect(addr).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    tcp.set_read_timeout(Some(READ_IDLE)).map_err(io)?;
+    // Always with a cursor: a host's backlog since our durable cursor (its
+    // whole backlog for a new host) is what a lossless relay must read.
+    let url = format!("ws://{}/xrpc/com.atproto.sync.subscribeRepos?cursor={last_seq}", host.hostname);
+    let mut cfg = WebSocketConfig::default();
+    cfg.max_message_size = Some(MESSAGE_BYTES_MAX);
+    cfg.max_frame_size = Some(MESSAGE_BYTES_MAX);
+    let (mut ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?;
+    sh.slot().hosts_connected.fetch_add(1, Ordering::Relaxed);
+    let _connected = scopeguard(|| {
+        sh.slot().hosts_connected.fetch_sub(1, Ordering::Relaxed);
+    });
+    tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
+    let mut buf = Vec::new();
+    while !stopping() {
+        let Some(msg) = ws.next().await else { return Ok(()) };
+        let data = match msg? {
+            Message::Binary(b) => b,
+            Message::Close(_) => return Ok(()),
+            _ => continue,
+        };
+        match check_frame(sh, host, &data, *last_seq, &mut buf).await {
+            Ok(seq) => {
+                push(sh, &buf).await;
+                sh.slot().events_in.fetch_add(1, Ordering::Relaxed);
+                *last_seq = seq;
+            }
+            Err((Rejected::Drop(why), seq)) => {
+                sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(host = host.hostname, seq, why, "dropped upstream event");
+                if let Some(seq) = seq {
+                    RingRecord::Cursor { host_id: host.id, upstream_seq: seq }.encode(&mut buf);
+                    push(sh, &buf).await;
+                    *last_seq = seq;
+                }
+            }
+            Err((Rejected::Close(why), _)) => {
+                sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
+                anyhow::bail!("closing: {why}");
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+struct Guard<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
+
+/// Write one encoded record into the ring, waiting while it is full.
+async fn push(sh: &Shared, rec: &[u8]) {
+    let mut wait = Duration::from_micros(200);
+    loop {
+        let pushed = sh.producer.borrow_mut().try_push(rec.len(), |b| b.copy_from_slice(rec));
+        if pushed {
+            sh.control.writer_doorbell().ring();
+            return;
+        }
+        glommio::timer::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(10));
+    }
+}
+
+fn proof_code(p: &Proof) -> u8 {
+    match p {
+        Proof::Verified(_) => PROOF_VERIFIED,
+        Proof::Absent => PROOF_ABSENT,
+        Proof::Failed(_) => PROOF_FAILED,
+    }
+}
+
+/// Validate one frame; on success `out` holds the encoded ring record and
+/// the event's upstream seq is returned.
+pub async fn check_frame(
+    sh: &Shared,
+    host: &HostAssignment,
+    data: &[u8],
+    last_seq: i64,
+    out: &mut Vec<u8>,
+) -> Result<i64, (Rejected, Option<i64>)> {
+    let decoded = frame::decode(data).map_err(|e| (Rejected::Close(format!("frame: {e}")), None))?;
+    let ev = match decoded.message {
+        frame::Message::Error { error, message } => {
+            return Err((Rejected::Close(format!("error frame {error}: {}", message.unwrap_or(""))), None));
+        }
+        frame::Message::Event(ev) => ev,
+    };
+    let seq = match (&ev, ev.seq()) {
+        (Event::Info(i), _) => {
+            tracing::info!(host = host.hostname, name = i.name, message = i.message, "upstream #info");
+            return Err((Rejected::Drop("info".into()), None));
+        }
+        (_, None) => return Err((Rejected::Drop(format!("unknown message type {}", ev.type_name())), None)),
+        (_, Some(s)) => s,
+    };
+    if seq <= last_seq {
+        return Err((Rejected::Drop(format!("seq {seq} not above {last_seq}")), None));
+    }
+    let drop = |why: String| (Rejected::Drop(why), Some(seq));
+    let span = decoded.seq_span.ok_or_else(|| drop("no seq span".into()))?;
+    let mode = if sh.strict { Mode::Strict } else { Mode::Lenient };
+    let now = now_micros();
+    let did = ev.did().expect("events with a seq have a DID");
+    let mut rec = EventRecord {
+        host_id: host.id,
+        upstream_seq: seq,
+        kind: 0,
+        did,
+        rev: "",
+        since: "",
+        commit_cid: &[],
+        data_cid: &[],
+        prev_data: &[],
+        proof: PROOF_ABSENT,
+        active: true,
+        status: "",
+        time_micros: now,
+        frame: data,
+        seq_start: span.0 as u32,
+        seq_end: span.1 as u32,
+    };
+    let (commit_bytes, data_bytes, prev_bytes);
+    match &ev {
+        Event::Commit(c) => {
+            let checked = check_commit(c, mode, now).map_err(|e| drop(format!("{did}: {e}")))?;
+            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(drop)?;
+            commit_bytes = checked.commit_cid.to_bytes();
+            data_bytes = checked.data.to_bytes();
+            prev_bytes = c.prev_data.map(|p| p.to_bytes());
+            rec.kind = Kind::Commit as u8;
+            rec.rev = c.rev;
+            rec.since = c.since.unwrap_or("");
+            rec.commit_cid = &commit_bytes;
+            rec.data_cid = &data_bytes;
+            rec.prev_data = prev_bytes.as_ref().map_or(&[][..], |p| &p[..]);
+            rec.proof = proof_code(&checked.proof);
+        }
+        Event::Sync(s) => {
+            let checked = check_sync(s, now).map_err(|e| drop(format!("{did}: {e}")))?;
+            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(drop)?;
+            commit_bytes = checked.commit_cid.to_bytes();
+            data_bytes = checked.data.to_bytes();
+            rec.kind = Kind::Sync as u8;
+            rec.rev = s.rev;
+            rec.commit_cid = &commit_bytes;
+            rec.data_cid = &data_bytes;
+        }
+        Event::Identity(_) => {
+            sh.resolver.forget(did);
+            authority_and_signature(sh, host, did, None).await.map_err(drop)?;
+            rec.kind = Kind::Identity as u8;
+        }
+        Event::Account(a) => {
+            authority_and_signature(sh, host, did, None).await.map_err(drop)?;
+            rec.kind = Kind::Account as u8;
+            rec.active = a.active;
+            rec.status = a.status.unwrap_or("");
+        }
+        Event::Info(_) | Event::Unknown { .. } => unreachable!("handled above"),
+    }
+    RingRecord::Event(rec).encode(out);
+    if out.len() > sh.payload_max {
+        return Err(drop(format!("{did}: record of {} bytes exceeds the ring's limit", out.len())));
+    }
+    Ok(seq)
+}
+
+/// Host authority (the DID's PDS is this host) and, for commits, the
+/// signature; one fresh resolution before giving up.
+async fn authority_and_signature(
+    sh: &Shared,
+    host: &HostAssignment,
+    did: &str,
+    commit: Option<&CheckedCommit>,
+) -> Result<(), String> {
+    let mut last_err = String::new();
+    for fresh in [false, true] {
+        let ident = match resolve(&sh.resolver, did, fresh).await {
+            Ok(i) => i,
+            Err(e) => {
+                last_err = e.to_string();
+                continue;
+            }
+        };
+        let pds = ident.pds_endpoint.as_deref().and_then(PdsHost::from_endpoint);
+        match pds {
+            Some(p) if p.name == host.hostname => {}
+            Some(p) => {
+                last_err = format!("{did} is hosted at {}, not {}", p.name, host.hostname);
+                continue;
+            }
+            None => {
+                last_err = format!("{did} has no PDS endpoint");
+                continue;
+            }
+        }
+        let Some(c) = commit else { return Ok(()) };
+        let Some(key) = &ident.signing_key else {
+            last_err = format!("{did} has no signing key");
+            continue;
+        };
+        match c.verify_signature(key) {
+            Ok(()) => return Ok(()),
+            Err(e) => last_err = format!("{did}: signature: {e}"),
+        }
+    }
+    Err(last_err)
+}
+
+/// Resolve with a bounded number of retries for transient failures.
+async fn resolve(
+    r: &Resolver,
+    did: &str,
+    fresh: bool,
+) -> Result<std::sync::Arc<sluice_common::identity::Identity>, ResolveError> {
+    r.did(did, fresh).await
+}

@@ -1,0 +1,86 @@
+//! `sluice demo`: fakenet (a few fake PDS hosts, a PLC directory, gentle
+//! traffic with the default fault mix) and the relay on loopback with the
+//! embedded PostgreSQL, plus a one-line summary every second.
+
+use crate::supervise::Supervisor;
+use sluice_common::config::RawConfig;
+use sluice_tests::fakenet::runner::{self, ServeConfig};
+use sluice_tests::fakenet::world::FaultRates;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    let data_dir = data_dir.canonicalize()?;
+    let net = runner::start(ServeConfig {
+        hosts,
+        accounts: 10,
+        seed: 7,
+        rate,
+        faults: FaultRates::default_mix(),
+        migrations: true,
+        ledger: data_dir.join("fakenet-ledger.jsonl"),
+        ..ServeConfig::default()
+    })?;
+    let toml = format!(
+        "shard_count = \"auto\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {:?}\nallow_insecure_hosts = true\n",
+        data_dir.join("relay").to_string_lossy(),
+        net.info.plc_url
+    );
+    let mut raw = RawConfig::from_toml(&toml, Path::new("demo"))?;
+    raw.apply_env(|k| std::env::var(k).ok())?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let cfg = raw.validate(cores)?;
+    let term = crate::signals()?;
+    let mut sup = Supervisor::start(cfg)?;
+    // Ask the relay to crawl every fake host once it answers.
+    let host_list = net.info.hosts.clone();
+    let base = format!("http://127.0.0.1:{port}");
+    std::thread::spawn(move || {
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline && agent.get(&format!("{base}/xrpc/_health")).call().is_err() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for h in host_list {
+            let r = agent
+                .post(&format!("{base}/xrpc/com.atproto.sync.requestCrawl"))
+                .set("content-type", "application/json")
+                .send_string(&serde_json::json!({ "hostname": h }).to_string());
+            if let Err(e) = r {
+                eprintln!("requestCrawl {h}: {e}");
+            }
+        }
+    });
+    println!("sluice demo: {} fake PDS hosts, PLC at {}", net.info.hosts.len(), net.info.plc_url);
+    println!("subscribe:   ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos");
+    println!("health:      http://127.0.0.1:{port}/xrpc/_health      (Ctrl-C to stop)");
+    let mut last = (Instant::now(), 0u64, 0u64);
+    let tick = Box::new(move |cb: &sluice_common::shm::ControlBlock| {
+        if last.0.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let n = cb.shard_count().load(Ordering::Relaxed) as usize;
+        let (mut hosts, mut ein, mut out, mut cons, mut dropped) = (0, 0, 0, 0, 0);
+        for k in 0..n {
+            let s = cb.shard(k);
+            hosts += s.hosts_connected.load(Ordering::Relaxed);
+            ein += s.events_in.load(Ordering::Relaxed);
+            out += s.frames_out.load(Ordering::Relaxed);
+            cons += s.consumers.load(Ordering::Relaxed);
+            dropped += s.dropped.load(Ordering::Relaxed);
+        }
+        let dt = last.0.elapsed().as_secs_f64();
+        println!(
+            "hosts={hosts} in={:.0}/s out={:.0}/s consumers={cons} dropped={dropped} seq={}",
+            (ein - last.1.min(ein)) as f64 / dt,
+            (out - last.2.min(out)) as f64 / dt,
+            cb.committed().load(Ordering::Relaxed)
+        );
+        last = (Instant::now(), ein, out);
+    });
+    let r = sup.run(term, Some(tick));
+    drop(net);
+    r
+}

@@ -1,0 +1,327 @@
+//! `sluice run`: the supervisor. Reads the config, raises rlimits, starts
+//! the database (embedded default) and runs migrations, creates the shared
+//! memory, starts the db-writer and the shards, assigns hosts to shards,
+//! restarts children that die, and shuts everything down in order.
+//!
+//! Shutdown (SIGTERM/SIGINT), in steps:
+//! 1. `stop_reading`: shard host tasks stop reading upstream;
+//! 2. wait until every ring is empty (the db-writer committed all of it);
+//! 3. stop the shards, then the db-writer (it commits what is left);
+//! 4. stop the private PostgreSQL.
+//!
+//! Every step is bounded by `shutdown_timeout_ms`; nothing a consumer saw
+//! can be lost, since cursors only advance with commits.
+
+use crate::pg::EmbeddedPg;
+use anyhow::Context;
+use sluice_common::config::Config;
+use sluice_common::partition::shard_for;
+use sluice_common::ring::Ring;
+use sluice_common::shm::{ControlBlock, WriterState};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const HOST_POLL: Duration = Duration::from_millis(500);
+
+/// Env vars naming inherited descriptors.
+pub const ENV_CONTROL_FD: &str = "SLUICE_CONTROL_FD";
+pub const ENV_RING_FDS: &str = "SLUICE_RING_FDS";
+pub const ENV_ASSIGN_FD: &str = "SLUICE_ASSIGN_FD";
+
+/// Raise RLIMIT_NOFILE to its hard limit and, as root, RLIMIT_MEMLOCK so
+/// glommio's io_uring buffers fit.
+pub fn raise_rlimits() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) {
+        let want = 256u64 << 20;
+        if soft < want && setrlimit(Resource::RLIMIT_MEMLOCK, want, want.max(hard)).is_err() {
+            tracing::debug!(soft, "could not raise RLIMIT_MEMLOCK; shards use a small io_uring buffer");
+        }
+    }
+}
+
+struct Proc {
+    child: Option<Child>,
+    restarts: u32,
+    next_start: Instant,
+    /// Write end of the shard's assignment pipe.
+    assign: Option<std::fs::File>,
+    last_assignment: Option<String>,
+}
+
+/// Hooks for `sluice demo` (a line per second, etc.).
+pub type Tick<'a> = Box<dyn FnMut(&ControlBlock) + 'a>;
+
+pub struct Supervisor {
+    cfg: Config,
+    config_path: std::path::PathBuf,
+    control: ControlBlock,
+    rings: Vec<Ring>,
+    writer: Proc,
+    shards: Vec<Proc>,
+    pg: Option<EmbeddedPg>,
+    database_url: String,
+}
+
+fn spawn_child(
+    args: &[String],
+    config: &std::path::Path,
+    keep: &[RawFd],
+    env: &[(&str, String)],
+    death_signal: i32,
+) -> std::io::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let mut c = Command::new(exe);
+    c.args(args).arg("--config").arg(config);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let keep = keep.to_vec();
+    // SAFETY: between fork and exec we only call async-signal-safe
+    // functions (fcntl, prctl) on descriptors we own.
+    unsafe {
+        c.pre_exec(move || {
+            for &fd in &keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.process_group(0);
+    c.spawn()
+}
+
+fn cloexec(fd: RawFd) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map(|_| ()).map_err(std::io::Error::from)
+}
+
+impl Supervisor {
+    pub fn start(mut cfg: Config) -> anyhow::Result<Supervisor> {
+        raise_rlimits();
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        cfg.data_dir = cfg.data_dir.canonicalize()?;
+        std::fs::create_dir_all(cfg.run_dir())?;
+        let mut pg = None;
+        let database_url = match &cfg.database_url {
+            Some(u) => u.clone(),
+            None => {
+                let p = EmbeddedPg::start(&cfg.data_dir)?;
+                let u = p.url();
+                pg = Some(p);
+                u
+            }
+        };
+        sluice_dbwriter::db::migrate(&database_url, cfg.initial_seq).context("running migrations")?;
+        let mut eff = cfg.clone();
+        eff.database_url = Some(database_url.clone());
+        let config_path = cfg.run_dir().join("effective.toml");
+        std::fs::write(&config_path, eff.to_toml())?;
+        let control = ControlBlock::create()?;
+        cloexec(control.fd())?;
+        control.shard_count().store(cfg.shard_count, Ordering::Release);
+        let mut rings = Vec::new();
+        for k in 0..cfg.shard_count {
+            let r = Ring::create(&format!("sluice-ring-{k}"), cfg.ring_size_bytes)?;
+            cloexec(r.fd())?;
+            rings.push(r);
+        }
+        let idle =
+            || Proc { child: None, restarts: 0, next_start: Instant::now(), assign: None, last_assignment: None };
+        let shards = (0..cfg.shard_count).map(|_| idle()).collect();
+        Ok(Supervisor { cfg, config_path, control, rings, writer: idle(), shards, pg, database_url })
+    }
+
+    fn start_writer(&mut self) -> anyhow::Result<()> {
+        let ring_fds: Vec<RawFd> = self.rings.iter().map(|r| r.fd()).collect();
+        let mut keep = ring_fds.clone();
+        keep.push(self.control.fd());
+        let env = [
+            (ENV_CONTROL_FD, self.control.fd().to_string()),
+            (ENV_RING_FDS, ring_fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(",")),
+        ];
+        self.control.set_writer_state(WriterState::Starting);
+        let child = spawn_child(&["db-writer".into()], &self.config_path, &keep, &env, libc::SIGTERM)?;
+        tracing::info!(pid = child.id(), "db-writer started");
+        self.writer.child = Some(child);
+        // Wait for it to be ready (migrations done, log repaired).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.control.writer_state() != WriterState::Ready {
+            if let Some(st) = self.writer.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                anyhow::bail!("db-writer exited during start ({st})");
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("db-writer not ready after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn start_shard(&mut self, k: usize) -> anyhow::Result<()> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let keep = [self.control.fd(), self.rings[k].fd(), r.as_raw_fd()];
+        let env = [
+            (ENV_CONTROL_FD, self.control.fd().to_string()),
+            (ENV_RING_FDS, self.rings[k].fd().to_string()),
+            (ENV_ASSIGN_FD, r.as_raw_fd().to_string()),
+        ];
+        self.control.shard(k).poisoned.store(0, Ordering::Release);
+        let child = spawn_child(
+            &["shard".into(), "--id".into(), k.to_string()],
+            &self.config_path,
+            &keep,
+            &env,
+            libc::SIGKILL,
+        )?;
+        drop::<OwnedFd>(r);
+        tracing::info!(shard = k, pid = child.id(), "shard started");
+        let p = &mut self.shards[k];
+        p.child = Some(child);
+        p.assign = Some(std::fs::File::from(w));
+        p.last_assignment = None;
+        Ok(())
+    }
+
+    /// Run until SIGTERM/SIGINT (`term`), then shut down in order.
+    pub fn run(&mut self, term: Arc<AtomicBool>, mut tick: Option<Tick<'_>>) -> anyhow::Result<()> {
+        self.start_writer()?;
+        for k in 0..self.shards.len() {
+            self.start_shard(k)?;
+        }
+        let mut db = sluice_dbwriter::db::connect(&self.database_url)?;
+        let mut last_poll = Instant::now() - HOST_POLL;
+        tracing::info!(listen = %self.cfg.listen, shards = self.shards.len(), "sluice running");
+        while !term.load(Ordering::Acquire) {
+            self.reap_and_restart()?;
+            if last_poll.elapsed() >= HOST_POLL {
+                last_poll = Instant::now();
+                match sluice_dbwriter::db::hosts(&mut db) {
+                    Ok(hosts) => self.assign(&hosts),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading hosts failed; reconnecting");
+                        if let Ok(c) = sluice_dbwriter::db::connect(&self.database_url) {
+                            db = c;
+                        }
+                    }
+                }
+            }
+            if let Some(t) = tick.as_mut() {
+                t(&self.control);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn assign(&mut self, hosts: &[sluice_dbwriter::db::HostRow]) {
+        let n = self.shards.len() as u32;
+        let mut per: Vec<Vec<serde_json::Value>> = vec![Vec::new(); n as usize];
+        for h in hosts.iter().filter(|h| h.status == "active") {
+            per[shard_for(&h.hostname, n) as usize]
+                .push(serde_json::json!({"id": h.id, "hostname": h.hostname, "cursor": h.cursor}));
+        }
+        for (k, list) in per.into_iter().enumerate() {
+            let p = &mut self.shards[k];
+            let Some(w) = p.assign.as_mut() else { continue };
+            // Only the set of hosts matters to a running shard; cursors
+            // matter when a task starts, so compare without them.
+            let key: Vec<_> = list.iter().map(|v| v["id"].clone()).collect();
+            let key = serde_json::to_string(&key).expect("json");
+            if p.last_assignment.as_deref() == Some(key.as_str()) {
+                continue;
+            }
+            let line = serde_json::json!({ "hosts": list }).to_string() + "\n";
+            match w.write_all(line.as_bytes()) {
+                Ok(()) => p.last_assignment = Some(key),
+                Err(e) => tracing::warn!(shard = k, error = %e, "cannot send the host assignment"),
+            }
+        }
+    }
+
+    fn reap_and_restart(&mut self) -> anyhow::Result<()> {
+        if let Some(st) = self.writer.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            tracing::error!(status = %st, "db-writer exited; restarting it");
+            self.writer.child = None;
+            self.writer.restarts += 1;
+            std::thread::sleep(backoff(self.writer.restarts));
+            self.start_writer()?;
+        }
+        for k in 0..self.shards.len() {
+            let p = &mut self.shards[k];
+            if let Some(st) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                tracing::error!(shard = k, status = %st, "shard exited; restarting it");
+                p.child = None;
+                p.assign = None;
+                p.restarts += 1;
+                p.next_start = Instant::now() + backoff(p.restarts);
+            }
+            if p.child.is_none() && Instant::now() >= p.next_start {
+                self.start_shard(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        let timeout = Duration::from_millis(self.cfg.shutdown_timeout_ms as u64);
+        tracing::info!("shutting down: shards stop reading upstream");
+        self.control.stop_reading().store(1, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        // Rings drain when the db-writer has committed everything in them.
+        while Instant::now() < deadline && self.rings.iter().any(|r| r.used() > 0) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for (k, p) in self.shards.iter_mut().enumerate() {
+            p.assign = None;
+            if let Some(c) = p.child.as_mut() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                wait_bounded(c, Duration::from_secs(5), &format!("shard {k}"));
+            }
+        }
+        if let Some(c) = self.writer.child.as_mut() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            wait_bounded(c, timeout, "db-writer");
+        }
+        if let Some(pg) = self.pg.as_mut() {
+            pg.stop();
+        }
+        tracing::info!(last_seq = self.control.committed().load(Ordering::Acquire), "sluice stopped");
+    }
+}
+
+fn backoff(restarts: u32) -> Duration {
+    (Duration::from_millis(250) * 2u32.saturating_pow(restarts.min(10))).min(BACKOFF_MAX)
+}
+
+fn wait_bounded(c: &mut Child, d: Duration, what: &str) {
+    let deadline = Instant::now() + d;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tracing::warn!(what, "did not stop in time; killing it");
+    let _ = c.kill();
+    let _ = c.wait();
+}

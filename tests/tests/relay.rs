@@ -1,0 +1,311 @@
+//! The relay end to end, in every process it has in production: `sluice
+//! run` (supervisor, db-writer, 2 shards, its private PostgreSQL started
+//! with initdb/pg_ctl in a temp dir) against fakenet (20 hosts × 50
+//! accounts, the default fault mix), checked exactly against fakenet's
+//! ledger. Bounded: a fixed event count, every wait has a deadline.
+
+use sluice_common::frame::{self, Message};
+use sluice_tests::fakenet::check::{self, CheckConfig};
+use sluice_tests::fakenet::runner::{self, ServeConfig};
+use sluice_tests::fakenet::world::FaultRates;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn sluice_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_fakenet")).with_file_name("sluice");
+    if !bin.exists() {
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "--bin", "sluice"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo build");
+        assert!(ok.success(), "building sluice failed");
+    }
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Relay {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    port: u16,
+}
+
+impl Relay {
+    fn new(dir: &Path, plc_url: &str, shard_count: u32) -> Relay {
+        let port = free_port();
+        let config = dir.join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "shard_count = {shard_count}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {plc_url:?}\n\
+                 allow_insecure_hosts = true\nshutdown_timeout_ms = 20000\n",
+                dir.join("data").to_string_lossy()
+            ),
+        )
+        .unwrap();
+        Relay { child: None, config, log: dir.join("relay.log"), port }
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(sluice_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("SLUICE_LOG", "info,refinery_core=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_health(Duration::from_secs(120));
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.split(' ').nth(1)?.parse().ok()?;
+        Some((status, out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()))
+    }
+
+    fn wait_health(&mut self, d: Duration) {
+        let deadline = Instant::now() + d;
+        loop {
+            if let Some((200, _)) = self.http("GET", "/xrpc/_health", "") {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("sluice exited ({st}) before it was healthy:\n{}", self.log_tail());
+            }
+            assert!(Instant::now() < deadline, "relay not healthy in time:\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait (bounded); the exit must be clean.
+    fn stop(&mut self) -> Duration {
+        let t = Instant::now();
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(st.success(), "sluice exited with {st}:\n{}", self.log_tail());
+                return t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = c.kill();
+                panic!("sluice did not stop within 60 s:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+        }
+    }
+}
+
+/// Children of `pid` whose command line contains `needle`.
+fn children_matching(pid: i32, needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+        let ppid: i32 = after.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if ppid == pid && cmd.contains(needle) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Read the relay's stream from `cursor` until `last` (inclusive).
+fn read_stream(port: u16, cursor: i64, last: i64, timeout: Duration) -> Vec<(i64, Vec<u8>)> {
+    let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.last().is_none_or(|(s, _)| *s < last) {
+        assert!(Instant::now() < deadline, "stream from {cursor} stalled at {:?}", out.last().map(|x| x.0));
+        match ws.read().unwrap() {
+            tungstenite::Message::Binary(b) => {
+                let d = frame::decode(&b).unwrap();
+                let Message::Event(ev) = d.message else { panic!("error frame from the relay") };
+                out.push((ev.seq().expect("relayed events have a seq"), b.to_vec()));
+            }
+            _ => continue,
+        }
+    }
+    out
+}
+
+#[test]
+fn relays_a_faulty_network_exactly_across_restart_and_shard_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    const EVENTS: u64 = 3000;
+    let mut net = runner::start(ServeConfig {
+        hosts: 20,
+        accounts: 50,
+        seed: 42,
+        rate: 150.0,
+        max_events: Some(EVENTS),
+        faults: FaultRates::default_mix(),
+        migrations: true,
+        ledger: dir.path().join("ledger.jsonl"),
+        web_accounts: 3,
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 2);
+    relay.start();
+    for h in &net.info.hosts {
+        let (st, body) = relay
+            .http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"))
+            .expect("requestCrawl answered");
+        assert_eq!(st, 200, "requestCrawl {h}: {body}");
+    }
+    // A public-looking hostname without allow_insecure would be crawled;
+    // garbage is refused.
+    let (st, _) = relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", "{\"hostname\":\"not a host\"}").unwrap();
+    assert_eq!(st, 400);
+
+    // Mid-stream: a clean restart.
+    let wait_events = |n: u64, net: &runner::Running| {
+        let t = Instant::now();
+        while net.events() < n {
+            assert!(t.elapsed() < Duration::from_secs(120), "fakenet too slow: {} events", net.events());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_events(EVENTS / 4, &net);
+    let took = relay.stop();
+    eprintln!("SIGTERM stop took {took:?}");
+    assert!(took < Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    relay.start();
+
+    // Later: kill -9 one shard; the supervisor restarts it.
+    wait_events(EVENTS * 6 / 10, &net);
+    let shards = children_matching(relay.pid(), "shard --id 0");
+    assert_eq!(shards.len(), 1, "shard 0 not found");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shards[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    loop {
+        let now = children_matching(relay.pid(), "shard --id 0");
+        if now.len() == 1 && now[0] != shards[0] {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "shard 0 was not restarted:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    net.wait_generation().unwrap();
+
+    // Everything, exactly, from the start of the window.
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.path().join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout: Duration::from_secs(180),
+        settle: Duration::from_secs(3),
+        wait_done: true,
+        only_host: None,
+    })
+    .unwrap();
+    eprintln!("{}", report.summary());
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    assert!(report.relayed > EVENTS / 2, "{}", report.summary());
+
+    // Seqs are dense from 1, and two replays from 0 are identical.
+    let last = report.last_seq;
+    let a = read_stream(relay.port, 0, last, Duration::from_secs(60));
+    let b = read_stream(relay.port, 0, last, Duration::from_secs(60));
+    assert_eq!(a.len() as i64, last);
+    for (i, (s, _)) in a.iter().enumerate() {
+        assert_eq!(*s, i as i64 + 1);
+    }
+    assert!(a == b, "two replays from cursor 0 differ");
+    // A cursor in the middle gives exactly the rest.
+    let mid = last / 2;
+    let c = read_stream(relay.port, mid, last, Duration::from_secs(60));
+    assert_eq!(c.first().map(|x| x.0), Some(mid + 1));
+    assert!(c[..] == a[mid as usize..]);
+
+    let took = relay.stop();
+    eprintln!("final SIGTERM stop took {took:?}");
+}
+
+#[test]
+fn future_cursor_and_health_and_unknown_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = runner::start(ServeConfig {
+        hosts: 1,
+        accounts: 3,
+        rate: 0.0,
+        max_events: Some(0),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1);
+    relay.start();
+    let (st, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
+    assert_eq!(st, 200);
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
+    let (st, _) = relay.http("GET", "/xrpc/com.atproto.sync.nothingHere", "").unwrap();
+    assert_eq!(st, 404);
+    let (st, body) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
+    assert_eq!((st, body.as_str()), (200, "{\"hosts\":[]}"));
+    // A cursor ahead of the stream: error frame FutureCursor.
+    let url = format!("ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos?cursor=999999", relay.port);
+    let tcp = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
+    let m = ws.read().unwrap();
+    let b = m.into_data();
+    match frame::decode(&b).unwrap().message {
+        Message::Error { error, .. } => assert_eq!(error, "FutureCursor"),
+        other => panic!("expected FutureCursor, got {other:?}"),
+    }
+    relay.stop();
+}
