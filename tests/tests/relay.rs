@@ -39,14 +39,14 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(dir: &Path, plc_url: &str, shard_count: u32) -> Relay {
+    fn new(dir: &Path, plc_url: &str, shard_count: u32, extra: &str) -> Relay {
         let port = free_port();
         let config = dir.join("relay.toml");
         std::fs::write(
             &config,
             format!(
                 "shard_count = {shard_count}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {plc_url:?}\n\
-                 allow_insecure_hosts = true\nshutdown_timeout_ms = 20000\n",
+                 allow_insecure_hosts = true\nshutdown_timeout_ms = 20000\n{extra}\n",
                 dir.join("data").to_string_lossy()
             ),
         )
@@ -197,7 +197,7 @@ fn relays_a_faulty_network_exactly_across_restart_and_shard_kill() {
         ..ServeConfig::default()
     })
     .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 2);
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 2, "");
     relay.start();
     for h in &net.info.hosts {
         let (st, body) = relay
@@ -275,19 +275,29 @@ fn relays_a_faulty_network_exactly_across_restart_and_shard_kill() {
     eprintln!("final SIGTERM stop took {took:?}");
 }
 
+fn first_frame(port: u16, query: &str) -> Message<'static> {
+    let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos{query}");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
+    let b: &'static [u8] = ws.read().unwrap().into_data().to_vec().leak();
+    frame::decode(b).unwrap().message
+}
+
 #[test]
-fn future_cursor_and_health_and_unknown_routes() {
+fn cursor_errors_health_and_routes() {
     let dir = tempfile::tempdir().unwrap();
-    let net = runner::start(ServeConfig {
+    let mut net = runner::start(ServeConfig {
         hosts: 1,
         accounts: 3,
         rate: 0.0,
-        max_events: Some(0),
+        max_events: Some(40),
         ledger: dir.path().join("ledger.jsonl"),
         ..ServeConfig::default()
     })
     .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1);
+    net.wait_generation().unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "[limits]\nconsumer_lag_events_max = 10");
     relay.start();
     let (st, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
     assert_eq!(st, 200);
@@ -297,15 +307,37 @@ fn future_cursor_and_health_and_unknown_routes() {
     let (st, body) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
     assert_eq!((st, body.as_str()), (200, "{\"hosts\":[]}"));
     // A cursor ahead of the stream: error frame FutureCursor.
-    let url = format!("ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos?cursor=999999", relay.port);
-    let tcp = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
-    let m = ws.read().unwrap();
-    let b = m.into_data();
-    match frame::decode(&b).unwrap().message {
+    match first_frame(relay.port, "?cursor=999999") {
         Message::Error { error, .. } => assert_eq!(error, "FutureCursor"),
         other => panic!("expected FutureCursor, got {other:?}"),
+    }
+    let host = &net.info.hosts[0];
+    let (st, _) =
+        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{host}\"}}")).unwrap();
+    assert_eq!(st, 200);
+    let t = Instant::now();
+    loop {
+        let (_, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["seq"].as_i64().unwrap_or(0) >= 40 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "events did not arrive: {body}\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (st, body) = relay.http("GET", &format!("/xrpc/com.atproto.sync.getHostStatus?hostname={host}"), "").unwrap();
+    assert_eq!(st, 200, "{body}");
+    let upstream_last = net.shared.hosts[0].last_seq();
+    assert!(body.contains(&format!("\"seq\":{upstream_last}")), "{body} (host at {upstream_last})");
+    // More than consumer_lag_events_max behind: ConsumerTooSlow.
+    match first_frame(relay.port, "?cursor=1") {
+        Message::Error { error, .. } => assert_eq!(error, "ConsumerTooSlow"),
+        other => panic!("expected ConsumerTooSlow, got {other:?}"),
+    }
+    // Within the lag: the events after the cursor, in order.
+    match first_frame(relay.port, "?cursor=35") {
+        Message::Event(e) => assert_eq!(e.seq(), Some(36)),
+        other => panic!("expected seq 36, got {other:?}"),
     }
     relay.stop();
 }

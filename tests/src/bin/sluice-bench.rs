@@ -1,0 +1,188 @@
+//! End-to-end benchmark: fakenet pre-generates a network's traffic (signing
+//! paid ahead, held in memory as each host's backlog), then `sluice run`
+//! crawls every host from cursor 0, so the hosts replay at full speed
+//! through the relay to one consumer. Prints fakenet's generation and raw
+//! replay rates, the relay's end-to-end events/s, and RSS / thread counts
+//! per relay process.
+//!
+//! `cargo build --release --bins && target/release/sluice-bench --shards 2`
+
+use clap::Parser;
+use sluice_tests::fakenet::runner::{self, ServeConfig};
+use sluice_tests::fakenet::world::FaultRates;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 2)]
+    shards: u32,
+    #[arg(long, default_value_t = 20)]
+    hosts: usize,
+    #[arg(long, default_value_t = 50)]
+    accounts: usize,
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// The sluice binary (default: next to this one).
+    #[arg(long)]
+    sluice: Option<PathBuf>,
+}
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+        if after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            out.push((p, cmd.split_whitespace().skip(1).take(3).collect::<Vec<_>>().join(" ")));
+        }
+    }
+    out
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split(' ').nth(1)?.parse().ok()
+}
+
+/// Count frames from `path` until `n` arrived or `timeout`; returns (count, elapsed).
+fn consume(port: u16, path: &str, n: u64, timeout: Duration) -> (u64, Duration) {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}{path}"), tcp).expect("subscribe");
+    let t = Instant::now();
+    let mut got = 0;
+    while got < n && t.elapsed() < timeout {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(_)) => got += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    (got, t.elapsed())
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let dir = tempfile_dir()?;
+    let t = Instant::now();
+    let mut net = runner::start(ServeConfig {
+        hosts: a.hosts,
+        accounts: a.accounts,
+        seed: 9,
+        rate: 0.0,
+        max_events: Some(a.events),
+        faults: FaultRates::none(),
+        ledger: dir.join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })?;
+    net.wait_generation()?;
+    let gen = t.elapsed();
+    let total = net.events();
+    println!(
+        "fakenet generation: {total} events in {:.2} s = {:.0} events/s",
+        gen.as_secs_f64(),
+        total as f64 / gen.as_secs_f64()
+    );
+    // Raw replay: every host's backlog straight to a consumer.
+    let t = Instant::now();
+    let mut replayed = 0;
+    for h in &net.info.hosts {
+        let port: u16 = h.rsplit_once(':').unwrap().1.parse()?;
+        let backlog = net.shared.hosts.iter().find(|x| &x.name == h).map_or(0, |x| x.last_seq()) as u64;
+        let (n, _) = consume(port, "/xrpc/com.atproto.sync.subscribeRepos?cursor=0", backlog, Duration::from_secs(60));
+        replayed += n;
+    }
+    let el = t.elapsed();
+    println!(
+        "fakenet replay (one consumer, host after host): {replayed} frames, ~{:.0} frames/s",
+        replayed as f64 / el.as_secs_f64().max(1e-3)
+    );
+
+    let sluice = a.sluice.unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("sluice"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "shard_count = {}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {:?}\nallow_insecure_hosts = true\n\
+             ring_size_bytes = 67108864\n",
+            a.shards,
+            dir.join("data").to_string_lossy(),
+            net.info.plc_url
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("relay.log"))?;
+    let mut child = Command::new(&sluice)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let t = Instant::now();
+    while http(port, "GET", "/xrpc/_health", "") != Some(200) {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "relay not healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let consumer = std::thread::spawn(move || {
+        consume(port, "/xrpc/com.atproto.sync.subscribeRepos", total, Duration::from_secs(600))
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    for h in &net.info.hosts {
+        http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
+    }
+    // Sample RSS and threads while the load runs.
+    let mut peak: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    while !consumer.is_finished() {
+        let mut procs = children(child.id());
+        procs.push((child.id(), "supervisor".into()));
+        for (p, name) in procs {
+            let e = peak.entry(name).or_default();
+            e.0 = e.0.max(proc_status(p, "VmRSS:"));
+            e.1 = e.1.max(proc_status(p, "Threads:"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (got, _) = consumer.join().unwrap();
+    let el = t.elapsed();
+    println!(
+        "relay end to end (shard_count {}): {got} of {total} events in {:.2} s = {:.0} events/s",
+        a.shards,
+        el.as_secs_f64(),
+        got as f64 / el.as_secs_f64()
+    );
+    for (name, (rss, threads)) in &peak {
+        println!("  {name:<24} peak RSS {:>7} KiB  threads {threads}", rss);
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
