@@ -36,6 +36,14 @@ fn proc_status(pid: u32, key: &str) -> u64 {
     s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
 fn children(pid: u32) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -81,6 +89,28 @@ fn consume(port: u16, path: &str, n: u64, timeout: Duration) -> (u64, Duration) 
     (got, t.elapsed())
 }
 
+/// Replay a host from cursor 0 until its frame with seq `last`.
+fn consume_to_seq(port: u16, last: i64, timeout: Duration) -> (u64, Duration) {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor=0");
+    let (mut ws, _) = tungstenite::client(url, tcp).expect("subscribe");
+    let t = Instant::now();
+    let mut got = 0;
+    while t.elapsed() < timeout {
+        let Ok(tungstenite::Message::Binary(b)) = ws.read() else { break };
+        got += 1;
+        let seq = sluice_common::frame::decode(&b).ok().and_then(|d| match d.message {
+            sluice_common::frame::Message::Event(e) => e.seq(),
+            _ => None,
+        });
+        if seq.is_some_and(|s| s >= last) {
+            break;
+        }
+    }
+    (got, t.elapsed())
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let dir = tempfile_dir()?;
@@ -109,7 +139,7 @@ fn main() -> anyhow::Result<()> {
     for h in &net.info.hosts {
         let port: u16 = h.rsplit_once(':').unwrap().1.parse()?;
         let backlog = net.shared.hosts.iter().find(|x| &x.name == h).map_or(0, |x| x.last_seq()) as u64;
-        let (n, _) = consume(port, "/xrpc/com.atproto.sync.subscribeRepos?cursor=0", backlog, Duration::from_secs(60));
+        let (n, _) = consume_to_seq(port, backlog as i64, Duration::from_secs(60));
         replayed += n;
     }
     let el = t.elapsed();
@@ -153,14 +183,18 @@ fn main() -> anyhow::Result<()> {
         http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
     }
     // Sample RSS and threads while the load runs.
-    let mut peak: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut peak: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
+    let cpu0: std::collections::HashMap<u32, u64> = children(child.id()).into_iter().map(|(p, _)| (p, cpu_ticks(p))).collect();
     while !consumer.is_finished() {
         let mut procs = children(child.id());
         procs.push((child.id(), "supervisor".into()));
         for (p, name) in procs {
+            let name = name.split(" --config").next().unwrap_or("").to_owned();
             let e = peak.entry(name).or_default();
-            e.0 = e.0.max(proc_status(p, "VmRSS:"));
-            e.1 = e.1.max(proc_status(p, "Threads:"));
+            e[0] = e[0].max(proc_status(p, "VmRSS:"));
+            e[1] = e[1].max(proc_status(p, "RssAnon:"));
+            e[2] = e[2].max(proc_status(p, "Threads:"));
+            e[3] = cpu_ticks(p).saturating_sub(cpu0.get(&p).copied().unwrap_or(0));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -172,8 +206,12 @@ fn main() -> anyhow::Result<()> {
         el.as_secs_f64(),
         got as f64 / el.as_secs_f64()
     );
-    for (name, (rss, threads)) in &peak {
-        println!("  {name:<24} peak RSS {:>7} KiB  threads {threads}", rss);
+    let hz = 100.0;
+    for (name, [rss, anon, threads, cpu]) in &peak {
+        println!(
+            "  {name:<14} peak RSS {rss:>7} KiB (anon {anon:>6} KiB)  threads {threads}  CPU {:.2} s",
+            *cpu as f64 / hz
+        );
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
     let _ = child.wait();
