@@ -154,6 +154,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         base_port: a.base_port,
         bursts: a.bursts,
         initial_records: a.initial_records,
+        emit_times_max: 0,
     })
     .context("starting fakenet")?;
     eprintln!("fakenet: {} hosts, PLC at {}", running.info.hosts.len(), running.info.plc_url);

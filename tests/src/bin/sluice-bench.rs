@@ -26,6 +26,12 @@ struct Args {
     accounts: usize,
     #[arg(long, default_value_t = 100_000)]
     events: u64,
+    /// Latency phase: live events per second (0 = skip the phase).
+    #[arg(long, default_value_t = 1000.0)]
+    latency_rate: f64,
+    /// Latency phase: seconds of live traffic.
+    #[arg(long, default_value_t = 10)]
+    latency_seconds: u64,
     /// The sluice binary (default: next to this one).
     #[arg(long)]
     sluice: Option<PathBuf>,
@@ -41,7 +47,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
     let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn children(pid: u32) -> Vec<(u32, String)> {
@@ -148,32 +155,8 @@ fn main() -> anyhow::Result<()> {
         replayed as f64 / el.as_secs_f64().max(1e-3)
     );
 
-    let sluice = a.sluice.unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("sluice"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let cfg = dir.join("relay.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "shard_count = {}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {:?}\nallow_insecure_hosts = true\n\
-             ring_size_bytes = 67108864\n",
-            a.shards,
-            dir.join("data").to_string_lossy(),
-            net.info.plc_url
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("relay.log"))?;
-    let mut child = Command::new(&sluice)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("SLUICE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let t = Instant::now();
-    while http(port, "GET", "/xrpc/_health", "") != Some(200) {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "relay not healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let sluice = a.sluice.clone().unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("sluice"));
+    let (mut child, port) = spawn_relay(&sluice, &dir.join("relay-throughput"), a.shards, &net.info.plc_url)?;
     let consumer = std::thread::spawn(move || {
         consume(port, "/xrpc/com.atproto.sync.subscribeRepos", total, Duration::from_secs(600))
     });
@@ -184,7 +167,8 @@ fn main() -> anyhow::Result<()> {
     }
     // Sample RSS and threads while the load runs.
     let mut peak: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
-    let cpu0: std::collections::HashMap<u32, u64> = children(child.id()).into_iter().map(|(p, _)| (p, cpu_ticks(p))).collect();
+    let cpu0: std::collections::HashMap<u32, u64> =
+        children(child.id()).into_iter().map(|(p, _)| (p, cpu_ticks(p))).collect();
     while !consumer.is_finished() {
         let mut procs = children(child.id());
         procs.push((child.id(), "supervisor".into()));
@@ -215,6 +199,9 @@ fn main() -> anyhow::Result<()> {
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
     let _ = child.wait();
+    if a.latency_rate > 0.0 {
+        latency_phase(&a, &sluice, &dir)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -223,4 +210,100 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+/// Live traffic at a fixed rate through the running relay; latency is from
+/// fakenet handing a commit to its host to the consumer decoding it.
+fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut net = runner::start(ServeConfig {
+        hosts: 10,
+        accounts: 20,
+        seed: 10,
+        rate: a.latency_rate,
+        duration: Some(Duration::from_secs(a.latency_seconds)),
+        faults: FaultRates::none(),
+        ledger: dir.join("ledger-latency.jsonl"),
+        wait_subscribers: Some(Duration::from_secs(60)),
+        emit_times_max: 10_000_000,
+        ..ServeConfig::default()
+    })?;
+    let (mut child, port) = spawn_relay(sluice, &dir.join("relay-latency"), a.shards, &net.info.plc_url)?;
+    let shared = net.shared.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let consumer = std::thread::spawn(move || {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos");
+        let (mut ws, _) = tungstenite::client(url, tcp).expect("subscribe");
+        let mut lat = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Acquire) {
+            let Ok(tungstenite::Message::Binary(b)) = ws.read() else { continue };
+            let now = Instant::now();
+            if let Ok(d) = sluice_common::frame::decode(&b) {
+                if let sluice_common::frame::Message::Event(sluice_common::frame::Event::Commit(c)) = d.message {
+                    if let Some(t) = shared.emit_times.lock().unwrap().get(&c.commit.to_string()) {
+                        lat.push(now.duration_since(*t));
+                    }
+                }
+            }
+        }
+        lat
+    });
+    for h in &net.info.hosts {
+        http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
+    }
+    net.wait_generation()?;
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut lat = consumer.join().unwrap();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
+    };
+    println!(
+        "latency at {:.0} events/s live ({} commits): p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        a.latency_rate,
+        lat.len(),
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let _ = child.wait();
+    Ok(())
+}
+
+/// Start `sluice run` in `dir` against a fakenet PLC; returns once healthy.
+fn spawn_relay(
+    sluice: &std::path::Path,
+    dir: &std::path::Path,
+    shards: u32,
+    plc: &str,
+) -> anyhow::Result<(std::process::Child, u16)> {
+    std::fs::create_dir_all(dir)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "shard_count = {shards}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {plc:?}\n\
+             allow_insecure_hosts = true\nring_size_bytes = 67108864\n",
+            dir.join("data").to_string_lossy(),
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("relay.log"))?;
+    let child = Command::new(sluice)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let t = Instant::now();
+    while http(port, "GET", "/xrpc/_health", "") != Some(200) {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "relay not healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((child, port))
 }

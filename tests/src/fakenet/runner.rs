@@ -37,6 +37,8 @@ pub struct ServeConfig {
     /// Every 10 s, one second at 5x the rate.
     pub bursts: bool,
     pub initial_records: usize,
+    /// Record the emission instant of up to this many commits (0 = off).
+    pub emit_times_max: usize,
 }
 
 impl Default for ServeConfig {
@@ -59,6 +61,7 @@ impl Default for ServeConfig {
             base_port: 0,
             bursts: false,
             initial_records: 5,
+            emit_times_max: 0,
         }
     }
 }
@@ -162,6 +165,8 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         seed: cfg.seed,
         events: Default::default(),
         generation_done: Default::default(),
+        emit_times: Default::default(),
+        emit_times_max: cfg.emit_times_max,
     });
     let (keys, docs) = world.initial();
     shared.docs.write().expect("docs").extend(docs);
@@ -293,6 +298,12 @@ fn apply(
             Output::Frame { host, seq, frame, entry } => {
                 if let Some(d) = &entry.did {
                     touched.push(d.clone());
+                }
+                if shared.emit_times_max > 0 && entry.t == "#commit" {
+                    let mut t = shared.emit_times.lock().expect("emit times");
+                    if t.len() < shared.emit_times_max {
+                        t.insert(entry.id.clone(), Instant::now());
+                    }
                 }
                 ledger.write(&Line::Event(entry))?;
                 shared.hosts[host].push_frame(seq, frame);

@@ -120,6 +120,11 @@ pub struct Shared {
     pub seed: u64,
     pub events: AtomicU64,
     pub generation_done: AtomicBool,
+    /// When each `#commit` (by commit CID) was handed to its host, if
+    /// [`super::runner::ServeConfig::emit_times_max`] asks for it (latency
+    /// benchmarks); bounded by that count.
+    pub emit_times: Mutex<HashMap<String, std::time::Instant>>,
+    pub emit_times_max: usize,
 }
 
 impl Shared {
