@@ -341,3 +341,65 @@ fn cursor_errors_health_and_routes() {
     }
     relay.stop();
 }
+
+/// The replay window: after retention removed the oldest segment, a cursor
+/// before the window gets `#info OutdatedCursor` and then the window from
+/// its first event; cursor 0 starts at the window's first event.
+#[test]
+fn outdated_cursor_after_the_oldest_segment_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 4,
+        accounts: 20,
+        seed: 5,
+        rate: 0.0,
+        max_events: Some(9_000),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    net.wait_generation().unwrap();
+    // The smallest segments the config allows (8 MiB), so a few exist.
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "segment_size_bytes = 8388608");
+    relay.start();
+    for h in &net.info.hosts {
+        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")).unwrap();
+    }
+    let events_dir = dir.path().join("data").join("events");
+    let t = Instant::now();
+    let mut seq = 0;
+    while seq < 9_000 {
+        let (_, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
+        seq = serde_json::from_str::<serde_json::Value>(&body).unwrap()["seq"].as_i64().unwrap_or(0);
+        assert!(t.elapsed() < Duration::from_secs(120), "only {seq} events relayed:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    relay.stop();
+    let segs = sluice_common::eventlog::list_segments(&events_dir).unwrap();
+    assert!(segs.len() >= 2, "expected several segments, got {segs:?}");
+    // What retention does: remove the oldest whole segment.
+    let (d, i) = sluice_common::eventlog::segment_paths(&events_dir, segs[0]);
+    std::fs::remove_file(d).unwrap();
+    std::fs::remove_file(i).unwrap();
+    relay.start();
+    let oldest = segs[1];
+    match first_frame(relay.port, "?cursor=0") {
+        Message::Event(e) => assert_eq!(e.seq(), Some(oldest)),
+        other => panic!("expected seq {oldest}, got {other:?}"),
+    }
+    let url = format!("ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos?cursor=5", relay.port);
+    let tcp = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
+    let info = ws.read().unwrap().into_data();
+    match frame::decode(&info).unwrap().message {
+        Message::Event(sluice_common::frame::Event::Info(i)) => assert_eq!(i.name, "OutdatedCursor"),
+        other => panic!("expected #info OutdatedCursor, got {other:?}"),
+    }
+    let next = ws.read().unwrap().into_data();
+    match frame::decode(&next).unwrap().message {
+        Message::Event(e) => assert_eq!(e.seq(), Some(oldest)),
+        other => panic!("expected seq {oldest}, got {other:?}"),
+    }
+    relay.stop();
+}
