@@ -275,3 +275,53 @@ fn sync_endpoints_answer() {
     assert!(d["did"].as_str().unwrap().starts_with("did:web:"));
     let _ = (Event::Unknown { t: "" }, 0);
 }
+
+/// `--tls-ca`: hosts speak wss:// with a certificate from a CA generated for
+/// the run; a client trusting only that CA reads the same stream; DID
+/// documents name https:// endpoints.
+#[test]
+fn tls_hosts_serve_wss_with_the_generated_ca() {
+    use sluice_tests::fakenet::tls;
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let mut r = runner::start(ServeConfig {
+        hosts: 1,
+        accounts: 4,
+        rate: 0.0,
+        max_events: Some(30),
+        ledger: dir.path().join("ledger.jsonl"),
+        tls_ca_out: Some(ca.clone()),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    r.wait_generation().unwrap();
+    assert_eq!(r.info.ca_cert.as_deref(), Some(ca.to_str().unwrap()));
+    let host = r.info.hosts[0].clone();
+    let port: u16 = host.rsplit_once(':').unwrap().1.parse().unwrap();
+    let docs = r.shared.docs.read().unwrap();
+    let doc = docs.values().next().unwrap().to_string();
+    assert!(doc.contains(&format!("https://{host}")), "{doc}");
+    drop(docs);
+
+    let cfg = tls::client_config(&ca).unwrap();
+    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tls_stream = rustls::StreamOwned::new(conn, tcp);
+    let url = format!("wss://{host}/xrpc/com.atproto.sync.subscribeRepos?cursor=0");
+    let (mut ws, _) = tungstenite::client(url, tls_stream).unwrap();
+    let mut n = 0;
+    while n < 30 {
+        let b = ws.read().unwrap().into_data();
+        match frame::decode(&b).unwrap().message {
+            Message::Event(e) => assert!(e.seq().is_some()),
+            other => panic!("unexpected {other:?}"),
+        }
+        n += 1;
+    }
+    // Plain TCP gets no WebSocket from a TLS host.
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(tungstenite::client(format!("ws://{host}/xrpc/com.atproto.sync.subscribeRepos"), tcp).is_err());
+}

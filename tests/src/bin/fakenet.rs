@@ -84,6 +84,11 @@ struct ServeArgs {
     /// Records each account starts with.
     #[arg(long, default_value_t = 5)]
     initial_records: usize,
+    /// Serve the hosts over TLS (wss://; DID documents name https://
+    /// endpoints) with a CA generated for this run; its certificate (PEM) is
+    /// written to this file for clients to trust.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -155,6 +160,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         bursts: a.bursts,
         initial_records: a.initial_records,
         emit_times_max: 0,
+        tls_ca_out: a.tls_ca.clone(),
     })
     .context("starting fakenet")?;
     eprintln!("fakenet: {} hosts, PLC at {}", running.info.hosts.len(), running.info.plc_url);

@@ -11,5 +11,6 @@ pub mod check;
 pub mod ledger;
 pub mod runner;
 pub mod server;
+pub mod tls;
 pub mod world;
 pub mod ws;

@@ -39,6 +39,9 @@ pub struct ServeConfig {
     pub initial_records: usize,
     /// Record the emission instant of up to this many commits (0 = off).
     pub emit_times_max: usize,
+    /// Serve hosts over TLS (`wss://`, PDS endpoints `https://`), with a CA
+    /// generated for this run whose certificate is written here.
+    pub tls_ca_out: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -62,6 +65,7 @@ impl Default for ServeConfig {
             bursts: false,
             initial_records: 5,
             emit_times_max: 0,
+            tls_ca_out: None,
         }
     }
 }
@@ -75,6 +79,9 @@ pub struct Info {
     pub ledger: String,
     pub control_url: String,
     pub web_hosts: Vec<String>,
+    /// With TLS: the CA certificate (PEM) that signed the hosts' certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 pub struct Running {
@@ -154,6 +161,7 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         initial_records: cfg.initial_records,
         faults: cfg.faults.clone(),
         migrations: cfg.migrations,
+        tls: cfg.tls_ca_out.is_some(),
     });
     let (control_tx, control_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
@@ -179,8 +187,12 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     let mut ledger = LedgerWriter::create(&cfg.ledger).with_context(|| format!("{}", cfg.ledger.display()))?;
     ledger.write(&Line::Header { ledger: 1, seed: cfg.seed, accounts: keys })?;
     ledger.flush()?;
+    let tls = match &cfg.tls_ca_out {
+        Some(p) => Some(super::tls::server_config(p)?),
+        None => None,
+    };
     for (i, l) in host_listeners.into_iter().enumerate() {
-        rt.spawn(server::serve_host(l, shared.clone(), i));
+        rt.spawn(server::serve_host(l, shared.clone(), i, tls.clone()));
     }
     for (l, name) in web_listeners.into_iter().zip(&web_names) {
         rt.spawn(server::serve_web_did(l, shared.clone(), super::world::web_did(name)));
@@ -194,6 +206,7 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         ledger: cfg.ledger.display().to_string(),
         control_url: format!("{base}/_fakenet/fault"),
         web_hosts: web_names,
+        ca_cert: cfg.tls_ca_out.as_ref().map(|p| p.display().to_string()),
     };
     if let Some(p) = &cfg.info {
         let tmp = p.with_extension("tmp");

@@ -17,8 +17,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 /// Items a host keeps for replay, by default.
@@ -133,19 +134,39 @@ impl Shared {
     }
 }
 
-/// Accept loop of one PDS host.
-pub async fn serve_host(listener: TcpListener, shared: Arc<Shared>, host: usize) {
+/// Accept loop of one PDS host (TLS when `tls` is given).
+pub async fn serve_host(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    host: usize,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _ = handle_host_conn(stream, shared, host).await;
+            match acceptor {
+                None => {
+                    let _ = handle_host_conn(stream, shared, host).await;
+                }
+                Some(a) => {
+                    if let Ok(s) = a.accept(stream).await {
+                        let _ = handle_host_conn(s, shared, host).await;
+                    }
+                }
+            }
         });
     }
 }
 
-async fn handle_host_conn(mut stream: TcpStream, shared: Arc<Shared>, host: usize) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
+async fn handle_host_conn<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut stream: S,
+    shared: Arc<Shared>,
+    host: usize,
+) -> std::io::Result<()> {
     let Some(req) = ws::read_request(&mut stream).await? else { return Ok(()) };
     let hs = shared.hosts[host].clone();
     match req.path.as_str() {
@@ -210,14 +231,14 @@ fn host_endpoint(shared: &Shared, host: usize, path: &str, req: &Request) -> Vec
 }
 
 /// One `subscribeRepos` connection: replay from the cursor, then live.
-async fn subscriber(
-    stream: TcpStream,
+async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     req: Request,
     host: Arc<HostState>,
     mut split: Option<ChaCha8Rng>,
 ) -> std::io::Result<()> {
     let Some(upgrade) = ws::upgrade_response(&req) else { return Ok(()) };
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     ws::write_maybe_split(&mut wr, &upgrade, split.as_mut()).await?;
     let cursor: Option<i64> = req.param("cursor").and_then(|c| c.parse().ok());
     let mut out = Vec::new();

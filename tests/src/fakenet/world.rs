@@ -172,6 +172,8 @@ pub struct WorldConfig {
     pub faults: FaultRates,
     /// Accounts may move between hosts.
     pub migrations: bool,
+    /// Hosts serve TLS: PDS endpoints are `https://` (else `http://`).
+    pub tls: bool,
 }
 
 impl WorldConfig {
@@ -186,6 +188,7 @@ impl WorldConfig {
             initial_records: 3,
             faults: FaultRates::none(),
             migrations: false,
+            tls: false,
         }
     }
 }
@@ -271,6 +274,7 @@ pub fn web_did(web_host: &str) -> String {
     format!("did:web:{}", web_host.replace(':', "%3A"))
 }
 
+/// `pds` is the endpoint URL (`http://localhost:PORT`).
 pub fn did_document(did: &str, handle: &str, key: &PrivateKey, pds: &str) -> serde_json::Value {
     serde_json::json!({
         "@context": ["https://www.w3.org/ns/did/v1", "https://w3id.org/security/multikey/v1"],
@@ -285,7 +289,7 @@ pub fn did_document(did: &str, handle: &str, key: &PrivateKey, pds: &str) -> ser
         "service": [{
             "id": "#atproto_pds",
             "type": "AtprotoPersonalDataServer",
-            "serviceEndpoint": format!("http://{pds}"),
+            "serviceEndpoint": pds,
         }],
     })
 }
@@ -395,7 +399,8 @@ impl World {
     }
 
     pub fn document(&self, a: &Account) -> serde_json::Value {
-        did_document(&a.did, &a.handle, a.repo.key(), &self.cfg.hosts[a.host])
+        let scheme = if self.cfg.tls { "https" } else { "http" };
+        did_document(&a.did, &a.handle, a.repo.key(), &format!("{scheme}://{}", self.cfg.hosts[a.host]))
     }
 
     /// Now, in unix microseconds, on the logical clock.
