@@ -23,6 +23,20 @@ enum Cmd {
     /// Subscribe to a relay and check its stream against a ledger; exits
     /// non-zero on any mismatch.
     Check(CheckArgs),
+    /// Generate traffic ahead into a corpus directory (ledger, DID
+    /// documents, each host's frames), for `serve --corpus`: replaying
+    /// costs no signing. Takes the generation flags of `serve`; the ports
+    /// are part of the corpus (fix them with --base-port).
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Directory to write the corpus into.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(clap::Args)]
@@ -89,6 +103,11 @@ struct ServeArgs {
     /// written to this file for clients to trust.
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
+    /// Serve a corpus written by `fakenet generate` (every generation flag
+    /// is then ignored): each host's backlog holds all its frames from the
+    /// start, for full-speed replay from cursor 0.
+    #[arg(long, value_name = "DIR")]
+    corpus: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -120,6 +139,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
     match Cli::parse().cmd {
         Cmd::Serve(a) => serve(a),
+        Cmd::Generate(a) => generate(a),
         Cmd::Check(a) => {
             let report = check::run(&check::CheckConfig {
                 relay: check::normalise_url(&a.relay),
@@ -139,9 +159,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(a: ServeArgs) -> anyhow::Result<()> {
+fn serve_config(a: ServeArgs) -> anyhow::Result<runner::ServeConfig> {
     let faults = FaultRates::parse(&a.faults).map_err(|e| anyhow::anyhow!("--faults: {e}"))?;
-    let mut running = runner::start(runner::ServeConfig {
+    Ok(runner::ServeConfig {
         hosts: a.hosts,
         accounts: a.accounts,
         skew: a.skew,
@@ -162,7 +182,39 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         emit_times_max: 0,
         tls_ca_out: a.tls_ca.clone(),
     })
-    .context("starting fakenet")?;
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let out = a.out.clone();
+    let t = std::time::Instant::now();
+    let meta = runner::generate_corpus(serve_config(a.serve)?, &out)?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "fakenet: corpus of {} events for {} hosts in {} ({:.1} s, {:.0} events/s)",
+        meta.events,
+        meta.hosts.len(),
+        out.display(),
+        secs,
+        meta.events as f64 / secs
+    );
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    if let Some(dir) = a.corpus.clone() {
+        let r = runner::serve_corpus(&dir, a.info.as_deref())?;
+        eprintln!(
+            "fakenet: serving the corpus in {} ({} events, {} hosts, PLC at {}) until interrupted",
+            dir.display(),
+            r.events(),
+            r.info.hosts.len(),
+            r.info.plc_url
+        );
+        loop {
+            std::thread::park();
+        }
+    }
+    let mut running = runner::start(serve_config(a)?).context("starting fakenet")?;
     eprintln!("fakenet: {} hosts, PLC at {}", running.info.hosts.len(), running.info.plc_url);
     running.wait_generation()?;
     eprintln!("fakenet: generation done, {} events; serving until interrupted", running.events());

@@ -32,6 +32,9 @@ struct Args {
     /// Latency phase: seconds of live traffic.
     #[arg(long, default_value_t = 10)]
     latency_seconds: u64,
+    /// Replay a corpus written by `fakenet generate` instead of generating.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
     /// The sluice binary (default: next to this one).
     #[arg(long)]
     sluice: Option<PathBuf>,
@@ -121,25 +124,37 @@ fn consume_to_seq(port: u16, last: i64, timeout: Duration) -> (u64, Duration) {
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let dir = tempfile_dir()?;
-    let t = Instant::now();
-    let mut net = runner::start(ServeConfig {
-        hosts: a.hosts,
-        accounts: a.accounts,
-        seed: 9,
-        rate: 0.0,
-        max_events: Some(a.events),
-        faults: FaultRates::none(),
-        ledger: dir.join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })?;
-    net.wait_generation()?;
-    let gen = t.elapsed();
+    let net = match &a.corpus {
+        Some(c) => {
+            let t = Instant::now();
+            let net = runner::serve_corpus(c, None)?;
+            println!("fakenet corpus loaded: {} events in {:.2} s", net.events(), t.elapsed().as_secs_f64());
+            net
+        }
+        None => {
+            let t = Instant::now();
+            let mut net = runner::start(ServeConfig {
+                hosts: a.hosts,
+                accounts: a.accounts,
+                seed: 9,
+                rate: 0.0,
+                max_events: Some(a.events),
+                faults: FaultRates::none(),
+                ledger: dir.join("ledger.jsonl"),
+                ..ServeConfig::default()
+            })?;
+            net.wait_generation()?;
+            let gen = t.elapsed();
+            println!(
+                "fakenet generation: {} events in {:.2} s = {:.0} events/s",
+                net.events(),
+                gen.as_secs_f64(),
+                net.events() as f64 / gen.as_secs_f64()
+            );
+            net
+        }
+    };
     let total = net.events();
-    println!(
-        "fakenet generation: {total} events in {:.2} s = {:.0} events/s",
-        gen.as_secs_f64(),
-        total as f64 / gen.as_secs_f64()
-    );
     // Raw replay: every host's backlog straight to a consumer.
     let t = Instant::now();
     let mut replayed = 0;

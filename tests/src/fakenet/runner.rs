@@ -120,9 +120,17 @@ impl Drop for Running {
 }
 
 fn bind(rt: &tokio::runtime::Runtime, port: u16) -> anyhow::Result<(tokio::net::TcpListener, u16)> {
-    let l = rt
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
-        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    // A fixed port may take a moment to be released by a previous run.
+    let deadline = Instant::now() + Duration::from_secs(if port == 0 { 0 } else { 3 });
+    let l = loop {
+        match rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))) {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding 127.0.0.1:{port}")),
+        }
+    };
     let p = l.local_addr()?.port();
     Ok((l, p))
 }
@@ -229,7 +237,8 @@ fn repo_info(world: &World, a: &super::world::Account) -> RepoInfo {
             Status::Deactivated => Some("deactivated"),
             Status::TakenDown => Some("takendown"),
             Status::Deleted => Some("deleted"),
-        },
+        }
+        .map(str::to_owned),
         rev: a.repo.rev().map(|r| r.to_string()),
         head: a.repo.commit_block().map(|(c, _)| c.to_string()),
     }
@@ -352,4 +361,145 @@ fn apply(
         }
     }
     Ok(())
+}
+
+/// A corpus: a network's traffic generated ahead, on disk, so that serving
+/// it costs no signing. Layout of the directory:
+/// - `corpus.json`: [`CorpusMeta`] (host names with their fixed ports, the
+///   directory's port, did:web hosts);
+/// - `ledger.jsonl`: the ledger, as [`super::ledger`] documents;
+/// - `docs.json`: DID → DID document (final state); `repos.json`: DID →
+///   repo status (final state);
+/// - `host-{i}.frames`: host i's frames in order, each `seq` (i64 LE),
+///   length (u32 LE), frame bytes.
+///
+/// Connection faults (disconnects, stalls, malformed bytes) are wire
+/// behaviours of a live connection and are not in a corpus; in-stream
+/// faults (bad signatures, broken proofs, replays...) are.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CorpusMeta {
+    pub version: u32,
+    pub seed: u64,
+    pub events: u64,
+    pub hosts: Vec<String>,
+    pub web_hosts: Vec<String>,
+    pub directory_port: u16,
+}
+
+/// Generate with `cfg` (its rate is ignored: as fast as possible) and
+/// write the corpus into `dir`. Ports are bound during generation (they
+/// are part of the host names and DID documents): pass `base_port` to fix
+/// them.
+pub fn generate_corpus(mut cfg: ServeConfig, dir: &std::path::Path) -> anyhow::Result<CorpusMeta> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    cfg.rate = 0.0;
+    cfg.ledger = dir.join("ledger.jsonl");
+    cfg.info = None;
+    cfg.wait_subscribers = None;
+    anyhow::ensure!(cfg.max_events.is_some() || cfg.duration.is_some(), "a corpus needs an event count or a duration");
+    let mut r = start(cfg.clone())?;
+    r.wait_generation()?;
+    let port_of = |u: &str| u.rsplit_once(':').and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok());
+    let meta = CorpusMeta {
+        version: 1,
+        seed: cfg.seed,
+        events: r.events(),
+        hosts: r.info.hosts.clone(),
+        web_hosts: r.info.web_hosts.clone(),
+        directory_port: port_of(&r.info.plc_url).context("directory port")?,
+    };
+    for (i, h) in r.shared.hosts.iter().enumerate() {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join(format!("host-{i}.frames")))?);
+        for (seq, f) in h.frames() {
+            w.write_all(&seq.to_le_bytes())?;
+            w.write_all(&(f.len() as u32).to_le_bytes())?;
+            w.write_all(&f)?;
+        }
+        w.flush()?;
+    }
+    std::fs::write(dir.join("docs.json"), serde_json::to_vec(&*r.shared.docs.read().expect("docs"))?)?;
+    std::fs::write(dir.join("repos.json"), serde_json::to_vec(&*r.shared.repos.read().expect("repos"))?)?;
+    std::fs::write(dir.join("corpus.json"), serde_json::to_vec_pretty(&meta)?)?;
+    Ok(meta)
+}
+
+fn read_frames(path: &std::path::Path) -> anyhow::Result<Vec<(i64, Vec<u8>)>> {
+    let b = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        anyhow::ensure!(i + 12 <= b.len(), "{}: truncated record header at {i}", path.display());
+        let seq = i64::from_le_bytes(b[i..i + 8].try_into().expect("8"));
+        let len = u32::from_le_bytes(b[i + 8..i + 12].try_into().expect("4")) as usize;
+        anyhow::ensure!(i + 12 + len <= b.len(), "{}: truncated frame at {i}", path.display());
+        out.push((seq, b[i + 12..i + 12 + len].to_vec()));
+        i += 12 + len;
+    }
+    Ok(out)
+}
+
+/// Serve a corpus written by [`generate_corpus`] on the ports it names:
+/// every frame is in its host's backlog from the start, so a relay that
+/// subscribes from cursor 0 gets it at full speed. Writes `info` if given.
+pub fn serve_corpus(dir: &std::path::Path, info_out: Option<&std::path::Path>) -> anyhow::Result<Running> {
+    let meta: CorpusMeta = serde_json::from_slice(&std::fs::read(dir.join("corpus.json")).context("corpus.json")?)?;
+    anyhow::ensure!(meta.version == 1, "corpus version {} is not 1", meta.version);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fakenet-net")
+        .enable_all()
+        .build()?;
+    let port_of = |h: &str| h.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(0);
+    let mut frames = Vec::new();
+    for i in 0..meta.hosts.len() {
+        frames.push(read_frames(&dir.join(format!("host-{i}.frames")))?);
+    }
+    let backlog = frames.iter().map(Vec::len).max().unwrap_or(0).max(server::BACKLOG_ITEMS_DEFAULT);
+    let (control_tx, _control_rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared {
+        hosts: meta.hosts.iter().map(|n| Arc::new(HostState::new(n.clone(), backlog))).collect(),
+        docs: RwLock::new(serde_json::from_slice(&std::fs::read(dir.join("docs.json")).context("docs.json")?)?),
+        repos: RwLock::new(serde_json::from_slice(&std::fs::read(dir.join("repos.json")).context("repos.json")?)?),
+        control: Mutex::new(control_tx),
+        split_connections: 0.0,
+        seed: meta.seed,
+        events: Default::default(),
+        generation_done: Default::default(),
+        emit_times: Default::default(),
+        emit_times_max: 0,
+    });
+    let mut n = 0;
+    for (h, fs) in shared.hosts.iter().zip(frames) {
+        for (seq, f) in fs {
+            h.push_frame(seq, f);
+            n += 1;
+        }
+    }
+    shared.events.store(n, Ordering::Release);
+    shared.generation_done.store(true, Ordering::Release);
+    for (i, name) in meta.hosts.iter().enumerate() {
+        let (l, _) = bind(&rt, port_of(name))?;
+        rt.spawn(server::serve_host(l, shared.clone(), i, None));
+    }
+    for name in &meta.web_hosts {
+        let (l, _) = bind(&rt, port_of(name))?;
+        rt.spawn(server::serve_web_did(l, shared.clone(), super::world::web_did(name)));
+    }
+    let (dl, _) = bind(&rt, meta.directory_port)?;
+    rt.spawn(server::serve_directory(dl, shared.clone()));
+    let base = format!("http://127.0.0.1:{}", meta.directory_port);
+    let info = Info {
+        plc_url: base.clone(),
+        hosts: meta.hosts.clone(),
+        relay_listhosts_url: base.clone(),
+        ledger: dir.join("ledger.jsonl").display().to_string(),
+        control_url: format!("{base}/_fakenet/fault"),
+        web_hosts: meta.web_hosts.clone(),
+        ca_cert: None,
+    };
+    if let Some(p) = info_out {
+        std::fs::write(p, serde_json::to_vec_pretty(&info)?)?;
+    }
+    Ok(Running { info, shared, generator: None, runtime: Some(rt) })
 }

@@ -90,17 +90,29 @@ impl HostState {
         self.push(Item::Transient(epoch, t));
     }
 
+    /// Every frame still in the backlog, in order (for corpus files).
+    pub fn frames(&self) -> Vec<(i64, Arc<[u8]>)> {
+        let log = self.log.lock().expect("host log");
+        log.items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Frame(s, f) => Some((*s, f.clone())),
+                Item::Transient(..) => None,
+            })
+            .collect()
+    }
+
     pub fn last_seq(&self) -> i64 {
         self.log.lock().expect("host log").last_seq
     }
 }
 
 /// The per-account facts the sync endpoints answer with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RepoInfo {
     pub host: String,
     pub active: bool,
-    pub status: Option<&'static str>,
+    pub status: Option<String>,
     pub rev: Option<String>,
     pub head: Option<String>,
 }
