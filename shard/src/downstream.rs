@@ -241,7 +241,10 @@ fn error_frame(name: &str, message: &str) -> Message {
 
 async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str) -> anyhow::Result<()> {
     let slot = sh.slot();
-    if slot.consumers.load(Ordering::Relaxed) >= sh.consumers_max {
+    // consumers_max is for the whole relay: count every shard's.
+    let shards = (sh.control.shard_count().load(Ordering::Relaxed) as usize).max(1);
+    let all: u64 = (0..shards).map(|k| sh.control.shard(k).consumers.load(Ordering::Relaxed)).sum();
+    if all >= sh.consumers_max {
         return respond(&mut stream, 503, &serde_json::json!({"error": "TooManyConsumers"})).await;
     }
     let cursor = match cursor_param(&head.target) {

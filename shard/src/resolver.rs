@@ -23,8 +23,10 @@ const DOC_BYTES_MAX: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
+    /// `transient`: the directory or network failed (retry later), as
+    /// opposed to a document that is missing or invalid.
     #[error("{did}: {why}")]
-    Did { did: String, why: String },
+    Did { did: String, why: String, transient: bool },
     #[error("resolving {host}: {why}")]
     Host { host: String, why: String },
     #[error("identity helper threads are gone")]
@@ -88,9 +90,15 @@ pub fn did_document_url(plc_url: &str, insecure: bool, did: &str) -> Option<Stri
 }
 
 fn fetch_did(agent: &ureq::Agent, plc_url: &str, insecure: bool, did: &str) -> Result<Identity, ResolveError> {
-    let err = |why: String| ResolveError::Did { did: did.to_owned(), why };
+    let err = |why: String| ResolveError::Did { did: did.to_owned(), why, transient: false };
     let url = did_document_url(plc_url, insecure, did).ok_or_else(|| err("unsupported DID method".into()))?;
-    let resp = agent.get(&url).call().map_err(|e| err(format!("GET {url}: {e}")))?;
+    let resp = agent.get(&url).call().map_err(|e| {
+        let transient = match &e {
+            ureq::Error::Status(code, _) => *code >= 500 || *code == 429,
+            ureq::Error::Transport(_) => true,
+        };
+        ResolveError::Did { did: did.to_owned(), why: format!("GET {url}: {e}"), transient }
+    })?;
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut std::io::Read::take(resp.into_reader(), DOC_BYTES_MAX + 1), &mut body)
         .map_err(|e| err(format!("reading {url}: {e}")))?;
@@ -98,6 +106,15 @@ fn fetch_did(agent: &ureq::Agent, plc_url: &str, insecure: bool, did: &str) -> R
         return Err(err("document too large".into()));
     }
     Identity::from_did_document(&body, Some(did)).map_err(|e| err(e.to_string()))
+}
+
+impl ResolveError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ResolveError::Did { transient, .. } => *transient,
+            ResolveError::Host { .. } | ResolveError::Gone => true,
+        }
+    }
 }
 
 impl Resolver {
@@ -146,7 +163,10 @@ impl Resolver {
                 Ok(()) => jrx.await.unwrap_or(Err(ResolveError::Gone)),
                 Err(_) => Err(ResolveError::Gone),
             };
-            self.cache.borrow_mut().put(did.to_owned(), (r.clone(), Instant::now()));
+            // Transient failures are not cached: the next event asks again.
+            if !r.as_ref().err().is_some_and(ResolveError::is_transient) {
+                self.cache.borrow_mut().put(did.to_owned(), (r.clone(), Instant::now()));
+            }
             for w in self.inflight.borrow_mut().remove(did).unwrap_or_default() {
                 let _ = w.send(r.clone());
             }
@@ -174,6 +194,38 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-shot HTTP server answering `status` to every request.
+    fn serve(status: u16) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(4) {
+                let Ok(mut s) = s else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = std::io::Read::read(&mut s, &mut buf);
+                let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}");
+                let _ = std::io::Write::write_all(&mut s, resp.as_bytes());
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn failures_are_transient_or_permanent() {
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+        let e = fetch_did(&agent, &serve(500), false, "did:plc:abc").unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        let e = fetch_did(&agent, &serve(404), false, "did:plc:abc").unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        // A 200 with a document that is not one: permanent.
+        let e = fetch_did(&agent, &serve(200), false, "did:plc:abc").unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        // Nobody listening: transient.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let e = fetch_did(&agent, &format!("http://{dead}"), false, "did:plc:abc").unwrap_err();
+        assert!(e.is_transient(), "{e}");
+    }
 
     #[test]
     fn document_urls() {

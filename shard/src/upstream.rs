@@ -14,7 +14,6 @@
 //! - A failed host-authority or signature check re-resolves the DID once
 //!   before dropping (migrations, key rotations).
 
-use crate::resolver::{ResolveError, Resolver};
 use crate::{io, Shared};
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::Message;
@@ -234,7 +233,7 @@ pub async fn check_frame(
     match &ev {
         Event::Commit(c) => {
             let checked = check_commit(c, mode, now).map_err(|e| drop(format!("{did}: {e}")))?;
-            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(drop)?;
+            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
             commit_bytes = checked.commit_cid.to_bytes();
             data_bytes = checked.data.to_bytes();
             prev_bytes = c.prev_data.map(|p| p.to_bytes());
@@ -248,7 +247,7 @@ pub async fn check_frame(
         }
         Event::Sync(s) => {
             let checked = check_sync(s, now).map_err(|e| drop(format!("{did}: {e}")))?;
-            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(drop)?;
+            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
             commit_bytes = checked.commit_cid.to_bytes();
             data_bytes = checked.data.to_bytes();
             rec.kind = Kind::Sync as u8;
@@ -258,11 +257,11 @@ pub async fn check_frame(
         }
         Event::Identity(_) => {
             sh.resolver.forget(did);
-            authority_and_signature(sh, host, did, None).await.map_err(drop)?;
+            authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
             rec.kind = Kind::Identity as u8;
         }
         Event::Account(a) => {
-            authority_and_signature(sh, host, did, None).await.map_err(drop)?;
+            authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
             rec.kind = Kind::Account as u8;
             rec.active = a.active;
             rec.status = a.status.unwrap_or("");
@@ -277,18 +276,24 @@ pub async fn check_frame(
 }
 
 /// Host authority (the DID's PDS is this host) and, for commits, the
-/// signature; one fresh resolution before giving up.
+/// signature; one fresh resolution before giving up. When the identity
+/// cannot be fetched at all (directory down), the event is not dropped:
+/// the connection closes and the event is read again after the backoff.
 async fn authority_and_signature(
     sh: &Shared,
     host: &HostAssignment,
     did: &str,
     commit: Option<&CheckedCommit>,
-) -> Result<(), String> {
+) -> Result<(), Rejected> {
     let mut last_err = String::new();
+    let mut unavailable = 0;
     for fresh in [false, true] {
-        let ident = match resolve(&sh.resolver, did, fresh).await {
+        let ident = match sh.resolver.did(did, fresh).await {
             Ok(i) => i,
             Err(e) => {
+                if e.is_transient() {
+                    unavailable += 1;
+                }
                 last_err = e.to_string();
                 continue;
             }
@@ -315,14 +320,8 @@ async fn authority_and_signature(
             Err(e) => last_err = format!("{did}: signature: {e}"),
         }
     }
-    Err(last_err)
-}
-
-/// Resolve with a bounded number of retries for transient failures.
-async fn resolve(
-    r: &Resolver,
-    did: &str,
-    fresh: bool,
-) -> Result<std::sync::Arc<sluice_common::identity::Identity>, ResolveError> {
-    r.did(did, fresh).await
+    if unavailable == 2 {
+        return Err(Rejected::Close(format!("identity unavailable: {last_err}")));
+    }
+    Err(Rejected::Drop(last_err))
 }
