@@ -258,18 +258,10 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     let Some(raw) = v.get("hostname").and_then(|h| h.as_str()) else {
         return Ok(error(400, "InvalidRequest", "missing hostname"));
     };
-    // Accept a bare authority or a URL.
-    let parsed = if raw.contains("://") {
-        PdsHost::from_endpoint(raw)
-    } else {
-        PdsHost::parse_authority(raw, false).or_else(|| PdsHost::parse_authority(raw, true))
+    let host = match crawl_target(raw, cfg.allow_insecure_hosts) {
+        Ok(h) => h,
+        Err(why) => return Ok(error(400, "InvalidRequest", &why)),
     };
-    let Some(host) = parsed else {
-        return Ok(error(400, "InvalidRequest", &format!("{raw:?} is not a hostname")));
-    };
-    if (host.insecure || host.is_local()) && !cfg.allow_insecure_hosts {
-        return Ok(error(400, "InvalidRequest", "loopback, private and ws:// hosts need allow_insecure_hosts"));
-    }
     let banned: i64 = c
         .query_one("SELECT count(*) FROM domain_bans WHERE $1 = domain OR $1 LIKE '%.' || domain", &[&host.hostname()])?
         .get(0);
@@ -281,6 +273,17 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
         tracing::info!(host = host.name, "new host from requestCrawl");
     }
     Ok(Response { status: 200, body: json!({}) })
+}
+
+/// The host a requestCrawl names: a bare `hostname[:port]` or a URL.
+/// Loopback, private and `ws://`/`http://` hosts need `allow_insecure`.
+pub fn crawl_target(raw: &str, allow_insecure: bool) -> Result<PdsHost, String> {
+    let parsed = if raw.contains("://") { PdsHost::from_endpoint(raw) } else { PdsHost::parse_authority(raw, false) };
+    let host = parsed.ok_or_else(|| format!("{raw:?} is not a hostname"))?;
+    if (host.insecure || host.is_local()) && !allow_insecure {
+        return Err(format!("{} is loopback, private or plain-text; it needs allow_insecure_hosts", host.name));
+    }
+    Ok(host)
 }
 
 fn list_hosts(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
@@ -340,6 +343,20 @@ fn repo_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crawl_targets() {
+        assert_eq!(crawl_target("pds.example.com", false).unwrap().name, "pds.example.com");
+        assert_eq!(crawl_target("https://PDS.example.com/", false).unwrap().name, "pds.example.com");
+        assert!(crawl_target("localhost:2583", false).is_err());
+        assert!(crawl_target("127.0.0.1:2583", false).is_err());
+        assert!(crawl_target("10.1.2.3", false).is_err());
+        assert!(crawl_target("http://pds.example.com", false).is_err());
+        assert_eq!(crawl_target("localhost:2583", true).unwrap().name, "localhost:2583");
+        assert!(crawl_target("not a host", true).is_err());
+        assert!(crawl_target("", true).is_err());
+        assert!(crawl_target("user@pds.example.com", true).is_err());
+    }
 
     #[test]
     fn targets_and_percent_decoding() {
