@@ -181,7 +181,7 @@ fn read_stream(port: u16, cursor: i64, last: i64, timeout: Duration) -> Vec<(i64
 }
 
 #[test]
-fn relays_a_faulty_network_exactly_across_restart_and_shard_kill() {
+fn relays_a_faulty_network_exactly_across_restart_and_process_kills() {
     let dir = tempfile::tempdir().unwrap();
     const EVENTS: u64 = 3000;
     let mut net = runner::start(ServeConfig {
@@ -239,6 +239,22 @@ fn relays_a_faulty_network_exactly_across_restart_and_shard_kill() {
         assert!(t.elapsed() < Duration::from_secs(30), "shard 0 was not restarted:\n{}", relay.log_tail());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Later still: kill -9 the db-writer mid-commit-stream; the supervisor
+    // restarts it, it cuts the log back to Postgres and re-reads the rings.
+    wait_events(EVENTS * 8 / 10, &net);
+    let writers = children_matching(relay.pid(), "db-writer");
+    assert_eq!(writers.len(), 1, "db-writer not found");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(writers[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    loop {
+        let now = children_matching(relay.pid(), "db-writer");
+        if now.len() == 1 && now[0] != writers[0] {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "db-writer was not restarted:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    relay.wait_health(Duration::from_secs(60));
     net.wait_generation().unwrap();
 
     // Everything, exactly, from the start of the window.
