@@ -191,6 +191,59 @@ const OFF_STOP_READING: usize = 256;
 const OFF_OLDEST_SEQ: usize = 320;
 const OFF_SHARD_COUNT: usize = 384;
 const OFF_WRITER_HEARTBEAT: usize = 448;
+/// The db-writer's counters, one u64 each (see [`WriterCounter`]).
+const OFF_WRITER_COUNTERS: usize = 1024;
+
+/// Counters the db-writer keeps in the control block (metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum WriterCounter {
+    Relayed = 0,
+    Dropped = 1,
+    Duplicates = 2,
+    ChainBreaks = 3,
+    ProofFailed = 4,
+    CorruptRings = 5,
+    Commits = 6,
+    Restarts = 7,
+}
+
+impl WriterCounter {
+    pub const ALL: [WriterCounter; 8] = [
+        WriterCounter::Relayed,
+        WriterCounter::Dropped,
+        WriterCounter::Duplicates,
+        WriterCounter::ChainBreaks,
+        WriterCounter::ProofFailed,
+        WriterCounter::CorruptRings,
+        WriterCounter::Commits,
+        WriterCounter::Restarts,
+    ];
+
+    /// Metric name and help text.
+    pub fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            WriterCounter::Relayed => ("sluice_events_relayed_total", "Events sequenced into the event log."),
+            WriterCounter::Dropped => {
+                ("sluice_events_dropped_stateful_total", "Events dropped by the stateful checks.")
+            }
+            WriterCounter::Duplicates => {
+                ("sluice_events_duplicate_total", "Ring records at or below a host's durable cursor (re-reads).")
+            }
+            WriterCounter::ChainBreaks => {
+                ("sluice_commit_chain_breaks_total", "Commits whose prevData did not follow.")
+            }
+            WriterCounter::ProofFailed => {
+                ("sluice_commit_proof_failed_total", "Lenient mode: commits passed with a failed proof.")
+            }
+            WriterCounter::CorruptRings => ("sluice_ring_corrupt_total", "Rings found corrupt and discarded."),
+            WriterCounter::Commits => {
+                ("sluice_group_commits_total", "Group commits (log fsync + Postgres transaction).")
+            }
+            WriterCounter::Restarts => ("sluice_child_restarts_total", "Child processes the supervisor restarted."),
+        }
+    }
+}
 
 /// The relay-wide shared words.
 pub struct ControlBlock {
@@ -272,6 +325,10 @@ impl ControlBlock {
 
     pub fn writer_heartbeat(&self) -> &AtomicU64 {
         self.shm.u64_at(OFF_WRITER_HEARTBEAT)
+    }
+
+    pub fn writer_counter(&self, c: WriterCounter) -> &AtomicU64 {
+        self.shm.u64_at(OFF_WRITER_COUNTERS + 8 * c as usize)
     }
 
     /// Set on shutdown: shards stop reading upstream.

@@ -17,7 +17,7 @@ pub mod sequencer;
 use sluice_common::config::{Config, Validation};
 use sluice_common::eventlog::LogWriter;
 use sluice_common::ring::{Consumer, Ring};
-use sluice_common::shm::{ControlBlock, WriterState};
+use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -76,13 +76,13 @@ pub unsafe fn run(
     for w in workers {
         let _ = w.join();
     }
-    let s = &seq.stats;
+    let n = |c| control.writer_counter(c).load(Ordering::Relaxed);
     tracing::info!(
         last_seq = seq.log.next_seq() - 1,
-        relayed = s.relayed.load(Ordering::Relaxed),
-        dropped = s.dropped.load(Ordering::Relaxed),
-        duplicates = s.duplicates.load(Ordering::Relaxed),
-        chain_breaks = s.chain_breaks.load(Ordering::Relaxed),
+        relayed = n(WriterCounter::Relayed),
+        dropped = n(WriterCounter::Dropped),
+        duplicates = n(WriterCounter::Duplicates),
+        chain_breaks = n(WriterCounter::ChainBreaks),
         "db-writer stopped"
     );
     control.set_writer_state(WriterState::Stopped);

@@ -24,27 +24,15 @@ use sluice_common::frame;
 use sluice_common::policy::{self, AccountState, Verdict};
 use sluice_common::ring::Consumer;
 use sluice_common::ringrec::{did_hash, RingRecord};
-use sluice_common::shm::ControlBlock;
+use sluice_common::shm::{ControlBlock, WriterCounter};
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Records taken from one ring per round.
 pub const BATCH_PER_RING: usize = 2048;
-
-/// Counters the query workers report (and tests read).
-#[derive(Default)]
-pub struct Stats {
-    pub relayed: AtomicU64,
-    pub dropped: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub chain_breaks: AtomicU64,
-    pub proof_failed: AtomicU64,
-    pub corrupt_rings: AtomicU64,
-    pub commits: AtomicU64,
-}
 
 pub struct Sequencer {
     pub pg: Client,
@@ -55,7 +43,6 @@ pub struct Sequencer {
     pub cache: LruCache<String, AccountState>,
     /// Durable upstream cursor per host (as far as this process knows).
     pub host_floor: HashMap<i64, i64>,
-    pub stats: Arc<Stats>,
     pub retention_micros: i64,
     pub scratch: Vec<u8>,
 }
@@ -83,7 +70,6 @@ impl Sequencer {
             strict,
             cache: LruCache::new(NonZeroUsize::new(cache_entries.max(16)).expect("positive")),
             host_floor,
-            stats: Arc::new(Stats::default()),
             retention_micros: retention_hours as i64 * 3_600_000_000,
             scratch: Vec::new(),
         })
@@ -144,7 +130,7 @@ impl Sequencer {
                 self.rings[k].release(e);
             }
         }
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.count(WriterCounter::Commits);
         Ok(taken)
     }
 
@@ -184,7 +170,7 @@ impl Sequencer {
             if poisoned {
                 // Never trust a corrupt ring: drop its content and make the
                 // shard restart from its durable cursors.
-                self.stats.corrupt_rings.fetch_add(1, Ordering::Relaxed);
+                self.count(WriterCounter::CorruptRings);
                 ring.discard_all();
                 ends[k] = Some(ring.position());
                 *taken += 1;
@@ -192,6 +178,10 @@ impl Sequencer {
             }
         }
         Ok(())
+    }
+
+    fn count(&self, c: WriterCounter) {
+        self.control.writer_counter(c).fetch_add(1, Ordering::Relaxed);
     }
 
     fn account(&mut self, did: &str, batch: &Batch) -> anyhow::Result<Option<AccountState>> {
@@ -218,7 +208,7 @@ impl Sequencer {
         let floor =
             batch.cursors.get(&host).copied().unwrap_or(i64::MIN).max(self.host_floor.get(&host).copied().unwrap_or(0));
         if useq <= floor {
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.count(WriterCounter::Duplicates);
             return Ok(());
         }
         batch.cursors.insert(host, useq);
@@ -227,16 +217,16 @@ impl Sequencer {
         let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
             Verdict::Drop(d) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.count(WriterCounter::Dropped);
                 tracing::debug!(did = e.did, host, upstream_seq = useq, reason = d.name(), "dropped");
                 return Ok(());
             }
             Verdict::Relay { chain_break, proof_failed } => {
                 if chain_break {
-                    self.stats.chain_breaks.fetch_add(1, Ordering::Relaxed);
+                    self.count(WriterCounter::ChainBreaks);
                 }
                 if proof_failed {
-                    self.stats.proof_failed.fetch_add(1, Ordering::Relaxed);
+                    self.count(WriterCounter::ProofFailed);
                 }
             }
         }
@@ -252,7 +242,7 @@ impl Sequencer {
         self.scratch.clear();
         frame::resequence(e.frame, (e.seq_start as usize, e.seq_end as usize), seq, &mut self.scratch);
         self.log.append(seq, e.kind, 0, did_hash(e.did), e.time_micros, &self.scratch)?;
-        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+        self.count(WriterCounter::Relayed);
         self.cache.put(e.did.to_owned(), state.clone());
         batch.accounts.insert(e.did.to_owned(), state);
         Ok(())

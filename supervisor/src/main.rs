@@ -4,6 +4,7 @@
 //! network on loopback.
 
 mod demo;
+mod metrics;
 mod pg;
 mod supervise;
 

@@ -17,7 +17,7 @@ use anyhow::Context;
 use sluice_common::config::Config;
 use sluice_common::partition::shard_for;
 use sluice_common::ring::Ring;
-use sluice_common::shm::{ControlBlock, WriterState};
+use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -64,8 +64,8 @@ pub type Tick<'a> = Box<dyn FnMut(&ControlBlock) + 'a>;
 pub struct Supervisor {
     cfg: Config,
     config_path: std::path::PathBuf,
-    control: ControlBlock,
-    rings: Vec<Ring>,
+    control: Arc<ControlBlock>,
+    rings: Arc<Vec<Ring>>,
     writer: Proc,
     shards: Vec<Proc>,
     pg: Option<EmbeddedPg>,
@@ -143,6 +143,14 @@ impl Supervisor {
         let idle =
             || Proc { child: None, restarts: 0, next_start: Instant::now(), assign: None, last_assignment: None };
         let shards = (0..cfg.shard_count).map(|_| idle()).collect();
+        let control = Arc::new(control);
+        let rings = Arc::new(rings);
+        let fill = rings.clone();
+        crate::metrics::start(
+            cfg.metrics_listen,
+            control.clone(),
+            Arc::new(move || fill.iter().map(|r| (r.used(), r.capacity())).collect()),
+        );
         Ok(Supervisor { cfg, config_path, control, rings, writer: idle(), shards, pg, database_url })
     }
 
@@ -259,6 +267,7 @@ impl Supervisor {
             tracing::error!(status = %st, "db-writer exited; restarting it");
             self.writer.child = None;
             self.writer.restarts += 1;
+            self.control.writer_counter(WriterCounter::Restarts).fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(backoff(self.writer.restarts));
             self.start_writer()?;
         }
@@ -269,6 +278,7 @@ impl Supervisor {
                 p.child = None;
                 p.assign = None;
                 p.restarts += 1;
+                self.control.writer_counter(WriterCounter::Restarts).fetch_add(1, Ordering::Relaxed);
                 p.next_start = Instant::now() + backoff(p.restarts);
             }
             if p.child.is_none() && Instant::now() >= p.next_start {

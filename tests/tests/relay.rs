@@ -36,22 +36,24 @@ struct Relay {
     config: PathBuf,
     log: PathBuf,
     port: u16,
+    metrics_port: u16,
 }
 
 impl Relay {
     fn new(dir: &Path, plc_url: &str, shard_count: u32, extra: &str) -> Relay {
         let port = free_port();
+        let metrics_port = free_port();
         let config = dir.join("relay.toml");
         std::fs::write(
             &config,
             format!(
-                "shard_count = {shard_count}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {plc_url:?}\n\
+                "shard_count = {shard_count}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\ndata_dir = {:?}\nplc_url = {plc_url:?}\n\
                  allow_insecure_hosts = true\nshutdown_timeout_ms = 20000\n{extra}\n",
                 dir.join("data").to_string_lossy()
             ),
         )
         .unwrap();
-        Relay { child: None, config, log: dir.join("relay.log"), port }
+        Relay { child: None, config, log: dir.join("relay.log"), port, metrics_port }
     }
 
     fn start(&mut self) {
@@ -345,6 +347,19 @@ fn cursor_errors_health_and_routes() {
     assert_eq!(st, 200, "{body}");
     let upstream_last = net.shared.hosts[0].last_seq();
     assert!(body.contains(&format!("\"seq\":{upstream_last}")), "{body} (host at {upstream_last})");
+    // Metrics: the counters agree with what happened.
+    let mut m = TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut page = String::new();
+    m.read_to_string(&mut page).unwrap();
+    let metric = |name: &str| -> u64 {
+        page.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(u64::MAX)
+    };
+    let committed = metric("sluice_committed_seq ");
+    assert!(committed >= 40, "{page}");
+    assert_eq!(metric("sluice_events_relayed_total "), committed, "{page}");
+    assert_eq!(metric("sluice_shard_hosts_connected{shard=\"0\"} "), 1, "{page}");
+    assert!(metric("sluice_ring_capacity_bytes{shard=\"0\"} ") > 0, "{page}");
     // More than consumer_lag_events_max behind: ConsumerTooSlow.
     match first_frame(relay.port, "?cursor=1") {
         Message::Error { error, .. } => assert_eq!(error, "ConsumerTooSlow"),

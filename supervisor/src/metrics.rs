@@ -1,0 +1,113 @@
+//! Prometheus text exposition on `metrics_listen` (default
+//! 127.0.0.1:2471), served by the supervisor from the shared control block:
+//! per-shard counters, the db-writer's counters, ring fill, watermarks.
+//! One small blocking thread; a request gets the whole page.
+
+use sluice_common::shm::{ControlBlock, WriterCounter};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Ring fill as the supervisor sees it: (used, capacity) per shard.
+pub type RingFill = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
+
+pub fn render(cb: &ControlBlock, rings: &[(u64, u64)]) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut gauge = |name: &str, help: &str, kind: &str, values: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in values {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    gauge(
+        "sluice_committed_seq",
+        "Highest durable relay seq.",
+        "gauge",
+        &[(String::new(), cb.committed().load(Ordering::Relaxed))],
+    );
+    gauge(
+        "sluice_oldest_seq",
+        "Lowest relay seq still in the event log.",
+        "gauge",
+        &[(String::new(), cb.oldest().load(Ordering::Relaxed))],
+    );
+    for c in WriterCounter::ALL {
+        let (name, help) = c.describe();
+        gauge(name, help, "counter", &[(String::new(), cb.writer_counter(c).load(Ordering::Relaxed))]);
+    }
+    let n = cb.shard_count().load(Ordering::Relaxed) as usize;
+    let per = |f: &dyn Fn(usize) -> u64| -> Vec<(String, u64)> {
+        (0..n).map(|k| (format!("{{shard=\"{k}\"}}"), f(k))).collect()
+    };
+    gauge(
+        "sluice_shard_hosts_connected",
+        "Upstream hosts connected.",
+        "gauge",
+        &per(&|k| cb.shard(k).hosts_connected.load(Ordering::Relaxed)),
+    );
+    gauge(
+        "sluice_shard_consumers",
+        "Consumers subscribed.",
+        "gauge",
+        &per(&|k| cb.shard(k).consumers.load(Ordering::Relaxed)),
+    );
+    gauge(
+        "sluice_shard_events_in_total",
+        "Validated events written into the ring.",
+        "counter",
+        &per(&|k| cb.shard(k).events_in.load(Ordering::Relaxed)),
+    );
+    gauge(
+        "sluice_shard_frames_out_total",
+        "Frames sent to consumers.",
+        "counter",
+        &per(&|k| cb.shard(k).frames_out.load(Ordering::Relaxed)),
+    );
+    gauge(
+        "sluice_shard_events_dropped_total",
+        "Upstream events or frames dropped by the stateless checks, and connection faults.",
+        "counter",
+        &per(&|k| cb.shard(k).dropped.load(Ordering::Relaxed)),
+    );
+    let fill: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.0)).collect();
+    gauge("sluice_ring_used_bytes", "Bytes in the shard's ring not yet committed.", "gauge", &fill);
+    let cap: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.1)).collect();
+    gauge("sluice_ring_capacity_bytes", "Ring capacity.", "gauge", &cap);
+    out
+}
+
+/// Serve until the process ends. A bind failure is logged, not fatal.
+pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, rings: RingFill) {
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "metrics endpoint not started");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 2048];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                ("200 OK", render(&cb, &rings()))
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics thread not started");
+    }
+}
