@@ -67,6 +67,8 @@ pub struct RawConfig {
     pub validation: Option<Validation>,
     pub limits: Option<RawLimits>,
     pub admin_password_file: Option<PathBuf>,
+    /// Extra trust anchors (PEM) for wss:// upstreams, besides the web PKI roots.
+    pub tls_ca_file: Option<PathBuf>,
     pub allow_insecure_hosts: Option<bool>,
     pub initial_seq: Option<i64>,
     pub ring_size_bytes: Option<u64>,
@@ -105,6 +107,8 @@ pub struct Config {
     pub validation: Validation,
     pub limits: Limits,
     pub admin_password_file: Option<PathBuf>,
+    /// Extra trust anchors (PEM) for wss:// upstreams, besides the web PKI roots.
+    pub tls_ca_file: Option<PathBuf>,
     pub allow_insecure_hosts: bool,
     pub initial_seq: i64,
     pub ring_size_bytes: u64,
@@ -126,6 +130,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("SLUICE_BOOTSTRAP_RELAY", "bootstrap_relay"),
     ("SLUICE_VALIDATION", "validation"),
     ("SLUICE_ADMIN_PASSWORD_FILE", "admin_password_file"),
+    ("SLUICE_TLS_CA_FILE", "tls_ca_file"),
     ("SLUICE_ALLOW_INSECURE_HOSTS", "allow_insecure_hosts"),
     ("SLUICE_INITIAL_SEQ", "initial_seq"),
     ("SLUICE_RING_SIZE_BYTES", "ring_size_bytes"),
@@ -193,6 +198,7 @@ impl RawConfig {
                     })
                 }
                 "admin_password_file" => self.admin_password_file = Some(PathBuf::from(v)),
+                "tls_ca_file" => self.tls_ca_file = Some(PathBuf::from(v)),
                 "allow_insecure_hosts" => self.allow_insecure_hosts = Some(parse_bool(key, &v)?),
                 "initial_seq" => {
                     self.initial_seq = Some(v.trim().parse().map_err(|e| invalid(key, format!("{v:?}: {e}")))?)
@@ -282,6 +288,7 @@ impl RawConfig {
             validation: self.validation.unwrap_or(Validation::Strict),
             limits,
             admin_password_file: self.admin_password_file,
+            tls_ca_file: self.tls_ca_file,
             allow_insecure_hosts: self.allow_insecure_hosts.unwrap_or(false),
             initial_seq,
             ring_size_bytes,
@@ -324,6 +331,7 @@ impl Config {
                 account_cache_entries_max: Some(self.limits.account_cache_entries_max),
             }),
             admin_password_file: self.admin_password_file.clone(),
+            tls_ca_file: self.tls_ca_file.clone(),
             allow_insecure_hosts: Some(self.allow_insecure_hosts),
             initial_seq: Some(self.initial_seq),
             ring_size_bytes: Some(self.ring_size_bytes),

@@ -44,11 +44,16 @@ pub struct HostRow {
     pub hostname: String,
     pub cursor: i64,
     pub status: String,
+    /// Reached over ws:// (else wss://).
+    pub insecure: bool,
 }
 
 pub fn hosts(c: &mut Client) -> Result<Vec<HostRow>, DbError> {
-    let rows = c.query("SELECT id, hostname, cursor, status FROM hosts ORDER BY id", &[])?;
-    Ok(rows.iter().map(|r| HostRow { id: r.get(0), hostname: r.get(1), cursor: r.get(2), status: r.get(3) }).collect())
+    let rows = c.query("SELECT id, hostname, cursor, status, insecure FROM hosts ORDER BY id", &[])?;
+    Ok(rows
+        .iter()
+        .map(|r| HostRow { id: r.get(0), hostname: r.get(1), cursor: r.get(2), status: r.get(3), insecure: r.get(4) })
+        .collect())
 }
 
 /// Load the stored state of `dids` (those not found are absent).

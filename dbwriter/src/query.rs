@@ -268,7 +268,10 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     if banned > 0 {
         return Ok(error(400, "HostBanned", "host is banned"));
     }
-    let n = c.execute("INSERT INTO hosts (hostname) VALUES ($1) ON CONFLICT (hostname) DO NOTHING", &[&host.name])?;
+    let n = c.execute(
+        "INSERT INTO hosts (hostname, insecure) VALUES ($1, $2) ON CONFLICT (hostname) DO NOTHING",
+        &[&host.name, &host.insecure],
+    )?;
     if n > 0 {
         tracing::info!(host = host.name, "new host from requestCrawl");
     }
@@ -352,7 +355,11 @@ mod tests {
         assert!(crawl_target("127.0.0.1:2583", false).is_err());
         assert!(crawl_target("10.1.2.3", false).is_err());
         assert!(crawl_target("http://pds.example.com", false).is_err());
-        assert_eq!(crawl_target("localhost:2583", true).unwrap().name, "localhost:2583");
+        let h = crawl_target("localhost:2583", true).unwrap();
+        assert_eq!((h.name.as_str(), h.insecure), ("localhost:2583", true));
+        let h = crawl_target("https://localhost:2583", true).unwrap();
+        assert_eq!((h.name.as_str(), h.insecure), ("localhost:2583", false));
+        assert!(!crawl_target("pds.example.com", false).unwrap().insecure);
         assert!(crawl_target("not a host", true).is_err());
         assert!(crawl_target("", true).is_err());
         assert!(crawl_target("user@pds.example.com", true).is_err());

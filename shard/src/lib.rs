@@ -53,6 +53,8 @@ pub struct Shared {
     pub log: RefCell<LogReader>,
     pub strict: bool,
     pub allow_insecure: bool,
+    /// TLS for wss:// upstreams: web PKI roots plus `tls_ca_file`.
+    pub tls: Arc<futures_rustls::rustls::ClientConfig>,
     pub listen: SocketAddr,
     pub query_socket: PathBuf,
     pub consumers_max: u64,
@@ -63,6 +65,26 @@ impl Shared {
     pub fn slot(&self) -> ShardSlot<'_> {
         self.control.shard(self.id)
     }
+}
+
+/// The client TLS config: the web PKI roots, plus the certificates in
+/// `extra_ca` (PEM) when given.
+pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<Arc<futures_rustls::rustls::ClientConfig>> {
+    use futures_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(p) = extra_ca {
+        let pem = std::fs::read(p).map_err(|e| anyhow::anyhow!("tls_ca_file {}: {e}", p.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(cert?)?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 /// One line from the supervisor: the complete host list of this shard.
@@ -76,6 +98,8 @@ struct AssignedHost {
     id: i64,
     hostname: String,
     cursor: i64,
+    #[serde(default)]
+    insecure: bool,
 }
 
 /// Run shard `id` until the assignment pipe closes or the ring is poisoned.
@@ -98,7 +122,12 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
                     let hosts = a
                         .hosts
                         .into_iter()
-                        .map(|h| HostAssignment { id: h.id, hostname: h.hostname, cursor: h.cursor })
+                        .map(|h| HostAssignment {
+                            id: h.id,
+                            hostname: h.hostname,
+                            cursor: h.cursor,
+                            insecure: h.insecure,
+                        })
                         .collect();
                     if atx.send(hosts).is_err() {
                         break;
@@ -108,6 +137,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             }
         }
     })?;
+    let tls = tls_config(cfg.tls_ca_file.as_deref())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = cfg.clone();
     let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(id % cores))
@@ -132,6 +162,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             log: RefCell::new(LogReader::new(&cfg.events_dir())),
             strict: cfg.validation == Validation::Strict,
             allow_insecure: cfg.allow_insecure_hosts,
+            tls,
             listen: cfg.listen,
             query_socket: cfg.query_socket(),
             consumers_max: cfg.limits.consumers_max as u64,

@@ -35,7 +35,7 @@ pub enum ResolveError {
 
 enum Job {
     Did { did: String, reply: oneshot::Sender<Result<Arc<Identity>, ResolveError>> },
-    Host { host: String, reply: oneshot::Sender<Result<SocketAddr, ResolveError>> },
+    Host { host: String, reply: oneshot::Sender<Result<Vec<SocketAddr>, ResolveError>> },
 }
 
 /// A cached lookup and when it was made.
@@ -66,7 +66,16 @@ fn helper(rx: flume::Receiver<Job>, plc_url: String, insecure: bool) {
                 let r = (host.as_str(), 0)
                     .to_socket_addrs()
                     .map_err(|e| e.to_string())
-                    .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
+                    .and_then(|a| {
+                        let mut v: Vec<SocketAddr> = a.collect();
+                        // IPv4 first: loopback services often bind 127.0.0.1 only.
+                        v.sort_by_key(|a| a.is_ipv6());
+                        if v.is_empty() {
+                            Err("no address".to_owned())
+                        } else {
+                            Ok(v)
+                        }
+                    })
                     .map_err(|why| ResolveError::Host { host: host.clone(), why });
                 let _ = reply.send(r);
             }
@@ -178,16 +187,19 @@ impl Resolver {
         self.cache.borrow_mut().pop(did);
     }
 
-    /// Resolve `host` (a name, no port) to an address with `port`.
-    pub async fn host(&self, host: &str, port: u16) -> Result<SocketAddr, ResolveError> {
+    /// Resolve `host` (a name, no port) to its addresses with `port`,
+    /// IPv4 first.
+    pub async fn host(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-            return Ok(SocketAddr::new(ip, port));
+            return Ok(vec![SocketAddr::new(ip, port)]);
         }
         let (tx, rx) = oneshot::channel();
         self.tx.send_async(Job::Host { host: host.to_owned(), reply: tx }).await.map_err(|_| ResolveError::Gone)?;
-        let mut a = rx.await.unwrap_or(Err(ResolveError::Gone))?;
-        a.set_port(port);
-        Ok(a)
+        let mut v = rx.await.unwrap_or(Err(ResolveError::Gone))?;
+        for a in &mut v {
+            a.set_port(port);
+        }
+        Ok(v)
     }
 }
 

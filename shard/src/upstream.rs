@@ -40,6 +40,8 @@ pub struct HostAssignment {
     pub id: i64,
     pub hostname: String,
     pub cursor: i64,
+    /// ws:// (plain text) instead of wss://.
+    pub insecure: bool,
 }
 
 /// Handle the shard keeps per running host task.
@@ -91,24 +93,57 @@ async fn connect_and_read(
     last_seq: &mut i64,
     stopping: &impl Fn() -> bool,
 ) -> anyhow::Result<()> {
-    let pds = PdsHost::parse_authority(&host.hostname, true)
+    let pds = PdsHost::parse_authority(&host.hostname, host.insecure)
         .ok_or_else(|| anyhow::anyhow!("{:?} is not a hostname", host.hostname))?;
-    let insecure = sh.allow_insecure && pds.is_local();
-    if !insecure {
-        anyhow::bail!("wss:// upstreams are not supported yet (host {})", host.hostname);
+    if host.insecure && !sh.allow_insecure {
+        anyhow::bail!("host {} is plain-text (ws://) and allow_insecure_hosts is off", host.hostname);
     }
-    let port = pds.name.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(80);
-    let addr = sh.resolver.host(pds.hostname(), port).await?;
-    let tcp = glommio::net::TcpStream::connect(addr).await.map_err(io)?;
+    let default_port = if host.insecure { 80 } else { 443 };
+    let port = pds.name.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(default_port);
+    let mut tcp = None;
+    let mut last_err = None;
+    for addr in sh.resolver.host(pds.hostname(), port).await? {
+        match glommio::net::TcpStream::connect(addr).await {
+            Ok(t) => {
+                tcp = Some(t);
+                break;
+            }
+            Err(e) => last_err = Some(io(e)),
+        }
+    }
+    let tcp = match (tcp, last_err) {
+        (Some(t), _) => t,
+        (None, Some(e)) => return Err(e.into()),
+        (None, None) => anyhow::bail!("{} has no address", host.hostname),
+    };
     tcp.set_nodelay(true).map_err(io)?;
     tcp.set_read_timeout(Some(READ_IDLE)).map_err(io)?;
     // Always with a cursor: a host's backlog since our durable cursor (its
     // whole backlog for a new host) is what a lossless relay must read.
-    let url = format!("ws://{}/xrpc/com.atproto.sync.subscribeRepos?cursor={last_seq}", host.hostname);
+    let path = format!("/xrpc/com.atproto.sync.subscribeRepos?cursor={last_seq}");
     let mut cfg = WebSocketConfig::default();
     cfg.max_message_size = Some(MESSAGE_BYTES_MAX);
     cfg.max_frame_size = Some(MESSAGE_BYTES_MAX);
-    let (mut ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?;
+    if host.insecure {
+        let url = format!("ws://{}{path}", host.hostname);
+        let (ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?;
+        read_loop(sh, host, ws, last_seq, stopping).await
+    } else {
+        let name = futures_rustls::rustls::pki_types::ServerName::try_from(pds.hostname().to_owned())?;
+        let tls = futures_rustls::TlsConnector::from(sh.tls.clone()).connect(name, tcp).await?;
+        let url = format!("wss://{}{path}", host.hostname);
+        let (ws, _) = async_tungstenite::client_async_with_config(url, tls, Some(cfg)).await?;
+        read_loop(sh, host, ws, last_seq, stopping).await
+    }
+}
+
+async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    sh: &Rc<Shared>,
+    host: &HostAssignment,
+    mut ws: async_tungstenite::WebSocketStream<S>,
+    last_seq: &mut i64,
+    stopping: &impl Fn() -> bool,
+) -> anyhow::Result<()> {
     sh.slot().hosts_connected.fetch_add(1, Ordering::Relaxed);
     let _connected = scopeguard(|| {
         sh.slot().hosts_connected.fetch_sub(1, Ordering::Relaxed);

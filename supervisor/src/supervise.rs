@@ -241,8 +241,9 @@ impl Supervisor {
         let n = self.shards.len() as u32;
         let mut per: Vec<Vec<serde_json::Value>> = vec![Vec::new(); n as usize];
         for h in hosts.iter().filter(|h| h.status == "active") {
-            per[shard_for(&h.hostname, n) as usize]
-                .push(serde_json::json!({"id": h.id, "hostname": h.hostname, "cursor": h.cursor}));
+            per[shard_for(&h.hostname, n) as usize].push(
+                serde_json::json!({"id": h.id, "hostname": h.hostname, "cursor": h.cursor, "insecure": h.insecure}),
+            );
         }
         for (k, list) in per.into_iter().enumerate() {
             let p = &mut self.shards[k];

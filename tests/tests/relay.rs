@@ -434,3 +434,47 @@ fn outdated_cursor_after_the_oldest_segment_is_gone() {
     }
     relay.stop();
 }
+
+/// wss:// upstreams: fakenet's hosts speak TLS with a CA made for the run;
+/// the relay trusts it through `tls_ca_file`, hosts enter as https:// URLs,
+/// and the stream checks exact. A host entered without its scheme is
+/// plain text (loopback) and gets nothing from a TLS host, not garbage.
+#[test]
+fn relays_wss_upstreams_with_an_extra_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let mut net = runner::start(ServeConfig {
+        hosts: 3,
+        accounts: 10,
+        seed: 11,
+        rate: 0.0,
+        max_events: Some(600),
+        faults: FaultRates::parse("badsig,missingblock,wronghost,futurerev").unwrap(),
+        ledger: dir.path().join("ledger.jsonl"),
+        tls_ca_out: Some(ca.clone()),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    net.wait_generation().unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 2, &format!("tls_ca_file = {:?}", ca.to_string_lossy()));
+    relay.start();
+    for h in &net.info.hosts {
+        let (st, body) = relay
+            .http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"https://{h}\"}}"))
+            .unwrap();
+        assert_eq!(st, 200, "{body}");
+    }
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.path().join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout: Duration::from_secs(60),
+        settle: Duration::from_secs(2),
+        wait_done: true,
+        only_host: None,
+    })
+    .unwrap();
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    assert!(report.relayed > 300, "{}", report.summary());
+    relay.stop();
+}
