@@ -147,3 +147,12 @@ pub fn commit(c: &mut Client, b: &Batch) -> Result<(), DbError> {
     t.commit()?;
     Ok(())
 }
+
+/// Add a host to crawl (no-op if known). Returns whether it was new.
+pub fn add_host(c: &mut Client, host: &sluice_common::identity::PdsHost) -> Result<bool, DbError> {
+    let n = c.execute(
+        "INSERT INTO hosts (hostname, insecure) VALUES ($1, $2) ON CONFLICT (hostname) DO NOTHING",
+        &[&host.name, &host.insecure],
+    )?;
+    Ok(n > 0)
+}

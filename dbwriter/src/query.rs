@@ -268,11 +268,11 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     if banned > 0 {
         return Ok(error(400, "HostBanned", "host is banned"));
     }
-    let n = c.execute(
-        "INSERT INTO hosts (hostname, insecure) VALUES ($1, $2) ON CONFLICT (hostname) DO NOTHING",
-        &[&host.name, &host.insecure],
-    )?;
-    if n > 0 {
+    let new = crate::db::add_host(c, &host).map_err(|e| match e {
+        crate::db::DbError::Pg(e) => e,
+        crate::db::DbError::Migrate(_) => unreachable!("add_host runs no migration"),
+    })?;
+    if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
     }
     Ok(Response { status: 200, body: json!({}) })
@@ -281,7 +281,15 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
 /// The host a requestCrawl names: a bare `hostname[:port]` or a URL.
 /// Loopback, private and `ws://`/`http://` hosts need `allow_insecure`.
 pub fn crawl_target(raw: &str, allow_insecure: bool) -> Result<PdsHost, String> {
-    let parsed = if raw.contains("://") { PdsHost::from_endpoint(raw) } else { PdsHost::parse_authority(raw, false) };
+    let parsed = if raw.contains("://") {
+        PdsHost::from_endpoint(raw)
+    } else {
+        // A bare name means TLS, except a loopback or private one.
+        PdsHost::parse_authority(raw, false).map(|mut h| {
+            h.insecure = h.is_local();
+            h
+        })
+    };
     let host = parsed.ok_or_else(|| format!("{raw:?} is not a hostname"))?;
     if (host.insecure || host.is_local()) && !allow_insecure {
         return Err(format!("{} is loopback, private or plain-text; it needs allow_insecure_hosts", host.name));

@@ -3,6 +3,7 @@
 //! (see ARCHITECTURE.md); `sluice demo` runs the relay against a synthetic
 //! network on loopback.
 
+mod bootstrap;
 mod demo;
 mod metrics;
 mod pg;

@@ -143,6 +143,9 @@ impl Supervisor {
         let idle =
             || Proc { child: None, restarts: 0, next_start: Instant::now(), assign: None, last_assignment: None };
         let shards = (0..cfg.shard_count).map(|_| idle()).collect();
+        if let Some(b) = &cfg.bootstrap_relay {
+            crate::bootstrap::spawn(b.clone(), database_url.clone(), cfg.allow_insecure_hosts);
+        }
         let control = Arc::new(control);
         let rings = Arc::new(rings);
         let fill = rings.clone();

@@ -478,3 +478,40 @@ fn relays_wss_upstreams_with_an_extra_ca() {
     assert!(report.relayed > 300, "{}", report.summary());
     relay.stop();
 }
+
+/// `bootstrap_relay`: the relay lists another relay's hosts at start and
+/// crawls them without any requestCrawl.
+#[test]
+fn bootstraps_hosts_from_another_relays_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 3,
+        accounts: 5,
+        rate: 0.0,
+        max_events: Some(120),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    net.wait_generation().unwrap();
+    let extra = format!("bootstrap_relay = {:?}", net.info.relay_listhosts_url);
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, &extra);
+    relay.start();
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.path().join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout: Duration::from_secs(60),
+        settle: Duration::from_millis(500),
+        wait_done: true,
+        only_host: None,
+    })
+    .unwrap();
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    assert_eq!(report.relayed, 120);
+    let (_, body) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
+    for h in &net.info.hosts {
+        assert!(body.contains(h.as_str()), "{h} missing from {body}");
+    }
+    relay.stop();
+}
