@@ -80,7 +80,8 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
         );
         last = (Instant::now(), ein, out);
     });
-    let r = sup.run(term, Some(tick));
+    let hup = crate::hangup()?;
+    let r = sup.run(term, hup, Some(tick));
     drop(net);
     r
 }

@@ -76,6 +76,14 @@ fn signals() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(term)
 }
 
+/// SIGHUP: a flag the supervisor checks (children ignore it: they are
+/// restarted on reload instead).
+fn hangup() -> anyhow::Result<Arc<AtomicBool>> {
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+    Ok(hup)
+}
+
 fn load(config: Option<&Path>) -> anyhow::Result<Config> {
     let path = config.map(Path::to_path_buf).or_else(|| {
         let d = PathBuf::from(DEFAULT_CONFIG_PATH);
@@ -94,10 +102,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Run { config } => {
+            let source = config.clone().or_else(|| {
+                let d = PathBuf::from(DEFAULT_CONFIG_PATH);
+                d.exists().then_some(d)
+            });
             let cfg = load(config.as_deref())?;
             let term = signals()?;
+            let hup = hangup()?;
             let mut s = supervise::Supervisor::start(cfg)?;
-            s.run(term, None)
+            s.set_source(source);
+            s.run(term, hup, None)
         }
         Cmd::Demo { data_dir, port, hosts, rate } => demo::run(&data_dir, port, hosts, rate),
         Cmd::DbWriter { config } => {
@@ -106,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
             let rings = fd_env(supervise::ENV_RING_FDS)?;
             let term = signals()?;
+            let _ = hangup()?;
             // SAFETY: the supervisor passed these descriptors to us alone.
             unsafe { sluice_dbwriter::run(&cfg, &url, control, &rings, term) }
         }
@@ -114,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
             let ring = fd_env(supervise::ENV_RING_FDS)?[0];
             let assign = fd_env(supervise::ENV_ASSIGN_FD)?[0];
+            let _ = hangup()?;
             // SAFETY: the supervisor passed these descriptors to us alone.
             unsafe { sluice_shard::run(&cfg, id, control, ring, assign) }
         }

@@ -65,11 +65,15 @@ pub struct Supervisor {
     cfg: Config,
     config_path: std::path::PathBuf,
     control: Arc<ControlBlock>,
-    rings: Arc<Vec<Ring>>,
+    rings: Vec<Ring>,
     writer: Proc,
     shards: Vec<Proc>,
     pg: Option<EmbeddedPg>,
     database_url: String,
+    /// The config file, for SIGHUP (None: built in, nothing to reload).
+    source: Option<std::path::PathBuf>,
+    /// Ring fill for the metrics page, refreshed by the run loop.
+    ring_fill: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
 fn spawn_child(
@@ -147,14 +151,30 @@ impl Supervisor {
             crate::bootstrap::spawn(b.clone(), database_url.clone(), cfg.allow_insecure_hosts);
         }
         let control = Arc::new(control);
-        let rings = Arc::new(rings);
-        let fill = rings.clone();
+        let ring_fill = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let fill = ring_fill.clone();
         crate::metrics::start(
             cfg.metrics_listen,
             control.clone(),
-            Arc::new(move || fill.iter().map(|r| (r.used(), r.capacity())).collect()),
+            Arc::new(move || fill.lock().map(|v| v.clone()).unwrap_or_default()),
         );
-        Ok(Supervisor { cfg, config_path, control, rings, writer: idle(), shards, pg, database_url })
+        Ok(Supervisor {
+            cfg,
+            config_path,
+            control,
+            rings,
+            writer: idle(),
+            shards,
+            pg,
+            database_url,
+            source: None,
+            ring_fill,
+        })
+    }
+
+    /// Where SIGHUP re-reads the config from.
+    pub fn set_source(&mut self, path: Option<std::path::PathBuf>) {
+        self.source = path;
     }
 
     fn start_writer(&mut self) -> anyhow::Result<()> {
@@ -209,7 +229,12 @@ impl Supervisor {
     }
 
     /// Run until SIGTERM/SIGINT (`term`), then shut down in order.
-    pub fn run(&mut self, term: Arc<AtomicBool>, mut tick: Option<Tick<'_>>) -> anyhow::Result<()> {
+    pub fn run(
+        &mut self,
+        term: Arc<AtomicBool>,
+        hup: Arc<AtomicBool>,
+        mut tick: Option<Tick<'_>>,
+    ) -> anyhow::Result<()> {
         self.start_writer()?;
         for k in 0..self.shards.len() {
             self.start_shard(k)?;
@@ -230,6 +255,13 @@ impl Supervisor {
                         }
                     }
                 }
+            }
+            if hup.swap(false, Ordering::AcqRel) {
+                self.reload()?;
+                last_poll = Instant::now() - HOST_POLL;
+            }
+            if let Ok(mut f) = self.ring_fill.lock() {
+                *f = self.rings.iter().map(|r| (r.used(), r.capacity())).collect();
             }
             if let Some(t) = tick.as_mut() {
                 t(&self.control);
@@ -292,9 +324,72 @@ impl Supervisor {
         Ok(())
     }
 
+    /// SIGHUP: re-read the config file and restart the db-writer and the
+    /// shards on it (a new shard_count included). Lossless like any
+    /// restart: rings drain first, and whatever was not committed is read
+    /// again from the durable cursors. data_dir and database_url changes
+    /// need a full restart and are refused. An invalid file changes nothing.
+    fn reload(&mut self) -> anyhow::Result<()> {
+        let Some(path) = self.source.clone() else {
+            tracing::warn!("SIGHUP: no config file to reload (built-in defaults)");
+            return Ok(());
+        };
+        let mut new = match Config::load(Some(&path)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "SIGHUP: config invalid; keeping the running one");
+                return Ok(());
+            }
+        };
+        let new_dir = std::fs::canonicalize(&new.data_dir).unwrap_or(new.data_dir.clone());
+        if new_dir != self.cfg.data_dir || new.database_url != self.cfg.database_url {
+            tracing::warn!("SIGHUP: data_dir and database_url changes need a restart; keeping the running ones");
+        }
+        new.data_dir = self.cfg.data_dir.clone();
+        new.database_url = self.cfg.database_url.clone();
+        if new.metrics_listen != self.cfg.metrics_listen {
+            tracing::warn!("SIGHUP: metrics_listen changes need a restart");
+        }
+        tracing::info!(path = %path.display(), shards_from = self.cfg.shard_count, shards_to = new.shard_count, "SIGHUP: reloading");
+        self.stop_children();
+        if new.shard_count != self.cfg.shard_count || new.ring_size_bytes != self.cfg.ring_size_bytes {
+            let mut rings = Vec::new();
+            for k in 0..new.shard_count {
+                let r = Ring::create(&format!("sluice-ring-{k}"), new.ring_size_bytes)?;
+                cloexec(r.fd())?;
+                rings.push(r);
+            }
+            self.rings = rings;
+        }
+        let mut eff = new.clone();
+        eff.database_url = Some(self.database_url.clone());
+        std::fs::write(&self.config_path, eff.to_toml())?;
+        self.shards = (0..new.shard_count)
+            .map(|_| Proc { child: None, restarts: 0, next_start: Instant::now(), assign: None, last_assignment: None })
+            .collect();
+        self.control.shard_count().store(new.shard_count, Ordering::Release);
+        self.control.stop_reading().store(0, Ordering::Release);
+        self.cfg = new;
+        self.start_writer()?;
+        for k in 0..self.shards.len() {
+            self.start_shard(k)?;
+        }
+        tracing::info!(shards = self.shards.len(), "SIGHUP: reloaded");
+        Ok(())
+    }
+
     fn shutdown(&mut self) {
-        let timeout = Duration::from_millis(self.cfg.shutdown_timeout_ms as u64);
         tracing::info!("shutting down: shards stop reading upstream");
+        self.stop_children();
+        if let Some(pg) = self.pg.as_mut() {
+            pg.stop();
+        }
+        tracing::info!(last_seq = self.control.committed().load(Ordering::Acquire), "sluice stopped");
+    }
+
+    /// Steps 1-3 of the shutdown: stop reading, drain, stop the children.
+    fn stop_children(&mut self) {
+        let timeout = Duration::from_millis(self.cfg.shutdown_timeout_ms as u64);
         self.control.stop_reading().store(1, Ordering::Release);
         let deadline = Instant::now() + timeout;
         // Rings drain when the db-writer has committed everything in them.
@@ -316,10 +411,10 @@ impl Supervisor {
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
             wait_bounded(c, timeout, "db-writer");
         }
-        if let Some(pg) = self.pg.as_mut() {
-            pg.stop();
+        self.writer.child = None;
+        for p in &mut self.shards {
+            p.child = None;
         }
-        tracing::info!(last_seq = self.control.committed().load(Ordering::Acquire), "sluice stopped");
     }
 }
 

@@ -44,8 +44,15 @@ impl Relay {
         let port = free_port();
         let metrics_port = free_port();
         let config = dir.join("relay.toml");
+        let r = Relay { child: None, config, log: dir.join("relay.log"), port, metrics_port };
+        r.write_config(dir, plc_url, shard_count, extra);
+        r
+    }
+
+    fn write_config(&self, dir: &Path, plc_url: &str, shard_count: u32, extra: &str) {
+        let (port, metrics_port, config) = (self.port, self.metrics_port, &self.config);
         std::fs::write(
-            &config,
+            config,
             format!(
                 "shard_count = {shard_count}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\ndata_dir = {:?}\nplc_url = {plc_url:?}\n\
                  allow_insecure_hosts = true\nshutdown_timeout_ms = 20000\n{extra}\n",
@@ -53,7 +60,6 @@ impl Relay {
             ),
         )
         .unwrap();
-        Relay { child: None, config, log: dir.join("relay.log"), port, metrics_port }
     }
 
     fn start(&mut self) {
@@ -513,5 +519,56 @@ fn bootstraps_hosts_from_another_relays_list() {
     for h in &net.info.hosts {
         assert!(body.contains(h.as_str()), "{h} missing from {body}");
     }
+    relay.stop();
+}
+
+/// SIGHUP with a new shard_count: the supervisor restarts the db-writer and
+/// the shards on the new config, mid-stream, and nothing is lost or doubled.
+#[test]
+fn reload_to_more_shards_mid_stream_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    const EVENTS: u64 = 1500;
+    let mut net = runner::start(ServeConfig {
+        hosts: 6,
+        accounts: 10,
+        seed: 21,
+        rate: 150.0,
+        max_events: Some(EVENTS),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
+    relay.start();
+    for h in &net.info.hosts {
+        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")).unwrap();
+    }
+    let t = Instant::now();
+    while net.events() < EVENTS / 3 {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(children_matching(relay.pid(), "shard --id").len(), 1);
+    relay.write_config(dir.path(), &net.info.plc_url, 2, "");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let t = Instant::now();
+    while children_matching(relay.pid(), "shard --id").len() != 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no second shard after SIGHUP:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    relay.wait_health(Duration::from_secs(30));
+    net.wait_generation().unwrap();
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.path().join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout: Duration::from_secs(120),
+        settle: Duration::from_secs(2),
+        wait_done: true,
+        only_host: None,
+    })
+    .unwrap();
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
     relay.stop();
 }
