@@ -101,13 +101,29 @@ impl EmbeddedPg {
             tracing::info!(dir = %pg.dir.display(), "private PostgreSQL already running; using it");
             return Ok(pg);
         }
-        let log = pg.dir.join("postgres.log");
-        let opts = format!("-c listen_addresses='' -k {} -c max_connections=50", pg.socket_dir.display());
-        let out = pg
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// Start the cluster again if it is not running (it crashed or was
+    /// killed); a no-op when it runs.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        let status = self.command("pg_ctl").args(["-D", &self.dir.to_string_lossy(), "status"]).output()?;
+        if status.status.success() {
+            return Ok(());
+        }
+        tracing::warn!(dir = %self.dir.display(), "private PostgreSQL is not running; starting it");
+        self.start_server()
+    }
+
+    fn start_server(&mut self) -> anyhow::Result<()> {
+        let log = self.dir.join("postgres.log");
+        let opts = format!("-c listen_addresses='' -k {} -c max_connections=50", self.socket_dir.display());
+        let out = self
             .command("pg_ctl")
             .args([
                 "-D",
-                &pg.dir.to_string_lossy(),
+                &self.dir.to_string_lossy(),
                 "-l",
                 &log.to_string_lossy(),
                 "-w",
@@ -124,14 +140,14 @@ impl EmbeddedPg {
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
             bail!(
                 "pg_ctl start in {} failed: {} {:?}",
-                pg.dir.display(),
+                self.dir.display(),
                 String::from_utf8_lossy(&out.stderr).trim(),
                 tail
             );
         }
-        pg.started_here = true;
-        tracing::info!(socket = %pg.socket_dir.display(), "private PostgreSQL started");
-        Ok(pg)
+        self.started_here = true;
+        tracing::info!(socket = %self.socket_dir.display(), "private PostgreSQL started");
+        Ok(())
     }
 
     fn command(&self, tool: &str) -> Command {

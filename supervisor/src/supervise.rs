@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HOST_POLL: Duration = Duration::from_millis(500);
+/// A child that ran this long before dying starts its backoff afresh.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// Env vars naming inherited descriptors.
 pub const ENV_CONTROL_FD: &str = "SLUICE_CONTROL_FD";
@@ -53,6 +55,7 @@ struct Proc {
     child: Option<Child>,
     restarts: u32,
     next_start: Instant,
+    started: Instant,
     /// Write end of the shard's assignment pipe.
     assign: Option<std::fs::File>,
     last_assignment: Option<String>,
@@ -144,8 +147,14 @@ impl Supervisor {
             cloexec(r.fd())?;
             rings.push(r);
         }
-        let idle =
-            || Proc { child: None, restarts: 0, next_start: Instant::now(), assign: None, last_assignment: None };
+        let idle = || Proc {
+            child: None,
+            restarts: 0,
+            next_start: Instant::now(),
+            started: Instant::now(),
+            assign: None,
+            last_assignment: None,
+        };
         let shards = (0..cfg.shard_count).map(|_| idle()).collect();
         if let Some(b) = &cfg.bootstrap_relay {
             crate::bootstrap::spawn(b.clone(), database_url.clone(), cfg.allow_insecure_hosts);
@@ -189,6 +198,7 @@ impl Supervisor {
         let child = spawn_child(&["db-writer".into()], &self.config_path, &keep, &env, libc::SIGTERM)?;
         tracing::info!(pid = child.id(), "db-writer started");
         self.writer.child = Some(child);
+        self.writer.started = Instant::now();
         // Wait for it to be ready (migrations done, log repaired).
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.control.writer_state() != WriterState::Ready {
@@ -223,6 +233,7 @@ impl Supervisor {
         tracing::info!(shard = k, pid = child.id(), "shard started");
         let p = &mut self.shards[k];
         p.child = Some(child);
+        p.started = Instant::now();
         p.assign = Some(std::fs::File::from(w));
         p.last_assignment = None;
         Ok(())
@@ -302,10 +313,30 @@ impl Supervisor {
         if let Some(st) = self.writer.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             tracing::error!(status = %st, "db-writer exited; restarting it");
             self.writer.child = None;
+            if self.writer.started.elapsed() > STABLE_AFTER {
+                self.writer.restarts = 0;
+            }
             self.writer.restarts += 1;
             self.control.writer_counter(WriterCounter::Restarts).fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(backoff(self.writer.restarts));
-            self.start_writer()?;
+            self.writer.next_start = Instant::now() + backoff(self.writer.restarts);
+        }
+        if self.writer.child.is_none() && Instant::now() >= self.writer.next_start {
+            if let Some(pg) = self.pg.as_mut() {
+                // The private database may be what failed.
+                if let Err(e) = pg.ensure_running() {
+                    tracing::error!(error = %e, "private PostgreSQL cannot be started");
+                }
+            }
+            if let Err(e) = self.start_writer() {
+                // Not fatal after the first start: retry with backoff.
+                tracing::error!(error = %e, "db-writer failed to start; retrying");
+                if let Some(mut c) = self.writer.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                self.writer.restarts += 1;
+                self.writer.next_start = Instant::now() + backoff(self.writer.restarts);
+            }
         }
         for k in 0..self.shards.len() {
             let p = &mut self.shards[k];
@@ -313,6 +344,9 @@ impl Supervisor {
                 tracing::error!(shard = k, status = %st, "shard exited; restarting it");
                 p.child = None;
                 p.assign = None;
+                if p.started.elapsed() > STABLE_AFTER {
+                    p.restarts = 0;
+                }
                 p.restarts += 1;
                 self.control.writer_counter(WriterCounter::Restarts).fetch_add(1, Ordering::Relaxed);
                 p.next_start = Instant::now() + backoff(p.restarts);
@@ -365,7 +399,14 @@ impl Supervisor {
         eff.database_url = Some(self.database_url.clone());
         std::fs::write(&self.config_path, eff.to_toml())?;
         self.shards = (0..new.shard_count)
-            .map(|_| Proc { child: None, restarts: 0, next_start: Instant::now(), assign: None, last_assignment: None })
+            .map(|_| Proc {
+                child: None,
+                restarts: 0,
+                next_start: Instant::now(),
+                started: Instant::now(),
+                assign: None,
+                last_assignment: None,
+            })
             .collect();
         self.control.shard_count().store(new.shard_count, Ordering::Release);
         self.control.stop_reading().store(0, Ordering::Release);

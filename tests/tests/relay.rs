@@ -572,3 +572,51 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
     assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
     relay.stop();
 }
+
+/// The private PostgreSQL is killed (SIGKILL to the postmaster) mid-stream:
+/// the db-writer fails, the supervisor starts the cluster again (crash
+/// recovery) and the writer after it; nothing is lost or doubled.
+#[test]
+fn survives_a_postgres_crash_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    const EVENTS: u64 = 1500;
+    let mut net = runner::start(ServeConfig {
+        hosts: 4,
+        accounts: 10,
+        seed: 31,
+        rate: 150.0,
+        max_events: Some(EVENTS),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
+    relay.start();
+    for h in &net.info.hosts {
+        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")).unwrap();
+    }
+    let t = Instant::now();
+    while net.events() < EVENTS / 3 {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid_file = std::fs::read_to_string(dir.path().join("data/pg/postmaster.pid")).unwrap();
+    let pg: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pg), nix::sys::signal::Signal::SIGKILL).unwrap();
+    net.wait_generation().unwrap();
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.path().join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout: Duration::from_secs(150),
+        settle: Duration::from_secs(2),
+        wait_done: true,
+        only_host: None,
+    })
+    .unwrap();
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
+    let log = std::fs::read_to_string(&relay.log).unwrap();
+    assert!(log.contains("private PostgreSQL is not running; starting it"), "no PostgreSQL restart in the log");
+    relay.stop();
+}
