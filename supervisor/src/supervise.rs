@@ -61,6 +61,13 @@ struct Proc {
     last_assignment: Option<String>,
 }
 
+impl Proc {
+    fn idle() -> Proc {
+        let now = Instant::now();
+        Proc { child: None, restarts: 0, next_start: now, started: now, assign: None, last_assignment: None }
+    }
+}
+
 /// Hooks for `sluice demo` (a line per second, etc.).
 pub type Tick<'a> = Box<dyn FnMut(&ControlBlock) + 'a>;
 
@@ -147,15 +154,7 @@ impl Supervisor {
             cloexec(r.fd())?;
             rings.push(r);
         }
-        let idle = || Proc {
-            child: None,
-            restarts: 0,
-            next_start: Instant::now(),
-            started: Instant::now(),
-            assign: None,
-            last_assignment: None,
-        };
-        let shards = (0..cfg.shard_count).map(|_| idle()).collect();
+        let shards = (0..cfg.shard_count).map(|_| Proc::idle()).collect();
         if let Some(b) = &cfg.bootstrap_relay {
             crate::bootstrap::spawn(b.clone(), database_url.clone(), cfg.allow_insecure_hosts);
         }
@@ -172,7 +171,7 @@ impl Supervisor {
             config_path,
             control,
             rings,
-            writer: idle(),
+            writer: Proc::idle(),
             shards,
             pg,
             database_url,
@@ -398,16 +397,7 @@ impl Supervisor {
         let mut eff = new.clone();
         eff.database_url = Some(self.database_url.clone());
         std::fs::write(&self.config_path, eff.to_toml())?;
-        self.shards = (0..new.shard_count)
-            .map(|_| Proc {
-                child: None,
-                restarts: 0,
-                next_start: Instant::now(),
-                started: Instant::now(),
-                assign: None,
-                last_assignment: None,
-            })
-            .collect();
+        self.shards = (0..new.shard_count).map(|_| Proc::idle()).collect();
         self.control.shard_count().store(new.shard_count, Ordering::Release);
         self.control.stop_reading().store(0, Ordering::Release);
         self.cfg = new;

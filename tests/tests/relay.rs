@@ -188,6 +188,41 @@ fn read_stream(port: u16, cursor: i64, last: i64, timeout: Duration) -> Vec<(i64
     out
 }
 
+/// POST requestCrawl for every fakenet host (as given, or with a scheme).
+fn crawl_all(relay: &Relay, net: &runner::Running, scheme: &str) {
+    for h in &net.info.hosts {
+        let (st, body) = relay
+            .http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{scheme}{h}\"}}"))
+            .expect("requestCrawl answered");
+        assert_eq!(st, 200, "requestCrawl {h}: {body}");
+    }
+}
+
+/// Wait (bounded) until fakenet generated `n` events.
+fn wait_events(net: &runner::Running, n: u64) {
+    let t = Instant::now();
+    while net.events() < n {
+        assert!(t.elapsed() < Duration::from_secs(120), "fakenet too slow: {} events", net.events());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The exact check of the relay's whole window against the ledger.
+fn check_exact(relay: &Relay, dir: &Path, timeout: Duration) -> check::Report {
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout,
+        settle: Duration::from_secs(2),
+        wait_done: true,
+        only_host: None,
+    })
+    .unwrap();
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    report
+}
+
 #[test]
 fn relays_a_faulty_network_exactly_across_restart_and_process_kills() {
     let dir = tempfile::tempdir().unwrap();
@@ -540,14 +575,8 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
     .unwrap();
     let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
     relay.start();
-    for h in &net.info.hosts {
-        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")).unwrap();
-    }
-    let t = Instant::now();
-    while net.events() < EVENTS / 3 {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crawl_all(&relay, &net, "");
+    wait_events(&net, EVENTS / 3);
     assert_eq!(children_matching(relay.pid(), "shard --id").len(), 1);
     relay.write_config(dir.path(), &net.info.plc_url, 2, "");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
@@ -558,17 +587,7 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
     }
     relay.wait_health(Duration::from_secs(30));
     net.wait_generation().unwrap();
-    let report = check::run(&CheckConfig {
-        relay: format!("ws://127.0.0.1:{}", relay.port),
-        ledger: dir.path().join("ledger.jsonl"),
-        cursor: Some(0),
-        timeout: Duration::from_secs(120),
-        settle: Duration::from_secs(2),
-        wait_done: true,
-        only_host: None,
-    })
-    .unwrap();
-    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    let report = check_exact(&relay, dir.path(), Duration::from_secs(120));
     assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
     relay.stop();
 }
@@ -592,29 +611,13 @@ fn survives_a_postgres_crash_mid_stream() {
     .unwrap();
     let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
     relay.start();
-    for h in &net.info.hosts {
-        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")).unwrap();
-    }
-    let t = Instant::now();
-    while net.events() < EVENTS / 3 {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crawl_all(&relay, &net, "");
+    wait_events(&net, EVENTS / 3);
     let pid_file = std::fs::read_to_string(dir.path().join("data/pg/postmaster.pid")).unwrap();
     let pg: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pg), nix::sys::signal::Signal::SIGKILL).unwrap();
     net.wait_generation().unwrap();
-    let report = check::run(&CheckConfig {
-        relay: format!("ws://127.0.0.1:{}", relay.port),
-        ledger: dir.path().join("ledger.jsonl"),
-        cursor: Some(0),
-        timeout: Duration::from_secs(150),
-        settle: Duration::from_secs(2),
-        wait_done: true,
-        only_host: None,
-    })
-    .unwrap();
-    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    let report = check_exact(&relay, dir.path(), Duration::from_secs(150));
     assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
     let log = std::fs::read_to_string(&relay.log).unwrap();
     assert!(log.contains("private PostgreSQL is not running; starting it"), "no PostgreSQL restart in the log");
