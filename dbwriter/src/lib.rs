@@ -10,6 +10,7 @@
 //! Started by the supervisor with the control block and every ring passed
 //! as inherited file descriptors.
 
+pub mod admin;
 pub mod db;
 pub mod query;
 pub mod sequencer;
@@ -49,6 +50,17 @@ pub unsafe fn run(
     if let Some(first) = log.oldest_seq()? {
         control.oldest().store(first as u64, Ordering::Release);
     }
+    let admin_password = match &cfg.admin_password_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("admin_password_file {}: {e}", p.display()))?
+                .trim()
+                .to_owned(),
+        )
+        .filter(|p| !p.is_empty()),
+        None => None,
+    };
+    let (admin_tx, admin_rx) = admin::channel();
     let query_stop = Arc::new(AtomicBool::new(false));
     let workers = query::start(
         &cfg.query_socket(),
@@ -56,6 +68,8 @@ pub unsafe fn run(
             database_url: database_url.to_owned(),
             allow_insecure_hosts: cfg.allow_insecure_hosts,
             workers: 2,
+            admin_password,
+            admin: admin_tx,
         },
         query_stop.clone(),
     )?;
@@ -68,6 +82,7 @@ pub unsafe fn run(
         cfg.limits.account_cache_entries_max as usize,
         cfg.retention_hours,
     )?;
+    seq.admin = Some(admin_rx);
     control.set_writer_state(WriterState::Ready);
     tracing::info!(durable_seq = durable, "db-writer ready");
     let r = seq.run(&stop);

@@ -34,6 +34,10 @@ pub struct QueryConfig {
     pub database_url: String,
     pub allow_insecure_hosts: bool,
     pub workers: usize,
+    /// The admin password (None: admin API disabled).
+    pub admin_password: Option<String>,
+    /// To the sequencer, for admin actions that emit events.
+    pub admin: std::sync::mpsc::SyncSender<crate::admin::Command>,
 }
 
 /// Start the listener and the workers; they run until `stop`.
@@ -131,6 +135,7 @@ pub struct Request {
     pub path: String,
     pub query: Vec<(String, String)>,
     pub body: Vec<u8>,
+    pub authorization: Option<String>,
 }
 
 fn read_request(s: &mut UnixStream) -> Result<Request, String> {
@@ -158,6 +163,12 @@ fn read_request(s: &mut UnixStream) -> Result<Request, String> {
                 if head + len > REQUEST_BYTES_MAX {
                     return Err("request too large".into());
                 }
+                let authorization = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::to_owned);
                 let method = req.method.unwrap_or("GET").to_owned();
                 let target = req.path.unwrap_or("/").to_owned();
                 while buf.len() < head + len {
@@ -168,7 +179,7 @@ fn read_request(s: &mut UnixStream) -> Result<Request, String> {
                     buf.extend_from_slice(&chunk[..n]);
                 }
                 let (path, query) = split_target(&target);
-                return Ok(Request { method, path, query, body: buf[head..head + len].to_vec() });
+                return Ok(Request { method, path, query, body: buf[head..head + len].to_vec(), authorization });
             }
             Ok(httparse::Status::Partial) => continue,
             Err(e) => return Err(format!("bad request: {e}")),
@@ -237,6 +248,12 @@ fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
 }
 
 pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
+    if let Some(r) = crate::admin::handle(c, cfg.admin_password.as_deref(), &cfg.admin, req) {
+        return r.unwrap_or_else(|e| {
+            tracing::error!(path = req.path, error = %e, "admin action failed");
+            error(500, "InternalServerError", "internal error")
+        });
+    }
     let r = match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/xrpc/com.atproto.sync.requestCrawl") => request_crawl(c, cfg, req),
         ("GET", "/xrpc/com.atproto.sync.listHosts") => list_hosts(c, req),

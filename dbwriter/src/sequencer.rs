@@ -45,6 +45,8 @@ pub struct Sequencer {
     pub host_floor: HashMap<i64, i64>,
     pub retention_micros: i64,
     pub scratch: Vec<u8>,
+    /// Admin actions from the query workers.
+    pub admin: Option<std::sync::mpsc::Receiver<crate::admin::Command>>,
 }
 
 fn now_micros() -> i64 {
@@ -72,6 +74,7 @@ impl Sequencer {
             host_floor,
             retention_micros: retention_hours as i64 * 3_600_000_000,
             scratch: Vec::new(),
+            admin: None,
         })
     }
 
@@ -105,6 +108,25 @@ impl Sequencer {
         let mut batch = Batch { last_seq: self.log.next_seq() - 1, ..Default::default() };
         let mut ends: Vec<Option<u64>> = vec![None; self.rings.len()];
         let mut taken = 0;
+        // Admin actions first: they are few and someone waits for them.
+        let mut replies = Vec::new();
+        let commands: Vec<crate::admin::Command> = match &self.admin {
+            Some(rx) => std::iter::from_fn(|| rx.try_recv().ok()).take(crate::admin::QUEUE_MAX).collect(),
+            None => Vec::new(),
+        };
+        for cmd in commands {
+            taken += 1;
+            match cmd {
+                crate::admin::Command::Takedown { did, takedown, reply } => {
+                    match self.takedown(&did, takedown, &mut batch) {
+                        Ok(seq) => replies.push((reply, seq)),
+                        Err(why) => {
+                            let _ = reply.send(Err(why));
+                        }
+                    }
+                }
+            }
+        }
         let mut rings = std::mem::take(&mut self.rings);
         let result = self.read_rings(&mut rings, &mut batch, &mut ends, &mut taken);
         self.rings = rings;
@@ -131,6 +153,9 @@ impl Sequencer {
             }
         }
         self.count(WriterCounter::Commits);
+        for (reply, seq) in replies {
+            let _ = reply.send(Ok(seq));
+        }
         Ok(taken)
     }
 
@@ -178,6 +203,34 @@ impl Sequencer {
             }
         }
         Ok(())
+    }
+
+    /// Take an account down (or reverse it): store the flag and emit the
+    /// relay's `#account` event with the combined status.
+    fn takedown(&mut self, did: &str, takedown: bool, batch: &mut Batch) -> Result<i64, String> {
+        if !sluice_common::syntax::is_did(did) {
+            return Err(format!("{did:?} is not a DID"));
+        }
+        let stored = self.account(did, batch).map_err(|e| format!("{did}: {e}"))?;
+        let Some(mut st) = stored else {
+            return Err(format!("{did} is not an account this relay has seen"));
+        };
+        st.takendown = takedown;
+        let status = st.status().to_owned();
+        let active = status == "active";
+        let seq = self.log.next_seq();
+        let now = now_micros();
+        let time = sluice_common::syntax::format_datetime_micros(now);
+        self.scratch.clear();
+        frame::AccountEvent { seq, did, time: &time, active, status: (!active).then_some(status.as_str()) }
+            .encode(&mut self.scratch);
+        self.log
+            .append(seq, sluice_common::ringrec::Kind::Account as u8, 0, did_hash(did), now, &self.scratch)
+            .map_err(|e| format!("{did}: {e}"))?;
+        self.count(WriterCounter::Relayed);
+        self.cache.put(did.to_owned(), st.clone());
+        batch.accounts.insert(did.to_owned(), st);
+        Ok(seq)
     }
 
     fn count(&self, c: WriterCounter) {

@@ -150,8 +150,19 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     });
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
     let mut buf = Vec::new();
+    // Wakes the loop when the host is unassigned or the relay stops, even
+    // if the host sends nothing.
+    let mut watch = Box::pin(async {
+        while !stopping() {
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+        }
+    });
     while !stopping() {
-        let Some(msg) = ws.next().await else { return Ok(()) };
+        let msg = match futures::future::select(ws.next(), &mut watch).await {
+            futures::future::Either::Left((m, _)) => m,
+            futures::future::Either::Right(_) => break,
+        };
+        let Some(msg) = msg else { return Ok(()) };
         let data = match msg? {
             Message::Binary(b) => b,
             Message::Close(_) => return Ok(()),

@@ -47,6 +47,17 @@ enum Cmd {
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
     },
+    /// The admin API from the command line, against a running relay.
+    Admin {
+        /// The relay's public URL.
+        #[arg(long, default_value = "http://127.0.0.1:2470")]
+        url: String,
+        /// File holding the admin password (else $SLUICE_ADMIN_PASSWORD).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// (internal) The db-writer process, started by `sluice run`.
     #[command(name = "db-writer", hide = true)]
     DbWriter {
@@ -61,6 +72,58 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Stop relaying an account and emit `#account` (status takendown).
+    Takedown { did: String },
+    /// Reverse a takedown.
+    ReverseTakedown { did: String },
+    /// Stop crawling a host.
+    Ban { hostname: String },
+    /// Crawl a banned host again.
+    Unban { hostname: String },
+    /// List the hosts with their status and cursor.
+    Hosts,
+}
+
+fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow::Result<()> {
+    let password = match password_file {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?.trim().to_owned(),
+        None => std::env::var("SLUICE_ADMIN_PASSWORD").context("--password-file or SLUICE_ADMIN_PASSWORD is needed")?,
+    };
+    let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(60)).build();
+    let base = url.trim_end_matches('/');
+    let auth = format!("Bearer {password}");
+    let (req, body) = match action {
+        AdminAction::Hosts => (agent.get(&format!("{base}/admin/hosts")), None),
+        AdminAction::Takedown { did } => {
+            (agent.post(&format!("{base}/admin/repo/takedown")), Some(serde_json::json!({ "did": did })))
+        }
+        AdminAction::ReverseTakedown { did } => {
+            (agent.post(&format!("{base}/admin/repo/reverseTakedown")), Some(serde_json::json!({ "did": did })))
+        }
+        AdminAction::Ban { hostname } => {
+            (agent.post(&format!("{base}/admin/host/ban")), Some(serde_json::json!({ "hostname": hostname })))
+        }
+        AdminAction::Unban { hostname } => {
+            (agent.post(&format!("{base}/admin/host/unban")), Some(serde_json::json!({ "hostname": hostname })))
+        }
+    };
+    let req = req.set("authorization", &auth);
+    let resp = match body {
+        Some(b) => req.set("content-type", "application/json").send_string(&b.to_string()),
+        None => req.call(),
+    };
+    match resp {
+        Ok(r) => {
+            println!("{}", r.into_string()?);
+            Ok(())
+        }
+        Err(ureq::Error::Status(code, r)) => anyhow::bail!("{code}: {}", r.into_string().unwrap_or_default()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn fd_env(name: &str) -> anyhow::Result<Vec<i32>> {
@@ -114,6 +177,7 @@ fn main() -> anyhow::Result<()> {
             s.run(term, hup, None)
         }
         Cmd::Demo { data_dir, port, hosts, rate } => demo::run(&data_dir, port, hosts, rate),
+        Cmd::Admin { url, password_file, action } => admin(&url, password_file.as_deref(), action),
         Cmd::DbWriter { config } => {
             let cfg = Config::from_effective(&config)?;
             let url = cfg.database_url.clone().context("effective config lacks database_url")?;

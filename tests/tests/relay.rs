@@ -623,3 +623,80 @@ fn survives_a_postgres_crash_mid_stream() {
     assert!(log.contains("private PostgreSQL is not running; starting it"), "no PostgreSQL restart in the log");
     relay.stop();
 }
+
+/// The admin API through `sluice admin`: a takedown is an `#account` event
+/// with the relay's seq and status takendown, reversible; a banned host is
+/// disconnected; no password, no admin.
+#[test]
+fn admin_takedown_and_host_ban() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 2,
+        accounts: 5,
+        seed: 41,
+        rate: 0.0,
+        max_events: Some(100),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    net.wait_generation().unwrap();
+    let pw = dir.path().join("admin.pw");
+    std::fs::write(&pw, "hunter2\n").unwrap();
+    let mut relay =
+        Relay::new(dir.path(), &net.info.plc_url, 1, &format!("admin_password_file = {:?}", pw.to_string_lossy()));
+    relay.start();
+    crawl_all(&relay, &net, "");
+    check_exact(&relay, dir.path(), Duration::from_secs(60));
+    let admin = |args: &[&str]| {
+        let out = Command::new(sluice_bin())
+            .args(["admin", "--url", &format!("http://127.0.0.1:{}", relay.port), "--password-file"])
+            .arg(&pw)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sluice admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let did = net.shared.repos.read().unwrap().keys().next().unwrap().clone();
+    let seq = admin(&["takedown", &did])["seq"].as_i64().unwrap();
+    match first_frame(relay.port, &format!("?cursor={}", seq - 1)) {
+        Message::Event(sluice_common::frame::Event::Account(a)) => {
+            assert_eq!((a.seq, a.did, a.active, a.status), (seq, did.as_str(), false, Some("takendown")));
+        }
+        other => panic!("expected the takedown #account, got {other:?}"),
+    }
+    let (_, body) = relay.http("GET", &format!("/xrpc/com.atproto.sync.getRepoStatus?did={did}"), "").unwrap();
+    assert!(body.contains("\"status\":\"takendown\""), "{body}");
+    let seq2 = admin(&["reverse-takedown", &did])["seq"].as_i64().unwrap();
+    assert_eq!(seq2, seq + 1);
+    match first_frame(relay.port, &format!("?cursor={seq}")) {
+        Message::Event(sluice_common::frame::Event::Account(a)) => assert!(a.active && a.status.is_none()),
+        other => panic!("expected the reversal #account, got {other:?}"),
+    }
+    // Without credentials: 401.
+    let (st, _) = relay.http("POST", "/admin/repo/takedown", &format!("{{\"did\":\"{did}\"}}")).unwrap();
+    assert_eq!(st, 401);
+    // Ban a host: it is disconnected and stays so.
+    let host = net.info.hosts[0].clone();
+    assert_eq!(admin(&["ban", &host])["status"], "banned");
+    let hosts = admin(&["hosts"]);
+    assert!(hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["hostname"] == host.as_str() && h["status"] == "banned"));
+    let t = Instant::now();
+    loop {
+        let mut m = TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
+        m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut page = String::new();
+        m.read_to_string(&mut page).unwrap();
+        if page.lines().any(|l| l == "sluice_shard_hosts_connected{shard=\"0\"} 1") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "banned host still connected:\n{page}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    relay.stop();
+}

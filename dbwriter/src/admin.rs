@@ -1,0 +1,169 @@
+//! The admin API (HTTP, behind `admin_password_file`): takedowns and their
+//! reversal, host bans, the host list. Actions that emit events (a
+//! takedown is an `#account` event with status `takendown`) go through the
+//! sequencer, so they get a relay seq and are durable before the answer.
+//! Every action is written to `admin_audit`.
+//!
+//! Auth: `Authorization: Bearer <password>` or HTTP Basic with user
+//! `admin`. Without `admin_password_file` every admin route answers 403.
+
+use crate::query::{Request, Response};
+use postgres::Client;
+use serde_json::{json, Value};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::time::Duration;
+
+/// Commands waiting for the sequencer.
+pub const QUEUE_MAX: usize = 64;
+
+/// What the sequencer is asked to do.
+pub enum Command {
+    /// Take the account down (`true`) or reverse it (`false`); the reply is
+    /// the relay seq of the emitted `#account` event, once durable.
+    Takedown { did: String, takedown: bool, reply: SyncSender<Result<i64, String>> },
+}
+
+pub fn channel() -> (SyncSender<Command>, Receiver<Command>) {
+    sync_channel(QUEUE_MAX)
+}
+
+fn error(status: u16, name: &str, message: &str) -> Response {
+    Response { status, body: json!({"error": name, "message": message}) }
+}
+
+fn authorized(req: &Request, password: &str) -> bool {
+    use base64::Engine;
+    let Some(h) = req.authorization.as_deref() else { return false };
+    let given = if let Some(t) = h.strip_prefix("Bearer ") {
+        t.trim().to_owned()
+    } else if let Some(b) = h.strip_prefix("Basic ") {
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else { return false };
+        match String::from_utf8_lossy(&raw).split_once(':') {
+            Some(("admin", p)) => p.to_owned(),
+            _ => return false,
+        }
+    } else {
+        return false;
+    };
+    // Length-independent comparison of the bytes.
+    let (a, b) = (given.as_bytes(), password.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn body_field(req: &Request, name: &str) -> Option<String> {
+    serde_json::from_slice::<Value>(&req.body).ok()?.get(name)?.as_str().map(str::to_owned)
+}
+
+fn audit(c: &mut Client, action: &str, subject: &str, detail: Value) -> Result<(), postgres::Error> {
+    c.execute(
+        "INSERT INTO admin_audit (action, subject, detail) VALUES ($1, $2, $3::text::jsonb)",
+        &[&action, &subject, &detail.to_string()],
+    )?;
+    Ok(())
+}
+
+/// Handle `/admin/...`; `None` if the path is not an admin route.
+pub fn handle(
+    c: &mut Client,
+    password: Option<&str>,
+    tx: &SyncSender<Command>,
+    req: &Request,
+) -> Option<Result<Response, postgres::Error>> {
+    if !req.path.starts_with("/admin/") {
+        return None;
+    }
+    let Some(password) = password else {
+        return Some(Ok(error(403, "AdminDisabled", "set admin_password_file to enable the admin API")));
+    };
+    if !authorized(req, password) {
+        return Some(Ok(error(401, "Unauthorized", "admin credentials required")));
+    }
+    Some(match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/admin/repo/takedown") => takedown(c, tx, req, true),
+        ("POST", "/admin/repo/reverseTakedown") => takedown(c, tx, req, false),
+        ("POST", "/admin/host/ban") => ban(c, req, true),
+        ("POST", "/admin/host/unban") => ban(c, req, false),
+        ("GET", "/admin/hosts") => hosts(c),
+        _ => Ok(error(404, "NotFound", "no such admin route")),
+    })
+}
+
+fn takedown(
+    c: &mut Client,
+    tx: &SyncSender<Command>,
+    req: &Request,
+    takedown: bool,
+) -> Result<Response, postgres::Error> {
+    let Some(did) = body_field(req, "did") else {
+        return Ok(error(400, "InvalidRequest", "body must be {\"did\": ...}"));
+    };
+    let (reply, rx) = sync_channel(1);
+    if tx.try_send(Command::Takedown { did: did.clone(), takedown, reply }).is_err() {
+        return Ok(error(503, "Busy", "the sequencer's admin queue is full"));
+    }
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(seq)) => {
+            let action = if takedown { "takedown" } else { "reverse_takedown" };
+            audit(c, action, &did, json!({"seq": seq}))?;
+            tracing::info!(did, seq, action, "admin");
+            Ok(Response { status: 200, body: json!({"did": did, "seq": seq}) })
+        }
+        Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why)),
+        Err(_) => Ok(error(503, "Timeout", "the sequencer did not answer in time")),
+    }
+}
+
+fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::Error> {
+    let Some(host) = body_field(req, "hostname") else {
+        return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ...}"));
+    };
+    let status = if ban { "banned" } else { "active" };
+    let n = c.execute("UPDATE hosts SET status = $2, updated_at = now() WHERE hostname = $1", &[&host, &status])?;
+    if n == 0 {
+        return Ok(error(400, "HostNotFound", "unknown host"));
+    }
+    audit(c, if ban { "ban_host" } else { "unban_host" }, &host, json!({}))?;
+    tracing::info!(host, status, "admin");
+    Ok(Response { status: 200, body: json!({"hostname": host, "status": status}) })
+}
+
+fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
+    let rows =
+        c.query("SELECT hostname, status, cursor, account_count, insecure FROM hosts ORDER BY id LIMIT 10000", &[])?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"hostname": r.get::<_, String>(0), "status": r.get::<_, String>(1), "seq": r.get::<_, i64>(2),
+                   "accountCount": r.get::<_, i64>(3), "insecure": r.get::<_, bool>(4)})
+        })
+        .collect();
+    Ok(Response { status: 200, body: json!({ "hosts": list }) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn req(auth: Option<&str>) -> Request {
+        Request {
+            method: "GET".into(),
+            path: "/admin/hosts".into(),
+            query: vec![],
+            body: vec![],
+            authorization: auth.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn auth_schemes() {
+        assert!(authorized(&req(Some("Bearer s3cret")), "s3cret"));
+        assert!(!authorized(&req(Some("Bearer s3cre")), "s3cret"));
+        assert!(!authorized(&req(None), "s3cret"));
+        let basic = base64::engine::general_purpose::STANDARD.encode("admin:s3cret");
+        assert!(authorized(&req(Some(&format!("Basic {basic}"))), "s3cret"));
+        let other = base64::engine::general_purpose::STANDARD.encode("root:s3cret");
+        assert!(!authorized(&req(Some(&format!("Basic {other}"))), "s3cret"));
+        assert!(!authorized(&req(Some("Basic !!!")), "s3cret"));
+    }
+}
