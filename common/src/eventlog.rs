@@ -74,7 +74,7 @@ impl Header {
         out[18..24].fill(0);
         out[24..32].copy_from_slice(&self.did_hash.to_le_bytes());
         out[32..40].copy_from_slice(&self.time_micros.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[8..40]), frame);
+        let crc = record_crc(out, frame);
         out[4..8].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -93,7 +93,7 @@ impl Header {
         }
         let frame = &bytes[HEADER_BYTES..HEADER_BYTES + len as usize];
         let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-        if crc32c::crc32c_append(crc32c::crc32c(&bytes[8..40]), frame) != crc {
+        if record_crc(bytes, frame) != crc {
             return Err("CRC mismatch");
         }
         let h = Header {
@@ -106,6 +106,67 @@ impl Header {
         };
         Ok(Some((h, frame)))
     }
+}
+
+/// CRC32C of a record: the header after the CRC word, except the flags
+/// byte (so a takedown can flip flags with one byte write, which readers
+/// see whole), then the frame.
+fn record_crc(header: &[u8], frame: &[u8]) -> u32 {
+    let c = crc32c::crc32c(&header[8..17]);
+    let c = crc32c::crc32c_append(c, &header[18..40]);
+    crc32c::crc32c_append(c, frame)
+}
+
+/// Offset of the flags byte in a record header.
+const FLAGS_AT: u64 = 17;
+
+/// Set (`on`) or clear `flag` on every record up to `upto_seq` whose DID
+/// hash is `did_hash` and whose frame `matches` (to rule out hash
+/// collisions). Each change is one byte written in place; readers see the
+/// old or the new flags, never a broken record. Returns how many records
+/// changed. Used for takedowns: replay skips flagged records.
+pub fn set_flags(
+    dir: &Path,
+    did_hash: u64,
+    upto_seq: i64,
+    flag: u8,
+    on: bool,
+    matches: impl Fn(&[u8]) -> bool,
+) -> Result<u64, LogError> {
+    let mut changed = 0;
+    for first in list_segments(dir)? {
+        if first > upto_seq {
+            break;
+        }
+        let (dpath, _) = segment_paths(dir, first);
+        let file = match OpenOptions::new().read(true).write(true).open(&dpath) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // retention removed it
+            Err(err) => return Err(LogError::Io { path: dpath, err }),
+        };
+        // SAFETY: read-only map; the only writes to these bytes are the
+        // single flag bytes below and appends past what we read.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err(&dpath))?;
+        let mut off = 0u64;
+        let mut dirty = false;
+        while (off as usize) + HEADER_BYTES <= map.len() {
+            let Ok(Some((h, frame))) = Header::decode(&map[off as usize..]) else { break };
+            if h.seq > upto_seq {
+                break;
+            }
+            let want = if on { h.flags | flag } else { h.flags & !flag };
+            if h.did_hash == did_hash && want != h.flags && matches(frame) {
+                file.write_all_at(&[want], off + FLAGS_AT).map_err(io_err(&dpath))?;
+                changed += 1;
+                dirty = true;
+            }
+            off += record_bytes(h.len as usize);
+        }
+        if dirty {
+            file.sync_data().map_err(io_err(&dpath))?;
+        }
+    }
+    Ok(changed)
 }
 
 fn record_bytes(frame_len: usize) -> u64 {
@@ -548,6 +609,34 @@ mod tests {
         assert_eq!(r.read(131).unwrap().unwrap().1.bytes(), b"new");
         assert_eq!(r.read(130).unwrap().unwrap().1.bytes(), frame(130).as_slice());
         assert!(r.read(132).unwrap().is_none());
+    }
+
+    #[test]
+    fn flags_flip_in_place_and_records_stay_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), 1 << 16, 0).unwrap();
+        for s in 1..=600 {
+            w.append(s, 1, 0, (s % 3) as u64, s, &frame(s)).unwrap();
+        }
+        w.sync().unwrap();
+        // Hash 1, up to seq 400, except frames the matcher rejects (a
+        // simulated hash collision: seq 100).
+        let n = set_flags(dir.path(), 1, 400, FLAG_TAKEDOWN, true, |f| f != frame(100).as_slice()).unwrap();
+        assert_eq!(n, (1..=400).filter(|s| s % 3 == 1 && *s != 100).count() as u64);
+        let mut r = LogReader::new(dir.path());
+        for s in 1..=600 {
+            let (h, f) = r.read(s).unwrap().unwrap();
+            assert_eq!(f.bytes(), frame(s).as_slice());
+            let flagged = s % 3 == 1 && s <= 400 && s != 100;
+            assert_eq!(h.flags & FLAG_TAKEDOWN != 0, flagged, "seq {s}");
+        }
+        // Reversal clears them; appends continue after a reopen.
+        set_flags(dir.path(), 1, 600, FLAG_TAKEDOWN, false, |_| true).unwrap();
+        drop(w);
+        let mut w = LogWriter::open(dir.path(), 1 << 16, 600).unwrap();
+        w.append(601, 1, 0, 1, 0, b"x").unwrap();
+        let mut r = LogReader::new(dir.path());
+        assert!((1..=600).all(|s| r.read(s).unwrap().unwrap().0.flags == 0));
     }
 
     #[test]

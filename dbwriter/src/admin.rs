@@ -27,6 +27,39 @@ pub fn channel() -> (SyncSender<Command>, Receiver<Command>) {
     sync_channel(QUEUE_MAX)
 }
 
+/// Flag (or unflag) a DID's records up to a seq in the event log.
+pub struct FlagJob {
+    pub did: String,
+    pub upto_seq: i64,
+    pub on: bool,
+}
+
+/// The thread that applies [`FlagJob`]s, one at a time, off the
+/// sequencer's path (a scan of the whole window can take a while).
+pub fn start_flagger(events_dir: std::path::PathBuf) -> std::io::Result<SyncSender<FlagJob>> {
+    let (tx, rx) = sync_channel::<FlagJob>(QUEUE_MAX);
+    std::thread::Builder::new().name("log-flags".into()).spawn(move || {
+        while let Ok(job) = rx.recv() {
+            let did = job.did.as_str();
+            let same_did = |frame: &[u8]| {
+                sluice_common::frame::decode(frame).ok().is_some_and(|d| match d.message {
+                    sluice_common::frame::Message::Event(e) => e.did() == Some(did),
+                    _ => false,
+                })
+            };
+            let hash = sluice_common::ringrec::did_hash(did);
+            let flag = sluice_common::eventlog::FLAG_TAKEDOWN;
+            match sluice_common::eventlog::set_flags(&events_dir, hash, job.upto_seq, flag, job.on, same_did) {
+                Ok(n) => {
+                    tracing::info!(did, upto_seq = job.upto_seq, records = n, hidden = job.on, "takedown flags applied")
+                }
+                Err(e) => tracing::error!(did, upto_seq = job.upto_seq, error = %e, "takedown flags failed"),
+            }
+        }
+    })?;
+    Ok(tx)
+}
+
 fn error(status: u16, name: &str, message: &str) -> Response {
     Response { status, body: json!({"error": name, "message": message}) }
 }

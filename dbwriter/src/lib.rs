@@ -83,6 +83,7 @@ pub unsafe fn run(
         cfg.retention_hours,
     )?;
     seq.admin = Some(admin_rx);
+    seq.flag_jobs = Some(admin::start_flagger(cfg.events_dir())?);
     control.set_writer_state(WriterState::Ready);
     tracing::info!(durable_seq = durable, "db-writer ready");
     let r = seq.run(&stop);

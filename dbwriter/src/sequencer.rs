@@ -47,6 +47,8 @@ pub struct Sequencer {
     pub scratch: Vec<u8>,
     /// Admin actions from the query workers.
     pub admin: Option<std::sync::mpsc::Receiver<crate::admin::Command>>,
+    /// To the thread that flags a taken-down account's records.
+    pub flag_jobs: Option<std::sync::mpsc::SyncSender<crate::admin::FlagJob>>,
 }
 
 fn now_micros() -> i64 {
@@ -75,6 +77,7 @@ impl Sequencer {
             retention_micros: retention_hours as i64 * 3_600_000_000,
             scratch: Vec::new(),
             admin: None,
+            flag_jobs: None,
         })
     }
 
@@ -119,7 +122,7 @@ impl Sequencer {
             match cmd {
                 crate::admin::Command::Takedown { did, takedown, reply } => {
                     match self.takedown(&did, takedown, &mut batch) {
-                        Ok(seq) => replies.push((reply, seq)),
+                        Ok(seq) => replies.push((reply, seq, did, takedown)),
                         Err(why) => {
                             let _ = reply.send(Err(why));
                         }
@@ -153,8 +156,14 @@ impl Sequencer {
             }
         }
         self.count(WriterCounter::Commits);
-        for (reply, seq) in replies {
+        for (reply, seq, did, on) in replies {
             let _ = reply.send(Ok(seq));
+            // Hide (or show again) the account's earlier records on replay.
+            if let Some(tx) = &self.flag_jobs {
+                if tx.try_send(crate::admin::FlagJob { did: did.clone(), upto_seq: seq - 1, on }).is_err() {
+                    tracing::warn!(did, seq, "takedown flag queue full; earlier records stay visible on replay");
+                }
+            }
         }
         Ok(taken)
     }

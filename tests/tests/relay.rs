@@ -674,6 +674,37 @@ fn admin_takedown_and_host_ban() {
         Message::Event(sluice_common::frame::Event::Account(a)) => assert!(a.active && a.status.is_none()),
         other => panic!("expected the reversal #account, got {other:?}"),
     }
+    // While taken down, replay hides the account's earlier records; after
+    // the reversal they are back (the flagging runs in the background).
+    let did_events = |upto: i64| -> usize {
+        read_stream(relay.port, 0, upto, Duration::from_secs(30))
+            .iter()
+            .filter(|(s, b)| {
+                *s < seq
+                    && matches!(frame::decode(b).unwrap().message, Message::Event(e) if e.did() == Some(did.as_str()))
+            })
+            .count()
+    };
+    let t = Instant::now();
+    while did_events(seq2) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the account's events did not come back after the first reversal"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    admin(&["takedown", &did]);
+    let t = Instant::now();
+    while did_events(seq2 + 1) > 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "taken-down records still replayed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    admin(&["reverse-takedown", &did]);
+    let t = Instant::now();
+    while did_events(seq2 + 2) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "records not back after the reversal");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Without credentials: 401.
     let (st, _) = relay.http("POST", "/admin/repo/takedown", &format!("{{\"did\":\"{did}\"}}")).unwrap();
     assert_eq!(st, 401);
