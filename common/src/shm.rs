@@ -206,10 +206,11 @@ pub enum WriterCounter {
     CorruptRings = 5,
     Commits = 6,
     Restarts = 7,
+    HostAccountLimit = 8,
 }
 
 impl WriterCounter {
-    pub const ALL: [WriterCounter; 8] = [
+    pub const ALL: [WriterCounter; 9] = [
         WriterCounter::Relayed,
         WriterCounter::Dropped,
         WriterCounter::Duplicates,
@@ -218,6 +219,7 @@ impl WriterCounter {
         WriterCounter::CorruptRings,
         WriterCounter::Commits,
         WriterCounter::Restarts,
+        WriterCounter::HostAccountLimit,
     ];
 
     /// Metric name and help text.
@@ -241,6 +243,10 @@ impl WriterCounter {
                 ("sluice_group_commits_total", "Group commits (log fsync + Postgres transaction).")
             }
             WriterCounter::Restarts => ("sluice_child_restarts_total", "Child processes the supervisor restarted."),
+            WriterCounter::HostAccountLimit => (
+                "sluice_events_dropped_host_account_limit_total",
+                "Events of new accounts on a host already at its account limit.",
+            ),
         }
     }
 }

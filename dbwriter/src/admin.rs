@@ -117,6 +117,7 @@ pub fn handle(
         ("POST", "/admin/host/ban") => ban(c, req, true),
         ("POST", "/admin/host/unban") => ban(c, req, false),
         ("GET", "/admin/hosts") => hosts(c),
+        ("POST", "/admin/host/limit") => limit(c, req),
         _ => Ok(error(404, "NotFound", "no such admin route")),
     })
 }
@@ -160,14 +161,35 @@ fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::E
     Ok(Response { status: 200, body: json!({"hostname": host, "status": status}) })
 }
 
+fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let v: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    let (Some(host), Some(limit)) = (v["hostname"].as_str(), v["limit"].as_i64()) else {
+        return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ..., \"limit\": N}"));
+    };
+    if limit < 0 {
+        return Ok(error(400, "InvalidRequest", "limit must be >= 0"));
+    }
+    let n =
+        c.execute("UPDATE hosts SET account_limit = $2, updated_at = now() WHERE hostname = $1", &[&host, &limit])?;
+    if n == 0 {
+        return Ok(error(400, "HostNotFound", "unknown host"));
+    }
+    audit(c, "host_account_limit", host, json!({ "limit": limit }))?;
+    tracing::info!(host, limit, "admin: host account limit");
+    Ok(Response { status: 200, body: json!({"hostname": host, "accountLimit": limit}) })
+}
+
 fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
-    let rows =
-        c.query("SELECT hostname, status, cursor, account_count, insecure FROM hosts ORDER BY id LIMIT 10000", &[])?;
+    let rows = c.query(
+        "SELECT hostname, status, cursor, account_count, insecure, account_limit FROM hosts ORDER BY id LIMIT 10000",
+        &[],
+    )?;
     let list: Vec<Value> = rows
         .iter()
         .map(|r| {
             json!({"hostname": r.get::<_, String>(0), "status": r.get::<_, String>(1), "seq": r.get::<_, i64>(2),
-                   "accountCount": r.get::<_, i64>(3), "insecure": r.get::<_, bool>(4)})
+                   "accountCount": r.get::<_, i64>(3), "insecure": r.get::<_, bool>(4),
+                   "accountLimit": r.get::<_, i64>(5)})
         })
         .collect();
     Ok(Response { status: 200, body: json!({ "hosts": list }) })

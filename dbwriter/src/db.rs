@@ -148,11 +148,18 @@ pub fn commit(c: &mut Client, b: &Batch) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Add a host to crawl (no-op if known). Returns whether it was new.
-pub fn add_host(c: &mut Client, host: &sluice_common::identity::PdsHost) -> Result<bool, DbError> {
+/// Add a host to crawl (no-op if known), with `account_limit`. Returns
+/// whether it was new.
+pub fn add_host(c: &mut Client, host: &sluice_common::identity::PdsHost, account_limit: i64) -> Result<bool, DbError> {
     let n = c.execute(
-        "INSERT INTO hosts (hostname, insecure) VALUES ($1, $2) ON CONFLICT (hostname) DO NOTHING",
-        &[&host.name, &host.insecure],
+        "INSERT INTO hosts (hostname, insecure, account_limit) VALUES ($1, $2, $3) ON CONFLICT (hostname) DO NOTHING",
+        &[&host.name, &host.insecure, &account_limit],
     )?;
     Ok(n > 0)
+}
+
+/// Per host: (account_limit, account_count).
+pub fn host_limits(c: &mut Client) -> Result<HashMap<i64, (i64, i64)>, DbError> {
+    let rows = c.query("SELECT id, account_limit, account_count FROM hosts", &[])?;
+    Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
 }

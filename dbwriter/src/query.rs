@@ -34,6 +34,8 @@ pub struct QueryConfig {
     pub database_url: String,
     pub allow_insecure_hosts: bool,
     pub workers: usize,
+    /// account_limit of hosts added by requestCrawl.
+    pub host_account_limit_default: i64,
     /// The admin password (None: admin API disabled).
     pub admin_password: Option<String>,
     /// To the sequencer, for admin actions that emit events.
@@ -285,7 +287,7 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     if banned > 0 {
         return Ok(error(400, "HostBanned", "host is banned"));
     }
-    let new = crate::db::add_host(c, &host).map_err(|e| match e {
+    let new = crate::db::add_host(c, &host, cfg.host_account_limit_default).map_err(|e| match e {
         crate::db::DbError::Pg(e) => e,
         crate::db::DbError::Migrate(_) => unreachable!("add_host runs no migration"),
     })?;

@@ -31,6 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How often the per-host account limits are re-read from Postgres.
+pub const LIMITS_RELOAD: Duration = Duration::from_secs(2);
+
 /// Records taken from one ring per round.
 pub const BATCH_PER_RING: usize = 2048;
 
@@ -47,6 +50,10 @@ pub struct Sequencer {
     pub scratch: Vec<u8>,
     /// Admin actions from the query workers.
     pub admin: Option<std::sync::mpsc::Receiver<crate::admin::Command>>,
+    /// Per host: (account_limit, account_count as committed), reloaded
+    /// every [`LIMITS_RELOAD`] (admin changes) and kept current between.
+    pub host_limits: HashMap<i64, (i64, i64)>,
+    pub limits_loaded: Option<Instant>,
     /// To the thread that flags a taken-down account's records.
     pub flag_jobs: Option<std::sync::mpsc::SyncSender<crate::admin::FlagJob>>,
 }
@@ -78,6 +85,8 @@ impl Sequencer {
             scratch: Vec::new(),
             admin: None,
             flag_jobs: None,
+            host_limits: HashMap::new(),
+            limits_loaded: None,
         })
     }
 
@@ -108,6 +117,10 @@ impl Sequencer {
 
     /// One group commit. Returns how many ring records it consumed.
     pub fn round(&mut self) -> anyhow::Result<usize> {
+        if self.limits_loaded.is_none_or(|t| t.elapsed() > LIMITS_RELOAD) {
+            self.host_limits = db::host_limits(&mut self.pg)?;
+            self.limits_loaded = Some(Instant::now());
+        }
         let mut batch = Batch { last_seq: self.log.next_seq() - 1, ..Default::default() };
         let mut ends: Vec<Option<u64>> = vec![None; self.rings.len()];
         let mut taken = 0;
@@ -143,6 +156,19 @@ impl Sequencer {
         for (host, c) in &batch.cursors {
             let f = self.host_floor.entry(*host).or_insert(0);
             *f = (*f).max(*c);
+        }
+        for (host, d) in &batch.new_accounts {
+            if let Some(l) = self.host_limits.get_mut(host) {
+                l.1 += d;
+            }
+        }
+        for (from, to) in &batch.moves {
+            if let Some(l) = self.host_limits.get_mut(from) {
+                l.1 -= 1;
+            }
+            if let Some(l) = self.host_limits.get_mut(to) {
+                l.1 += 1;
+            }
         }
         self.control.committed().store(batch.last_seq.max(0) as u64, Ordering::Release);
         if self.control.oldest().load(Ordering::Acquire) == 0 {
@@ -242,6 +268,15 @@ impl Sequencer {
         Ok(seq)
     }
 
+    /// Is `host` at its account limit, counting this batch's new accounts?
+    fn host_full(&mut self, host: i64, batch: &Batch) -> anyhow::Result<bool> {
+        if !self.host_limits.contains_key(&host) {
+            self.host_limits = db::host_limits(&mut self.pg)?;
+        }
+        let Some(&(limit, count)) = self.host_limits.get(&host) else { return Ok(false) };
+        Ok(count + batch.new_accounts.get(&host).copied().unwrap_or(0) >= limit)
+    }
+
     fn count(&self, c: WriterCounter) {
         self.control.writer_counter(c).fetch_add(1, Ordering::Relaxed);
     }
@@ -276,6 +311,13 @@ impl Sequencer {
         batch.cursors.insert(host, useq);
         let RingRecord::Event(e) = r else { return Ok(()) };
         let stored = self.account(e.did, batch)?;
+        if stored.is_none() && self.host_full(host, batch)? {
+            // A new account on a host at its limit is not admitted (yet):
+            // its events are dropped until the limit is raised.
+            self.count(WriterCounter::HostAccountLimit);
+            tracing::debug!(did = e.did, host, upstream_seq = useq, "host at its account limit");
+            return Ok(());
+        }
         let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
             Verdict::Drop(d) => {
@@ -299,6 +341,16 @@ impl Sequencer {
             }
             Some(old) if old.host_id != state.host_id => batch.moves.push((old.host_id, state.host_id)),
             _ => {}
+        }
+        // Counts stay true both ways: a deleted account leaves its host's
+        // count, and comes back if it is restored.
+        if let Some(old) = &stored {
+            let deleted = |s: &AccountState| s.upstream_status.as_deref() == Some("deleted");
+            match (deleted(old), deleted(&state)) {
+                (false, true) => *batch.new_accounts.entry(state.host_id).or_default() -= 1,
+                (true, false) => *batch.new_accounts.entry(state.host_id).or_default() += 1,
+                _ => {}
+            }
         }
         let seq = self.log.next_seq();
         self.scratch.clear();

@@ -9,9 +9,9 @@ use std::time::Duration;
 /// Pages of listHosts read at most (500 hosts each).
 const PAGES_MAX: usize = 200;
 
-pub fn spawn(base: String, database_url: String, allow_insecure: bool) {
+pub fn spawn(base: String, database_url: String, allow_insecure: bool, account_limit: i64) {
     let r = std::thread::Builder::new().name("bootstrap".into()).spawn(move || {
-        match run(&base, &database_url, allow_insecure) {
+        match run(&base, &database_url, allow_insecure, account_limit) {
             Ok((seen, added)) => tracing::info!(relay = base, seen, added, "bootstrap from listHosts done"),
             Err(e) => tracing::warn!(relay = base, error = %e, "bootstrap from listHosts failed"),
         }
@@ -21,7 +21,7 @@ pub fn spawn(base: String, database_url: String, allow_insecure: bool) {
     }
 }
 
-pub fn run(base: &str, database_url: &str, allow_insecure: bool) -> anyhow::Result<(usize, usize)> {
+pub fn run(base: &str, database_url: &str, allow_insecure: bool, account_limit: i64) -> anyhow::Result<(usize, usize)> {
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
     let mut pg = db::connect(database_url)?;
     let (mut seen, mut added) = (0, 0);
@@ -44,7 +44,7 @@ pub fn run(base: &str, database_url: &str, allow_insecure: bool) -> anyhow::Resu
             }
             match crawl_target(name, allow_insecure) {
                 Ok(host) => {
-                    if db::add_host(&mut pg, &host)? {
+                    if db::add_host(&mut pg, &host, account_limit)? {
                         added += 1;
                     }
                 }

@@ -86,6 +86,9 @@ enum AdminAction {
     Unban { hostname: String },
     /// List the hosts with their status and cursor.
     Hosts,
+    /// Set how many accounts a host may have; new accounts beyond it are
+    /// not relayed until the limit allows them.
+    Limit { hostname: String, limit: i64 },
 }
 
 fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow::Result<()> {
@@ -107,6 +110,10 @@ fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow
         AdminAction::Ban { hostname } => {
             (agent.post(&format!("{base}/admin/host/ban")), Some(serde_json::json!({ "hostname": hostname })))
         }
+        AdminAction::Limit { hostname, limit } => (
+            agent.post(&format!("{base}/admin/host/limit")),
+            Some(serde_json::json!({ "hostname": hostname, "limit": limit })),
+        ),
         AdminAction::Unban { hostname } => {
             (agent.post(&format!("{base}/admin/host/unban")), Some(serde_json::json!({ "hostname": hostname })))
         }

@@ -156,7 +156,12 @@ impl Supervisor {
         }
         let shards = (0..cfg.shard_count).map(|_| Proc::idle()).collect();
         if let Some(b) = &cfg.bootstrap_relay {
-            crate::bootstrap::spawn(b.clone(), database_url.clone(), cfg.allow_insecure_hosts);
+            crate::bootstrap::spawn(
+                b.clone(),
+                database_url.clone(),
+                cfg.allow_insecure_hosts,
+                cfg.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
+            );
         }
         let control = Arc::new(control);
         let ring_fill = Arc::new(std::sync::Mutex::new(Vec::new()));

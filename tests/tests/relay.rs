@@ -731,3 +731,70 @@ fn admin_takedown_and_host_ban() {
     }
     relay.stop();
 }
+
+/// Per-host account limits: new accounts beyond a host's limit are not
+/// admitted (their events are dropped and counted) until an admin raises
+/// the limit; the host's account count never passes it.
+#[test]
+fn host_account_limit_admits_accounts_up_to_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 1,
+        accounts: 8,
+        seed: 51,
+        rate: 100.0,
+        max_events: Some(1000),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let pw = dir.path().join("admin.pw");
+    std::fs::write(&pw, "pw").unwrap();
+    let extra = format!("admin_password_file = {:?}\n[limits]\nhost_account_limit_default = 3", pw.to_string_lossy());
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, &extra);
+    relay.start();
+    crawl_all(&relay, &net, "");
+    wait_events(&net, 300);
+    let dids_in_stream = |relay: &Relay| -> std::collections::HashSet<String> {
+        let (_, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
+        let top = serde_json::from_str::<serde_json::Value>(&body).unwrap()["seq"].as_i64().unwrap();
+        read_stream(relay.port, 0, top, Duration::from_secs(30))
+            .iter()
+            .filter_map(|(_, b)| match frame::decode(b).unwrap().message {
+                Message::Event(e) => e.did().map(str::to_owned),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(dids_in_stream(&relay).len(), 3, "only the first 3 accounts are admitted");
+    let host = net.info.hosts[0].clone();
+    let auth = "Bearer pw";
+    let mut s = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    let body = format!("{{\"hostname\":\"{host}\",\"limit\":100}}");
+    write!(
+        s,
+        "POST /admin/host/limit HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    net.wait_generation().unwrap();
+    let t = Instant::now();
+    while dids_in_stream(&relay).len() <= 3 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no new account admitted after raising the limit");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut m = TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut page = String::new();
+    m.read_to_string(&mut page).unwrap();
+    let dropped: u64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_events_dropped_host_account_limit_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(dropped > 0, "{page}");
+    relay.stop();
+}
