@@ -68,6 +68,7 @@ pub unsafe fn run(
             database_url: database_url.to_owned(),
             allow_insecure_hosts: cfg.allow_insecure_hosts,
             workers: 2,
+            new_hosts_per_day_max: cfg.limits.new_hosts_per_day_max as i64,
             host_account_limit_default: cfg.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
             admin_password,
             admin: admin_tx,

@@ -34,6 +34,8 @@ pub struct QueryConfig {
     pub database_url: String,
     pub allow_insecure_hosts: bool,
     pub workers: usize,
+    /// New hosts requestCrawl accepts per 24 hours.
+    pub new_hosts_per_day_max: i64,
     /// account_limit of hosts added by requestCrawl.
     pub host_account_limit_default: i64,
     /// The admin password (None: admin API disabled).
@@ -232,6 +234,7 @@ fn write_response(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        429 => "Too Many Requests",
         503 => "Service Unavailable",
         _ => "Error",
     };
@@ -286,6 +289,15 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
         .get(0);
     if banned > 0 {
         return Ok(error(400, "HostBanned", "host is banned"));
+    }
+    let known: i64 = c.query_one("SELECT count(*) FROM hosts WHERE hostname = $1", &[&host.name])?.get(0);
+    if known == 0 {
+        let recent: i64 =
+            c.query_one("SELECT count(*) FROM hosts WHERE created_at > now() - interval '1 day'", &[])?.get(0);
+        if recent >= cfg.new_hosts_per_day_max {
+            tracing::warn!(host = host.name, recent, "requestCrawl refused: new hosts per day at the limit");
+            return Ok(error(429, "TooManyNewHosts", "the relay takes no more new hosts today"));
+        }
     }
     let new = crate::db::add_host(c, &host, cfg.host_account_limit_default).map_err(|e| match e {
         crate::db::DbError::Pg(e) => e,

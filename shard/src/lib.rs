@@ -58,6 +58,8 @@ pub struct Shared {
     pub listen: SocketAddr,
     pub query_socket: PathBuf,
     pub consumers_max: u64,
+    /// Events per second one host may send (`limits.host_events_per_second_max`).
+    pub host_rate: u32,
     pub consumer_lag_max: u64,
 }
 
@@ -166,6 +168,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             listen: cfg.listen,
             query_socket: cfg.query_socket(),
             consumers_max: cfg.limits.consumers_max as u64,
+            host_rate: cfg.limits.host_events_per_second_max,
             consumer_lag_max: cfg.limits.consumer_lag_events_max,
         });
         let ds = sh.clone();

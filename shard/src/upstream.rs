@@ -34,6 +34,35 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Largest WebSocket message accepted (PROTOCOL.md: 5 MB frames).
 pub const MESSAGE_BYTES_MAX: usize = 5 * 1024 * 1024 + 64 * 1024;
 
+/// Per-host event rate limit: a token bucket holding one second of
+/// events. Over the rate, the host task waits before reading on, so the
+/// host's TCP window closes: nothing is dropped.
+pub struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    pub fn new(per_second: u32, now: std::time::Instant) -> Bucket {
+        let rate = per_second.max(1) as f64;
+        Bucket { rate, tokens: rate, last: now }
+    }
+
+    /// Take a token at `now`; `Some(wait)` if none is left.
+    pub fn take(&mut self, now: std::time::Instant) -> Option<Duration> {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
 /// A host assigned to this shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostAssignment {
@@ -150,6 +179,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     });
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
     let mut buf = Vec::new();
+    let mut bucket = Bucket::new(sh.host_rate, std::time::Instant::now());
     // Wakes the loop when the host is unassigned or the relay stops, even
     // if the host sends nothing.
     let mut watch = Box::pin(async {
@@ -163,6 +193,9 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
             futures::future::Either::Right(_) => break,
         };
         let Some(msg) = msg else { return Ok(()) };
+        while let Some(wait) = bucket.take(std::time::Instant::now()) {
+            glommio::timer::sleep(wait).await;
+        }
         let data = match msg? {
             Message::Binary(b) => b,
             Message::Close(_) => return Ok(()),
@@ -370,4 +403,31 @@ async fn authority_and_signature(
         return Err(Rejected::Close(format!("identity unavailable: {last_err}")));
     }
     Err(Rejected::Drop(last_err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn bucket_allows_a_second_of_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100, t0);
+        for _ in 0..100 {
+            assert_eq!(b.take(t0), None);
+        }
+        let w = b.take(t0).expect("empty after the burst");
+        assert!((w.as_secs_f64() - 0.01).abs() < 1e-6, "{w:?}");
+        // 50 ms later: 5 more tokens.
+        let t1 = t0 + Duration::from_millis(50);
+        for _ in 0..5 {
+            assert_eq!(b.take(t1), None);
+        }
+        assert!(b.take(t1).is_some());
+        // Never more than one second's worth.
+        let t2 = t1 + Duration::from_secs(60);
+        let n = (0..1000).take_while(|_| b.take(t2).is_none()).count();
+        assert_eq!(n, 100);
+    }
 }

@@ -798,3 +798,55 @@ fn host_account_limit_admits_accounts_up_to_the_limit() {
     assert!(dropped > 0, "{page}");
     relay.stop();
 }
+
+/// Limits on hosts: requestCrawl takes at most `new_hosts_per_day_max` new
+/// hosts a day (429 after), and a host faster than
+/// `host_events_per_second_max` is slowed down, not cut: every event still
+/// arrives, exactly.
+#[test]
+fn new_host_and_host_rate_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 2,
+        accounts: 10,
+        seed: 61,
+        rate: 0.0,
+        max_events: Some(400),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    net.wait_generation().unwrap();
+    const RATE: u64 = 50;
+    let extra = format!("[limits]\nhost_events_per_second_max = {RATE}\nnew_hosts_per_day_max = 1");
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, &extra);
+    relay.start();
+    let (a, b) = (net.info.hosts[0].clone(), net.info.hosts[1].clone());
+    let t = Instant::now();
+    let (st, _) =
+        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{a}\"}}")).unwrap();
+    assert_eq!(st, 200);
+    let (st, body) =
+        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{b}\"}}")).unwrap();
+    assert_eq!(st, 429, "{body}");
+    assert!(body.contains("TooManyNewHosts"), "{body}");
+    let events = net.shared.hosts[0].frames().len() as u64;
+    assert!(events > 2 * RATE, "host 0 has only {events} events");
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.path().join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout: Duration::from_secs(60),
+        settle: Duration::from_millis(300),
+        wait_done: true,
+        only_host: Some(a.clone()),
+    })
+    .unwrap();
+    let took = t.elapsed();
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    assert_eq!(report.relayed, events);
+    // One second of burst, then RATE per second.
+    let floor = Duration::from_secs_f64((events - RATE) as f64 / RATE as f64 * 0.9);
+    assert!(took >= floor, "{events} events in {took:?}: not rate limited (floor {floor:?})");
+    relay.stop();
+}
