@@ -118,6 +118,8 @@ pub fn handle(
         ("POST", "/admin/host/unban") => ban(c, req, false),
         ("GET", "/admin/hosts") => hosts(c),
         ("POST", "/admin/host/limit") => limit(c, req),
+        ("POST", "/admin/domain/ban") => ban_domain(c, req, true),
+        ("POST", "/admin/domain/unban") => ban_domain(c, req, false),
         _ => Ok(error(404, "NotFound", "no such admin route")),
     })
 }
@@ -159,6 +161,32 @@ fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::E
     audit(c, if ban { "ban_host" } else { "unban_host" }, &host, json!({}))?;
     tracing::info!(host, status, "admin");
     Ok(Response { status: 200, body: json!({"hostname": host, "status": status}) })
+}
+
+/// Ban a domain: requestCrawl and bootstrap refuse it and its subdomains,
+/// and the hosts under it now are banned. Unbanning lifts the ban for new
+/// crawls; hosts banned with it are unbanned one by one.
+fn ban_domain(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::Error> {
+    let Some(domain) = body_field(req, "domain").map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase()) else {
+        return Ok(error(400, "InvalidRequest", "body must be {\"domain\": ...}"));
+    };
+    if domain.is_empty() || domain.contains(['/', ':', '%', '_', ' ']) {
+        return Ok(error(400, "InvalidRequest", "not a domain name"));
+    }
+    let mut hosts = 0;
+    if ban {
+        c.execute("INSERT INTO domain_bans (domain) VALUES ($1) ON CONFLICT DO NOTHING", &[&domain])?;
+        hosts = c.execute(
+            "UPDATE hosts SET status = 'banned', updated_at = now()
+             WHERE split_part(hostname, ':', 1) = $1 OR split_part(hostname, ':', 1) LIKE '%.' || $1",
+            &[&domain],
+        )?;
+    } else {
+        c.execute("DELETE FROM domain_bans WHERE domain = $1", &[&domain])?;
+    }
+    audit(c, if ban { "ban_domain" } else { "unban_domain" }, &domain, json!({ "hosts_banned": hosts }))?;
+    tracing::info!(domain, ban, hosts, "admin: domain");
+    Ok(Response { status: 200, body: json!({"domain": domain, "banned": ban, "hostsBanned": hosts}) })
 }
 
 fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {

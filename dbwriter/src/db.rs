@@ -158,6 +158,14 @@ pub fn add_host(c: &mut Client, host: &sluice_common::identity::PdsHost, account
     Ok(n > 0)
 }
 
+/// Is `hostname` (no port) or a parent domain banned?
+pub fn domain_banned(c: &mut Client, hostname: &str) -> Result<bool, DbError> {
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM domain_bans WHERE $1 = domain OR $1 LIKE '%.' || domain", &[&hostname])?
+        .get(0);
+    Ok(n > 0)
+}
+
 /// Per host: (account_limit, account_count).
 pub fn host_limits(c: &mut Client) -> Result<HashMap<i64, (i64, i64)>, DbError> {
     let rows = c.query("SELECT id, account_limit, account_count FROM hosts", &[])?;

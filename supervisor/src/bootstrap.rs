@@ -43,6 +43,9 @@ pub fn run(base: &str, database_url: &str, allow_insecure: bool, account_limit: 
                 continue;
             }
             match crawl_target(name, allow_insecure) {
+                Ok(host) if db::domain_banned(&mut pg, host.hostname())? => {
+                    tracing::debug!(host = name, "bootstrap skips a host under a banned domain");
+                }
                 Ok(host) => {
                     if db::add_host(&mut pg, &host, account_limit)? {
                         added += 1;

@@ -86,6 +86,10 @@ enum AdminAction {
     Unban { hostname: String },
     /// List the hosts with their status and cursor.
     Hosts,
+    /// Ban a domain and its subdomains (hosts under it stop being crawled).
+    BanDomain { domain: String },
+    /// Lift a domain ban for new crawls.
+    UnbanDomain { domain: String },
     /// Set how many accounts a host may have; new accounts beyond it are
     /// not relayed until the limit allows them.
     Limit { hostname: String, limit: i64 },
@@ -109,6 +113,12 @@ fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow
         }
         AdminAction::Ban { hostname } => {
             (agent.post(&format!("{base}/admin/host/ban")), Some(serde_json::json!({ "hostname": hostname })))
+        }
+        AdminAction::BanDomain { domain } => {
+            (agent.post(&format!("{base}/admin/domain/ban")), Some(serde_json::json!({ "domain": domain })))
+        }
+        AdminAction::UnbanDomain { domain } => {
+            (agent.post(&format!("{base}/admin/domain/unban")), Some(serde_json::json!({ "domain": domain })))
         }
         AdminAction::Limit { hostname, limit } => (
             agent.post(&format!("{base}/admin/host/limit")),

@@ -729,6 +729,13 @@ fn admin_takedown_and_host_ban() {
         assert!(t.elapsed() < Duration::from_secs(10), "banned host still connected:\n{page}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Ban the domain every fakenet host is under: all hosts banned, and a
+    // new one under it is refused.
+    assert_eq!(admin(&["ban-domain", "localhost"])["hostsBanned"], 2);
+    let (st, body) =
+        relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", "{\"hostname\":\"localhost:1\"}").unwrap();
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("HostBanned"), "{body}");
     relay.stop();
 }
 
