@@ -121,13 +121,13 @@ fn record_crc(header: &[u8], frame: &[u8]) -> u32 {
 const FLAGS_AT: u64 = 17;
 
 /// Set (`on`) or clear `flag` on every record up to `upto_seq` whose DID
-/// hash is `did_hash` and whose frame `matches` (to rule out hash
+/// hash `hash_wanted` accepts and whose frame `matches` (to rule out hash
 /// collisions). Each change is one byte written in place; readers see the
 /// old or the new flags, never a broken record. Returns how many records
 /// changed. Used for takedowns: replay skips flagged records.
 pub fn set_flags(
     dir: &Path,
-    did_hash: u64,
+    hash_wanted: impl Fn(u64) -> bool,
     upto_seq: i64,
     flag: u8,
     on: bool,
@@ -155,7 +155,7 @@ pub fn set_flags(
                 break;
             }
             let want = if on { h.flags | flag } else { h.flags & !flag };
-            if h.did_hash == did_hash && want != h.flags && matches(frame) {
+            if want != h.flags && hash_wanted(h.did_hash) && matches(frame) {
                 file.write_all_at(&[want], off + FLAGS_AT).map_err(io_err(&dpath))?;
                 changed += 1;
                 dirty = true;
@@ -621,7 +621,7 @@ mod tests {
         w.sync().unwrap();
         // Hash 1, up to seq 400, except frames the matcher rejects (a
         // simulated hash collision: seq 100).
-        let n = set_flags(dir.path(), 1, 400, FLAG_TAKEDOWN, true, |f| f != frame(100).as_slice()).unwrap();
+        let n = set_flags(dir.path(), |h| h == 1, 400, FLAG_TAKEDOWN, true, |f| f != frame(100).as_slice()).unwrap();
         assert_eq!(n, (1..=400).filter(|s| s % 3 == 1 && *s != 100).count() as u64);
         let mut r = LogReader::new(dir.path());
         for s in 1..=600 {
@@ -631,7 +631,7 @@ mod tests {
             assert_eq!(h.flags & FLAG_TAKEDOWN != 0, flagged, "seq {s}");
         }
         // Reversal clears them; appends continue after a reopen.
-        set_flags(dir.path(), 1, 600, FLAG_TAKEDOWN, false, |_| true).unwrap();
+        set_flags(dir.path(), |h| h == 1, 600, FLAG_TAKEDOWN, false, |_| true).unwrap();
         drop(w);
         let mut w = LogWriter::open(dir.path(), 1 << 16, 600).unwrap();
         w.append(601, 1, 0, 1, 0, b"x").unwrap();

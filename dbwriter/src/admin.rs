@@ -27,9 +27,10 @@ pub fn channel() -> (SyncSender<Command>, Receiver<Command>) {
     sync_channel(QUEUE_MAX)
 }
 
-/// Flag (or unflag) a DID's records up to a seq in the event log.
+/// Flag (or unflag) the records of some DIDs up to a seq in the event log.
+/// The relay's own takedown `#account` events stay visible.
 pub struct FlagJob {
-    pub did: String,
+    pub dids: Vec<String>,
     pub upto_seq: i64,
     pub on: bool,
 }
@@ -40,20 +41,38 @@ pub fn start_flagger(events_dir: std::path::PathBuf) -> std::io::Result<SyncSend
     let (tx, rx) = sync_channel::<FlagJob>(QUEUE_MAX);
     std::thread::Builder::new().name("log-flags".into()).spawn(move || {
         while let Ok(job) = rx.recv() {
-            let did = job.did.as_str();
-            let same_did = |frame: &[u8]| {
-                sluice_common::frame::decode(frame).ok().is_some_and(|d| match d.message {
-                    sluice_common::frame::Message::Event(e) => e.did() == Some(did),
+            use sluice_common::frame::{decode, Event, Message};
+            let dids: std::collections::HashSet<&str> = job.dids.iter().map(String::as_str).collect();
+            let hashes: std::collections::HashSet<u64> =
+                dids.iter().map(|d| sluice_common::ringrec::did_hash(d)).collect();
+            let matches = |frame: &[u8]| {
+                decode(frame).ok().is_some_and(|d| match d.message {
+                    // The takedown notice itself stays visible.
+                    Message::Event(Event::Account(a)) if a.status == Some("takendown") => false,
+                    Message::Event(e) => e.did().is_some_and(|x| dids.contains(x)),
                     _ => false,
                 })
             };
-            let hash = sluice_common::ringrec::did_hash(did);
             let flag = sluice_common::eventlog::FLAG_TAKEDOWN;
-            match sluice_common::eventlog::set_flags(&events_dir, hash, job.upto_seq, flag, job.on, same_did) {
-                Ok(n) => {
-                    tracing::info!(did, upto_seq = job.upto_seq, records = n, hidden = job.on, "takedown flags applied")
-                }
-                Err(e) => tracing::error!(did, upto_seq = job.upto_seq, error = %e, "takedown flags failed"),
+            let first = job.dids.first().map(String::as_str).unwrap_or("");
+            let r = sluice_common::eventlog::set_flags(
+                &events_dir,
+                |h| hashes.contains(&h),
+                job.upto_seq,
+                flag,
+                job.on,
+                matches,
+            );
+            match r {
+                Ok(n) => tracing::info!(
+                    dids = job.dids.len(),
+                    did = first,
+                    upto_seq = job.upto_seq,
+                    records = n,
+                    hidden = job.on,
+                    "takedown flags applied"
+                ),
+                Err(e) => tracing::error!(did = first, upto_seq = job.upto_seq, error = %e, "takedown flags failed"),
             }
         }
     })?;

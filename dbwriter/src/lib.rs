@@ -85,7 +85,15 @@ pub unsafe fn run(
         cfg.retention_hours,
     )?;
     seq.admin = Some(admin_rx);
-    seq.flag_jobs = Some(admin::start_flagger(cfg.events_dir())?);
+    let flagger = admin::start_flagger(cfg.events_dir())?;
+    // A crash may have cut a flagging scan short: flag the taken-down
+    // accounts' records once more (idempotent, one pass for all).
+    let taken: Vec<String> =
+        seq.pg.query("SELECT did FROM accounts WHERE takendown LIMIT 1000000", &[])?.iter().map(|r| r.get(0)).collect();
+    if !taken.is_empty() {
+        let _ = flagger.try_send(admin::FlagJob { dids: taken, upto_seq: durable, on: true });
+    }
+    seq.flag_jobs = Some(flagger);
     control.set_writer_state(WriterState::Ready);
     tracing::info!(durable_seq = durable, "db-writer ready");
     let r = seq.run(&stop);

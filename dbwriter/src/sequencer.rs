@@ -186,7 +186,7 @@ impl Sequencer {
             let _ = reply.send(Ok(seq));
             // Hide (or show again) the account's earlier records on replay.
             if let Some(tx) = &self.flag_jobs {
-                if tx.try_send(crate::admin::FlagJob { did: did.clone(), upto_seq: seq - 1, on }).is_err() {
+                if tx.try_send(crate::admin::FlagJob { dids: vec![did.clone()], upto_seq: seq - 1, on }).is_err() {
                     tracing::warn!(did, seq, "takedown flag queue full; earlier records stay visible on replay");
                 }
             }
