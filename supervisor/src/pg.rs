@@ -60,9 +60,16 @@ impl EmbeddedPg {
         let socket_dir = PathBuf::from(format!("/tmp/sluice-pg-{tag:016x}"));
         std::fs::create_dir_all(&socket_dir).with_context(|| format!("creating {}", socket_dir.display()))?;
         let run_as = if is_root() {
-            let user = "postgres";
-            let u = nix::unistd::User::from_name(user)?
-                .with_context(|| format!("running as root needs a `{user}` user to own the private cluster"))?;
+            // The package's `postgres` user, else `nobody`: initdb refuses root.
+            let (user, u) = match nix::unistd::User::from_name("postgres")? {
+                Some(u) => ("postgres", u),
+                None => {
+                    let u = nix::unistd::User::from_name("nobody")?
+                        .context("running as root needs a `postgres` (or `nobody`) user to own the private cluster")?;
+                    tracing::warn!("no `postgres` user; the private cluster runs as `nobody`");
+                    ("nobody", u)
+                }
+            };
             // The cluster's user must reach data_dir/pg.
             let mut p = Some(data_dir);
             while let Some(d) = p {
