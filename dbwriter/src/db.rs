@@ -150,7 +150,11 @@ pub fn commit(c: &mut Client, b: &Batch) -> Result<(), DbError> {
 
 /// Add a host to crawl (no-op if known), with `account_limit`. Returns
 /// whether it was new.
-pub fn add_host(c: &mut Client, host: &sluice_common::identity::PdsHost, account_limit: i64) -> Result<bool, DbError> {
+pub fn add_host(
+    c: &mut Client,
+    host: &sluice_common::identity::PdsHost,
+    account_limit: i64,
+) -> Result<bool, postgres::Error> {
     let n = c.execute(
         "INSERT INTO hosts (hostname, insecure, account_limit) VALUES ($1, $2, $3) ON CONFLICT (hostname) DO NOTHING",
         &[&host.name, &host.insecure, &account_limit],
@@ -159,7 +163,7 @@ pub fn add_host(c: &mut Client, host: &sluice_common::identity::PdsHost, account
 }
 
 /// Is `hostname` (no port) or a parent domain banned?
-pub fn domain_banned(c: &mut Client, hostname: &str) -> Result<bool, DbError> {
+pub fn domain_banned(c: &mut Client, hostname: &str) -> Result<bool, postgres::Error> {
     let n: i64 = c
         .query_one("SELECT count(*) FROM domain_bans WHERE $1 = domain OR $1 LIKE '%.' || domain", &[&hostname])?
         .get(0);

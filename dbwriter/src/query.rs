@@ -284,13 +284,9 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
         Ok(h) => h,
         Err(why) => return Ok(error(400, "InvalidRequest", &why)),
     };
-    let pg_err = |e: crate::db::DbError| match e {
-        crate::db::DbError::Pg(e) => e,
-        crate::db::DbError::Migrate(_) => unreachable!("no migrations here"),
-    };
     let status: Option<String> =
         c.query_opt("SELECT status FROM hosts WHERE hostname = $1", &[&host.name])?.map(|r| r.get(0));
-    if status.as_deref() == Some("banned") || crate::db::domain_banned(c, host.hostname()).map_err(pg_err)? {
+    if status.as_deref() == Some("banned") || crate::db::domain_banned(c, host.hostname())? {
         return Ok(error(400, "HostBanned", "host is banned"));
     }
     let known: i64 = c.query_one("SELECT count(*) FROM hosts WHERE hostname = $1", &[&host.name])?.get(0);
@@ -302,7 +298,7 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
             return Ok(error(429, "TooManyNewHosts", "the relay takes no more new hosts today"));
         }
     }
-    let new = crate::db::add_host(c, &host, cfg.host_account_limit_default).map_err(pg_err)?;
+    let new = crate::db::add_host(c, &host, cfg.host_account_limit_default)?;
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
     }

@@ -201,7 +201,6 @@ impl Sequencer {
         ends: &mut [Option<u64>],
         taken: &mut usize,
     ) -> anyhow::Result<()> {
-        let mut first_seen: HashMap<String, ()> = HashMap::new();
         for (k, ring) in rings.iter_mut().enumerate() {
             let mut n = 0;
             let mut poisoned = false;
@@ -219,7 +218,7 @@ impl Sequencer {
                 n += 1;
                 *taken += 1;
                 match RingRecord::decode(rec.payload) {
-                    Ok(r) => self.apply(&r, batch, &mut first_seen)?,
+                    Ok(r) => self.apply(&r, batch)?,
                     Err(e) => {
                         tracing::error!(shard = k, error = %e, "undecodable ring record; restarting the shard");
                         poisoned = true;
@@ -292,12 +291,7 @@ impl Sequencer {
         Ok(m.remove(did))
     }
 
-    fn apply(
-        &mut self,
-        r: &RingRecord<'_>,
-        batch: &mut Batch,
-        first_seen: &mut HashMap<String, ()>,
-    ) -> anyhow::Result<()> {
+    fn apply(&mut self, r: &RingRecord<'_>, batch: &mut Batch) -> anyhow::Result<()> {
         let (host, useq) = match r {
             RingRecord::Event(e) => (e.host_id, e.upstream_seq),
             RingRecord::Cursor { host_id, upstream_seq } => (*host_id, *upstream_seq),
@@ -335,8 +329,9 @@ impl Sequencer {
             }
         }
         match &stored {
-            None if !first_seen.contains_key(e.did) => {
-                first_seen.insert(e.did.to_owned(), ());
+            // A DID relayed earlier in this batch is in batch.accounts, so
+            // `None` here means first sight.
+            None => {
                 *batch.new_accounts.entry(state.host_id).or_default() += 1;
             }
             Some(old) if old.host_id != state.host_id => batch.moves.push((old.host_id, state.host_id)),
