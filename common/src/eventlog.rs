@@ -552,6 +552,14 @@ impl LogFrame {
     }
 }
 
+/// So a frame can be sent straight from the mapping (`Bytes::from_owner`),
+/// without a copy per consumer.
+impl AsRef<[u8]> for LogFrame {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -323,7 +323,8 @@ async fn stream_events(sh: &Rc<Shared>, ws: WebSocketStream<TcpStream>, cursor: 
             match found {
                 Ok((h, f)) => {
                     if h.flags & FLAG_TAKEDOWN == 0 {
-                        sink.feed(Message::binary(f.bytes().to_vec())).await?;
+                        // Zero-copy: the message keeps the mapping alive.
+                        sink.feed(Message::Binary(async_tungstenite::tungstenite::Bytes::from_owner(f))).await?;
                         sent += 1;
                     }
                     next += 1;
