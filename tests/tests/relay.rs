@@ -658,7 +658,9 @@ fn admin_takedown_and_host_ban() {
         assert!(out.status.success(), "sluice admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
-    let did = net.shared.repos.read().unwrap().keys().next().unwrap().clone();
+    // An account active upstream (fakenet also deactivates some), so the
+    // reversal's combined status is "active".
+    let did = net.shared.repos.read().unwrap().iter().find(|(_, r)| r.active).map(|(d, _)| d.clone()).unwrap();
     let seq = admin(&["takedown", &did])["seq"].as_i64().unwrap();
     match first_frame(relay.port, &format!("?cursor={}", seq - 1)) {
         Message::Event(sluice_common::frame::Event::Account(a)) => {
