@@ -214,6 +214,29 @@ struct OpenSegment {
     count: u64,
     /// Last record's time, for retention.
     last_time: i64,
+    /// Records appended but not written yet: they end at `end`, and their
+    /// index entries end at `count`.
+    pend: Vec<u8>,
+    pend_idx: Vec<u8>,
+}
+
+/// Appended bytes buffered before a write, at most.
+const PENDING_BYTES_MAX: usize = 8 << 20;
+
+impl OpenSegment {
+    /// Write the buffered records and index entries (no sync).
+    fn write_pending(&mut self) -> Result<(), LogError> {
+        if self.pend.is_empty() {
+            return Ok(());
+        }
+        let at = self.end - self.pend.len() as u64;
+        self.data.write_all_at(&self.pend, at).map_err(io_err(&self.data_path))?;
+        let idx_at = self.count * 8 - self.pend_idx.len() as u64;
+        self.idx.write_all_at(&self.pend_idx, idx_at).map_err(io_err(&self.data_path))?;
+        self.pend.clear();
+        self.pend_idx.clear();
+        Ok(())
+    }
 }
 
 /// The db-writer's side.
@@ -226,7 +249,6 @@ pub struct LogWriter {
     dirty: Vec<(File, File)>,
     dir_dirty: bool,
     next_seq: i64,
-    scratch: Vec<u8>,
 }
 
 impl LogWriter {
@@ -243,7 +265,6 @@ impl LogWriter {
             dirty: Vec::new(),
             dir_dirty: false,
             next_seq: durable_seq + 1,
-            scratch: Vec::new(),
         };
         let mut segs = list_segments(dir)?;
         // Whole segments past the durable seq never committed.
@@ -300,7 +321,17 @@ impl LogWriter {
         idx.write_all_at(&index, 0).map_err(io_err(&ipath))?;
         data.sync_all().map_err(io_err(&dpath))?;
         idx.sync_all().map_err(io_err(&ipath))?;
-        w.cur = Some(OpenSegment { first_seq: last, data, idx, data_path: dpath, end: off, count, last_time });
+        w.cur = Some(OpenSegment {
+            first_seq: last,
+            data,
+            idx,
+            data_path: dpath,
+            end: off,
+            count,
+            last_time,
+            pend: Vec::new(),
+            pend_idx: Vec::new(),
+        });
         Ok(w)
     }
 
@@ -337,21 +368,24 @@ impl LogWriter {
         let h = Header { len: frame.len() as u32, seq, kind, flags, did_hash, time_micros };
         let mut hb = [0u8; HEADER_BYTES];
         h.encode(frame, &mut hb);
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&hb);
-        self.scratch.extend_from_slice(frame);
-        self.scratch.resize(need as usize, 0);
-        c.data.write_all_at(&self.scratch, c.end).map_err(io_err(&c.data_path))?;
-        c.idx.write_all_at(&(c.end + 1).to_le_bytes(), c.count * 8).map_err(io_err(&c.data_path))?;
+        // Buffered: one write per group commit, not two syscalls per record.
+        c.pend_idx.extend_from_slice(&(c.end + 1).to_le_bytes());
+        c.pend.extend_from_slice(&hb);
+        c.pend.extend_from_slice(frame);
+        c.pend.resize(c.pend.len() + (need as usize - HEADER_BYTES - frame.len()), 0);
         c.end += need;
         c.count += 1;
         c.last_time = time_micros;
         self.next_seq += 1;
+        if c.pend.len() > PENDING_BYTES_MAX {
+            c.write_pending()?;
+        }
         Ok(())
     }
 
     fn roll(&mut self, first_seq: i64) -> Result<(), LogError> {
-        if let Some(c) = self.cur.take() {
+        if let Some(mut c) = self.cur.take() {
+            c.write_pending()?;
             self.dirty.push((c.data, c.idx));
         }
         let (dpath, ipath) = segment_paths(&self.dir, first_seq);
@@ -367,7 +401,17 @@ impl LogWriter {
         self.index_cap = index_capacity(self.segment_bytes);
         idx.set_len(self.index_cap * 8).map_err(io_err(&ipath))?;
         self.dir_dirty = true;
-        self.cur = Some(OpenSegment { first_seq, data, idx, data_path: dpath, end: 0, count: 0, last_time: 0 });
+        self.cur = Some(OpenSegment {
+            first_seq,
+            data,
+            idx,
+            data_path: dpath,
+            end: 0,
+            count: 0,
+            last_time: 0,
+            pend: Vec::new(),
+            pend_idx: Vec::new(),
+        });
         Ok(())
     }
 
@@ -377,7 +421,8 @@ impl LogWriter {
             d.sync_data().map_err(io_err(&self.dir))?;
             i.sync_data().map_err(io_err(&self.dir))?;
         }
-        if let Some(c) = &self.cur {
+        if let Some(c) = &mut self.cur {
+            c.write_pending()?;
             c.data.sync_data().map_err(io_err(&c.data_path))?;
             c.idx.sync_data().map_err(io_err(&c.data_path))?;
         }
