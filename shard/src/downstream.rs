@@ -31,6 +31,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const HEAD_BYTES_MAX: usize = 16 * 1024;
+/// Open downstream connections per shard (consumers included); more are
+/// closed at accept and counted as dropped.
+const CONNECTIONS_MAX: usize = 16_384;
 const BODY_BYTES_MAX: usize = 64 * 1024;
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +46,7 @@ const POLL: Duration = Duration::from_millis(2);
 pub async fn serve(sh: Rc<Shared>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(sh.listen).map_err(io)?;
     tracing::info!(shard = sh.id, listen = %sh.listen, "serving consumers");
+    let open = Rc::new(Cell::new(0usize));
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -52,11 +56,20 @@ pub async fn serve(sh: Rc<Shared>) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let sh = sh.clone();
+        // Bounded: consumers are capped by consumers_max in `subscribe`;
+        // everything else (requests in flight) by this.
+        if open.get() >= CONNECTIONS_MAX {
+            sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (sh, open) = (sh.clone(), open.clone());
         glommio::spawn_local(async move {
             if let Err(e) = handle(sh, stream).await {
                 tracing::debug!(error = %e, "downstream connection ended");
             }
+            open.set(open.get() - 1);
         })
         .detach();
     }
