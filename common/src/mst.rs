@@ -754,6 +754,32 @@ mod tests {
     }
 
     #[test]
+    fn node_at_the_wrong_layer_is_an_error() {
+        // Root at layer 1 with one key; its left subtree must be layer 0.
+        let at = |layer: u8| (0..10_000).map(|i| format!("k/{i:05}")).filter(move |k| key_layer(k.as_bytes()) == layer);
+        let top = at(1).nth(1).unwrap();
+        let below_ok = at(0).find(|k| *k < top).unwrap();
+        let below_bad = at(1).next().unwrap();
+        assert!(below_bad < top);
+        let node = |left: Option<Cid>, key: &str| {
+            let n = NodeData { left, entries: vec![EntryData { key: key.into(), val: leaf(), right: None }] };
+            let bytes = encode_node(&n);
+            (Cid::compute(Codec::DagCbor, &bytes), bytes)
+        };
+        for (child_key, want_layer_error) in [(&below_ok, false), (&below_bad, true)] {
+            let (child, child_bytes) = node(None, child_key);
+            let (root, root_bytes) = node(Some(child), &top);
+            let store: HashMap<Cid, Vec<u8>> = [(child, child_bytes), (root, root_bytes)].into_iter().collect();
+            let mut m = Mst::load(&store, root).unwrap();
+            match m.get(child_key.as_bytes()) {
+                Err(MstError::Layer(c)) => assert!(want_layer_error && c == child),
+                Ok(v) => assert!(!want_layer_error && v == Some(leaf())),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
     fn node_codec_round_trip() {
         let (store, root) = build(&["a/1".into(), "a/2".into(), "b/1".into()]);
         for (cid, bytes) in &store {
