@@ -499,19 +499,13 @@ impl LogReader {
         LogReader { dir: dir.to_owned(), known: Vec::new(), maps: BTreeMap::new(), maps_max: 8 }
     }
 
-    fn segment_for(&mut self, seq: i64) -> Result<Result<Arc<MappedSegment>, Missing>, LogError> {
-        let pick = |known: &[i64]| known.iter().rev().find(|&&s| s <= seq).copied();
-        let mut first = pick(&self.known);
-        // A newer segment may exist that we have not listed yet.
-        let stale = match first {
-            None => true,
-            Some(f) => self.known.last() == Some(&f),
-        };
-        if stale {
+    /// The mapped segment that would hold `seq`, by the segments listed so
+    /// far; `relist` lists the directory first.
+    fn segment_for(&mut self, seq: i64, relist: bool) -> Result<Result<Arc<MappedSegment>, Missing>, LogError> {
+        if relist {
             self.known = list_segments(&self.dir)?;
-            first = pick(&self.known);
         }
-        let Some(first) = first else {
+        let Some(first) = self.known.iter().rev().find(|&&s| s <= seq).copied() else {
             return Ok(Err(if self.known.is_empty() { Missing::NotYet } else { Missing::Gone }));
         };
         if let Some(m) = self.maps.get(&first) {
@@ -553,8 +547,20 @@ impl LogReader {
     }
 
     /// Like [`LogReader::read`], saying why nothing was found.
+    ///
+    /// Reads go by the segments listed so far, and list the directory again
+    /// only when that finds nothing (a segment begun or removed since):
+    /// listing on every read of the live tail cost a `getdents` and path
+    /// walks per frame per consumer.
     pub fn lookup(&mut self, seq: i64) -> Result<Result<(Header, LogFrame), Missing>, LogError> {
-        let seg = match self.segment_for(seq)? {
+        match self.lookup_listed(seq, false)? {
+            Ok(found) => Ok(Ok(found)),
+            Err(_) => self.lookup_listed(seq, true),
+        }
+    }
+
+    fn lookup_listed(&mut self, seq: i64, relist: bool) -> Result<Result<(Header, LogFrame), Missing>, LogError> {
+        let seg = match self.segment_for(seq, relist)? {
             Ok(s) => s,
             Err(m) => return Ok(Err(m)),
         };
@@ -631,6 +637,26 @@ mod tests {
         }
         assert_eq!(r.lookup(2001).unwrap().err(), Some(Missing::NotYet));
         assert!(matches!(w.append(5, 1, 0, 0, 0, b"x"), Err(LogError::OutOfOrder { .. })));
+    }
+
+    #[test]
+    fn tail_reader_follows_new_segments() {
+        // A consumer reads each record as soon as it is durable, so its
+        // reader keeps meeting segments it has not listed yet.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), 1 << 16, 0).unwrap();
+        let mut r = LogReader::new(dir.path());
+        for s in 1..=2000 {
+            w.append(s, 1, 0, 9, s, &frame(s)).unwrap();
+            if s % 7 == 0 {
+                w.sync().unwrap();
+                for t in s - 6..=s {
+                    assert_eq!(r.read(t).unwrap().unwrap().1.bytes(), frame(t).as_slice(), "seq {t}");
+                }
+                assert_eq!(r.lookup(s + 1).unwrap().err(), Some(Missing::NotYet));
+            }
+        }
+        assert!(r.known.len() > 3, "the reader saw the segments roll");
     }
 
     #[test]
