@@ -230,6 +230,11 @@ impl Consumer {
         self.read
     }
 
+    /// Bytes published past our read position.
+    pub fn unread(&self) -> u64 {
+        self.ring.head().load(Ordering::Acquire).wrapping_sub(self.read)
+    }
+
     /// Is a published record waiting past our read position?
     pub fn has_data(&self) -> bool {
         self.ring.head().load(Ordering::Acquire) != self.read

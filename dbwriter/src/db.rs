@@ -1,7 +1,7 @@
 //! Postgres access for the db-writer: migrations, the durable relay seq,
 //! hosts, accounts, and the one transaction per group commit.
 
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, Statement};
 use sluice_common::policy::AccountState;
 use std::collections::HashMap;
 
@@ -100,50 +100,75 @@ impl Batch {
     }
 }
 
+/// The group commit's statements, prepared once per connection: each
+/// commit then costs one Bind/Execute per statement instead of a parse and
+/// plan, and host cursors and counters go in one statement each however
+/// many hosts the batch touched.
+pub struct CommitStatements {
+    accounts: Statement,
+    counts: Statement,
+    cursors: Statement,
+    last_seq: Statement,
+}
+
+impl CommitStatements {
+    pub fn prepare(c: &mut Client) -> Result<CommitStatements, DbError> {
+        Ok(CommitStatements {
+            accounts: c.prepare(
+                "INSERT INTO accounts (did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid, status, updated_at)
+                 SELECT *, now() FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::bool[], $6::text[], $7::bytea[], $8::bytea[], $9::text[])
+                 ON CONFLICT (did) DO UPDATE SET host_id = EXCLUDED.host_id, upstream_active = EXCLUDED.upstream_active,
+                   upstream_status = EXCLUDED.upstream_status, takendown = EXCLUDED.takendown, rev = EXCLUDED.rev,
+                   commit_cid = EXCLUDED.commit_cid, data_cid = EXCLUDED.data_cid, status = EXCLUDED.status, updated_at = now()",
+            )?,
+            counts: c.prepare(
+                "UPDATE hosts h SET account_count = h.account_count + v.delta, updated_at = now()
+                 FROM unnest($1::int8[], $2::int8[]) AS v(id, delta) WHERE h.id = v.id",
+            )?,
+            cursors: c.prepare(
+                "UPDATE hosts h SET cursor = GREATEST(h.cursor, v.cursor), updated_at = now()
+                 FROM unnest($1::int8[], $2::int8[]) AS v(id, cursor) WHERE h.id = v.id",
+            )?,
+            last_seq: c.prepare("UPDATE relay_meta SET last_seq = $1 WHERE id = 1")?,
+        })
+    }
+}
+
 /// One transaction: accounts, host cursors and counters, the relay seq.
-pub fn commit(c: &mut Client, b: &Batch) -> Result<(), DbError> {
+pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<(), DbError> {
     let mut t = c.transaction()?;
     if !b.accounts.is_empty() {
-        let mut dids = Vec::with_capacity(b.accounts.len());
-        let (mut host, mut ua, mut us, mut td, mut rev, mut cc, mut dc, mut st) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let n = b.accounts.len();
+        let mut dids = Vec::with_capacity(n);
+        let (mut host, mut ua, mut us, mut td) = (vec![], vec![], vec![], vec![]);
+        let (mut rev, mut cc, mut dc, mut st) = (vec![], vec![], vec![], vec![]);
         for (did, a) in &b.accounts {
             dids.push(did.as_str());
             host.push(a.host_id);
             ua.push(a.upstream_active);
-            us.push(a.upstream_status.clone());
+            us.push(a.upstream_status.as_deref());
             td.push(a.takendown);
-            rev.push(a.rev.clone());
-            cc.push(a.commit_cid.clone());
-            dc.push(a.data_cid.clone());
-            st.push(a.status().to_owned());
+            rev.push(a.rev.as_deref());
+            cc.push(a.commit_cid.as_deref());
+            dc.push(a.data_cid.as_deref());
+            st.push(a.status());
         }
-        t.execute(
-            "INSERT INTO accounts (did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid, status, updated_at)
-             SELECT *, now() FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::bool[], $6::text[], $7::bytea[], $8::bytea[], $9::text[])
-             ON CONFLICT (did) DO UPDATE SET host_id = EXCLUDED.host_id, upstream_active = EXCLUDED.upstream_active,
-               upstream_status = EXCLUDED.upstream_status, takendown = EXCLUDED.takendown, rev = EXCLUDED.rev,
-               commit_cid = EXCLUDED.commit_cid, data_cid = EXCLUDED.data_cid, status = EXCLUDED.status, updated_at = now()",
-            &[&dids, &host, &ua, &us, &td, &rev, &cc, &dc, &st],
-        )?;
+        t.execute(&s.accounts, &[&dids, &host, &ua, &us, &td, &rev, &cc, &dc, &st])?;
     }
     let mut deltas: HashMap<i64, i64> = b.new_accounts.clone();
     for &(from, to) in &b.moves {
         *deltas.entry(from).or_default() -= 1;
         *deltas.entry(to).or_default() += 1;
     }
-    for (host, d) in deltas {
-        if d != 0 {
-            t.execute(
-                "UPDATE hosts SET account_count = account_count + $2, updated_at = now() WHERE id = $1",
-                &[&host, &d],
-            )?;
-        }
+    let (ids, ds): (Vec<i64>, Vec<i64>) = deltas.into_iter().filter(|&(_, d)| d != 0).unzip();
+    if !ids.is_empty() {
+        t.execute(&s.counts, &[&ids, &ds])?;
     }
-    for (host, cursor) in &b.cursors {
-        t.execute("UPDATE hosts SET cursor = GREATEST(cursor, $2), updated_at = now() WHERE id = $1", &[host, cursor])?;
+    if !b.cursors.is_empty() {
+        let (ids, cursors): (Vec<i64>, Vec<i64>) = b.cursors.iter().map(|(h, c)| (*h, *c)).unzip();
+        t.execute(&s.cursors, &[&ids, &cursors])?;
     }
-    t.execute("UPDATE relay_meta SET last_seq = $1 WHERE id = 1", &[&b.last_seq])?;
+    t.execute(&s.last_seq, &[&b.last_seq])?;
     t.commit()?;
     Ok(())
 }
