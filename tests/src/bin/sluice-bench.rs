@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     let sluice = a.sluice.clone().unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("sluice"));
-    let (mut child, port) = spawn_relay(&sluice, &dir.join("relay-throughput"), a.shards, &net.info.plc_url)?;
+    let (mut child, port, metrics) = spawn_relay(&sluice, &dir.join("relay-throughput"), a.shards, &net.info.plc_url)?;
     let consumer = std::thread::spawn(move || {
         consume(port, "/xrpc/com.atproto.sync.subscribeRepos", total, Duration::from_secs(600))
     });
@@ -205,6 +205,13 @@ fn main() -> anyhow::Result<()> {
         el.as_secs_f64(),
         got as f64 / el.as_secs_f64()
     );
+    if let Some(commits) = metric(metrics, "sluice_group_commits_total") {
+        println!(
+            "  group commits  {commits:.0} ({:.0}/s, {:.1} events each)",
+            commits / el.as_secs_f64(),
+            got as f64 / commits.max(1.0)
+        );
+    }
     let hz = 100.0;
     for (name, [rss, anon, threads, cpu]) in &peak {
         println!(
@@ -242,7 +249,7 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         emit_times_max: 10_000_000,
         ..ServeConfig::default()
     })?;
-    let (mut child, port) = spawn_relay(sluice, &dir.join("relay-latency"), a.shards, &net.info.plc_url)?;
+    let (mut child, port, _) = spawn_relay(sluice, &dir.join("relay-latency"), a.shards, &net.info.plc_url)?;
     let shared = net.shared.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -289,20 +296,33 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
     Ok(())
 }
 
-/// Start `sluice run` in `dir` against a fakenet PLC; returns once healthy.
+/// One counter from the relay's Prometheus endpoint.
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Start `sluice run` in `dir` against a fakenet PLC; returns once healthy
+/// with (process, subscribe port, metrics port).
 fn spawn_relay(
     sluice: &std::path::Path,
     dir: &std::path::Path,
     shards: u32,
     plc: &str,
-) -> anyhow::Result<(std::process::Child, u16)> {
+) -> anyhow::Result<(std::process::Child, u16, u16)> {
     std::fs::create_dir_all(dir)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let cfg = dir.join("relay.toml");
     std::fs::write(
         &cfg,
         format!(
-            "shard_count = {shards}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nplc_url = {plc:?}\n\
+            "shard_count = {shards}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
+             data_dir = {:?}\nplc_url = {plc:?}\n\
              allow_insecure_hosts = true\nring_size_bytes = 67108864\n",
             dir.join("data").to_string_lossy(),
         ),
@@ -320,5 +340,5 @@ fn spawn_relay(
         anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "relay not healthy");
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok((child, port))
+    Ok((child, port, metrics))
 }
