@@ -112,6 +112,8 @@ pub struct Config {
     pub allow_insecure_hosts: bool,
     pub initial_seq: i64,
     pub ring_size_bytes: u64,
+    /// Group commit pacing: at most one log fsync + Postgres commit per this
+    /// many ms while less than 1 MiB of events waits (db-writer).
     pub flush_interval_ms: u32,
     pub segment_size_bytes: u64,
     pub shutdown_timeout_ms: u32,
@@ -272,7 +274,7 @@ impl RawConfig {
                 return Err(invalid("database_url", "empty"));
             }
         }
-        let flush_interval_ms = self.flush_interval_ms.unwrap_or(5);
+        let flush_interval_ms = self.flush_interval_ms.unwrap_or(2);
         if !(1..=1000).contains(&flush_interval_ms) {
             return Err(invalid("flush_interval_ms", "from 1 to 1000"));
         }

@@ -282,6 +282,13 @@ impl Consumer {
         self.ring.tail().store(upto, Ordering::Release);
     }
 
+    /// Go back to `pos`, where this consumer read from earlier and has not
+    /// released past, to read the same records again.
+    pub fn seek_back(&mut self, pos: u64) {
+        debug_assert!(pos <= self.read);
+        self.read = pos;
+    }
+
     /// Go back to the released position (after a failed commit, the same
     /// records are read again).
     pub fn rewind(&mut self) {
@@ -374,6 +381,14 @@ mod tests {
         // A new consumer (db-writer restart) starts at the released point.
         let mut c2 = Consumer::new(dup_ring(c.ring()));
         assert_eq!(c2.next_record().unwrap().unwrap().payload, &[1u8; 10]);
+        // Two passes over the same records (the db-writer's prefetch).
+        let start = c2.position();
+        assert_eq!(c2.unread(), 24, "one record of 8 + 10 bytes, aligned");
+        assert_eq!(c2.next_record().unwrap().unwrap().payload, &[2u8; 10]);
+        assert!(c2.next_record().unwrap().is_none());
+        assert_eq!(c2.unread(), 0);
+        c2.seek_back(start);
+        assert_eq!(c2.next_record().unwrap().unwrap().payload, &[2u8; 10]);
     }
 
     #[test]

@@ -207,10 +207,11 @@ pub enum WriterCounter {
     Commits = 6,
     Restarts = 7,
     HostAccountLimit = 8,
+    AccountLoads = 9,
 }
 
 impl WriterCounter {
-    pub const ALL: [WriterCounter; 9] = [
+    pub const ALL: [WriterCounter; 10] = [
         WriterCounter::Relayed,
         WriterCounter::Dropped,
         WriterCounter::Duplicates,
@@ -220,6 +221,7 @@ impl WriterCounter {
         WriterCounter::Commits,
         WriterCounter::Restarts,
         WriterCounter::HostAccountLimit,
+        WriterCounter::AccountLoads,
     ];
 
     /// Metric name and help text.
@@ -246,6 +248,10 @@ impl WriterCounter {
             WriterCounter::HostAccountLimit => (
                 "sluice_events_dropped_host_account_limit_total",
                 "Events of new accounts on a host already at its account limit.",
+            ),
+            WriterCounter::AccountLoads => (
+                "sluice_account_loads_total",
+                "Postgres queries for account state (account cache misses, batched per ring turn).",
             ),
         }
     }

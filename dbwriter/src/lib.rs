@@ -84,6 +84,7 @@ pub unsafe fn run(
         cfg.limits.account_cache_entries_max as usize,
         cfg.retention_hours,
     )?;
+    seq.commit_pace = std::time::Duration::from_millis(cfg.flush_interval_ms.into());
     seq.admin = Some(admin_rx);
     let flagger = admin::start_flagger(cfg.events_dir())?;
     // A crash may have cut a flagging scan short: flag the taken-down

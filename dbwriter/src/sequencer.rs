@@ -2,8 +2,11 @@
 //!
 //! One round, written as steps:
 //! 0. Pace: unless [`COMMIT_GATHER_BYTES`] wait in the rings, let
-//!    [`COMMIT_PACE`] pass since the previous round began.
+//!    `commit_pace` (`flush_interval_ms`, default 2 ms) pass since the
+//!    previous round began.
 //! 1. Read up to [`BATCH_PER_RING`] records from each ring in turn (fair).
+//!    Each turn reads its records twice: first to load, in one query, the
+//!    accounts the cache lacks; then to apply them.
 //! 2. Per record: drop what an earlier run already made durable (upstream
 //!    seq at or below the host's durable cursor: a restarted shard re-reads
 //!    from that cursor); load the account (cache, else Postgres); apply
@@ -33,13 +36,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Shortest time between the starts of two group commits while less than
-/// [`COMMIT_GATHER_BYTES`] wait. A commit costs a log fsync and a Postgres
-/// commit, about 0.55 ms of CPU between this process and Postgres whatever
-/// its size; committing as soon as anything waits made 1,140 commits/s of
-/// 10 events each at 11,300 events/s (sluice-bench, BENCHMARKS.md).
-pub const COMMIT_PACE: Duration = Duration::from_millis(2);
-/// Waiting ring bytes that start a round at once.
+/// Waiting ring bytes that start a round at once, however short the time
+/// since the previous one (see `Sequencer::commit_pace`).
 pub const COMMIT_GATHER_BYTES: u64 = 1 << 20;
 
 /// How often the per-host account limits are re-read from Postgres.
@@ -52,6 +50,10 @@ pub struct Sequencer {
     pub pg: Client,
     /// The group commit's statements, prepared on `pg`.
     stmts: db::CommitStatements,
+    /// Accounts this round's prefetch loaded from Postgres (`None`: not
+    /// there, an account not seen before). Cleared every round; at most
+    /// [`BATCH_PER_RING`] per ring.
+    loaded: HashMap<String, Option<AccountState>>,
     pub log: LogWriter,
     pub control: Arc<ControlBlock>,
     pub rings: Vec<Consumer>,
@@ -67,6 +69,13 @@ pub struct Sequencer {
     /// every [`LIMITS_RELOAD`] (admin changes) and kept current between.
     pub host_limits: HashMap<i64, (i64, i64)>,
     pub limits_loaded: Option<Instant>,
+    /// Shortest time between the starts of two group commits while less
+    /// than [`COMMIT_GATHER_BYTES`] wait (`flush_interval_ms`). A commit
+    /// costs a log fsync and a Postgres commit, about 0.55 ms of CPU
+    /// between this process and Postgres whatever its size; committing as
+    /// soon as anything waited made 1,140 commits/s of 10 events each at
+    /// 11,300 events/s (sluice-bench, BENCHMARKS.md).
+    pub commit_pace: Duration,
     /// To the thread that flags a taken-down account's records.
     pub flag_jobs: Option<std::sync::mpsc::SyncSender<crate::admin::FlagJob>>,
 }
@@ -90,11 +99,14 @@ impl Sequencer {
         Ok(Sequencer {
             pg,
             stmts,
+            loaded: HashMap::new(),
             log,
             control,
             rings,
             strict,
-            cache: LruCache::new(NonZeroUsize::new(cache_entries.max(16)).expect("positive")),
+            // At least two ring turns: what the prefetch finds (and promotes)
+            // in the cache is still there when the turn's records apply.
+            cache: LruCache::new(NonZeroUsize::new(cache_entries.max(2 * BATCH_PER_RING)).expect("positive")),
             host_floor,
             retention_micros: retention_hours as i64 * 3_600_000_000,
             scratch: Vec::new(),
@@ -102,6 +114,7 @@ impl Sequencer {
             flag_jobs: None,
             host_limits: HashMap::new(),
             limits_loaded: None,
+            commit_pace: Duration::from_millis(2),
         })
     }
 
@@ -115,8 +128,8 @@ impl Sequencer {
                 Ordering::Relaxed,
             );
             let since = round_began.elapsed();
-            if since < COMMIT_PACE && self.unread_bytes() < COMMIT_GATHER_BYTES {
-                std::thread::sleep(COMMIT_PACE - since);
+            if since < self.commit_pace && self.unread_bytes() < COMMIT_GATHER_BYTES {
+                std::thread::sleep(self.commit_pace - since);
             }
             round_began = Instant::now();
             let n = self.round()?;
@@ -147,6 +160,9 @@ impl Sequencer {
             self.limits_loaded = Some(Instant::now());
         }
         let mut batch = Batch { last_seq: self.log.next_seq() - 1, ..Default::default() };
+        // `loaded` is Postgres as of this round's start; accounts relayed in
+        // this round are in `batch.accounts`, checked first.
+        self.loaded.clear();
         let mut ends: Vec<Option<u64>> = vec![None; self.rings.len()];
         let mut taken = 0;
         // Admin actions first: they are few and someone waits for them.
@@ -227,6 +243,7 @@ impl Sequencer {
         taken: &mut usize,
     ) -> anyhow::Result<()> {
         for (k, ring) in rings.iter_mut().enumerate() {
+            self.prefetch(ring, batch)?;
             let mut n = 0;
             let mut poisoned = false;
             while n < BATCH_PER_RING {
@@ -312,8 +329,49 @@ impl Sequencer {
         if let Some(a) = self.cache.get(did) {
             return Ok(Some(a.clone()));
         }
+        if let Some(a) = self.loaded.get(did) {
+            return Ok(a.clone());
+        }
+        self.count(WriterCounter::AccountLoads);
         let mut m = db::load_accounts(&mut self.pg, &[did])?;
         Ok(m.remove(did))
+    }
+
+    /// First read of a ring's turn: load the accounts of its next
+    /// [`BATCH_PER_RING`] records that neither the batch nor the cache
+    /// holds, in one query, then step back so the records are applied in
+    /// order. A cold cache (every db-writer start) would otherwise cost a
+    /// Postgres round trip per account, one after another. A record that
+    /// does not read or decode is left for the applying pass to report.
+    fn prefetch(&mut self, ring: &mut Consumer, batch: &Batch) -> anyhow::Result<()> {
+        let start = ring.position();
+        let mut missing: Vec<String> = Vec::new();
+        for _ in 0..BATCH_PER_RING {
+            let Ok(Some(rec)) = ring.next_record() else { break };
+            if let Ok(RingRecord::Event(e)) = RingRecord::decode(rec.payload) {
+                // `get` promotes a hit, so this turn's puts cannot evict it.
+                if !batch.accounts.contains_key(e.did)
+                    && self.cache.get(e.did).is_none()
+                    && !self.loaded.contains_key(e.did)
+                {
+                    missing.push(e.did.to_owned());
+                }
+            }
+        }
+        ring.seek_back(start);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        self.count(WriterCounter::AccountLoads);
+        let dids: Vec<&str> = missing.iter().map(String::as_str).collect();
+        let mut found = db::load_accounts(&mut self.pg, &dids)?;
+        for did in missing {
+            let st = found.remove(&did);
+            self.loaded.insert(did, st);
+        }
+        Ok(())
     }
 
     fn apply(&mut self, r: &RingRecord<'_>, batch: &mut Batch) -> anyhow::Result<()> {

@@ -212,6 +212,9 @@ fn main() -> anyhow::Result<()> {
             got as f64 / commits.max(1.0)
         );
     }
+    if let Some(loads) = metric(metrics, "sluice_account_loads_total") {
+        println!("  account loads  {loads:.0} Postgres queries (account cache misses)");
+    }
     let hz = 100.0;
     for (name, [rss, anon, threads, cpu]) in &peak {
         println!(
