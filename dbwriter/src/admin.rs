@@ -80,7 +80,7 @@ pub fn start_flagger(events_dir: std::path::PathBuf) -> std::io::Result<SyncSend
 }
 
 fn error(status: u16, name: &str, message: &str) -> Response {
-    Response { status, body: json!({"error": name, "message": message}) }
+    Response { status, body: json!({"error": name, "message": message}), location: None }
 }
 
 fn authorized(req: &Request, password: &str) -> bool {
@@ -161,7 +161,7 @@ fn takedown(
             let action = if takedown { "takedown" } else { "reverse_takedown" };
             audit(c, action, &did, json!({"seq": seq}))?;
             tracing::info!(did, seq, action, "admin");
-            Ok(Response { status: 200, body: json!({"did": did, "seq": seq}) })
+            Ok(Response::ok(json!({"did": did, "seq": seq})))
         }
         Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why)),
         Err(_) => Ok(error(503, "Timeout", "the sequencer did not answer in time")),
@@ -179,7 +179,7 @@ fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::E
     }
     audit(c, if ban { "ban_host" } else { "unban_host" }, &host, json!({}))?;
     tracing::info!(host, status, "admin");
-    Ok(Response { status: 200, body: json!({"hostname": host, "status": status}) })
+    Ok(Response::ok(json!({"hostname": host, "status": status})))
 }
 
 /// Ban a domain: requestCrawl and bootstrap refuse it and its subdomains,
@@ -205,7 +205,7 @@ fn ban_domain(c: &mut Client, req: &Request, ban: bool) -> Result<Response, post
     }
     audit(c, if ban { "ban_domain" } else { "unban_domain" }, &domain, json!({ "hosts_banned": hosts }))?;
     tracing::info!(domain, ban, hosts, "admin: domain");
-    Ok(Response { status: 200, body: json!({"domain": domain, "banned": ban, "hostsBanned": hosts}) })
+    Ok(Response::ok(json!({"domain": domain, "banned": ban, "hostsBanned": hosts})))
 }
 
 fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
@@ -223,7 +223,7 @@ fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
     }
     audit(c, "host_account_limit", host, json!({ "limit": limit }))?;
     tracing::info!(host, limit, "admin: host account limit");
-    Ok(Response { status: 200, body: json!({"hostname": host, "accountLimit": limit}) })
+    Ok(Response::ok(json!({"hostname": host, "accountLimit": limit})))
 }
 
 fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
@@ -239,7 +239,7 @@ fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
                    "accountLimit": r.get::<_, i64>(5)})
         })
         .collect();
-    Ok(Response { status: 200, body: json!({ "hosts": list }) })
+    Ok(Response::ok(json!({ "hosts": list })))
 }
 
 #[cfg(test)]

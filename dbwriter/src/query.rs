@@ -4,7 +4,9 @@
 //! of threads, each with its own Postgres connection, answers them.
 //!
 //! Endpoints: `com.atproto.sync.requestCrawl` (POST), `listHosts`,
-//! `getHostStatus`, `getRepoStatus`; anything else is a 404 XRPC error.
+//! `getHostStatus`, `getRepoStatus`, `listRepos`, `getLatestCommit`, and
+//! `getRepo` (a 302 to the account's PDS: the relay keeps no repositories);
+//! anything else is a 404 XRPC error.
 
 use postgres::Client;
 use serde_json::{json, Value};
@@ -24,10 +26,22 @@ const QUEUE_MAX: usize = 256;
 pub struct Response {
     pub status: u16,
     pub body: Value,
+    /// `Location` of a redirect (getRepo sends clients to the PDS).
+    pub location: Option<String>,
+}
+
+impl Response {
+    pub fn ok(body: Value) -> Response {
+        Response { status: 200, body, location: None }
+    }
+
+    pub fn redirect(url: String) -> Response {
+        Response { status: 302, body: json!({}), location: Some(url) }
+    }
 }
 
 fn error(status: u16, name: &str, message: &str) -> Response {
-    Response { status, body: json!({"error": name, "message": message}) }
+    Response { status, body: json!({"error": name, "message": message}), location: None }
 }
 
 pub struct QueryConfig {
@@ -232,14 +246,16 @@ fn write_response(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     let body = serde_json::to_vec(&r.body).expect("JSON values serialise");
     let reason = match r.status {
         200 => "OK",
+        302 => "Found",
         400 => "Bad Request",
         404 => "Not Found",
         429 => "Too Many Requests",
         503 => "Service Unavailable",
         _ => "Error",
     };
+    let location = r.location.as_ref().map(|l| format!("location: {l}\r\n")).unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {} {reason}\r\n{location}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         r.status,
         body.len()
     );
@@ -264,6 +280,9 @@ pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
         ("GET", "/xrpc/com.atproto.sync.listHosts") => list_hosts(c, req),
         ("GET", "/xrpc/com.atproto.sync.getHostStatus") => host_status(c, req),
         ("GET", "/xrpc/com.atproto.sync.getRepoStatus") => repo_status(c, req),
+        ("GET", "/xrpc/com.atproto.sync.listRepos") => list_repos(c, req),
+        ("GET", "/xrpc/com.atproto.sync.getLatestCommit") => latest_commit(c, req),
+        ("GET", "/xrpc/com.atproto.sync.getRepo") => get_repo(c, req),
         (_, p) if p.starts_with("/xrpc/") => Ok(error(404, "MethodNotImplemented", "method not implemented")),
         _ => Ok(error(404, "NotFound", "not found")),
     };
@@ -302,7 +321,7 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
     }
-    Ok(Response { status: 200, body: json!({}) })
+    Ok(Response::ok(json!({})))
 }
 
 /// The host a requestCrawl names: a bare `hostname[:port]` or a URL.
@@ -342,7 +361,7 @@ fn list_hosts(c: &mut Client, req: &Request) -> Result<Response, postgres::Error
     if rows.len() as i64 == limit {
         body["cursor"] = json!(rows.last().map(|r| r.get::<_, i64>(0).to_string()));
     }
-    Ok(Response { status: 200, body })
+    Ok(Response::ok(body))
 }
 
 fn host_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
@@ -352,11 +371,8 @@ fn host_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Erro
     let rows = c.query("SELECT hostname, cursor, account_count, status FROM hosts WHERE hostname = $1", &[&h])?;
     Ok(match rows.first() {
         None => error(400, "HostNotFound", "unknown host"),
-        Some(r) => Response {
-            status: 200,
-            body: json!({"hostname": r.get::<_, String>(0), "seq": r.get::<_, i64>(1),
-                         "accountCount": r.get::<_, i64>(2), "status": r.get::<_, String>(3)}),
-        },
+        Some(r) => Response::ok(json!({"hostname": r.get::<_, String>(0), "seq": r.get::<_, i64>(1),
+                                       "accountCount": r.get::<_, i64>(2), "status": r.get::<_, String>(3)})),
     })
 }
 
@@ -368,19 +384,130 @@ fn repo_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Erro
     Ok(match rows.first() {
         None => error(400, "RepoNotFound", "unknown repo"),
         Some(r) => {
-            let status: String = r.get(0);
-            let mut body = json!({"did": did, "active": status == "active", "rev": r.get::<_, Option<String>>(1)});
-            if status != "active" {
-                body["status"] = json!(status);
-            }
-            Response { status: 200, body }
+            Response::ok(with_status(json!({"did": did, "rev": r.get::<_, Option<String>>(1)}), &r.get::<_, String>(0)))
         }
     })
+}
+
+/// `active` and, when not active, `status`, as the sync lexicons put them.
+fn with_status(mut body: Value, status: &str) -> Value {
+    body["active"] = json!(status == "active");
+    if status != "active" {
+        body["status"] = json!(status);
+    }
+    body
+}
+
+fn cid_string(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.and_then(|b| sluice_common::cid::Cid::from_bytes(&b).ok()).map(|c| c.to_string())
+}
+
+/// Accounts with a commit, by DID; `cursor` is the last DID of a page.
+fn list_repos(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let limit: i64 = param(req, "limit").and_then(|l| l.parse().ok()).unwrap_or(500).clamp(1, 1000);
+    let cursor = param(req, "cursor").unwrap_or("");
+    let rows = c.query(
+        "SELECT did, commit_cid, rev, status FROM accounts
+         WHERE did > $1 AND commit_cid IS NOT NULL AND rev IS NOT NULL ORDER BY did LIMIT $2",
+        &[&cursor, &limit],
+    )?;
+    let repos: Vec<Value> = rows
+        .iter()
+        .filter_map(|r| {
+            let head = cid_string(r.get(1))?;
+            let body = json!({"did": r.get::<_, String>(0), "head": head, "rev": r.get::<_, String>(2)});
+            Some(with_status(body, &r.get::<_, String>(3)))
+        })
+        .collect();
+    let mut body = json!({ "repos": repos });
+    if rows.len() as i64 == limit {
+        body["cursor"] = json!(rows.last().map(|r| r.get::<_, String>(0)));
+    }
+    Ok(Response::ok(body))
+}
+
+/// Where the relay's stored state of `did` stops a read: the lexicons'
+/// errors for accounts that are not active.
+fn inactive(status: &str) -> Option<Response> {
+    match status {
+        "takendown" => Some(error(400, "RepoTakendown", "repo has been taken down")),
+        "suspended" => Some(error(400, "RepoSuspended", "repo is suspended")),
+        "deactivated" => Some(error(400, "RepoDeactivated", "repo is deactivated")),
+        "deleted" => Some(error(400, "RepoNotFound", "repo was deleted")),
+        _ => None,
+    }
+}
+
+fn latest_commit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let Some(did) = param(req, "did") else {
+        return Ok(error(400, "InvalidRequest", "missing did"));
+    };
+    let Some(r) = c.query_opt("SELECT commit_cid, rev, status FROM accounts WHERE did = $1", &[&did])? else {
+        return Ok(error(400, "RepoNotFound", "unknown repo"));
+    };
+    if let Some(refused) = inactive(&r.get::<_, String>(2)) {
+        return Ok(refused);
+    }
+    Ok(match (cid_string(r.get(0)), r.get::<_, Option<String>>(1)) {
+        (Some(cid), Some(rev)) => Response::ok(json!({"cid": cid, "rev": rev})),
+        _ => error(400, "RepoNotFound", "no commit of this repo seen yet"),
+    })
+}
+
+/// The relay keeps no repositories: send the client to the account's PDS
+/// with the same query (`did`, `since`).
+fn get_repo(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let Some(did) = param(req, "did") else {
+        return Ok(error(400, "InvalidRequest", "missing did"));
+    };
+    let row = c.query_opt(
+        "SELECT a.status, h.hostname, h.insecure FROM accounts a JOIN hosts h ON h.id = a.host_id WHERE a.did = $1",
+        &[&did],
+    )?;
+    let Some(r) = row else {
+        return Ok(error(400, "RepoNotFound", "unknown repo"));
+    };
+    if let Some(refused) = inactive(&r.get::<_, String>(0)) {
+        return Ok(refused);
+    }
+    let scheme = if r.get::<_, bool>(2) { "http" } else { "https" };
+    let query: Vec<String> = req
+        .query
+        .iter()
+        .filter(|(k, _)| k == "did" || k == "since")
+        .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+        .collect();
+    Ok(Response::redirect(format!(
+        "{scheme}://{}/xrpc/com.atproto.sync.getRepo?{}",
+        r.get::<_, String>(1),
+        query.join("&")
+    )))
+}
+
+/// Query-component encoding: unreserved characters and `:` stay.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_encoding_round_trips() {
+        for s in ["did:plc:abc", "3kabc", "a b&c=d%/é"] {
+            assert_eq!(percent_decode(&percent_encode(s)), s);
+        }
+        assert_eq!(percent_encode("did:web:x.example"), "did:web:x.example");
+        assert_eq!(percent_encode("a&b"), "a%26b");
+    }
 
     #[test]
     fn crawl_targets() {

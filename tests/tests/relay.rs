@@ -82,6 +82,13 @@ impl Relay {
     }
 
     fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let out = self.http_raw(method, path, body)?;
+        let status = out.split(' ').nth(1)?.parse().ok()?;
+        Some((status, out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()))
+    }
+
+    /// The whole response, head and body.
+    fn http_raw(&self, method: &str, path: &str, body: &str) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
         let req = format!(
@@ -91,8 +98,7 @@ impl Relay {
         s.write_all(req.as_bytes()).ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
-        let status = out.split(' ').nth(1)?.parse().ok()?;
-        Some((status, out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()))
+        Some(out)
     }
 
     fn wait_health(&mut self, d: Duration) {
@@ -554,7 +560,97 @@ fn bootstraps_hosts_from_another_relays_list() {
     for h in &net.info.hosts {
         assert!(body.contains(h.as_str()), "{h} missing from {body}");
     }
+    check_repo_endpoints(&relay, &net);
     relay.stop();
+}
+
+/// listRepos (paged), getLatestCommit and getRepo against the last commit
+/// or sync of each account in the relay's own stream.
+fn check_repo_endpoints(relay: &Relay, net: &runner::Running) {
+    use serde_json::Value;
+    use std::collections::BTreeMap;
+    let (_, body) = relay.http("GET", "/xrpc/com.atproto.sync.getLatestCommit?did=did:plc:nobody", "").unwrap();
+    assert!(body.contains("RepoNotFound"), "{body}");
+    // did -> (head, rev) of its last #commit (None for a #sync: head unchecked).
+    let mut want: BTreeMap<String, (Option<String>, String)> = BTreeMap::new();
+    let frames = {
+        // Everything relayed so far: read until the stream has been quiet.
+        let url = format!("ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos?cursor=0", relay.port);
+        let tcp = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
+        let mut out = Vec::new();
+        while let Ok(m) = ws.read() {
+            if let tungstenite::Message::Binary(b) = m {
+                out.push(b.to_vec());
+            }
+            assert!(out.len() <= 10_000, "stream longer than the network");
+        }
+        out
+    };
+    assert!(!frames.is_empty());
+    for f in &frames {
+        match frame::decode(f).unwrap().message {
+            Message::Event(frame::Event::Commit(c)) => {
+                want.insert(c.repo.to_owned(), (Some(c.commit.to_string()), c.rev.to_owned()));
+            }
+            Message::Event(frame::Event::Sync(s)) => {
+                want.insert(s.did.to_owned(), (None, s.rev.to_owned()));
+            }
+            _ => {}
+        }
+    }
+    // listRepos, four at a time.
+    let mut listed: BTreeMap<String, Value> = BTreeMap::new();
+    let mut cursor = String::new();
+    for page in 0.. {
+        assert!(page < 100, "listRepos does not end");
+        let (st, body) = relay.http("GET", &format!("/xrpc/com.atproto.sync.listRepos?limit=4{cursor}"), "").unwrap();
+        assert_eq!(st, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let repos = v["repos"].as_array().unwrap();
+        assert!(repos.len() <= 4);
+        for r in repos {
+            let did = r["did"].as_str().unwrap().to_owned();
+            assert!(listed.last_key_value().is_none_or(|(k, _)| *k < did), "listRepos out of order at {did}");
+            listed.insert(did, r.clone());
+        }
+        match v["cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(listed.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "listRepos vs the stream");
+    let mut active = None;
+    for (did, r) in &listed {
+        let (head, rev) = &want[did];
+        assert_eq!(r["rev"].as_str(), Some(rev.as_str()), "{did}: {r}");
+        if let Some(head) = head {
+            assert_eq!(r["head"].as_str(), Some(head.as_str()), "{did}: {r}");
+        }
+        let (st, body) = relay.http("GET", &format!("/xrpc/com.atproto.sync.getLatestCommit?did={did}"), "").unwrap();
+        if r["active"] == Value::Bool(true) {
+            assert_eq!(st, 200, "{did}: {body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!((&v["cid"], &v["rev"]), (&r["head"], &r["rev"]), "{did}");
+            active = Some(did.clone());
+        } else {
+            let status = r["status"].as_str().unwrap();
+            assert!(st == 400 || !["takendown", "suspended", "deactivated", "deleted"].contains(&status), "{body}");
+        }
+    }
+    // getRepo: a redirect to the account's PDS, with the query kept.
+    let did = active.expect("an active account");
+    let raw = relay.http_raw("GET", &format!("/xrpc/com.atproto.sync.getRepo?did={did}&since=abc"), "").unwrap();
+    assert!(raw.starts_with("HTTP/1.1 302"), "{raw}");
+    let location = raw.lines().find_map(|l| l.strip_prefix("location: ")).expect("a location header").trim();
+    assert!(
+        net.info
+            .hosts
+            .iter()
+            .any(|h| location == format!("http://{h}/xrpc/com.atproto.sync.getRepo?did={did}&since=abc")),
+        "{location}"
+    );
 }
 
 /// SIGHUP with a new shard_count: the supervisor restarts the db-writer and
