@@ -83,6 +83,11 @@ fn error(status: u16, name: &str, message: &str) -> Response {
     Response { status, body: json!({"error": name, "message": message}), location: None }
 }
 
+/// Does `req` carry the admin credentials (and is the admin API enabled)?
+pub fn is_admin(req: &Request, password: Option<&str>) -> bool {
+    password.is_some_and(|p| authorized(req, p))
+}
+
 fn authorized(req: &Request, password: &str) -> bool {
     use base64::Engine;
     let Some(h) = req.authorization.as_deref() else { return false };
@@ -134,6 +139,8 @@ pub fn handle(
         ("POST", "/admin/repo/takedown") => takedown(c, tx, req, true),
         ("POST", "/admin/repo/reverseTakedown") => takedown(c, tx, req, false),
         ("POST", "/admin/host/ban") => ban(c, req, true),
+        ("POST", "/admin/host/disconnect") => disconnect(c, req),
+        ("POST", "/admin/requestCrawl") => set_request_crawl(c, req),
         ("POST", "/admin/host/unban") => ban(c, req, false),
         ("GET", "/admin/hosts") => hosts(c),
         ("POST", "/admin/host/limit") => limit(c, req),
@@ -180,6 +187,37 @@ fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::E
     audit(c, if ban { "ban_host" } else { "unban_host" }, &host, json!({}))?;
     tracing::info!(host, status, "admin");
     Ok(Response::ok(json!({"hostname": host, "status": status})))
+}
+
+/// Close an upstream connection: the host goes `idle` (not crawled) until
+/// it asks again with requestCrawl. A banned host stays banned.
+fn disconnect(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let Some(host) = body_field(req, "hostname") else {
+        return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ...}"));
+    };
+    let Some(row) = c.query_opt("SELECT status FROM hosts WHERE hostname = $1", &[&host])? else {
+        return Ok(error(400, "HostNotFound", "unknown host"));
+    };
+    let status: String = row.get(0);
+    if status == "banned" {
+        return Ok(error(400, "HostBanned", "host is banned; unban it first"));
+    }
+    c.execute("UPDATE hosts SET status = 'idle', updated_at = now() WHERE hostname = $1", &[&host])?;
+    audit(c, "disconnect_host", &host, json!({}))?;
+    tracing::info!(host, "admin: host disconnected until its next requestCrawl");
+    Ok(Response::ok(json!({"hostname": host, "status": "idle"})))
+}
+
+/// Open requestCrawl to the public or make it admin-only; kept in Postgres
+/// over restarts (over the config's `public_request_crawl`).
+fn set_request_crawl(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let Some(open) = serde_json::from_slice::<Value>(&req.body).ok().and_then(|v| v.get("public")?.as_bool()) else {
+        return Ok(error(400, "InvalidRequest", "body must be {\"public\": true|false}"));
+    };
+    c.execute("UPDATE relay_meta SET request_crawl = $1 WHERE id = 1", &[&open])?;
+    audit(c, "request_crawl", if open { "public" } else { "admin-only" }, json!({}))?;
+    tracing::info!(public = open, "admin: requestCrawl");
+    Ok(Response::ok(json!({"public": open})))
 }
 
 /// Ban a domain: requestCrawl and bootstrap refuse it and its subdomains,

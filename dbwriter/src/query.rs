@@ -52,6 +52,9 @@ pub struct QueryConfig {
     pub new_hosts_per_day_max: i64,
     /// account_limit of hosts added by requestCrawl.
     pub host_account_limit_default: i64,
+    /// requestCrawl without admin credentials, unless the admin API set it
+    /// otherwise (`relay_meta.request_crawl`).
+    pub public_request_crawl: bool,
     /// The admin password (None: admin API disabled).
     pub admin_password: Option<String>,
     /// To the sequencer, for admin actions that emit events.
@@ -247,6 +250,8 @@ fn write_response(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     let reason = match r.status {
         200 => "OK",
         302 => "Found",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         400 => "Bad Request",
         404 => "Not Found",
         429 => "Too Many Requests",
@@ -293,6 +298,10 @@ pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
 }
 
 fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Response, postgres::Error> {
+    let public: Option<bool> = c.query_one("SELECT request_crawl FROM relay_meta WHERE id = 1", &[])?.get(0);
+    if !public.unwrap_or(cfg.public_request_crawl) && !crate::admin::is_admin(req, cfg.admin_password.as_deref()) {
+        return Ok(error(403, "Forbidden", "requestCrawl takes admin credentials on this relay"));
+    }
     let Ok(v) = serde_json::from_slice::<Value>(&req.body) else {
         return Ok(error(400, "InvalidRequest", "body must be JSON {\"hostname\": ...}"));
     };
@@ -320,6 +329,15 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     let new = crate::db::add_host(c, &host, cfg.host_account_limit_default)?;
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
+    } else {
+        // A host an admin disconnected asks again: crawl it again.
+        let n = c.execute(
+            "UPDATE hosts SET status = 'active', updated_at = now() WHERE hostname = $1 AND status = 'idle'",
+            &[&host.name],
+        )?;
+        if n > 0 {
+            tracing::info!(host = host.name, "idle host back from requestCrawl");
+        }
     }
     Ok(Response::ok(json!({})))
 }

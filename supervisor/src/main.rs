@@ -84,6 +84,15 @@ enum AdminAction {
     Ban { hostname: String },
     /// Crawl a banned host again.
     Unban { hostname: String },
+    /// Close the connection to a host; it is crawled again when it next
+    /// calls requestCrawl.
+    Disconnect { hostname: String },
+    /// requestCrawl open to anyone (`public`) or only with admin
+    /// credentials (`admin-only`); kept over restarts.
+    RequestCrawl {
+        #[arg(value_parser = ["public", "admin-only"])]
+        mode: String,
+    },
     /// List the hosts with their status and cursor.
     Hosts,
     /// Ban a domain and its subdomains (hosts under it stop being crawled).
@@ -124,6 +133,12 @@ fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow
             agent.post(&format!("{base}/admin/host/limit")),
             Some(serde_json::json!({ "hostname": hostname, "limit": limit })),
         ),
+        AdminAction::Disconnect { hostname } => {
+            (agent.post(&format!("{base}/admin/host/disconnect")), Some(serde_json::json!({ "hostname": hostname })))
+        }
+        AdminAction::RequestCrawl { mode } => {
+            (agent.post(&format!("{base}/admin/requestCrawl")), Some(serde_json::json!({ "public": mode == "public" })))
+        }
         AdminAction::Unban { hostname } => {
             (agent.post(&format!("{base}/admin/host/unban")), Some(serde_json::json!({ "hostname": hostname })))
         }

@@ -721,8 +721,9 @@ fn survives_a_postgres_crash_mid_stream() {
 }
 
 /// The admin API through `sluice admin`: a takedown is an `#account` event
-/// with the relay's seq and status takendown, reversible; a banned host is
-/// disconnected; no password, no admin.
+/// with the relay's seq and status takendown, reversible; a disconnected
+/// host comes back with requestCrawl; requestCrawl can be made admin-only;
+/// a banned host is disconnected; no password, no admin.
 #[test]
 fn admin_takedown_and_host_ban() {
     let dir = tempfile::tempdir().unwrap();
@@ -806,6 +807,53 @@ fn admin_takedown_and_host_ban() {
     // Without credentials: 401.
     let (st, _) = relay.http("POST", "/admin/repo/takedown", &format!("{{\"did\":\"{did}\"}}")).unwrap();
     assert_eq!(st, 401);
+    let wait_connected = |n: usize, why: &str| {
+        let want = format!("sluice_shard_hosts_connected{{shard=\"0\"}} {n}");
+        let t = Instant::now();
+        loop {
+            let mut m = TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
+            m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            let mut page = String::new();
+            m.read_to_string(&mut page).unwrap();
+            if page.lines().any(|l| l == want) {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{why}: not {n} hosts connected:\n{page}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_connected(2, "both hosts");
+    // Disconnect a host: it goes idle until it asks with requestCrawl.
+    let other = net.info.hosts[1].clone();
+    assert_eq!(admin(&["disconnect", &other])["status"], "idle");
+    wait_connected(1, "after disconnect");
+    let crawl = format!("{{\"hostname\":\"{other}\"}}");
+    let (st, body) = relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &crawl).unwrap();
+    assert_eq!(st, 200, "{body}");
+    let (_, body) = relay.http("GET", &format!("/xrpc/com.atproto.sync.getHostStatus?hostname={other}"), "").unwrap();
+    assert!(body.contains("\"status\":\"active\""), "{body}");
+    wait_connected(2, "after requestCrawl");
+    // requestCrawl made admin-only: refused without credentials, taken with
+    // them; public again after.
+    assert_eq!(admin(&["request-crawl", "admin-only"])["public"], false);
+    let (st, body) = relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &crawl).unwrap();
+    assert_eq!(st, 403, "{body}");
+    let raw = {
+        let mut s = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+        let req = format!(
+            "POST /xrpc/com.atproto.sync.requestCrawl HTTP/1.1\r\nhost: x\r\nauthorization: Bearer hunter2\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{crawl}",
+            crawl.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!(admin(&["request-crawl", "public"])["public"], true);
+    let (st, body) = relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &crawl).unwrap();
+    assert_eq!(st, 200, "{body}");
     // Ban a host: it is disconnected and stays so.
     let host = net.info.hosts[0].clone();
     assert_eq!(admin(&["ban", &host])["status"], "banned");
@@ -815,18 +863,7 @@ fn admin_takedown_and_host_ban() {
         .unwrap()
         .iter()
         .any(|h| h["hostname"] == host.as_str() && h["status"] == "banned"));
-    let t = Instant::now();
-    loop {
-        let mut m = TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
-        m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
-        let mut page = String::new();
-        m.read_to_string(&mut page).unwrap();
-        if page.lines().any(|l| l == "sluice_shard_hosts_connected{shard=\"0\"} 1") {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "banned host still connected:\n{page}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_connected(1, "after the ban");
     // Ban the domain every fakenet host is under: all hosts banned, and a
     // new one under it is refused.
     assert_eq!(admin(&["ban-domain", "localhost"])["hostsBanned"], 2);
