@@ -165,6 +165,7 @@ pub fn set_flags(
         if dirty {
             file.sync_data().map_err(io_err(&dpath))?;
         }
+        crate::failpoint::hit("flags-after-segment");
     }
     Ok(changed)
 }

@@ -19,12 +19,16 @@
 //!
 //! A crash anywhere before 4 commits leaves Postgres at the previous
 //! round; on start the log is cut back to Postgres' last_seq and the rings
-//! still hold the unreleased records, so nothing is lost or doubled.
+//! still hold the unreleased records, so nothing is lost or doubled. The
+//! failpoints `sequencer-after-log-sync` (between 3 and 4) and
+//! `sequencer-after-pg-commit` (between 4 and 5) let the e2e tests crash
+//! exactly there (`common::failpoint`).
 
 use crate::db::{self, Batch};
 use lru::LruCache;
 use postgres::Client;
 use sluice_common::eventlog::LogWriter;
+use sluice_common::failpoint;
 use sluice_common::frame;
 use sluice_common::policy::{self, AccountState, Verdict};
 use sluice_common::ring::Consumer;
@@ -192,8 +196,10 @@ impl Sequencer {
             return Ok(0);
         }
         self.log.sync()?;
+        failpoint::hit("sequencer-after-log-sync");
         batch.last_seq = self.log.next_seq() - 1;
         db::commit(&mut self.pg, &self.stmts, &batch)?;
+        failpoint::hit("sequencer-after-pg-commit");
         for (host, c) in &batch.cursors {
             let f = self.host_floor.entry(*host).or_insert(0);
             *f = (*f).max(*c);

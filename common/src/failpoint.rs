@@ -1,0 +1,110 @@
+//! Failpoints: named places on the durable path that a test can turn into
+//! a crash, so the steps between two writes are each tested, not only
+//! where a random `kill -9` happens to land.
+//!
+//! `SLUICE_FAILPOINTS="name=crash@N[,name=crash@N]"` aborts the process the
+//! N-th time it passes `name` (counting from 1 in this process). With
+//! `SLUICE_FAILPOINT_DIR=DIR` a point fires at most once across restarts:
+//! firing leaves `DIR/NAME.fired`, and a point whose file exists stays
+//! quiet (the supervisor restarts the process with the same environment).
+//!
+//! Unset, a failpoint costs one atomic load. The points:
+//! - `sequencer-after-log-sync`: the event log is fsynced, Postgres is not
+//!   committed (the restart must cut the log back to Postgres' last_seq).
+//! - `sequencer-after-pg-commit`: Postgres is committed, the watermark is
+//!   not published and the rings are not released (the restart must drop
+//!   the re-read records as duplicates).
+//! - `flags-after-segment`: a takedown's flagging has done one segment
+//!   (the restart's re-flag pass must finish the job).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+struct Point {
+    nth: u64,
+    hits: AtomicU64,
+}
+
+struct Failpoints {
+    points: HashMap<String, Point>,
+    dir: Option<PathBuf>,
+}
+
+static CONFIG: OnceLock<Option<Failpoints>> = OnceLock::new();
+
+/// Parse `name=crash@N,...`; malformed entries are reported and ignored.
+fn parse(spec: &str) -> HashMap<String, Point> {
+    let mut points = HashMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parsed = item
+            .split_once('=')
+            .and_then(|(name, action)| Some((name, action.strip_prefix("crash@")?.parse::<u64>().ok()?)));
+        match parsed {
+            Some((name, nth)) if nth > 0 => {
+                points.insert(name.to_owned(), Point { nth, hits: AtomicU64::new(0) });
+            }
+            _ => eprintln!("SLUICE_FAILPOINTS: ignoring {item:?} (expected name=crash@N, N >= 1)"),
+        }
+    }
+    points
+}
+
+fn config() -> Option<&'static Failpoints> {
+    CONFIG
+        .get_or_init(|| {
+            let spec = std::env::var("SLUICE_FAILPOINTS").ok()?;
+            let points = parse(&spec);
+            (!points.is_empty())
+                .then(|| Failpoints { points, dir: std::env::var_os("SLUICE_FAILPOINT_DIR").map(PathBuf::from) })
+        })
+        .as_ref()
+}
+
+/// Would passing `name` now crash? Counts the pass. Split from [`hit`] so
+/// the counting is testable without aborting.
+fn due(f: &Failpoints, name: &str) -> bool {
+    let Some(p) = f.points.get(name) else { return false };
+    if p.hits.fetch_add(1, Ordering::Relaxed) + 1 != p.nth {
+        return false;
+    }
+    match &f.dir {
+        None => true,
+        Some(dir) => {
+            let marker = dir.join(format!("{name}.fired"));
+            // create_new: exactly one process ever fires it.
+            std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok()
+        }
+    }
+}
+
+/// Pass the failpoint `name`: aborts the process if a test asked for it.
+pub fn hit(name: &str) {
+    if let Some(f) = config() {
+        if due(f, name) {
+            eprintln!("failpoint {name}: crashing on purpose (SLUICE_FAILPOINTS)");
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_on_the_nth_pass_once_across_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Failpoints { points: parse("a=crash@3, b=crash@1,bad,c=crash@0,d=crash@x"), dir: None };
+        assert_eq!(f.points.len(), 2);
+        assert_eq!((0..5).map(|_| due(&f, "a")).collect::<Vec<_>>(), [false, false, true, false, false]);
+        assert!(!due(&f, "unknown"));
+        // With a marker directory, a second process (same spec) stays quiet.
+        let first = Failpoints { points: parse("b=crash@1"), dir: Some(dir.path().to_owned()) };
+        assert!(due(&first, "b"));
+        assert!(dir.path().join("b.fired").exists());
+        let restarted = Failpoints { points: parse("b=crash@1"), dir: Some(dir.path().to_owned()) };
+        assert!(!due(&restarted, "b"));
+    }
+}
