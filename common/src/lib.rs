@@ -19,6 +19,7 @@ pub mod cbor;
 pub mod cid;
 pub mod commit;
 pub mod config;
+pub mod consumers;
 pub mod crypto;
 pub mod eventlog;
 pub mod failpoint;

@@ -124,6 +124,7 @@ pub fn handle(
     c: &mut Client,
     password: Option<&str>,
     tx: &SyncSender<Command>,
+    run_dir: &std::path::Path,
     req: &Request,
 ) -> Option<Result<Response, postgres::Error>> {
     if !req.path.starts_with("/admin/") {
@@ -143,6 +144,7 @@ pub fn handle(
         ("POST", "/admin/requestCrawl") => set_request_crawl(c, req),
         ("POST", "/admin/host/unban") => ban(c, req, false),
         ("GET", "/admin/hosts") => hosts(c),
+        ("GET", "/admin/consumers") => Ok(consumers(run_dir)),
         ("POST", "/admin/host/limit") => limit(c, req),
         ("POST", "/admin/domain/ban") => ban_domain(c, req, true),
         ("POST", "/admin/domain/unban") => ban_domain(c, req, false),
@@ -187,6 +189,41 @@ fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::E
     audit(c, if ban { "ban_host" } else { "unban_host" }, &host, json!({}))?;
     tracing::info!(host, status, "admin");
     Ok(Response::ok(json!({"hostname": host, "status": status})))
+}
+
+/// A shard's consumer list older than this is a dead or removed shard's.
+const CONSUMERS_STALE_SECS: u64 = 10;
+
+/// Every shard's consumers, from the lists the shards publish each second
+/// in `data_dir/run/consumers-K.json`, with how far each is behind.
+fn consumers(run_dir: &std::path::Path) -> Response {
+    use sluice_common::consumers::Snapshot;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut list = Vec::new();
+    let mut shards = Vec::new();
+    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("consumers-") && name.ends_with(".json")) {
+            continue;
+        }
+        let Ok(s) = std::fs::read(entry.path())
+            .map_err(|_| ())
+            .and_then(|b| serde_json::from_slice::<Snapshot>(&b).map_err(|_| ()))
+        else {
+            continue;
+        };
+        if now.saturating_sub(s.at) > CONSUMERS_STALE_SECS {
+            continue;
+        }
+        shards.push(s.shard);
+        for c in s.consumers {
+            let lag = if c.last_seq > 0 { s.committed - c.last_seq } else { s.committed };
+            list.push(json!({"shard": s.shard, "remote": c.remote, "since": c.since, "cursor": c.cursor,
+                             "lastSeq": c.last_seq, "frames": c.frames, "lag": lag}));
+        }
+    }
+    shards.sort_unstable();
+    Response::ok(json!({"consumers": list, "shardsReporting": shards}))
 }
 
 /// Close an upstream connection: the host goes `idle` (not crawled) until

@@ -71,6 +71,7 @@ pub unsafe fn run(
             new_hosts_per_day_max: cfg.limits.new_hosts_per_day_max as i64,
             host_account_limit_default: cfg.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
             public_request_crawl: cfg.public_request_crawl,
+            run_dir: cfg.run_dir(),
             admin_password,
             admin: admin_tx,
         },

@@ -57,6 +57,8 @@ pub struct QueryConfig {
     pub public_request_crawl: bool,
     /// The admin password (None: admin API disabled).
     pub admin_password: Option<String>,
+    /// `data_dir/run`, where the shards publish their consumer lists.
+    pub run_dir: std::path::PathBuf,
     /// To the sequencer, for admin actions that emit events.
     pub admin: std::sync::mpsc::SyncSender<crate::admin::Command>,
 }
@@ -274,7 +276,7 @@ fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
 }
 
 pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
-    if let Some(r) = crate::admin::handle(c, cfg.admin_password.as_deref(), &cfg.admin, req) {
+    if let Some(r) = crate::admin::handle(c, cfg.admin_password.as_deref(), &cfg.admin, &cfg.run_dir, req) {
         return r.unwrap_or_else(|e| {
             tracing::error!(path = req.path, error = %e, "admin action failed");
             error(500, "InternalServerError", "internal error")

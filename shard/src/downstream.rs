@@ -274,14 +274,22 @@ async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str
     stream.flush().await?;
     let mut cfg = WebSocketConfig::default();
     cfg.max_message_size = Some(64 * 1024);
+    let remote = stream.peer_addr().ok();
     let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(cfg)).await;
     slot.consumers.fetch_add(1, Ordering::Relaxed);
-    let r = stream_events(&sh, ws, cursor).await;
+    let id = sh.consumers.borrow_mut().add(remote, cursor);
+    let r = stream_events(&sh, ws, cursor, id).await;
+    sh.consumers.borrow_mut().remove(id);
     sh.slot().consumers.fetch_sub(1, Ordering::Relaxed);
     r
 }
 
-async fn stream_events(sh: &Rc<Shared>, ws: WebSocketStream<TcpStream>, cursor: Option<i64>) -> anyhow::Result<()> {
+async fn stream_events(
+    sh: &Rc<Shared>,
+    ws: WebSocketStream<TcpStream>,
+    cursor: Option<i64>,
+    id: u64,
+) -> anyhow::Result<()> {
     let (mut sink, mut incoming) = ws.split();
     // The reader half answers pings and notices the consumer leaving.
     let closed = Rc::new(Cell::new(false));
@@ -351,6 +359,7 @@ async fn stream_events(sh: &Rc<Shared>, ws: WebSocketStream<TcpStream>, cursor: 
         }
         sink.flush().await?;
         sh.slot().frames_out.fetch_add(sent as u64, Ordering::Relaxed);
+        sh.consumers.borrow_mut().progress(id, next - 1, sent as u64);
         last_send = Instant::now();
     }
     drop(reader);

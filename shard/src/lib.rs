@@ -13,6 +13,7 @@
 //! The shard exits when the db-writer marks its ring poisoned (the
 //! supervisor restarts it; it resumes from the durable cursors).
 
+pub mod consumers;
 pub mod downstream;
 pub mod resolver;
 pub mod upstream;
@@ -61,6 +62,8 @@ pub struct Shared {
     /// Events per second one host may send (`limits.host_events_per_second_max`).
     pub host_rate: u32,
     pub consumer_lag_max: u64,
+    /// This shard's consumers (`sluice admin consumers`).
+    pub consumers: RefCell<consumers::Table>,
 }
 
 impl Shared {
@@ -170,7 +173,20 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             consumers_max: cfg.limits.consumers_max as u64,
             host_rate: cfg.limits.host_events_per_second_max,
             consumer_lag_max: cfg.limits.consumer_lag_events_max,
+            consumers: RefCell::new(consumers::Table::default()),
         });
+        // Publish the consumer list for the admin API, through a helper
+        // thread; a snapshot still being written makes this tick skip.
+        let snapshots = consumers::start_writer(consumers::snapshot_path(&cfg.run_dir(), id))?;
+        let pub_sh = sh.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let committed = pub_sh.control.committed().load(Ordering::Acquire) as i64;
+                let _ = snapshots.try_send(pub_sh.consumers.borrow().snapshot(pub_sh.id, committed));
+                glommio::timer::sleep(consumers::PUBLISH_EVERY).await;
+            }
+        })
+        .detach();
         let ds = sh.clone();
         glommio::spawn_local(async move {
             if let Err(e) = downstream::serve(ds).await {

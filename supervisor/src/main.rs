@@ -95,6 +95,9 @@ enum AdminAction {
     },
     /// List the hosts with their status and cursor.
     Hosts,
+    /// List the consumers of every shard: address, cursor, last seq sent,
+    /// lag behind the committed seq.
+    Consumers,
     /// Ban a domain and its subdomains (hosts under it stop being crawled).
     BanDomain { domain: String },
     /// Lift a domain ban for new crawls.
@@ -114,6 +117,7 @@ fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow
     let auth = format!("Bearer {password}");
     let (req, body) = match action {
         AdminAction::Hosts => (agent.get(&format!("{base}/admin/hosts")), None),
+        AdminAction::Consumers => (agent.get(&format!("{base}/admin/consumers")), None),
         AdminAction::Takedown { did } => {
             (agent.post(&format!("{base}/admin/repo/takedown")), Some(serde_json::json!({ "did": did })))
         }

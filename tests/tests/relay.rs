@@ -826,6 +826,26 @@ fn admin_takedown_and_host_ban() {
         }
     };
     wait_connected(2, "both hosts");
+    // A consumer from cursor 5 shows in the consumer list with its progress.
+    let tcp = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    let url = format!("ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos?cursor=5", relay.port);
+    let (consumer, _) = tungstenite::client(url, tcp).unwrap();
+    let t = Instant::now();
+    loop {
+        let list = admin(&["consumers"]);
+        let found = list["consumers"].as_array().unwrap().iter().any(|c| {
+            c["cursor"] == 5
+                && c["lastSeq"].as_i64().unwrap_or(0) > 5
+                && c["remote"].as_str().unwrap().starts_with("127.0.0.1:")
+        });
+        if found {
+            assert_eq!(list["shardsReporting"], serde_json::json!([0]), "{list}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "consumer not listed: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(consumer);
     // Disconnect a host: it goes idle until it asks with requestCrawl.
     let other = net.info.hosts[1].clone();
     assert_eq!(admin(&["disconnect", &other])["status"], "idle");
