@@ -29,6 +29,11 @@ struct Args {
     /// Latency phase: live events per second (0 = skip the phase).
     #[arg(long, default_value_t = 1000.0)]
     latency_rate: f64,
+    /// Consumer churn after the throughput phase: this many subscriptions,
+    /// each from a cursor spread over the window, reading 500 frames and
+    /// hanging up (0 = skip). Reports the shards' anonymous RSS around it.
+    #[arg(long, default_value_t = 500)]
+    churn_cycles: u64,
     /// Latency phase: seconds of live traffic.
     #[arg(long, default_value_t = 10)]
     latency_seconds: u64,
@@ -222,12 +227,52 @@ fn main() -> anyhow::Result<()> {
             *cpu as f64 / hz
         );
     }
+    if a.churn_cycles > 0 {
+        churn(&child, port, total, a.churn_cycles)?;
+    }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
     let _ = child.wait();
     if a.latency_rate > 0.0 {
         latency_phase(&a, &sluice, &dir)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Consumers come and go (PROTOCOL.md: RSS must not grow with churn).
+fn churn(relay: &std::process::Child, port: u16, total: u64, cycles: u64) -> anyhow::Result<()> {
+    let shard_anon = || -> u64 {
+        children(relay.id()).iter().filter(|(_, n)| n.contains("shard")).map(|(p, _)| proc_status(*p, "RssAnon:")).sum()
+    };
+    let before = shard_anon();
+    let mut peak = before;
+    let (mut frames, t) = (0u64, Instant::now());
+    for i in 0..cycles {
+        let cursor = (i * 7919) % total.saturating_sub(500).max(1);
+        let tcp = TcpStream::connect(("127.0.0.1", port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
+        let (mut ws, _) = tungstenite::client(url, tcp)?;
+        for _ in 0..500 {
+            match ws.read() {
+                Ok(tungstenite::Message::Binary(_)) => frames += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        drop(ws);
+        if i % 25 == 0 {
+            peak = peak.max(shard_anon());
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = shard_anon();
+    println!(
+        "consumer churn: {cycles} subscriptions x 500 frames ({frames} frames in {:.1} s); \
+         shards' anon RSS {before} KiB before, {} KiB peak, {after} KiB after",
+        t.elapsed().as_secs_f64(),
+        peak.max(after)
+    );
     Ok(())
 }
 
