@@ -29,6 +29,10 @@ pub struct AccountState {
     pub upstream_status: Option<String>,
     /// Local moderation: taken down by the relay's admin.
     pub takendown: bool,
+    /// Not admitted: it appeared on a host already at its account limit.
+    /// Nothing of it is relayed, and it is not in the host's account count,
+    /// until the host has room (the sequencer checks before [`decide`]).
+    pub throttled: bool,
     pub rev: Option<String>,
     pub commit_cid: Option<Vec<u8>>,
     pub data_cid: Option<Vec<u8>>,
@@ -43,6 +47,8 @@ impl AccountState {
     pub fn status(&self) -> &str {
         if self.takendown {
             "takendown"
+        } else if self.throttled {
+            "throttled"
         } else if self.upstream_active {
             "active"
         } else {
@@ -210,6 +216,11 @@ mod tests {
         let mut t = s.clone();
         t.takendown = true;
         assert_eq!(t.status(), "takendown");
+        let mut th = s.clone();
+        th.throttled = true;
+        assert_eq!(th.status(), "throttled");
+        th.takendown = true;
+        assert_eq!(th.status(), "takendown", "a takedown wins over throttling");
         let (v, _) = decide(Some(&t), &ev(Kind::Identity, "", b"", b""), true);
         assert_eq!(v, Verdict::Drop(Drop::TakenDown));
     }

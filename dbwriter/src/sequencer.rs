@@ -393,13 +393,24 @@ impl Sequencer {
         }
         batch.cursors.insert(host, useq);
         let RingRecord::Event(e) = r else { return Ok(()) };
-        let stored = self.account(e.did, batch)?;
-        if stored.is_none() && self.host_full(host, batch)? {
-            // A new account on a host at its limit is not admitted (yet):
-            // its events are dropped until the limit is raised.
+        let mut stored = self.account(e.did, batch)?;
+        // Not in its host's account count yet: never seen, or throttled
+        // when it appeared (its host was at its account limit).
+        let admitting = stored.as_ref().is_none_or(|s| s.throttled);
+        if admitting && self.host_full(host, batch)? {
+            // Not admitted (yet): stored as throttled, nothing relayed,
+            // until an admin gives the host room.
             self.count(WriterCounter::HostAccountLimit);
             tracing::debug!(did = e.did, host, upstream_seq = useq, "host at its account limit");
+            if stored.is_none() {
+                let st = AccountState { throttled: true, ..AccountState::new(host) };
+                self.cache.put(e.did.to_owned(), st.clone());
+                batch.accounts.insert(e.did.to_owned(), st);
+            }
             return Ok(());
+        }
+        if let Some(s) = stored.as_mut() {
+            s.throttled = false;
         }
         let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
@@ -417,9 +428,9 @@ impl Sequencer {
                 }
             }
         }
-        match &stored {
-            // A DID relayed earlier in this batch is in batch.accounts, so
-            // `None` here means first sight.
+        // The account as its host's count knows it (None: not counted).
+        let counted = if admitting { None } else { stored.as_ref() };
+        match counted {
             None => {
                 *batch.new_accounts.entry(state.host_id).or_default() += 1;
             }
@@ -428,7 +439,7 @@ impl Sequencer {
         }
         // Counts stay true both ways: a deleted account leaves its host's
         // count, and comes back if it is restored.
-        if let Some(old) = &stored {
+        if let Some(old) = counted {
             let deleted = |s: &AccountState| s.upstream_status.as_deref() == Some("deleted");
             match (deleted(old), deleted(&state)) {
                 (false, true) => *batch.new_accounts.entry(state.host_id).or_default() -= 1,

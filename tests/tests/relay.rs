@@ -1048,7 +1048,23 @@ fn host_account_limit_admits_accounts_up_to_the_limit() {
             })
             .collect()
     };
-    assert_eq!(dids_in_stream(&relay).len(), 3, "only the first 3 accounts are admitted");
+    let admitted = dids_in_stream(&relay);
+    assert_eq!(admitted.len(), 3, "only the first 3 accounts are admitted");
+    // The others are stored as throttled (PROTOCOL.md section 5.8).
+    let repo_status = |did: &str| -> serde_json::Value {
+        let (_, body) = relay.http("GET", &format!("/xrpc/com.atproto.sync.getRepoStatus?did={did}"), "").unwrap();
+        serde_json::from_str(&body).unwrap()
+    };
+    let others: Vec<String> =
+        net.shared.repos.read().unwrap().keys().filter(|d| !admitted.contains(*d)).cloned().collect();
+    let throttled: Vec<&String> = others.iter().filter(|d| repo_status(d)["status"] == "throttled").collect();
+    assert!(!throttled.is_empty(), "no account reported throttled among {others:?}");
+    for d in &throttled {
+        assert_eq!(repo_status(d)["active"], false);
+    }
+    for d in &admitted {
+        assert_eq!(repo_status(d)["active"], true, "{d}");
+    }
     let host = net.info.hosts[0].clone();
     let auth = "Bearer pw";
     let mut s = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
@@ -1067,6 +1083,12 @@ fn host_account_limit_admits_accounts_up_to_the_limit() {
     while dids_in_stream(&relay).len() <= 3 {
         assert!(t.elapsed() < Duration::from_secs(60), "no new account admitted after raising the limit");
         std::thread::sleep(Duration::from_millis(300));
+    }
+    // A formerly throttled account that got in is no longer throttled
+    // (active, or whatever its host said since).
+    let now_in = dids_in_stream(&relay);
+    for d in throttled.iter().filter(|d| now_in.contains(d.as_str())) {
+        assert_ne!(repo_status(d)["status"], "throttled", "{d}");
     }
     let mut m = TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
     m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
