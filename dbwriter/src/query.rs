@@ -521,6 +521,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn requests_split_at_every_byte_parse_the_same() {
+        let body = "{\"hostname\":\"pds.example.com\"}";
+        let req = format!(
+            "POST /xrpc/com.atproto.sync.requestCrawl?x=1 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer pw\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        for cut in 1..req.len() {
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            let bytes = req.clone().into_bytes();
+            let writer = std::thread::spawn(move || {
+                a.write_all(&bytes[..cut]).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+                a.write_all(&bytes[cut..]).unwrap();
+            });
+            let r = read_request(&mut b).unwrap_or_else(|e| panic!("split at {cut}: {e}"));
+            writer.join().unwrap();
+            assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/xrpc/com.atproto.sync.requestCrawl"), "{cut}");
+            assert_eq!(r.query, vec![("x".to_owned(), "1".to_owned())], "{cut}");
+            assert_eq!(r.authorization.as_deref(), Some("Bearer pw"), "{cut}");
+            assert_eq!(r.body, body.as_bytes(), "split at {cut}");
+        }
+    }
+
+    #[test]
     fn percent_encoding_round_trips() {
         for s in ["did:plc:abc", "3kabc", "a b&c=d%/é"] {
             assert_eq!(percent_decode(&percent_encode(s)), s);

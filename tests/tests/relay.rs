@@ -374,6 +374,31 @@ fn cursor_errors_health_and_routes() {
     assert_eq!(st, 404);
     let (st, body) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
     assert_eq!((st, body.as_str()), (200, "{\"hosts\":[]}"));
+    // Requests that arrive in two pieces, split at every byte (PROTOCOL.md
+    // section 8): a GET the shard answers, a POST with a body it forwards
+    // to the query workers, and a WebSocket upgrade.
+    let upgrade = "GET /xrpc/com.atproto.sync.subscribeRepos HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\
+                   connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n";
+    let post_body = "{\"hostname\":\"not a host\"}";
+    let post = format!(
+        "POST /xrpc/com.atproto.sync.requestCrawl HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{post_body}",
+        post_body.len()
+    );
+    let get = "GET /xrpc/_health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    for (req, want) in [(get, "HTTP/1.1 200"), (post.as_str(), "HTTP/1.1 400"), (upgrade, "HTTP/1.1 101")] {
+        for cut in 1..req.len() {
+            let mut s = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+            s.set_nodelay(true).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&req.as_bytes()[..cut]).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+            s.write_all(&req.as_bytes()[cut..]).unwrap();
+            let mut got = [0u8; 12];
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(std::str::from_utf8(&got).unwrap(), want, "split at byte {cut} of {req:?}");
+        }
+    }
     // A cursor ahead of the stream: error frame FutureCursor.
     match first_frame(relay.port, "?cursor=999999") {
         Message::Error { error, .. } => assert_eq!(error, "FutureCursor"),
