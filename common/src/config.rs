@@ -33,6 +33,24 @@ pub enum Validation {
     Lenient,
 }
 
+/// `retention_hours`: a whole number or a fraction (TOML keeps integers and
+/// floats apart).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Hours {
+    Whole(u64),
+    Fraction(f64),
+}
+
+impl Hours {
+    pub fn get(self) -> f64 {
+        match self {
+            Hours::Whole(h) => h as f64,
+            Hours::Fraction(h) => h,
+        }
+    }
+}
+
 /// `shard_count`: a number, or "auto" (one per core).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -62,7 +80,7 @@ pub struct RawConfig {
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
     pub plc_url: Option<String>,
-    pub retention_hours: Option<u32>,
+    pub retention_hours: Option<Hours>,
     pub bootstrap_relay: Option<String>,
     pub validation: Option<Validation>,
     pub limits: Option<RawLimits>,
@@ -102,7 +120,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
     pub plc_url: String,
-    pub retention_hours: u32,
+    /// The replay window, in hours (fractions allowed: 0.5 is 30 minutes).
+    pub retention_hours: f64,
     pub bootstrap_relay: Option<String>,
     pub validation: Validation,
     pub limits: Limits,
@@ -190,7 +209,10 @@ impl RawConfig {
                 "data_dir" => self.data_dir = Some(PathBuf::from(v)),
                 "database_url" => self.database_url = Some(v),
                 "plc_url" => self.plc_url = Some(v),
-                "retention_hours" => self.retention_hours = Some(parse_num(key, &v)? as u32),
+                "retention_hours" => {
+                    let h = v.trim().parse::<f64>().map_err(|e| invalid(key, format!("{v:?}: {e}")))?;
+                    self.retention_hours = Some(Hours::Fraction(h));
+                }
                 "bootstrap_relay" => self.bootstrap_relay = Some(v),
                 "validation" => {
                     self.validation = Some(match v.trim() {
@@ -285,7 +307,13 @@ impl RawConfig {
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./sluice-data")),
             database_url: self.database_url,
             plc_url,
-            retention_hours: self.retention_hours.unwrap_or(72).max(1),
+            retention_hours: {
+                let h = self.retention_hours.map_or(72.0, Hours::get);
+                if !(h > 0.0 && h <= 1_000_000.0) {
+                    return Err(invalid("retention_hours", "more than 0 and at most 1000000"));
+                }
+                h
+            },
             bootstrap_relay: self.bootstrap_relay,
             validation: self.validation.unwrap_or(Validation::Strict),
             limits,
@@ -320,7 +348,7 @@ impl Config {
             data_dir: Some(self.data_dir.clone()),
             database_url: self.database_url.clone(),
             plc_url: Some(self.plc_url.clone()),
-            retention_hours: Some(self.retention_hours),
+            retention_hours: Some(Hours::Fraction(self.retention_hours)),
             bootstrap_relay: self.bootstrap_relay.clone(),
             validation: Some(self.validation),
             limits: Some(RawLimits {
@@ -383,7 +411,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(c.limits.consumers_max, 7);
         assert!(c.allow_insecure_hosts);
-        assert_eq!(c.retention_hours, 72);
+        assert_eq!(c.retention_hours, 72.0);
         assert_eq!(c.validation, Validation::Strict);
         // round trip through the effective file
         let dir = tempfile::tempdir().unwrap();
@@ -405,5 +433,22 @@ mod tests {
         assert!(e.to_string().contains("validation"), "{e}");
         let e = RawConfig::from_toml("ring_size_bytes = 1000", Path::new("x")).unwrap().validate(2).unwrap_err();
         assert!(e.to_string().contains("ring_size_bytes"), "{e}");
+        for bad in ["retention_hours = 0", "retention_hours = -1.5"] {
+            let e = RawConfig::from_toml(bad, Path::new("x")).unwrap().validate(2).unwrap_err();
+            assert!(e.to_string().contains("retention_hours"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn retention_hours_whole_or_fraction() {
+        let hours =
+            |toml: &str| RawConfig::from_toml(toml, Path::new("x")).unwrap().validate(2).unwrap().retention_hours;
+        assert_eq!(hours("retention_hours = 24"), 24.0);
+        assert_eq!(hours("retention_hours = 0.5"), 0.5);
+        let mut raw = RawConfig::default();
+        raw.apply_env(|k| (k == "SLUICE_RETENTION_HOURS").then(|| "0.25".into())).unwrap();
+        assert_eq!(raw.validate(2).unwrap().retention_hours, 0.25);
+        let mut raw = RawConfig::default();
+        assert!(raw.apply_env(|k| (k == "SLUICE_RETENTION_HOURS").then(|| "soon".into())).is_err());
     }
 }

@@ -96,7 +96,7 @@ impl Sequencer {
         rings: Vec<Consumer>,
         strict: bool,
         cache_entries: usize,
-        retention_hours: u32,
+        retention_hours: f64,
     ) -> Result<Sequencer, db::DbError> {
         let host_floor = db::hosts(&mut pg)?.into_iter().map(|h| (h.id, h.cursor)).collect();
         let stmts = db::CommitStatements::prepare(&mut pg)?;
@@ -112,7 +112,7 @@ impl Sequencer {
             // in the cache is still there when the turn's records apply.
             cache: LruCache::new(NonZeroUsize::new(cache_entries.max(2 * BATCH_PER_RING)).expect("positive")),
             host_floor,
-            retention_micros: retention_hours as i64 * 3_600_000_000,
+            retention_micros: (retention_hours * 3_600_000_000.0) as i64,
             scratch: Vec::new(),
             admin: None,
             flag_jobs: None,
@@ -144,7 +144,9 @@ impl Sequencer {
                 let rings = &self.rings;
                 self.control.writer_doorbell().wait(Duration::from_millis(20), || rings.iter().any(|r| r.has_data()));
             }
-            if last_retention.elapsed() > Duration::from_secs(60) {
+            // Once a minute, or four times per window when it is shorter.
+            let every = Duration::from_micros((self.retention_micros / 4).clamp(100_000, 60_000_000) as u64);
+            if last_retention.elapsed() > every {
                 last_retention = Instant::now();
                 if let Some(first) = self.log.retain(now_micros() - self.retention_micros)? {
                     self.control.oldest().store(first as u64, Ordering::Release);

@@ -17,7 +17,7 @@ fn default_config_is_valid() {
     assert_eq!(cfg.shard_count, 4, "auto = one shard per core");
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/sluice"));
     assert!(!cfg.allow_insecure_hosts);
-    assert_eq!(cfg.retention_hours, 72);
+    assert_eq!(cfg.retention_hours, 72.0);
 }
 
 #[test]

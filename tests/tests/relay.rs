@@ -448,11 +448,13 @@ fn cursor_errors_health_and_routes() {
     relay.stop();
 }
 
-/// The replay window: after retention removed the oldest segment, a cursor
-/// before the window gets `#info OutdatedCursor` and then the window from
-/// its first event; cursor 0 starts at the window's first event.
+/// The replay window: retention (here 0.002 h, 7.2 s) removes whole
+/// segments once their newest record is older than the window, never the
+/// current one; a cursor before the window gets `#info OutdatedCursor` and
+/// then the window from its first event; cursor 0 starts at the window's
+/// first event.
 #[test]
-fn outdated_cursor_after_the_oldest_segment_is_gone() {
+fn retention_removes_old_segments_and_cursors_before_them_are_outdated() {
     let dir = tempfile::tempdir().unwrap();
     let mut net = runner::start(ServeConfig {
         hosts: 4,
@@ -466,7 +468,8 @@ fn outdated_cursor_after_the_oldest_segment_is_gone() {
     .unwrap();
     net.wait_generation().unwrap();
     // The smallest segments the config allows (8 MiB), so a few exist.
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "segment_size_bytes = 8388608");
+    let mut relay =
+        Relay::new(dir.path(), &net.info.plc_url, 1, "segment_size_bytes = 8388608\nretention_hours = 0.002");
     relay.start();
     for h in &net.info.hosts {
         relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")).unwrap();
@@ -474,21 +477,26 @@ fn outdated_cursor_after_the_oldest_segment_is_gone() {
     let events_dir = dir.path().join("data").join("events");
     let t = Instant::now();
     let mut seq = 0;
+    let mut most_segments = 0;
     while seq < 9_000 {
         let (_, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
         seq = serde_json::from_str::<serde_json::Value>(&body).unwrap()["seq"].as_i64().unwrap_or(0);
+        most_segments = most_segments.max(sluice_common::eventlog::list_segments(&events_dir).unwrap().len());
         assert!(t.elapsed() < Duration::from_secs(120), "only {seq} events relayed:\n{}", relay.log_tail());
         std::thread::sleep(Duration::from_millis(200));
     }
-    relay.stop();
-    let segs = sluice_common::eventlog::list_segments(&events_dir).unwrap();
-    assert!(segs.len() >= 2, "expected several segments, got {segs:?}");
-    // What retention does: remove the oldest whole segment.
-    let (d, i) = sluice_common::eventlog::segment_paths(&events_dir, segs[0]);
-    std::fs::remove_file(d).unwrap();
-    std::fs::remove_file(i).unwrap();
-    relay.start();
-    let oldest = segs[1];
+    // Retention leaves the current segment only.
+    let t = Instant::now();
+    let oldest = loop {
+        let segs = sluice_common::eventlog::list_segments(&events_dir).unwrap();
+        most_segments = most_segments.max(segs.len());
+        if segs.len() == 1 && segs[0] > 1 {
+            break segs[0];
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "retention left {segs:?}:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(most_segments >= 2, "expected several segments, saw at most {most_segments}");
     match first_frame(relay.port, "?cursor=0") {
         Message::Event(e) => assert_eq!(e.seq(), Some(oldest)),
         other => panic!("expected seq {oldest}, got {other:?}"),
