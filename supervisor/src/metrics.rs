@@ -79,17 +79,40 @@ pub fn render(cb: &ControlBlock, rings: &[(u64, u64)]) -> String {
     out
 }
 
-/// Serve until the process ends. A bind failure is logged, not fatal.
-pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, rings: RingFill) {
+/// The running endpoint; [`Endpoint::stop`] ends it (SIGHUP with a new
+/// `metrics_listen`).
+pub struct Endpoint {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Endpoint {
+    /// Stop serving and free the address: set the flag, then wake the
+    /// blocked accept with a connection of our own.
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+/// Serve on `addr` until stopped or the process ends. A bind failure is
+/// logged, not fatal (None).
+pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, rings: RingFill) -> Option<Endpoint> {
     let listener = match TcpListener::bind(addr) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(%addr, error = %e, "metrics endpoint not started");
-            return;
+            return None;
         }
     };
+    let addr = listener.local_addr().unwrap_or(addr);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let spawned = std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for s in listener.incoming() {
+            if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
             let Ok(mut s) = s else { continue };
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
             let mut buf = [0u8; 2048];
@@ -107,7 +130,11 @@ pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, rings: RingFill) {
             );
         }
     });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "metrics thread not started");
+    match spawned {
+        Ok(_) => Some(Endpoint { addr, stop }),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics thread not started");
+            None
+        }
     }
 }

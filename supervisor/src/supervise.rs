@@ -84,6 +84,13 @@ pub struct Supervisor {
     source: Option<std::path::PathBuf>,
     /// Ring fill for the metrics page, refreshed by the run loop.
     ring_fill: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    /// The metrics endpoint (None: it could not bind).
+    metrics: Option<crate::metrics::Endpoint>,
+}
+
+fn fill_source(fill: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>) -> crate::metrics::RingFill {
+    let fill = fill.clone();
+    Arc::new(move || fill.lock().map(|v| v.clone()).unwrap_or_default())
 }
 
 fn spawn_child(
@@ -165,13 +172,9 @@ impl Supervisor {
         }
         let control = Arc::new(control);
         let ring_fill = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let fill = ring_fill.clone();
-        crate::metrics::start(
-            cfg.metrics_listen,
-            control.clone(),
-            Arc::new(move || fill.lock().map(|v| v.clone()).unwrap_or_default()),
-        );
+        let metrics = crate::metrics::start(cfg.metrics_listen, control.clone(), fill_source(&ring_fill));
         Ok(Supervisor {
+            metrics,
             cfg,
             config_path,
             control,
@@ -386,7 +389,14 @@ impl Supervisor {
         new.data_dir = self.cfg.data_dir.clone();
         new.database_url = self.cfg.database_url.clone();
         if new.metrics_listen != self.cfg.metrics_listen {
-            tracing::warn!("SIGHUP: metrics_listen changes need a restart");
+            // Free the old address first: the new one may be the same port
+            // on another interface.
+            if let Some(m) = self.metrics.take() {
+                m.stop();
+            }
+            self.metrics =
+                crate::metrics::start(new.metrics_listen, self.control.clone(), fill_source(&self.ring_fill));
+            tracing::info!(from = %self.cfg.metrics_listen, to = %new.metrics_listen, "SIGHUP: metrics endpoint moved");
         }
         tracing::info!(path = %path.display(), shards_from = self.cfg.shard_count, shards_to = new.shard_count, "SIGHUP: reloading");
         self.stop_children();

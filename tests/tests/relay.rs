@@ -710,6 +710,8 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
     crawl_all(&relay, &net, "");
     wait_events(&net, EVENTS / 3);
     assert_eq!(children_matching(relay.pid(), "shard --id").len(), 1);
+    // The reload also moves the metrics endpoint.
+    relay.metrics_port = free_port();
     relay.write_config(dir.path(), &net.info.plc_url, 2, "");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
     let t = Instant::now();
@@ -718,6 +720,22 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     relay.wait_health(Duration::from_secs(30));
+    let metrics_page = |port: u16| -> Option<String> {
+        let mut m = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
+        let mut page = String::new();
+        m.read_to_string(&mut page).ok()?;
+        Some(page)
+    };
+    let t = Instant::now();
+    while !metrics_page(relay.metrics_port).is_some_and(|p| p.contains("sluice_committed_seq")) {
+        assert!(t.elapsed() < Duration::from_secs(10), "no metrics on the new port:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // (Whether the old port is free is not asserted: a test running in
+    // parallel may take it.)
+    let log = std::fs::read_to_string(&relay.log).unwrap();
+    assert!(log.contains("SIGHUP: metrics endpoint moved"), "{}", relay.log_tail());
     net.wait_generation().unwrap();
     let report = check_exact(&relay, dir.path(), Duration::from_secs(120));
     assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
