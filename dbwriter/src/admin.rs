@@ -193,6 +193,9 @@ fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::E
 
 /// A shard's consumer list older than this is a dead or removed shard's.
 const CONSUMERS_STALE_SECS: u64 = 10;
+/// Consumers listed in one answer (the shard proxy takes 4 MiB answers);
+/// `total` says how many there are.
+const CONSUMERS_LISTED_MAX: usize = 10_000;
 
 /// Every shard's consumers, from the lists the shards publish each second
 /// in `data_dir/run/consumers-K.json`, with how far each is behind.
@@ -201,6 +204,7 @@ fn consumers(run_dir: &std::path::Path) -> Response {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut list = Vec::new();
     let mut shards = Vec::new();
+    let mut total = 0usize;
     for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !(name.starts_with("consumers-") && name.ends_with(".json")) {
@@ -217,13 +221,17 @@ fn consumers(run_dir: &std::path::Path) -> Response {
         }
         shards.push(s.shard);
         for c in s.consumers {
+            total += 1;
+            if list.len() == CONSUMERS_LISTED_MAX {
+                continue;
+            }
             let lag = if c.last_seq > 0 { s.committed - c.last_seq } else { s.committed };
             list.push(json!({"shard": s.shard, "remote": c.remote, "since": c.since, "cursor": c.cursor,
                              "lastSeq": c.last_seq, "frames": c.frames, "lag": lag}));
         }
     }
     shards.sort_unstable();
-    Response::ok(json!({"consumers": list, "shardsReporting": shards}))
+    Response::ok(json!({"consumers": list, "total": total, "shardsReporting": shards}))
 }
 
 /// Close an upstream connection: the host goes `idle` (not crawled) until
@@ -342,5 +350,27 @@ mod tests {
         let other = base64::engine::general_purpose::STANDARD.encode("root:s3cret");
         assert!(!authorized(&req(Some(&format!("Basic {other}"))), "s3cret"));
         assert!(!authorized(&req(Some("Basic !!!")), "s3cret"));
+    }
+
+    #[test]
+    fn consumer_lists_merge_fresh_shards_only() {
+        use sluice_common::consumers::{snapshot_path, ConsumerInfo, Snapshot};
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let info =
+            |last_seq| ConsumerInfo { remote: "127.0.0.1:9".into(), since: now, cursor: None, last_seq, frames: 3 };
+        let write = |shard, at, consumers| {
+            let s = Snapshot { shard, at, committed: 100, consumers };
+            std::fs::write(snapshot_path(dir.path(), shard), serde_json::to_vec(&s).unwrap()).unwrap();
+        };
+        write(0, now, vec![info(90), info(0)]);
+        write(1, now - 60, vec![info(50)]); // a shard that stopped reporting
+        std::fs::write(dir.path().join("consumers-2.json"), b"{not json").unwrap();
+        let r = consumers(dir.path());
+        assert_eq!(r.body["shardsReporting"], json!([0]));
+        assert_eq!(r.body["total"], 2);
+        let lags: Vec<i64> =
+            r.body["consumers"].as_array().unwrap().iter().map(|c| c["lag"].as_i64().unwrap()).collect();
+        assert_eq!(lags, [10, 100]);
     }
 }
