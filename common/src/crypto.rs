@@ -14,7 +14,6 @@
 //! libsecp256k1 for K-256, RustCrypto `p256` for P-256.
 
 use std::fmt;
-use std::sync::OnceLock;
 
 /// Multicodec varint prefixes of compressed public keys.
 const PREFIX_K256: [u8; 2] = [0xe7, 0x01];
@@ -84,11 +83,6 @@ pub enum SigError {
     HighS,
     #[error("signature does not verify")]
     Invalid,
-}
-
-fn k256_ctx() -> &'static secp256k1::Secp256k1<secp256k1::All> {
-    static CTX: OnceLock<secp256k1::Secp256k1<secp256k1::All>> = OnceLock::new();
-    CTX.get_or_init(secp256k1::Secp256k1::new)
 }
 
 /// A parsed public key, ready to verify.
@@ -219,7 +213,7 @@ impl PublicKey {
                 }
                 let sig = secp256k1::ecdsa::Signature::from_compact(sig).map_err(|_| SigError::Invalid)?;
                 let msg = secp256k1::Message::from_digest(*digest);
-                k256_ctx().verify_ecdsa(msg, &sig, pk).map_err(|_| SigError::Invalid)
+                secp256k1::ecdsa::verify(&sig, msg, pk).map_err(|_| SigError::Invalid)
             }
             Inner::P256(pk) => {
                 if s > &P256_HALF_N {
@@ -266,7 +260,7 @@ impl PrivateKey {
         match curve {
             Curve::K256 => {
                 let b: [u8; 32] = b.try_into().map_err(|_| KeyError::Private("K-256"))?;
-                secp256k1::SecretKey::from_byte_array(b).map(PrivateKey::K256).map_err(|_| KeyError::Private("K-256"))
+                secp256k1::SecretKey::from_secret_bytes(b).map(PrivateKey::K256).map_err(|_| KeyError::Private("K-256"))
             }
             Curve::P256 => {
                 p256::ecdsa::SigningKey::from_slice(b).map(PrivateKey::P256).map_err(|_| KeyError::Private("P-256"))
@@ -295,7 +289,7 @@ impl PrivateKey {
 
     pub fn to_bytes(&self) -> [u8; 32] {
         match self {
-            PrivateKey::K256(k) => k.secret_bytes(),
+            PrivateKey::K256(k) => k.to_secret_bytes(),
             PrivateKey::P256(k) => k.to_bytes().into(),
         }
     }
@@ -303,7 +297,7 @@ impl PrivateKey {
     pub fn public_key(&self) -> PublicKey {
         match self {
             PrivateKey::K256(k) => {
-                let pk = secp256k1::PublicKey::from_secret_key(k256_ctx(), k);
+                let pk = secp256k1::PublicKey::from_secret_key(k);
                 PublicKey::from_sec1(Curve::K256, &pk.serialize()).expect("valid derived key")
             }
             PrivateKey::P256(k) => {
@@ -318,7 +312,7 @@ impl PrivateKey {
         match self {
             PrivateKey::K256(k) => {
                 let msg = secp256k1::Message::from_digest(*digest);
-                k256_ctx().sign_ecdsa(msg, k).serialize_compact()
+                secp256k1::ecdsa::sign(msg, k).serialize_compact()
             }
             PrivateKey::P256(k) => {
                 use p256::ecdsa::signature::hazmat::PrehashSigner;
