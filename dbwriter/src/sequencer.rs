@@ -202,6 +202,12 @@ impl Sequencer {
         batch.last_seq = self.log.next_seq() - 1;
         db::commit(&mut self.pg, &self.stmts, &batch)?;
         failpoint::hit("sequencer-after-pg-commit");
+        // The batch's account states are what Postgres now holds: they move
+        // to the cache (read batch first, then cache, so nothing changes
+        // for lookups; one clone per event less).
+        for (did, st) in std::mem::take(&mut batch.accounts) {
+            self.cache.put(did, st);
+        }
         for (host, c) in &batch.cursors {
             let f = self.host_floor.entry(*host).or_insert(0);
             *f = (*f).max(*c);
@@ -312,7 +318,6 @@ impl Sequencer {
             .append(seq, sluice_common::ringrec::Kind::Account as u8, 0, did_hash(did), now, &self.scratch)
             .map_err(|e| format!("{did}: {e}"))?;
         self.count(WriterCounter::Relayed);
-        self.cache.put(did.to_owned(), st.clone());
         batch.accounts.insert(did.to_owned(), st);
         Ok(seq)
     }
@@ -406,7 +411,6 @@ impl Sequencer {
             tracing::debug!(did = e.did, host, upstream_seq = useq, "host at its account limit");
             if stored.is_none() {
                 let st = AccountState { throttled: true, ..AccountState::new(host) };
-                self.cache.put(e.did.to_owned(), st.clone());
                 batch.accounts.insert(e.did.to_owned(), st);
             }
             return Ok(());
@@ -454,7 +458,6 @@ impl Sequencer {
         frame::resequence(e.frame, (e.seq_start as usize, e.seq_end as usize), seq, &mut self.scratch);
         self.log.append(seq, e.kind, 0, did_hash(e.did), e.time_micros, &self.scratch)?;
         self.count(WriterCounter::Relayed);
-        self.cache.put(e.did.to_owned(), state.clone());
         batch.accounts.insert(e.did.to_owned(), state);
         Ok(())
     }
