@@ -7,7 +7,7 @@
 //! Auth: `Authorization: Bearer <password>` or HTTP Basic with user
 //! `admin`. Without `admin_password_file` every admin route answers 403.
 
-use crate::query::{Request, Response};
+use crate::query::{error, Request, Response};
 use postgres::Client;
 use serde_json::{json, Value};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -77,10 +77,6 @@ pub fn start_flagger(events_dir: std::path::PathBuf) -> std::io::Result<SyncSend
         }
     })?;
     Ok(tx)
-}
-
-fn error(status: u16, name: &str, message: &str) -> Response {
-    Response { status, body: json!({"error": name, "message": message}), location: None }
 }
 
 /// Does `req` carry the admin credentials (and is the admin API enabled)?

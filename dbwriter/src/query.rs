@@ -40,7 +40,8 @@ impl Response {
     }
 }
 
-fn error(status: u16, name: &str, message: &str) -> Response {
+/// An XRPC error answer (the admin API's too).
+pub(crate) fn error(status: u16, name: &str, message: &str) -> Response {
     Response { status, body: json!({"error": name, "message": message}), location: None }
 }
 
@@ -314,13 +315,13 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
         Ok(h) => h,
         Err(why) => return Ok(error(400, "InvalidRequest", &why)),
     };
+    // None: a host the relay does not know yet.
     let status: Option<String> =
         c.query_opt("SELECT status FROM hosts WHERE hostname = $1", &[&host.name])?.map(|r| r.get(0));
     if status.as_deref() == Some("banned") || crate::db::domain_banned(c, host.hostname())? {
         return Ok(error(400, "HostBanned", "host is banned"));
     }
-    let known: i64 = c.query_one("SELECT count(*) FROM hosts WHERE hostname = $1", &[&host.name])?.get(0);
-    if known == 0 {
+    if status.is_none() {
         let recent: i64 =
             c.query_one("SELECT count(*) FROM hosts WHERE created_at > now() - interval '1 day'", &[])?.get(0);
         if recent >= cfg.new_hosts_per_day_max {
@@ -331,7 +332,7 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     let new = crate::db::add_host(c, &host, cfg.host_account_limit_default)?;
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
-    } else {
+    } else if status.as_deref() == Some("idle") {
         // A host an admin disconnected asks again: crawl it again.
         let n = c.execute(
             "UPDATE hosts SET status = 'active', updated_at = now() WHERE hostname = $1 AND status = 'idle'",
