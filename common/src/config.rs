@@ -33,24 +33,6 @@ pub enum Validation {
     Lenient,
 }
 
-/// `retention_hours`: a whole number or a fraction (TOML keeps integers and
-/// floats apart).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Hours {
-    Whole(u64),
-    Fraction(f64),
-}
-
-impl Hours {
-    pub fn get(self) -> f64 {
-        match self {
-            Hours::Whole(h) => h as f64,
-            Hours::Fraction(h) => h,
-        }
-    }
-}
-
 /// `shard_count`: a number, or "auto" (one per core).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -80,7 +62,8 @@ pub struct RawConfig {
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
     pub plc_url: Option<String>,
-    pub retention_hours: Option<Hours>,
+    /// Whole or fractional hours (serde takes a TOML integer for an f64).
+    pub retention_hours: Option<f64>,
     pub bootstrap_relay: Option<String>,
     pub validation: Option<Validation>,
     pub limits: Option<RawLimits>,
@@ -211,7 +194,7 @@ impl RawConfig {
                 "plc_url" => self.plc_url = Some(v),
                 "retention_hours" => {
                     let h = v.trim().parse::<f64>().map_err(|e| invalid(key, format!("{v:?}: {e}")))?;
-                    self.retention_hours = Some(Hours::Fraction(h));
+                    self.retention_hours = Some(h);
                 }
                 "bootstrap_relay" => self.bootstrap_relay = Some(v),
                 "validation" => {
@@ -308,7 +291,7 @@ impl RawConfig {
             database_url: self.database_url,
             plc_url,
             retention_hours: {
-                let h = self.retention_hours.map_or(72.0, Hours::get);
+                let h = self.retention_hours.unwrap_or(72.0);
                 if !(h > 0.0 && h <= 1_000_000.0) {
                     return Err(invalid("retention_hours", "more than 0 and at most 1000000"));
                 }
@@ -348,7 +331,7 @@ impl Config {
             data_dir: Some(self.data_dir.clone()),
             database_url: self.database_url.clone(),
             plc_url: Some(self.plc_url.clone()),
-            retention_hours: Some(Hours::Fraction(self.retention_hours)),
+            retention_hours: Some(self.retention_hours),
             bootstrap_relay: self.bootstrap_relay.clone(),
             validation: Some(self.validation),
             limits: Some(RawLimits {
