@@ -93,10 +93,10 @@ pub unsafe fn run(
     // accounts' records once more (idempotent, one pass for all).
     let taken: Vec<String> =
         seq.pg.query("SELECT did FROM accounts WHERE takendown LIMIT 1000000", &[])?.iter().map(|r| r.get(0)).collect();
-    if !taken.is_empty() {
-        let _ = flagger.try_send(admin::FlagJob { dids: taken, upto_seq: durable, on: true });
-    }
     seq.flag_jobs = Some(flagger);
+    if !taken.is_empty() {
+        seq.queue_flags(admin::FlagJob { dids: taken, upto_seq: durable, on: true });
+    }
     control.set_writer_state(WriterState::Ready);
     tracing::info!(durable_seq = durable, "db-writer ready");
     let r = seq.run(&stop);

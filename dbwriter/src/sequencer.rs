@@ -82,6 +82,22 @@ pub struct Sequencer {
     pub commit_pace: Duration,
     /// To the thread that flags a taken-down account's records.
     pub flag_jobs: Option<std::sync::mpsc::SyncSender<crate::admin::FlagJob>>,
+    /// Flag jobs the flagger's queue had no room for yet, in order; sent
+    /// as room frees, never dropped. Neighbours of the same kind merge, so
+    /// this grows only with admin actions during one long scan.
+    pending_flags: std::collections::VecDeque<crate::admin::FlagJob>,
+}
+
+/// Append `job` to the waiting flag jobs, merged into the last one when it
+/// is of the same kind (hide or show): order between kinds is kept.
+fn coalesce(pending: &mut std::collections::VecDeque<crate::admin::FlagJob>, job: crate::admin::FlagJob) {
+    match pending.back_mut() {
+        Some(last) if last.on == job.on => {
+            last.dids.extend(job.dids);
+            last.upto_seq = last.upto_seq.max(job.upto_seq);
+        }
+        _ => pending.push_back(job),
+    }
 }
 
 fn now_micros() -> i64 {
@@ -116,6 +132,7 @@ impl Sequencer {
             scratch: Vec::new(),
             admin: None,
             flag_jobs: None,
+            pending_flags: Default::default(),
             host_limits: HashMap::new(),
             limits_loaded: None,
             commit_pace: Duration::from_millis(2),
@@ -136,6 +153,7 @@ impl Sequencer {
                 std::thread::sleep(self.commit_pace - since);
             }
             round_began = Instant::now();
+            self.send_flags();
             let n = self.round()?;
             if n == 0 {
                 if stop.load(Ordering::Acquire) {
@@ -240,13 +258,40 @@ impl Sequencer {
         for (reply, seq, did, on) in replies {
             let _ = reply.send(Ok(seq));
             // Hide (or show again) the account's earlier records on replay.
-            if let Some(tx) = &self.flag_jobs {
-                if tx.try_send(crate::admin::FlagJob { dids: vec![did.clone()], upto_seq: seq - 1, on }).is_err() {
-                    tracing::warn!(did, seq, "takedown flag queue full; earlier records stay visible on replay");
+            self.queue_flags(crate::admin::FlagJob { dids: vec![did], upto_seq: seq - 1, on });
+        }
+        self.send_flags();
+        Ok(taken)
+    }
+
+    /// Queue a flag job for the flagger thread (see `pending_flags`).
+    pub fn queue_flags(&mut self, job: crate::admin::FlagJob) {
+        coalesce(&mut self.pending_flags, job);
+        self.send_flags();
+    }
+
+    /// Hand waiting flag jobs to the flagger while its queue has room.
+    fn send_flags(&mut self) {
+        use std::sync::mpsc::TrySendError;
+        let Some(tx) = &self.flag_jobs else { return };
+        while let Some(job) = self.pending_flags.pop_front() {
+            match tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) => {
+                    self.pending_flags.push_front(job);
+                    return;
+                }
+                Err(TrySendError::Disconnected(job)) => {
+                    tracing::error!(
+                        dids = job.dids.len(),
+                        did = job.dids.first().map(String::as_str).unwrap_or(""),
+                        "the takedown flagger is gone; records stay as they are until the next start"
+                    );
+                    self.pending_flags.clear();
+                    return;
                 }
             }
         }
-        Ok(taken)
     }
 
     fn read_rings(
@@ -460,5 +505,31 @@ impl Sequencer {
         self.count(WriterCounter::Relayed);
         batch.accounts.insert(e.did.to_owned(), state);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::FlagJob;
+
+    #[test]
+    fn waiting_flag_jobs_merge_by_kind_and_keep_order() {
+        let job = |did: &str, upto, on| FlagJob { dids: vec![did.to_owned()], upto_seq: upto, on };
+        let mut q = std::collections::VecDeque::new();
+        coalesce(&mut q, job("a", 10, true));
+        coalesce(&mut q, job("b", 20, true));
+        coalesce(&mut q, job("a", 30, false));
+        coalesce(&mut q, job("c", 25, false));
+        coalesce(&mut q, job("a", 40, true));
+        let got: Vec<(Vec<String>, i64, bool)> = q.into_iter().map(|j| (j.dids, j.upto_seq, j.on)).collect();
+        assert_eq!(
+            got,
+            [
+                (vec!["a".to_owned(), "b".to_owned()], 20, true),
+                (vec!["a".to_owned(), "c".to_owned()], 30, false),
+                (vec!["a".to_owned()], 40, true)
+            ]
+        );
     }
 }
