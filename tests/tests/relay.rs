@@ -974,10 +974,13 @@ fn crashes_between_durable_steps_lose_nothing() {
     std::fs::create_dir_all(&fired).unwrap();
     let extra = format!("admin_password_file = {:?}\nsegment_size_bytes = 8388608", pw.to_string_lossy());
     let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, &extra);
+    // A round takes at most 2,048 records: the first writer commits one
+    // round before its crash, so the second has at least 4,952 records,
+    // three rounds, left for its own crash at the second commit.
     relay.env = vec![
         (
             "SLUICE_FAILPOINTS".into(),
-            "sequencer-after-log-sync=crash@4,sequencer-after-pg-commit=crash@4,flags-after-segment=crash@1".into(),
+            "sequencer-after-log-sync=crash@2,sequencer-after-pg-commit=crash@2,flags-after-segment=crash@1".into(),
         ),
         ("SLUICE_FAILPOINT_DIR".into(), fired.to_string_lossy().into_owned()),
     ];
