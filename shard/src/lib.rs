@@ -206,9 +206,16 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
                 tracing::error!(shard = id, "ring marked corrupt by the db-writer; exiting for a clean restart");
                 std::process::exit(4);
             }
+            // The relay is stopping: wake every host task now (they do not
+            // poll the flag on timers of their own).
+            if sh.control.stop_reading().load(Ordering::Acquire) != 0 {
+                for (_, (_, handle)) in running.drain() {
+                    handle.cancel.fire();
+                }
+            }
             let msg = futures::future::select(
                 Box::pin(arx.recv_async()),
-                Box::pin(glommio::timer::sleep(Duration::from_millis(500))),
+                Box::pin(glommio::timer::sleep(Duration::from_millis(100))),
             )
             .await;
             let hosts = match msg {
@@ -221,7 +228,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
                 let keep = wanted.contains_key(hid);
                 if !keep {
                     tracing::info!(shard = id, host = name.as_str(), "host no longer assigned here");
-                    handle.cancel.set(true);
+                    handle.cancel.fire();
                 }
                 keep
             });
@@ -229,7 +236,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
                 if running.contains_key(&hid) {
                     continue;
                 }
-                let cancel = Rc::new(std::cell::Cell::new(false));
+                let cancel = Rc::new(upstream::Cancel::default());
                 running.insert(hid, (h.hostname.clone(), HostHandle { cancel: cancel.clone() }));
                 tracing::info!(shard = id, host = h.hostname.as_str(), cursor = h.cursor, "host assigned");
                 glommio::spawn_local(upstream::run_host(sh.clone(), h, cancel)).detach();

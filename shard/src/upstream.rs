@@ -73,9 +73,46 @@ pub struct HostAssignment {
     pub insecure: bool,
 }
 
+/// A host task's cancellation: set once, and wakes the task at once, so
+/// host tasks never poll a flag on a timer (with thousands of hosts, down
+/// ones included, timers per host add up).
+#[derive(Default)]
+pub struct Cancel {
+    set: Cell<bool>,
+    /// Tasks waiting in [`Cancel::wait`] (one host task: one waker).
+    wakers: std::cell::RefCell<Vec<std::task::Waker>>,
+}
+
+impl Cancel {
+    pub fn fire(&self) {
+        self.set.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.set.get()
+    }
+
+    /// Resolves once [`Cancel::fire`] was called.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.get() {
+                return std::task::Poll::Ready(());
+            }
+            let mut ws = self.wakers.borrow_mut();
+            if !ws.iter().any(|w| w.will_wake(cx.waker())) {
+                ws.push(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+    }
+}
+
 /// Handle the shard keeps per running host task.
 pub struct HostHandle {
-    pub cancel: Rc<Cell<bool>>,
+    pub cancel: Rc<Cancel>,
 }
 
 fn now_micros() -> i64 {
@@ -91,13 +128,15 @@ pub enum Rejected {
     Close(String),
 }
 
-pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cell<bool>>) {
+/// Run one host until `cancel` fires (unassigned, or the relay stops: the
+/// shard's main loop fires every host's on `stop_reading`).
+pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cancel>) {
     let mut last_seq = host.cursor;
     let mut backoff = BACKOFF_MIN;
-    let stopping = || cancel.get() || sh.control.stop_reading().load(Ordering::Acquire) != 0;
+    let stopping = || cancel.is_set() || sh.control.stop_reading().load(Ordering::Acquire) != 0;
     while !stopping() {
         let before = last_seq;
-        match connect_and_read(&sh, &host, &mut last_seq, &stopping).await {
+        match connect_and_read(&sh, &host, &mut last_seq, &stopping, &cancel).await {
             Ok(()) => tracing::info!(host = host.hostname, seq = last_seq, "upstream closed the stream"),
             Err(e) => tracing::warn!(host = host.hostname, seq = last_seq, error = %e, "upstream connection ended"),
         }
@@ -107,11 +146,8 @@ pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cell<bool
         if stopping() {
             break;
         }
-        // Sleep in small steps so cancellation is prompt.
-        let until = std::time::Instant::now() + backoff;
-        while std::time::Instant::now() < until && !stopping() {
-            glommio::timer::sleep(Duration::from_millis(100)).await;
-        }
+        // Cancellation ends the wait at once.
+        futures::future::select(Box::pin(glommio::timer::sleep(backoff)), Box::pin(cancel.wait())).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
@@ -121,6 +157,7 @@ async fn connect_and_read(
     host: &HostAssignment,
     last_seq: &mut i64,
     stopping: &impl Fn() -> bool,
+    cancel: &Cancel,
 ) -> anyhow::Result<()> {
     let pds = PdsHost::parse_authority(&host.hostname, host.insecure)
         .ok_or_else(|| anyhow::anyhow!("{:?} is not a hostname", host.hostname))?;
@@ -156,13 +193,13 @@ async fn connect_and_read(
     if host.insecure {
         let url = format!("ws://{}{path}", host.hostname);
         let (ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?;
-        read_loop(sh, host, ws, last_seq, stopping).await
+        read_loop(sh, host, ws, last_seq, stopping, cancel).await
     } else {
         let name = futures_rustls::rustls::pki_types::ServerName::try_from(pds.hostname().to_owned())?;
         let tls = futures_rustls::TlsConnector::from(sh.tls.clone()).connect(name, tcp).await?;
         let url = format!("wss://{}{path}", host.hostname);
         let (ws, _) = async_tungstenite::client_async_with_config(url, tls, Some(cfg)).await?;
-        read_loop(sh, host, ws, last_seq, stopping).await
+        read_loop(sh, host, ws, last_seq, stopping, cancel).await
     }
 }
 
@@ -172,6 +209,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     mut ws: async_tungstenite::WebSocketStream<S>,
     last_seq: &mut i64,
     stopping: &impl Fn() -> bool,
+    cancel: &Cancel,
 ) -> anyhow::Result<()> {
     sh.slot().hosts_connected.fetch_add(1, Ordering::Relaxed);
     let _connected = scopeguard(|| {
@@ -182,11 +220,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     let mut bucket = Bucket::new(sh.host_rate, std::time::Instant::now());
     // Wakes the loop when the host is unassigned or the relay stops, even
     // if the host sends nothing.
-    let mut watch = Box::pin(async {
-        while !stopping() {
-            glommio::timer::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    let mut watch = Box::pin(cancel.wait());
     while !stopping() {
         let msg = match futures::future::select(ws.next(), &mut watch).await {
             futures::future::Either::Left((m, _)) => m,
@@ -409,6 +443,34 @@ async fn authority_and_signature(
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn cancel_wakes_its_waiter_once_and_stays_set() {
+        use std::future::Future;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use std::task::{Context, Poll, Wake};
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let c = Cancel::default();
+        let mut wait = Box::pin(c.wait());
+        for _ in 0..3 {
+            assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending);
+        }
+        assert_eq!(c.wakers.borrow().len(), 1, "one waiter, one waker, however often polled");
+        c.fire();
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert!(c.is_set());
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(()));
+        assert_eq!(Box::pin(c.wait()).as_mut().poll(&mut cx), Poll::Ready(()));
+    }
 
     #[test]
     fn bucket_allows_a_second_of_burst_then_the_rate() {
