@@ -42,36 +42,28 @@ pub fn render(cb: &ControlBlock, rings: &[(u64, u64)]) -> String {
     let per = |f: &dyn Fn(usize) -> u64| -> Vec<(String, u64)> {
         (0..n).map(|k| (format!("{{shard=\"{k}\"}}"), f(k))).collect()
     };
-    gauge(
-        "sluice_shard_hosts_connected",
-        "Upstream hosts connected.",
-        "gauge",
-        &per(&|k| cb.shard(k).hosts_connected.load(Ordering::Relaxed)),
-    );
-    gauge(
-        "sluice_shard_consumers",
-        "Consumers subscribed.",
-        "gauge",
-        &per(&|k| cb.shard(k).consumers.load(Ordering::Relaxed)),
-    );
-    gauge(
-        "sluice_shard_events_in_total",
-        "Validated events written into the ring.",
-        "counter",
-        &per(&|k| cb.shard(k).events_in.load(Ordering::Relaxed)),
-    );
-    gauge(
-        "sluice_shard_frames_out_total",
-        "Frames sent to consumers.",
-        "counter",
-        &per(&|k| cb.shard(k).frames_out.load(Ordering::Relaxed)),
-    );
-    gauge(
-        "sluice_shard_events_dropped_total",
-        "Upstream events or frames dropped by the stateless checks, and connection faults.",
-        "counter",
-        &per(&|k| cb.shard(k).dropped.load(Ordering::Relaxed)),
-    );
+    type Field = fn(&sluice_common::shm::ShardSlot<'_>) -> u64;
+    let per_shard: [(&str, &str, &str, Field); 5] = [
+        ("sluice_shard_hosts_connected", "Upstream hosts connected.", "gauge", |s| {
+            s.hosts_connected.load(Ordering::Relaxed)
+        }),
+        ("sluice_shard_consumers", "Consumers subscribed.", "gauge", |s| s.consumers.load(Ordering::Relaxed)),
+        ("sluice_shard_events_in_total", "Validated events written into the ring.", "counter", |s| {
+            s.events_in.load(Ordering::Relaxed)
+        }),
+        ("sluice_shard_frames_out_total", "Frames sent to consumers.", "counter", |s| {
+            s.frames_out.load(Ordering::Relaxed)
+        }),
+        (
+            "sluice_shard_events_dropped_total",
+            "Upstream events or frames dropped by the stateless checks, and connection faults.",
+            "counter",
+            |s| s.dropped.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, kind, field) in per_shard {
+        gauge(name, help, kind, &per(&|k| field(&cb.shard(k))));
+    }
     let fill: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.0)).collect();
     gauge("sluice_ring_used_bytes", "Bytes in the shard's ring not yet committed.", "gauge", &fill);
     let cap: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.1)).collect();
@@ -135,6 +127,38 @@ pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, rings: RingFill) -> Option
         Err(e) => {
             tracing::warn!(error = %e, "metrics thread not started");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_has_every_metric_with_help_type_and_per_shard_values() {
+        let cb = ControlBlock::create().unwrap();
+        cb.shard_count().store(2, Ordering::Relaxed);
+        cb.shard(1).hosts_connected.store(7, Ordering::Relaxed);
+        cb.shard(0).frames_out.store(42, Ordering::Relaxed);
+        cb.committed().store(9, Ordering::Relaxed);
+        let page = render(&cb, &[(1, 10), (2, 10)]);
+        for line in [
+            "# TYPE sluice_committed_seq gauge",
+            "sluice_committed_seq 9",
+            "# HELP sluice_shard_hosts_connected Upstream hosts connected.",
+            "# TYPE sluice_shard_hosts_connected gauge",
+            "sluice_shard_hosts_connected{shard=\"0\"} 0",
+            "sluice_shard_hosts_connected{shard=\"1\"} 7",
+            "# TYPE sluice_shard_frames_out_total counter",
+            "sluice_shard_frames_out_total{shard=\"0\"} 42",
+            "sluice_shard_events_dropped_total{shard=\"1\"} 0",
+            "sluice_shard_consumers{shard=\"1\"} 0",
+            "sluice_shard_events_in_total{shard=\"0\"} 0",
+            "sluice_ring_used_bytes{shard=\"1\"} 2",
+            "sluice_group_commits_total 0",
+        ] {
+            assert!(page.lines().any(|l| l == line), "missing {line:?} in\n{page}");
         }
     }
 }
