@@ -161,15 +161,21 @@ fn takedown(
     if tx.try_send(Command::Takedown { did: did.clone(), takedown, reply }).is_err() {
         return Ok(error(503, "Busy", "the sequencer's admin queue is full"));
     }
+    let action = if takedown { "takedown" } else { "reverse_takedown" };
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(Ok(seq)) => {
-            let action = if takedown { "takedown" } else { "reverse_takedown" };
             audit(c, action, &did, json!({"seq": seq}))?;
             tracing::info!(did, seq, action, "admin");
             Ok(Response::ok(json!({"did": did, "seq": seq})))
         }
         Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why)),
-        Err(_) => Ok(error(503, "Timeout", "the sequencer did not answer in time")),
+        Err(_) => {
+            // The command is queued and may still take effect: the audit
+            // log must say it was asked for.
+            audit(c, action, &did, json!({"answered": false}))?;
+            tracing::warn!(did, action, "admin: the sequencer did not answer in 30 s; the action may still apply");
+            Ok(error(503, "Timeout", "the sequencer did not answer in time; the action may still apply"))
+        }
     }
 }
 
