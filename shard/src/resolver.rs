@@ -109,8 +109,10 @@ fn fetch_did(agent: &ureq::Agent, plc_url: &str, insecure: bool, did: &str) -> R
         ResolveError::Did { did: did.to_owned(), why: format!("GET {url}: {e}"), transient }
     })?;
     let mut body = Vec::new();
+    // A body cut short is the network's fault, not the document's: transient
+    // (retried, not cached), or the account's events would be dropped.
     std::io::Read::read_to_end(&mut std::io::Read::take(resp.into_reader(), DOC_BYTES_MAX + 1), &mut body)
-        .map_err(|e| err(format!("reading {url}: {e}")))?;
+        .map_err(|e| ResolveError::Did { did: did.to_owned(), why: format!("reading {url}: {e}"), transient: true })?;
     if body.len() as u64 > DOC_BYTES_MAX {
         return Err(err("document too large".into()));
     }
@@ -233,6 +235,18 @@ mod tests {
         // A 200 with a document that is not one: permanent.
         let e = fetch_did(&agent, &serve(200), false, "did:plc:abc").unwrap_err();
         assert!(!e.is_transient(), "{e}");
+        // The body cut short (content-length promises more): transient.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let cut = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 1024];
+                let _ = std::io::Read::read(&mut s, &mut buf);
+                let _ = std::io::Write::write_all(&mut s, b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n{\"id\"");
+            }
+        });
+        let e = fetch_did(&agent, &cut, false, "did:plc:abc").unwrap_err();
+        assert!(e.is_transient(), "{e}");
         // Nobody listening: transient.
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let e = fetch_did(&agent, &format!("http://{dead}"), false, "did:plc:abc").unwrap_err();
