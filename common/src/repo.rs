@@ -20,7 +20,7 @@ use crate::crypto::PrivateKey;
 use crate::frame::{Action, Commit, RepoOp, SyncEvent};
 use crate::mst::{Mst, MstError, Recording};
 use crate::syntax::Tid;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One record operation to apply.
 #[derive(Debug, Clone)]
@@ -67,6 +67,11 @@ pub struct RepoCommit {
     pub prev_data: Cid,
     pub car: Vec<u8>,
     pub ops: Vec<OpRecord>,
+    /// The MST nodes of the tree at `data` that inverting `ops`, last op
+    /// first, reads: with the commit block, exactly the blocks a relay
+    /// needs to check the proof (ARCHITECTURE.md, "Which blocks a commit
+    /// must carry"). Every one of them is in `car`.
+    pub proof_nodes: BTreeSet<Cid>,
 }
 
 impl RepoCommit {
@@ -271,7 +276,8 @@ impl Repo {
         for (c, b) in &new_nodes {
             car_blocks.insert(*c, b);
         }
-        for c in &proof {
+        let proof_nodes: BTreeSet<Cid> = proof.into_iter().collect();
+        for c in &proof_nodes {
             if let Some(b) = self.blocks.get(c) {
                 car_blocks.insert(*c, b);
             }
@@ -282,7 +288,17 @@ impl Repo {
         let since = self.rev.replace(rev.clone());
         self.data = data;
         self.commit = Some((commit_cid, commit_block));
-        Ok(RepoCommit { did: self.did.clone(), rev, since, commit_cid, data, prev_data, car, ops: out_ops })
+        Ok(RepoCommit {
+            did: self.did.clone(),
+            rev,
+            since,
+            commit_cid,
+            data,
+            prev_data,
+            car,
+            ops: out_ops,
+            proof_nodes,
+        })
     }
 
     /// A `#sync` frame for the current commit (after at least one commit).

@@ -829,17 +829,14 @@ impl World {
                 c.commit_cid = cid;
             }
             Fault::MissingBlock => {
-                // Drop the deepest MST node the proof carries (not the
-                // commit, not a record): the inversion needs every one.
-                let car = CarSlice::parse(&c.car).ok()?;
-                let victim = car
-                    .iter()
-                    .filter(|(cid, b)| *cid != c.commit_cid && sluice_common::mst::decode_node(cid, b).is_ok())
-                    .map(|(cid, _)| cid)
-                    .find(|cid| *cid != c.data)?;
-                let kept: Vec<(Cid, Vec<u8>)> =
-                    car.iter().filter(|(cid, _)| *cid != victim).map(|(cid, b)| (cid, b.to_vec())).collect();
-                c.car = write_car(&c.commit_cid, kept.iter().map(|(cid, b)| (cid, b.as_slice())));
+                // Drop one of the MST nodes the relay's inversion reads
+                // (the rule in ARCHITECTURE.md): any of them must make the
+                // commit fail. Nodes the CAR carries beyond those (and
+                // record blocks) are not required, so dropping one of them
+                // would not be a fault at all.
+                let needed: Vec<Cid> = c.proof_nodes.iter().copied().collect();
+                let victim = *needed.get(self.rng.gen_range(0..needed.len().max(1)))?;
+                c.car = without_block(&c.car, victim);
             }
             Fault::WrongPrevData => {
                 c.prev_data =
@@ -891,6 +888,13 @@ impl World {
     pub fn host_seq(&self, host: usize) -> i64 {
         self.host_seq[host]
     }
+}
+
+/// A CAR without the block `victim`.
+pub fn without_block(car: &[u8], victim: Cid) -> Vec<u8> {
+    let parsed = CarSlice::parse(car).expect("our own CAR");
+    let kept: Vec<(Cid, &[u8])> = parsed.iter().filter(|(cid, _)| *cid != victim).collect();
+    write_car(&parsed.root(), kept.iter().map(|(c, b)| (c, *b)))
 }
 
 /// A CAR with its root block replaced.
@@ -1002,14 +1006,79 @@ mod tests {
         assert!(checked.verify_signature(&key_of(&w, c.repo)).is_err());
     }
 
+    /// Every injected `missingblock` commit fails the relay's check (the
+    /// old fault removed the first node in CID order, which the inversion
+    /// sometimes never opens: 7 of 185 were relayed).
     #[test]
     fn fault_missing_block() {
-        let (w, out) = injected(Fault::MissingBlock);
-        let (f, e) = the_commit(&out);
-        assert_eq!(e.expect, Expect::Drop);
-        let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
-        let err = check_commit(&c, Mode::Strict, w.now_micros()).unwrap_err();
-        assert!(matches!(err, CommitError::Proof(ProofError::Mst(MstError::MissingBlock(_)))), "{err}");
+        let hosts = (0..3).map(|i| format!("localhost:{}", 4000 + i)).collect();
+        let mut cfg = WorldConfig::small(7, hosts);
+        cfg.initial_records = 100;
+        let mut w = World::new(cfg);
+        let mut all = Vec::new();
+        for _ in 0..300 {
+            w.step();
+            w.inject(Fault::MissingBlock, None, &mut all);
+        }
+        let commits = frames(&all);
+        assert!(commits.len() > 250, "{}", commits.len());
+        for (f, e) in commits {
+            assert_eq!((e.expect, e.why.as_str()), (Expect::Drop, "missingblock"));
+            let Message::Event(Event::Commit(c)) = frame::decode(f).unwrap().message else { panic!() };
+            let err = check_commit(&c, Mode::Strict, w.now_micros()).unwrap_err();
+            assert!(matches!(err, CommitError::Proof(ProofError::Mst(MstError::MissingBlock(_)))), "{err}");
+        }
+    }
+
+    /// The rule for which blocks a commit must carry, enumerated: for a
+    /// sample of commits (single and multi-op, on trees several layers
+    /// deep), remove each block of the CAR in turn; the relay's stateless
+    /// check (what a shard runs) must drop the commit exactly when the
+    /// removed block is the commit or one of the nodes the inversion reads
+    /// (`proof_nodes`, what `missingblock` draws from), and pass it
+    /// otherwise (record blocks, nodes the inversion never opens).
+    #[test]
+    fn every_single_block_removal_matches_the_rule() {
+        let hosts = vec!["localhost:4000".to_owned()];
+        let mut cfg = WorldConfig::small(11, hosts);
+        cfg.accounts_per_host = 4;
+        cfg.initial_records = 300;
+        let mut w = World::new(cfg);
+        let (mut commits, mut removals, mut needed_seen, mut spare_seen) = (0, 0, 0, 0);
+        for round in 0..160u32 {
+            let a = (round as usize) % w.accounts.len();
+            let roll = if round % 3 == 0 { 950 } else { 100 };
+            let ops = w.random_ops(a, roll);
+            let Some(c) = w.commit(a, &ops) else { continue };
+            commits += 1;
+            let frame_bytes = c.frame(1, &w.time());
+            let Message::Event(Event::Commit(ev)) = frame::decode(&frame_bytes).unwrap().message else { panic!() };
+            check_commit(&ev, Mode::Strict, w.now_micros()).expect("the whole commit passes");
+            let car = CarSlice::parse(&c.car).unwrap();
+            for (cid, _) in car.iter() {
+                let stripped = without_block(&c.car, cid);
+                let mut broken = ev.clone();
+                broken.blocks = &stripped;
+                let must_drop = cid == c.commit_cid || c.proof_nodes.contains(&cid);
+                let verdict = check_commit(&broken, Mode::Strict, w.now_micros());
+                assert_eq!(verdict.is_err(), must_drop, "commit {} without {cid}: {verdict:?}", c.commit_cid);
+                if must_drop && cid != c.commit_cid {
+                    needed_seen += 1;
+                    assert!(
+                        matches!(verdict, Err(CommitError::Proof(ProofError::Mst(MstError::MissingBlock(m)))) if m == cid),
+                        "{verdict:?}"
+                    );
+                } else if !must_drop && sluice_common::mst::decode_node(&cid, car.get(&cid).unwrap()).is_ok() {
+                    spare_seen += 1;
+                }
+                removals += 1;
+            }
+        }
+        assert!(commits >= 150 && removals > 1000, "{commits} commits, {removals} removals");
+        // Both sides of the rule were exercised: needed nodes, and nodes
+        // carried that the inversion does not open.
+        assert!(needed_seen > 500, "{needed_seen}");
+        assert!(spare_seen > 0, "no commit carried a node the inversion skips");
     }
 
     #[test]
