@@ -3,11 +3,13 @@
 //!
 //! Verdicts: every "relay" event appears exactly once; no "drop" event
 //! appears (unless a "relay" entry shares its id); "either" events appear at
-//! most once; per-DID order follows the ledger; the stream's seq strictly
+//! most once; per-DID order follows the ledger within each host's stream
+//! (an account that moved has two streams, read independently); the
+//! stream's seq strictly
 //! increases; every frame decodes; every commit verifies (signature with
 //! the ledger's key, Sync 1.1 proof). The summary line names each count.
 
-use super::ledger::{Expect, Ledger};
+use super::ledger::{Expect, Ledger, LedgerTail};
 use sluice_common::commit::{check_commit, check_sync, Mode};
 use sluice_common::crypto::PublicKey;
 use sluice_common::frame::{self, Event, Message};
@@ -44,6 +46,8 @@ pub struct Report {
     pub invalid: u64,
     pub either_seen: u64,
     pub either_missing: u64,
+    /// "relay" events written to the ledger after the check began, seen.
+    pub relayed_later: u64,
     pub last_seq: i64,
     /// A few examples of each problem, for humans.
     pub notes: Vec<String>,
@@ -56,7 +60,7 @@ impl Report {
 
     pub fn summary(&self) -> String {
         format!(
-            "relayed={} missing={} unexpected={} duplicates={} out_of_order={} invalid={} either_seen={} either_missing={} frames={} last_seq={}",
+            "relayed={} missing={} unexpected={} duplicates={} out_of_order={} invalid={} either_seen={} either_missing={} relayed_later={} frames={} last_seq={}",
             self.relayed,
             self.missing,
             self.unexpected,
@@ -65,6 +69,7 @@ impl Report {
             self.invalid,
             self.either_seen,
             self.either_missing,
+            self.relayed_later,
             self.frames,
             self.last_seq
         )
@@ -88,38 +93,225 @@ fn frame_id(ev: &Event<'_>) -> Option<String> {
     })
 }
 
-fn wait_for_done(path: &std::path::Path, deadline: Instant) -> anyhow::Result<Ledger> {
+fn wait_for_done(path: &std::path::Path, deadline: Instant) -> anyhow::Result<(Ledger, LedgerTail)> {
+    let mut tail = LedgerTail::open(path)?;
+    let mut ledger = Ledger::default();
     loop {
-        let l = Ledger::read(path)?;
-        if l.done || Instant::now() >= deadline {
-            return Ok(l);
+        tail.read_new(&mut ledger)?;
+        if ledger.done || Instant::now() >= deadline {
+            return Ok((ledger, tail));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
+/// What the checker expects of one id.
+struct Expected {
+    expect: Expect,
+    /// Ledger index (per-DID order).
+    i: u64,
+    did: Option<String>,
+    host: String,
+    /// In the ledger when the check began: only these can be missing.
+    counted: bool,
+}
+
+/// The checker's state: the ledger as read so far (followed as fakenet
+/// appends to it), and what the stream has shown.
+struct Checker<'c> {
+    cfg: &'c CheckConfig,
+    ledger: Ledger,
+    tail: LedgerTail,
+    keys: HashMap<String, PublicKey>,
+    expected: HashMap<String, Expected>,
+    /// DID -> ids of its events, for amends that arrive later.
+    ids_by_did: HashMap<String, Vec<String>>,
+    seen: HashMap<String, u64>,
+    last_by_did: HashMap<String, u64>,
+    must: u64,
+    report: Report,
+}
+
+impl<'c> Checker<'c> {
+    fn new(cfg: &'c CheckConfig, ledger: Ledger, tail: LedgerTail) -> Checker<'c> {
+        let mut c = Checker {
+            cfg,
+            ledger,
+            tail,
+            keys: HashMap::new(),
+            expected: HashMap::new(),
+            ids_by_did: HashMap::new(),
+            seen: HashMap::new(),
+            last_by_did: HashMap::new(),
+            must: 0,
+            report: Report::default(),
+        };
+        c.absorb(0, true);
+        c.must = c.expected.values().filter(|v| v.counted && v.expect == Expect::Relay).count() as u64;
+        c
+    }
+
+    /// Take ledger entries from index `from` into the expectations.
+    fn absorb(&mut self, from: usize, counted: bool) {
+        for (d, k) in &self.ledger.keys {
+            if !self.keys.contains_key(d) {
+                if let Ok(k) = PublicKey::from_multikey(k) {
+                    self.keys.insert(d.clone(), k);
+                }
+            }
+        }
+        for e in &self.ledger.entries[from..] {
+            if self.cfg.only_host.as_ref().is_some_and(|h| h != &e.host) || e.hseq.is_none() {
+                continue;
+            }
+            if let Some(d) = &e.did {
+                self.ids_by_did.entry(d.clone()).or_default().push(e.id.clone());
+            }
+            let fresh = || Expected { expect: e.expect, i: e.i, did: e.did.clone(), host: e.host.clone(), counted };
+            let slot = self.expected.entry(e.id.clone()).or_insert_with(fresh);
+            // A "relay" entry wins over a "drop" with the same id (a replay).
+            if e.expect == Expect::Relay || (e.expect == Expect::Either && slot.expect == Expect::Drop) {
+                let counted = counted || slot.counted;
+                *slot = Expected { counted, ..fresh() };
+            }
+        }
+    }
+
+    /// Read what fakenet appended since; returns whether anything came.
+    fn follow(&mut self) -> anyhow::Result<bool> {
+        let new = self.tail.read_new(&mut self.ledger)?;
+        let grew = new.first_entry < self.ledger.entries.len() || !new.amends.is_empty();
+        for (did, host) in &new.amends {
+            // Entries already taken in: the relay may rightly drop them now.
+            let ids = self.ids_by_did.get(did).cloned().unwrap_or_default();
+            for id in ids {
+                let from_host = self.ledger.entries.iter().any(|e| e.id == id && &e.host == host);
+                if let Some(x) = self.expected.get_mut(&id) {
+                    if x.expect == Expect::Relay && from_host {
+                        x.expect = Expect::Either;
+                        if x.counted {
+                            self.must -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.absorb(new.first_entry, false);
+        Ok(grew)
+    }
+
+    /// One frame from the stream.
+    fn frame(&mut self, bytes: &[u8]) -> anyhow::Result<bool> {
+        self.report.frames += 1;
+        let decoded = match frame::decode(bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                self.report.invalid += 1;
+                self.report.note(format!("undecodable frame: {e}"));
+                return Ok(true);
+            }
+        };
+        let ev = match decoded.message {
+            Message::Event(ev) => ev,
+            Message::Error { error, message } => {
+                self.report.note(format!("error frame {error}: {message:?}"));
+                return Ok(false);
+            }
+        };
+        if let Some(seq) = ev.seq() {
+            if seq <= self.report.last_seq {
+                self.report.out_of_order += 1;
+                self.report.note(format!("seq {seq} after {}", self.report.last_seq));
+            }
+            self.report.last_seq = seq;
+        }
+        let Some(id) = frame_id(&ev) else { return Ok(true) };
+        if !self.expected.contains_key(&id) {
+            // Sent after the checker read the ledger: fakenet wrote it
+            // there before sending it.
+            self.follow()?;
+        }
+        verify(&ev, &self.keys, now_micros(), &mut self.report);
+        self.classify(id);
+        Ok(true)
+    }
+
+    fn classify(&mut self, id: String) {
+        let count = self.seen.entry(id.clone()).or_insert(0);
+        *count += 1;
+        let count = *count;
+        let report = &mut self.report;
+        match self.expected.get(&id) {
+            None => {
+                report.unexpected += 1;
+                report.note(format!("not in the ledger: {id}"));
+            }
+            Some(Expected { expect: Expect::Drop, .. }) => {
+                report.unexpected += 1;
+                report.note(format!("must-drop relayed: {id}"));
+            }
+            Some(x) => {
+                if count > 1 {
+                    report.duplicates += 1;
+                    report.note(format!("duplicate: {id}"));
+                    return;
+                }
+                if x.expect == Expect::Relay && x.counted {
+                    report.relayed += 1;
+                } else if x.expect == Expect::Relay {
+                    report.relayed_later += 1;
+                } else {
+                    report.either_seen += 1;
+                }
+                if let Some(did) = &x.did {
+                    // Order holds within one host's stream; an account that
+                    // moved has events on two hosts, which a relay reads
+                    // independently (each at its own lag).
+                    let last = self.last_by_did.entry(format!("{did} {}", x.host)).or_insert(0);
+                    if x.i < *last {
+                        report.out_of_order += 1;
+                        report.note(format!("{did}: ledger event {} after {last}", x.i));
+                    }
+                    *last = (*last).max(x.i);
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Report {
+        for (id, x) in &self.expected {
+            let n = self.seen.get(id).copied().unwrap_or(0);
+            match x.expect {
+                Expect::Relay if n == 0 && x.counted => {
+                    self.report.missing += 1;
+                    self.report.note(format!("missing: {id}"));
+                }
+                Expect::Either if n == 0 => self.report.either_missing += 1,
+                _ => {}
+            }
+        }
+        self.report
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Subscribe and check until every expected event arrived (then `settle`
+/// longer), the stream ends, or the timeout.
 pub fn run(cfg: &CheckConfig) -> anyhow::Result<Report> {
     let started = Instant::now();
     let deadline = started + cfg.timeout;
-    let ledger = if cfg.wait_done { wait_for_done(&cfg.ledger, deadline)? } else { Ledger::read(&cfg.ledger)? };
-    let keys: HashMap<&str, PublicKey> =
-        ledger.keys.iter().filter_map(|(d, k)| PublicKey::from_multikey(k).ok().map(|k| (d.as_str(), k))).collect();
-    // id -> (expectation, ledger index, did)
-    let mut expected: HashMap<&str, (Expect, u64, Option<&str>)> = HashMap::new();
-    for e in &ledger.entries {
-        if cfg.only_host.as_ref().is_some_and(|h| h != &e.host) || e.hseq.is_none() {
-            continue;
-        }
-        let slot = expected.entry(e.id.as_str()).or_insert((e.expect, e.i, e.did.as_deref()));
-        // A "relay" entry wins over a "drop" with the same id (a replay).
-        if e.expect == Expect::Relay || (e.expect == Expect::Either && slot.0 == Expect::Drop) {
-            *slot = (e.expect, e.i, e.did.as_deref());
-        }
-    }
-    let must = expected.values().filter(|v| v.0 == Expect::Relay).count() as u64;
-    let mut seen: HashMap<String, u64> = HashMap::new();
-    let mut last_by_did: HashMap<String, u64> = HashMap::new();
-    let mut report = Report::default();
+    let (ledger, tail) = if cfg.wait_done {
+        wait_for_done(&cfg.ledger, deadline)?
+    } else {
+        let mut tail = LedgerTail::open(&cfg.ledger)?;
+        let mut ledger = Ledger::default();
+        tail.read_new(&mut ledger)?;
+        (ledger, tail)
+    };
+    let mut checker = Checker::new(cfg, ledger, tail);
     let url = match cfg.cursor {
         Some(c) => format!("{}/xrpc/com.atproto.sync.subscribeRepos?cursor={c}", cfg.relay),
         None => format!("{}/xrpc/com.atproto.sync.subscribeRepos", cfg.relay),
@@ -128,10 +320,9 @@ pub fn run(cfg: &CheckConfig) -> anyhow::Result<Report> {
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = sock.get_mut() {
         s.set_read_timeout(Some(Duration::from_millis(500)))?;
     }
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
     let mut all_seen_at: Option<Instant> = None;
     while Instant::now() < deadline {
-        if report.relayed >= must && all_seen_at.is_none() {
+        if checker.report.relayed >= checker.must && all_seen_at.is_none() {
             all_seen_at = Some(Instant::now());
         }
         if all_seen_at.is_some_and(|t| t.elapsed() >= cfg.settle) {
@@ -145,84 +336,19 @@ pub fn run(cfg: &CheckConfig) -> anyhow::Result<Report> {
                 continue
             }
             Err(e) => {
-                report.note(format!("connection ended: {e}"));
+                checker.report.note(format!("connection ended: {e}"));
                 break;
             }
         };
         let tungstenite::Message::Binary(bytes) = msg else { continue };
-        report.frames += 1;
-        let decoded = match frame::decode(&bytes) {
-            Ok(d) => d,
-            Err(e) => {
-                report.invalid += 1;
-                report.note(format!("undecodable frame: {e}"));
-                continue;
-            }
-        };
-        let ev = match decoded.message {
-            Message::Event(ev) => ev,
-            Message::Error { error, message } => {
-                report.note(format!("error frame {error}: {message:?}"));
-                break;
-            }
-        };
-        if let Some(seq) = ev.seq() {
-            if seq <= report.last_seq {
-                report.out_of_order += 1;
-                report.note(format!("seq {seq} after {}", report.last_seq));
-            }
-            report.last_seq = seq;
-        }
-        let Some(id) = frame_id(&ev) else { continue };
-        verify(&ev, &keys, now(), &mut report);
-        let count = seen.entry(id.clone()).or_insert(0);
-        *count += 1;
-        match expected.get(id.as_str()) {
-            None => {
-                report.unexpected += 1;
-                report.note(format!("not in the ledger: {id}"));
-            }
-            Some((Expect::Drop, ..)) => {
-                report.unexpected += 1;
-                report.note(format!("must-drop relayed: {id}"));
-            }
-            Some((exp, i, did)) => {
-                if *count > 1 {
-                    report.duplicates += 1;
-                    report.note(format!("duplicate: {id}"));
-                    continue;
-                }
-                if *exp == Expect::Relay {
-                    report.relayed += 1;
-                } else {
-                    report.either_seen += 1;
-                }
-                if let Some(did) = did {
-                    let last = last_by_did.entry(did.to_string()).or_insert(0);
-                    if *i < *last {
-                        report.out_of_order += 1;
-                        report.note(format!("{did}: ledger event {i} after {last}"));
-                    }
-                    *last = (*last).max(*i);
-                }
-            }
+        if !checker.frame(&bytes)? {
+            break;
         }
     }
-    for (id, (exp, ..)) in &expected {
-        let n = seen.get(*id).copied().unwrap_or(0);
-        match exp {
-            Expect::Relay if n == 0 => {
-                report.missing += 1;
-                report.note(format!("missing: {id}"));
-            }
-            Expect::Either if n == 0 => report.either_missing += 1,
-            _ => {}
-        }
-    }
-    Ok(report)
+    Ok(checker.finish())
 }
 
-fn verify(ev: &Event<'_>, keys: &HashMap<&str, PublicKey>, now: i64, report: &mut Report) {
+fn verify(ev: &Event<'_>, keys: &HashMap<String, PublicKey>, now: i64, report: &mut Report) {
     let checked = match ev {
         Event::Commit(c) => check_commit(c, Mode::Strict, now),
         Event::Sync(s) => check_sync(s, now),

@@ -92,38 +92,144 @@ pub struct Ledger {
     pub keys: HashMap<String, String>,
     pub entries: Vec<Entry>,
     pub done: bool,
+    /// `(did, host)` of every amend line so far.
+    pub amends: Vec<(String, String)>,
+}
+
+/// What one [`LedgerTail::read_new`] call brought in.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NewLines {
+    /// Index in [`Ledger::entries`] of the first new entry.
+    pub first_entry: usize,
+    /// Amends read by this call, `(did, host)`.
+    pub amends: Vec<(String, String)>,
 }
 
 impl Ledger {
+    /// Read the whole file as it is now.
     pub fn read(path: &std::path::Path) -> anyhow::Result<Ledger> {
-        let f = std::io::BufReader::new(std::fs::File::open(path)?);
+        let mut tail = LedgerTail::open(path)?;
         let mut l = Ledger::default();
-        let mut amends: Vec<(String, String)> = Vec::new();
-        for (n, line) in f.lines().enumerate() {
-            let line = line?;
+        tail.read_new(&mut l)?;
+        Ok(l)
+    }
+
+    fn apply(&mut self, line: Line, new: &mut NewLines) {
+        match line {
+            Line::Header { seed, accounts, .. } => {
+                self.seed = seed;
+                self.keys.extend(accounts.into_iter().map(|a| (a.did, a.key)));
+            }
+            Line::Key { key } => {
+                self.keys.insert(key.did, key.key);
+            }
+            Line::Amend { did, host, .. } => {
+                for e in &mut self.entries {
+                    if e.expect == Expect::Relay && e.did.as_ref() == Some(&did) && e.host == host {
+                        e.expect = Expect::Either;
+                    }
+                }
+                self.amends.push((did.clone(), host.clone()));
+                new.amends.push((did, host));
+            }
+            Line::Done { done, .. } => self.done = done,
+            Line::Event(mut e) => {
+                // An amend covers the host's events of that DID written after it too.
+                if e.expect == Expect::Relay
+                    && self.amends.iter().any(|(d, h)| Some(d) == e.did.as_ref() && *h == e.host)
+                {
+                    e.expect = Expect::Either;
+                }
+                self.entries.push(e);
+            }
+        }
+    }
+}
+
+/// Follows a ledger file as fakenet appends to it: each call reads the
+/// complete lines written since the last one (a line still being written
+/// waits for the next call).
+pub struct LedgerTail {
+    file: std::io::BufReader<std::fs::File>,
+    partial: String,
+    line_no: usize,
+}
+
+impl LedgerTail {
+    pub fn open(path: &std::path::Path) -> anyhow::Result<LedgerTail> {
+        let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(LedgerTail { file: std::io::BufReader::new(f), partial: String::new(), line_no: 0 })
+    }
+
+    /// Apply every complete line written since the last call to `ledger`.
+    pub fn read_new(&mut self, ledger: &mut Ledger) -> anyhow::Result<NewLines> {
+        let mut new = NewLines { first_entry: ledger.entries.len(), amends: Vec::new() };
+        loop {
+            let n = self.file.read_line(&mut self.partial)?;
+            if n == 0 || !self.partial.ends_with('\n') {
+                return Ok(new);
+            }
+            self.line_no += 1;
+            let line = std::mem::take(&mut self.partial);
+            let line = line.trim_end();
             if line.is_empty() {
                 continue;
             }
             let parsed: Line =
-                serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("ledger line {}: {e}", n + 1))?;
-            match parsed {
-                Line::Header { seed, accounts, .. } => {
-                    l.seed = seed;
-                    l.keys.extend(accounts.into_iter().map(|a| (a.did, a.key)));
-                }
-                Line::Key { key } => {
-                    l.keys.insert(key.did, key.key);
-                }
-                Line::Amend { did, host, .. } => amends.push((did, host)),
-                Line::Done { done, .. } => l.done = done,
-                Line::Event(e) => l.entries.push(e),
-            }
+                serde_json::from_str(line).map_err(|e| anyhow::anyhow!("ledger line {}: {e}", self.line_no))?;
+            ledger.apply(parsed, &mut new);
         }
-        for e in &mut l.entries {
-            if e.expect == Expect::Relay && amends.iter().any(|(d, h)| Some(d) == e.did.as_ref() && *h == e.host) {
-                e.expect = Expect::Either;
-            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u64, did: &str, host: &str) -> Entry {
+        Entry {
+            i,
+            host: host.into(),
+            hseq: Some(i as i64),
+            did: Some(did.into()),
+            t: "#commit".into(),
+            id: format!("id{i}"),
+            expect: Expect::Relay,
+            why: String::new(),
         }
-        Ok(l)
+    }
+
+    /// A tail sees lines as they are appended, never half a line, and an
+    /// amend turns the DID's earlier and later entries on that host into
+    /// "either".
+    #[test]
+    fn tail_reads_appended_lines_and_amends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.jsonl");
+        let mut w = LedgerWriter::create(&path).unwrap();
+        w.write(&Line::Header { ledger: 1, seed: 3, accounts: Vec::new() }).unwrap();
+        w.write(&Line::Event(entry(1, "did:a", "h1"))).unwrap();
+        w.flush().unwrap();
+        let mut l = Ledger::default();
+        let mut tail = LedgerTail::open(&path).unwrap();
+        assert_eq!(tail.read_new(&mut l).unwrap().first_entry, 0);
+        assert_eq!((l.seed, l.entries.len()), (3, 1));
+        // Half a line: not read yet.
+        use std::io::Write;
+        let mut raw = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        raw.write_all(br#"{"amend": "either", "did": "did:a","#).unwrap();
+        raw.flush().unwrap();
+        assert_eq!(tail.read_new(&mut l).unwrap().amends.len(), 0);
+        raw.write_all(b" \"host\": \"h1\"}\n").unwrap();
+        let line = serde_json::to_string(&Line::Event(entry(2, "did:a", "h1"))).unwrap();
+        raw.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let line = serde_json::to_string(&Line::Event(entry(3, "did:a", "h2"))).unwrap();
+        raw.write_all(format!("{line}\n").as_bytes()).unwrap();
+        raw.flush().unwrap();
+        let new = tail.read_new(&mut l).unwrap();
+        assert_eq!(new, NewLines { first_entry: 1, amends: vec![("did:a".into(), "h1".into())] });
+        let expects: Vec<Expect> = l.entries.iter().map(|e| e.expect).collect();
+        assert_eq!(expects, [Expect::Either, Expect::Either, Expect::Relay]);
+        assert_eq!(Ledger::read(&path).unwrap().entries, l.entries);
     }
 }

@@ -260,7 +260,6 @@ fn generate(
     let mut index: HashMap<String, usize> =
         world.accounts.iter().enumerate().map(|(i, a)| (a.did.clone(), i)).collect();
     let started = Instant::now();
-    let mut last_flush = Instant::now();
     let mut steps: u64 = 0;
     let mut outputs = Vec::new();
     loop {
@@ -287,10 +286,6 @@ fn generate(
         outputs.extend(world.step());
         steps += 1;
         apply(&world, &shared, &mut ledger, &mut index, std::mem::take(&mut outputs))?;
-        if last_flush.elapsed() > Duration::from_millis(100) {
-            ledger.flush()?;
-            last_flush = Instant::now();
-        }
     }
     ledger.write(&Line::Done { done: true, events: world.events() })?;
     ledger.flush()?;
@@ -307,6 +302,10 @@ fn generate(
     Ok(())
 }
 
+/// Apply one step's outputs. The ledger comes first: every line is
+/// written and flushed to the file before any of the step's frames reaches
+/// a host's stream, so whoever sees a frame (a relay, its consumers,
+/// `check --no-wait`) can find it in the ledger already.
 fn apply(
     world: &World,
     shared: &Shared,
@@ -315,6 +314,7 @@ fn apply(
     outputs: Vec<Output>,
 ) -> anyhow::Result<()> {
     let mut touched: Vec<String> = Vec::new();
+    let mut sends: Vec<(usize, Send)> = Vec::new();
     for o in outputs {
         match o {
             Output::Frame { host, seq, frame, entry } => {
@@ -328,12 +328,11 @@ fn apply(
                     }
                 }
                 ledger.write(&Line::Event(entry))?;
-                shared.hosts[host].push_frame(seq, frame);
-                shared.events.fetch_add(1, Ordering::Relaxed);
+                sends.push((host, Send::Frame(seq, frame)));
             }
             Output::Transient { host, what, entry } => {
                 ledger.write(&Line::Event(entry))?;
-                shared.hosts[host].push_transient(what);
+                sends.push((host, Send::Transient(what)));
             }
             Output::Document { did, doc } => {
                 shared.docs.write().expect("docs").insert(did, doc);
@@ -360,7 +359,26 @@ fn apply(
             }
         }
     }
+    if sends.is_empty() {
+        return Ok(());
+    }
+    ledger.flush()?;
+    for (host, send) in sends {
+        match send {
+            Send::Frame(seq, frame) => {
+                shared.hosts[host].push_frame(seq, frame);
+                shared.events.fetch_add(1, Ordering::Relaxed);
+            }
+            Send::Transient(what) => shared.hosts[host].push_transient(what),
+        }
+    }
     Ok(())
+}
+
+/// What a step hands to a host once the ledger holds it.
+enum Send {
+    Frame(i64, Vec<u8>),
+    Transient(super::world::Transient),
 }
 
 /// A corpus: a network's traffic generated ahead, on disk, so that serving
