@@ -17,6 +17,12 @@
 //!   resets (rev, data).
 //! - `#account` stores the upstream status and passes; `#identity` passes.
 //! - A taken-down account's events are dropped whatever they are.
+//! - An event from a host other than the account's current one moves the
+//!   account only if the shard checked it against a DID document fetched
+//!   after the one behind the current host (`identity_micros`); otherwise
+//!   it is a stale host's event (read late, from before the account moved
+//!   away) and is dropped. Shards cache documents separately, so a
+//!   lagging old host can pass its shard's check on a cached document.
 
 use crate::ringrec::{EventRecord, Kind, PROOF_ABSENT, PROOF_FAILED};
 
@@ -36,6 +42,8 @@ pub struct AccountState {
     pub rev: Option<String>,
     pub commit_cid: Option<Vec<u8>>,
     pub data_cid: Option<Vec<u8>>,
+    /// Newest `identity_micros` of an event accepted from `host_id`.
+    pub host_checked_micros: i64,
 }
 
 impl AccountState {
@@ -64,6 +72,7 @@ pub enum Drop {
     RevNotNewer,
     PrevDataMissing,
     SyncRevOlder,
+    StaleHost,
 }
 
 impl Drop {
@@ -74,6 +83,7 @@ impl Drop {
             Drop::RevNotNewer => "rev_not_newer",
             Drop::PrevDataMissing => "prevdata_missing",
             Drop::SyncRevOlder => "sync_rev_older",
+            Drop::StaleHost => "stale_host",
         }
     }
 }
@@ -92,11 +102,24 @@ pub enum Verdict {
 /// Decide on `ev` given the stored state (None = never seen); returns the
 /// verdict and the state to store (unchanged on drop).
 pub fn decide(stored: Option<&AccountState>, ev: &EventRecord<'_>, strict: bool) -> (Verdict, AccountState) {
-    let mut st = stored.cloned().unwrap_or_else(|| AccountState::new(ev.host_id));
-    let drop = |d, st| (Verdict::Drop(d), st);
+    let st = stored.cloned().unwrap_or_else(|| AccountState::new(ev.host_id));
     if st.takendown {
-        return drop(Drop::TakenDown, st);
+        return (Verdict::Drop(Drop::TakenDown), st);
     }
+    let moved = stored.is_some_and(|s| s.host_id != ev.host_id);
+    if moved && ev.identity_micros <= st.host_checked_micros {
+        return (Verdict::Drop(Drop::StaleHost), st);
+    }
+    let (verdict, mut st) = decide_kind(st, ev, strict);
+    if matches!(verdict, Verdict::Relay { .. }) {
+        st.host_checked_micros =
+            if moved { ev.identity_micros } else { st.host_checked_micros.max(ev.identity_micros) };
+    }
+    (verdict, st)
+}
+
+fn decide_kind(mut st: AccountState, ev: &EventRecord<'_>, strict: bool) -> (Verdict, AccountState) {
+    let drop = |d, st| (Verdict::Drop(d), st);
     let relay = Verdict::Relay { chain_break: false, proof_failed: false };
     match Kind::from_u8(ev.kind) {
         Some(Kind::Commit) => {
@@ -166,6 +189,7 @@ mod tests {
             active: true,
             status: "",
             time_micros: 0,
+            identity_micros: 10,
             frame: b"",
             seq_start: 0,
             seq_end: 0,
@@ -191,6 +215,42 @@ mod tests {
         let (v, s3) = decide(Some(&s2), &ev(Kind::Commit, "d", b"d3", b"zz"), true);
         assert_eq!(v, Verdict::Relay { chain_break: true, proof_failed: false });
         assert_eq!(s3.data_cid.as_deref(), Some(&b"d3"[..]));
+    }
+
+    /// A late event from the host an account left passes its shard on a
+    /// cached document; it must not move the account back, nor may its
+    /// stale `#account` gate the new host's commits.
+    #[test]
+    fn stale_host_events_do_not_move_the_account() {
+        let (_, s) = decide(None, &ev(Kind::Commit, "b", b"d1", b""), true);
+        assert_eq!(s.host_checked_micros, 10);
+        // The account moves to host 2 on a document fetched at 50.
+        let mut moved = ev(Kind::Identity, "", b"", b"");
+        moved.host_id = 2;
+        moved.identity_micros = 50;
+        let (v, s) = decide(Some(&s), &moved, true);
+        assert_eq!((v, s.host_id, s.host_checked_micros), (RELAY, 2, 50));
+        // Host 1, read late, on its shard's document from 10 (or 50 itself).
+        for at in [10, 50] {
+            let mut stale = ev(Kind::Account, "", b"", b"");
+            stale.active = false;
+            stale.status = "deactivated";
+            stale.identity_micros = at;
+            let (v, same) = decide(Some(&s), &stale, true);
+            assert_eq!(v, Verdict::Drop(Drop::StaleHost));
+            assert_eq!(same, s);
+        }
+        // Host 2's events on older cached documents still pass (same host).
+        let mut c = ev(Kind::Commit, "c", b"d2", b"d1");
+        c.host_id = 2;
+        c.identity_micros = 20;
+        let (v, s) = decide(Some(&s), &c, true);
+        assert_eq!((v, s.host_checked_micros), (RELAY, 50));
+        // Moving back to host 1 on a newer document is a move.
+        let mut back = ev(Kind::Identity, "", b"", b"");
+        back.identity_micros = 60;
+        let (v, s) = decide(Some(&s), &back, true);
+        assert_eq!((v, s.host_id, s.host_checked_micros), (RELAY, 1, 60));
     }
 
     #[test]

@@ -63,6 +63,11 @@ pub struct EventRecord<'a> {
     pub status: &'a str,
     /// Event `time` in micros since the epoch (0 if unparseable).
     pub time_micros: i64,
+    /// When the request for the DID document that places the account on
+    /// this host was sent (unix micros): the document is at least that
+    /// recent. The sequencer accepts a move to another host only on a
+    /// document newer than the one behind the account's current host.
+    pub identity_micros: i64,
     /// The frame as received.
     pub frame: &'a [u8],
     /// Byte range of the body's `seq` value inside `frame`.
@@ -138,6 +143,7 @@ mod tests {
             active: true,
             status: "",
             time_micros: 5,
+            identity_micros: 6,
             frame: &frame,
             seq_start: 1,
             seq_end: 2,

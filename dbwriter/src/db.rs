@@ -59,7 +59,8 @@ pub fn hosts(c: &mut Client) -> Result<Vec<HostRow>, DbError> {
 /// Load the stored state of `dids` (those not found are absent).
 pub fn load_accounts(c: &mut Client, dids: &[&str]) -> Result<HashMap<String, AccountState>, DbError> {
     let rows = c.query(
-        "SELECT did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid, throttled
+        "SELECT did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid, throttled,
+                host_checked_micros
          FROM accounts WHERE did = ANY($1)",
         &[&dids],
     )?;
@@ -77,6 +78,7 @@ pub fn load_accounts(c: &mut Client, dids: &[&str]) -> Result<HashMap<String, Ac
                     commit_cid: r.get(6),
                     data_cid: r.get(7),
                     throttled: r.get(8),
+                    host_checked_micros: r.get(9),
                 },
             )
         })
@@ -116,12 +118,12 @@ impl CommitStatements {
     pub fn prepare(c: &mut Client) -> Result<CommitStatements, DbError> {
         Ok(CommitStatements {
             accounts: c.prepare(
-                "INSERT INTO accounts (did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid, status, throttled, updated_at)
-                 SELECT *, now() FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::bool[], $6::text[], $7::bytea[], $8::bytea[], $9::text[], $10::bool[])
+                "INSERT INTO accounts (did, host_id, upstream_active, upstream_status, takendown, rev, commit_cid, data_cid, status, throttled, host_checked_micros, updated_at)
+                 SELECT *, now() FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::bool[], $6::text[], $7::bytea[], $8::bytea[], $9::text[], $10::bool[], $11::int8[])
                  ON CONFLICT (did) DO UPDATE SET host_id = EXCLUDED.host_id, upstream_active = EXCLUDED.upstream_active,
                    upstream_status = EXCLUDED.upstream_status, takendown = EXCLUDED.takendown, rev = EXCLUDED.rev,
                    commit_cid = EXCLUDED.commit_cid, data_cid = EXCLUDED.data_cid, status = EXCLUDED.status,
-                   throttled = EXCLUDED.throttled, updated_at = now()",
+                   throttled = EXCLUDED.throttled, host_checked_micros = EXCLUDED.host_checked_micros, updated_at = now()",
             )?,
             counts: c.prepare(
                 "UPDATE hosts h SET account_count = h.account_count + v.delta, updated_at = now()
@@ -143,7 +145,7 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<(), DbE
         let n = b.accounts.len();
         let mut dids = Vec::with_capacity(n);
         let (mut host, mut ua, mut us, mut td) = (vec![], vec![], vec![], vec![]);
-        let (mut rev, mut cc, mut dc, mut st, mut th) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut rev, mut cc, mut dc, mut st, mut th, mut hc) = (vec![], vec![], vec![], vec![], vec![], vec![]);
         for (did, a) in &b.accounts {
             dids.push(did.as_str());
             host.push(a.host_id);
@@ -155,8 +157,9 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<(), DbE
             dc.push(a.data_cid.as_deref());
             st.push(a.status());
             th.push(a.throttled);
+            hc.push(a.host_checked_micros);
         }
-        t.execute(&s.accounts, &[&dids, &host, &ua, &us, &td, &rev, &cc, &dc, &st, &th])?;
+        t.execute(&s.accounts, &[&dids, &host, &ua, &us, &td, &rev, &cc, &dc, &st, &th, &hc])?;
     }
     let mut deltas: HashMap<i64, i64> = b.new_accounts.clone();
     for &(from, to) in &b.moves {

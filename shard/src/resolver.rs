@@ -33,15 +33,33 @@ pub enum ResolveError {
     Gone,
 }
 
+/// A DID document as fetched, and when.
+#[derive(Debug)]
+pub struct Resolved {
+    pub identity: Identity,
+    /// When the request that fetched it was sent (unix micros): the
+    /// document is at least this recent (`EventRecord::identity_micros`).
+    pub fetched_micros: i64,
+}
+
+impl std::ops::Deref for Resolved {
+    type Target = Identity;
+    fn deref(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+type Lookup = Result<Arc<Resolved>, ResolveError>;
+
 enum Job {
-    Did { did: String, reply: oneshot::Sender<Result<Arc<Identity>, ResolveError>> },
+    Did { did: String, reply: oneshot::Sender<Lookup> },
     Host { host: String, reply: oneshot::Sender<Result<Vec<SocketAddr>, ResolveError>> },
 }
 
 /// A cached lookup and when it was made.
-type Cached = (Result<Arc<Identity>, ResolveError>, Instant);
+type Cached = (Lookup, Instant);
 
-type Waiters = Vec<oneshot::Sender<Result<Arc<Identity>, ResolveError>>>;
+type Waiters = Vec<oneshot::Sender<Lookup>>;
 
 /// Executor-side handle (one per shard; `Rc`, not `Send`).
 pub struct Resolver {
@@ -59,7 +77,11 @@ fn helper(rx: flume::Receiver<Job>, plc_url: String, insecure: bool) {
     while let Ok(job) = rx.recv() {
         match job {
             Job::Did { did, reply } => {
-                let r = fetch_did(&agent, &plc_url, insecure, &did).map(Arc::new);
+                let fetched_micros = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64);
+                let r = fetch_did(&agent, &plc_url, insecure, &did)
+                    .map(|identity| Arc::new(Resolved { identity, fetched_micros }));
                 let _ = reply.send(r);
             }
             Job::Host { host, reply } => {
@@ -145,7 +167,7 @@ impl Resolver {
 
     /// The DID's identity; `fresh` bypasses the cache (after a failed check,
     /// or an `#identity` event).
-    pub async fn did(&self, did: &str, fresh: bool) -> Result<Arc<Identity>, ResolveError> {
+    pub async fn did(&self, did: &str, fresh: bool) -> Lookup {
         if !fresh {
             if let Some((r, at)) = self.cache.borrow_mut().get(did) {
                 let ttl = if r.is_ok() { POSITIVE_TTL } else { NEGATIVE_TTL };

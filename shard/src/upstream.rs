@@ -338,6 +338,7 @@ pub async fn check_frame(
         active: true,
         status: "",
         time_micros: now,
+        identity_micros: 0,
         frame: data,
         seq_start: span.0 as u32,
         seq_end: span.1 as u32,
@@ -346,7 +347,8 @@ pub async fn check_frame(
     match &ev {
         Event::Commit(c) => {
             let checked = check_commit(c, mode, now).map_err(|e| drop(format!("{did}: {e}")))?;
-            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
+            rec.identity_micros =
+                authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
             commit_bytes = checked.commit_cid.to_bytes();
             data_bytes = checked.data.to_bytes();
             prev_bytes = c.prev_data.map(|p| p.to_bytes());
@@ -360,7 +362,8 @@ pub async fn check_frame(
         }
         Event::Sync(s) => {
             let checked = check_sync(s, now).map_err(|e| drop(format!("{did}: {e}")))?;
-            authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
+            rec.identity_micros =
+                authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
             commit_bytes = checked.commit_cid.to_bytes();
             data_bytes = checked.data.to_bytes();
             rec.kind = Kind::Sync as u8;
@@ -370,11 +373,11 @@ pub async fn check_frame(
         }
         Event::Identity(_) => {
             sh.resolver.forget(did);
-            authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
+            rec.identity_micros = authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
             rec.kind = Kind::Identity as u8;
         }
         Event::Account(a) => {
-            authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
+            rec.identity_micros = authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
             rec.kind = Kind::Account as u8;
             rec.active = a.active;
             rec.status = a.status.unwrap_or("");
@@ -392,12 +395,13 @@ pub async fn check_frame(
 /// signature; one fresh resolution before giving up. When the identity
 /// cannot be fetched at all (directory down), the event is not dropped:
 /// the connection closes and the event is read again after the backoff.
+/// Returns when the document that passed was fetched.
 async fn authority_and_signature(
     sh: &Shared,
     host: &HostAssignment,
     did: &str,
     commit: Option<&CheckedCommit>,
-) -> Result<(), Rejected> {
+) -> Result<i64, Rejected> {
     let mut last_err = String::new();
     let mut unavailable = 0;
     for fresh in [false, true] {
@@ -423,13 +427,13 @@ async fn authority_and_signature(
                 continue;
             }
         }
-        let Some(c) = commit else { return Ok(()) };
+        let Some(c) = commit else { return Ok(ident.fetched_micros) };
         let Some(key) = &ident.signing_key else {
             last_err = format!("{did} has no signing key");
             continue;
         };
         match c.verify_signature(key) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(ident.fetched_micros),
             Err(e) => last_err = format!("{did}: signature: {e}"),
         }
     }
