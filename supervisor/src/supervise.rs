@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HOST_POLL: Duration = Duration::from_millis(500);
-/// A child that ran this long before dying starts its backoff afresh.
-const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// A child that ran this long before dying starts its backoff afresh: one
+/// that ran fine for a while and was then killed comes back in 0.5 s; only
+/// a child that keeps dying sooner backs off further (up to BACKOFF_MAX).
+const STABLE_AFTER: Duration = Duration::from_secs(5);
 
 /// Env vars naming inherited descriptors.
 pub const ENV_CONTROL_FD: &str = "SLUICE_CONTROL_FD";

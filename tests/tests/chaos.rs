@@ -1,0 +1,177 @@
+//! Chaos, end to end: fakenet with the default fault mix and migrations,
+//! `sluice run` with two shards, and for about a minute and a half a
+//! SIGKILL every 2–5 s of a shard or the db-writer (at least 25), the
+//! private postmaster twice, and the supervisor once (a fresh `sluice run`
+//! then starts on the same data_dir). Afterwards the relay's whole window
+//! must match the ledger exactly, with strictly increasing seqs.
+//!
+//! The kill schedule comes from a seed (printed; `SLUICE_CHAOS_SEED`
+//! replays it). Bounded: generation stops at a fixed event count, every
+//! wait has a deadline.
+
+mod support;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::{Rng, SeedableRng};
+use sluice_tests::fakenet::runner::{self, ServeConfig};
+use sluice_tests::fakenet::world::FaultRates;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// What one kill hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Shard(u32),
+    Writer,
+    Postmaster,
+    Supervisor,
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+/// Wait (bounded) until the supervisor runs exactly one child matching
+/// `needle`, other than `old`; returns its pid.
+fn wait_child(relay: &Relay, needle: &str, old: Option<i32>, within: Duration) -> i32 {
+    let t = Instant::now();
+    loop {
+        let now = children_matching(relay.pid(), needle);
+        if now.len() == 1 && Some(now[0]) != old {
+            return now[0];
+        }
+        assert!(t.elapsed() < within, "no {needle} after {within:?}:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn postmaster_pid(data: &Path) -> Option<i32> {
+    let s = std::fs::read_to_string(data.join("pg/postmaster.pid")).ok()?;
+    s.lines().next()?.trim().parse().ok()
+}
+
+/// Kill `target` and wait until the relay has replaced it; returns the
+/// recovery time (kill to replacement process, or to healthy again).
+fn kill_and_recover(relay: &mut Relay, dir: &Path, target: Target) -> Duration {
+    let t = Instant::now();
+    match target {
+        Target::Shard(k) => {
+            let needle = format!("shard --id {k}");
+            let pid = wait_child(relay, &needle, None, Duration::from_secs(30));
+            kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+            let t = Instant::now();
+            wait_child(relay, &needle, Some(pid), Duration::from_secs(30));
+            return t.elapsed();
+        }
+        Target::Writer => {
+            let pid = wait_child(relay, "db-writer", None, Duration::from_secs(30));
+            kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+            let t = Instant::now();
+            wait_child(relay, "db-writer", Some(pid), Duration::from_secs(30));
+            return t.elapsed();
+        }
+        Target::Postmaster => {
+            let pid = postmaster_pid(&dir.join("data")).expect("postmaster.pid");
+            kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+            // The db-writer fails its next commit and is restarted; the
+            // supervisor starts the cluster again first.
+            let t0 = Instant::now();
+            while postmaster_pid(&dir.join("data")).is_none_or(|p| p == pid || !alive(p)) {
+                assert!(t0.elapsed() < Duration::from_secs(60), "PostgreSQL not restarted:\n{}", relay.log_tail());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Target::Supervisor => {
+            let kids: Vec<i32> =
+                ["shard --id", "db-writer"].iter().flat_map(|n| children_matching(relay.pid(), n)).collect();
+            let mut c = relay.child.take().unwrap();
+            c.kill().unwrap();
+            c.wait().unwrap();
+            // Its children die with it (PR_SET_PDEATHSIG).
+            let t0 = Instant::now();
+            while kids.iter().any(|p| alive(*p)) {
+                assert!(t0.elapsed() < Duration::from_secs(10), "children outlived the supervisor: {kids:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            relay.start();
+        }
+    }
+    relay.wait_health(Duration::from_secs(90));
+    t.elapsed()
+}
+
+#[test]
+fn no_loss_under_repeated_kills_of_every_process() {
+    let seed: u64 = std::env::var("SLUICE_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261201);
+    eprintln!("chaos seed {seed} (SLUICE_CHAOS_SEED replays the kill schedule)");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    const EVENTS: u64 = 14_000;
+    const KILLS: usize = 25;
+    let mut net = runner::start(ServeConfig {
+        hosts: 10,
+        accounts: 30,
+        seed,
+        rate: 130.0,
+        max_events: Some(EVENTS),
+        faults: FaultRates::default_mix(),
+        migrations: true,
+        ledger: dir.path().join("ledger.jsonl"),
+        web_accounts: 2,
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 2, "");
+    relay.start();
+    crawl_all(&relay, &net, "");
+
+    // The schedule: KILLS child kills, with the postmaster after the 8th
+    // and the 17th and the supervisor after the 12th.
+    let mut recoveries: Vec<(Target, Duration)> = Vec::new();
+    for n in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(2000..5000)));
+        let target = match rng.gen_range(0..3) {
+            0 => Target::Shard(0),
+            1 => Target::Shard(1),
+            _ => Target::Writer,
+        };
+        recoveries.push((target, kill_and_recover(&mut relay, dir.path(), target)));
+        let extra = match n {
+            7 | 16 => Some(Target::Postmaster),
+            11 => Some(Target::Supervisor),
+            _ => None,
+        };
+        if let Some(x) = extra {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(2000..5000)));
+            recoveries.push((x, kill_and_recover(&mut relay, dir.path(), x)));
+        }
+    }
+    for (t, d) in &recoveries {
+        eprintln!("killed {t:?}: replaced in {d:?}");
+    }
+    let generated = net.events();
+    eprintln!("{} kills while fakenet generated {generated} events", recoveries.len());
+    assert!(recoveries.len() >= KILLS + 3);
+    // Restarts stay quick for children that ran fine between kills.
+    for (t, d) in &recoveries {
+        if matches!(t, Target::Shard(_) | Target::Writer) {
+            assert!(*d < Duration::from_secs(5), "{t:?} took {d:?} to come back:\n{}", relay.log_tail());
+        }
+    }
+
+    net.wait_generation().unwrap();
+    relay.wait_health(Duration::from_secs(60));
+    let report = check_exact(&relay, dir.path(), Duration::from_secs(120));
+    eprintln!("{}", report.summary());
+    assert!(report.relayed > EVENTS / 2, "{}", report.summary());
+    // Seqs strictly increase over the whole window.
+    let stream = read_stream(relay.port, 0, report.last_seq, Duration::from_secs(60));
+    assert!(stream.windows(2).all(|w| w[0].0 < w[1].0), "seqs not strictly increasing");
+    relay.stop();
+}

@@ -1,0 +1,232 @@
+//! The end-to-end harness shared by the tests in `tests/`: a `sluice run`
+//! child with its config and log ([`Relay`]), process lookup, stream
+//! reading, requestCrawl of a fakenet network, and the exact check.
+//! Every wait has a deadline.
+#![allow(dead_code)] // each test binary uses its own part of it
+
+use sluice_common::frame::{self, Message};
+use sluice_tests::fakenet::check::{self, CheckConfig};
+use sluice_tests::fakenet::runner;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn sluice_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_fakenet")).with_file_name("sluice");
+    if !bin.exists() {
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "--bin", "sluice"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo build");
+        assert!(ok.success(), "building sluice failed");
+    }
+    bin
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Relay {
+    pub child: Option<Child>,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub port: u16,
+    pub metrics_port: u16,
+    /// Extra environment for `sluice run` (and so its children).
+    pub env: Vec<(String, String)>,
+}
+
+impl Relay {
+    pub fn new(dir: &Path, plc_url: &str, shard_count: u32, extra: &str) -> Relay {
+        let port = free_port();
+        let metrics_port = free_port();
+        let config = dir.join("relay.toml");
+        let r = Relay { child: None, config, log: dir.join("relay.log"), port, metrics_port, env: Vec::new() };
+        r.write_config(dir, plc_url, shard_count, extra);
+        r
+    }
+
+    pub fn write_config(&self, dir: &Path, plc_url: &str, shard_count: u32, extra: &str) {
+        let (port, metrics_port, config) = (self.port, self.metrics_port, &self.config);
+        std::fs::write(
+            config,
+            format!(
+                "shard_count = {shard_count}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\ndata_dir = {:?}\nplc_url = {plc_url:?}\n\
+                 allow_insecure_hosts = true\nshutdown_timeout_ms = 20000\n{extra}\n",
+                dir.join("data").to_string_lossy()
+            ),
+        )
+        .unwrap();
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(sluice_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("SLUICE_LOG", "info,refinery_core=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_health(Duration::from_secs(120));
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    pub fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let out = self.http_raw(method, path, body)?;
+        let status = out.split(' ').nth(1)?.parse().ok()?;
+        Some((status, out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()))
+    }
+
+    /// The whole response, head and body.
+    pub fn http_raw(&self, method: &str, path: &str, body: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    pub fn wait_health(&mut self, d: Duration) {
+        let deadline = Instant::now() + d;
+        loop {
+            if let Some((200, _)) = self.http("GET", "/xrpc/_health", "") {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("sluice exited ({st}) before it was healthy:\n{}", self.log_tail());
+            }
+            assert!(Instant::now() < deadline, "relay not healthy in time:\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait (bounded); the exit must be clean.
+    pub fn stop(&mut self) -> Duration {
+        let t = Instant::now();
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(st.success(), "sluice exited with {st}:\n{}", self.log_tail());
+                return t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = c.kill();
+                panic!("sluice did not stop within 60 s:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+        }
+    }
+}
+
+/// Children of `pid` whose command line contains `needle`.
+pub fn children_matching(pid: i32, needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+        let ppid: i32 = after.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if ppid == pid && cmd.contains(needle) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Read the relay's stream from `cursor` until `last` (inclusive).
+pub fn read_stream(port: u16, cursor: i64, last: i64, timeout: Duration) -> Vec<(i64, Vec<u8>)> {
+    let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.last().is_none_or(|(s, _)| *s < last) {
+        assert!(Instant::now() < deadline, "stream from {cursor} stalled at {:?}", out.last().map(|x| x.0));
+        match ws.read().unwrap() {
+            tungstenite::Message::Binary(b) => {
+                let d = frame::decode(&b).unwrap();
+                let Message::Event(ev) = d.message else { panic!("error frame from the relay") };
+                out.push((ev.seq().expect("relayed events have a seq"), b.to_vec()));
+            }
+            _ => continue,
+        }
+    }
+    out
+}
+
+/// POST requestCrawl for every fakenet host (as given, or with a scheme).
+pub fn crawl_all(relay: &Relay, net: &runner::Running, scheme: &str) {
+    for h in &net.info.hosts {
+        let (st, body) = relay
+            .http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{scheme}{h}\"}}"))
+            .expect("requestCrawl answered");
+        assert_eq!(st, 200, "requestCrawl {h}: {body}");
+    }
+}
+
+/// Wait (bounded) until fakenet generated `n` events.
+pub fn wait_events(net: &runner::Running, n: u64) {
+    let t = Instant::now();
+    while net.events() < n {
+        assert!(t.elapsed() < Duration::from_secs(120), "fakenet too slow: {} events", net.events());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The exact check of the relay's whole window against the ledger.
+pub fn check_exact(relay: &Relay, dir: &Path, timeout: Duration) -> check::Report {
+    let report = check::run(&CheckConfig {
+        relay: format!("ws://127.0.0.1:{}", relay.port),
+        ledger: dir.join("ledger.jsonl"),
+        cursor: Some(0),
+        timeout,
+        settle: Duration::from_secs(2),
+        wait_done: true,
+        only_host: None,
+    })
+    .unwrap();
+    assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
+    report
+}
