@@ -53,6 +53,40 @@ fn checker_passes_on_clean_host_streams() {
     assert_eq!(total, 600);
 }
 
+/// The ledger never lags what a host sent: a checker that does not wait
+/// for the ledger's end, reading a host live while generation runs at
+/// full speed, finds every frame it sees in the ledger (it follows the
+/// file as it grows). Before, frames written in the last 100 ms were not
+/// there yet and counted as unexpected.
+#[test]
+fn no_wait_check_of_a_live_stream_finds_every_frame_in_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = runner::start(ServeConfig {
+        hosts: 1,
+        accounts: 20,
+        rate: 2000.0,
+        duration: Some(Duration::from_secs(6)),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let host = r.info.hosts[0].clone();
+    let rep = check::run(&CheckConfig {
+        relay: format!("ws://{host}"),
+        ledger: r.info.ledger.clone().into(),
+        cursor: Some(0),
+        timeout: Duration::from_secs(4),
+        settle: Duration::from_secs(3),
+        wait_done: false,
+        only_host: Some(host),
+    })
+    .unwrap();
+    assert!(rep.ok(), "{}\n{:?}", rep.summary(), rep.notes);
+    // It went on reading well past the ledger it started from.
+    assert!(rep.relayed_later > 1000, "{}", rep.summary());
+}
+
 /// With faults in the streams, the checker sees every one of them.
 #[test]
 fn checker_catches_every_in_stream_fault() {
