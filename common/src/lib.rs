@@ -10,8 +10,9 @@
 //! Relay plumbing shared by its processes: [`config`], [`shm`] (control
 //! block), [`ring`] (SPSC shared-memory ring) and [`ringrec`] (what the
 //! ring carries), [`eventlog`] (segments, index, repair), [`policy`]
-//! (stateful checks), [`partition`] (host → shard), [`failpoint`] (crashes
-//! on purpose, for tests). Nothing here blocks, spawns or reads the clock:
+//! (stateful checks), [`partition`] (host → shard), [`http`] (the one
+//! HTTP request-head parser), [`failpoint`] (crashes on purpose, for
+//! tests). Nothing here blocks, spawns or reads the clock:
 //! callers pass the time in.
 
 pub mod car;
@@ -24,6 +25,7 @@ pub mod crypto;
 pub mod eventlog;
 pub mod failpoint;
 pub mod frame;
+pub mod http;
 pub mod identity;
 pub mod mst;
 pub mod partition;

@@ -171,43 +171,25 @@ fn read_request(s: &mut UnixStream) -> Result<Request, String> {
             return Err("connection closed mid-request".into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > REQUEST_BYTES_MAX {
+        let h = match sluice_common::http::parse_request_head(&buf, REQUEST_BYTES_MAX) {
+            Ok(Some(h)) => h,
+            Ok(None) => continue,
+            Err(e) => return Err(format!("bad request: {e}")),
+        };
+        let (head, len) = (h.head_len, h.content_length.min(REQUEST_BYTES_MAX as u64 + 1) as usize);
+        if head + len > REQUEST_BYTES_MAX {
             return Err("request too large".into());
         }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(head)) => {
-                let len = req
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if head + len > REQUEST_BYTES_MAX {
-                    return Err("request too large".into());
-                }
-                let authorization = req
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok())
-                    .map(str::to_owned);
-                let method = req.method.unwrap_or("GET").to_owned();
-                let target = req.path.unwrap_or("/").to_owned();
-                while buf.len() < head + len {
-                    let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
-                    if n == 0 {
-                        return Err("connection closed mid-body".into());
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let (path, query) = split_target(&target);
-                return Ok(Request { method, path, query, body: buf[head..head + len].to_vec(), authorization });
+        while buf.len() < head + len {
+            let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed mid-body".into());
             }
-            Ok(httparse::Status::Partial) => continue,
-            Err(e) => return Err(format!("bad request: {e}")),
+            buf.extend_from_slice(&chunk[..n]);
         }
+        let (path, query) = split_target(&h.target);
+        let body = buf[head..head + len].to_vec();
+        return Ok(Request { method: h.method, path, query, body, authorization: h.authorization });
     }
 }
 

@@ -99,31 +99,17 @@ async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Head> {
             anyhow::bail!("closed before the request head");
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf)? {
-            httparse::Status::Complete(len) => {
-                let header = |name: &str| {
-                    req.headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .and_then(|h| std::str::from_utf8(h.value).ok())
-                        .map(|v| v.trim().to_owned())
-                };
-                let upgrade = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
-                let head = Head {
-                    method: req.method.unwrap_or("GET").to_owned(),
-                    target: req.path.unwrap_or("/").to_owned(),
-                    ws_key: if upgrade { header("sec-websocket-key") } else { None },
-                    content_length: header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0),
-                    rest: buf[len..].to_vec(),
-                    raw: buf[..len].to_vec(),
-                };
-                stream.set_read_timeout(None).map_err(io)?;
-                return Ok(head);
-            }
-            httparse::Status::Partial if buf.len() < HEAD_BYTES_MAX => continue,
-            httparse::Status::Partial => anyhow::bail!("request head too large"),
+        if let Some(h) = sluice_common::http::parse_request_head(&buf, HEAD_BYTES_MAX)? {
+            let head = Head {
+                method: h.method,
+                target: h.target,
+                ws_key: h.ws_key,
+                content_length: h.content_length as usize,
+                rest: buf[h.head_len..].to_vec(),
+                raw: buf[..h.head_len].to_vec(),
+            };
+            stream.set_read_timeout(None).map_err(io)?;
+            return Ok(head);
         }
     }
 }

@@ -1,0 +1,110 @@
+//! HTTP/1.1 request heads, parsed in one place for every server sluice
+//! runs (the shard's public port, the db-writer's query workers): httparse
+//! underneath, a byte bound on top, and the few headers sluice reads pulled
+//! out as owned values. Pure: the callers read the socket and call
+//! [`parse_request_head`] on what they have so far, which answers
+//! "complete", "need more" or a typed error, whatever the split points
+//! (PROTOCOL §8: a head may arrive one byte at a time).
+
+/// Headers a request may carry (more is [`HeadError::Malformed`]).
+pub const HEADERS_MAX: usize = 64;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    /// The head is not complete within the byte bound (HTTP 431).
+    #[error("request head larger than {0} bytes")]
+    TooLarge(usize),
+    /// Not an HTTP/1.x request head (HTTP 400).
+    #[error("malformed request head: {0}")]
+    Malformed(String),
+    /// A `content-length` that is not a number (HTTP 400).
+    #[error("malformed content-length")]
+    ContentLength,
+}
+
+/// A complete request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    /// The request target as sent (path and query).
+    pub target: String,
+    /// Bytes of the head, blank line included; the body starts here.
+    pub head_len: usize,
+    pub content_length: u64,
+    /// `upgrade: websocket` was asked for.
+    pub websocket: bool,
+    pub ws_key: Option<String>,
+    pub authorization: Option<String>,
+}
+
+/// Parse the head at the start of `buf`: `Ok(None)` until the blank line
+/// has arrived, an error once `buf` holds `bytes_max` bytes without one.
+pub fn parse_request_head(buf: &[u8], bytes_max: usize) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut headers);
+    let window = &buf[..buf.len().min(bytes_max)];
+    let head_len = match req.parse(window) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= bytes_max => return Err(HeadError::TooLarge(bytes_max)),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(|v| v.trim().to_owned())
+    };
+    let content_length = match header("content-length") {
+        None => 0,
+        Some(v) => v.parse::<u64>().map_err(|_| HeadError::ContentLength)?,
+    };
+    let websocket = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    Ok(Some(RequestHead {
+        method: req.method.unwrap_or("GET").to_owned(),
+        target: req.path.unwrap_or("/").to_owned(),
+        head_len,
+        content_length,
+        websocket,
+        ws_key: if websocket { header("sec-websocket-key") } else { None },
+        authorization: header("authorization"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GET: &[u8] = b"GET /xrpc/com.atproto.sync.subscribeRepos?cursor=5 HTTP/1.1\r\nHost: x\r\n\
+        Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\nrest";
+
+    /// Every prefix of a head is "need more"; the whole is the same head
+    /// whatever came before (PROTOCOL §8).
+    #[test]
+    fn every_split_point() {
+        let whole = parse_request_head(GET, 16 * 1024).unwrap().unwrap();
+        assert_eq!(whole.target, "/xrpc/com.atproto.sync.subscribeRepos?cursor=5");
+        assert!(whole.websocket);
+        assert_eq!(whole.ws_key.as_deref(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert_eq!(&GET[whole.head_len..], b"rest");
+        for cut in 0..whole.head_len {
+            assert_eq!(parse_request_head(&GET[..cut], 16 * 1024), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bounds_and_errors() {
+        let big = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &[b'a'; 100], b"\r\n\r\n"].concat();
+        assert_eq!(parse_request_head(&big, 64), Err(HeadError::TooLarge(64)));
+        assert!(parse_request_head(&big, 4096).unwrap().is_some());
+        assert!(matches!(parse_request_head(b"\x00\x01 nonsense\r\n\r\n", 4096), Err(HeadError::Malformed(_))));
+        let cl = b"POST /a HTTP/1.1\r\ncontent-length: ten\r\n\r\n";
+        assert_eq!(parse_request_head(cl, 4096), Err(HeadError::ContentLength));
+        let ok = parse_request_head(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\nAuthorization: Bearer x\r\n\r\n", 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!((ok.content_length, ok.authorization.as_deref(), ok.websocket), (10, Some("Bearer x"), false));
+    }
+}
