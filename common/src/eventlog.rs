@@ -108,6 +108,13 @@ impl Header {
     }
 }
 
+/// Check and split one record at the start of `bytes` (what every reader
+/// of segments does, exposed for the fuzz target): `Ok(None)` at the end
+/// of the data, the record's seq and frame otherwise.
+pub fn decode_record(bytes: &[u8]) -> Result<Option<(i64, &[u8])>, &'static str> {
+    Ok(Header::decode(bytes)?.map(|(h, frame)| (h.seq, frame)))
+}
+
 /// CRC32C of a record: the header after the CRC word, except the flags
 /// byte (so a takedown can flip flags with one byte write, which readers
 /// see whole), then the frame.
