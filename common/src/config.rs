@@ -77,6 +77,41 @@ pub struct RawConfig {
     pub segment_size_bytes: Option<u64>,
     pub shutdown_timeout_ms: Option<u32>,
     pub public_request_crawl: Option<bool>,
+    pub upstream_ping_interval_s: Option<u32>,
+    pub upstream_idle_timeout_s: Option<u32>,
+    pub upstream_connect_timeout_s: Option<u32>,
+}
+
+/// How the shards keep upstream connections (PROTOCOL §8: a PDS sends
+/// nothing to an idle subscriber and never pings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UpstreamTimeouts {
+    /// Silence after which the shard pings the host.
+    pub ping_interval_s: u32,
+    /// Silence (no frame, no pong) after which the connection is cut.
+    pub idle_timeout_s: u32,
+    /// Deadline for TCP connect, TLS and the WebSocket upgrade together.
+    pub connect_timeout_s: u32,
+}
+
+impl RawConfig {
+    fn upstream(&self) -> Result<UpstreamTimeouts, ConfigError> {
+        let u = UpstreamTimeouts {
+            ping_interval_s: self.upstream_ping_interval_s.unwrap_or(30),
+            idle_timeout_s: self.upstream_idle_timeout_s.unwrap_or(120),
+            connect_timeout_s: self.upstream_connect_timeout_s.unwrap_or(10),
+        };
+        if !(1..=3600).contains(&u.ping_interval_s) {
+            return Err(invalid("upstream_ping_interval_s", "from 1 to 3600"));
+        }
+        if u.idle_timeout_s <= u.ping_interval_s || u.idle_timeout_s > 86_400 {
+            return Err(invalid("upstream_idle_timeout_s", "above upstream_ping_interval_s, at most 86400"));
+        }
+        if !(1..=300).contains(&u.connect_timeout_s) {
+            return Err(invalid("upstream_connect_timeout_s", "from 1 to 300"));
+        }
+        Ok(u)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -120,6 +155,7 @@ pub struct Config {
     pub segment_size_bytes: u64,
     pub shutdown_timeout_ms: u32,
     pub public_request_crawl: bool,
+    pub upstream: UpstreamTimeouts,
 }
 
 /// Environment variables that override file keys, and their keys.
@@ -225,6 +261,7 @@ impl RawConfig {
 
     /// Fill defaults and validate. `cores` is used for `shard_count = "auto"`.
     pub fn validate(self, cores: u32) -> Result<Config, ConfigError> {
+        let upstream = self.upstream()?;
         let shard_count = match self.shard_count {
             None => 1,
             Some(ShardCount::Number(0)) => return Err(invalid("shard_count", "must be at least 1")),
@@ -309,6 +346,7 @@ impl RawConfig {
             segment_size_bytes,
             shutdown_timeout_ms: self.shutdown_timeout_ms.unwrap_or(30_000),
             public_request_crawl: self.public_request_crawl.unwrap_or(true),
+            upstream,
         })
     }
 }
@@ -352,6 +390,9 @@ impl Config {
             segment_size_bytes: Some(self.segment_size_bytes),
             shutdown_timeout_ms: Some(self.shutdown_timeout_ms),
             public_request_crawl: Some(self.public_request_crawl),
+            upstream_ping_interval_s: Some(self.upstream.ping_interval_s),
+            upstream_idle_timeout_s: Some(self.upstream.idle_timeout_s),
+            upstream_connect_timeout_s: Some(self.upstream.connect_timeout_s),
         };
         toml::to_string(&raw).expect("config serializes")
     }

@@ -176,8 +176,9 @@ pub enum WriterState {
 
 pub const CONTROL_MAGIC: u64 = 0x534c_5549_4345_4331; // "SLUICEC1"
 pub const SHARDS_MAX: usize = 256;
-const SHARD_SLOT_BYTES: usize = 64;
+const SHARD_SLOT_BYTES: usize = 256;
 const SHARDS_OFF: usize = 4096;
+const _: () = assert!(64 + 8 * UpstreamClose::ALL.len() <= SHARD_SLOT_BYTES, "shard slot too small");
 /// Size of the control block mapping.
 pub const CONTROL_BYTES: usize = SHARDS_OFF + SHARDS_MAX * SHARD_SLOT_BYTES;
 
@@ -280,6 +281,63 @@ pub struct ShardSlot<'a> {
     pub frames_out: &'a AtomicU64,
     /// Events the shard dropped (invalid), and connection faults.
     pub dropped: &'a AtomicU64,
+    /// Upstream connections ended, by [`UpstreamClose`].
+    pub upstream_closes: [&'a AtomicU64; UpstreamClose::ALL.len()],
+}
+
+/// Why an upstream connection ended (or never came up): the reasons the
+/// shards count per slot, `sluice_shard_upstream_closes_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum UpstreamClose {
+    /// DNS, TCP connect, TLS or the upgrade failed.
+    Connect = 0,
+    /// Connect + TLS + upgrade did not finish within the deadline.
+    HandshakeTimeout = 1,
+    /// No frame and no pong for `upstream_idle_timeout_s`.
+    Idle = 2,
+    /// Bytes without a complete message past the bound (fragment or
+    /// control-frame floods, an oversized message), or a head too large.
+    Oversized = 3,
+    /// More pings than the rate allows.
+    PingFlood = 4,
+    /// A frame that does not decode, an error frame, a WebSocket protocol
+    /// error.
+    BadFrame = 5,
+    /// The host closed the stream or the socket.
+    Remote = 6,
+    /// The identity directory could not be reached for an event.
+    IdentityUnavailable = 7,
+    /// Unassigned, banned or the relay stopping.
+    Local = 8,
+}
+
+impl UpstreamClose {
+    pub const ALL: [UpstreamClose; 9] = [
+        UpstreamClose::Connect,
+        UpstreamClose::HandshakeTimeout,
+        UpstreamClose::Idle,
+        UpstreamClose::Oversized,
+        UpstreamClose::PingFlood,
+        UpstreamClose::BadFrame,
+        UpstreamClose::Remote,
+        UpstreamClose::IdentityUnavailable,
+        UpstreamClose::Local,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamClose::Connect => "connect",
+            UpstreamClose::HandshakeTimeout => "handshake_timeout",
+            UpstreamClose::Idle => "idle",
+            UpstreamClose::Oversized => "oversized",
+            UpstreamClose::PingFlood => "ping_flood",
+            UpstreamClose::BadFrame => "bad_frame",
+            UpstreamClose::Remote => "remote",
+            UpstreamClose::IdentityUnavailable => "identity_unavailable",
+            UpstreamClose::Local => "local",
+        }
+    }
 }
 
 impl ControlBlock {
@@ -364,6 +422,7 @@ impl ControlBlock {
             events_in: self.shm.u64_at(base + 32),
             frames_out: self.shm.u64_at(base + 40),
             dropped: self.shm.u64_at(base + 48),
+            upstream_closes: std::array::from_fn(|i| self.shm.u64_at(base + 64 + 8 * i)),
         }
     }
 }

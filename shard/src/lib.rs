@@ -15,6 +15,7 @@
 
 pub mod consumers;
 pub mod downstream;
+pub mod meter;
 pub mod resolver;
 pub mod upstream;
 
@@ -45,6 +46,9 @@ pub fn io(e: glommio::GlommioError<()>) -> std::io::Error {
 }
 
 /// What every task of the shard shares (single-threaded).
+/// Longest stretch the executor runs tasks before it polls the reactor.
+const PREEMPT: std::time::Duration = std::time::Duration::from_millis(10);
+
 pub struct Shared {
     pub id: usize,
     pub control: Arc<ControlBlock>,
@@ -61,6 +65,7 @@ pub struct Shared {
     pub consumers_max: u64,
     /// Events per second one host may send (`limits.host_events_per_second_max`).
     pub host_rate: u32,
+    pub upstream: sluice_common::config::UpstreamTimeouts,
     pub consumer_lag_max: u64,
     /// This shard's consumers (`sluice admin consumers`).
     pub consumers: RefCell<consumers::Table>,
@@ -149,6 +154,14 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
         .name(&format!("shard-{id}"))
         .io_memory(IO_MEMORY_BYTES)
         .ring_depth(256)
+        // The reactor (accepts, reads, timers) gets a turn at least this
+        // often however many tasks are runnable: a host task that yields
+        // goes behind the reactor, not only behind the other tasks.
+        .preempt_timer(PREEMPT)
+        // A task queue that runs 10 ms past that budget is a stall, a bug
+        // (shard code never blocks the executor): glommio logs it, with a
+        // backtrace, as a WARN (through tracing's log bridge).
+        .detect_stalls(Some(Box::new(glommio::DefaultStallDetectionHandler {})))
         .make()
         .map_err(|e| anyhow::anyhow!("starting the glommio executor: {e}"))?;
     ex.run(async move {
@@ -172,6 +185,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             query_socket: cfg.query_socket(),
             consumers_max: cfg.limits.consumers_max as u64,
             host_rate: cfg.limits.host_events_per_second_max,
+            upstream: cfg.upstream,
             consumer_lag_max: cfg.limits.consumer_lag_events_max,
             consumers: RefCell::new(consumers::Table::default()),
         });

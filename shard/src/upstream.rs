@@ -4,16 +4,27 @@
 //! makes the task wait, so TCP backpressure reaches the host.
 //!
 //! Behaviours:
-//! - A frame that does not decode, an error frame, a WebSocket protocol
-//!   error, or a read idle past [`READ_IDLE`] closes the connection; the
-//!   task reconnects with exponential backoff (1 s .. 60 s, reset once
-//!   events flow) from the last upstream seq it handled.
+//! - Connect, TLS and the upgrade share one deadline
+//!   (`upstream_connect_timeout_s`); the upgrade answer is bounded in bytes.
+//! - A quiet host is kept: after `upstream_ping_interval_s` of silence the
+//!   task pings it, and only `upstream_idle_timeout_s` with neither a frame
+//!   nor a pong ends the connection (the reference PDS never pings).
+//! - No host can hold the executor or cost unbounded work: reads are
+//!   metered (`meter`): the task yields every 64 KiB read, and bytes
+//!   without a complete data message are bounded (fragment and
+//!   control-frame floods); a host may ping at most 20 times in 10 s.
+//! - A frame that does not decode, an error frame or a WebSocket protocol
+//!   error closes the connection. Every end is counted by reason
+//!   ([`UpstreamClose`]); the task reconnects with exponential backoff
+//!   (1 s .. 60 s, reset once events flow) from the last upstream seq it
+//!   handled.
 //! - An event whose seq is not above the last one handled is dropped.
 //! - An event that fails a check is dropped and counted; a `Cursor` record
 //!   still tells the db-writer the host's cursor may move past it.
 //! - A failed host-authority or signature check re-resolves the DID once
 //!   before dropping (migrations, key rotations).
 
+use crate::meter::{Meter, Metered};
 use crate::{io, Shared};
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::Message;
@@ -22,13 +33,12 @@ use sluice_common::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof
 use sluice_common::frame::{self, Event};
 use sluice_common::identity::PdsHost;
 use sluice_common::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
+use sluice_common::shm::UpstreamClose;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// A connection with no frame for this long is considered stalled.
-pub const READ_IDLE: Duration = Duration::from_secs(20);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Largest WebSocket message accepted (PROTOCOL.md: 5 MB frames).
@@ -124,22 +134,44 @@ fn now_micros() -> i64 {
 pub enum Rejected {
     /// Drop the event, keep the connection.
     Drop(String),
-    /// Close the connection (the stream itself is broken).
-    Close(String),
+    /// Close the connection (the stream itself is broken, or the event
+    /// cannot be judged now).
+    Close(UpstreamClose, String),
+}
+
+/// How a connection ended: the counted reason and what to log.
+#[derive(Debug)]
+pub struct Ended {
+    pub reason: UpstreamClose,
+    pub detail: String,
+}
+
+fn ended(reason: UpstreamClose, detail: impl std::fmt::Display) -> Ended {
+    Ended { reason, detail: detail.to_string() }
 }
 
 /// Run one host until `cancel` fires (unassigned, or the relay stops: the
-/// shard's main loop fires every host's on `stop_reading`).
+/// shard's main loop fires every host's on `stop_reading`). Each end of a
+/// connection is counted by reason; a WARN is logged when the reason
+/// changes (not at every retry of a host that keeps failing the same way).
 pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cancel>) {
     let mut last_seq = host.cursor;
     let mut backoff = BACKOFF_MIN;
+    let mut last_reason = None;
     let stopping = || cancel.is_set() || sh.control.stop_reading().load(Ordering::Acquire) != 0;
     while !stopping() {
         let before = last_seq;
-        match connect_and_read(&sh, &host, &mut last_seq, &stopping, &cancel).await {
-            Ok(()) => tracing::info!(host = host.hostname, seq = last_seq, "upstream closed the stream"),
-            Err(e) => tracing::warn!(host = host.hostname, seq = last_seq, error = %e, "upstream connection ended"),
+        let end = connect_and_read(&sh, &host, &mut last_seq, &stopping, &cancel).await;
+        sh.slot().upstream_closes[end.reason as usize].fetch_add(1, Ordering::Relaxed);
+        let (reason, detail) = (end.reason.name(), end.detail.as_str());
+        if end.reason == UpstreamClose::Local {
+            tracing::debug!(host = host.hostname, seq = last_seq, reason, detail, "upstream connection closed");
+        } else if last_reason != Some(end.reason) {
+            tracing::warn!(host = host.hostname, seq = last_seq, reason, detail, "upstream connection ended");
+        } else {
+            tracing::debug!(host = host.hostname, seq = last_seq, reason, detail, "upstream connection ended again");
         }
+        last_reason = Some(end.reason);
         if last_seq > before {
             backoff = BACKOFF_MIN;
         }
@@ -152,111 +184,276 @@ pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cancel>) 
     }
 }
 
+/// Bytes the upgrade answer (status line, headers, and what the library
+/// reads ahead) may take.
+pub const HANDSHAKE_BYTES_MAX: usize = 32 * 1024;
+/// Bytes without a complete data message: one maximal message and its
+/// framing.
+pub const UNFINISHED_BYTES_MAX: usize = MESSAGE_BYTES_MAX + MESSAGE_BYTES_MAX / 4;
+/// Pings a host may send per [`PING_WINDOW`].
+pub const PINGS_PER_WINDOW_MAX: u32 = 20;
+pub const PING_WINDOW: Duration = Duration::from_secs(10);
+
 async fn connect_and_read(
     sh: &Rc<Shared>,
     host: &HostAssignment,
     last_seq: &mut i64,
     stopping: &impl Fn() -> bool,
     cancel: &Cancel,
-) -> anyhow::Result<()> {
+) -> Ended {
+    let meter = Meter::new(HANDSHAKE_BYTES_MAX);
+    let deadline = Duration::from_secs(sh.upstream.connect_timeout_s as u64);
+    let handshake = Box::pin(handshake(sh, host, *last_seq, meter.clone()));
+    let ws = match futures::future::select(handshake, Box::pin(glommio::timer::sleep(deadline))).await {
+        futures::future::Either::Left((Ok(ws), _)) => ws,
+        futures::future::Either::Left((Err(e), _)) => return e,
+        futures::future::Either::Right(_) => {
+            return ended(UpstreamClose::HandshakeTimeout, format!("no upgrade within {deadline:?}"))
+        }
+    };
+    meter.set_bound(UNFINISHED_BYTES_MAX);
+    match ws {
+        Upgraded::Plain(ws) => read_loop(sh, host, *ws, &meter, last_seq, stopping, cancel).await,
+        Upgraded::Tls(ws) => read_loop(sh, host, *ws, &meter, last_seq, stopping, cancel).await,
+    }
+}
+
+type Plain = Metered<glommio::net::TcpStream>;
+type Tls = Metered<futures_rustls::client::TlsStream<glommio::net::TcpStream>>;
+
+enum Upgraded {
+    Plain(Box<async_tungstenite::WebSocketStream<Plain>>),
+    Tls(Box<async_tungstenite::WebSocketStream<Tls>>),
+}
+
+/// TCP connect (resolved addresses only), TLS, the WebSocket upgrade.
+async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64, meter: Rc<Meter>) -> Result<Upgraded, Ended> {
+    let connect = |e: &dyn std::fmt::Display| ended(UpstreamClose::Connect, e);
     let pds = PdsHost::parse_authority(&host.hostname, host.insecure)
-        .ok_or_else(|| anyhow::anyhow!("{:?} is not a hostname", host.hostname))?;
+        .ok_or_else(|| connect(&format!("{:?} is not a hostname", host.hostname)))?;
     if host.insecure && !sh.allow_insecure {
-        anyhow::bail!("host {} is plain-text (ws://) and allow_insecure_hosts is off", host.hostname);
+        return Err(connect(&"plain-text (ws://) host and allow_insecure_hosts is off"));
     }
     let default_port = if host.insecure { 80 } else { 443 };
     let port = pds.name.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(default_port);
     let mut tcp = None;
-    let mut last_err = None;
-    for addr in sh.resolver.host(pds.hostname(), port).await? {
+    let mut last_err = String::from("no address");
+    for addr in sh.resolver.host(pds.hostname(), port).await.map_err(|e| connect(&e))? {
         match glommio::net::TcpStream::connect(addr).await {
             Ok(t) => {
                 tcp = Some(t);
                 break;
             }
-            Err(e) => last_err = Some(io(e)),
+            Err(e) => last_err = io(e).to_string(),
         }
     }
-    let tcp = match (tcp, last_err) {
-        (Some(t), _) => t,
-        (None, Some(e)) => return Err(e.into()),
-        (None, None) => anyhow::bail!("{} has no address", host.hostname),
-    };
-    tcp.set_nodelay(true).map_err(io)?;
-    tcp.set_read_timeout(Some(READ_IDLE)).map_err(io)?;
+    let tcp = tcp.ok_or_else(|| connect(&last_err))?;
+    tcp.set_nodelay(true).map_err(|e| connect(&io(e)))?;
+    // Reads have no timeout: a quiet host is kept by pings (read_loop).
+    // Writes (pings, pongs) to a peer that does not read do not hang.
+    tcp.set_write_timeout(Some(Duration::from_secs(sh.upstream.connect_timeout_s as u64)))
+        .map_err(|e| connect(&io(e)))?;
     // Always with a cursor: a host's backlog since our durable cursor (its
     // whole backlog for a new host) is what a lossless relay must read.
-    let path = format!("/xrpc/com.atproto.sync.subscribeRepos?cursor={last_seq}");
+    let path = format!("/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
     let mut cfg = WebSocketConfig::default();
     cfg.max_message_size = Some(MESSAGE_BYTES_MAX);
     cfg.max_frame_size = Some(MESSAGE_BYTES_MAX);
+    let upgrade = |e: async_tungstenite::tungstenite::Error, meter: &Meter| {
+        let reason = if meter.tripped() { UpstreamClose::Oversized } else { UpstreamClose::Connect };
+        ended(reason, format!("upgrade: {e}"))
+    };
     if host.insecure {
         let url = format!("ws://{}{path}", host.hostname);
-        let (ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?;
-        read_loop(sh, host, ws, last_seq, stopping, cancel).await
+        let stream = Metered::new(tcp, meter.clone());
+        let (ws, _) = async_tungstenite::client_async_with_config(url, stream, Some(cfg))
+            .await
+            .map_err(|e| upgrade(e, &meter))?;
+        Ok(Upgraded::Plain(Box::new(ws)))
     } else {
-        let name = futures_rustls::rustls::pki_types::ServerName::try_from(pds.hostname().to_owned())?;
-        let tls = futures_rustls::TlsConnector::from(sh.tls.clone()).connect(name, tcp).await?;
+        let name = futures_rustls::rustls::pki_types::ServerName::try_from(pds.hostname().to_owned())
+            .map_err(|e| connect(&e))?;
+        let tls = futures_rustls::TlsConnector::from(sh.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| connect(&format!("TLS: {e}")))?;
         let url = format!("wss://{}{path}", host.hostname);
-        let (ws, _) = async_tungstenite::client_async_with_config(url, tls, Some(cfg)).await?;
-        read_loop(sh, host, ws, last_seq, stopping, cancel).await
+        let stream = Metered::new(tls, meter.clone());
+        let (ws, _) = async_tungstenite::client_async_with_config(url, stream, Some(cfg))
+            .await
+            .map_err(|e| upgrade(e, &meter))?;
+        Ok(Upgraded::Tls(Box::new(ws)))
     }
+}
+
+/// What woke the read loop.
+enum Wake {
+    Message(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
+    Stop,
+    Tick,
+}
+
+/// Keep-alive: silence for `upstream_ping_interval_s` sends a ping;
+/// silence (no frame, no pong) for `upstream_idle_timeout_s` ends it.
+struct KeepAlive {
+    ping_every: Duration,
+    idle_max: Duration,
+    last_heard: Instant,
+    pings_window: Instant,
+    pings: u32,
+}
+
+impl KeepAlive {
+    fn new(sh: &Shared) -> KeepAlive {
+        let now = Instant::now();
+        KeepAlive {
+            ping_every: Duration::from_secs(sh.upstream.ping_interval_s as u64),
+            idle_max: Duration::from_secs(sh.upstream.idle_timeout_s as u64),
+            last_heard: now,
+            pings_window: now,
+            pings: 0,
+        }
+    }
+
+    /// On a timer tick: `Err` if the host went silent too long, else
+    /// whether to ping, and when to look again.
+    fn tick(&self) -> Result<(bool, Duration), Ended> {
+        let silent = self.last_heard.elapsed();
+        if silent >= self.idle_max {
+            return Err(ended(UpstreamClose::Idle, format!("no frame or pong for {silent:?}")));
+        }
+        let ping = silent >= self.ping_every;
+        let next = if ping { self.ping_every } else { self.ping_every - silent };
+        Ok((ping, next.min(self.idle_max - silent)))
+    }
+
+    /// A ping from the host: `Err` past the rate.
+    fn host_pinged(&mut self) -> Result<(), Ended> {
+        if self.pings_window.elapsed() >= PING_WINDOW {
+            self.pings_window = Instant::now();
+            self.pings = 0;
+        }
+        self.pings += 1;
+        if self.pings > PINGS_PER_WINDOW_MAX {
+            return Err(ended(
+                UpstreamClose::PingFlood,
+                format!("more than {PINGS_PER_WINDOW_MAX} pings in {PING_WINDOW:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn ws_error(e: async_tungstenite::tungstenite::Error, meter: &Meter) -> Ended {
+    use async_tungstenite::tungstenite::Error as E;
+    let reason = match &e {
+        _ if meter.tripped() => UpstreamClose::Oversized,
+        E::Capacity(_) => UpstreamClose::Oversized,
+        E::Protocol(_) | E::Utf8(_) => UpstreamClose::BadFrame,
+        _ => UpstreamClose::Remote,
+    };
+    ended(reason, e)
 }
 
 async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     sh: &Rc<Shared>,
     host: &HostAssignment,
     mut ws: async_tungstenite::WebSocketStream<S>,
+    meter: &Meter,
     last_seq: &mut i64,
     stopping: &impl Fn() -> bool,
     cancel: &Cancel,
-) -> anyhow::Result<()> {
+) -> Ended {
     sh.slot().hosts_connected.fetch_add(1, Ordering::Relaxed);
     let _connected = scopeguard(|| {
         sh.slot().hosts_connected.fetch_sub(1, Ordering::Relaxed);
     });
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
     let mut buf = Vec::new();
-    let mut bucket = Bucket::new(sh.host_rate, std::time::Instant::now());
+    let mut bucket = Bucket::new(sh.host_rate, Instant::now());
+    let mut keep = KeepAlive::new(sh);
     // Wakes the loop when the host is unassigned or the relay stops, even
     // if the host sends nothing.
     let mut watch = Box::pin(cancel.wait());
+    let mut tick = Box::pin(glommio::timer::sleep(keep.ping_every));
     while !stopping() {
-        let msg = match futures::future::select(ws.next(), &mut watch).await {
-            futures::future::Either::Left((m, _)) => m,
-            futures::future::Either::Right(_) => break,
+        let wake = {
+            let next = ws.next();
+            match futures::future::select(next, futures::future::select(&mut watch, &mut tick)).await {
+                futures::future::Either::Left((m, _)) => Wake::Message(m),
+                futures::future::Either::Right((futures::future::Either::Left(_), _)) => Wake::Stop,
+                futures::future::Either::Right((futures::future::Either::Right(_), _)) => Wake::Tick,
+            }
         };
-        let Some(msg) = msg else { return Ok(()) };
-        while let Some(wait) = bucket.take(std::time::Instant::now()) {
-            glommio::timer::sleep(wait).await;
-        }
-        let data = match msg? {
+        let msg = match wake {
+            Wake::Stop => break,
+            Wake::Tick => {
+                let (ping, next) = match keep.tick() {
+                    Ok(t) => t,
+                    Err(e) => return e,
+                };
+                if ping {
+                    if let Err(e) = ws.send(Message::Ping(Default::default())).await {
+                        return ws_error(e, meter);
+                    }
+                }
+                tick = Box::pin(glommio::timer::sleep(next));
+                continue;
+            }
+            Wake::Message(None) => return ended(UpstreamClose::Remote, "stream ended"),
+            Wake::Message(Some(Err(e))) => return ws_error(e, meter),
+            Wake::Message(Some(Ok(m))) => m,
+        };
+        keep.last_heard = Instant::now();
+        let data = match msg {
             Message::Binary(b) => b,
-            Message::Close(_) => return Ok(()),
+            Message::Close(_) => return ended(UpstreamClose::Remote, "close frame"),
+            Message::Ping(_) => match keep.host_pinged() {
+                Ok(()) => continue,
+                Err(e) => return e,
+            },
             _ => continue,
         };
-        match check_frame(sh, host, &data, *last_seq, &mut buf).await {
-            Ok(seq) => {
-                push(sh, &buf).await;
-                sh.slot().events_in.fetch_add(1, Ordering::Relaxed);
-                *last_seq = seq;
-            }
-            Err((Rejected::Drop(why), seq)) => {
-                sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(host = host.hostname, seq, why, "dropped upstream event");
-                if let Some(seq) = seq {
-                    RingRecord::Cursor { host_id: host.id, upstream_seq: seq }.encode(&mut buf);
-                    push(sh, &buf).await;
-                    *last_seq = seq;
-                }
-            }
-            Err((Rejected::Close(why), _)) => {
-                sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
-                anyhow::bail!("closing: {why}");
-            }
+        meter.message_done();
+        while let Some(wait) = bucket.take(Instant::now()) {
+            glommio::timer::sleep(wait).await;
+        }
+        if let Err(e) = handle_frame(sh, host, &data, last_seq, &mut buf).await {
+            return e;
         }
     }
     let _ = ws.close(None).await;
+    ended(UpstreamClose::Local, "unassigned or stopping")
+}
+
+/// Check one data message and write what it yields into the ring.
+async fn handle_frame(
+    sh: &Shared,
+    host: &HostAssignment,
+    data: &[u8],
+    last_seq: &mut i64,
+    buf: &mut Vec<u8>,
+) -> Result<(), Ended> {
+    match check_frame(sh, host, data, *last_seq, buf).await {
+        Ok(seq) => {
+            push(sh, buf).await;
+            sh.slot().events_in.fetch_add(1, Ordering::Relaxed);
+            *last_seq = seq;
+        }
+        Err((Rejected::Drop(why), seq)) => {
+            sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(host = host.hostname, seq, why, "dropped upstream event");
+            if let Some(seq) = seq {
+                RingRecord::Cursor { host_id: host.id, upstream_seq: seq }.encode(buf);
+                push(sh, buf).await;
+                *last_seq = seq;
+            }
+        }
+        Err((Rejected::Close(reason, why), _)) => {
+            sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
+            return Err(ended(reason, why));
+        }
+    }
     Ok(())
 }
 
@@ -301,10 +498,12 @@ pub async fn check_frame(
     last_seq: i64,
     out: &mut Vec<u8>,
 ) -> Result<i64, (Rejected, Option<i64>)> {
-    let decoded = frame::decode(data).map_err(|e| (Rejected::Close(format!("frame: {e}")), None))?;
+    let decoded =
+        frame::decode(data).map_err(|e| (Rejected::Close(UpstreamClose::BadFrame, format!("frame: {e}")), None))?;
     let ev = match decoded.message {
         frame::Message::Error { error, message } => {
-            return Err((Rejected::Close(format!("error frame {error}: {}", message.unwrap_or(""))), None));
+            let why = format!("error frame {error}: {}", message.unwrap_or(""));
+            return Err((Rejected::Close(UpstreamClose::BadFrame, why), None));
         }
         frame::Message::Event(ev) => ev,
     };
@@ -438,7 +637,7 @@ async fn authority_and_signature(
         }
     }
     if unavailable == 2 {
-        return Err(Rejected::Close(format!("identity unavailable: {last_err}")));
+        return Err(Rejected::Close(UpstreamClose::IdentityUnavailable, format!("identity unavailable: {last_err}")));
     }
     Err(Rejected::Drop(last_err))
 }

@@ -3,7 +3,7 @@
 //! per-shard counters, the db-writer's counters, ring fill, watermarks.
 //! One small blocking thread; a request gets the whole page.
 
-use sluice_common::shm::{ControlBlock, WriterCounter};
+use sluice_common::shm::{ControlBlock, UpstreamClose, WriterCounter};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -64,6 +64,23 @@ pub fn render(cb: &ControlBlock, rings: &[(u64, u64)]) -> String {
     for (name, help, kind, field) in per_shard {
         gauge(name, help, kind, &per(&|k| field(&cb.shard(k))));
     }
+    let closes: Vec<(String, u64)> = (0..n)
+        .flat_map(|k| {
+            let slot = cb.shard(k);
+            UpstreamClose::ALL.map(|r| {
+                (
+                    format!("{{shard=\"{k}\",reason=\"{}\"}}", r.name()),
+                    slot.upstream_closes[r as usize].load(Ordering::Relaxed),
+                )
+            })
+        })
+        .collect();
+    gauge(
+        "sluice_shard_upstream_closes_total",
+        "Upstream connections ended (or never established), by reason.",
+        "counter",
+        &closes,
+    );
     let fill: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.0)).collect();
     gauge("sluice_ring_used_bytes", "Bytes in the shard's ring not yet committed.", "gauge", &fill);
     let cap: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.1)).collect();
