@@ -1,13 +1,16 @@
 //! fakenet: a synthetic AT Protocol network for tests, the demo and
-//! benchmarks. See `tests/README.md` for the ledger format and flags.
+//! benchmarks. The ledger format is in [`ledger`]'s docs, the corpus
+//! layout in [`runner`]'s, the flags in `fakenet --help`.
 //!
 //! - [`world`]: the seeded generator (accounts, repos, events, faults);
 //! - [`ledger`]: what was emitted and what a relay must do with it;
 //! - [`server`]: the hosts, the PLC directory, did:web documents, the fake
 //!   upstream relay's listHosts, the control endpoint (tokio);
-//! - [`check`]: the exact checker that subscribes to a relay.
+//! - [`check`]: the exact checker that subscribes to a relay;
+//! - [`hostile`]: hosts that misbehave on the wire, one mode each.
 
 pub mod check;
+pub mod hostile;
 pub mod ledger;
 pub mod runner;
 pub mod server;

@@ -1,0 +1,150 @@
+//! Upstream on a hostile and quiet network, end to end: `sluice run` with
+//! short keep-alive settings (ping after 1 s of silence, cut after 3 s,
+//! 2 s to connect and upgrade) against fakenet's normal hosts and one
+//! hostile host per mode. Bounded: fixed event counts and deadlines.
+
+mod support;
+
+use sluice_tests::fakenet::hostile::{self, Mode};
+use sluice_tests::fakenet::runner::{self, ServeConfig};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::*;
+
+const KEEPALIVE: &str = "upstream_ping_interval_s = 1\nupstream_idle_timeout_s = 3\nupstream_connect_timeout_s = 2\n";
+
+/// `name{labels} value` lines of the metrics page whose name is `name`.
+fn metric(relay: &Relay, name: &str) -> HashMap<String, u64> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k[name.len()..].to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Upstream closes summed over shards, by reason.
+fn closes(relay: &Relay) -> HashMap<String, u64> {
+    let mut by = HashMap::new();
+    for (labels, v) in metric(relay, "sluice_shard_upstream_closes_total") {
+        let reason = labels.split("reason=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?").to_owned();
+        *by.entry(reason).or_insert(0) += v;
+    }
+    by
+}
+
+fn total(m: &HashMap<String, u64>) -> u64 {
+    m.values().sum()
+}
+
+/// Every hostile mode at once beside a normal network: each hostile
+/// connection ends within its bound and is counted by reason, `_health`
+/// answers within 100 ms throughout, the normal hosts' stream is exact,
+/// and no shard restarts.
+#[test]
+fn hostile_hosts_cannot_freeze_a_shard_or_disturb_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    const EVENTS: u64 = 2500;
+    let mut net = runner::start(ServeConfig {
+        hosts: 4,
+        accounts: 10,
+        seed: 14,
+        rate: 150.0,
+        max_events: Some(EVENTS),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let hostiles: Vec<hostile::Hostile> = Mode::ALL.iter().map(|m| hostile::start(*m).unwrap()).collect();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 2, KEEPALIVE);
+    relay.start();
+    crawl_all(&relay, &net, "");
+    for h in &hostiles {
+        let (st, body) = relay
+            .http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{}\"}}", h.host))
+            .unwrap();
+        assert_eq!(st, 200, "requestCrawl {}: {body}", h.host);
+    }
+    // While the network runs: _health stays quick on both shards (the
+    // public port spreads connections over them).
+    let mut took = Vec::new();
+    while !net.shared.generation_done.load(std::sync::atomic::Ordering::Acquire) {
+        let t = Instant::now();
+        let (st, _) = relay.http("GET", "/xrpc/_health", "").expect("health answered");
+        took.push(t.elapsed());
+        assert_eq!(st, 200);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    took.sort();
+    let pct = |p: usize| took[(took.len() - 1) * p / 100];
+    eprintln!(
+        "_health during the hostile run: {} asked, p50 {:?}, p99 {:?}, max {:?}",
+        took.len(),
+        pct(50),
+        pct(99),
+        pct(100)
+    );
+    assert!(pct(100) < Duration::from_millis(100), "_health took {:?}", pct(100));
+    net.wait_generation().unwrap();
+    let report = check_exact(&relay, dir.path(), Duration::from_secs(60));
+    assert!(report.relayed > EVENTS * 9 / 10, "{}", report.summary());
+    let by = closes(&relay);
+    eprintln!("upstream closes by reason: {by:?}");
+    for h in &hostiles {
+        assert!(h.connections.load(std::sync::atomic::Ordering::Relaxed) >= 1, "{:?} never dialed", h.mode);
+    }
+    let at_least = |reason: &str, n: u64| {
+        assert!(by.get(reason).copied().unwrap_or(0) >= n, "{reason}: {by:?}\n{}", relay.log_tail());
+    };
+    // Empty continuations, 1-byte fragments, a 2^62 length: bytes without
+    // a message. Pings past the rate. The slow status line: the deadline.
+    // A silent host: no pong. Garbage, deep nesting, 2^32 items: bad frames.
+    at_least("oversized", 3);
+    at_least("ping_flood", 1);
+    at_least("handshake_timeout", 1);
+    at_least("idle", 1);
+    at_least("bad_frame", 3);
+    let restarts = metric(&relay, "sluice_child_restarts_total");
+    assert_eq!(total(&restarts), 0, "a child restarted: {restarts:?}\n{}", relay.log_tail());
+    relay.stop();
+}
+
+/// Quiet hosts stay connected: after the network goes silent, the relay
+/// pings them and they answer, so for several idle timeouts no connection
+/// ends and none is re-dialed.
+#[test]
+fn quiet_hosts_stay_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 3,
+        accounts: 5,
+        seed: 15,
+        rate: 200.0,
+        max_events: Some(200),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, KEEPALIVE);
+    relay.start();
+    crawl_all(&relay, &net, "");
+    net.wait_generation().unwrap();
+    check_exact(&relay, dir.path(), Duration::from_secs(30));
+    let before = closes(&relay);
+    let connected = |r: &Relay| total(&metric(r, "sluice_shard_hosts_connected"));
+    assert_eq!(connected(&relay), 3);
+    // Three idle timeouts of silence.
+    for _ in 0..18 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(connected(&relay), 3, "a quiet host was cut: {:?}", closes(&relay));
+    }
+    let after = closes(&relay);
+    assert_eq!(total(&after), total(&before), "connections ended while quiet: {before:?} -> {after:?}");
+    relay.stop();
+}
