@@ -575,7 +575,13 @@ impl Value {
                 let mut prev: Option<&str> = None;
                 for _ in 0..n {
                     let kat = r.pos;
+                    let (_, _, minimal) = r.head_full()?;
+                    r.pos = kat;
                     let k = r.key()?;
+                    // Key lengths are heads too: canonical means shortest.
+                    if !minimal {
+                        return Err(CborError::NonMinimal(kat));
+                    }
                     if let Some(p) = prev {
                         if key_order(p.as_bytes(), k.as_bytes()) != std::cmp::Ordering::Less {
                             return Err(CborError::KeyOrder(kat));
@@ -751,6 +757,13 @@ mod tests {
         assert_eq!(Value::decode(&[0xa2, 0x61, b'b', 1, 0x61, b'a', 2]), Err(CborError::KeyOrder(4)));
         // trailing
         assert_eq!(Value::decode(&[0x01, 0x02]), Err(CborError::Trailing(1)));
+        // A map key whose length is not in its shortest form (found by the
+        // cbor_value fuzz target: 0x78 0x0e where 0x6e says the same).
+        let mut long_key = vec![0xa1, 0x78, 0x0e];
+        long_key.extend_from_slice(&[0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        long_key.push(0x00);
+        assert_eq!(Value::decode(&long_key), Err(CborError::NonMinimal(1)));
+        assert!(Value::decode(&[0xa1, 0x61, b'a', 0x00]).is_ok());
     }
 
     #[test]
