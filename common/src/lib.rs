@@ -11,7 +11,7 @@
 //! block), [`ring`] (SPSC shared-memory ring) and [`ringrec`] (what the
 //! ring carries), [`eventlog`] (segments, index, repair), [`policy`]
 //! (stateful checks), [`partition`] (host → shard), [`http`] (the one
-//! HTTP request-head parser), [`failpoint`] (crashes on purpose, for
+//! HTTP request-head parser), [`netguard`] (which hosts may be dialed), [`failpoint`] (crashes on purpose, for
 //! tests). Nothing here blocks, spawns or reads the clock:
 //! callers pass the time in.
 
@@ -28,6 +28,7 @@ pub mod frame;
 pub mod http;
 pub mod identity;
 pub mod mst;
+pub mod netguard;
 pub mod partition;
 pub mod policy;
 pub mod repo;
@@ -35,3 +36,4 @@ pub mod ring;
 pub mod ringrec;
 pub mod shm;
 pub mod syntax;
+pub mod tls;

@@ -11,6 +11,7 @@
 //! as inherited file descriptors.
 
 pub mod admin;
+pub mod admission;
 pub mod db;
 pub mod query;
 pub mod sequencer;
@@ -74,6 +75,7 @@ pub unsafe fn run(
             run_dir: cfg.run_dir(),
             admin_password,
             admin: admin_tx,
+            net: Arc::new(admission::SystemNet::new(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?)),
         },
         query_stop.clone(),
     )?;

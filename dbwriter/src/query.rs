@@ -62,6 +62,8 @@ pub struct QueryConfig {
     pub run_dir: std::path::PathBuf,
     /// To the sequencer, for admin actions that emit events.
     pub admin: std::sync::mpsc::SyncSender<crate::admin::Command>,
+    /// DNS and HTTP for requestCrawl's admission checks.
+    pub net: Arc<dyn crate::admission::Net>,
 }
 
 /// Start the listener and the workers; they run until `stop`.
@@ -293,9 +295,13 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     let Some(raw) = v.get("hostname").and_then(|h| h.as_str()) else {
         return Ok(error(400, "InvalidRequest", "missing hostname"));
     };
-    let host = match crawl_target(raw, cfg.allow_insecure_hosts) {
+    let refused = |why: crate::admission::Refusal| {
+        tracing::info!(host = raw, why = %why, "requestCrawl refused");
+        error(400, "InvalidRequest", &why.to_string())
+    };
+    let host = match crate::admission::parse_target(raw, cfg.allow_insecure_hosts) {
         Ok(h) => h,
-        Err(why) => return Ok(error(400, "InvalidRequest", &why)),
+        Err(why) => return Ok(refused(why)),
     };
     // None: a host the relay does not know yet.
     let status: Option<String> =
@@ -309,6 +315,12 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
         if recent >= cfg.new_hosts_per_day_max {
             tracing::warn!(host = host.name, recent, "requestCrawl refused: new hosts per day at the limit");
             return Ok(error(429, "TooManyNewHosts", "the relay takes no more new hosts today"));
+        }
+    }
+    // Before anything is stored: its addresses, and that it is a PDS.
+    if status.as_deref() != Some("active") {
+        if let Err(why) = crate::admission::check_network(&host, cfg.allow_insecure_hosts, cfg.net.as_ref()) {
+            return Ok(refused(why));
         }
     }
     let new = crate::db::add_host(c, &host, cfg.host_account_limit_default)?;
@@ -327,23 +339,11 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     Ok(Response::ok(json!({})))
 }
 
-/// The host a requestCrawl names: a bare `hostname[:port]` or a URL.
-/// Loopback, private and `ws://`/`http://` hosts need `allow_insecure`.
+/// The host a requestCrawl names, checked by name only (no lookups): the
+/// first step of [`crate::admission::admit`]; bootstrap uses it for the
+/// names another relay lists (the shards check addresses before dialing).
 pub fn crawl_target(raw: &str, allow_insecure: bool) -> Result<PdsHost, String> {
-    let parsed = if raw.contains("://") {
-        PdsHost::from_endpoint(raw)
-    } else {
-        // A bare name means TLS, except a loopback or private one.
-        PdsHost::parse_authority(raw, false).map(|mut h| {
-            h.insecure = h.is_local();
-            h
-        })
-    };
-    let host = parsed.ok_or_else(|| format!("{raw:?} is not a hostname"))?;
-    if (host.insecure || host.is_local()) && !allow_insecure {
-        return Err(format!("{} is loopback, private or plain-text; it needs allow_insecure_hosts", host.name));
-    }
-    Ok(host)
+    crate::admission::parse_target(raw, allow_insecure).map_err(|e| e.to_string())
 }
 
 fn list_hosts(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {

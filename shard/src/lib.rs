@@ -80,21 +80,7 @@ impl Shared {
 /// The client TLS config: the web PKI roots, plus the certificates in
 /// `extra_ca` (PEM) when given.
 pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<Arc<futures_rustls::rustls::ClientConfig>> {
-    use futures_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(p) = extra_ca {
-        let pem = std::fs::read(p).map_err(|e| anyhow::anyhow!("tls_ca_file {}: {e}", p.display()))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert?)?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    Ok(sluice_common::tls::client_config(extra_ca)?)
 }
 
 /// One line from the supervisor: the complete host list of this shard.

@@ -239,6 +239,12 @@ async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64, meter: R
     let mut tcp = None;
     let mut last_err = String::from("no address");
     for addr in sh.resolver.host(pds.hostname(), port).await.map_err(|e| connect(&e))? {
+        // Checked again at every connect: a name may resolve elsewhere now
+        // than at requestCrawl (DNS rebinding).
+        if let (false, Some(why)) = (sh.allow_insecure, sluice_common::netguard::address_refused(addr.ip())) {
+            last_err = format!("{} resolves to {}, which is refused: {why}", pds.hostname(), addr.ip());
+            continue;
+        }
         match glommio::net::TcpStream::connect(addr).await {
             Ok(t) => {
                 tcp = Some(t);

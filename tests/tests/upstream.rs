@@ -148,3 +148,52 @@ fn quiet_hosts_stay_connected() {
     assert_eq!(total(&after), total(&before), "connections ended while quiet: {before:?} -> {after:?}");
     relay.stop();
 }
+
+/// requestCrawl is hostile input: without allow_insecure_hosts, internal
+/// names and addresses are refused with a reason and nothing is stored;
+/// with it, a host that does not answer describeServer is refused too.
+#[test]
+fn request_crawl_refuses_internal_and_non_pds_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::new(dir.path(), "http://127.0.0.1:9", 1, "allow_insecure_hosts = false\n");
+    relay.start();
+    let refused = [
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0:2470",
+        "127.0.0.1:2470",
+        "10.0.0.1",
+        "localhost",
+        "metadata.google.internal",
+        "printer.local",
+        "foo.internal",
+        "nas.home.arpa",
+        "intranet",
+        "http://pds.example.com",
+        "[::1]",
+    ];
+    for h in refused {
+        let (st, body) =
+            relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")).unwrap();
+        assert_eq!(st, 400, "{h}: {body}");
+        assert!(body.contains("InvalidRequest"), "{h}: {body}");
+    }
+    let (st, body) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
+    assert_eq!(st, 200);
+    assert!(!body.contains("hostname"), "a refused host was stored: {body}");
+    relay.stop();
+
+    // On loopback (allow_insecure_hosts): a port with no PDS behind it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::new(dir.path(), "http://127.0.0.1:9", 1, "");
+    relay.start();
+    let closed = free_port();
+    let (st, body) = relay
+        .http("POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"localhost:{closed}\"}}"))
+        .unwrap();
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("describeServer"), "{body}");
+    let (_, body) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
+    assert!(!body.contains("hostname"), "{body}");
+    relay.stop();
+}

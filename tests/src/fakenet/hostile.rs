@@ -114,8 +114,8 @@ pub fn start(mode: Mode) -> std::io::Result<Hostile> {
     Ok(Hostile { mode, host, connections, stop })
 }
 
-/// Read the request head; returns the Sec-WebSocket-Key.
-fn read_head(sock: &mut TcpStream) -> std::io::Result<String> {
+/// Read the request head; returns the target and the Sec-WebSocket-Key.
+fn read_head(sock: &mut TcpStream) -> std::io::Result<(String, String)> {
     let mut buf = Vec::new();
     let mut b = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -126,11 +126,13 @@ fn read_head(sock: &mut TcpStream) -> std::io::Result<String> {
         buf.extend_from_slice(&b[..n]);
     }
     let text = String::from_utf8_lossy(&buf);
-    Ok(text
+    let target = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let key = text
         .lines()
         .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key")))
         .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((target, key))
 }
 
 fn upgrade_answer(key: &str) -> Vec<u8> {
@@ -197,7 +199,17 @@ fn hold(sock: &mut TcpStream, stop: &AtomicBool) -> std::io::Result<()> {
 
 fn serve(mut sock: TcpStream, mode: Mode, stop: &AtomicBool) -> std::io::Result<()> {
     sock.set_nonblocking(false)?;
-    let key = read_head(&mut sock)?;
+    let (target, key) = read_head(&mut sock)?;
+    // It passes requestCrawl's check like any PDS; the stream is the trouble.
+    if target.contains("describeServer") {
+        let body = format!("{{\"did\":\"did:web:hostile-{}.test\",\"availableUserDomains\":[]}}", mode.name());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes())?;
+        return sock.write_all(body.as_bytes());
+    }
     let answer = upgrade_answer(&key);
     if mode == Mode::Slowloris {
         let t = Instant::now();

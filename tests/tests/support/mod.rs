@@ -52,11 +52,13 @@ impl Relay {
 
     pub fn write_config(&self, dir: &Path, plc_url: &str, shard_count: u32, extra: &str) {
         let (port, metrics_port, config) = (self.port, self.metrics_port, &self.config);
+        // Tests run on loopback: plain-text hosts allowed unless `extra` says.
+        let insecure = if extra.contains("allow_insecure_hosts") { "" } else { "allow_insecure_hosts = true\n" };
         std::fs::write(
             config,
             format!(
                 "shard_count = {shard_count}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\ndata_dir = {:?}\nplc_url = {plc_url:?}\n\
-                 allow_insecure_hosts = true\nshutdown_timeout_ms = 20000\n{extra}\n",
+                 {insecure}shutdown_timeout_ms = 20000\n{extra}\n",
                 dir.join("data").to_string_lossy()
             ),
         )
