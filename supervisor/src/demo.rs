@@ -3,9 +3,9 @@
 //! embedded PostgreSQL, plus a one-line summary every second.
 
 use crate::supervise::Supervisor;
+use fakenet::runner::{self, ServeConfig};
+use fakenet::world::FaultRates;
 use sluice_common::config::RawConfig;
-use sluice_tests::fakenet::runner::{self, ServeConfig};
-use sluice_tests::fakenet::world::FaultRates;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

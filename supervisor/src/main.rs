@@ -1,9 +1,11 @@
 //! `sluice`: the relay's one binary. `sluice run` is the supervisor; it
 //! starts itself again as `sluice db-writer` and `sluice shard --id K`
 //! (see ARCHITECTURE.md); `sluice demo` runs the relay against a synthetic
-//! network on loopback.
+//! network on loopback (only in builds with the `demo` feature: the
+//! packaged binary holds no fakenet code).
 
 mod bootstrap;
+#[cfg(feature = "demo")]
 mod demo;
 mod metrics;
 mod pg;
@@ -212,7 +214,7 @@ fn main() -> anyhow::Result<()> {
             s.set_source(source);
             s.run(term, hup, None)
         }
-        Cmd::Demo { data_dir, port, hosts, rate } => demo::run(&data_dir, port, hosts, rate),
+        Cmd::Demo { data_dir, port, hosts, rate } => demo(&data_dir, port, hosts, rate),
         Cmd::Admin { url, password_file, action } => admin(&url, password_file.as_deref(), action),
         Cmd::DbWriter { config } => {
             let cfg = Config::from_effective(&config)?;
@@ -234,4 +236,18 @@ fn main() -> anyhow::Result<()> {
             unsafe { sluice_shard::run(&cfg, id, control, ring, assign) }
         }
     }
+}
+
+#[cfg(feature = "demo")]
+fn demo(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Result<()> {
+    demo::run(data_dir, port, hosts, rate)
+}
+
+/// The packaged build: the synthetic network is not in it.
+#[cfg(not(feature = "demo"))]
+fn demo(_: &Path, _: u16, _: usize, _: f64) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this sluice was built without the demo (cargo feature \"demo\"); from a source tree, scripts/demo builds \
+         and runs it"
+    )
 }

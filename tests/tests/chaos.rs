@@ -11,11 +11,11 @@
 
 mod support;
 
+use fakenet::runner::{self, ServeConfig};
+use fakenet::world::FaultRates;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::{Rng, SeedableRng};
-use sluice_tests::fakenet::runner::{self, ServeConfig};
-use sluice_tests::fakenet::world::FaultRates;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::*;

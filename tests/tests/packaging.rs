@@ -38,7 +38,7 @@ fn unit_file_raises_limits_and_maps_signals() {
     // systemd's own check, against the binary we built.
     if Command::new("systemd-analyze").arg("--version").output().is_ok_and(|o| o.status.success()) {
         let dir = tempfile::tempdir().unwrap();
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_fakenet")).with_file_name("sluice");
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-bench")).with_file_name("sluice");
         let u = unit.replace("/usr/bin/sluice", bin.to_str().unwrap());
         let p = dir.path().join("sluice.service");
         std::fs::write(&p, u).unwrap();
@@ -52,7 +52,7 @@ fn unit_file_raises_limits_and_maps_signals() {
 
 #[test]
 fn deb_holds_binary_unit_config_and_scripts() {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_fakenet")).with_file_name("sluice");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-bench")).with_file_name("sluice");
     assert!(bin.exists(), "build the binaries first (scripts/test does)");
     let out = Command::new(root().join("packaging/build-deb")).arg("--binary").arg(&bin).output().unwrap();
     assert!(out.status.success(), "build-deb failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -75,4 +75,22 @@ fn deb_holds_binary_unit_config_and_scripts() {
         assert!(info.contains(s), "{s} missing:\n{info}");
     }
     let _ = std::fs::remove_file(&deb);
+}
+
+/// The shipped binary holds no test code: the `sluice` package's normal
+/// dependencies (what packaging/build-deb builds, without the `demo`
+/// feature) include neither fakenet nor this test crate.
+#[test]
+fn shipped_binary_links_no_test_code() {
+    let out = Command::new(env!("CARGO"))
+        .args(["tree", "-p", "sluice", "--edges", "normal", "--offline", "--prefix", "none"])
+        .current_dir(root())
+        .output()
+        .expect("cargo tree");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.lines().any(|l| l.starts_with("sluice-shard ")), "unexpected tree:\n{tree}");
+    for banned in ["fakenet ", "sluice-tests ", "rcgen ", "tokio-rustls "] {
+        assert!(!tree.lines().any(|l| l.starts_with(banned)), "sluice depends on {banned}:\n{tree}");
+    }
 }

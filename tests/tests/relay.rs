@@ -6,10 +6,10 @@
 
 mod support;
 
+use fakenet::check::{self, CheckConfig};
+use fakenet::runner::{self, ServeConfig};
+use fakenet::world::FaultRates;
 use sluice_common::frame::{self, Message};
-use sluice_tests::fakenet::check::{self, CheckConfig};
-use sluice_tests::fakenet::runner::{self, ServeConfig};
-use sluice_tests::fakenet::world::FaultRates;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;

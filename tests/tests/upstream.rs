@@ -5,8 +5,8 @@
 
 mod support;
 
-use sluice_tests::fakenet::hostile::{self, Mode};
-use sluice_tests::fakenet::runner::{self, ServeConfig};
+use fakenet::hostile::{self, Mode};
+use fakenet::runner::{self, ServeConfig};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::*;

@@ -8,8 +8,8 @@
 //! `cargo build --release --bins && target/release/sluice-bench --shards 2`
 
 use clap::Parser;
-use sluice_tests::fakenet::runner::{self, ServeConfig};
-use sluice_tests::fakenet::world::FaultRates;
+use fakenet::runner::{self, ServeConfig};
+use fakenet::world::FaultRates;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;

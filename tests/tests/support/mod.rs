@@ -4,9 +4,9 @@
 //! Every wait has a deadline.
 #![allow(dead_code)] // each test binary uses its own part of it
 
+use fakenet::check::{self, CheckConfig};
+use fakenet::runner;
 use sluice_common::frame::{self, Message};
-use sluice_tests::fakenet::check::{self, CheckConfig};
-use sluice_tests::fakenet::runner;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn sluice_bin() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_fakenet")).with_file_name("sluice");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-bench")).with_file_name("sluice");
     if !bin.exists() {
         let ok = Command::new(env!("CARGO"))
             .args(["build", "--bin", "sluice"])

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_tests::fakenet::{check, runner, world::FaultRates};
+use fakenet::{check, runner, world::FaultRates};
 use std::path::PathBuf;
 use std::time::Duration;
 

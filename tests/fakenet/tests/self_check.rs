@@ -2,11 +2,11 @@
 //! connection fault's behaviour on the wire. Bounded: small worlds, short
 //! timeouts.
 
+use fakenet::check::{self, CheckConfig};
+use fakenet::ledger::{Expect, Ledger};
+use fakenet::runner::{self, ServeConfig};
+use fakenet::world::FaultRates;
 use sluice_common::frame::{self, Event, Message};
-use sluice_tests::fakenet::check::{self, CheckConfig};
-use sluice_tests::fakenet::ledger::{Expect, Ledger};
-use sluice_tests::fakenet::runner::{self, ServeConfig};
-use sluice_tests::fakenet::world::FaultRates;
 use std::time::{Duration, Instant};
 
 fn start(faults: &str, events: u64, dir: &tempfile::TempDir) -> runner::Running {
@@ -237,7 +237,7 @@ fn split_writes_arrive_in_pieces() {
         let msg = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n".repeat(20);
         let m2 = msg.clone();
         let w = tokio::spawn(async move {
-            sluice_tests::fakenet::ws::write_maybe_split(&mut a, &m2, Some(&mut rng)).await.unwrap();
+            fakenet::ws::write_maybe_split(&mut a, &m2, Some(&mut rng)).await.unwrap();
         });
         let mut got = Vec::new();
         let mut reads = 0;
@@ -315,7 +315,7 @@ fn sync_endpoints_answer() {
 /// documents name https:// endpoints.
 #[test]
 fn tls_hosts_serve_wss_with_the_generated_ca() {
-    use sluice_tests::fakenet::tls;
+    use fakenet::tls;
     use tokio_rustls::rustls;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");

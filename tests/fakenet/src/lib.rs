@@ -1,5 +1,7 @@
 //! fakenet: a synthetic AT Protocol network for tests, the demo and
-//! benchmarks. The ledger format is in [`ledger`]'s docs, the corpus
+//! benchmarks: a crate of its own (library and the `fakenet` binary) that
+//! the shipped `sluice` binary does not link (its `demo` feature, which
+//! packaging leaves off, is the only way in). The ledger format is in [`ledger`]'s docs, the corpus
 //! layout in [`runner`]'s, the flags in `fakenet --help`.
 //!
 //! - [`world`]: the seeded generator (accounts, repos, events, faults);
