@@ -27,6 +27,7 @@ pub mod failpoint;
 pub mod frame;
 pub mod http;
 pub mod identity;
+pub mod instance;
 pub mod mst;
 pub mod netguard;
 pub mod partition;

@@ -218,6 +218,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Admin { url, password_file, action } => admin(&url, password_file.as_deref(), action),
         Cmd::DbWriter { config } => {
             let cfg = Config::from_effective(&config)?;
+            let _lock = child_lock(&cfg)?;
             let url = cfg.database_url.clone().context("effective config lacks database_url")?;
             let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
             let rings = fd_env(supervise::ENV_RING_FDS)?;
@@ -228,6 +229,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Shard { id, config } => {
             let cfg = Config::from_effective(&config)?;
+            let _lock = child_lock(&cfg)?;
             let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
             let ring = fd_env(supervise::ENV_RING_FDS)?[0];
             let assign = fd_env(supervise::ENV_ASSIGN_FD)?[0];
@@ -236,6 +238,14 @@ fn main() -> anyhow::Result<()> {
             unsafe { sluice_shard::run(&cfg, id, control, ring, assign) }
         }
     }
+}
+
+/// A child runs under its supervisor's lock on `data_dir`, or (started by
+/// hand) takes it itself; a directory another relay holds is refused
+/// before anything is touched.
+fn child_lock(cfg: &Config) -> anyhow::Result<sluice_common::instance::ChildLock> {
+    let inherited = std::env::var(sluice_common::instance::ENV_LOCK_FD).ok().and_then(|v| v.parse().ok());
+    Ok(sluice_common::instance::check_child(&cfg.data_dir, inherited)?)
 }
 
 #[cfg(feature = "demo")]

@@ -15,6 +15,7 @@
 use crate::pg::EmbeddedPg;
 use anyhow::Context;
 use sluice_common::config::Config;
+use sluice_common::instance::{InstanceLock, ENV_LOCK_FD};
 use sluice_common::partition::shard_for;
 use sluice_common::ring::Ring;
 use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
@@ -88,6 +89,75 @@ pub struct Supervisor {
     ring_fill: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
     /// The metrics endpoint (None: it could not bind).
     metrics: Option<crate::metrics::Endpoint>,
+    /// `data_dir` is ours while this is held (children inherit it).
+    lock: InstanceLock,
+    /// `listen`, bound with SO_REUSEPORT but never listening: the shards
+    /// share the port, nobody else can bind it while the relay runs.
+    _listen_reservation: std::os::fd::OwnedFd,
+}
+
+/// Is a socket listening where `addr` would listen (the same port, and the
+/// same address or a wildcard on either side)? Read from /proc/net/tcp and
+/// tcp6, so connections left over from an earlier run (FIN_WAIT, TIME_WAIT)
+/// do not count, only listeners.
+fn listener_on(addr: std::net::SocketAddr) -> bool {
+    let wild = |ip: std::net::IpAddr| ip.is_unspecified();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (f.get(1), f.get(3)) else { continue };
+            if *state != "0A" {
+                continue;
+            }
+            let Some((ip_hex, port_hex)) = local.split_once(':') else { continue };
+            if u16::from_str_radix(port_hex, 16).ok() != Some(addr.port()) {
+                continue;
+            }
+            let ip = proc_ip(ip_hex);
+            if ip.is_none_or(|ip| ip == addr.ip() || wild(ip) || wild(addr.ip()) || ip.to_canonical() == addr.ip()) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// An address as /proc/net/tcp{,6} prints it (32-bit words in host order).
+fn proc_ip(hex: &str) -> Option<std::net::IpAddr> {
+    let words: Vec<u32> =
+        (0..hex.len() / 8).map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok()).collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match bytes.len() {
+        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+/// Nothing may listen on `addr` yet (another relay, or any program); then
+/// reserve it for this relay's shards: a socket with SO_REUSEPORT that is
+/// bound but never listens, so it takes no connections and only sockets
+/// of this user with SO_REUSEPORT (our shards) can bind there besides it.
+fn reserve_listen(addr: std::net::SocketAddr) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    if listener_on(addr) {
+        anyhow::bail!("listen {addr}: address in use (another relay or program listens there)");
+    }
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| anyhow::anyhow!("listen {addr}: {e}"))?;
+    Ok(fd)
+}
+
+/// Nothing may listen on `addr` (the metrics endpoint's).
+fn probe_free(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    if listener_on(addr) {
+        anyhow::bail!("{key} {addr}: address in use (another relay or program listens there)");
+    }
+    Ok(())
 }
 
 fn fill_source(fill: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>) -> crate::metrics::RingFill {
@@ -138,6 +208,10 @@ impl Supervisor {
         raise_rlimits();
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         cfg.data_dir = cfg.data_dir.canonicalize()?;
+        // Before anything else touches the directory or the ports.
+        let lock = InstanceLock::acquire(&cfg.data_dir)?;
+        let listen_reservation = reserve_listen(cfg.listen)?;
+        probe_free("metrics_listen", cfg.metrics_listen)?;
         std::fs::create_dir_all(cfg.run_dir())?;
         let mut pg = None;
         let database_url = match &cfg.database_url {
@@ -187,6 +261,8 @@ impl Supervisor {
             database_url,
             source: None,
             ring_fill,
+            lock,
+            _listen_reservation: listen_reservation,
         })
     }
 
@@ -198,10 +274,11 @@ impl Supervisor {
     fn start_writer(&mut self) -> anyhow::Result<()> {
         let ring_fds: Vec<RawFd> = self.rings.iter().map(|r| r.fd()).collect();
         let mut keep = ring_fds.clone();
-        keep.push(self.control.fd());
+        keep.extend([self.control.fd(), self.lock.fd()]);
         let env = [
             (ENV_CONTROL_FD, self.control.fd().to_string()),
             (ENV_RING_FDS, ring_fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(",")),
+            (ENV_LOCK_FD, self.lock.fd().to_string()),
         ];
         self.control.set_writer_state(WriterState::Starting);
         let child = spawn_child(&["db-writer".into()], &self.config_path, &keep, &env, libc::SIGTERM)?;
@@ -224,11 +301,12 @@ impl Supervisor {
 
     fn start_shard(&mut self, k: usize) -> anyhow::Result<()> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let keep = [self.control.fd(), self.rings[k].fd(), r.as_raw_fd()];
+        let keep = [self.control.fd(), self.rings[k].fd(), r.as_raw_fd(), self.lock.fd()];
         let env = [
             (ENV_CONTROL_FD, self.control.fd().to_string()),
             (ENV_RING_FDS, self.rings[k].fd().to_string()),
             (ENV_ASSIGN_FD, r.as_raw_fd().to_string()),
+            (ENV_LOCK_FD, self.lock.fd().to_string()),
         ];
         self.control.shard(k).poisoned.store(0, Ordering::Release);
         let child = spawn_child(
@@ -481,4 +559,25 @@ fn wait_bounded(c: &mut Child, d: Duration, what: &str) {
     tracing::warn!(what, "did not stop in time; killing it");
     let _ = c.kill();
     let _ = c.wait();
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::*;
+
+    #[test]
+    fn proc_addresses_and_listeners() {
+        assert_eq!(proc_ip("0100007F"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(proc_ip("00000000000000000000000001000000"), Some("::1".parse().unwrap()));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = l.local_addr().unwrap();
+        assert!(listener_on(at));
+        assert!(listener_on(format!("0.0.0.0:{}", at.port()).parse().unwrap()), "a wildcard overlaps");
+        assert!(reserve_listen(at).is_err());
+        drop(l);
+        assert!(!listener_on(at));
+        let r = reserve_listen(at).unwrap();
+        assert!(!listener_on(at), "a reservation does not listen");
+        drop(r);
+    }
 }
