@@ -260,6 +260,16 @@ fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
     req.query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
 }
 
+/// The `did` parameter, present and a DID by its syntax (bad input is a
+/// 400, never a query that fails).
+fn did_param(req: &Request) -> Result<&str, Response> {
+    match param(req, "did") {
+        None => Err(error(400, "InvalidRequest", "missing did")),
+        Some(d) if sluice_common::syntax::is_did(d) => Ok(d),
+        Some(_) => Err(error(400, "InvalidRequest", "did is not a valid DID")),
+    }
+}
+
 pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
     if let Some(r) = crate::admin::handle(c, cfg.admin_password.as_deref(), &cfg.admin, &cfg.run_dir, req) {
         return r.unwrap_or_else(|e| {
@@ -380,14 +390,20 @@ fn host_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Erro
 }
 
 fn repo_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
-    let Some(did) = param(req, "did") else {
-        return Ok(error(400, "InvalidRequest", "missing did"));
+    let did = match did_param(req) {
+        Ok(d) => d,
+        Err(r) => return Ok(r),
     };
     let rows = c.query("SELECT status, rev FROM accounts WHERE did = $1", &[&did])?;
     Ok(match rows.first() {
         None => error(400, "RepoNotFound", "unknown repo"),
         Some(r) => {
-            Response::ok(with_status(json!({"did": did, "rev": r.get::<_, Option<String>>(1)}), &r.get::<_, String>(0)))
+            // `rev` is optional in the lexicon: omitted, not null, before a commit.
+            let mut body = json!({"did": did});
+            if let Some(rev) = r.get::<_, Option<String>>(1) {
+                body["rev"] = json!(rev);
+            }
+            Response::ok(with_status(body, &r.get::<_, String>(0)))
         }
     })
 }
@@ -442,8 +458,9 @@ fn inactive(status: &str) -> Option<Response> {
 }
 
 fn latest_commit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
-    let Some(did) = param(req, "did") else {
-        return Ok(error(400, "InvalidRequest", "missing did"));
+    let did = match did_param(req) {
+        Ok(d) => d,
+        Err(r) => return Ok(r),
     };
     let Some(r) = c.query_opt("SELECT commit_cid, rev, status FROM accounts WHERE did = $1", &[&did])? else {
         return Ok(error(400, "RepoNotFound", "unknown repo"));
@@ -460,8 +477,9 @@ fn latest_commit(c: &mut Client, req: &Request) -> Result<Response, postgres::Er
 /// The relay keeps no repositories: send the client to the account's PDS
 /// with the same query (`did`, `since`).
 fn get_repo(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
-    let Some(did) = param(req, "did") else {
-        return Ok(error(400, "InvalidRequest", "missing did"));
+    let did = match did_param(req) {
+        Ok(d) => d,
+        Err(r) => return Ok(r),
     };
     let row = c.query_opt(
         "SELECT a.status, h.hostname, h.insecure FROM accounts a JOIN hosts h ON h.id = a.host_id WHERE a.did = $1",

@@ -85,21 +85,34 @@ struct Head {
     raw: Vec<u8>,
 }
 
-async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Head> {
+/// Why no request head was read.
+enum HeadFailure {
+    /// Answered: 431 for an oversized head, 400 for a malformed one.
+    Bad(sluice_common::http::HeadError),
+    /// Closed, failed or past the deadline: nothing to answer.
+    Gone(anyhow::Error),
+}
+
+/// Read a request head within [`HEAD_TIMEOUT`] in total (a head sent one
+/// byte at a time does not get a fresh timeout per byte) and
+/// [`HEAD_BYTES_MAX`].
+async fn read_head(stream: &mut TcpStream) -> Result<Head, HeadFailure> {
+    let gone = |e: anyhow::Error| HeadFailure::Gone(e);
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     let deadline = Instant::now() + HEAD_TIMEOUT;
-    stream.set_read_timeout(Some(HEAD_TIMEOUT)).map_err(io)?;
     loop {
-        if Instant::now() > deadline {
-            anyhow::bail!("request head timed out");
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(gone(anyhow::anyhow!("request head not complete within {HEAD_TIMEOUT:?}")));
         }
-        let n = stream.read(&mut chunk).await?;
+        stream.set_read_timeout(Some(left)).map_err(|e| gone(io(e).into()))?;
+        let n = stream.read(&mut chunk).await.map_err(|e| gone(e.into()))?;
         if n == 0 {
-            anyhow::bail!("closed before the request head");
+            return Err(gone(anyhow::anyhow!("closed before the request head")));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(h) = sluice_common::http::parse_request_head(&buf, HEAD_BYTES_MAX)? {
+        if let Some(h) = sluice_common::http::parse_request_head(&buf, HEAD_BYTES_MAX).map_err(HeadFailure::Bad)? {
             let head = Head {
                 method: h.method,
                 target: h.target,
@@ -108,7 +121,7 @@ async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Head> {
                 rest: buf[h.head_len..].to_vec(),
                 raw: buf[..h.head_len].to_vec(),
             };
-            stream.set_read_timeout(None).map_err(io)?;
+            stream.set_read_timeout(None).map_err(|e| gone(io(e).into()))?;
             return Ok(head);
         }
     }
@@ -121,6 +134,7 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &serde_json::Value) 
         400 => "Bad Request",
         404 => "Not Found",
         413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         _ => "Error",
@@ -136,7 +150,27 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &serde_json::Value) 
 }
 
 async fn handle(sh: Rc<Shared>, mut stream: TcpStream) -> anyhow::Result<()> {
-    let head = read_head(&mut stream).await?;
+    let head = match read_head(&mut stream).await {
+        Ok(h) => h,
+        Err(HeadFailure::Bad(sluice_common::http::HeadError::TooLarge(n))) => {
+            let m = format!("request head larger than {n} bytes");
+            return respond(
+                &mut stream,
+                431,
+                &serde_json::json!({"error": "RequestHeaderFieldsTooLarge", "message": m}),
+            )
+            .await;
+        }
+        Err(HeadFailure::Bad(e)) => {
+            return respond(
+                &mut stream,
+                400,
+                &serde_json::json!({"error": "InvalidRequest", "message": e.to_string()}),
+            )
+            .await;
+        }
+        Err(HeadFailure::Gone(e)) => return Err(e),
+    };
     let path = head.target.split('?').next().unwrap_or("");
     match (head.method.as_str(), path) {
         ("GET", "/xrpc/com.atproto.sync.subscribeRepos") => match head.ws_key.clone() {
@@ -222,11 +256,15 @@ async fn proxy(sh: &Shared, mut stream: TcpStream, head: Head) -> anyhow::Result
     Ok(())
 }
 
+/// The `cursor` parameter: an integer in 0..2^53 (PROTOCOL §1), or absent.
 fn cursor_param(target: &str) -> Result<Option<i64>, String> {
     let q = target.split_once('?').map_or("", |(_, q)| q);
     for p in q.split('&') {
         if let Some(v) = p.strip_prefix("cursor=") {
-            return v.parse::<i64>().map(Some).map_err(|_| format!("cursor {v:?} is not an integer"));
+            return match v.parse::<i64>() {
+                Ok(c) if (0..=sluice_common::frame::SEQ_MAX).contains(&c) => Ok(Some(c)),
+                _ => Err(format!("cursor {v:?} is not an integer from 0 to 2^53")),
+            };
         }
     }
     Ok(None)
@@ -375,5 +413,8 @@ mod tests {
         assert_eq!(cursor_param("/x?cursor=5"), Ok(Some(5)));
         assert_eq!(cursor_param("/x?a=b&cursor=0"), Ok(Some(0)));
         assert!(cursor_param("/x?cursor=abc").is_err());
+        assert!(cursor_param("/x?cursor=-1").is_err());
+        assert!(cursor_param("/x?cursor=-9223372036854775808").is_err());
+        assert!(cursor_param("/x?cursor=9007199254740992").is_err());
     }
 }
