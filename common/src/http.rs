@@ -35,7 +35,13 @@ pub struct RequestHead {
     pub websocket: bool,
     pub ws_key: Option<String>,
     pub authorization: Option<String>,
+    /// The client's address as the shard that forwarded the request saw
+    /// it ([`PEER_HEADER`]; the shard strips any the client sent).
+    pub peer: Option<String>,
 }
+
+/// The header a shard adds when it forwards a request to the query workers.
+pub const PEER_HEADER: &str = "x-sluice-peer";
 
 /// Parse the head at the start of `buf`: `Ok(None)` until the blank line
 /// has arrived, an error once `buf` holds `bytes_max` bytes without one.
@@ -69,6 +75,7 @@ pub fn parse_request_head(buf: &[u8], bytes_max: usize) -> Result<Option<Request
         websocket,
         ws_key: if websocket { header("sec-websocket-key") } else { None },
         authorization: header("authorization"),
+        peer: header(PEER_HEADER),
     }))
 }
 

@@ -209,10 +209,11 @@ pub enum WriterCounter {
     Restarts = 7,
     HostAccountLimit = 8,
     AccountLoads = 9,
+    AdminAuthFailures = 10,
 }
 
 impl WriterCounter {
-    pub const ALL: [WriterCounter; 10] = [
+    pub const ALL: [WriterCounter; 11] = [
         WriterCounter::Relayed,
         WriterCounter::Dropped,
         WriterCounter::Duplicates,
@@ -223,6 +224,7 @@ impl WriterCounter {
         WriterCounter::Restarts,
         WriterCounter::HostAccountLimit,
         WriterCounter::AccountLoads,
+        WriterCounter::AdminAuthFailures,
     ];
 
     /// Metric name and help text.
@@ -254,6 +256,9 @@ impl WriterCounter {
                 "sluice_account_loads_total",
                 "Postgres queries for account state (account cache misses, batched per ring turn).",
             ),
+            WriterCounter::AdminAuthFailures => {
+                ("sluice_admin_auth_failures_total", "Admin API requests with wrong or missing credentials.")
+            }
         }
     }
 }

@@ -121,6 +121,7 @@ pub fn handle(
     password: Option<&str>,
     tx: &SyncSender<Command>,
     run_dir: &std::path::Path,
+    throttle: &crate::throttle::AuthThrottle,
     req: &Request,
 ) -> Option<Result<Response, postgres::Error>> {
     if !req.path.starts_with("/admin/") {
@@ -129,7 +130,16 @@ pub fn handle(
     let Some(password) = password else {
         return Some(Ok(error(403, "AdminDisabled", "set admin_password_file to enable the admin API")));
     };
+    let peer = req.peer.as_deref().unwrap_or("local");
+    let now = std::time::Instant::now();
+    if throttle.blocked(peer, now) {
+        return Some(Ok(error(429, "TooManyRequests", "too many failed admin authentications; wait a minute")));
+    }
     if !authorized(req, password) {
+        let f = throttle.failed(peer, now);
+        if f.log {
+            tracing::warn!(peer, path = req.path, blocked = f.blocked, "admin authentication failed");
+        }
         return Some(Ok(error(401, "Unauthorized", "admin credentials required")));
     }
     Some(match (req.method.as_str(), req.path.as_str()) {
@@ -339,6 +349,7 @@ mod tests {
             query: vec![],
             body: vec![],
             authorization: auth.map(str::to_owned),
+            peer: None,
         }
     }
 

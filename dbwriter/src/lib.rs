@@ -15,6 +15,7 @@ pub mod admission;
 pub mod db;
 pub mod query;
 pub mod sequencer;
+pub mod throttle;
 
 use sluice_common::config::{Config, Validation};
 use sluice_common::eventlog::LogWriter;
@@ -76,6 +77,12 @@ pub unsafe fn run(
             admin_password,
             admin: admin_tx,
             net: Arc::new(admission::SystemNet::new(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?)),
+            auth_throttle: {
+                let control = control.clone();
+                throttle::AuthThrottle::new(Box::new(move || {
+                    control.writer_counter(WriterCounter::AdminAuthFailures).fetch_add(1, Ordering::Relaxed);
+                }))
+            },
         },
         query_stop.clone(),
     )?;

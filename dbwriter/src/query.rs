@@ -64,6 +64,8 @@ pub struct QueryConfig {
     pub admin: std::sync::mpsc::SyncSender<crate::admin::Command>,
     /// DNS and HTTP for requestCrawl's admission checks.
     pub net: Arc<dyn crate::admission::Net>,
+    /// Failed admin authentications per client address.
+    pub auth_throttle: crate::throttle::AuthThrottle,
 }
 
 /// Start the listener and the workers; they run until `stop`.
@@ -162,6 +164,8 @@ pub struct Request {
     pub query: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub authorization: Option<String>,
+    /// The client's address (from the forwarding shard), for throttling.
+    pub peer: Option<String>,
 }
 
 fn read_request(s: &mut UnixStream) -> Result<Request, String> {
@@ -191,7 +195,7 @@ fn read_request(s: &mut UnixStream) -> Result<Request, String> {
         }
         let (path, query) = split_target(&h.target);
         let body = buf[head..head + len].to_vec();
-        return Ok(Request { method: h.method, path, query, body, authorization: h.authorization });
+        return Ok(Request { method: h.method, path, query, body, authorization: h.authorization, peer: h.peer });
     }
 }
 
@@ -271,7 +275,9 @@ fn did_param(req: &Request) -> Result<&str, Response> {
 }
 
 pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
-    if let Some(r) = crate::admin::handle(c, cfg.admin_password.as_deref(), &cfg.admin, &cfg.run_dir, req) {
+    if let Some(r) =
+        crate::admin::handle(c, cfg.admin_password.as_deref(), &cfg.admin, &cfg.run_dir, &cfg.auth_throttle, req)
+    {
         return r.unwrap_or_else(|e| {
             tracing::error!(path = req.path, error = %e, "admin action failed");
             error(500, "InternalServerError", "internal error")

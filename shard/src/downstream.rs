@@ -237,7 +237,7 @@ async fn proxy(sh: &Shared, mut stream: TcpStream, head: Head) -> anyhow::Result
             .await;
         }
     };
-    up.write_all(&head.raw).await?;
+    up.write_all(&with_peer(&head.raw, stream.peer_addr().ok())).await?;
     up.write_all(&body).await?;
     up.flush().await?;
     let mut resp = Vec::new();
@@ -254,6 +254,27 @@ async fn proxy(sh: &Shared, mut stream: TcpStream, head: Head) -> anyhow::Result
     stream.write_all(&resp).await?;
     stream.flush().await?;
     Ok(())
+}
+
+/// The request head as forwarded: any peer header the client sent is
+/// dropped, and the client's address as this shard sees it is added
+/// (the query workers throttle failed admin logins per address).
+fn with_peer(raw: &[u8], peer: Option<std::net::SocketAddr>) -> Vec<u8> {
+    let text = String::from_utf8_lossy(raw);
+    let mut out = String::with_capacity(raw.len() + 64);
+    for line in text.trim_end_matches("\r\n").split("\r\n") {
+        let is_peer =
+            line.split_once(':').is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(sluice_common::http::PEER_HEADER));
+        if !is_peer {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    if let Some(p) = peer {
+        out.push_str(&format!("{}: {}\r\n", sluice_common::http::PEER_HEADER, p.ip()));
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
 }
 
 /// The `cursor` parameter: an integer in 0..2^53 (PROTOCOL §1), or absent.
@@ -413,6 +434,13 @@ mod tests {
         assert_eq!(cursor_param("/x?cursor=5"), Ok(Some(5)));
         assert_eq!(cursor_param("/x?a=b&cursor=0"), Ok(Some(0)));
         assert!(cursor_param("/x?cursor=abc").is_err());
+        let fwd = with_peer(
+            b"GET /admin/hosts HTTP/1.1\r\nX-Sluice-Peer: 6.6.6.6\r\nhost: x\r\n\r\n",
+            "10.1.2.3:9".parse().ok(),
+        );
+        let h = sluice_common::http::parse_request_head(&fwd, 4096).unwrap().unwrap();
+        assert_eq!(h.peer.as_deref(), Some("10.1.2.3"), "a client cannot choose its address");
+        assert_eq!(h.head_len, fwd.len());
         assert!(cursor_param("/x?cursor=-1").is_err());
         assert!(cursor_param("/x?cursor=-9223372036854775808").is_err());
         assert!(cursor_param("/x?cursor=9007199254740992").is_err());

@@ -95,10 +95,16 @@ impl Relay {
 
     /// The whole response, head and body.
     pub fn http_raw(&self, method: &str, path: &str, body: &str) -> Option<String> {
+        self.http_raw_with(method, path, body, &[])
+    }
+
+    /// [`Relay::http_raw`] with extra request headers.
+    pub fn http_raw_with(&self, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).ok()?;
@@ -233,4 +239,14 @@ pub fn check_exact(relay: &Relay, dir: &Path, timeout: Duration) -> check::Repor
     .unwrap();
     assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
     report
+}
+
+/// The relay's metrics page.
+pub fn metrics_page(relay: &Relay) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", relay.metrics_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
