@@ -190,6 +190,8 @@ pub const HANDSHAKE_BYTES_MAX: usize = 32 * 1024;
 /// Bytes without a complete data message: one maximal message and its
 /// framing.
 pub const UNFINISHED_BYTES_MAX: usize = MESSAGE_BYTES_MAX + MESSAGE_BYTES_MAX / 4;
+/// The WebSocket read buffer each upstream connection starts with.
+pub const UPSTREAM_READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Pings a host may send per [`PING_WINDOW`].
 pub const PINGS_PER_WINDOW_MAX: u32 = 20;
 pub const PING_WINDOW: Duration = Duration::from_secs(10);
@@ -265,6 +267,12 @@ async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64, meter: R
     let mut cfg = WebSocketConfig::default();
     cfg.max_message_size = Some(MESSAGE_BYTES_MAX);
     cfg.max_frame_size = Some(MESSAGE_BYTES_MAX);
+    // Thousands of mostly idle connections: small buffers, grown only for
+    // a large message (the library's defaults are 128 KiB each way, per
+    // connection). We only ever write pings and pongs.
+    cfg.read_buffer_size = UPSTREAM_READ_BUFFER_BYTES;
+    cfg.write_buffer_size = 0;
+    cfg.max_write_buffer_size = 64 * 1024;
     let upgrade = |e: async_tungstenite::tungstenite::Error, meter: &Meter| {
         let reason = if meter.tripped() { UpstreamClose::Oversized } else { UpstreamClose::Connect };
         ended(reason, format!("upgrade: {e}"))

@@ -439,7 +439,15 @@ impl Supervisor {
                 p.next_start = Instant::now() + backoff(p.restarts);
             }
             if p.child.is_none() && Instant::now() >= p.next_start {
-                self.start_shard(k)?;
+                // A shard that cannot be started now (its binary replaced
+                // mid-upgrade, out of descriptors...) is retried with
+                // backoff; the relay does not stop for it.
+                if let Err(e) = self.start_shard(k) {
+                    let p = &mut self.shards[k];
+                    p.restarts += 1;
+                    p.next_start = Instant::now() + backoff(p.restarts);
+                    tracing::error!(shard = k, error = %e, "shard failed to start; retrying");
+                }
             }
         }
         Ok(())

@@ -13,7 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The `sluice` binary: `SLUICE_BIN`, else the one built next to the
+/// tests' own binaries (built here if missing).
 pub fn sluice_bin() -> PathBuf {
+    if let Some(b) = std::env::var_os("SLUICE_BIN") {
+        return PathBuf::from(b);
+    }
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-bench")).with_file_name("sluice");
     if !bin.exists() {
         let ok = Command::new(env!("CARGO"))
