@@ -26,6 +26,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the config file and environment (an error names the key,
+    /// and the exit status is non-zero) and print the effective
+    /// configuration, every default filled in, secrets masked.
+    Check {
+        /// Config file (TOML); default /etc/sluice/sluice.toml if it exists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run the relay (the supervisor): db-writer and shards as child processes.
     Run {
@@ -33,6 +45,12 @@ enum Cmd {
         /// else built-in defaults; SLUICE_* environment variables override.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// The configuration: `sluice config check` validates it and prints it
+    /// as the relay would run with it.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCmd,
     },
     /// Run a synthetic network (fakenet) and the relay on loopback, offline.
     Demo {
@@ -215,6 +233,11 @@ fn main() -> anyhow::Result<()> {
             s.run(term, hup, None)
         }
         Cmd::Demo { data_dir, port, hosts, rate } => demo(&data_dir, port, hosts, rate),
+        Cmd::Config { what: ConfigCmd::Check { config } } => {
+            let cfg = load(config.as_deref())?;
+            print!("{}", effective_for_humans(&cfg));
+            Ok(())
+        }
         Cmd::Admin { url, password_file, action } => admin(&url, password_file.as_deref(), action),
         Cmd::DbWriter { config } => {
             let cfg = Config::from_effective(&config)?;
@@ -240,6 +263,39 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The effective config as TOML, with a password in `database_url`
+/// replaced by `***`.
+fn effective_for_humans(cfg: &Config) -> String {
+    let mut shown = cfg.clone();
+    shown.database_url = cfg.database_url.as_deref().map(mask_password);
+    shown.to_toml()
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, and
+/// `password=secret` in key=value form → `password=***`.
+fn mask_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((creds, host)) = rest.split_once('@') {
+            if let Some((user, _)) = creds.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(
+            |kv| {
+                if kv.to_ascii_lowercase().starts_with("password=") {
+                    "password=***".to_owned()
+                } else {
+                    kv.to_owned()
+                }
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A child runs under its supervisor's lock on `data_dir`, or (started by
 /// hand) takes it itself; a directory another relay holds is refused
 /// before anything is touched.
@@ -260,4 +316,14 @@ fn demo(_: &Path, _: u16, _: usize, _: f64) -> anyhow::Result<()> {
         "this sluice was built without the demo (cargo feature \"demo\"); from a source tree, scripts/demo builds \
          and runs it"
     )
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(super::mask_password("postgres://u:s3cret@db/sluice"), "postgres://u:***@db/sluice");
+        assert_eq!(super::mask_password("host=/run/pg dbname=x password=s3cret"), "host=/run/pg dbname=x password=***");
+        assert_eq!(super::mask_password("host=/run/pg dbname=x"), "host=/run/pg dbname=x");
+    }
 }

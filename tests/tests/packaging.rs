@@ -94,3 +94,32 @@ fn shipped_binary_links_no_test_code() {
         assert!(!tree.lines().any(|l| l.starts_with(banned)), "sluice depends on {banned}:\n{tree}");
     }
 }
+
+/// `sluice config check` prints the effective configuration of the
+/// packaged default (every default filled in) and names the key of a bad
+/// one, with a non-zero exit.
+#[test]
+fn config_check_prints_the_effective_config_and_names_bad_keys() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-bench")).with_file_name("sluice");
+    let out = Command::new(&bin)
+        .args(["config", "check", "--config"])
+        .arg(root().join("packaging/sluice.toml"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for key in ["shard_count = ", "retention_hours = 72.0", "upstream_idle_timeout_s = 120", "[limits]"] {
+        assert!(text.contains(key), "no {key:?} in:\n{text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "upstream_ping_interval_s = 0\ndatabase_url = \"postgres://u:s3cret@db/x\"\n").unwrap();
+    let out = Command::new(&bin).args(["config", "check", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream_ping_interval_s"));
+    std::fs::write(&bad, "database_url = \"postgres://u:s3cret@db/x\"\n").unwrap();
+    let out = Command::new(&bin).args(["config", "check", "--config"]).arg(&bad).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("u:***@db") && !text.contains("s3cret"), "{text}");
+}
