@@ -53,9 +53,9 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
             }
         }
     });
-    println!("sluice demo: {} fake PDS hosts, PLC at {}", net.info.hosts.len(), net.info.plc_url);
-    println!("subscribe:   ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos");
-    println!("health:      http://127.0.0.1:{port}/xrpc/_health      (Ctrl-C to stop)");
+    say(format_args!("sluice demo: {} fake PDS hosts, PLC at {}", net.info.hosts.len(), net.info.plc_url));
+    say(format_args!("subscribe:   ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos"));
+    say(format_args!("health:      http://127.0.0.1:{port}/xrpc/_health      (Ctrl-C to stop)"));
     let mut last = (Instant::now(), 0u64, 0u64);
     let tick = Box::new(move |cb: &sluice_common::shm::ControlBlock| {
         if last.0.elapsed() < Duration::from_secs(1) {
@@ -72,16 +72,27 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
             dropped += s.dropped.load(Ordering::Relaxed);
         }
         let dt = last.0.elapsed().as_secs_f64();
-        println!(
-            "hosts={hosts} in={:.0}/s out={:.0}/s consumers={cons} dropped={dropped} seq={}",
+        // Every drop: the shards' stateless ones and the sequencer's.
+        let stateful = cb.writer_counter(sluice_common::shm::WriterCounter::Dropped).load(Ordering::Relaxed);
+        say(format_args!(
+            "hosts={hosts} in={:.0}/s out={:.0}/s consumers={cons} dropped={} (stateless {dropped}, stateful {stateful}) seq={}",
             (ein - last.1.min(ein)) as f64 / dt,
             (out - last.2.min(out)) as f64 / dt,
+            dropped + stateful,
             cb.committed().load(Ordering::Relaxed)
-        );
+        ));
         last = (Instant::now(), ein, out);
     });
     let hup = crate::hangup()?;
     let r = sup.run(term, hup, Some(tick));
     drop(net);
     r
+}
+
+/// One line to stdout; a closed stdout (the pipe reader gone, Ctrl-C
+/// through `| tee`) is not an error worth dying for: the relay stops in
+/// order on the signal instead of a panic on EPIPE.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
