@@ -112,6 +112,8 @@ struct Expected {
     i: u64,
     did: Option<String>,
     host: String,
+    /// The ledger's reason (for a "drop": the fault), for the notes.
+    why: String,
     /// In the ledger when the check began: only these can be missing.
     counted: bool,
 }
@@ -167,7 +169,14 @@ impl<'c> Checker<'c> {
             if let Some(d) = &e.did {
                 self.ids_by_did.entry(d.clone()).or_default().push(e.id.clone());
             }
-            let fresh = || Expected { expect: e.expect, i: e.i, did: e.did.clone(), host: e.host.clone(), counted };
+            let fresh = || Expected {
+                expect: e.expect,
+                i: e.i,
+                did: e.did.clone(),
+                host: e.host.clone(),
+                why: e.why.clone(),
+                counted,
+            };
             let slot = self.expected.entry(e.id.clone()).or_insert_with(fresh);
             // A "relay" entry wins over a "drop" with the same id (a replay).
             if e.expect == Expect::Relay || (e.expect == Expect::Either && slot.expect == Expect::Drop) {
@@ -187,6 +196,9 @@ impl<'c> Checker<'c> {
             for id in ids {
                 let from_host = self.ledger.entries.iter().any(|e| e.id == id && &e.host == host);
                 if let Some(x) = self.expected.get_mut(&id) {
+                    if x.expect == Expect::Drop && x.why == "wronghost" && &x.host == host {
+                        x.expect = Expect::Either;
+                    }
                     if x.expect == Expect::Relay && from_host {
                         x.expect = Expect::Either;
                         if x.counted {
@@ -246,9 +258,10 @@ impl<'c> Checker<'c> {
                 report.unexpected += 1;
                 report.note(format!("not in the ledger: {id}"));
             }
-            Some(Expected { expect: Expect::Drop, .. }) => {
+            Some(Expected { expect: Expect::Drop, why, host, i, did, .. }) => {
                 report.unexpected += 1;
-                report.note(format!("must-drop relayed: {id}"));
+                let did = did.as_deref().unwrap_or("-");
+                report.note(format!("must-drop relayed: {id} (ledger event {i}: {why}, {did} on {host})"));
             }
             Some(x) => {
                 if count > 1 {
@@ -284,7 +297,8 @@ impl<'c> Checker<'c> {
             match x.expect {
                 Expect::Relay if n == 0 && x.counted => {
                     self.report.missing += 1;
-                    self.report.note(format!("missing: {id}"));
+                    let did = x.did.as_deref().unwrap_or("-");
+                    self.report.note(format!("missing: {id} (ledger event {}, {did} on {})", x.i, x.host));
                 }
                 Expect::Either if n == 0 => self.report.either_missing += 1,
                 _ => {}

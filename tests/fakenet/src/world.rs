@@ -38,7 +38,12 @@ pub enum Fault {
     MissingBlock,
     /// Commit whose prevData is not the previous root.
     WrongPrevData,
-    /// Valid commit for an account hosted elsewhere.
+    /// Valid commit for the account from a host it has never lived on.
+    /// (Not from a host it left: until a relay reads the new host or its
+    /// cached DID document expires, such a commit is indistinguishable from
+    /// the old host's own late events, and accepting it moves the stored
+    /// rev past the new host's pending commits. No relay can be exact
+    /// there without a fresh document per commit; see ARCHITECTURE.md.)
     WrongHost,
     /// A frame that is not valid CBOR (connection fault).
     MalformedCbor,
@@ -212,6 +217,8 @@ pub struct Account {
     paths: Vec<String>,
     /// Index of the last frame of this account in its host's history.
     last_frames: Vec<(usize, Vec<u8>)>,
+    /// Every host the account has lived on, the current one included.
+    hosts_lived: Vec<usize>,
 }
 
 /// What happens on a live connection, not in a host's replayable stream.
@@ -378,6 +385,7 @@ impl World {
             repo,
             paths,
             last_frames: Vec::new(),
+            hosts_lived: vec![host],
         });
         self.by_host[host].push(idx);
         idx
@@ -712,6 +720,9 @@ impl World {
         self.by_host[from].retain(|&i| i != a);
         self.by_host[to].push(a);
         self.accounts[a].host = to;
+        if !self.accounts[a].hosts_lived.contains(&to) {
+            self.accounts[a].hosts_lived.push(to);
+        }
         out.push(Output::Amend { did: self.accounts[a].did.clone(), host: from });
         out.push(Output::Document { did: self.accounts[a].did.clone(), doc: self.document(&self.accounts[a]) });
         self.emit_identity(a, out);
@@ -733,11 +744,13 @@ impl World {
                     return;
                 }
                 let Some(a) = self.pick_account(host, Status::Active) else { return };
-                let Some(c) = self.throwaway_commit(a) else { return };
-                let mut other = self.rng.gen_range(0..self.cfg.hosts.len() - 1);
-                if other >= host {
-                    other += 1;
+                let never: Vec<usize> =
+                    (0..self.cfg.hosts.len()).filter(|h| !self.accounts[a].hosts_lived.contains(h)).collect();
+                if never.is_empty() {
+                    return;
                 }
+                let other = never[self.rng.gen_range(0..never.len())];
+                let Some(c) = self.throwaway_commit(a) else { return };
                 self.emit_commit_on(other, a, &c, Expect::Drop, f.name(), out);
             }
             Fault::DeactivatedCommit => {
