@@ -15,6 +15,10 @@
 //! - `{"amend": "either", "did": DID, "host": HOST}`: every event of DID from
 //!   HOST becomes "either" (an account migrated away; a relay that reads the
 //!   old host after the move rightly drops its events);
+//! - `{"amend_wronghost": "either", "did": DID, "host": HOST}`: the
+//!   account moved to HOST; `wronghost` commits injected there before the
+//!   move become "either" (a relay that reads HOST's backlog after the
+//!   move checks them against the new document, which names HOST);
 //! - `{"key": {"did", "key"}}`: an account created or re-keyed after the
 //!   header;
 //! - last line `{"done": true, "events": N}` once generation has stopped.
@@ -60,6 +64,7 @@ pub struct AccountKey {
 pub enum Line {
     Header { ledger: u32, seed: u64, accounts: Vec<AccountKey> },
     Amend { amend: Expect, did: String, host: String },
+    AmendWrongHost { amend_wronghost: Expect, did: String, host: String },
     Key { key: AccountKey },
     Done { done: bool, events: u64 },
     Event(Entry),
@@ -103,6 +108,8 @@ pub struct NewLines {
     pub first_entry: usize,
     /// Amends read by this call, `(did, host)`.
     pub amends: Vec<(String, String)>,
+    /// `wronghost` amends read by this call, `(did, host)`.
+    pub wronghost_amends: Vec<(String, String)>,
 }
 
 impl Ledger {
@@ -131,6 +138,18 @@ impl Ledger {
                 }
                 self.amends.push((did.clone(), host.clone()));
                 new.amends.push((did, host));
+            }
+            Line::AmendWrongHost { did, host, .. } => {
+                for e in &mut self.entries {
+                    if e.expect == Expect::Drop
+                        && e.why == "wronghost"
+                        && e.did.as_ref() == Some(&did)
+                        && e.host == host
+                    {
+                        e.expect = Expect::Either;
+                    }
+                }
+                new.wronghost_amends.push((did, host));
             }
             Line::Done { done, .. } => self.done = done,
             Line::Event(mut e) => {
@@ -163,7 +182,7 @@ impl LedgerTail {
 
     /// Apply every complete line written since the last call to `ledger`.
     pub fn read_new(&mut self, ledger: &mut Ledger) -> anyhow::Result<NewLines> {
-        let mut new = NewLines { first_entry: ledger.entries.len(), amends: Vec::new() };
+        let mut new = NewLines { first_entry: ledger.entries.len(), ..NewLines::default() };
         loop {
             let n = self.file.read_line(&mut self.partial)?;
             if n == 0 || !self.partial.ends_with('\n') {
@@ -227,9 +246,24 @@ mod tests {
         raw.write_all(format!("{line}\n").as_bytes()).unwrap();
         raw.flush().unwrap();
         let new = tail.read_new(&mut l).unwrap();
-        assert_eq!(new, NewLines { first_entry: 1, amends: vec![("did:a".into(), "h1".into())] });
+        assert_eq!(
+            new,
+            NewLines { first_entry: 1, amends: vec![("did:a".into(), "h1".into())], ..NewLines::default() }
+        );
         let expects: Vec<Expect> = l.entries.iter().map(|e| e.expect).collect();
         assert_eq!(expects, [Expect::Either, Expect::Either, Expect::Relay]);
         assert_eq!(Ledger::read(&path).unwrap().entries, l.entries);
+        // A wronghost commit on a host the account later moves to.
+        let mut w = entry(4, "did:a", "h3");
+        w.expect = Expect::Drop;
+        w.why = "wronghost".into();
+        let line = serde_json::to_string(&Line::Event(w)).unwrap();
+        raw.write_all(format!("{line}\n").as_bytes()).unwrap();
+        raw.write_all(b"{\"amend_wronghost\": \"either\", \"did\": \"did:a\", \"host\": \"h3\"}\n").unwrap();
+        raw.flush().unwrap();
+        let new = tail.read_new(&mut l).unwrap();
+        assert_eq!(new.wronghost_amends, vec![("did:a".to_owned(), "h3".to_owned())]);
+        assert_eq!(l.entries[3].expect, Expect::Either);
+        assert_eq!(l.entries[2].expect, Expect::Relay, "other hosts' entries untouched");
     }
 }

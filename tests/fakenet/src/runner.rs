@@ -337,6 +337,13 @@ fn apply(
             Output::Document { did, doc } => {
                 shared.docs.write().expect("docs").insert(did, doc);
             }
+            Output::AmendWrongHost { did, host } => {
+                ledger.write(&Line::AmendWrongHost {
+                    amend_wronghost: super::ledger::Expect::Either,
+                    did,
+                    host: world.cfg.hosts[host].clone(),
+                })?;
+            }
             Output::Amend { did, host } => {
                 ledger.write(&Line::Amend {
                     amend: super::ledger::Expect::Either,

@@ -43,7 +43,10 @@ pub enum Fault {
     /// cached DID document expires, such a commit is indistinguishable from
     /// the old host's own late events, and accepting it moves the stored
     /// rev past the new host's pending commits. No relay can be exact
-    /// there without a fresh document per commit; see ARCHITECTURE.md.)
+    /// there without a fresh document per commit; see ARCHITECTURE.md.
+    /// If the account moves to that host later, the ledger makes the
+    /// commit "either": a relay reading the backlog late sees the new
+    /// document.)
     WrongHost,
     /// A frame that is not valid CBOR (connection fault).
     MalformedCbor,
@@ -244,6 +247,10 @@ pub enum Output {
     Document { did: String, doc: serde_json::Value },
     /// Events of `did` from `host` become "either" (it migrated away).
     Amend { did: String, host: usize },
+    /// `wronghost` commits of `did` injected earlier on `host` become
+    /// "either": the account moved there, and a relay reading that host's
+    /// backlog late checks them against the new document.
+    AmendWrongHost { did: String, host: usize },
     /// A new account (its key, for the ledger).
     NewAccount(AccountKey),
 }
@@ -724,6 +731,7 @@ impl World {
             self.accounts[a].hosts_lived.push(to);
         }
         out.push(Output::Amend { did: self.accounts[a].did.clone(), host: from });
+        out.push(Output::AmendWrongHost { did: self.accounts[a].did.clone(), host: to });
         out.push(Output::Document { did: self.accounts[a].did.clone(), doc: self.document(&self.accounts[a]) });
         self.emit_identity(a, out);
         self.emit_account(a, true, None, out);
