@@ -85,6 +85,30 @@ struct Head {
     raw: Vec<u8>,
 }
 
+/// After answering a request we did not read whole: stop writing, and
+/// read (and drop) what the client still sends, for at most 1 s and 2
+/// MiB, so that closing does not reset the connection before the client
+/// has read the answer.
+async fn linger(stream: TcpStream) -> anyhow::Result<()> {
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let mut stream = stream;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut chunk = [0u8; 4096];
+    let mut drained = 0;
+    while drained < 2 * 1024 * 1024 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left)).map_err(io)?;
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+    Ok(())
+}
+
 /// Why no request head was read.
 enum HeadFailure {
     /// Answered: 431 for an oversized head, 400 for a malformed one.
@@ -152,22 +176,13 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &serde_json::Value) 
 async fn handle(sh: Rc<Shared>, mut stream: TcpStream) -> anyhow::Result<()> {
     let head = match read_head(&mut stream).await {
         Ok(h) => h,
-        Err(HeadFailure::Bad(sluice_common::http::HeadError::TooLarge(n))) => {
-            let m = format!("request head larger than {n} bytes");
-            return respond(
-                &mut stream,
-                431,
-                &serde_json::json!({"error": "RequestHeaderFieldsTooLarge", "message": m}),
-            )
-            .await;
-        }
         Err(HeadFailure::Bad(e)) => {
-            return respond(
-                &mut stream,
-                400,
-                &serde_json::json!({"error": "InvalidRequest", "message": e.to_string()}),
-            )
-            .await;
+            let (status, name) = match e {
+                sluice_common::http::HeadError::TooLarge(_) => (431, "RequestHeaderFieldsTooLarge"),
+                _ => (400, "InvalidRequest"),
+            };
+            respond(&mut stream, status, &serde_json::json!({"error": name, "message": e.to_string()})).await?;
+            return linger(stream).await;
         }
         Err(HeadFailure::Gone(e)) => return Err(e),
     };
