@@ -189,34 +189,31 @@ impl<'c> Checker<'c> {
     /// Read what fakenet appended since; returns whether anything came.
     fn follow(&mut self) -> anyhow::Result<bool> {
         let new = self.tail.read_new(&mut self.ledger)?;
-        for (did, host) in &new.wronghost_amends {
-            for x in self.expected.values_mut() {
-                if x.expect == Expect::Drop && x.why == "wronghost" && &x.host == host && x.did.as_ref() == Some(did) {
-                    x.expect = Expect::Either;
-                }
-            }
-        }
         let grew = new.first_entry < self.ledger.entries.len() || !new.amends.is_empty();
+        // Entries already taken in, which the amends make "either" (the
+        // ledger did the same to its own copy).
+        let wronghost = |x: &Expected| x.expect == Expect::Drop && x.why == "wronghost";
+        for (did, host) in &new.wronghost_amends {
+            self.amend(did, host, wronghost);
+        }
         for (did, host) in &new.amends {
-            // Entries already taken in: the relay may rightly drop them now.
-            let ids = self.ids_by_did.get(did).cloned().unwrap_or_default();
-            for id in ids {
-                let from_host = self.ledger.entries.iter().any(|e| e.id == id && &e.host == host);
-                if let Some(x) = self.expected.get_mut(&id) {
-                    if x.expect == Expect::Drop && x.why == "wronghost" && &x.host == host {
-                        x.expect = Expect::Either;
-                    }
-                    if x.expect == Expect::Relay && from_host {
-                        x.expect = Expect::Either;
-                        if x.counted {
-                            self.must -= 1;
-                        }
-                    }
-                }
-            }
+            self.amend(did, host, |x| x.expect == Expect::Relay);
         }
         self.absorb(new.first_entry, false);
         Ok(grew)
+    }
+
+    /// Make `did`'s expectations from `host` that `applies` "either".
+    fn amend(&mut self, did: &str, host: &str, applies: impl Fn(&Expected) -> bool) {
+        for id in self.ids_by_did.get(did).into_iter().flatten() {
+            let Some(x) = self.expected.get_mut(id) else { continue };
+            if x.host == host && applies(x) {
+                if x.expect == Expect::Relay && x.counted {
+                    self.must -= 1;
+                }
+                x.expect = Expect::Either;
+            }
+        }
     }
 
     /// One frame from the stream.
