@@ -141,9 +141,7 @@ fn proc_ip(hex: &str) -> Option<std::net::IpAddr> {
 /// of this user with SO_REUSEPORT (our shards) can bind there besides it.
 fn reserve_listen(addr: std::net::SocketAddr) -> anyhow::Result<std::os::fd::OwnedFd> {
     use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    if listener_on(addr) {
-        anyhow::bail!("listen {addr}: address in use (another relay or program listens there)");
-    }
+    probe_free("listen", addr)?;
     let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
