@@ -80,6 +80,8 @@ pub struct RawConfig {
     pub upstream_ping_interval_s: Option<u32>,
     pub upstream_idle_timeout_s: Option<u32>,
     pub upstream_connect_timeout_s: Option<u32>,
+    /// Whole or fractional days.
+    pub host_offline_idle_days: Option<f64>,
 }
 
 /// How the shards keep upstream connections (PROTOCOL §8: a PDS sends
@@ -156,6 +158,9 @@ pub struct Config {
     pub shutdown_timeout_ms: u32,
     pub public_request_crawl: bool,
     pub upstream: UpstreamTimeouts,
+    /// An offline host turns idle (no longer dialed until requestCrawl)
+    /// after this many days offline.
+    pub host_offline_idle_days: f64,
 }
 
 /// Environment variables that override file keys, and their keys.
@@ -262,6 +267,7 @@ impl RawConfig {
     /// Fill defaults and validate. `cores` is used for `shard_count = "auto"`.
     pub fn validate(self, cores: u32) -> Result<Config, ConfigError> {
         let upstream = self.upstream()?;
+        let host_offline_idle_days = self.host_offline_idle_days()?;
         let shard_count = match self.shard_count {
             None => 1,
             Some(ShardCount::Number(0)) => return Err(invalid("shard_count", "must be at least 1")),
@@ -347,7 +353,16 @@ impl RawConfig {
             shutdown_timeout_ms: self.shutdown_timeout_ms.unwrap_or(30_000),
             public_request_crawl: self.public_request_crawl.unwrap_or(true),
             upstream,
+            host_offline_idle_days,
         })
+    }
+
+    fn host_offline_idle_days(&self) -> Result<f64, ConfigError> {
+        let d = self.host_offline_idle_days.unwrap_or(7.0);
+        if !(d > 0.0 && d <= 3650.0) {
+            return Err(invalid("host_offline_idle_days", "more than 0 and at most 3650"));
+        }
+        Ok(d)
     }
 }
 
@@ -393,6 +408,7 @@ impl Config {
             upstream_ping_interval_s: Some(self.upstream.ping_interval_s),
             upstream_idle_timeout_s: Some(self.upstream.idle_timeout_s),
             upstream_connect_timeout_s: Some(self.upstream.connect_timeout_s),
+            host_offline_idle_days: Some(self.host_offline_idle_days),
         };
         toml::to_string(&raw).expect("config serializes")
     }

@@ -25,6 +25,7 @@ pub mod crypto;
 pub mod eventlog;
 pub mod failpoint;
 pub mod frame;
+pub mod host;
 pub mod http;
 pub mod identity;
 pub mod instance;

@@ -85,6 +85,13 @@ pub enum RingRecord<'a> {
         host_id: i64,
         upstream_seq: i64,
     },
+    /// The shard could not reach `host_id` for a while (`offline`), or
+    /// reached it again: the host's stored status follows
+    /// (`common::host`). Sent once per change, never per retry.
+    HostState {
+        host_id: i64,
+        offline: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

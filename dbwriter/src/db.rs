@@ -2,6 +2,7 @@
 //! hosts, accounts, and the one transaction per group commit.
 
 use postgres::{Client, NoTls, Statement};
+use sluice_common::host::{HostAssignment, HostStatus};
 use sluice_common::policy::AccountState;
 use std::collections::HashMap;
 
@@ -43,17 +44,79 @@ pub struct HostRow {
     pub id: i64,
     pub hostname: String,
     pub cursor: i64,
-    pub status: String,
+    pub status: HostStatus,
     /// Reached over ws:// (else wss://).
     pub insecure: bool,
+    /// See [`sluice_common::host::HostAssignment::crawl_gen`].
+    pub crawl_gen: i64,
+}
+
+impl HostRow {
+    pub fn assignment(&self) -> HostAssignment {
+        HostAssignment {
+            id: self.id,
+            hostname: self.hostname.clone(),
+            cursor: self.cursor,
+            insecure: self.insecure,
+            offline: self.status == HostStatus::Offline,
+            crawl_gen: self.crawl_gen,
+        }
+    }
 }
 
 pub fn hosts(c: &mut Client) -> Result<Vec<HostRow>, DbError> {
-    let rows = c.query("SELECT id, hostname, cursor, status, insecure FROM hosts ORDER BY id", &[])?;
-    Ok(rows
-        .iter()
-        .map(|r| HostRow { id: r.get(0), hostname: r.get(1), cursor: r.get(2), status: r.get(3), insecure: r.get(4) })
-        .collect())
+    let rows = c.query("SELECT id, hostname, cursor, status, insecure, crawl_gen FROM hosts ORDER BY id", &[])?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let status: String = r.get(3);
+        let Ok(status) = HostStatus::parse(&status) else {
+            let host: String = r.get(1);
+            tracing::error!(host, status, "host with an unknown status in Postgres; not crawled");
+            continue;
+        };
+        out.push(HostRow {
+            id: r.get(0),
+            hostname: r.get(1),
+            cursor: r.get(2),
+            status,
+            insecure: r.get(4),
+            crawl_gen: r.get(5),
+        });
+    }
+    Ok(out)
+}
+
+/// Hosts a shard reports reachable again (`false`) or not (`true`): an
+/// `active` host goes `offline` (since now), an `offline` one `active`.
+/// Idle and banned hosts keep their status (a report from a task that was
+/// still running when an admin acted). Returns the hosts that changed,
+/// with their new status, for the one log line per change.
+pub fn set_offline(
+    t: &mut postgres::Transaction<'_>,
+    s: &CommitStatements,
+    states: &HashMap<i64, bool>,
+) -> Result<Vec<(String, HostStatus)>, DbError> {
+    let (ids, offline): (Vec<i64>, Vec<bool>) = states.iter().map(|(h, o)| (*h, *o)).unzip();
+    let rows = t.query(&s.offline, &[&ids, &offline])?;
+    let mut changed = Vec::with_capacity(rows.len());
+    for r in rows {
+        let status: String = r.get(1);
+        changed.push((r.get(0), HostStatus::parse(&status).unwrap_or(HostStatus::Active)));
+    }
+    Ok(changed)
+}
+
+/// Offline hosts offline longer than `idle_after` become `idle` (no
+/// longer dialed until a requestCrawl). Returns their names.
+pub fn idle_offline_hosts(c: &mut Client, idle_after: std::time::Duration) -> Result<Vec<String>, DbError> {
+    let secs = idle_after.as_secs_f64();
+    let rows = c.query(
+        "UPDATE hosts SET status = 'idle', updated_at = now()
+         WHERE status = 'offline' AND offline_since < now() - make_interval(secs => $1)
+         RETURNING hostname",
+        &[&secs],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Load the stored state of `dids` (those not found are absent).
@@ -94,12 +157,15 @@ pub struct Batch {
     /// Accounts that moved between hosts: (from, to).
     pub moves: Vec<(i64, i64)>,
     pub cursors: HashMap<i64, i64>,
+    /// Host reachability reported by the shards (`true`: offline), last
+    /// report per host.
+    pub host_offline: HashMap<i64, bool>,
     pub last_seq: i64,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.accounts.is_empty() && self.cursors.is_empty()
+        self.accounts.is_empty() && self.cursors.is_empty() && self.host_offline.is_empty()
     }
 }
 
@@ -111,6 +177,7 @@ pub struct CommitStatements {
     accounts: Statement,
     counts: Statement,
     cursors: Statement,
+    offline: Statement,
     last_seq: Statement,
 }
 
@@ -133,13 +200,21 @@ impl CommitStatements {
                 "UPDATE hosts h SET cursor = GREATEST(h.cursor, v.cursor), updated_at = now()
                  FROM unnest($1::int8[], $2::int8[]) AS v(id, cursor) WHERE h.id = v.id",
             )?,
+            offline: c.prepare(
+                "UPDATE hosts h SET status = CASE WHEN v.offline THEN 'offline' ELSE 'active' END,
+                   offline_since = CASE WHEN v.offline THEN now() END, updated_at = now()
+                 FROM unnest($1::int8[], $2::bool[]) AS v(id, offline)
+                 WHERE h.id = v.id AND h.status = CASE WHEN v.offline THEN 'active' ELSE 'offline' END
+                 RETURNING h.hostname, h.status",
+            )?,
             last_seq: c.prepare("UPDATE relay_meta SET last_seq = $1 WHERE id = 1")?,
         })
     }
 }
 
-/// One transaction: accounts, host cursors and counters, the relay seq.
-pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<(), DbError> {
+/// One transaction: accounts, host cursors, counters and reachability, the
+/// relay seq. Returns the hosts whose status changed (see [`set_offline`]).
+pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(String, HostStatus)>, DbError> {
     let mut t = c.transaction()?;
     if !b.accounts.is_empty() {
         let n = b.accounts.len();
@@ -174,9 +249,10 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<(), DbE
         let (ids, cursors): (Vec<i64>, Vec<i64>) = b.cursors.iter().map(|(h, c)| (*h, *c)).unzip();
         t.execute(&s.cursors, &[&ids, &cursors])?;
     }
+    let changed = if b.host_offline.is_empty() { Vec::new() } else { set_offline(&mut t, s, &b.host_offline)? };
     t.execute(&s.last_seq, &[&b.last_seq])?;
     t.commit()?;
-    Ok(())
+    Ok(changed)
 }
 
 /// Add a host to crawl (no-op if known), with `account_limit`. Returns
@@ -189,6 +265,18 @@ pub fn add_host(
     let n = c.execute(
         "INSERT INTO hosts (hostname, insecure, account_limit) VALUES ($1, $2, $3) ON CONFLICT (hostname) DO NOTHING",
         &[&host.name, &host.insecure, &account_limit],
+    )?;
+    Ok(n > 0)
+}
+
+/// An idle or offline host asked for a crawl: make it active and bump its
+/// crawl generation (its shard restarts the task, backoff reset). False
+/// if it was neither (banned, or already active).
+pub fn recrawl_host(c: &mut Client, hostname: &str) -> Result<bool, postgres::Error> {
+    let n = c.execute(
+        "UPDATE hosts SET status = 'active', offline_since = NULL, crawl_gen = crawl_gen + 1, updated_at = now()
+         WHERE hostname = $1 AND status IN ('idle', 'offline')",
+        &[&hostname],
     )?;
     Ok(n > 0)
 }

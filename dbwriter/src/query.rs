@@ -342,14 +342,12 @@ fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Res
     let new = crate::db::add_host(c, &host, cfg.host_account_limit_default)?;
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
-    } else if status.as_deref() == Some("idle") {
-        // A host an admin disconnected asks again: crawl it again.
-        let n = c.execute(
-            "UPDATE hosts SET status = 'active', updated_at = now() WHERE hostname = $1 AND status = 'idle'",
-            &[&host.name],
-        )?;
-        if n > 0 {
-            tracing::info!(host = host.name, "idle host back from requestCrawl");
+    } else if matches!(status.as_deref(), Some("idle" | "offline")) {
+        // A host an admin disconnected, or one that was unreachable, asks
+        // again (and answered describeServer above): crawl it again, its
+        // shard restarting the task with the backoff reset.
+        if crate::db::recrawl_host(c, &host.name)? {
+            tracing::info!(host = host.name, was = status.as_deref(), "host back from requestCrawl");
         }
     }
     Ok(Response::ok(json!({})))

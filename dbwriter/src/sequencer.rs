@@ -86,7 +86,12 @@ pub struct Sequencer {
     /// as room frees, never dropped. Neighbours of the same kind merge, so
     /// this grows only with admin actions during one long scan.
     pending_flags: std::collections::VecDeque<crate::admin::FlagJob>,
+    /// Offline this long, a host goes idle (`host_offline_idle_days`).
+    pub offline_idle_after: Duration,
 }
+
+/// How often offline hosts are checked for turning idle.
+pub const IDLE_SWEEP: Duration = Duration::from_secs(10);
 
 /// Append `job` to the waiting flag jobs, merged into the last one when it
 /// is of the same kind (hide or show): order between kinds is kept.
@@ -136,12 +141,14 @@ impl Sequencer {
             host_limits: HashMap::new(),
             limits_loaded: None,
             commit_pace: Duration::from_millis(2),
+            offline_idle_after: Duration::from_secs(7 * 86_400),
         })
     }
 
     /// Run until `stop` is set and every ring is empty.
     pub fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         let mut last_retention = Instant::now();
+        let mut last_idle_sweep = Instant::now() - IDLE_SWEEP;
         let mut round_began = Instant::now();
         loop {
             self.control.writer_heartbeat().store(
@@ -161,6 +168,16 @@ impl Sequencer {
                 }
                 let rings = &self.rings;
                 self.control.writer_doorbell().wait(Duration::from_millis(20), || rings.iter().any(|r| r.has_data()));
+            }
+            if last_idle_sweep.elapsed() >= IDLE_SWEEP {
+                last_idle_sweep = Instant::now();
+                for host in db::idle_offline_hosts(&mut self.pg, self.offline_idle_after)? {
+                    tracing::warn!(
+                        host,
+                        days = self.offline_idle_after.as_secs_f64() / 86_400.0,
+                        "host offline too long: now idle, not dialed until its next requestCrawl"
+                    );
+                }
             }
             // Once a minute, or four times per window when it is shorter.
             let every = Duration::from_micros((self.retention_micros / 4).clamp(100_000, 60_000_000) as u64);
@@ -218,8 +235,12 @@ impl Sequencer {
         self.log.sync()?;
         failpoint::hit("sequencer-after-log-sync");
         batch.last_seq = self.log.next_seq() - 1;
-        db::commit(&mut self.pg, &self.stmts, &batch)?;
+        let changed = db::commit(&mut self.pg, &self.stmts, &batch)?;
         failpoint::hit("sequencer-after-pg-commit");
+        for (host, status) in changed {
+            // The shard logged the change, with its reason.
+            tracing::debug!(host, status = %status, "host status stored");
+        }
         // The batch's account states are what Postgres now holds: they move
         // to the cache (read batch first, then cache, so nothing changes
         // for lookups; one clone per event less).
@@ -436,6 +457,10 @@ impl Sequencer {
         let (host, useq) = match r {
             RingRecord::Event(e) => (e.host_id, e.upstream_seq),
             RingRecord::Cursor { host_id, upstream_seq } => (*host_id, *upstream_seq),
+            RingRecord::HostState { host_id, offline } => {
+                batch.host_offline.insert(*host_id, *offline);
+                return Ok(());
+            }
         };
         let floor =
             batch.cursors.get(&host).copied().unwrap_or(i64::MIN).max(self.host_floor.get(&host).copied().unwrap_or(0));

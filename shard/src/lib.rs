@@ -15,12 +15,14 @@
 
 pub mod consumers;
 pub mod downstream;
+pub mod health;
 pub mod meter;
 pub mod resolver;
 pub mod upstream;
 
 use sluice_common::config::{Config, Validation};
 use sluice_common::eventlog::LogReader;
+use sluice_common::host::Assignment;
 use sluice_common::ring::{Producer, Ring};
 use sluice_common::shm::{ControlBlock, ShardSlot};
 use std::cell::RefCell;
@@ -83,19 +85,53 @@ pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<Arc<futu
     Ok(sluice_common::tls::client_config(extra_ca)?)
 }
 
-/// One line from the supervisor: the complete host list of this shard.
-#[derive(Debug, serde::Deserialize)]
-struct Assignment {
-    hosts: Vec<AssignedHost>,
+/// A running host task.
+struct Running {
+    hostname: String,
+    crawl_gen: i64,
+    handle: HostHandle,
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct AssignedHost {
-    id: i64,
-    hostname: String,
-    cursor: i64,
-    #[serde(default)]
-    insecure: bool,
+/// Start, stop or restart host tasks to match a new host list: a host no
+/// longer listed is cancelled; one whose crawl generation changed (a
+/// requestCrawl of an offline or idle host) restarts with its backoff
+/// reset. One log line per change of the list, not one per host.
+fn apply_assignment(sh: &Rc<Shared>, running: &mut HashMap<i64, Running>, hosts: Vec<HostAssignment>) {
+    let wanted: HashMap<i64, HostAssignment> = hosts.into_iter().map(|h| (h.id, h)).collect();
+    let (mut stopped, mut restarted, mut started) = (0usize, 0usize, 0usize);
+    running.retain(|hid, r| {
+        let keep = wanted.get(hid).is_some_and(|h| h.crawl_gen == r.crawl_gen);
+        if !keep {
+            if wanted.contains_key(hid) {
+                restarted += 1;
+                tracing::debug!(shard = sh.id, host = r.hostname.as_str(), "host crawled again; restarting its task");
+            } else {
+                stopped += 1;
+                tracing::debug!(shard = sh.id, host = r.hostname.as_str(), "host no longer assigned here");
+            }
+            r.handle.cancel.fire();
+        }
+        keep
+    });
+    for (hid, h) in wanted {
+        if running.contains_key(&hid) {
+            continue;
+        }
+        started += 1;
+        let cancel = Rc::new(upstream::Cancel::default());
+        running.insert(
+            hid,
+            Running {
+                hostname: h.hostname.clone(),
+                crawl_gen: h.crawl_gen,
+                handle: HostHandle { cancel: cancel.clone() },
+            },
+        );
+        tracing::debug!(shard = sh.id, host = h.hostname.as_str(), cursor = h.cursor, "host assigned");
+        glommio::spawn_local(upstream::run_host(sh.clone(), h, cancel)).detach();
+    }
+    let new = started - restarted;
+    tracing::info!(shard = sh.id, hosts = running.len(), new, stopped, restarted, "host assignment");
 }
 
 /// Run shard `id` until the assignment pipe closes or the ring is poisoned.
@@ -115,17 +151,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             let Ok(line) = line else { break };
             match serde_json::from_str::<Assignment>(&line) {
                 Ok(a) => {
-                    let hosts = a
-                        .hosts
-                        .into_iter()
-                        .map(|h| HostAssignment {
-                            id: h.id,
-                            hostname: h.hostname,
-                            cursor: h.cursor,
-                            insecure: h.insecure,
-                        })
-                        .collect();
-                    if atx.send(hosts).is_err() {
+                    if atx.send(a.hosts).is_err() {
                         break;
                     }
                 }
@@ -195,7 +221,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             }
         })
         .detach();
-        let mut running: HashMap<i64, (String, HostHandle)> = HashMap::new();
+        let mut running: HashMap<i64, Running> = HashMap::new();
         loop {
             // Heartbeat and poison check, between assignment messages.
             sh.slot().heartbeat.store(
@@ -209,8 +235,8 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             // The relay is stopping: wake every host task now (they do not
             // poll the flag on timers of their own).
             if sh.control.stop_reading().load(Ordering::Acquire) != 0 {
-                for (_, (_, handle)) in running.drain() {
-                    handle.cancel.fire();
+                for (_, r) in running.drain() {
+                    r.handle.cancel.fire();
                 }
             }
             let msg = futures::future::select(
@@ -223,24 +249,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
                 futures::future::Either::Left((Err(_), _)) => break,
                 futures::future::Either::Right(_) => continue,
             };
-            let wanted: HashMap<i64, HostAssignment> = hosts.into_iter().map(|h| (h.id, h)).collect();
-            running.retain(|hid, (name, handle)| {
-                let keep = wanted.contains_key(hid);
-                if !keep {
-                    tracing::info!(shard = id, host = name.as_str(), "host no longer assigned here");
-                    handle.cancel.fire();
-                }
-                keep
-            });
-            for (hid, h) in wanted {
-                if running.contains_key(&hid) {
-                    continue;
-                }
-                let cancel = Rc::new(upstream::Cancel::default());
-                running.insert(hid, (h.hostname.clone(), HostHandle { cancel: cancel.clone() }));
-                tracing::info!(shard = id, host = h.hostname.as_str(), cursor = h.cursor, "host assigned");
-                glommio::spawn_local(upstream::run_host(sh.clone(), h, cancel)).detach();
-            }
+            apply_assignment(&sh, &mut running, hosts);
         }
         tracing::info!(shard = id, "assignment pipe closed; exiting");
         anyhow::Ok(())

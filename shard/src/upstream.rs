@@ -15,15 +15,18 @@
 //!   control-frame floods); a host may ping at most 20 times in 10 s.
 //! - A frame that does not decode, an error frame or a WebSocket protocol
 //!   error closes the connection. Every end is counted by reason
-//!   ([`UpstreamClose`]); the task reconnects with exponential backoff
-//!   (1 s .. 60 s, reset once events flow) from the last upstream seq it
-//!   handled.
+//!   ([`UpstreamClose`]); the task reconnects from the last upstream seq it
+//!   handled, after a jittered backoff that grows to an hour while the
+//!   host keeps failing; four failures in a row make it `offline`, which
+//!   the task tells the db-writer once (a `HostState` ring record), and
+//!   the first success makes it reachable again ([`crate::health`]).
 //! - An event whose seq is not above the last one handled is dropped.
 //! - An event that fails a check is dropped and counted; a `Cursor` record
 //!   still tells the db-writer the host's cursor may move past it.
 //! - A failed host-authority or signature check re-resolves the DID once
 //!   before dropping (migrations, key rotations).
 
+use crate::health::{Change, Health, HEALTHY_AFTER};
 use crate::meter::{Meter, Metered};
 use crate::{io, Shared};
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -31,6 +34,7 @@ use async_tungstenite::tungstenite::Message;
 use futures::StreamExt;
 use sluice_common::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof};
 use sluice_common::frame::{self, Event};
+pub use sluice_common::host::HostAssignment;
 use sluice_common::identity::PdsHost;
 use sluice_common::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
 use sluice_common::shm::UpstreamClose;
@@ -39,8 +43,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Largest WebSocket message accepted (PROTOCOL.md: 5 MB frames).
 pub const MESSAGE_BYTES_MAX: usize = 5 * 1024 * 1024 + 64 * 1024;
 
@@ -71,16 +73,6 @@ impl Bucket {
             Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
-}
-
-/// A host assigned to this shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostAssignment {
-    pub id: i64,
-    pub hostname: String,
-    pub cursor: i64,
-    /// ws:// (plain text) instead of wss://.
-    pub insecure: bool,
 }
 
 /// A host task's cancellation: set once, and wakes the task at once, so
@@ -152,35 +144,61 @@ fn ended(reason: UpstreamClose, detail: impl std::fmt::Display) -> Ended {
 
 /// Run one host until `cancel` fires (unassigned, or the relay stops: the
 /// shard's main loop fires every host's on `stop_reading`). Each end of a
-/// connection is counted by reason; a WARN is logged when the reason
-/// changes (not at every retry of a host that keeps failing the same way).
+/// connection is counted by reason; the waits between dials and the
+/// host's offline state follow [`crate::health`]. Logged: a WARN when the
+/// host goes offline (with the last reason), an INFO when it is back or an
+/// established connection ends; retries only at debug.
 pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cancel>) {
     let mut last_seq = host.cursor;
-    let mut backoff = BACKOFF_MIN;
-    let mut last_reason = None;
+    let seed = (host.id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now_micros() as u64;
+    let mut health = Health::new(host.offline, seed);
     let stopping = || cancel.is_set() || sh.control.stop_reading().load(Ordering::Acquire) != 0;
+    let mut scratch = Vec::new();
     while !stopping() {
         let before = last_seq;
-        let end = connect_and_read(&sh, &host, &mut last_seq, &stopping, &cancel).await;
+        let mut upgraded = None;
+        let end = connect_and_read(&sh, &host, &mut last_seq, &mut upgraded, &stopping, &cancel).await;
         sh.slot().upstream_closes[end.reason as usize].fetch_add(1, Ordering::Relaxed);
         let (reason, detail) = (end.reason.name(), end.detail.as_str());
+        let succeeded = upgraded.is_some_and(|t: Instant| {
+            last_seq > before || t.elapsed() >= HEALTHY_AFTER || end.reason == UpstreamClose::Local
+        });
         if end.reason == UpstreamClose::Local {
             tracing::debug!(host = host.hostname, seq = last_seq, reason, detail, "upstream connection closed");
-        } else if last_reason != Some(end.reason) {
-            tracing::warn!(host = host.hostname, seq = last_seq, reason, detail, "upstream connection ended");
-        } else {
-            tracing::debug!(host = host.hostname, seq = last_seq, reason, detail, "upstream connection ended again");
+            break;
         }
-        last_reason = Some(end.reason);
-        if last_seq > before {
-            backoff = BACKOFF_MIN;
+        let (change, wait) = health.record(succeeded);
+        match change {
+            Change::WentOffline => tracing::warn!(
+                host = host.hostname,
+                seq = last_seq,
+                reason,
+                detail,
+                failures = health.failures(),
+                "host offline: cannot connect or keep a connection; retrying with backoff up to an hour"
+            ),
+            Change::BackOnline => tracing::info!(host = host.hostname, seq = last_seq, "host reachable again"),
+            Change::None if succeeded => {
+                tracing::info!(host = host.hostname, seq = last_seq, reason, detail, "upstream connection ended")
+            }
+            Change::None => tracing::debug!(
+                host = host.hostname,
+                seq = last_seq,
+                reason,
+                detail,
+                failures = health.failures(),
+                "upstream connection failed again"
+            ),
+        }
+        if change != Change::None {
+            RingRecord::HostState { host_id: host.id, offline: health.offline() }.encode(&mut scratch);
+            push(&sh, &scratch).await;
         }
         if stopping() {
             break;
         }
         // Cancellation ends the wait at once.
-        futures::future::select(Box::pin(glommio::timer::sleep(backoff)), Box::pin(cancel.wait())).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        futures::future::select(Box::pin(glommio::timer::sleep(wait)), Box::pin(cancel.wait())).await;
     }
 }
 
@@ -200,6 +218,7 @@ async fn connect_and_read(
     sh: &Rc<Shared>,
     host: &HostAssignment,
     last_seq: &mut i64,
+    upgraded: &mut Option<Instant>,
     stopping: &impl Fn() -> bool,
     cancel: &Cancel,
 ) -> Ended {
@@ -214,6 +233,7 @@ async fn connect_and_read(
         }
     };
     meter.set_bound(UNFINISHED_BYTES_MAX);
+    *upgraded = Some(Instant::now());
     match ws {
         Upgraded::Plain(ws) => read_loop(sh, host, *ws, &meter, last_seq, stopping, cancel).await,
         Upgraded::Tls(ws) => read_loop(sh, host, *ws, &meter, last_seq, stopping, cancel).await,

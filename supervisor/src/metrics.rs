@@ -3,6 +3,7 @@
 //! per-shard counters, the db-writer's counters, ring fill, watermarks.
 //! One small blocking thread; a request gets the whole page.
 
+use sluice_common::host::HostStatus;
 use sluice_common::shm::{ControlBlock, UpstreamClose, WriterCounter};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -11,10 +12,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Ring fill as the supervisor sees it: (used, capacity) per shard.
-pub type RingFill = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
+/// What only the supervisor knows, refreshed by its loop.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Ring fill: (used, capacity) per shard.
+    pub rings: Vec<(u64, u64)>,
+    /// Hosts per status, as of the last host poll.
+    pub hosts: Vec<(HostStatus, u64)>,
+}
 
-pub fn render(cb: &ControlBlock, rings: &[(u64, u64)]) -> String {
+pub type SharedView = Arc<std::sync::Mutex<View>>;
+
+pub fn render(cb: &ControlBlock, view: &View) -> String {
+    let rings = &view.rings;
     let mut out = String::with_capacity(4096);
     let mut gauge = |name: &str, help: &str, kind: &str, values: &[(String, u64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -81,6 +91,9 @@ pub fn render(cb: &ControlBlock, rings: &[(u64, u64)]) -> String {
         "counter",
         &closes,
     );
+    let hosts: Vec<(String, u64)> =
+        view.hosts.iter().map(|(st, n)| (format!("{{status=\"{}\"}}", st.as_str()), *n)).collect();
+    gauge("sluice_hosts", "Upstream hosts known, by status (active, offline, idle, banned).", "gauge", &hosts);
     let fill: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.0)).collect();
     gauge("sluice_ring_used_bytes", "Bytes in the shard's ring not yet committed.", "gauge", &fill);
     let cap: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.1)).collect();
@@ -106,7 +119,7 @@ impl Endpoint {
 
 /// Serve on `addr` until stopped or the process ends. A bind failure is
 /// logged, not fatal (None).
-pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, rings: RingFill) -> Option<Endpoint> {
+pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, view: SharedView) -> Option<Endpoint> {
     let listener = match TcpListener::bind(addr) {
         Ok(l) => l,
         Err(e) => {
@@ -128,7 +141,8 @@ pub fn start(addr: SocketAddr, cb: Arc<ControlBlock>, rings: RingFill) -> Option
             let n = s.read(&mut buf).unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", render(&cb, &rings()))
+                let view = view.lock().map(|v| v.clone()).unwrap_or_default();
+                ("200 OK", render(&cb, &view))
             } else {
                 ("404 Not Found", "not found\n".to_owned())
             };
@@ -159,7 +173,9 @@ mod tests {
         cb.shard(1).hosts_connected.store(7, Ordering::Relaxed);
         cb.shard(0).frames_out.store(42, Ordering::Relaxed);
         cb.committed().store(9, Ordering::Relaxed);
-        let page = render(&cb, &[(1, 10), (2, 10)]);
+        let view =
+            View { rings: vec![(1, 10), (2, 10)], hosts: vec![(HostStatus::Active, 3), (HostStatus::Offline, 1)] };
+        let page = render(&cb, &view);
         for line in [
             "# TYPE sluice_committed_seq gauge",
             "sluice_committed_seq 9",
@@ -174,6 +190,7 @@ mod tests {
             "sluice_shard_events_in_total{shard=\"0\"} 0",
             "sluice_ring_used_bytes{shard=\"1\"} 2",
             "sluice_group_commits_total 0",
+            "sluice_hosts{status=\"offline\"} 1",
         ] {
             assert!(page.lines().any(|l| l == line), "missing {line:?} in\n{page}");
         }

@@ -15,6 +15,7 @@
 use crate::pg::EmbeddedPg;
 use anyhow::Context;
 use sluice_common::config::Config;
+use sluice_common::host::{Assignment, HostStatus};
 use sluice_common::instance::{InstanceLock, ENV_LOCK_FD};
 use sluice_common::partition::shard_for;
 use sluice_common::ring::Ring;
@@ -61,7 +62,7 @@ struct Proc {
     started: Instant,
     /// Write end of the shard's assignment pipe.
     assign: Option<std::fs::File>,
-    last_assignment: Option<String>,
+    last_assignment: Option<Vec<(i64, i64)>>,
 }
 
 impl Proc {
@@ -86,7 +87,7 @@ pub struct Supervisor {
     /// The config file, for SIGHUP (None: built in, nothing to reload).
     source: Option<std::path::PathBuf>,
     /// Ring fill for the metrics page, refreshed by the run loop.
-    ring_fill: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    view: crate::metrics::SharedView,
     /// The metrics endpoint (None: it could not bind).
     metrics: Option<crate::metrics::Endpoint>,
     /// `data_dir` is ours while this is held (children inherit it).
@@ -156,11 +157,6 @@ fn probe_free(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
         anyhow::bail!("{key} {addr}: address in use (another relay or program listens there)");
     }
     Ok(())
-}
-
-fn fill_source(fill: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>) -> crate::metrics::RingFill {
-    let fill = fill.clone();
-    Arc::new(move || fill.lock().map(|v| v.clone()).unwrap_or_default())
 }
 
 fn spawn_child(
@@ -245,8 +241,8 @@ impl Supervisor {
             );
         }
         let control = Arc::new(control);
-        let ring_fill = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let metrics = crate::metrics::start(cfg.metrics_listen, control.clone(), fill_source(&ring_fill));
+        let view = crate::metrics::SharedView::default();
+        let metrics = crate::metrics::start(cfg.metrics_listen, control.clone(), view.clone());
         Ok(Supervisor {
             metrics,
             cfg,
@@ -258,7 +254,7 @@ impl Supervisor {
             pg,
             database_url,
             source: None,
-            ring_fill,
+            view,
             lock,
             _listen_reservation: listen_reservation,
         })
@@ -343,7 +339,14 @@ impl Supervisor {
             if last_poll.elapsed() >= HOST_POLL {
                 last_poll = Instant::now();
                 match sluice_dbwriter::db::hosts(&mut db) {
-                    Ok(hosts) => self.assign(&hosts),
+                    Ok(hosts) => {
+                        self.assign(&hosts);
+                        if let Ok(mut v) = self.view.lock() {
+                            v.hosts = HostStatus::ALL
+                                .map(|st| (st, hosts.iter().filter(|h| h.status == st).count() as u64))
+                                .to_vec();
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "reading hosts failed; reconnecting");
                         if let Ok(c) = sluice_dbwriter::db::connect(&self.database_url) {
@@ -356,8 +359,8 @@ impl Supervisor {
                 self.reload()?;
                 last_poll = Instant::now() - HOST_POLL;
             }
-            if let Ok(mut f) = self.ring_fill.lock() {
-                *f = self.rings.iter().map(|r| (r.used(), r.capacity())).collect();
+            if let Ok(mut v) = self.view.lock() {
+                v.rings = self.rings.iter().map(|r| (r.used(), r.capacity())).collect();
             }
             if let Some(t) = tick.as_mut() {
                 t(&self.control);
@@ -370,23 +373,21 @@ impl Supervisor {
 
     fn assign(&mut self, hosts: &[sluice_dbwriter::db::HostRow]) {
         let n = self.shards.len() as u32;
-        let mut per: Vec<Vec<serde_json::Value>> = vec![Vec::new(); n as usize];
-        for h in hosts.iter().filter(|h| h.status == "active") {
-            per[shard_for(&h.hostname, n) as usize].push(
-                serde_json::json!({"id": h.id, "hostname": h.hostname, "cursor": h.cursor, "insecure": h.insecure}),
-            );
+        let mut per: Vec<Assignment> = vec![Assignment { hosts: Vec::new() }; n as usize];
+        for h in hosts.iter().filter(|h| h.status.dialed()) {
+            per[shard_for(&h.hostname, n) as usize].hosts.push(h.assignment());
         }
-        for (k, list) in per.into_iter().enumerate() {
+        for (k, a) in per.into_iter().enumerate() {
             let p = &mut self.shards[k];
             let Some(w) = p.assign.as_mut() else { continue };
-            // Only the set of hosts matters to a running shard; cursors
-            // matter when a task starts, so compare without them.
-            let key: Vec<_> = list.iter().map(|v| v["id"].clone()).collect();
-            let key = serde_json::to_string(&key).expect("json");
-            if p.last_assignment.as_deref() == Some(key.as_str()) {
+            // A running shard acts only on the hosts and their crawl
+            // generations: a host going offline and back, or its cursor
+            // moving, sends nothing.
+            let key = a.key();
+            if p.last_assignment.as_ref() == Some(&key) {
                 continue;
             }
-            let line = serde_json::json!({ "hosts": list }).to_string() + "\n";
+            let line = serde_json::to_string(&a).expect("an assignment serializes") + "\n";
             match w.write_all(line.as_bytes()) {
                 Ok(()) => p.last_assignment = Some(key),
                 Err(e) => tracing::warn!(shard = k, error = %e, "cannot send the host assignment"),
@@ -480,8 +481,7 @@ impl Supervisor {
             if let Some(m) = self.metrics.take() {
                 m.stop();
             }
-            self.metrics =
-                crate::metrics::start(new.metrics_listen, self.control.clone(), fill_source(&self.ring_fill));
+            self.metrics = crate::metrics::start(new.metrics_listen, self.control.clone(), self.view.clone());
             tracing::info!(from = %self.cfg.metrics_listen, to = %new.metrics_listen, "SIGHUP: metrics endpoint moved");
         }
         tracing::info!(path = %path.display(), shards_from = self.cfg.shard_count, shards_to = new.shard_count, "SIGHUP: reloading");

@@ -197,3 +197,84 @@ fn request_crawl_refuses_internal_and_non_pds_hosts() {
     assert!(!body.contains("hostname"), "{body}");
     relay.stop();
 }
+
+/// Host status tells the truth: hosts that go away turn `offline` (one
+/// WARN each, not one per retry), then `idle` after
+/// `host_offline_idle_days` (no longer dialed), and a requestCrawl once
+/// they are back makes them `active` and connected again.
+#[test]
+fn unreachable_hosts_go_offline_then_idle_and_return_on_request_crawl() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |dir: &std::path::Path, base_port: u16| ServeConfig {
+        hosts: 2,
+        accounts: 4,
+        seed: 16,
+        rate: 200.0,
+        max_events: Some(60),
+        ledger: dir.join("ledger.jsonl"),
+        base_port,
+        ..ServeConfig::default()
+    };
+    let base = free_port();
+    let mut net = runner::start(cfg(dir.path(), base)).unwrap();
+    // 0.0001 days: offline 8.6 s makes a host idle.
+    let mut relay =
+        Relay::new(dir.path(), &net.info.plc_url, 1, &format!("{KEEPALIVE}host_offline_idle_days = 0.0001\n"));
+    relay.start();
+    crawl_all(&relay, &net, "");
+    net.wait_generation().unwrap();
+    check_exact(&relay, dir.path(), Duration::from_secs(30));
+    let hosts = net.info.hosts.clone();
+    let status = |r: &Relay, h: &str| -> String {
+        let (st, body) =
+            r.http("GET", &format!("/xrpc/com.atproto.sync.getHostStatus?hostname={h}"), "").expect("answered");
+        assert_eq!(st, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["status"].as_str().unwrap().to_owned()
+    };
+    let wait_all = |r: &Relay, want: &str, within: Duration| {
+        let t = Instant::now();
+        while !hosts.iter().all(|h| status(r, h) == want) {
+            let now: Vec<String> = hosts.iter().map(|h| status(r, h)).collect();
+            assert!(t.elapsed() < within, "not all {want} after {within:?}: {now:?}\n{}", r.log_tail());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        t.elapsed()
+    };
+    drop(net);
+    let took = wait_all(&relay, "offline", Duration::from_secs(40));
+    eprintln!("both hosts offline {took:?} after the network went away");
+    // The gauge follows within the supervisor's host poll (500 ms).
+    let t = Instant::now();
+    while !metrics_page(&relay).lines().any(|l| l == "sluice_hosts{status=\"offline\"} 2") {
+        assert!(t.elapsed() < Duration::from_secs(3), "{}", metrics_page(&relay));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, list) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
+    assert_eq!(list.matches("\"offline\"").count(), 2, "{list}");
+    let took = wait_all(&relay, "idle", Duration::from_secs(40));
+    eprintln!("both hosts idle {took:?} later");
+    let log = relay.log_all();
+    for h in &hosts {
+        let offline = log.lines().filter(|l| l.contains("host offline:") && l.contains(h.as_str())).count();
+        assert_eq!(offline, 1, "{h}: one WARN for going offline\n{log}");
+        assert_eq!(log.lines().filter(|l| l.contains("now idle") && l.contains(h.as_str())).count(), 1, "{log}");
+    }
+    // Back on the same ports (same seed: the same hosts and history), but
+    // idle hosts are not dialed until they ask.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut net = runner::start(cfg(dir2.path(), base)).unwrap();
+    net.wait_generation().unwrap();
+    let connected = |r: &Relay| total(&metric(r, "sluice_shard_hosts_connected"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(connected(&relay), 0, "an idle host was dialed");
+    crawl_all(&relay, &net, "");
+    wait_all(&relay, "active", Duration::from_secs(5));
+    let t = Instant::now();
+    while connected(&relay) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(15), "hosts not reconnected\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("both hosts connected {:?} after requestCrawl", t.elapsed());
+    relay.stop();
+}

@@ -92,6 +92,11 @@ impl Relay {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// The whole log so far.
+    pub fn log_all(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
         let out = self.http_raw(method, path, body)?;
         let status = out.split(' ').nth(1)?.parse().ok()?;
