@@ -86,6 +86,9 @@ struct ServeArgs {
     /// have a subscriber.
     #[arg(long)]
     wait_subscribers: Option<f64>,
+    /// Then stay silent this many seconds before generating.
+    #[arg(long)]
+    start_delay: Option<f64>,
     /// Items each host keeps for cursor replay.
     #[arg(long, default_value_t = 200_000)]
     backlog: usize,
@@ -175,6 +178,7 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<runner::ServeConfig> {
         ledger: a.ledger,
         info: a.info,
         wait_subscribers: a.wait_subscribers.map(Duration::from_secs_f64),
+        start_delay: a.start_delay.map(Duration::from_secs_f64),
         backlog_items: a.backlog,
         base_port: a.base_port,
         bursts: a.bursts,

@@ -31,6 +31,9 @@ pub struct ServeConfig {
     /// Wait (at most this long) for every host to have a subscriber before
     /// generating, so a relay sees every event from the first.
     pub wait_subscribers: Option<Duration>,
+    /// After that wait, stay silent this long before generating (a scale
+    /// bench's idle phase).
+    pub start_delay: Option<Duration>,
     pub backlog_items: usize,
     /// First port for hosts (0 = ephemeral).
     pub base_port: u16,
@@ -60,6 +63,7 @@ impl Default for ServeConfig {
             ledger: PathBuf::from("fakenet-ledger.jsonl"),
             info: None,
             wait_subscribers: None,
+            start_delay: None,
             backlog_items: server::BACKLOG_ITEMS_DEFAULT,
             base_port: 0,
             bursts: false,
@@ -256,6 +260,9 @@ fn generate(
         while Instant::now() < deadline && !shared.hosts.iter().all(|h| h.subscribed.load(Ordering::Acquire)) {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    if let Some(d) = cfg.start_delay {
+        std::thread::sleep(d);
     }
     let mut index: HashMap<String, usize> =
         world.accounts.iter().enumerate().map(|(i, a)| (a.did.clone(), i)).collect();

@@ -10,6 +10,7 @@
 use clap::Parser;
 use fakenet::runner::{self, ServeConfig};
 use fakenet::world::FaultRates;
+use sluice_tests::procinfo::{children, cpu_ticks, status as proc_status};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -43,35 +44,6 @@ struct Args {
     /// The sluice binary (default: next to this one).
     #[arg(long)]
     sluice: Option<PathBuf>,
-}
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn children(pid: u32) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-        if after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
-            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            out.push((p, cmd.split_whitespace().skip(1).take(3).collect::<Vec<_>>().join(" ")));
-        }
-    }
-    out
 }
 
 fn http(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
