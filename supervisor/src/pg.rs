@@ -2,9 +2,26 @@
 //! cluster in `data_dir/pg`, listening only on a Unix socket, started from
 //! the system's server binaries and stopped when the relay stops. As root
 //! the cluster runs as the `postgres` user (initdb refuses root).
+//!
+//! Access rules (ARCHITECTURE.md invariants):
+//! - The socket is in `data_dir/pgsock` (mode 0700, the cluster user's),
+//!   or, when that path is too long for a Unix socket, in a fresh
+//!   `mkdtemp` directory; no TCP listener.
+//! - `pg_hba.conf` and `pg_ident.conf` are rewritten at every start: peer
+//!   authentication only, for the relay's OS user (and the cluster's), as
+//!   role `postgres`; no `trust`, so another local user cannot connect even
+//!   where it can reach the socket.
+//! - Directories are created and chowned through `O_NOFOLLOW` descriptors
+//!   (a planted symlink is refused, never followed); nothing outside
+//!   data_dir changes mode (as root, an ancestor the cluster's user cannot
+//!   traverse is an error naming it).
+//! - A postmaster running on the data directory at start was left by a
+//!   killed supervisor (the instance lock is held): it is stopped and
+//!   started afresh, and always stopped when `sluice run` exits.
 
 use anyhow::{bail, Context};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -12,6 +29,9 @@ pub struct EmbeddedPg {
     bin: PathBuf,
     dir: PathBuf,
     socket_dir: PathBuf,
+    /// A directory of this start's own in /tmp (data_dir's path was too
+    /// long for a socket): removed on stop.
+    fresh_socket_dir: bool,
     run_as: Option<String>,
     started_here: bool,
 }
@@ -50,73 +70,177 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Unix socket paths hold at most 107 bytes; the server's is the
+/// directory plus `/.s.PGSQL.5432`.
+const SOCKET_DIR_BYTES_MAX: usize = 107 - "/.s.PGSQL.5432".len();
+
+/// Open `path` as a directory without following a symlink at its last
+/// component, creating it (mode 0700) if it is missing; then make it
+/// owned by `owner` (as root) and mode 0700, through the descriptor, so a
+/// symlink or a swapped path is never chowned.
+fn private_dir(path: &Path, owner: Option<&nix::unistd::User>) -> anyhow::Result<()> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_dir() => {
+            bail!("{} exists and is not a directory (a symlink?); refusing to use it", path.display())
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("creating {}", path.display()))?,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let fd = open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    if let Some(u) = owner {
+        nix::unistd::fchown(fd.as_raw_fd(), Some(u.uid), Some(u.gid))
+            .with_context(|| format!("chown {} to {}", path.display(), u.name))?;
+    }
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700))
+        .with_context(|| format!("chmod 0700 {}", path.display()))?;
+    Ok(())
+}
+
+/// As root, the cluster's user must be able to walk from `/` down to
+/// `data_dir`. Nothing outside data_dir is changed for it: a directory it
+/// cannot pass is an error that says what to do.
+fn check_reachable(data_dir: &Path, u: &nix::unistd::User) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut blocked = None;
+    for d in data_dir.ancestors().skip(1) {
+        let m = std::fs::metadata(d).with_context(|| format!("reading {}", d.display()))?;
+        let mode = m.mode();
+        let ok = if m.uid() == u.uid.as_raw() {
+            mode & 0o100 != 0
+        } else if m.gid() == u.gid.as_raw() {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            blocked = Some((d.to_path_buf(), mode & 0o7777));
+        }
+    }
+    if let Some((d, mode)) = blocked {
+        bail!(
+            "the private PostgreSQL cluster runs as `{}` (root may not run it), which cannot enter {} (mode {mode:o}) \
+             on the way to data_dir; put data_dir under a directory it can traverse (e.g. /var/lib/sluice), \
+             allow it (chmod o+x {}), or set database_url",
+            u.name,
+            d.display(),
+            d.display()
+        );
+    }
+    Ok(())
+}
+
+/// The cluster's access rules, written at every start: only peer
+/// authentication on the socket, for the relay's own OS user (and the
+/// cluster's), both as the `postgres` role; nothing over TCP.
+fn write_access_rules(dir: &Path, relay_user: &str, cluster_user: &str) -> anyhow::Result<()> {
+    let hba = "# Written by sluice at every start; edits are replaced.\n\
+               # Only the relay's own OS user may connect, on the Unix socket, by peer identity.\n\
+               local all postgres peer map=sluice\n";
+    let mut ident = "# Written by sluice at every start.\n".to_owned();
+    for u in [relay_user, cluster_user] {
+        ident += &format!("sluice {u} postgres\n");
+    }
+    std::fs::write(dir.join("pg_hba.conf"), hba)?;
+    std::fs::write(dir.join("pg_ident.conf"), ident)?;
+    Ok(())
+}
+
+/// `postmaster.pid`'s first line: the postmaster of this data directory.
+fn postmaster_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
+}
+
 impl EmbeddedPg {
     /// Initialise (first time) and start the cluster; returns it running.
+    /// A postmaster still running on this data directory is one a killed
+    /// supervisor left behind (the caller holds the instance lock): it is
+    /// stopped first and started again with this start's settings.
     pub fn start(data_dir: &Path) -> anyhow::Result<EmbeddedPg> {
         let bin = find_bin()?;
         let dir = data_dir.join("pg");
-        // Unix socket paths are limited to 107 bytes: keep it short.
-        let tag = sluice_common::ringrec::did_hash(&data_dir.to_string_lossy());
-        let socket_dir = PathBuf::from(format!("/tmp/sluice-pg-{tag:016x}"));
-        std::fs::create_dir_all(&socket_dir).with_context(|| format!("creating {}", socket_dir.display()))?;
-        let run_as = if is_root() {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())?
+            .context("the relay's OS user has no name (needed for the database's peer authentication)")?;
+        let cluster_user = if is_root() {
             // The package's `postgres` user, else `nobody`: initdb refuses root.
-            let (user, u) = match nix::unistd::User::from_name("postgres")? {
-                Some(u) => ("postgres", u),
+            let u = match nix::unistd::User::from_name("postgres")? {
+                Some(u) => u,
                 None => {
-                    let u = nix::unistd::User::from_name("nobody")?
-                        .context("running as root needs a `postgres` (or `nobody`) user to own the private cluster")?;
                     tracing::warn!("no `postgres` user; the private cluster runs as `nobody`");
-                    ("nobody", u)
+                    nix::unistd::User::from_name("nobody")?
+                        .context("running as root needs a `postgres` (or `nobody`) user to own the private cluster")?
                 }
             };
-            // The cluster's user must reach data_dir/pg.
-            let mut p = Some(data_dir);
-            while let Some(d) = p {
-                if let Ok(m) = std::fs::metadata(d) {
-                    let mode = m.permissions().mode();
-                    if mode & 0o001 == 0 {
-                        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011))?;
-                    }
-                }
-                p = d.parent();
-            }
-            std::fs::create_dir_all(&dir)?;
-            for d in [&dir, &socket_dir] {
-                nix::unistd::chown(d.as_path(), Some(u.uid), Some(u.gid))?;
-            }
-            Some(user.to_owned())
+            check_reachable(data_dir, &u)?;
+            Some(u)
         } else {
-            std::fs::create_dir_all(&dir)?;
             None
         };
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        let mut pg = EmbeddedPg { bin, dir, socket_dir, run_as, started_here: false };
+        // data_dir itself is ours: the cluster's user passes through it.
+        if cluster_user.is_some() {
+            let mode = std::fs::metadata(data_dir)?.permissions().mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode | 0o001))?;
+            }
+        }
+        private_dir(&dir, cluster_user.as_ref())?;
+        // The socket lives in data_dir unless that path is too long; then in
+        // a fresh directory of its own (never an existing path).
+        let near = data_dir.join("pgsock");
+        let (socket_dir, fresh) = if near.as_os_str().len() <= SOCKET_DIR_BYTES_MAX {
+            private_dir(&near, cluster_user.as_ref())?;
+            (near, false)
+        } else {
+            let d = nix::unistd::mkdtemp("/tmp/sluice-pg-XXXXXX").context("creating a socket directory in /tmp")?;
+            private_dir(&d, cluster_user.as_ref())?;
+            (d, true)
+        };
+        let run_as = cluster_user.as_ref().map(|u| u.name.clone());
+        let mut pg = EmbeddedPg { bin, dir, socket_dir, fresh_socket_dir: fresh, run_as, started_here: false };
         if !pg.dir.join("PG_VERSION").exists() {
             tracing::info!(dir = %pg.dir.display(), "initialising the private PostgreSQL cluster");
             let out = pg
                 .command("initdb")
-                .args(["-D", &pg.dir.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+                .args(["-D", &pg.dir.to_string_lossy(), "-U", "postgres", "--auth-local=peer", "--auth-host=reject"])
+                .args(["-E", "UTF8"])
                 .stdout(Stdio::null())
                 .output()?;
             if !out.status.success() {
                 bail!("initdb in {} failed: {}", pg.dir.display(), String::from_utf8_lossy(&out.stderr).trim());
             }
         }
-        let status = pg.command("pg_ctl").args(["-D", &pg.dir.to_string_lossy(), "status"]).output()?;
-        if status.status.success() {
-            tracing::info!(dir = %pg.dir.display(), "private PostgreSQL already running; using it");
-            return Ok(pg);
+        let cluster_name = cluster_user.as_ref().map_or(me.name.as_str(), |u| u.name.as_str());
+        write_access_rules(&pg.dir, &me.name, cluster_name)?;
+        if pg.running()? {
+            let pid = postmaster_pid(&pg.dir);
+            tracing::warn!(
+                dir = %pg.dir.display(),
+                pid,
+                "a private PostgreSQL left running by an earlier sluice (killed?); stopping it to start it afresh"
+            );
+            pg.started_here = true;
+            pg.stop();
         }
         pg.start_server()?;
         Ok(pg)
     }
 
+    fn running(&self) -> anyhow::Result<bool> {
+        Ok(self.command("pg_ctl").args(["-D", &self.dir.to_string_lossy(), "status"]).output()?.status.success())
+    }
+
     /// Start the cluster again if it is not running (it crashed or was
     /// killed); a no-op when it runs.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        let status = self.command("pg_ctl").args(["-D", &self.dir.to_string_lossy(), "status"]).output()?;
-        if status.status.success() {
+        if self.running()? {
             return Ok(());
         }
         tracing::warn!(dir = %self.dir.display(), "private PostgreSQL is not running; starting it");
@@ -125,7 +249,10 @@ impl EmbeddedPg {
 
     fn start_server(&mut self) -> anyhow::Result<()> {
         let log = self.dir.join("postgres.log");
-        let opts = format!("-c listen_addresses='' -k {} -c max_connections=50", self.socket_dir.display());
+        let opts = format!(
+            "-c listen_addresses='' -k {} -c unix_socket_permissions=0700 -c max_connections=50",
+            self.socket_dir.display()
+        );
         let out = self
             .command("pg_ctl")
             .args([
@@ -184,7 +311,12 @@ impl EmbeddedPg {
         self.started_here = false;
         let out = self.command("pg_ctl").args(["-D", &self.dir.to_string_lossy(), "-m", "fast", "-w", "stop"]).output();
         match out {
-            Ok(o) if o.status.success() => tracing::info!("private PostgreSQL stopped"),
+            Ok(o) if o.status.success() => {
+                tracing::info!("private PostgreSQL stopped");
+                if self.fresh_socket_dir {
+                    let _ = std::fs::remove_dir_all(&self.socket_dir);
+                }
+            }
             Ok(o) => tracing::warn!(error = %String::from_utf8_lossy(&o.stderr).trim(), "pg_ctl stop failed"),
             Err(e) => tracing::warn!(error = %e, "pg_ctl stop failed"),
         }

@@ -207,6 +207,8 @@ impl Supervisor {
         let listen_reservation = reserve_listen(cfg.listen)?;
         probe_free("metrics_listen", cfg.metrics_listen)?;
         std::fs::create_dir_all(cfg.run_dir())?;
+        // The query socket and the consumer snapshots are the relay's own.
+        std::fs::set_permissions(cfg.run_dir(), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let mut pg = None;
         let database_url = match &cfg.database_url {
             Some(u) => u.clone(),

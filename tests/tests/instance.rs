@@ -94,3 +94,103 @@ fn second_relay_on_the_same_data_dir_or_port_is_refused() {
     relay.start();
     relay.stop();
 }
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for this purpose.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+}
+
+fn postmaster(data: &std::path::Path) -> Option<i32> {
+    std::fs::read_to_string(data.join("pg/postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
+}
+
+/// `psql -c 'select 1'` on the embedded cluster's socket as OS user `user`
+/// (root only); (success, stderr).
+fn psql_as(user: &str, socket_dir: &std::path::Path) -> (bool, String) {
+    let out = Command::new("runuser")
+        .args(["-u", user, "--", "/usr/lib/postgresql/15/bin/psql", "-w", "-h"])
+        .arg(socket_dir)
+        .args(["-U", "postgres", "-d", "postgres", "-c", "select 1"])
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The embedded database is the relay's alone: its socket directory is in
+/// data_dir, mode 0700; authentication is peer-only (no `trust`), so
+/// another OS user cannot connect even where it reaches the socket; a
+/// planted symlink is refused, not followed. A postmaster left behind by a
+/// SIGKILLed supervisor is stopped by the next `sluice run`, and none is
+/// left running after it exits.
+#[test]
+fn embedded_database_is_private_and_never_left_running() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut relay = Relay::new(dir.path(), "http://127.0.0.1:9", 1, "");
+    relay.start();
+    let sock = data.join("pgsock");
+    let m = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(m.mode() & 0o7777, 0o700, "socket directory mode");
+    let hba = std::fs::read_to_string(data.join("pg/pg_hba.conf")).unwrap();
+    let rules: Vec<&str> = hba.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).collect();
+    assert_eq!(rules, ["local all postgres peer map=sluice"], "{hba}");
+    let pidfile = std::fs::read_to_string(data.join("pg/postmaster.pid")).unwrap();
+    assert_eq!(pidfile.lines().nth(5).map(str::trim), Some(""), "listens on TCP: {pidfile}");
+    if nix::unistd::geteuid().is_root() {
+        // Another user cannot reach the socket...
+        let (ok, err) = psql_as("nobody", &sock);
+        assert!(!ok, "nobody connected");
+        assert!(err.contains("ermission denied") || err.contains("No such file"), "{err}");
+        // ...and where it can, authentication refuses it.
+        let file = sock.join(".s.PGSQL.5432");
+        let (dmode, fmode) = (m.mode() & 0o7777, std::fs::metadata(&file).unwrap().mode() & 0o7777);
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (ok, err) = psql_as("nobody", &sock);
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(dmode)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(fmode)).unwrap();
+        assert!(!ok, "nobody connected through an open socket");
+        assert!(err.contains("authentication failed") || err.contains("no pg_ident.conf"), "{err}");
+    }
+    // SIGKILL the supervisor: its postmaster stays behind (own process group).
+    let pm = postmaster(&data).expect("postmaster.pid");
+    let sup = relay.pid();
+    let kids = children_matching(sup, "sluice");
+    assert!(!kids.is_empty());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = relay.child.take().unwrap().wait();
+    // The children follow their parent (and release the instance lock).
+    let t = Instant::now();
+    while kids.iter().any(|k| alive(*k)) {
+        assert!(t.elapsed() < Duration::from_secs(20), "children outlived the supervisor");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(alive(pm), "the postmaster died with the supervisor; nothing to adopt");
+    relay.start();
+    assert!(!alive(pm), "the leftover postmaster {pm} still runs");
+    assert!(relay.log_all().contains("left running by an earlier sluice"), "{}", relay.log_tail());
+    let pm2 = postmaster(&data).expect("postmaster.pid");
+    assert_ne!(pm, pm2);
+    relay.stop();
+    assert!(!alive(pm2), "postmaster {pm2} left running after sluice run exited");
+    assert!(!data.join("pg/postmaster.pid").exists());
+
+    // A symlink planted where the socket directory goes is refused and
+    // its target left as it was.
+    let dir2 = tempfile::tempdir().unwrap();
+    let target = dir2.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = std::fs::metadata(&target).unwrap();
+    std::fs::create_dir_all(dir2.path().join("data")).unwrap();
+    std::os::unix::fs::symlink(&target, dir2.path().join("data/pgsock")).unwrap();
+    let relay2 = Relay::new(dir2.path(), "http://127.0.0.1:9", 1, "");
+    let (ok, err) = run_to_end(&["run", "--config", &relay2.config.to_string_lossy()]);
+    assert!(!ok);
+    assert!(err.contains("not a directory (a symlink?)"), "{err}");
+    let after = std::fs::metadata(&target).unwrap();
+    assert_eq!((before.uid(), before.gid(), before.mode()), (after.uid(), after.gid(), after.mode()));
+}
