@@ -3,7 +3,9 @@
 //! where a random `kill -9` happens to land.
 //!
 //! `SLUICE_FAILPOINTS="name=crash@N[,name=crash@N]"` aborts the process the
-//! N-th time it passes `name` (counting from 1 in this process). With
+//! N-th time it passes `name` (counting from 1 in this process);
+//! `name=on@N` makes [`fires`] answer true that one time, for points that
+//! do something other than crash. With
 //! `SLUICE_FAILPOINT_DIR=DIR` a point fires at most once across restarts:
 //! firing leaves `DIR/NAME.fired`, and a point whose file exists stays
 //! quiet (the supervisor restarts the process with the same environment).
@@ -16,6 +18,9 @@
 //!   the re-read records as duplicates).
 //! - `flags-after-segment`: a takedown's flagging has done one segment
 //!   (the restart's re-flag pass must finish the job).
+//! - `shard-ring-garbage` (`on@N`): before its N-th ring record the shard
+//!   writes one record that does not decode (its checksum is right): the
+//!   db-writer must discard the ring and lose nothing.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,6 +29,7 @@ use std::sync::OnceLock;
 
 struct Point {
     nth: u64,
+    crash: bool,
     hits: AtomicU64,
 }
 
@@ -34,18 +40,23 @@ struct Failpoints {
 
 static CONFIG: OnceLock<Option<Failpoints>> = OnceLock::new();
 
-/// Parse `name=crash@N,...`; malformed entries are reported and ignored.
+/// Parse `name=crash@N,name=on@N,...`; malformed entries are reported and
+/// ignored.
 fn parse(spec: &str) -> HashMap<String, Point> {
     let mut points = HashMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let parsed = item
-            .split_once('=')
-            .and_then(|(name, action)| Some((name, action.strip_prefix("crash@")?.parse::<u64>().ok()?)));
+        let parsed = item.split_once('=').and_then(|(name, action)| {
+            let (crash, n) = match action.strip_prefix("crash@") {
+                Some(n) => (true, n),
+                None => (false, action.strip_prefix("on@")?),
+            };
+            Some((name, crash, n.parse::<u64>().ok()?))
+        });
         match parsed {
-            Some((name, nth)) if nth > 0 => {
-                points.insert(name.to_owned(), Point { nth, hits: AtomicU64::new(0) });
+            Some((name, crash, nth)) if nth > 0 => {
+                points.insert(name.to_owned(), Point { nth, crash, hits: AtomicU64::new(0) });
             }
-            _ => eprintln!("SLUICE_FAILPOINTS: ignoring {item:?} (expected name=crash@N, N >= 1)"),
+            _ => eprintln!("SLUICE_FAILPOINTS: ignoring {item:?} (expected name=crash@N or name=on@N, N >= 1)"),
         }
     }
     points
@@ -82,11 +93,17 @@ fn due(f: &Failpoints, name: &str) -> bool {
 /// Pass the failpoint `name`: aborts the process if a test asked for it.
 pub fn hit(name: &str) {
     if let Some(f) = config() {
-        if due(f, name) {
+        if f.points.get(name).is_some_and(|p| p.crash) && due(f, name) {
             eprintln!("failpoint {name}: crashing on purpose (SLUICE_FAILPOINTS)");
             std::process::abort();
         }
     }
+}
+
+/// Pass the failpoint `name` (an `on@N` point): true the one time a test
+/// asked for it to fire.
+pub fn fires(name: &str) -> bool {
+    config().is_some_and(|f| f.points.get(name).is_some_and(|p| !p.crash) && due(f, name))
 }
 
 #[cfg(test)]
@@ -96,8 +113,9 @@ mod tests {
     #[test]
     fn fires_on_the_nth_pass_once_across_processes() {
         let dir = tempfile::tempdir().unwrap();
-        let f = Failpoints { points: parse("a=crash@3, b=crash@1,bad,c=crash@0,d=crash@x"), dir: None };
-        assert_eq!(f.points.len(), 2);
+        let f = Failpoints { points: parse("a=crash@3, b=crash@1,bad,c=crash@0,d=crash@x,e=on@2,f=off@1"), dir: None };
+        assert_eq!(f.points.len(), 3);
+        assert!(!f.points["e"].crash && f.points["a"].crash);
         assert_eq!((0..5).map(|_| due(&f, "a")).collect::<Vec<_>>(), [false, false, true, false, false]);
         assert!(!due(&f, "unknown"));
         // With a marker directory, a second process (same spec) stays quiet.

@@ -270,10 +270,24 @@ pub struct ControlBlock {
 
 /// One shard's slot in the control block.
 pub struct ShardSlot<'a> {
-    /// Set by the db-writer when it found the shard's ring corrupt: the
-    /// shard must exit (the supervisor restarts it, and it re-reads from
-    /// the durable cursors).
+    /// 0, or the [`ShardSlot::generation`] whose ring the db-writer found
+    /// corrupt. The ring protocol after a corruption:
+    /// 1. The db-writer discards the ring, stores the generation here, and
+    ///    reads nothing more from that ring.
+    /// 2. The shard of that generation sees its own number and exits (the
+    ///    supervisor restarts it; it re-reads from the durable cursors).
+    /// 3. The supervisor, having reaped it, starts the successor with the
+    ///    next generation; the successor pushes nothing while this is
+    ///    non-zero.
+    /// 4. The db-writer sees a generation other than the poisoned one,
+    ///    discards what the dead shard left in the ring, and stores 0.
+    ///
+    /// So no record written after the corrupt one is ever applied, and no
+    /// host cursor passes a discarded event.
     pub poisoned: &'a AtomicU32,
+    /// Which start of this shard runs now (1, 2, ...; 0: none yet). Set by
+    /// the supervisor before each spawn, after the previous one is reaped.
+    pub generation: &'a AtomicU32,
     /// Upstream hosts currently connected.
     pub hosts_connected: &'a AtomicU64,
     /// Consumers currently subscribed.
@@ -421,6 +435,7 @@ impl ControlBlock {
         let base = SHARDS_OFF + k * SHARD_SLOT_BYTES;
         ShardSlot {
             poisoned: self.shm.u32_at(base),
+            generation: self.shm.u32_at(base + 4),
             hosts_connected: self.shm.u64_at(base + 8),
             consumers: self.shm.u64_at(base + 16),
             heartbeat: self.shm.u64_at(base + 24),

@@ -323,6 +323,22 @@ impl Sequencer {
         taken: &mut usize,
     ) -> anyhow::Result<()> {
         for (k, ring) in rings.iter_mut().enumerate() {
+            let slot = self.control.shard(k);
+            let poisoned = slot.poisoned.load(Ordering::Acquire);
+            if poisoned != 0 {
+                if slot.generation.load(Ordering::Acquire) == poisoned {
+                    // Its shard may still be writing: nothing from it counts.
+                    continue;
+                }
+                // The successor runs and waits for this: drop what the
+                // poisoned process left, then let the successor write.
+                ring.discard_all();
+                ends[k] = Some(ring.position());
+                *taken += 1;
+                slot.poisoned.store(0, Ordering::Release);
+                tracing::info!(shard = k, "corrupt ring cleared for the restarted shard");
+                continue;
+            }
             self.prefetch(ring, batch)?;
             let mut n = 0;
             let mut poisoned = false;
@@ -355,7 +371,10 @@ impl Sequencer {
                 ring.discard_all();
                 ends[k] = Some(ring.position());
                 *taken += 1;
-                self.control.shard(k).poisoned.store(1, Ordering::Release);
+                // The generation that wrote it: that process must exit,
+                // and this ring is not read again until its successor runs.
+                let slot = self.control.shard(k);
+                slot.poisoned.store(slot.generation.load(Ordering::Acquire).max(1), Ordering::Release);
             }
         }
         Ok(())

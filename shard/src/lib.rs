@@ -222,13 +222,20 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
         })
         .detach();
         let mut running: HashMap<i64, Running> = HashMap::new();
+        // This process's generation (`ShardSlot::poisoned`): set by the
+        // supervisor before it spawned us.
+        let generation = sh.slot().generation.load(Ordering::Acquire);
+        // An assignment waiting for the ring to be cleared.
+        let mut pending: Option<Vec<HostAssignment>> = None;
+        let mut waited_for_ring = false;
         loop {
             // Heartbeat and poison check, between assignment messages.
             sh.slot().heartbeat.store(
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 Ordering::Relaxed,
             );
-            if sh.slot().poisoned.load(Ordering::Acquire) != 0 {
+            let poisoned = sh.slot().poisoned.load(Ordering::Acquire);
+            if poisoned == generation {
                 tracing::error!(shard = id, "ring marked corrupt by the db-writer; exiting for a clean restart");
                 std::process::exit(4);
             }
@@ -239,17 +246,28 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
                     r.handle.cancel.fire();
                 }
             }
+            // A predecessor's ring is still being cleared: write nothing.
+            if poisoned == 0 {
+                if let Some(hosts) = pending.take() {
+                    if waited_for_ring {
+                        tracing::info!(shard = id, "ring cleared by the db-writer; starting host tasks");
+                    }
+                    apply_assignment(&sh, &mut running, hosts);
+                }
+            } else if !waited_for_ring {
+                waited_for_ring = true;
+                tracing::info!(shard = id, "waiting for the db-writer to clear the previous process's corrupt ring");
+            }
             let msg = futures::future::select(
                 Box::pin(arx.recv_async()),
-                Box::pin(glommio::timer::sleep(Duration::from_millis(100))),
+                Box::pin(glommio::timer::sleep(Duration::from_millis(if pending.is_some() { 10 } else { 100 }))),
             )
             .await;
-            let hosts = match msg {
-                futures::future::Either::Left((Ok(h), _)) => h,
+            match msg {
+                futures::future::Either::Left((Ok(h), _)) => pending = Some(h),
                 futures::future::Either::Left((Err(_), _)) => break,
                 futures::future::Either::Right(_) => continue,
-            };
-            apply_assignment(&sh, &mut running, hosts);
+            }
         }
         tracing::info!(shard = id, "assignment pipe closed; exiting");
         anyhow::Ok(())

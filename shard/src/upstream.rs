@@ -503,6 +503,14 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
 
 /// Write one encoded record into the ring, waiting while it is full.
 async fn push(sh: &Shared, rec: &[u8]) {
+    if sluice_common::failpoint::fires("shard-ring-garbage") {
+        tracing::warn!(shard = sh.id, "failpoint shard-ring-garbage: writing a record that does not decode");
+        push_raw(sh, &[0xff; 24]).await;
+    }
+    push_raw(sh, rec).await
+}
+
+async fn push_raw(sh: &Shared, rec: &[u8]) {
     let mut wait = Duration::from_micros(200);
     loop {
         let pushed = sh.producer.borrow_mut().try_push(rec.len(), |b| b.copy_from_slice(rec));

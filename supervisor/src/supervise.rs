@@ -166,8 +166,11 @@ fn spawn_child(
     env: &[(&str, String)],
     death_signal: i32,
 ) -> std::io::Result<Child> {
-    let exe = std::env::current_exe()?;
-    let mut c = Command::new(exe);
+    // The running binary itself, even after its file was replaced or
+    // removed (a package upgrade, a rebuild): children always match their
+    // supervisor's version, and a restart never fails on a missing path.
+    let mut c = Command::new("/proc/self/exe");
+    c.arg0(std::env::current_exe().map_or_else(|_| "sluice".into(), |p| p.to_string_lossy().replace(" (deleted)", "")));
     c.args(args).arg("--config").arg(config);
     for (k, v) in env {
         c.env(k, v);
@@ -304,7 +307,11 @@ impl Supervisor {
             (ENV_ASSIGN_FD, r.as_raw_fd().to_string()),
             (ENV_LOCK_FD, self.lock.fd().to_string()),
         ];
-        self.control.shard(k).poisoned.store(0, Ordering::Release);
+        // The previous process of this shard has been reaped (or there was
+        // none): the next generation (see `ShardSlot::poisoned`).
+        let slot = self.control.shard(k);
+        let generation = slot.generation.load(Ordering::Acquire).wrapping_add(1).max(1);
+        slot.generation.store(generation, Ordering::Release);
         let child = spawn_child(
             &["shard".into(), "--id".into(), k.to_string()],
             &self.config_path,
@@ -494,6 +501,8 @@ impl Supervisor {
                 let r = Ring::create(&format!("sluice-ring-{k}"), new.ring_size_bytes)?;
                 cloexec(r.fd())?;
                 rings.push(r);
+                // A new, empty ring: nothing of a poisoned one is left.
+                self.control.shard(k as usize).poisoned.store(0, Ordering::Release);
             }
             self.rings = rings;
         }
