@@ -50,6 +50,16 @@ pub enum LogError {
     OutOfOrder { seq: i64, expected: i64 },
 }
 
+impl LogError {
+    /// Out of space (ENOSPC or EDQUOT): the writer pauses instead of
+    /// failing (db-writer).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, LogError::Io { err, .. }
+            if err.kind() == std::io::ErrorKind::StorageFull
+                || err.raw_os_error().is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT))
+    }
+}
+
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> LogError + '_ {
     move |err| LogError::Io { path: path.to_owned(), err }
 }
@@ -237,6 +247,12 @@ impl OpenSegment {
         if self.pend.is_empty() {
             return Ok(());
         }
+        if crate::failpoint::switched_on("eventlog-enospc") {
+            return Err(LogError::Io {
+                path: self.data_path.clone(),
+                err: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
         let at = self.end - self.pend.len() as u64;
         self.data.write_all_at(&self.pend, at).map_err(io_err(&self.data_path))?;
         let idx_at = self.count * 8 - self.pend_idx.len() as u64;
@@ -346,6 +362,18 @@ impl LogWriter {
     /// The seq the next append must carry.
     pub fn next_seq(&self) -> i64 {
         self.next_seq
+    }
+
+    /// Drop what was appended since the last durable seq and open the log
+    /// again at `durable_seq` (after a failed group commit: the records
+    /// are appended again from the rings).
+    pub fn reopen(&mut self, durable_seq: i64) -> Result<(), LogError> {
+        let (dir, segment_bytes) = (self.dir.clone(), self.segment_bytes);
+        // Close the current files first: open() repairs the same segment.
+        self.cur = None;
+        self.dirty.clear();
+        *self = LogWriter::open(&dir, segment_bytes, durable_seq)?;
+        Ok(())
     }
 
     /// Append one record. Not durable until [`LogWriter::sync`].

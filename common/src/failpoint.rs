@@ -5,7 +5,9 @@
 //! `SLUICE_FAILPOINTS="name=crash@N[,name=crash@N]"` aborts the process the
 //! N-th time it passes `name` (counting from 1 in this process);
 //! `name=on@N` makes [`fires`] answer true that one time, for points that
-//! do something other than crash. With
+//! do something other than crash; `name=switch` makes [`switched_on`]
+//! answer true while the file `SLUICE_FAILPOINT_DIR/NAME.on` exists (a
+//! test turns a fault on and off). With
 //! `SLUICE_FAILPOINT_DIR=DIR` a point fires at most once across restarts:
 //! firing leaves `DIR/NAME.fired`, and a point whose file exists stays
 //! quiet (the supervisor restarts the process with the same environment).
@@ -18,6 +20,8 @@
 //!   the re-read records as duplicates).
 //! - `flags-after-segment`: a takedown's flagging has done one segment
 //!   (the restart's re-flag pass must finish the job).
+//! - `eventlog-enospc` (`switch`): writing the event log fails with
+//!   ENOSPC (disk full) while the switch is on.
 //! - `shard-ring-garbage` (`on@N`): before its N-th ring record the shard
 //!   writes one record that does not decode (its checksum is right): the
 //!   db-writer must discard the ring and lose nothing.
@@ -28,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 struct Point {
+    /// 0 for a switch.
     nth: u64,
     crash: bool,
     hits: AtomicU64,
@@ -46,6 +51,9 @@ fn parse(spec: &str) -> HashMap<String, Point> {
     let mut points = HashMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let parsed = item.split_once('=').and_then(|(name, action)| {
+            if action == "switch" {
+                return Some((name, false, u64::MAX));
+            }
             let (crash, n) = match action.strip_prefix("crash@") {
                 Some(n) => (true, n),
                 None => (false, action.strip_prefix("on@")?),
@@ -54,6 +62,7 @@ fn parse(spec: &str) -> HashMap<String, Point> {
         });
         match parsed {
             Some((name, crash, nth)) if nth > 0 => {
+                let nth = if nth == u64::MAX { 0 } else { nth };
                 points.insert(name.to_owned(), Point { nth, crash, hits: AtomicU64::new(0) });
             }
             _ => eprintln!("SLUICE_FAILPOINTS: ignoring {item:?} (expected name=crash@N or name=on@N, N >= 1)"),
@@ -76,7 +85,7 @@ fn config() -> Option<&'static Failpoints> {
 /// Would passing `name` now crash? Counts the pass. Split from [`hit`] so
 /// the counting is testable without aborting.
 fn due(f: &Failpoints, name: &str) -> bool {
-    let Some(p) = f.points.get(name) else { return false };
+    let Some(p) = f.points.get(name).filter(|p| p.nth > 0) else { return false };
     if p.hits.fetch_add(1, Ordering::Relaxed) + 1 != p.nth {
         return false;
     }
@@ -106,6 +115,16 @@ pub fn fires(name: &str) -> bool {
     config().is_some_and(|f| f.points.get(name).is_some_and(|p| !p.crash) && due(f, name))
 }
 
+/// Is the switch failpoint `name` on now (its file exists)? One `stat`
+/// per call, only when the point is configured.
+pub fn switched_on(name: &str) -> bool {
+    let Some(f) = config() else { return false };
+    match (f.points.get(name), &f.dir) {
+        (Some(p), Some(dir)) if p.nth == 0 => dir.join(format!("{name}.on")).exists(),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,8 +132,12 @@ mod tests {
     #[test]
     fn fires_on_the_nth_pass_once_across_processes() {
         let dir = tempfile::tempdir().unwrap();
-        let f = Failpoints { points: parse("a=crash@3, b=crash@1,bad,c=crash@0,d=crash@x,e=on@2,f=off@1"), dir: None };
-        assert_eq!(f.points.len(), 3);
+        let f = Failpoints {
+            points: parse("a=crash@3, b=crash@1,bad,c=crash@0,d=crash@x,e=on@2,f=off@1,g=switch"),
+            dir: None,
+        };
+        assert_eq!(f.points.len(), 4);
+        assert!(!due(&f, "g"), "a switch never fires as a count");
         assert!(!f.points["e"].crash && f.points["a"].crash);
         assert_eq!((0..5).map(|_| due(&f, "a")).collect::<Vec<_>>(), [false, false, true, false, false]);
         assert!(!due(&f, "unknown"));

@@ -172,6 +172,10 @@ pub enum WriterState {
     Ready = 1,
     Stopping = 2,
     Stopped = 3,
+    /// The event log or Postgres is out of space: intake is paused (the
+    /// rings fill, the shards stop reading their hosts) until a retry
+    /// succeeds.
+    DiskFull = 4,
 }
 
 pub const CONTROL_MAGIC: u64 = 0x534c_5549_4345_4331; // "SLUICEC1"
@@ -210,10 +214,11 @@ pub enum WriterCounter {
     HostAccountLimit = 8,
     AccountLoads = 9,
     AdminAuthFailures = 10,
+    DiskFullPauses = 11,
 }
 
 impl WriterCounter {
-    pub const ALL: [WriterCounter; 11] = [
+    pub const ALL: [WriterCounter; 12] = [
         WriterCounter::Relayed,
         WriterCounter::Dropped,
         WriterCounter::Duplicates,
@@ -225,6 +230,7 @@ impl WriterCounter {
         WriterCounter::HostAccountLimit,
         WriterCounter::AccountLoads,
         WriterCounter::AdminAuthFailures,
+        WriterCounter::DiskFullPauses,
     ];
 
     /// Metric name and help text.
@@ -259,6 +265,10 @@ impl WriterCounter {
             WriterCounter::AdminAuthFailures => {
                 ("sluice_admin_auth_failures_total", "Admin API requests with wrong or missing credentials.")
             }
+            WriterCounter::DiskFullPauses => (
+                "sluice_disk_full_pauses_total",
+                "Times intake paused because the event log or Postgres ran out of space.",
+            ),
         }
     }
 }
@@ -404,6 +414,7 @@ impl ControlBlock {
             0 => WriterState::Starting,
             1 => WriterState::Ready,
             2 => WriterState::Stopping,
+            4 => WriterState::DiskFull,
             _ => WriterState::Stopped,
         }
     }

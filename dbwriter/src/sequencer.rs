@@ -33,7 +33,7 @@ use sluice_common::frame;
 use sluice_common::policy::{self, AccountState, Verdict};
 use sluice_common::ring::Consumer;
 use sluice_common::ringrec::{did_hash, RingRecord};
-use sluice_common::shm::{ControlBlock, WriterCounter};
+use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,6 +88,26 @@ pub struct Sequencer {
     pending_flags: std::collections::VecDeque<crate::admin::FlagJob>,
     /// Offline this long, a host goes idle (`host_offline_idle_days`).
     pub offline_idle_after: Duration,
+    /// Since when intake is paused for want of space.
+    disk_full_since: Option<Instant>,
+}
+
+/// Wait between attempts while the disk is full.
+pub const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
+
+/// Did a group commit fail for want of space: ENOSPC/EDQUOT writing the
+/// event log, or Postgres' `disk_full` (53100)? (A Postgres that panicked
+/// on a full WAL disk drops the connection instead: the db-writer then
+/// exits and the supervisor restarts the cluster and it.)
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sluice_common::eventlog::LogError>().is_some_and(|l| l.is_disk_full())
+            || c.downcast_ref::<postgres::Error>()
+                .is_some_and(|p| p.code() == Some(&postgres::error::SqlState::DISK_FULL))
+            || c.downcast_ref::<db::DbError>().is_some_and(
+                |d| matches!(d, db::DbError::Pg(p) if p.code() == Some(&postgres::error::SqlState::DISK_FULL)),
+            )
+    })
 }
 
 /// How often offline hosts are checked for turning idle.
@@ -142,6 +162,7 @@ impl Sequencer {
             limits_loaded: None,
             commit_pace: Duration::from_millis(2),
             offline_idle_after: Duration::from_secs(7 * 86_400),
+            disk_full_since: None,
         })
     }
 
@@ -161,7 +182,23 @@ impl Sequencer {
             }
             round_began = Instant::now();
             self.send_flags();
-            let n = self.round()?;
+            let n = match self.round() {
+                Ok(n) => {
+                    if let Some(since) = self.disk_full_since.take() {
+                        self.control.set_writer_state(WriterState::Ready);
+                        tracing::info!(paused_s = since.elapsed().as_secs(), "disk space is back; intake resumed");
+                    }
+                    n
+                }
+                Err(e) if is_disk_full(&e) => {
+                    self.pause_for_disk(&e, stop)?;
+                    if stop.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 if stop.load(Ordering::Acquire) {
                     return Ok(());
@@ -188,6 +225,49 @@ impl Sequencer {
                 }
             }
         }
+    }
+
+    /// A group commit failed for want of space: undo the round (the log
+    /// back to what Postgres holds, the rings back to their released
+    /// positions: the records are read again), say so on `_health` and in
+    /// the metrics, and wait [`DISK_FULL_RETRY`] before the caller tries
+    /// again. Intake stops meanwhile: the rings fill and the shards stop
+    /// reading their hosts. One WARN per pause.
+    fn pause_for_disk(&mut self, e: &anyhow::Error, stop: &AtomicBool) -> anyhow::Result<()> {
+        if self.disk_full_since.is_none() {
+            self.disk_full_since = Some(Instant::now());
+            self.control.set_writer_state(WriterState::DiskFull);
+            self.count(WriterCounter::DiskFullPauses);
+            tracing::warn!(
+                error = %e,
+                seq = self.log.next_seq() - 1,
+                "disk full: intake paused, nothing is lost; retrying every second until space returns"
+            );
+        }
+        let deadline = Instant::now() + DISK_FULL_RETRY;
+        loop {
+            self.control.writer_heartbeat().store(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+                Ordering::Relaxed,
+            );
+            for r in &mut self.rings {
+                r.rewind();
+            }
+            let durable = db::last_seq(&mut self.pg)?;
+            match self.log.reopen(durable) {
+                Ok(()) => break,
+                Err(le) if le.is_disk_full() => {}
+                Err(le) => return Err(le.into()),
+            }
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        while Instant::now() < deadline && !stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     fn unread_bytes(&self) -> u64 {

@@ -217,6 +217,7 @@ pub fn health(sh: &Shared) -> (u16, serde_json::Value) {
         WriterState::Ready => Some("db-writer heartbeat is stale"),
         WriterState::Starting => Some("db-writer is starting"),
         WriterState::Stopping | WriterState::Stopped => Some("relay is shutting down"),
+        WriterState::DiskFull => Some("disk full: intake paused until space returns"),
     };
     match reason {
         None => (200, serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "seq": seq})),

@@ -44,6 +44,12 @@ pub fn render(cb: &ControlBlock, view: &View) -> String {
         "gauge",
         &[(String::new(), cb.oldest().load(Ordering::Relaxed))],
     );
+    gauge(
+        "sluice_disk_full",
+        "1 while intake is paused because the event log or Postgres is out of space.",
+        "gauge",
+        &[(String::new(), u64::from(cb.writer_state() == sluice_common::shm::WriterState::DiskFull))],
+    );
     for c in WriterCounter::ALL {
         let (name, help) = c.describe();
         gauge(name, help, "counter", &[(String::new(), cb.writer_counter(c).load(Ordering::Relaxed))]);
