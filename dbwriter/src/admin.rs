@@ -1,5 +1,5 @@
 //! The admin API (HTTP, behind `admin_password_file`): takedowns and their
-//! reversal, host bans, the host list. Actions that emit events (a
+//! reversal, host bans and cursors, the host list, the audit log. Actions that emit events (a
 //! takedown is an `#account` event with status `takendown`) go through the
 //! sequencer, so they get a relay seq and are durable before the answer.
 //! Every action is written to `admin_audit`.
@@ -21,6 +21,9 @@ pub enum Command {
     /// Take the account down (`true`) or reverse it (`false`); the reply is
     /// the relay seq of the emitted `#account` event, once durable.
     Takedown { did: String, takedown: bool, reply: SyncSender<Result<i64, String>> },
+    /// Set a host's upstream cursor (after its seq went backwards: a
+    /// restored or rebuilt PDS). The reply is the previous cursor.
+    HostCursor { host_id: i64, cursor: i64, reply: SyncSender<Result<i64, String>> },
 }
 
 pub fn channel() -> (SyncSender<Command>, Receiver<Command>) {
@@ -154,6 +157,8 @@ pub fn handle(
         ("POST", "/admin/host/limit") => limit(c, req),
         ("POST", "/admin/domain/ban") => ban_domain(c, req, true),
         ("POST", "/admin/domain/unban") => ban_domain(c, req, false),
+        ("POST", "/admin/host/cursor") => host_cursor(c, tx, req),
+        ("GET", "/admin/audit") => audit_log(c, req),
         _ => Ok(error(404, "NotFound", "no such admin route")),
     })
 }
@@ -187,6 +192,67 @@ fn takedown(
             Ok(error(503, "Timeout", "the sequencer did not answer in time; the action may still apply"))
         }
     }
+}
+
+/// Set where the relay next reads a host from: its cursor (stored, and the
+/// sequencer's duplicate floor) and a new crawl generation, so its shard
+/// restarts the connection from there. Events at or below the new cursor
+/// that were relayed before are relayed again if the host sends them.
+fn host_cursor(c: &mut Client, tx: &SyncSender<Command>, req: &Request) -> Result<Response, postgres::Error> {
+    let v: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    let (Some(host), Some(cursor)) = (v["hostname"].as_str(), v["cursor"].as_i64()) else {
+        return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ..., \"cursor\": N}"));
+    };
+    if !(0..sluice_common::frame::SEQ_MAX).contains(&cursor) {
+        return Ok(error(400, "InvalidRequest", "cursor must be an integer from 0 to 2^53"));
+    }
+    let Some(row) = c.query_opt("SELECT id FROM hosts WHERE hostname = $1", &[&host])? else {
+        return Ok(error(400, "HostNotFound", "unknown host"));
+    };
+    let (reply, rx) = sync_channel(1);
+    if tx.try_send(Command::HostCursor { host_id: row.get(0), cursor, reply }).is_err() {
+        return Ok(error(503, "Busy", "the sequencer's admin queue is full"));
+    }
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(from)) => {
+            audit(c, "host_cursor", host, json!({"from": from, "to": cursor}))?;
+            tracing::info!(host, from, to = cursor, "admin: host cursor set");
+            Ok(Response::ok(json!({"hostname": host, "cursor": cursor, "previous": from})))
+        }
+        Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why)),
+        Err(_) => {
+            audit(c, "host_cursor", host, json!({"to": cursor, "answered": false}))?;
+            Ok(error(503, "Timeout", "the sequencer did not answer in time; the action may still apply"))
+        }
+    }
+}
+
+/// The audit log, newest first: `?limit=` (1..1000, default 100) and
+/// `?before=` (an entry id, for the next page; the answer's `cursor`).
+fn audit_log(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+    let limit: i64 = crate::query::param(req, "limit").and_then(|l| l.parse().ok()).unwrap_or(100).clamp(1, 1000);
+    let before: i64 = crate::query::param(req, "before").and_then(|b| b.parse().ok()).unwrap_or(i64::MAX);
+    let rows = c.query(
+        "SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), action, subject, detail::text
+         FROM admin_audit WHERE id < $1 ORDER BY id DESC LIMIT $2",
+        &[&before, &limit],
+    )?;
+    let entries: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let detail: Option<String> = r.get(4);
+            json!({"id": r.get::<_, i64>(0), "at": r.get::<_, String>(1), "action": r.get::<_, String>(2),
+                   "subject": r.get::<_, String>(3),
+                   "detail": detail.and_then(|d| serde_json::from_str::<Value>(&d).ok()).unwrap_or(Value::Null)})
+        })
+        .collect();
+    let mut body = json!({ "entries": entries });
+    if rows.len() as i64 == limit {
+        if let Some(last) = rows.last() {
+            body["cursor"] = json!(last.get::<_, i64>(0).to_string());
+        }
+    }
+    Ok(Response::ok(body))
 }
 
 fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::Error> {

@@ -281,6 +281,18 @@ pub fn recrawl_host(c: &mut Client, hostname: &str) -> Result<bool, postgres::Er
     Ok(n > 0)
 }
 
+/// Set a host's cursor (admin) and bump its crawl generation so its shard
+/// reconnects from there. Returns the previous cursor.
+pub fn set_host_cursor(c: &mut Client, host_id: i64, cursor: i64) -> Result<i64, postgres::Error> {
+    let row = c.query_one(
+        "UPDATE hosts h SET cursor = $2, crawl_gen = h.crawl_gen + 1, updated_at = now()
+         FROM (SELECT id, cursor AS before FROM hosts WHERE id = $1 FOR UPDATE) old
+         WHERE h.id = old.id RETURNING old.before",
+        &[&host_id, &cursor],
+    )?;
+    Ok(row.get(0))
+}
+
 /// Is `hostname` (no port) or a parent domain banned?
 pub fn domain_banned(c: &mut Client, hostname: &str) -> Result<bool, postgres::Error> {
     let n: i64 = c

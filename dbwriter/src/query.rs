@@ -260,7 +260,7 @@ fn write_response(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     s.flush()
 }
 
-fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
+pub(crate) fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
     req.query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
 }
 

@@ -295,6 +295,14 @@ impl Sequencer {
         for cmd in commands {
             taken += 1;
             match cmd {
+                crate::admin::Command::HostCursor { host_id, cursor, reply } => {
+                    let r = db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
+                    if r.is_ok() {
+                        // Events above the new cursor are new again.
+                        self.host_floor.insert(host_id, cursor);
+                    }
+                    let _ = reply.send(r);
+                }
                 crate::admin::Command::Takedown { did, takedown, reply } => {
                     match self.takedown(&did, takedown, &mut batch) {
                         Ok(seq) => replies.push((reply, seq, did, takedown)),

@@ -125,6 +125,17 @@ enum AdminAction {
     /// Set how many accounts a host may have; new accounts beyond it are
     /// not relayed until the limit allows them.
     Limit { hostname: String, limit: i64 },
+    /// Read a host again from this upstream seq (after its seq went
+    /// backwards: a PDS restored from a backup or rebuilt).
+    HostCursor { hostname: String, cursor: i64 },
+    /// The admin audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Entries older than this id (the previous answer's `cursor`).
+        #[arg(long)]
+        before: Option<i64>,
+    },
 }
 
 fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow::Result<()> {
@@ -162,6 +173,17 @@ fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow
         }
         AdminAction::RequestCrawl { mode } => {
             (agent.post(&format!("{base}/admin/requestCrawl")), Some(serde_json::json!({ "public": mode == "public" })))
+        }
+        AdminAction::HostCursor { hostname, cursor } => (
+            agent.post(&format!("{base}/admin/host/cursor")),
+            Some(serde_json::json!({ "hostname": hostname, "cursor": cursor })),
+        ),
+        AdminAction::Audit { limit, before } => {
+            let mut r = agent.get(&format!("{base}/admin/audit")).query("limit", &limit.to_string());
+            if let Some(b) = before {
+                r = r.query("before", &b.to_string());
+            }
+            (r, None)
         }
         AdminAction::Unban { hostname } => {
             (agent.post(&format!("{base}/admin/host/unban")), Some(serde_json::json!({ "hostname": hostname })))
