@@ -82,6 +82,7 @@ pub struct RawConfig {
     pub upstream_connect_timeout_s: Option<u32>,
     /// Whole or fractional days.
     pub host_offline_idle_days: Option<f64>,
+    pub consumer_write_timeout_s: Option<u32>,
 }
 
 /// How the shards keep upstream connections (PROTOCOL §8: a PDS sends
@@ -161,6 +162,8 @@ pub struct Config {
     /// An offline host turns idle (no longer dialed until requestCrawl)
     /// after this many days offline.
     pub host_offline_idle_days: f64,
+    /// A consumer whose socket takes no bytes this long is cut.
+    pub consumer_write_timeout_s: u32,
 }
 
 /// Environment variables that override file keys, and their keys.
@@ -268,6 +271,10 @@ impl RawConfig {
     pub fn validate(self, cores: u32) -> Result<Config, ConfigError> {
         let upstream = self.upstream()?;
         let host_offline_idle_days = self.host_offline_idle_days()?;
+        let consumer_write_timeout_s = self.consumer_write_timeout_s.unwrap_or(30);
+        if !(1..=3600).contains(&consumer_write_timeout_s) {
+            return Err(invalid("consumer_write_timeout_s", "from 1 to 3600"));
+        }
         let shard_count = match self.shard_count {
             None => 1,
             Some(ShardCount::Number(0)) => return Err(invalid("shard_count", "must be at least 1")),
@@ -354,6 +361,7 @@ impl RawConfig {
             public_request_crawl: self.public_request_crawl.unwrap_or(true),
             upstream,
             host_offline_idle_days,
+            consumer_write_timeout_s,
         })
     }
 
@@ -409,6 +417,7 @@ impl Config {
             upstream_idle_timeout_s: Some(self.upstream.idle_timeout_s),
             upstream_connect_timeout_s: Some(self.upstream.connect_timeout_s),
             host_offline_idle_days: Some(self.host_offline_idle_days),
+            consumer_write_timeout_s: Some(self.consumer_write_timeout_s),
         };
         toml::to_string(&raw).expect("config serializes")
     }

@@ -182,7 +182,10 @@ pub const CONTROL_MAGIC: u64 = 0x534c_5549_4345_4331; // "SLUICEC1"
 pub const SHARDS_MAX: usize = 256;
 const SHARD_SLOT_BYTES: usize = 256;
 const SHARDS_OFF: usize = 4096;
-const _: () = assert!(64 + 8 * UpstreamClose::ALL.len() <= SHARD_SLOT_BYTES, "shard slot too small");
+const _: () = assert!(64 + 8 * UpstreamClose::ALL.len() <= SLOT_CUT_LAG, "shard slot fields overlap");
+/// Offset of the consumer-cut counters in a shard slot.
+const SLOT_CUT_LAG: usize = 192;
+const _: () = assert!(SLOT_CUT_LAG + 16 <= SHARD_SLOT_BYTES, "shard slot too small");
 /// Size of the control block mapping.
 pub const CONTROL_BYTES: usize = SHARDS_OFF + SHARDS_MAX * SHARD_SLOT_BYTES;
 
@@ -312,6 +315,11 @@ pub struct ShardSlot<'a> {
     pub dropped: &'a AtomicU64,
     /// Upstream connections ended, by [`UpstreamClose`].
     pub upstream_closes: [&'a AtomicU64; UpstreamClose::ALL.len()],
+    /// Consumers cut for lagging past `consumer_lag_events_max`.
+    pub consumers_cut_lag: &'a AtomicU64,
+    /// Consumers cut because their socket took nothing for
+    /// `consumer_write_timeout_s`.
+    pub consumers_cut_unwritable: &'a AtomicU64,
 }
 
 /// Why an upstream connection ended (or never came up): the reasons the
@@ -454,6 +462,8 @@ impl ControlBlock {
             frames_out: self.shm.u64_at(base + 40),
             dropped: self.shm.u64_at(base + 48),
             upstream_closes: std::array::from_fn(|i| self.shm.u64_at(base + 64 + 8 * i)),
+            consumers_cut_lag: self.shm.u64_at(base + SLOT_CUT_LAG),
+            consumers_cut_unwritable: self.shm.u64_at(base + SLOT_CUT_LAG + 8),
         }
     }
 }

@@ -296,7 +296,8 @@ impl Sequencer {
             taken += 1;
             match cmd {
                 crate::admin::Command::HostCursor { host_id, cursor, reply } => {
-                    let r = db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
+                    let r =
+                        db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
                     if r.is_ok() {
                         // Events above the new cursor are new again.
                         self.host_floor.insert(host_id, cursor);

@@ -10,8 +10,11 @@
 //! - `cursor=0`: the whole window; a cursor older than the window gets
 //!   `#info OutdatedCursor`, then the window from its start;
 //! - `cursor` above the committed seq: error frame `FutureCursor`, close;
-//! - a consumer more than `consumer_lag_events_max` behind gets error frame
-//!   `ConsumerTooSlow` and is closed; an idle stream gets a ping every
+//! - a consumer more than `consumer_lag_events_max` behind, or whose
+//!   socket has taken nothing for `consumer_write_timeout_s`, gets error
+//!   frame `ConsumerTooSlow` (if its socket takes it within a second) and
+//!   is closed, whether or not it reads: a write in progress is checked
+//!   every second; counted by reason. An idle stream gets a ping every
 //!   [`PING_EVERY`]; at most `consumers_max` consumers per shard.
 //!
 //! Consumers only ever see seqs at or below the committed watermark.
@@ -38,6 +41,10 @@ const BODY_BYTES_MAX: usize = 64 * 1024;
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// A consumer connection's WebSocket read buffer.
+pub const CONSUMER_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes gathered before a write to a consumer's socket.
+pub const CONSUMER_WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// Frames sent per flush.
 const SEND_BATCH: usize = 256;
 /// How often a caught-up consumer looks at the watermark.
@@ -334,7 +341,14 @@ async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str
     stream.write_all(resp.as_bytes()).await?;
     stream.flush().await?;
     let mut cfg = WebSocketConfig::default();
+    // A consumer sends only pings, pongs and a close: small reads. Writes
+    // gather to CONSUMER_WRITE_BUFFER_BYTES before reaching the socket (a
+    // batch of small frames is one write), instead of the library's
+    // 128 KiB read and write buffers per connection.
     cfg.max_message_size = Some(64 * 1024);
+    cfg.max_frame_size = Some(64 * 1024);
+    cfg.read_buffer_size = CONSUMER_READ_BUFFER_BYTES;
+    cfg.write_buffer_size = CONSUMER_WRITE_BUFFER_BYTES;
     let remote = stream.peer_addr().ok();
     let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(cfg)).await;
     slot.consumers.fetch_add(1, Ordering::Relaxed);
@@ -355,16 +369,18 @@ async fn stream_events(
     // The reader half answers pings and notices the consumer leaving.
     let closed = Rc::new(Cell::new(false));
     let c2 = closed.clone();
-    let reader = glommio::spawn_local(async move {
-        while let Some(m) = incoming.next().await {
-            match m {
-                Ok(Message::Close(_)) | Err(_) => break,
-                Ok(_) => {}
+    let _reader = CancelOnDrop(
+        glommio::spawn_local(async move {
+            while let Some(m) = incoming.next().await {
+                match m {
+                    Ok(Message::Close(_)) | Err(_) => break,
+                    Ok(_) => {}
+                }
             }
-        }
-        c2.set(true);
-    })
-    .detach();
+            c2.set(true);
+        })
+        .detach(),
+    );
     let committed = || sh.control.committed().load(Ordering::Acquire) as i64;
     let oldest = || (sh.control.oldest().load(Ordering::Acquire) as i64).max(1);
     let mut next = match cursor {
@@ -394,38 +410,119 @@ async fn stream_events(
             continue;
         }
         if top - next > lag_max {
-            tracing::info!(shard = sh.id, seq = next, committed = top, "consumer too slow; closing");
-            sink.send(error_frame("ConsumerTooSlow", "consumer fell too far behind")).await?;
-            sink.close(None).await?;
-            break;
+            return cut(sh, sink, Cut::Lag { seq: next, committed: top }).await;
         }
-        let mut sent = 0;
-        while sent < SEND_BATCH && next <= top {
-            let found = sh.log.borrow_mut().lookup(next)?;
-            match found {
-                Ok((h, f)) => {
-                    if h.flags & FLAG_TAKEDOWN == 0 {
-                        // Zero-copy: the message keeps the mapping alive.
-                        sink.feed(Message::Binary(async_tungstenite::tungstenite::Bytes::from_owner(f))).await?;
-                        sent += 1;
-                    }
-                    next += 1;
+        // One batch, watched: a consumer that stops reading fills its
+        // socket and the write waits; it is cut once its lag passes the
+        // limit or the socket has taken nothing for the write timeout.
+        let started = Instant::now();
+        let pos = Cell::new(next);
+        let mut batch = Box::pin(send_batch(sh, &mut sink, &pos, top));
+        let sent = loop {
+            let tick = std::pin::pin!(glommio::timer::sleep(CUT_CHECK));
+            match futures::future::select(batch.as_mut(), tick).await {
+                futures::future::Either::Left((r, _)) => break r?,
+                futures::future::Either::Right(_) => {
+                    let (top, at) = (committed(), pos.get());
+                    let why = if top - at > lag_max {
+                        Cut::Lag { seq: at, committed: top }
+                    } else if started.elapsed() >= sh.consumer_write_timeout {
+                        Cut::Unwritable { seq: at, waited: started.elapsed() }
+                    } else {
+                        continue;
+                    };
+                    drop(batch);
+                    return cut(sh, sink, why).await;
                 }
-                Err(Missing::Gone) => {
-                    outdated(&mut sink).await?;
-                    next = oldest().max(next + 1);
-                }
-                Err(Missing::NotYet) => anyhow::bail!("seq {next} is committed but not in the event log"),
             }
-        }
-        sink.flush().await?;
+        };
+        drop(batch);
+        next = pos.get();
         sh.slot().frames_out.fetch_add(sent as u64, Ordering::Relaxed);
         sh.consumers.borrow_mut().progress(id, next - 1, sent as u64);
         last_send = Instant::now();
     }
-    drop(reader);
     Ok(())
 }
+
+/// Cancels a consumer's reader task when the stream ends, however it ends
+/// (a detached glommio task otherwise lives on, and with it the socket,
+/// until the peer closes).
+struct CancelOnDrop(glommio::task::JoinHandle<()>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Send the committed frames from `pos` up to `top` (at most
+/// [`SEND_BATCH`]), then flush; `pos` follows, so a watcher sees how far
+/// a stuck write got. Returns the frames sent.
+async fn send_batch(
+    sh: &Shared,
+    sink: &mut async_tungstenite::WebSocketSender<TcpStream>,
+    pos: &Cell<i64>,
+    top: i64,
+) -> anyhow::Result<usize> {
+    let mut sent = 0;
+    while sent < SEND_BATCH && pos.get() <= top {
+        let next = pos.get();
+        let found = sh.log.borrow_mut().lookup(next)?;
+        match found {
+            Ok((h, f)) => {
+                if h.flags & FLAG_TAKEDOWN == 0 {
+                    // Zero-copy: the message keeps the mapping alive.
+                    sink.feed(Message::Binary(async_tungstenite::tungstenite::Bytes::from_owner(f))).await?;
+                    sent += 1;
+                }
+                pos.set(next + 1);
+            }
+            Err(Missing::Gone) => {
+                outdated(sink).await?;
+                pos.set((sh.control.oldest().load(Ordering::Acquire) as i64).max(1).max(next + 1));
+            }
+            Err(Missing::NotYet) => anyhow::bail!("seq {next} is committed but not in the event log"),
+        }
+    }
+    sink.flush().await?;
+    Ok(sent)
+}
+
+/// How often a write in progress is checked against the lag limit and
+/// the write timeout.
+const CUT_CHECK: Duration = Duration::from_secs(1);
+
+/// Why a consumer is cut.
+enum Cut {
+    Lag { seq: i64, committed: i64 },
+    Unwritable { seq: i64, waited: Duration },
+}
+
+/// Cut a consumer: `ConsumerTooSlow` if the socket takes it within a
+/// second (best effort: a full socket usually does not), then close;
+/// counted by reason.
+async fn cut(sh: &Shared, mut sink: async_tungstenite::WebSocketSender<TcpStream>, why: Cut) -> anyhow::Result<()> {
+    match why {
+        Cut::Lag { seq, committed } => {
+            sh.slot().consumers_cut_lag.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(shard = sh.id, seq, committed, "consumer too slow (lag past the limit); closing");
+        }
+        Cut::Unwritable { seq, waited } => {
+            sh.slot().consumers_cut_unwritable.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(shard = sh.id, seq, waited_s = waited.as_secs(), "consumer not reading; closing");
+        }
+    }
+    let farewell = async {
+        sink.send(error_frame("ConsumerTooSlow", "consumer fell too far behind")).await?;
+        sink.close(None).await
+    };
+    let _ =
+        futures::future::select(std::pin::pin!(farewell), std::pin::pin!(glommio::timer::sleep(CUT_FAREWELL))).await;
+    Ok(())
+}
+
+const CUT_FAREWELL: Duration = Duration::from_secs(1);
 
 async fn outdated<S: futures::Sink<Message, Error = async_tungstenite::tungstenite::Error> + Unpin>(
     sink: &mut S,

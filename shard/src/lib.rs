@@ -69,6 +69,8 @@ pub struct Shared {
     pub host_rate: u32,
     pub upstream: sluice_common::config::UpstreamTimeouts,
     pub consumer_lag_max: u64,
+    /// A consumer whose socket takes nothing this long is cut.
+    pub consumer_write_timeout: Duration,
     /// This shard's consumers (`sluice admin consumers`).
     pub consumers: RefCell<consumers::Table>,
 }
@@ -199,6 +201,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             host_rate: cfg.limits.host_events_per_second_max,
             upstream: cfg.upstream,
             consumer_lag_max: cfg.limits.consumer_lag_events_max,
+            consumer_write_timeout: Duration::from_secs(cfg.consumer_write_timeout_s.into()),
             consumers: RefCell::new(consumers::Table::default()),
         });
         // Publish the consumer list for the admin API, through a helper

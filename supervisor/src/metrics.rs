@@ -59,7 +59,7 @@ pub fn render(cb: &ControlBlock, view: &View) -> String {
         (0..n).map(|k| (format!("{{shard=\"{k}\"}}"), f(k))).collect()
     };
     type Field = fn(&sluice_common::shm::ShardSlot<'_>) -> u64;
-    let per_shard: [(&str, &str, &str, Field); 5] = [
+    let per_shard: [(&str, &str, &str, Field); 7] = [
         ("sluice_shard_hosts_connected", "Upstream hosts connected.", "gauge", |s| {
             s.hosts_connected.load(Ordering::Relaxed)
         }),
@@ -70,6 +70,18 @@ pub fn render(cb: &ControlBlock, view: &View) -> String {
         ("sluice_shard_frames_out_total", "Frames sent to consumers.", "counter", |s| {
             s.frames_out.load(Ordering::Relaxed)
         }),
+        (
+            "sluice_shard_consumers_cut_lag_total",
+            "Consumers cut for lagging past consumer_lag_events_max.",
+            "counter",
+            |s| s.consumers_cut_lag.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_shard_consumers_cut_unwritable_total",
+            "Consumers cut because their socket took nothing for consumer_write_timeout_s.",
+            "counter",
+            |s| s.consumers_cut_unwritable.load(Ordering::Relaxed),
+        ),
         (
             "sluice_shard_events_dropped_total",
             "Upstream events or frames dropped by the stateless checks, and connection faults.",

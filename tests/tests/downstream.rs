@@ -82,3 +82,135 @@ fn bad_requests_get_xrpc_errors_and_heads_are_bounded() {
     assert!(t.elapsed() < Duration::from_secs(12), "closed only after {:?}", t.elapsed());
     relay.stop();
 }
+
+/// A subscriber socket with a small receive buffer that never reads past
+/// the upgrade answer.
+fn stalled_subscriber(relay: &Relay, query: &str) -> TcpStream {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(127, 0, 0, 1, relay.port)).unwrap();
+    // SAFETY: a connected TCP socket we own.
+    let mut s = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let req = format!(
+        "GET /xrpc/com.atproto.sync.subscribeRepos{query} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    // Read the 101 head only (byte by byte: nothing past it).
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "closed before the upgrade");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+fn counter(relay: &Relay, name: &str) -> u64 {
+    metrics_page(relay)
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// Read what the relay left in the socket until it is closed (bounded).
+fn drained_to_close(mut s: TcpStream) -> usize {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return n,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return n,
+            Err(e) => panic!("socket still open after {n} bytes: {e}"),
+        }
+    }
+}
+
+/// Consumers that stop reading cannot hold a shard: one whose socket
+/// takes nothing for `consumer_write_timeout_s` is cut, and one whose lag
+/// passes `consumer_lag_events_max` is cut, both while they still read
+/// nothing; each is counted by reason and its socket closed.
+#[test]
+fn consumers_that_do_not_read_are_cut() {
+    use fakenet::runner::{self, ServeConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 2,
+        accounts: 10,
+        seed: 91,
+        rate: 0.0,
+        max_events: Some(2500),
+        initial_records: 20,
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    net.wait_generation().unwrap();
+    let mut relay = Relay::new(
+        dir.path(),
+        &net.info.plc_url,
+        1,
+        "consumer_write_timeout_s = 2\n[limits]\nconsumer_lag_events_max = 2400\n",
+    );
+    relay.start();
+    crawl_all(&relay, &net, "");
+    check_exact(&relay, dir.path(), Duration::from_secs(60));
+    // The whole window is within the lag limit, and more than the socket
+    // buffers hold: the write stalls and the timeout cuts it.
+    let t = Instant::now();
+    let s = stalled_subscriber(&relay, "?cursor=200");
+    while counter(&relay, "sluice_shard_consumers_cut_unwritable_total") < 1 {
+        assert!(t.elapsed() < Duration::from_secs(10), "not cut for an unwritable socket\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("unwritable consumer cut after {:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_secs(2), "cut before the write timeout");
+    let n = drained_to_close(s);
+    eprintln!("it had {n} bytes to read, then the close");
+    assert_eq!(counter(&relay, "sluice_shard_consumers_cut_lag_total"), 0);
+    assert_eq!(counter(&relay, "sluice_shard_consumers"), 0);
+    relay.stop();
+
+    // Lag: a live subscriber that reads nothing, a limit of 300 events,
+    // new events at 300/s and a write timeout it never reaches: once the
+    // socket is full, the lag passes the limit while the write waits.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut net2 = runner::start(ServeConfig {
+        hosts: 2,
+        accounts: 10,
+        seed: 92,
+        rate: 300.0,
+        max_events: Some(3000),
+        initial_records: 20,
+        ledger: dir2.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(
+        dir2.path(),
+        &net2.info.plc_url,
+        1,
+        "consumer_write_timeout_s = 30\n[limits]\nconsumer_lag_events_max = 300\n",
+    );
+    relay.start();
+    crawl_all(&relay, &net2, "");
+    wait_events(&net2, 200);
+    let t = Instant::now();
+    let s = stalled_subscriber(&relay, "");
+    while counter(&relay, "sluice_shard_consumers_cut_lag_total") < 1 {
+        assert!(t.elapsed() < Duration::from_secs(20), "not cut for lag\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("lagging consumer cut after {:?}", t.elapsed());
+    drained_to_close(s);
+    assert_eq!(counter(&relay, "sluice_shard_consumers_cut_unwritable_total"), 0);
+    net2.wait_generation().unwrap();
+    relay.stop();
+}

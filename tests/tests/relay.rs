@@ -1043,7 +1043,12 @@ fn admin_host_cursor_rereads_a_host_and_the_audit_log_says_so() {
     // events pass), and its cursor is back at its head.
     let t = std::time::Instant::now();
     while host_seq(&relay) < head {
-        assert!(t.elapsed() < Duration::from_secs(20), "host not re-read: seq {}\n{}", host_seq(&relay), relay.log_tail());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "host not re-read: seq {}\n{}",
+            host_seq(&relay),
+            relay.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let page = metrics_page(&relay);
