@@ -45,13 +45,62 @@ pub const PING_EVERY: Duration = Duration::from_secs(30);
 pub const CONSUMER_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Bytes gathered before a write to a consumer's socket.
 pub const CONSUMER_WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// Frames sent per flush.
+/// Bytes fed to a consumer's WebSocket before waiting for the socket to
+/// take them.
+const FLUSH_BYTES: usize = 32 * 1024;
+/// Frames sent per batch (between looks at the watermark).
 const SEND_BATCH: usize = 256;
-/// How often a caught-up consumer looks at the watermark.
-const POLL: Duration = Duration::from_millis(2);
+/// How often the shard looks at the committed watermark for its
+/// caught-up consumers (one timer per shard, not per consumer).
+const POLL: Duration = Duration::from_millis(1);
+
+/// The consumers of this shard waiting for the committed seq to pass what
+/// they sent. One task (in [`serve`]) reads the control block every
+/// [`POLL`] and wakes them all when it moved: with a thousand consumers,
+/// a thousand timers every 2 ms cost more than the frames.
+#[derive(Default)]
+pub struct Watermark {
+    wakers: std::cell::RefCell<Vec<std::task::Waker>>,
+}
+
+impl Watermark {
+    pub fn wake_all(&self) {
+        let ws = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in ws {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the committed seq is above `seq` (or on a wake for
+    /// another reason: callers re-check).
+    fn above<'a>(&'a self, sh: &'a Shared, seq: i64) -> impl std::future::Future<Output = ()> + 'a {
+        let mut registered = false;
+        std::future::poll_fn(move |cx| {
+            if registered || sh.control.committed().load(Ordering::Acquire) as i64 > seq {
+                return std::task::Poll::Ready(());
+            }
+            registered = true;
+            self.wakers.borrow_mut().push(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+    }
+}
 
 pub async fn serve(sh: Rc<Shared>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(sh.listen).map_err(io)?;
+    let wm = sh.clone();
+    glommio::spawn_local(async move {
+        let mut last = 0;
+        loop {
+            let c = wm.control.committed().load(Ordering::Acquire);
+            if c != last {
+                last = c;
+                wm.watermark.wake_all();
+            }
+            glommio::timer::sleep(POLL).await;
+        }
+    })
+    .detach();
     tracing::info!(shard = sh.id, listen = %sh.listen, "serving consumers");
     let open = Rc::new(Cell::new(0usize));
     loop {
@@ -369,6 +418,7 @@ async fn stream_events(
     // The reader half answers pings and notices the consumer leaving.
     let closed = Rc::new(Cell::new(false));
     let c2 = closed.clone();
+    let wake = sh.clone();
     let _reader = CancelOnDrop(
         glommio::spawn_local(async move {
             while let Some(m) = incoming.next().await {
@@ -378,6 +428,8 @@ async fn stream_events(
                 }
             }
             c2.set(true);
+            // The stream loop may be waiting for the watermark: let it see.
+            wake.watermark.wake_all();
         })
         .detach(),
     );
@@ -402,11 +454,14 @@ async fn stream_events(
     while !closed.get() {
         let top = committed();
         if next > top {
-            if last_send.elapsed() > PING_EVERY {
+            let ping_in = PING_EVERY.saturating_sub(last_send.elapsed());
+            if ping_in.is_zero() {
                 sink.send(Message::Ping(Vec::new().into())).await?;
                 last_send = Instant::now();
+                continue;
             }
-            glommio::timer::sleep(POLL).await;
+            let woken = std::pin::pin!(sh.watermark.above(sh, top));
+            futures::future::select(woken, std::pin::pin!(glommio::timer::sleep(ping_in))).await;
             continue;
         }
         if top - next > lag_max {
@@ -465,16 +520,23 @@ async fn send_batch(
     pos: &Cell<i64>,
     top: i64,
 ) -> anyhow::Result<usize> {
-    let mut sent = 0;
+    let (mut sent, mut unflushed) = (0, 0usize);
     while sent < SEND_BATCH && pos.get() <= top {
         let next = pos.get();
         let found = sh.log.borrow_mut().lookup(next)?;
         match found {
             Ok((h, f)) => {
                 if h.flags & FLAG_TAKEDOWN == 0 {
-                    // Zero-copy: the message keeps the mapping alive.
+                    // The library copies the frame into its write buffer;
+                    // flushing every FLUSH_BYTES keeps that buffer (and so
+                    // the memory a slow consumer holds) near that size.
+                    unflushed += f.bytes().len();
                     sink.feed(Message::Binary(async_tungstenite::tungstenite::Bytes::from_owner(f))).await?;
                     sent += 1;
+                    if unflushed >= FLUSH_BYTES {
+                        sink.flush().await?;
+                        unflushed = 0;
+                    }
                 }
                 pos.set(next + 1);
             }

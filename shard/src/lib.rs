@@ -73,6 +73,8 @@ pub struct Shared {
     pub consumer_write_timeout: Duration,
     /// This shard's consumers (`sluice admin consumers`).
     pub consumers: RefCell<consumers::Table>,
+    /// Consumers waiting for the committed seq to move.
+    pub watermark: downstream::Watermark,
 }
 
 impl Shared {
@@ -203,6 +205,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             consumer_lag_max: cfg.limits.consumer_lag_events_max,
             consumer_write_timeout: Duration::from_secs(cfg.consumer_write_timeout_s.into()),
             consumers: RefCell::new(consumers::Table::default()),
+            watermark: downstream::Watermark::default(),
         });
         // Publish the consumer list for the admin API, through a helper
         // thread; a snapshot still being written makes this tick skip.

@@ -170,6 +170,15 @@ fn spawn_child(
     // removed (a package upgrade, a rebuild): children always match their
     // supervisor's version, and a restart never fails on a missing path.
     let mut c = Command::new("/proc/self/exe");
+    // glibc: allocations from 32 KiB up are mmapped and returned when freed
+    // (not kept by the dynamic threshold, which rises to 32 MiB after the
+    // first such free), and free heap past 1 MiB at the top is given back:
+    // a shard's memory falls back when consumers or large messages leave.
+    for (k, v) in [("MALLOC_MMAP_THRESHOLD_", "32768"), ("MALLOC_TRIM_THRESHOLD_", "1048576")] {
+        if std::env::var_os(k).is_none() {
+            c.env(k, v);
+        }
+    }
     c.arg0(std::env::current_exe().map_or_else(|_| "sluice".into(), |p| p.to_string_lossy().replace(" (deleted)", "")));
     c.args(args).arg("--config").arg(config);
     for (k, v) in env {
