@@ -199,6 +199,7 @@ const OFF_STOP_READING: usize = 256;
 const OFF_OLDEST_SEQ: usize = 320;
 const OFF_SHARD_COUNT: usize = 384;
 const OFF_WRITER_HEARTBEAT: usize = 448;
+const OFF_FLAGS_GENERATION: usize = 512;
 /// The db-writer's counters, one u64 each (see [`WriterCounter`]).
 const OFF_WRITER_COUNTERS: usize = 1024;
 
@@ -411,6 +412,12 @@ impl ControlBlock {
     /// The lowest relay seq still in the event log (0 = empty).
     pub fn oldest(&self) -> &AtomicU64 {
         self.shm.u64_at(OFF_OLDEST_SEQ)
+    }
+
+    /// Bumped by the db-writer each time takedown flags in the event log
+    /// changed: shards drop the frames they cached before.
+    pub fn flags_generation(&self) -> &AtomicU64 {
+        self.shm.u64_at(OFF_FLAGS_GENERATION)
     }
 
     pub fn writer_doorbell(&self) -> Doorbell<'_> {

@@ -40,7 +40,10 @@ pub struct FlagJob {
 
 /// The thread that applies [`FlagJob`]s, one at a time, off the
 /// sequencer's path (a scan of the whole window can take a while).
-pub fn start_flagger(events_dir: std::path::PathBuf) -> std::io::Result<SyncSender<FlagJob>> {
+pub fn start_flagger(
+    events_dir: std::path::PathBuf,
+    control: std::sync::Arc<sluice_common::shm::ControlBlock>,
+) -> std::io::Result<SyncSender<FlagJob>> {
     let (tx, rx) = sync_channel::<FlagJob>(QUEUE_MAX);
     std::thread::Builder::new().name("log-flags".into()).spawn(move || {
         while let Ok(job) = rx.recv() {
@@ -66,6 +69,8 @@ pub fn start_flagger(events_dir: std::path::PathBuf) -> std::io::Result<SyncSend
                 job.on,
                 matches,
             );
+            // Shards re-read (and re-frame) what they cached.
+            control.flags_generation().fetch_add(1, std::sync::atomic::Ordering::Release);
             match r {
                 Ok(n) => tracing::info!(
                     dids = job.dids.len(),

@@ -98,7 +98,7 @@ pub unsafe fn run(
     seq.commit_pace = std::time::Duration::from_millis(cfg.flush_interval_ms.into());
     seq.offline_idle_after = std::time::Duration::from_secs_f64(cfg.host_offline_idle_days * 86_400.0);
     seq.admin = Some(admin_rx);
-    let flagger = admin::start_flagger(cfg.events_dir())?;
+    let flagger = admin::start_flagger(cfg.events_dir(), control.clone())?;
     // A crash may have cut a flagging scan short: flag the taken-down
     // accounts' records once more (idempotent, one pass for all).
     let taken: Vec<String> =

@@ -19,11 +19,9 @@
 //!
 //! Consumers only ever see seqs at or below the committed watermark.
 
+use crate::wsout;
 use crate::{io, Shared};
-use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use async_tungstenite::tungstenite::Message;
-use async_tungstenite::WebSocketStream;
-use futures::{AsyncReadExt, AsyncWriteExt, SinkExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use sluice_common::eventlog::{Missing, FLAG_TAKEDOWN};
 use sluice_common::frame::{encode_error, InfoEvent};
@@ -41,13 +39,6 @@ const BODY_BYTES_MAX: usize = 64 * 1024;
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_EVERY: Duration = Duration::from_secs(30);
-/// A consumer connection's WebSocket read buffer.
-pub const CONSUMER_READ_BUFFER_BYTES: usize = 4 * 1024;
-/// Bytes gathered before a write to a consumer's socket.
-pub const CONSUMER_WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// Bytes fed to a consumer's WebSocket before waiting for the socket to
-/// take them.
-const FLUSH_BYTES: usize = 32 * 1024;
 /// Frames sent per batch (between looks at the watermark).
 const SEND_BATCH: usize = 256;
 /// How often the shard looks at the committed watermark for its
@@ -61,6 +52,8 @@ const POLL: Duration = Duration::from_millis(1);
 #[derive(Default)]
 pub struct Watermark {
     wakers: std::cell::RefCell<Vec<std::task::Waker>>,
+    /// The polling task, parked while nobody waits.
+    poller: std::cell::RefCell<Option<std::task::Waker>>,
 }
 
 impl Watermark {
@@ -69,6 +62,21 @@ impl Watermark {
         for w in ws {
             w.wake();
         }
+    }
+
+    fn waiting(&self) -> bool {
+        !self.wakers.borrow().is_empty()
+    }
+
+    /// Resolves once a consumer waits.
+    fn someone_waits(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.waiting() {
+                return std::task::Poll::Ready(());
+            }
+            *self.poller.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
     }
 
     /// Resolves once the committed seq is above `seq` (or on a wake for
@@ -81,6 +89,9 @@ impl Watermark {
             }
             registered = true;
             self.wakers.borrow_mut().push(cx.waker().clone());
+            if let Some(p) = self.poller.borrow_mut().take() {
+                p.wake();
+            }
             std::task::Poll::Pending
         })
     }
@@ -90,14 +101,18 @@ pub async fn serve(sh: Rc<Shared>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(sh.listen).map_err(io)?;
     let wm = sh.clone();
     glommio::spawn_local(async move {
+        // The committed seq at the last wake: a waiter registered on a seq
+        // at or above it (below, it would not have waited), so any other
+        // value is news for it.
         let mut last = 0;
         loop {
-            let c = wm.control.committed().load(Ordering::Acquire);
-            if c != last {
-                last = c;
-                wm.watermark.wake_all();
+            // Idle while no consumer waits (no timer at all).
+            wm.watermark.someone_waits().await;
+            while wm.control.committed().load(Ordering::Acquire) == last && wm.watermark.waiting() {
+                glommio::timer::sleep(POLL).await;
             }
-            glommio::timer::sleep(POLL).await;
+            last = wm.control.committed().load(Ordering::Acquire);
+            wm.watermark.wake_all();
         }
     })
     .detach();
@@ -363,10 +378,20 @@ fn cursor_param(target: &str) -> Result<Option<i64>, String> {
     Ok(None)
 }
 
-fn error_frame(name: &str, message: &str) -> Message {
+fn error_frame(name: &str, message: &str) -> Vec<u8> {
     let mut out = Vec::new();
     encode_error(name, Some(message), &mut out);
-    Message::binary(out)
+    wsout::frame(wsout::OP_BINARY, &out)
+}
+
+fn outdated_frame() -> Vec<u8> {
+    let mut out = Vec::new();
+    InfoEvent {
+        name: "OutdatedCursor",
+        message: Some("cursor is older than the replay window; starting at its oldest event"),
+    }
+    .encode(&mut out);
+    wsout::frame(wsout::OP_BINARY, &out)
 }
 
 async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str) -> anyhow::Result<()> {
@@ -389,74 +414,57 @@ async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str
     );
     stream.write_all(resp.as_bytes()).await?;
     stream.flush().await?;
-    let mut cfg = WebSocketConfig::default();
-    // A consumer sends only pings, pongs and a close: small reads. Writes
-    // gather to CONSUMER_WRITE_BUFFER_BYTES before reaching the socket (a
-    // batch of small frames is one write), instead of the library's
-    // 128 KiB read and write buffers per connection.
-    cfg.max_message_size = Some(64 * 1024);
-    cfg.max_frame_size = Some(64 * 1024);
-    cfg.read_buffer_size = CONSUMER_READ_BUFFER_BYTES;
-    cfg.write_buffer_size = CONSUMER_WRITE_BUFFER_BYTES;
     let remote = stream.peer_addr().ok();
-    let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(cfg)).await;
     slot.consumers.fetch_add(1, Ordering::Relaxed);
     let id = sh.consumers.borrow_mut().add(remote, cursor);
-    let r = stream_events(&sh, ws, cursor, id).await;
+    let r = stream_events(&sh, stream, cursor, id).await;
     sh.consumers.borrow_mut().remove(id);
     sh.slot().consumers.fetch_sub(1, Ordering::Relaxed);
     r
 }
 
-async fn stream_events(
-    sh: &Rc<Shared>,
-    ws: WebSocketStream<TcpStream>,
-    cursor: Option<i64>,
-    id: u64,
-) -> anyhow::Result<()> {
-    let (mut sink, mut incoming) = ws.split();
-    // The reader half answers pings and notices the consumer leaving.
-    let closed = Rc::new(Cell::new(false));
-    let c2 = closed.clone();
+type Writer = wsout::Out<futures::io::WriteHalf<TcpStream>>;
+
+async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, id: u64) -> anyhow::Result<()> {
+    let (rd, wr) = AsyncReadExt::split(stream);
+    let mut out = wsout::Out::new(wr);
+    // The reader half answers pings and notices the consumer leaving; it
+    // wakes this loop if it waits for the watermark.
+    let conn = Rc::new(wsout::Conn::default());
     let wake = sh.clone();
     let _reader = CancelOnDrop(
-        glommio::spawn_local(async move {
-            while let Some(m) = incoming.next().await {
-                match m {
-                    Ok(Message::Close(_)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            c2.set(true);
-            // The stream loop may be waiting for the watermark: let it see.
-            wake.watermark.wake_all();
-        })
-        .detach(),
+        glommio::spawn_local(wsout::read_client(rd, conn.clone(), move || wake.watermark.wake_all())).detach(),
     );
     let committed = || sh.control.committed().load(Ordering::Acquire) as i64;
     let oldest = || (sh.control.oldest().load(Ordering::Acquire) as i64).max(1);
     let mut next = match cursor {
         None => committed() + 1,
         Some(c) if c > committed() => {
-            sink.send(error_frame("FutureCursor", "cursor is ahead of the stream")).await?;
-            sink.close(None).await?;
+            out.framed(&error_frame("FutureCursor", "cursor is ahead of the stream")).await?;
+            out.close().await?;
             return Ok(());
         }
         Some(0) => oldest(),
         Some(c) if c + 1 < oldest() => {
-            outdated(&mut sink).await?;
+            out.framed(&outdated_frame()).await?;
             oldest()
         }
         Some(c) => c + 1,
     };
     let mut last_send = Instant::now();
     let lag_max = sh.consumer_lag_max as i64;
-    while !closed.get() {
+    while !conn.closed.get() {
+        let pong = conn.pong.borrow_mut().take();
+        if let Some(p) = pong {
+            out.control(wsout::OP_PONG, &p).await?;
+            out.flush().await?;
+        }
         let top = committed();
         if next > top {
             let ping_in = PING_EVERY.saturating_sub(last_send.elapsed());
             if ping_in.is_zero() {
-                sink.send(Message::Ping(Vec::new().into())).await?;
+                out.control(wsout::OP_PING, &[]).await?;
+                out.flush().await?;
                 last_send = Instant::now();
                 continue;
             }
@@ -465,14 +473,14 @@ async fn stream_events(
             continue;
         }
         if top - next > lag_max {
-            return cut(sh, sink, Cut::Lag { seq: next, committed: top }).await;
+            return cut(sh, out, Cut::Lag { seq: next, committed: top }).await;
         }
         // One batch, watched: a consumer that stops reading fills its
         // socket and the write waits; it is cut once its lag passes the
         // limit or the socket has taken nothing for the write timeout.
         let started = Instant::now();
         let pos = Cell::new(next);
-        let mut batch = Box::pin(send_batch(sh, &mut sink, &pos, top));
+        let mut batch = Box::pin(send_batch(sh, &mut out, &pos, top));
         let sent = loop {
             let tick = std::pin::pin!(glommio::timer::sleep(CUT_CHECK));
             match futures::future::select(batch.as_mut(), tick).await {
@@ -487,7 +495,7 @@ async fn stream_events(
                         continue;
                     };
                     drop(batch);
-                    return cut(sh, sink, why).await;
+                    return cut(sh, out, why).await;
                 }
             }
         };
@@ -511,43 +519,47 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// The frame of `seq`, framed once for the shard ([`wsout::FrameCache`]);
+/// `Ok(None)`: skip it (taken down).
+fn framed(sh: &Shared, seq: i64) -> anyhow::Result<Result<Option<Rc<[u8]>>, Missing>> {
+    if let Some(f) = sh.frames.borrow().get(seq) {
+        return Ok(Ok(f));
+    }
+    let found = sh.log.borrow_mut().lookup(seq)?;
+    Ok(match found {
+        Ok((h, f)) => {
+            let framed =
+                (h.flags & FLAG_TAKEDOWN == 0).then(|| Rc::<[u8]>::from(wsout::frame(wsout::OP_BINARY, f.bytes())));
+            sh.frames.borrow_mut().put(seq, framed.clone());
+            Ok(framed)
+        }
+        Err(m) => Err(m),
+    })
+}
+
 /// Send the committed frames from `pos` up to `top` (at most
 /// [`SEND_BATCH`]), then flush; `pos` follows, so a watcher sees how far
 /// a stuck write got. Returns the frames sent.
-async fn send_batch(
-    sh: &Shared,
-    sink: &mut async_tungstenite::WebSocketSender<TcpStream>,
-    pos: &Cell<i64>,
-    top: i64,
-) -> anyhow::Result<usize> {
-    let (mut sent, mut unflushed) = (0, 0usize);
+async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) -> anyhow::Result<usize> {
+    sh.frames.borrow_mut().check_generation(sh.control.flags_generation().load(Ordering::Acquire));
+    let mut sent = 0;
     while sent < SEND_BATCH && pos.get() <= top {
         let next = pos.get();
-        let found = sh.log.borrow_mut().lookup(next)?;
-        match found {
-            Ok((h, f)) => {
-                if h.flags & FLAG_TAKEDOWN == 0 {
-                    // The library copies the frame into its write buffer;
-                    // flushing every FLUSH_BYTES keeps that buffer (and so
-                    // the memory a slow consumer holds) near that size.
-                    unflushed += f.bytes().len();
-                    sink.feed(Message::Binary(async_tungstenite::tungstenite::Bytes::from_owner(f))).await?;
-                    sent += 1;
-                    if unflushed >= FLUSH_BYTES {
-                        sink.flush().await?;
-                        unflushed = 0;
-                    }
-                }
+        match framed(sh, next)? {
+            Ok(Some(f)) => {
+                out.framed(&f).await?;
+                sent += 1;
                 pos.set(next + 1);
             }
+            Ok(None) => pos.set(next + 1),
             Err(Missing::Gone) => {
-                outdated(sink).await?;
+                out.framed(&outdated_frame()).await?;
                 pos.set((sh.control.oldest().load(Ordering::Acquire) as i64).max(1).max(next + 1));
             }
             Err(Missing::NotYet) => anyhow::bail!("seq {next} is committed but not in the event log"),
         }
     }
-    sink.flush().await?;
+    out.flush().await?;
     Ok(sent)
 }
 
@@ -564,7 +576,7 @@ enum Cut {
 /// Cut a consumer: `ConsumerTooSlow` if the socket takes it within a
 /// second (best effort: a full socket usually does not), then close;
 /// counted by reason.
-async fn cut(sh: &Shared, mut sink: async_tungstenite::WebSocketSender<TcpStream>, why: Cut) -> anyhow::Result<()> {
+async fn cut(sh: &Shared, mut out: Writer, why: Cut) -> anyhow::Result<()> {
     match why {
         Cut::Lag { seq, committed } => {
             sh.slot().consumers_cut_lag.fetch_add(1, Ordering::Relaxed);
@@ -576,8 +588,8 @@ async fn cut(sh: &Shared, mut sink: async_tungstenite::WebSocketSender<TcpStream
         }
     }
     let farewell = async {
-        sink.send(error_frame("ConsumerTooSlow", "consumer fell too far behind")).await?;
-        sink.close(None).await
+        out.framed(&error_frame("ConsumerTooSlow", "consumer fell too far behind")).await?;
+        out.close().await
     };
     let _ =
         futures::future::select(std::pin::pin!(farewell), std::pin::pin!(glommio::timer::sleep(CUT_FAREWELL))).await;
@@ -585,19 +597,6 @@ async fn cut(sh: &Shared, mut sink: async_tungstenite::WebSocketSender<TcpStream
 }
 
 const CUT_FAREWELL: Duration = Duration::from_secs(1);
-
-async fn outdated<S: futures::Sink<Message, Error = async_tungstenite::tungstenite::Error> + Unpin>(
-    sink: &mut S,
-) -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    InfoEvent {
-        name: "OutdatedCursor",
-        message: Some("cursor is older than the replay window; starting at its oldest event"),
-    }
-    .encode(&mut out);
-    sink.send(Message::binary(out)).await?;
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {

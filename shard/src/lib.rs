@@ -19,6 +19,7 @@ pub mod health;
 pub mod meter;
 pub mod resolver;
 pub mod upstream;
+pub mod wsout;
 
 use sluice_common::config::{Config, Validation};
 use sluice_common::eventlog::LogReader;
@@ -75,6 +76,8 @@ pub struct Shared {
     pub consumers: RefCell<consumers::Table>,
     /// Consumers waiting for the committed seq to move.
     pub watermark: downstream::Watermark,
+    /// Recent events, framed once for all consumers.
+    pub frames: RefCell<wsout::FrameCache>,
 }
 
 impl Shared {
@@ -206,6 +209,7 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
             consumer_write_timeout: Duration::from_secs(cfg.consumer_write_timeout_s.into()),
             consumers: RefCell::new(consumers::Table::default()),
             watermark: downstream::Watermark::default(),
+            frames: RefCell::new(wsout::FrameCache::default()),
         });
         // Publish the consumer list for the admin API, through a helper
         // thread; a snapshot still being written makes this tick skip.

@@ -215,7 +215,7 @@ async fn consume(
                 frames.fetch_add(1, Ordering::Relaxed);
                 bytes += len as u64;
             } else if op == 8 {
-                return Ok((arrivals, bytes));
+                return Err(std::io::Error::other(format!("close frame from the relay after {k} frames")));
             }
             need_skip = len;
         }
@@ -325,9 +325,13 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
                 }
                 let mut seen = Seen::default();
                 for t in tasks {
-                    if let Ok(Ok((arr, bytes))) = t.await {
-                        seen.bytes += bytes;
-                        seen.arrivals.push(arr);
+                    match t.await {
+                        Ok(Ok((arr, bytes))) => {
+                            seen.bytes += bytes;
+                            seen.arrivals.push(arr);
+                        }
+                        Ok(Err(e)) => eprintln!("a consumer failed: {e}"),
+                        Err(e) => eprintln!("a consumer task failed: {e}"),
                     }
                 }
                 seen.frames = frames.load(Ordering::Relaxed);
@@ -374,6 +378,18 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
     let probed = prober.join().map_err(|_| anyhow::anyhow!("probe panicked"))?;
     std::thread::sleep(Duration::from_secs(2));
     let anon_after_kb = relay.shard_anon_kb();
+    let cuts = (
+        metric(relay.metrics, "sluice_shard_consumers_cut_lag_total"),
+        metric(relay.metrics, "sluice_shard_consumers_cut_unwritable_total"),
+    );
+    if seen.frames < last * n as u64 || cuts != (0, 0) {
+        eprintln!(
+            "{n} consumers: {} frames short; consumers cut (lag, unwritable): {cuts:?}; {} of {n} consumer tasks ended cleanly; logs in {}",
+            last * n as u64 - seen.frames.min(last * n as u64),
+            seen.arrivals.len(),
+            dir.display()
+        );
+    }
     // Frame index k is seq cursor + 1 + k; its emission from fakenet.
     let emitted = net.shared.emit_times.lock().unwrap().clone();
     let by_seq: HashMap<i64, Instant> =
@@ -478,7 +494,9 @@ fn main() -> anyhow::Result<()> {
     for &n in &a.consumers {
         rows.push(run_one(&a, &sluice, &dir, n)?);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if rows.iter().all(|r| r.delivered == r.due) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     println!("\n## sluice-fanout: {} shards, {} events/s for {} s\n", a.shards, a.rate, a.seconds);
     println!("| consumers | delivered / due | latency p50 / p99 / max | relay CPU per frame out | shard RssAnon per consumer | shards' RssAnon before → after | consumer thread CPU |");
     println!("|---|---|---|---|---|---|---|");
