@@ -10,6 +10,7 @@ mod demo;
 mod metrics;
 mod pg;
 mod supervise;
+mod tail;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -66,6 +67,22 @@ enum Cmd {
         /// Events per second from the network.
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
+    },
+    /// Follow a relay's stream (this one by default): one line per event.
+    Tail {
+        /// The relay (ws://, wss://, http:// or https://; the
+        /// subscribeRepos path is added when the URL has none).
+        #[arg(default_value = "ws://127.0.0.1:2470")]
+        url: String,
+        /// Start after this seq (0: the whole replay window).
+        #[arg(long)]
+        cursor: Option<i64>,
+        /// Print each event's body as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// The admin API from the command line, against a running relay.
     Admin {
@@ -261,6 +278,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Admin { url, password_file, action } => admin(&url, password_file.as_deref(), action),
+        Cmd::Tail { url, cursor, json, limit } => {
+            match tail::run(&url, cursor, json, limit, &mut std::io::stdout().lock())? {
+                tail::End::Done => Ok(()),
+                tail::End::ServerError => std::process::exit(1),
+            }
+        }
         Cmd::DbWriter { config } => {
             let cfg = Config::from_effective(&config)?;
             let _lock = child_lock(&cfg)?;

@@ -214,3 +214,55 @@ fn consumers_that_do_not_read_are_cut() {
     net2.wait_generation().unwrap();
     relay.stop();
 }
+
+/// `sluice tail` follows a relay: one line per event (seq, kind, DID),
+/// `--json` bodies as JSON, `--limit` stops it, and an error frame from
+/// the relay ends it with the error's name and exit status 1.
+#[test]
+fn sluice_tail_prints_the_stream() {
+    use fakenet::runner::{self, ServeConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 2,
+        accounts: 4,
+        seed: 93,
+        rate: 0.0,
+        max_events: Some(50),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    net.wait_generation().unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
+    relay.start();
+    crawl_all(&relay, &net, "");
+    check_exact(&relay, dir.path(), Duration::from_secs(60));
+    let url = format!("ws://127.0.0.1:{}", relay.port);
+    let tail = |args: &[&str]| {
+        let mut c = std::process::Command::new(sluice_bin());
+        c.arg("tail").arg(&url).args(args);
+        let out = c.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, out, err) = tail(&["--cursor", "0", "--limit", "20"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 20, "{out}");
+    for (i, l) in lines.iter().enumerate() {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!(f[0].parse::<usize>().ok(), Some(i + 1), "{l}");
+        assert!(f[1].starts_with('#') && f[2].starts_with("did:"), "{l}");
+    }
+    assert!(out.contains(" #commit ") && out.contains(" ops="), "{out}");
+    let (code, out, _) = tail(&["--cursor", "0", "--limit", "5", "--json"]);
+    assert_eq!(code, Some(0));
+    for l in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["$type"].as_str().is_some_and(|t| t.starts_with('#')), "{l}");
+        assert!(v["seq"].as_i64().is_some(), "{l}");
+    }
+    let (code, _, err) = tail(&["--cursor", "99999999"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("FutureCursor"), "{err}");
+    relay.stop();
+}
