@@ -176,6 +176,9 @@ pub enum WriterState {
     /// rings fill, the shards stop reading their hosts) until a retry
     /// succeeds.
     DiskFull = 4,
+    /// Postgres does not answer (restarting, or down on a full disk):
+    /// intake is paused while the db-writer reconnects.
+    DbUnavailable = 5,
 }
 
 pub const CONTROL_MAGIC: u64 = 0x534c_5549_4345_4331; // "SLUICEC1"
@@ -219,10 +222,11 @@ pub enum WriterCounter {
     AccountLoads = 9,
     AdminAuthFailures = 10,
     DiskFullPauses = 11,
+    DbPauses = 12,
 }
 
 impl WriterCounter {
-    pub const ALL: [WriterCounter; 12] = [
+    pub const ALL: [WriterCounter; 13] = [
         WriterCounter::Relayed,
         WriterCounter::Dropped,
         WriterCounter::Duplicates,
@@ -235,6 +239,7 @@ impl WriterCounter {
         WriterCounter::AccountLoads,
         WriterCounter::AdminAuthFailures,
         WriterCounter::DiskFullPauses,
+        WriterCounter::DbPauses,
     ];
 
     /// Metric name and help text.
@@ -272,6 +277,10 @@ impl WriterCounter {
             WriterCounter::DiskFullPauses => (
                 "sluice_disk_full_pauses_total",
                 "Times intake paused because the event log or Postgres ran out of space.",
+            ),
+            WriterCounter::DbPauses => (
+                "sluice_db_unavailable_pauses_total",
+                "Times intake paused because Postgres stopped answering (the db-writer reconnects).",
             ),
         }
     }
@@ -430,6 +439,7 @@ impl ControlBlock {
             1 => WriterState::Ready,
             2 => WriterState::Stopping,
             4 => WriterState::DiskFull,
+            5 => WriterState::DbUnavailable,
             _ => WriterState::Stopped,
         }
     }

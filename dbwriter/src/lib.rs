@@ -96,6 +96,7 @@ pub unsafe fn run(
         cfg.retention_hours,
     )?;
     seq.commit_pace = std::time::Duration::from_millis(cfg.flush_interval_ms.into());
+    seq.database_url = Some(database_url.to_owned());
     seq.offline_idle_after = std::time::Duration::from_secs_f64(cfg.host_offline_idle_days * 86_400.0);
     seq.admin = Some(admin_rx);
     let flagger = admin::start_flagger(cfg.events_dir(), control.clone())?;

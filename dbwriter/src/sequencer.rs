@@ -90,6 +90,11 @@ pub struct Sequencer {
     pub offline_idle_after: Duration,
     /// Since when intake is paused for want of space.
     disk_full_since: Option<Instant>,
+    /// Since when intake is paused because Postgres does not answer.
+    db_lost_since: Option<Instant>,
+    /// Where to reconnect when Postgres goes away (None: the error ends
+    /// the process, as in tests that build a sequencer by hand).
+    pub database_url: Option<String>,
 }
 
 /// Wait between attempts while the disk is full.
@@ -107,6 +112,25 @@ pub fn is_disk_full(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<db::DbError>().is_some_and(
                 |d| matches!(d, db::DbError::Pg(p) if p.code() == Some(&postgres::error::SqlState::DISK_FULL)),
             )
+    })
+}
+
+/// Did Postgres go away (connection closed or refused, an I/O error),
+/// rather than refuse a statement?
+pub fn is_db_lost(e: &anyhow::Error) -> bool {
+    // Server-side: shutdown or crash of the server (class 57: a killed
+    // postmaster makes its backends say "crash of another server
+    // process"), or a connection exception (class 08).
+    let lost = |p: &postgres::Error| {
+        p.is_closed()
+            || p.as_db_error().is_none_or(|d| {
+                let code = d.code().code();
+                code.starts_with("57") || code.starts_with("08")
+            })
+    };
+    e.chain().any(|c| {
+        c.downcast_ref::<postgres::Error>().is_some_and(lost)
+            || c.downcast_ref::<db::DbError>().is_some_and(|d| matches!(d, db::DbError::Pg(p) if lost(p)))
     })
 }
 
@@ -163,6 +187,8 @@ impl Sequencer {
             commit_pace: Duration::from_millis(2),
             offline_idle_after: Duration::from_secs(7 * 86_400),
             disk_full_since: None,
+            db_lost_since: None,
+            database_url: None,
         })
     }
 
@@ -188,10 +214,21 @@ impl Sequencer {
                         self.control.set_writer_state(WriterState::Ready);
                         tracing::info!(paused_s = since.elapsed().as_secs(), "disk space is back; intake resumed");
                     }
+                    if let Some(since) = self.db_lost_since.take() {
+                        self.control.set_writer_state(WriterState::Ready);
+                        tracing::info!(paused_s = since.elapsed().as_secs(), "Postgres answers again; intake resumed");
+                    }
                     n
                 }
                 Err(e) if is_disk_full(&e) => {
                     self.pause_for_disk(&e, stop)?;
+                    if stop.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) if is_db_lost(&e) && self.database_url.is_some() => {
+                    self.pause_for_db(&e, stop)?;
                     if stop.load(Ordering::Acquire) {
                         return Ok(());
                     }
@@ -208,12 +245,19 @@ impl Sequencer {
             }
             if last_idle_sweep.elapsed() >= IDLE_SWEEP {
                 last_idle_sweep = Instant::now();
-                for host in db::idle_offline_hosts(&mut self.pg, self.offline_idle_after)? {
-                    tracing::warn!(
-                        host,
-                        days = self.offline_idle_after.as_secs_f64() / 86_400.0,
-                        "host offline too long: now idle, not dialed until its next requestCrawl"
-                    );
+                // A failure here is Postgres going away: the next round
+                // finds out and pauses.
+                match db::idle_offline_hosts(&mut self.pg, self.offline_idle_after) {
+                    Ok(hosts) => {
+                        for host in hosts {
+                            tracing::warn!(
+                                host,
+                                days = self.offline_idle_after.as_secs_f64() / 86_400.0,
+                                "host offline too long: now idle, not dialed until its next requestCrawl"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "idle-host sweep failed"),
                 }
             }
             // Once a minute, or four times per window when it is shorter.
@@ -268,6 +312,53 @@ impl Sequencer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// Postgres stopped answering mid-round: undo the round as for a full
+    /// disk, say so (`_health` 503 "database unavailable"), and reconnect
+    /// every second until it answers (the supervisor restarts a private
+    /// cluster that died). Intake stops meanwhile; nothing is lost. One
+    /// WARN per pause.
+    fn pause_for_db(&mut self, e: &anyhow::Error, stop: &AtomicBool) -> anyhow::Result<()> {
+        if self.db_lost_since.is_none() {
+            self.db_lost_since = Some(Instant::now());
+            self.control.set_writer_state(WriterState::DbUnavailable);
+            self.count(WriterCounter::DbPauses);
+            tracing::warn!(
+                error = %e,
+                seq = self.log.next_seq() - 1,
+                "Postgres does not answer: intake paused, nothing is lost; reconnecting every second"
+            );
+        }
+        let url = self.database_url.clone().expect("checked by the caller");
+        loop {
+            self.control.writer_heartbeat().store(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+                Ordering::Relaxed,
+            );
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let attempt = db::connect(&url).and_then(|mut pg| {
+                let stmts = db::CommitStatements::prepare(&mut pg)?;
+                let durable = db::last_seq(&mut pg)?;
+                Ok((pg, stmts, durable))
+            });
+            match attempt {
+                Ok((pg, stmts, durable)) => {
+                    self.pg = pg;
+                    self.stmts = stmts;
+                    for r in &mut self.rings {
+                        r.rewind();
+                    }
+                    self.log.reopen(durable)?;
+                    self.limits_loaded = None;
+                    return Ok(());
+                }
+                Err(err) => tracing::debug!(error = %err, "Postgres still unavailable"),
+            }
+            std::thread::sleep(DISK_FULL_RETRY);
+        }
     }
 
     fn unread_bytes(&self) -> u64 {

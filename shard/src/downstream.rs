@@ -289,6 +289,7 @@ pub fn health(sh: &Shared) -> (u16, serde_json::Value) {
         WriterState::Starting => Some("db-writer is starting"),
         WriterState::Stopping | WriterState::Stopped => Some("relay is shutting down"),
         WriterState::DiskFull => Some("disk full: intake paused until space returns"),
+        WriterState::DbUnavailable => Some("database unavailable: intake paused until it answers"),
     };
     match reason {
         None => (200, serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "seq": seq})),

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HOST_POLL: Duration = Duration::from_millis(500);
+/// How often the private cluster is checked while the db-writer reports
+/// Postgres unavailable.
+const PG_CHECK: Duration = Duration::from_secs(1);
 /// A child that ran this long before dying starts its backoff afresh: one
 /// that ran fine for a while and was then killed comes back in 0.5 s; only
 /// a child that keeps dying sooner backs off further (up to BACKOFF_MAX).
@@ -352,8 +355,19 @@ impl Supervisor {
         let mut db = sluice_dbwriter::db::connect(&self.database_url)?;
         let mut last_poll = Instant::now() - HOST_POLL;
         tracing::info!(listen = %self.cfg.listen, shards = self.shards.len(), "sluice running");
+        let mut last_pg_check = Instant::now();
         while !term.load(Ordering::Acquire) {
             self.reap_and_restart()?;
+            // The db-writer waits for Postgres instead of exiting: a private
+            // cluster that died is started again from here.
+            if self.control.writer_state() == WriterState::DbUnavailable && last_pg_check.elapsed() >= PG_CHECK {
+                last_pg_check = Instant::now();
+                if let Some(pg) = self.pg.as_mut() {
+                    if let Err(e) = pg.ensure_running() {
+                        tracing::warn!(error = %e, "private PostgreSQL does not start; retrying");
+                    }
+                }
+            }
             if last_poll.elapsed() >= HOST_POLL {
                 last_poll = Instant::now();
                 match sluice_dbwriter::db::hosts(&mut db) {

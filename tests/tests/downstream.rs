@@ -242,7 +242,11 @@ fn sluice_tail_prints_the_stream() {
         let mut c = std::process::Command::new(sluice_bin());
         c.arg("tail").arg(&url).args(args);
         let out = c.output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, out, err) = tail(&["--cursor", "0", "--limit", "20"]);
     assert_eq!(code, Some(0), "{err}");

@@ -527,8 +527,10 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
 }
 
 /// The private PostgreSQL is killed (SIGKILL to the postmaster) mid-stream:
-/// the db-writer fails, the supervisor starts the cluster again (crash
-/// recovery) and the writer after it; nothing is lost or doubled.
+/// the db-writer pauses intake (`_health` 503 "database unavailable")
+/// instead of exiting, the supervisor starts the cluster again (crash
+/// recovery), the writer reconnects and resumes; nothing is lost or
+/// doubled, and no child restarts.
 #[test]
 fn survives_a_postgres_crash_mid_stream() {
     let dir = tempfile::tempdir().unwrap();
@@ -555,6 +557,13 @@ fn survives_a_postgres_crash_mid_stream() {
     assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
     let log = std::fs::read_to_string(&relay.log).unwrap();
     assert!(log.contains("private PostgreSQL is not running; starting it"), "no PostgreSQL restart in the log");
+    assert!(
+        log.contains("Postgres does not answer: intake paused"),
+        "the db-writer did not pause:\n{}",
+        relay.log_tail()
+    );
+    assert!(log.contains("Postgres answers again; intake resumed"), "the db-writer did not resume");
+    assert!(!log.contains("db-writer exited"), "the db-writer exited instead of pausing");
     relay.stop();
 }
 
