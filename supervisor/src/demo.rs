@@ -1,6 +1,11 @@
 //! `sluice demo`: fakenet (a few fake PDS hosts, a PLC directory, gentle
 //! traffic with the default fault mix) and the relay on loopback with the
 //! embedded PostgreSQL, plus a one-line summary every second.
+//!
+//! Every run starts afresh: a new fakenet seed (from the clock), and the
+//! relay's state in `DATA_DIR/relay` (event log, database) removed first,
+//! so the network's events are new to the relay each time. Only a
+//! directory this command made (it holds `.sluice-demo`) is ever removed.
 
 use crate::supervise::Supervisor;
 use fakenet::runner::{self, ServeConfig};
@@ -13,10 +18,24 @@ use std::time::{Duration, Instant};
 pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
+    let marker = data_dir.join(".sluice-demo");
+    let relay_dir = data_dir.join("relay");
+    if relay_dir.exists() {
+        if !marker.exists() {
+            anyhow::bail!(
+                "{} exists and was not made by `sluice demo`; choose another --data-dir",
+                relay_dir.display()
+            );
+        }
+        std::fs::remove_dir_all(&relay_dir)
+            .map_err(|e| anyhow::anyhow!("removing the previous demo's {}: {e}", relay_dir.display()))?;
+    }
+    std::fs::write(&marker, "made by `sluice demo`: its relay/ is removed at each start\n")?;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_secs());
     let net = runner::start(ServeConfig {
         hosts,
         accounts: 10,
-        seed: 7,
+        seed,
         rate,
         faults: FaultRates::default_mix(),
         migrations: true,
@@ -56,6 +75,11 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
     say(format_args!("sluice demo: {} fake PDS hosts, PLC at {}", net.info.hosts.len(), net.info.plc_url));
     say(format_args!("subscribe:   ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos"));
     say(format_args!("health:      http://127.0.0.1:{port}/xrpc/_health      (Ctrl-C to stop)"));
+    say(format_args!("follow:      sluice tail ws://127.0.0.1:{port}"));
+    say(format_args!("fresh run:   seed {seed}, relay state in {} (both new each run)", relay_dir.display()));
+    say(format_args!(
+        "drops:       SLUICE_LOG=info,sluice_dbwriter=debug,sluice_shard=debug logs each with its reason"
+    ));
     let mut last = (Instant::now(), 0u64, 0u64);
     let tick = Box::new(move |cb: &sluice_common::shm::ControlBlock| {
         if last.0.elapsed() < Duration::from_secs(1) {
