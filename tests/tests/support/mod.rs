@@ -260,3 +260,14 @@ pub fn metrics_page(relay: &Relay) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// `$SLUICE_FIXTURES`, else `../shared/fixtures` from the repo root; a test
+/// that cannot find them fails (the README's test command fetches them).
+pub fn fixtures() -> PathBuf {
+    let dir = match std::env::var_os("SLUICE_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+    };
+    assert!(dir.join("SOURCES.md").is_file(), "fixtures not found at {} (set SLUICE_FIXTURES)", dir.display());
+    dir
+}
