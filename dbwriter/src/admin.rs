@@ -24,6 +24,8 @@ pub enum Command {
     /// Set a host's upstream cursor (after its seq went backwards: a
     /// restored or rebuilt PDS). The reply is the previous cursor.
     HostCursor { host_id: i64, cursor: i64, reply: SyncSender<Result<i64, String>> },
+    /// What an account's PDS said when asked (`crate::recheck`).
+    UpstreamStatus(crate::recheck::Answer),
 }
 
 pub fn channel() -> (SyncSender<Command>, Receiver<Command>) {

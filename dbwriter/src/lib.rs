@@ -14,6 +14,7 @@ pub mod admin;
 pub mod admission;
 pub mod db;
 pub mod query;
+pub mod recheck;
 pub mod sequencer;
 pub mod throttle;
 
@@ -63,6 +64,7 @@ pub unsafe fn run(
         None => None,
     };
     let (admin_tx, admin_rx) = admin::channel();
+    let admin_tx_recheck = admin_tx.clone();
     let query_stop = Arc::new(AtomicBool::new(false));
     let workers = query::start(
         &cfg.query_socket(),
@@ -99,6 +101,8 @@ pub unsafe fn run(
     seq.database_url = Some(database_url.to_owned());
     seq.offline_idle_after = std::time::Duration::from_secs_f64(cfg.host_offline_idle_days * 86_400.0);
     seq.admin = Some(admin_rx);
+    seq.recheck =
+        Some(recheck::start(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?, admin_tx_recheck)?);
     let flagger = admin::start_flagger(cfg.events_dir(), control.clone())?;
     // A crash may have cut a flagging scan short: flag the taken-down
     // accounts' records once more (idempotent, one pass for all).

@@ -95,7 +95,24 @@ pub struct Sequencer {
     /// Where to reconnect when Postgres goes away (None: the error ends
     /// the process, as in tests that build a sequencer by hand).
     pub database_url: Option<String>,
+    /// Asks PDSes about accounts stuck inactive (`crate::recheck`).
+    pub recheck: Option<std::sync::mpsc::SyncSender<crate::recheck::Request>>,
+    /// Per account asked about: when, and whether the answer is still due.
+    rechecked: HashMap<String, (Instant, bool)>,
+    /// Commits held while their account's PDS is asked, in order, encoded.
+    held: HashMap<String, Vec<Vec<u8>>>,
+    held_bytes: usize,
+    /// hosts.id -> (hostname, insecure), for the recheck requests.
+    host_names: HashMap<i64, (String, bool)>,
 }
+
+/// An account is asked about at most this often.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(300);
+/// Commits held for accounts being asked about, in all and per account.
+pub const HELD_BYTES_MAX: usize = 8 << 20;
+pub const HELD_PER_ACCOUNT_MAX: usize = 32;
+/// Accounts remembered as asked about (older entries are forgotten first).
+pub const RECHECKED_MAX: usize = 10_000;
 
 /// Wait between attempts while the disk is full.
 pub const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
@@ -189,6 +206,11 @@ impl Sequencer {
             disk_full_since: None,
             db_lost_since: None,
             database_url: None,
+            recheck: None,
+            rechecked: HashMap::new(),
+            held: HashMap::new(),
+            held_bytes: 0,
+            host_names: HashMap::new(),
         })
     }
 
@@ -386,6 +408,7 @@ impl Sequencer {
         for cmd in commands {
             taken += 1;
             match cmd {
+                crate::admin::Command::UpstreamStatus(a) => self.upstream_status(a, &mut batch)?,
                 crate::admin::Command::HostCursor { host_id, cursor, reply } => {
                     let r =
                         db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
@@ -571,6 +594,17 @@ impl Sequencer {
             return Err(format!("{did} is not an account this relay has seen"));
         };
         st.takendown = takedown;
+        self.emit_account(did, st, batch).map_err(|e| format!("{did}: {e}"))
+    }
+
+    /// The relay's own `#account` event for `did` with the combined status
+    /// of `st`, which becomes the stored state. Returns its seq.
+    fn emit_account(
+        &mut self,
+        did: &str,
+        st: AccountState,
+        batch: &mut Batch,
+    ) -> Result<i64, sluice_common::eventlog::LogError> {
         let status = st.status().to_owned();
         let active = status == "active";
         let seq = self.log.next_seq();
@@ -579,12 +613,93 @@ impl Sequencer {
         self.scratch.clear();
         frame::AccountEvent { seq, did, time: &time, active, status: (!active).then_some(status.as_str()) }
             .encode(&mut self.scratch);
-        self.log
-            .append(seq, sluice_common::ringrec::Kind::Account as u8, 0, did_hash(did), now, &self.scratch)
-            .map_err(|e| format!("{did}: {e}"))?;
+        self.log.append(seq, sluice_common::ringrec::Kind::Account as u8, 0, did_hash(did), now, &self.scratch)?;
         self.count(WriterCounter::Relayed);
         batch.accounts.insert(did.to_owned(), st);
         Ok(seq)
+    }
+
+    /// A commit of an account stored as inactive, from its own host: hold
+    /// it and ask the PDS (once per [`RECHECK_EVERY`]). False when it is
+    /// not held (no recheck thread, asked lately and answered, or the
+    /// bounds are reached): the caller drops it.
+    fn hold_and_ask(
+        &mut self,
+        r: &RingRecord<'_>,
+        e: &sluice_common::ringrec::EventRecord<'_>,
+    ) -> anyhow::Result<bool> {
+        let Some(tx) = self.recheck.clone() else { return Ok(false) };
+        let pending = match self.rechecked.get(e.did) {
+            Some((at, pending)) if at.elapsed() < RECHECK_EVERY => {
+                if !pending {
+                    return Ok(false);
+                }
+                true
+            }
+            _ => false,
+        };
+        let held = self.held.get(e.did).map_or(0, Vec::len);
+        let mut rec = Vec::new();
+        r.encode(&mut rec);
+        if held >= HELD_PER_ACCOUNT_MAX || self.held_bytes + rec.len() > HELD_BYTES_MAX {
+            return Ok(false);
+        }
+        if !pending {
+            if !self.host_names.contains_key(&e.host_id) {
+                self.host_names =
+                    db::hosts(&mut self.pg)?.into_iter().map(|h| (h.id, (h.hostname, h.insecure))).collect();
+            }
+            let Some((hostname, insecure)) = self.host_names.get(&e.host_id).cloned() else { return Ok(false) };
+            let req = crate::recheck::Request { did: e.did.to_owned(), host_id: e.host_id, hostname, insecure };
+            if tx.try_send(req).is_err() {
+                return Ok(false);
+            }
+            if self.rechecked.len() >= RECHECKED_MAX {
+                // Forget the answered ones first; they are the stale part.
+                self.rechecked.retain(|_, (at, pending)| *pending && at.elapsed() < RECHECK_EVERY);
+            }
+            self.rechecked.insert(e.did.to_owned(), (Instant::now(), true));
+            tracing::debug!(did = e.did, host = e.host_id, "commit from an account held inactive: asking its PDS");
+        }
+        self.held_bytes += rec.len();
+        self.held.entry(e.did.to_owned()).or_default().push(rec);
+        Ok(true)
+    }
+
+    /// The PDS answered about an account held inactive: if it says
+    /// active (and the account still lives there, still inactive), store
+    /// that, emit the relay's `#account`, and apply the held commits in
+    /// order; otherwise drop them.
+    fn upstream_status(&mut self, a: crate::recheck::Answer, batch: &mut Batch) -> anyhow::Result<()> {
+        let held = self.held.remove(&a.did).unwrap_or_default();
+        self.held_bytes -= held.iter().map(Vec::len).sum::<usize>();
+        self.rechecked.insert(a.did.clone(), (Instant::now(), false));
+        let stored = self.account(&a.did, batch)?;
+        let stuck = stored.as_ref().is_some_and(|s| s.host_id == a.host_id && !s.upstream_active);
+        let Some(mut st) = stored.filter(|_| stuck && a.active) else {
+            for _ in &held {
+                self.count(WriterCounter::Dropped);
+            }
+            tracing::debug!(did = a.did, active = a.active, held = held.len(), "PDS answer changes nothing");
+            return Ok(());
+        };
+        st.upstream_active = true;
+        st.upstream_status = None;
+        let seq = self.emit_account(&a.did, st, batch)?;
+        tracing::info!(
+            did = a.did,
+            host = a.host_id,
+            seq,
+            held = held.len(),
+            "account active upstream (its PDS says so) though its #account never came: status corrected"
+        );
+        for rec in held {
+            let r = RingRecord::decode(&rec)?;
+            if let RingRecord::Event(e) = &r {
+                self.apply_event(&r, e, batch)?;
+            }
+        }
+        Ok(())
     }
 
     /// Is `host` at its account limit, counting this batch's new accounts?
@@ -669,6 +784,17 @@ impl Sequencer {
         }
         batch.cursors.insert(host, useq);
         let RingRecord::Event(e) = r else { return Ok(()) };
+        self.apply_event(r, e, batch)
+    }
+
+    /// Apply one event past the duplicate check (also for held commits).
+    fn apply_event(
+        &mut self,
+        r: &RingRecord<'_>,
+        e: &sluice_common::ringrec::EventRecord<'_>,
+        batch: &mut Batch,
+    ) -> anyhow::Result<()> {
+        let (host, useq) = (e.host_id, e.upstream_seq);
         let mut stored = self.account(e.did, batch)?;
         // Not in its host's account count yet: never seen, or throttled
         // when it appeared (its host was at its account limit).
@@ -689,6 +815,11 @@ impl Sequencer {
         }
         let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
+            Verdict::Drop(policy::Drop::Inactive)
+                if stored.as_ref().is_some_and(|s| s.host_id == host) && self.hold_and_ask(r, e)? =>
+            {
+                return Ok(());
+            }
             Verdict::Drop(d) => {
                 self.count(WriterCounter::Dropped);
                 tracing::debug!(did = e.did, host, upstream_seq = useq, reason = d.name(), "dropped");
@@ -727,6 +858,11 @@ impl Sequencer {
         frame::resequence(e.frame, (e.seq_start as usize, e.seq_end as usize), seq, &mut self.scratch);
         self.log.append(seq, e.kind, 0, did_hash(e.did), e.time_micros, &self.scratch)?;
         self.count(WriterCounter::Relayed);
+        if e.kind == sluice_common::ringrec::Kind::Account as u8 {
+            // News from the host itself: an account may be asked about
+            // again after its next change, however recent the last answer.
+            self.rechecked.remove(e.did);
+        }
         batch.accounts.insert(e.did.to_owned(), state);
         Ok(())
     }

@@ -1085,3 +1085,37 @@ fn admin_host_cursor_rereads_a_host_and_the_audit_log_says_so() {
     assert!(report.relayed > 0);
     relay.stop();
 }
+
+/// Accounts never stuck (indigo#1161): fakenet's `lostreactivation` fault
+/// deactivates an account (announced) and reactivates it without its
+/// `#account` event. The relay, seeing a commit from an account it holds
+/// inactive on that account's own host, asks the PDS (getRepoStatus),
+/// corrects the status with an `#account` of its own, and relays the
+/// commit it held and those after: the stream is exact.
+#[test]
+fn accounts_whose_reactivation_was_lost_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runner::start(ServeConfig {
+        hosts: 2,
+        accounts: 20,
+        seed: 44,
+        rate: 300.0,
+        max_events: Some(2500),
+        faults: FaultRates { per_step: vec![(fakenet::world::Fault::LostReactivation, 0.004)], split_connections: 0.0 },
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
+    relay.start();
+    crawl_all(&relay, &net, "");
+    net.wait_generation().unwrap();
+    let report = check_exact(&relay, dir.path(), Duration::from_secs(90));
+    eprintln!("{}", report.summary());
+    let log = relay.log_all();
+    let corrected = log.matches("status corrected").count();
+    eprintln!("{corrected} accounts corrected; {} relay #account events seen", report.either_seen);
+    assert!(corrected >= 2, "too few lost reactivations exercised\n{}", relay.log_tail());
+    assert_eq!(report.either_seen, corrected as u64, "one #account of the relay's own per correction");
+    relay.stop();
+}

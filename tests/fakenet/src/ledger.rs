@@ -62,11 +62,34 @@ pub struct AccountKey {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Line {
-    Header { ledger: u32, seed: u64, accounts: Vec<AccountKey> },
-    Amend { amend: Expect, did: String, host: String },
-    AmendWrongHost { amend_wronghost: Expect, did: String, host: String },
-    Key { key: AccountKey },
-    Done { done: bool, events: u64 },
+    Header {
+        ledger: u32,
+        seed: u64,
+        accounts: Vec<AccountKey>,
+    },
+    Amend {
+        amend: Expect,
+        did: String,
+        host: String,
+    },
+    AmendWrongHost {
+        amend_wronghost: Expect,
+        did: String,
+        host: String,
+    },
+    /// The relay may emit one `#account` of its own for `did` with this
+    /// `active` (not in any host's stream): fault `lostreactivation`.
+    RelayAccount {
+        relay_account: bool,
+        did: String,
+    },
+    Key {
+        key: AccountKey,
+    },
+    Done {
+        done: bool,
+        events: u64,
+    },
     Event(Entry),
 }
 
@@ -99,6 +122,9 @@ pub struct Ledger {
     pub done: bool,
     /// `(did, host)` of every amend line so far.
     pub amends: Vec<(String, String)>,
+    /// DIDs the relay may emit `#account` events of its own for: the
+    /// `active` they would carry, and how many (one per fault).
+    pub relay_accounts: HashMap<String, (bool, u32)>,
 }
 
 /// What one [`LedgerTail::read_new`] call brought in.
@@ -150,6 +176,10 @@ impl Ledger {
                     }
                 }
                 new.wronghost_amends.push((did, host));
+            }
+            Line::RelayAccount { relay_account, did } => {
+                let e = self.relay_accounts.entry(did).or_insert((relay_account, 0));
+                *e = (relay_account, e.1 + 1);
             }
             Line::Done { done, .. } => self.done = done,
             Line::Event(mut e) => {

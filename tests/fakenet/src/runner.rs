@@ -358,6 +358,10 @@ fn apply(
                     host: world.cfg.hosts[host].clone(),
                 })?;
             }
+            Output::RelayAccount { did, active } => {
+                touched.push(did.clone());
+                ledger.write(&Line::RelayAccount { relay_account: active, did })?;
+            }
             Output::NewAccount(k) => {
                 index.insert(k.did.clone(), world.accounts.len() - 1);
                 touched.push(k.did.clone());

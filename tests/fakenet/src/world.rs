@@ -68,10 +68,15 @@ pub enum Fault {
     UnknownType,
     /// Commit from an account the host itself deactivated.
     DeactivatedCommit,
+    /// A deactivated account is reactivated but its `#account active`
+    /// event is lost (never sent); its later commits are real and must be
+    /// relayed: a relay has to ask the PDS (getRepoStatus says active),
+    /// and may emit an `#account` of its own for it (indigo#1161).
+    LostReactivation,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 15] = [
         Fault::BadSignature,
         Fault::MissingBlock,
         Fault::WrongPrevData,
@@ -86,6 +91,7 @@ impl Fault {
         Fault::FutureRev,
         Fault::UnknownType,
         Fault::DeactivatedCommit,
+        Fault::LostReactivation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +110,7 @@ impl Fault {
             Fault::FutureRev => "futurerev",
             Fault::UnknownType => "unknowntype",
             Fault::DeactivatedCommit => "deactivatedcommit",
+            Fault::LostReactivation => "lostreactivation",
         }
     }
 
@@ -132,6 +139,11 @@ impl FaultRates {
             // Connection faults cost a reconnect each; keep them rarer.
             if matches!(f, Fault::Stall | Fault::Oversized) {
                 *p = 0.0005;
+            }
+            // Only where asked for: a relay's recovery from it is rate
+            // limited (one status check per account per few minutes).
+            if *f == Fault::LostReactivation {
+                *p = 0.0;
             }
         }
         FaultRates { per_step, split_connections: 0.2 }
@@ -253,6 +265,9 @@ pub enum Output {
     AmendWrongHost { did: String, host: usize },
     /// A new account (its key, for the ledger).
     NewAccount(AccountKey),
+    /// The relay may emit an `#account` of its own for `did` with this
+    /// `active` (a lost reactivation it recovers from).
+    RelayAccount { did: String, active: bool },
 }
 
 pub struct World {
@@ -269,6 +284,11 @@ pub struct World {
     recent: Vec<Vec<(i64, Vec<u8>)>>,
     clock_micros: i64,
     pub step_index: u64,
+    /// Accounts whose reactivation was lost (fault), and the step until
+    /// which their status does not change again: a relay's status check
+    /// takes a moment, and a change meanwhile would make the commits in
+    /// between a matter of timing.
+    status_quiet_until: std::collections::HashMap<usize, u64>,
     event_index: u64,
     web_used: usize,
 }
@@ -348,6 +368,7 @@ impl World {
             recent: vec![Vec::new(); nh],
             clock_micros: CLOCK_START_MICROS,
             step_index: 0,
+            status_quiet_until: Default::default(),
             event_index: 0,
             web_used: 0,
         };
@@ -467,6 +488,11 @@ impl World {
         self.host_cdf.iter().position(|c| x <= *c).unwrap_or(self.host_cdf.len() - 1)
     }
 
+    /// Is `a` within its quiet time after a lost reactivation?
+    fn status_quiet(&self, a: usize) -> bool {
+        self.status_quiet_until.get(&a).is_some_and(|&until| self.step_index < until)
+    }
+
     fn pick_account(&mut self, host: usize, status: Status) -> Option<usize> {
         let candidates: Vec<usize> =
             self.by_host[host].iter().copied().filter(|&i| self.accounts[i].status == status).collect();
@@ -536,7 +562,7 @@ impl World {
             40..=54 => {
                 // Deactivate an active account, or reactivate one.
                 if self.rng.gen_bool(0.5) {
-                    if let Some(a) = self.pick_account(host, Status::Active) {
+                    if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
                         self.accounts[a].status = Status::Deactivated;
                         self.emit_account(a, false, Some("deactivated"), out);
                     }
@@ -551,19 +577,19 @@ impl World {
                 }
             }
             75..=77 => {
-                if let Some(a) = self.pick_account(host, Status::Active) {
+                if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
                     self.accounts[a].status = Status::TakenDown;
                     self.emit_account(a, false, Some("takendown"), out);
                 }
             }
             78..=80 => {
-                if let Some(a) = self.pick_account(host, Status::Active) {
+                if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
                     self.accounts[a].status = Status::Deleted;
                     self.emit_account(a, false, Some("deleted"), out);
                 }
             }
             81..=85 if self.cfg.migrations && self.cfg.hosts.len() > 1 => {
-                if let Some(a) = self.pick_account(host, Status::Active) {
+                if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
                     self.migrate(a, out);
                 }
             }
@@ -765,6 +791,17 @@ impl World {
                 let Some(a) = self.pick_account(host, Status::Deactivated) else { return };
                 let Some(c) = self.throwaway_commit(a) else { return };
                 self.emit_commit(a, &c, Expect::Drop, f.name(), out);
+            }
+            Fault::LostReactivation => {
+                // Deactivate (announced), then reactivate in silence.
+                let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) else {
+                    return;
+                };
+                self.accounts[a].status = Status::Deactivated;
+                self.emit_account(a, false, Some("deactivated"), out);
+                self.accounts[a].status = Status::Active;
+                self.status_quiet_until.insert(a, self.step_index + 2000);
+                out.push(Output::RelayAccount { did: self.accounts[a].did.clone(), active: true });
             }
             Fault::ReplayedRev => {
                 let Some(a) = self.pick_account(host, Status::Active) else { return };
