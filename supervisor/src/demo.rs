@@ -68,7 +68,7 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
                 .set("content-type", "application/json")
                 .send_string(&serde_json::json!({ "hostname": h }).to_string());
             if let Err(e) = r {
-                eprintln!("requestCrawl {h}: {e}");
+                tracing::warn!(host = h, error = %e, "demo: requestCrawl failed");
             }
         }
     });

@@ -250,13 +250,30 @@ fn load(config: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref())?)
 }
 
+/// stderr for the logs, where a write that fails (the reader of a pipe
+/// gone, a terminal closed) is dropped: the logging library would report
+/// it with `eprintln!`, which panics on a broken stderr.
+struct LogOut;
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn,refinery=warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogOut)
         .init();
     match Cli::parse().cmd {
         Cmd::Run { config } => {

@@ -64,7 +64,7 @@ pub fn run(url: &str, cursor: Option<i64>, json: bool, limit: Option<u64>, out: 
         let line = match describe(frame, json) {
             Ok(Line::Event(l)) => l,
             Ok(Line::Error(e)) => {
-                eprintln!("{e}");
+                let _ = writeln!(std::io::stderr(), "{e}");
                 return Ok(Some(End::ServerError));
             }
             Err(e) => format!("(undecodable frame of {} bytes: {e})", frame.len()),

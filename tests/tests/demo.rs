@@ -1,6 +1,7 @@
 //! The README's first command, twice: `sluice demo` relays `#commit`
 //! events on every run (each starts from a fresh seed and relay state),
-//! and Ctrl-C with its stdout piped and already closed stops it in order
+//! and Ctrl-C with its stdout (and, the second time, stderr) piped and
+//! already closed stops it in order
 //! with exit status 0, leaving nothing behind in the temporary directory.
 
 mod support;
@@ -59,9 +60,11 @@ fn demo_relays_commits_on_every_run_and_stops_cleanly_through_a_closed_pipe() {
             .arg(&data)
             .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // The second run's logs go to a pipe that is closed too.
+            .stderr(if run == 1 { Stdio::piped() } else { Stdio::null() })
             .spawn()
             .unwrap();
+        drop(child.stderr.take());
         // Read a few status lines, then close our end of the pipe.
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let banner: Vec<String> = lines.by_ref().take(3).map(|l| l.unwrap()).collect();

@@ -189,7 +189,7 @@ impl<'c> Checker<'c> {
     /// Read what fakenet appended since; returns whether anything came.
     fn follow(&mut self) -> anyhow::Result<bool> {
         let new = self.tail.read_new(&mut self.ledger)?;
-        let grew = new.first_entry < self.ledger.entries.len() || !new.amends.is_empty();
+        let grew = new.first_entry < self.ledger.entries.len() || !new.amends.is_empty() || !new.id_amends.is_empty();
         // Entries already taken in, which the amends make "either" (the
         // ledger did the same to its own copy).
         let wronghost = |x: &Expected| x.expect == Expect::Drop && x.why == "wronghost";
@@ -198,6 +198,14 @@ impl<'c> Checker<'c> {
         }
         for (did, host) in &new.amends {
             self.amend(did, host, |x| x.expect == Expect::Relay);
+        }
+        for id in &new.id_amends {
+            if let Some(x) = self.expected.get_mut(id) {
+                if x.expect == Expect::Relay && x.counted {
+                    self.must -= 1;
+                }
+                x.expect = Expect::Either;
+            }
         }
         self.absorb(new.first_entry, false);
         Ok(grew)

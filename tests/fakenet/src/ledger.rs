@@ -83,6 +83,13 @@ pub enum Line {
         relay_account: bool,
         did: String,
     },
+    /// The events with these ids become "either" (`deactivatedcommit`
+    /// faults of an account reactivated since: a relay behind on that
+    /// host asks the PDS, which now says active).
+    AmendIds {
+        amend_ids: Vec<String>,
+        did: String,
+    },
     Key {
         key: AccountKey,
     },
@@ -136,6 +143,8 @@ pub struct NewLines {
     pub amends: Vec<(String, String)>,
     /// `wronghost` amends read by this call, `(did, host)`.
     pub wronghost_amends: Vec<(String, String)>,
+    /// Ids made "either" by this call.
+    pub id_amends: Vec<String>,
 }
 
 impl Ledger {
@@ -176,6 +185,14 @@ impl Ledger {
                     }
                 }
                 new.wronghost_amends.push((did, host));
+            }
+            Line::AmendIds { amend_ids, .. } => {
+                for e in &mut self.entries {
+                    if amend_ids.contains(&e.id) {
+                        e.expect = Expect::Either;
+                    }
+                }
+                new.id_amends.extend(amend_ids);
             }
             Line::RelayAccount { relay_account, did } => {
                 let e = self.relay_accounts.entry(did).or_insert((relay_account, 0));

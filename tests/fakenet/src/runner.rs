@@ -358,6 +358,9 @@ fn apply(
                     host: world.cfg.hosts[host].clone(),
                 })?;
             }
+            Output::AmendIds { ids, did } => {
+                ledger.write(&Line::AmendIds { amend_ids: ids, did })?;
+            }
             Output::RelayAccount { did, active } => {
                 touched.push(did.clone());
                 ledger.write(&Line::RelayAccount { relay_account: active, did })?;

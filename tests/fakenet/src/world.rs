@@ -268,6 +268,8 @@ pub enum Output {
     /// The relay may emit an `#account` of its own for `did` with this
     /// `active` (a lost reactivation it recovers from).
     RelayAccount { did: String, active: bool },
+    /// These events of `did` become "either".
+    AmendIds { ids: Vec<String>, did: String },
 }
 
 pub struct World {
@@ -289,6 +291,9 @@ pub struct World {
     /// takes a moment, and a change meanwhile would make the commits in
     /// between a matter of timing.
     status_quiet_until: std::collections::HashMap<usize, u64>,
+    /// `deactivatedcommit` faults of a still deactivated account (commit
+    /// ids): when it is reactivated they become "either".
+    deactivated_commits: std::collections::HashMap<usize, Vec<String>>,
     event_index: u64,
     web_used: usize,
 }
@@ -369,6 +374,7 @@ impl World {
             clock_micros: CLOCK_START_MICROS,
             step_index: 0,
             status_quiet_until: Default::default(),
+            deactivated_commits: Default::default(),
             event_index: 0,
             web_used: 0,
         };
@@ -569,6 +575,14 @@ impl World {
                 } else if let Some(a) = self.pick_account(host, Status::Deactivated) {
                     self.accounts[a].status = Status::Active;
                     self.emit_account(a, true, None, out);
+                    // A relay behind on this host reads those commits now
+                    // and, asking the PDS (active again), may relay them
+                    // with an #account of its own.
+                    if let Some(ids) = self.deactivated_commits.remove(&a) {
+                        let did = self.accounts[a].did.clone();
+                        out.push(Output::AmendIds { ids, did: did.clone() });
+                        out.push(Output::RelayAccount { did, active: true });
+                    }
                 }
             }
             55..=74 => {
@@ -791,6 +805,7 @@ impl World {
                 let Some(a) = self.pick_account(host, Status::Deactivated) else { return };
                 let Some(c) = self.throwaway_commit(a) else { return };
                 self.emit_commit(a, &c, Expect::Drop, f.name(), out);
+                self.deactivated_commits.entry(a).or_default().push(c.commit_cid.to_string());
             }
             Fault::LostReactivation => {
                 // Deactivate (announced), then reactivate in silence.
