@@ -128,15 +128,14 @@ fn audit(c: &mut Client, action: &str, subject: &str, detail: Value) -> Result<(
 /// Handle `/admin/...`; `None` if the path is not an admin route.
 pub fn handle(
     c: &mut Client,
-    password: Option<&str>,
-    tx: &SyncSender<Command>,
-    run_dir: &std::path::Path,
-    throttle: &crate::throttle::AuthThrottle,
+    cfg: &crate::query::QueryConfig,
     req: &Request,
 ) -> Option<Result<Response, postgres::Error>> {
     if !req.path.starts_with("/admin/") {
         return None;
     }
+    let (password, tx, run_dir, throttle) =
+        (cfg.admin_password.as_deref(), &cfg.admin, cfg.run_dir.as_path(), &cfg.auth_throttle);
     let Some(password) = password else {
         return Some(Ok(error(403, "AdminDisabled", "set admin_password_file to enable the admin API")));
     };
@@ -151,6 +150,10 @@ pub fn handle(
             tracing::warn!(peer, path = req.path, blocked = f.blocked, "admin authentication failed");
         }
         return Some(Ok(error(401, "Unauthorized", "admin credentials required")));
+    }
+    // The Go relay's routes (goat), then sluice's own.
+    if let Some(r) = crate::goat::route(c, cfg, req) {
+        return Some(r);
     }
     Some(match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/admin/repo/takedown") => takedown(c, tx, req, true),
@@ -170,7 +173,7 @@ pub fn handle(
     })
 }
 
-fn takedown(
+pub(crate) fn takedown(
     c: &mut Client,
     tx: &SyncSender<Command>,
     req: &Request,
@@ -262,7 +265,7 @@ fn audit_log(c: &mut Client, req: &Request) -> Result<Response, postgres::Error>
     Ok(Response::ok(body))
 }
 
-fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::Error> {
+pub(crate) fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::Error> {
     let Some(host) = body_field(req, "hostname") else {
         return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ...}"));
     };
@@ -285,6 +288,17 @@ const CONSUMERS_LISTED_MAX: usize = 10_000;
 /// Every shard's consumers, from the lists the shards publish each second
 /// in `data_dir/run/consumers-K.json`, with how far each is behind.
 fn consumers(run_dir: &std::path::Path) -> Response {
+    let (list, total, shards) = consumer_rows(run_dir);
+    Response::ok(json!({"consumers": list, "total": total, "shardsReporting": shards}))
+}
+
+/// Every shard's consumers (at most [`CONSUMERS_LISTED_MAX`]), as JSON
+/// objects.
+pub(crate) fn consumer_list(run_dir: &std::path::Path) -> Vec<Value> {
+    consumer_rows(run_dir).0
+}
+
+fn consumer_rows(run_dir: &std::path::Path) -> (Vec<Value>, usize, Vec<usize>) {
     use sluice_common::consumers::Snapshot;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut list = Vec::new();
@@ -316,7 +330,7 @@ fn consumers(run_dir: &std::path::Path) -> Response {
         }
     }
     shards.sort_unstable();
-    Response::ok(json!({"consumers": list, "total": total, "shardsReporting": shards}))
+    (list, total, shards)
 }
 
 /// Close an upstream connection: the host goes `idle` (not crawled) until
@@ -353,7 +367,7 @@ fn set_request_crawl(c: &mut Client, req: &Request) -> Result<Response, postgres
 /// Ban a domain: requestCrawl and bootstrap refuse it and its subdomains,
 /// and the hosts under it now are banned. Unbanning lifts the ban for new
 /// crawls; hosts banned with it are unbanned one by one.
-fn ban_domain(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::Error> {
+pub(crate) fn ban_domain(c: &mut Client, req: &Request, ban: bool) -> Result<Response, postgres::Error> {
     let Some(domain) = body_field(req, "domain").map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase()) else {
         return Ok(error(400, "InvalidRequest", "body must be {\"domain\": ...}"));
     };
@@ -376,7 +390,7 @@ fn ban_domain(c: &mut Client, req: &Request, ban: bool) -> Result<Response, post
     Ok(Response::ok(json!({"domain": domain, "banned": ban, "hostsBanned": hosts})))
 }
 
-fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+pub(crate) fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
     let v: Value = serde_json::from_slice(&req.body).unwrap_or_default();
     let (Some(host), Some(limit)) = (v["hostname"].as_str(), v["limit"].as_i64()) else {
         return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ..., \"limit\": N}"));

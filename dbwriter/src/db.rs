@@ -293,6 +293,54 @@ pub fn set_host_cursor(c: &mut Client, host_id: i64, cursor: i64) -> Result<i64,
     Ok(row.get(0))
 }
 
+/// Taken-down accounts after `after` (DID order), at most `limit`.
+pub fn takedowns(c: &mut Client, after: &str, limit: i64) -> Result<Vec<String>, postgres::Error> {
+    let rows =
+        c.query("SELECT did FROM accounts WHERE takendown AND did > $1 ORDER BY did LIMIT $2", &[&after, &limit])?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Banned domains, sorted.
+pub fn domain_bans(c: &mut Client) -> Result<Vec<String>, postgres::Error> {
+    Ok(c.query("SELECT domain FROM domain_bans ORDER BY domain", &[])?.iter().map(|r| r.get(0)).collect())
+}
+
+/// A host as the admin lists show it.
+pub struct HostListing {
+    pub id: i64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub hostname: String,
+    pub insecure: bool,
+    pub cursor: i64,
+    pub status: String,
+    pub account_count: i64,
+    pub account_limit: i64,
+}
+
+/// Every host (10,000 at most), by id.
+pub fn host_list(c: &mut Client) -> Result<Vec<HostListing>, postgres::Error> {
+    let rows = c.query(
+        "SELECT id, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), hostname, insecure,
+                cursor, status, account_count, account_limit
+         FROM hosts ORDER BY id LIMIT 10000",
+        &[],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| HostListing {
+            id: r.get(0),
+            created_at: r.get(1),
+            hostname: r.get(2),
+            insecure: r.get(3),
+            cursor: r.get(4),
+            status: r.get(5),
+            account_count: r.get(6),
+            account_limit: r.get(7),
+        })
+        .collect())
+}
+
 /// Is `hostname` (no port) or a parent domain banned?
 pub fn domain_banned(c: &mut Client, hostname: &str) -> Result<bool, postgres::Error> {
     let n: i64 = c

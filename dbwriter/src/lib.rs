@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod admission;
 pub mod db;
+pub mod goat;
 pub mod query;
 pub mod recheck;
 pub mod sequencer;

@@ -158,6 +158,7 @@ mod flume_like {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Request {
     pub method: String,
     pub path: String,
@@ -275,9 +276,7 @@ fn did_param(req: &Request) -> Result<&str, Response> {
 }
 
 pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
-    if let Some(r) =
-        crate::admin::handle(c, cfg.admin_password.as_deref(), &cfg.admin, &cfg.run_dir, &cfg.auth_throttle, req)
-    {
+    if let Some(r) = crate::admin::handle(c, cfg, req) {
         return r.unwrap_or_else(|e| {
             tracing::error!(path = req.path, error = %e, "admin action failed");
             error(500, "InternalServerError", "internal error")
@@ -300,7 +299,7 @@ pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
     })
 }
 
-fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Response, postgres::Error> {
+pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Response, postgres::Error> {
     let public: Option<bool> = c.query_one("SELECT request_crawl FROM relay_meta WHERE id = 1", &[])?.get(0);
     if !public.unwrap_or(cfg.public_request_crawl) && !crate::admin::is_admin(req, cfg.admin_password.as_deref()) {
         return Ok(error(403, "Forbidden", "requestCrawl takes admin credentials on this relay"));
