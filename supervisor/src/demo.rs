@@ -77,9 +77,7 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
     say(format_args!("health:      http://127.0.0.1:{port}/xrpc/_health      (Ctrl-C to stop)"));
     say(format_args!("follow:      sluice tail ws://127.0.0.1:{port}"));
     say(format_args!("fresh run:   seed {seed}, relay state in {} (both new each run)", relay_dir.display()));
-    say(format_args!(
-        "drops:       SLUICE_LOG=info,sluice_dbwriter=debug,sluice_shard=debug logs each with its reason"
-    ));
+    say(format_args!("drops:       `sluice demo --drops` logs each one with its reason"));
     let mut last = (Instant::now(), 0u64, 0u64);
     let tick = Box::new(move |cb: &sluice_common::shm::ControlBlock| {
         if last.0.elapsed() < Duration::from_secs(1) {

@@ -67,6 +67,10 @@ enum Cmd {
         /// Events per second from the network.
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
+        /// Log every dropped event with its reason (stateless drops in
+        /// the shards, stateful ones in the db-writer).
+        #[arg(long)]
+        drops: bool,
     },
     /// Follow a relay's stream (this one by default): one line per event.
     Tail {
@@ -267,15 +271,27 @@ impl std::io::Write for LogOut {
     }
 }
 
+/// `sluice demo --drops`: every drop logged with its reason, in every
+/// process (the children read the same variable).
+const DROPS_LOG: &str =
+    "info,refinery_core=warn,refinery=warn,sluice_dbwriter::sequencer=debug,sluice_shard::upstream=debug";
+
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Demo { drops: true, .. }) && std::env::var_os("SLUICE_LOG").is_none() {
+        // Before any thread exists: nothing else reads the environment yet.
+        std::env::set_var("SLUICE_LOG", DROPS_LOG);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn,refinery=warn")),
         )
         .with_writer(|| LogOut)
+        // Colours only for a terminal, not in files or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Run { config } => {
             let source = config.clone().or_else(|| {
                 let d = PathBuf::from(DEFAULT_CONFIG_PATH);
@@ -288,7 +304,7 @@ fn main() -> anyhow::Result<()> {
             s.set_source(source);
             s.run(term, hup, None)
         }
-        Cmd::Demo { data_dir, port, hosts, rate } => demo(&data_dir, port, hosts, rate),
+        Cmd::Demo { data_dir, port, hosts, rate, .. } => demo(&data_dir, port, hosts, rate),
         Cmd::Config { what: ConfigCmd::Check { config } } => {
             let cfg = load(config.as_deref())?;
             print!("{}", effective_for_humans(&cfg));

@@ -55,15 +55,21 @@ fn demo_relays_commits_on_every_run_and_stops_cleanly_through_a_closed_pipe() {
     let before = sluice_pg_dirs();
     for run in 0..2 {
         let port = free_port();
-        let mut child = Command::new(&bin)
-            .args(["demo", "--port", &port.to_string(), "--hosts", "2", "--rate", "40", "--data-dir"])
+        let log = dir.path().join(format!("demo-{run}.log"));
+        let mut cmd = Command::new(&bin);
+        cmd.args(["demo", "--port", &port.to_string(), "--hosts", "2", "--data-dir"])
             .arg(&data)
+            .env_remove("SLUICE_LOG")
             .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .stdout(Stdio::piped())
+            .stdout(Stdio::piped());
+        if run == 0 {
+            // The first run logs every drop with its reason (--drops).
+            cmd.args(["--rate", "200", "--drops"]).stderr(std::fs::File::create(&log).unwrap());
+        } else {
             // The second run's logs go to a pipe that is closed too.
-            .stderr(if run == 1 { Stdio::piped() } else { Stdio::null() })
-            .spawn()
-            .unwrap();
+            cmd.args(["--rate", "40"]).stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().unwrap();
         drop(child.stderr.take());
         // Read a few status lines, then close our end of the pipe.
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -92,6 +98,23 @@ fn demo_relays_commits_on_every_run_and_stops_cleanly_through_a_closed_pipe() {
         let commits = text.lines().filter(|l| l.contains(" #commit ")).count();
         assert!(commits > 0, "run {run}: no live #commit in 60 s:\n{text}");
         eprintln!("run {run}: {commits} live #commit of 20 frames in {:?}", t.elapsed());
+        if run == 0 {
+            let t = Instant::now();
+            let dropped = loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<String> = text
+                    .lines()
+                    .filter(|l| l.contains("dropped") && (l.contains("reason=") || l.contains("why=")))
+                    .map(str::to_owned)
+                    .collect();
+                if !lines.is_empty() {
+                    break lines;
+                }
+                assert!(t.elapsed() < Duration::from_secs(30), "--drops logged no drop with a reason");
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            eprintln!("run 0: a drop with its reason: {}", dropped[0]);
+        }
         // Ctrl-C (SIGINT) with stdout closed: an orderly stop, exit 0.
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
             .unwrap();
