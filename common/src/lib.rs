@@ -11,9 +11,14 @@
 //! block), [`ring`] (SPSC shared-memory ring) and [`ringrec`] (what the
 //! ring carries), [`eventlog`] (segments, index, repair), [`policy`]
 //! (stateful checks), [`partition`] (host → shard), [`http`] (the one
-//! HTTP request-head parser), [`netguard`] (which hosts may be dialed), [`failpoint`] (crashes on purpose, for
-//! tests). Nothing here blocks, spawns or reads the clock:
-//! callers pass the time in.
+//! HTTP request-head parser), [`netguard`] (which hosts may be dialed),
+//! [`host`] (host status and the shard assignment), [`failpoint`] (faults
+//! on purpose, for tests). Nothing here spawns threads or tasks; the
+//! validation code does no I/O and takes the time from its callers. What
+//! does block, and so runs only on threads (or, for the log reader, on a
+//! shard's executor where ARCHITECTURE.md says so): the event log's writes
+//! and fsyncs (`eventlog`), the instance lock (`instance`), the doorbell
+//! wait (`shm`), TLS roots loading (`tls`).
 
 pub mod car;
 pub mod cbor;
