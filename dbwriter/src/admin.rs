@@ -242,24 +242,18 @@ fn host_cursor(c: &mut Client, tx: &SyncSender<Command>, req: &Request) -> Resul
 fn audit_log(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
     let limit: i64 = crate::query::param(req, "limit").and_then(|l| l.parse().ok()).unwrap_or(100).clamp(1, 1000);
     let before: i64 = crate::query::param(req, "before").and_then(|b| b.parse().ok()).unwrap_or(i64::MAX);
-    let rows = c.query(
-        "SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), action, subject, detail::text
-         FROM admin_audit WHERE id < $1 ORDER BY id DESC LIMIT $2",
-        &[&before, &limit],
-    )?;
+    let rows = crate::db::audit_entries(c, before, limit)?;
     let entries: Vec<Value> = rows
         .iter()
-        .map(|r| {
-            let detail: Option<String> = r.get(4);
-            json!({"id": r.get::<_, i64>(0), "at": r.get::<_, String>(1), "action": r.get::<_, String>(2),
-                   "subject": r.get::<_, String>(3),
-                   "detail": detail.and_then(|d| serde_json::from_str::<Value>(&d).ok()).unwrap_or(Value::Null)})
+        .map(|e| {
+            json!({"id": e.id, "at": e.at, "action": e.action, "subject": e.subject,
+                   "detail": e.detail.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()).unwrap_or(Value::Null)})
         })
         .collect();
     let mut body = json!({ "entries": entries });
     if rows.len() as i64 == limit {
         if let Some(last) = rows.last() {
-            body["cursor"] = json!(last.get::<_, i64>(0).to_string());
+            body["cursor"] = json!(last.id.to_string());
         }
     }
     Ok(Response::ok(body))

@@ -293,6 +293,30 @@ pub fn set_host_cursor(c: &mut Client, host_id: i64, cursor: i64) -> Result<i64,
     Ok(row.get(0))
 }
 
+/// One admin audit entry.
+pub struct AuditEntry {
+    pub id: i64,
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub action: String,
+    pub subject: String,
+    /// JSON text.
+    pub detail: Option<String>,
+}
+
+/// Audit entries older than id `before`, newest first, at most `limit`.
+pub fn audit_entries(c: &mut Client, before: i64, limit: i64) -> Result<Vec<AuditEntry>, postgres::Error> {
+    let rows = c.query(
+        "SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), action, subject, detail::text
+         FROM admin_audit WHERE id < $1 ORDER BY id DESC LIMIT $2",
+        &[&before, &limit],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| AuditEntry { id: r.get(0), at: r.get(1), action: r.get(2), subject: r.get(3), detail: r.get(4) })
+        .collect())
+}
+
 /// Taken-down accounts after `after` (DID order), at most `limit`.
 pub fn takedowns(c: &mut Client, after: &str, limit: i64) -> Result<Vec<String>, postgres::Error> {
     let rows =

@@ -276,6 +276,18 @@ impl std::io::Write for LogOut {
 const DROPS_LOG: &str =
     "info,refinery_core=warn,refinery=warn,sluice_dbwriter::sequencer=debug,sluice_shard::upstream=debug";
 
+/// `SLUICE_LOG` (default `info`), with the migration library held to
+/// warnings unless the setting names it: at `info` it prints every
+/// migration's SQL at each start.
+fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let mut spec = spec.filter(|s| !s.trim().is_empty()).unwrap_or("info").to_owned();
+    if !spec.contains("refinery") {
+        spec += ",refinery_core=warn,refinery=warn";
+    }
+    tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn,refinery=warn"))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Demo { drops: true, .. }) && std::env::var_os("SLUICE_LOG").is_none() {
@@ -283,10 +295,7 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("SLUICE_LOG", DROPS_LOG);
     }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn,refinery=warn")),
-        )
+        .with_env_filter(log_filter(std::env::var("SLUICE_LOG").ok().as_deref()))
         .with_writer(|| LogOut)
         // Colours only for a terminal, not in files or journald.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -403,5 +412,21 @@ mod config_tests {
         assert_eq!(super::mask_password("postgres://u:s3cret@db/sluice"), "postgres://u:***@db/sluice");
         assert_eq!(super::mask_password("host=/run/pg dbname=x password=s3cret"), "host=/run/pg dbname=x password=***");
         assert_eq!(super::mask_password("host=/run/pg dbname=x"), "host=/run/pg dbname=x");
+    }
+
+    #[test]
+    fn the_migration_library_is_quiet_unless_named() {
+        for (spec, want) in [
+            (None, "info,refinery_core=warn,refinery=warn"),
+            (Some("info"), "info,refinery_core=warn,refinery=warn"),
+            (Some("debug,refinery=info"), "debug,refinery=info"),
+        ] {
+            let got = super::log_filter(spec).to_string();
+            let mut got: Vec<&str> = got.split(',').collect();
+            let mut want: Vec<&str> = want.split(',').collect();
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "{spec:?}");
+        }
     }
 }
