@@ -8,6 +8,7 @@ mod bootstrap;
 #[cfg(feature = "demo")]
 mod demo;
 mod metrics;
+mod notify;
 mod pg;
 mod supervise;
 mod tail;

@@ -355,6 +355,7 @@ impl Supervisor {
         let mut db = sluice_dbwriter::db::connect(&self.database_url)?;
         let mut last_poll = Instant::now() - HOST_POLL;
         tracing::info!(listen = %self.cfg.listen, shards = self.shards.len(), "sluice running");
+        crate::notify::notify(&format!("READY=1\nSTATUS=relaying with {} shards", self.shards.len()));
         let mut last_pg_check = Instant::now();
         while !term.load(Ordering::Acquire) {
             self.reap_and_restart()?;
@@ -490,6 +491,14 @@ impl Supervisor {
     /// again from the durable cursors. data_dir and database_url changes
     /// need a full restart and are refused. An invalid file changes nothing.
     fn reload(&mut self) -> anyhow::Result<()> {
+        crate::notify::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", crate::notify::monotonic_usec()));
+        let r = self.reload_config();
+        // Whatever happened, the relay runs (on the old or the new config).
+        crate::notify::notify(&format!("READY=1\nSTATUS=relaying with {} shards", self.shards.len()));
+        r
+    }
+
+    fn reload_config(&mut self) -> anyhow::Result<()> {
         let Some(path) = self.source.clone() else {
             tracing::warn!("SIGHUP: no config file to reload (built-in defaults)");
             return Ok(());
@@ -545,6 +554,7 @@ impl Supervisor {
     }
 
     fn shutdown(&mut self) {
+        crate::notify::notify("STOPPING=1");
         tracing::info!("shutting down: shards stop reading upstream");
         self.stop_children();
         if let Some(pg) = self.pg.as_mut() {

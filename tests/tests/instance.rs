@@ -194,3 +194,30 @@ fn embedded_database_is_private_and_never_left_running() {
     let after = std::fs::metadata(&target).unwrap();
     assert_eq!((before.uid(), before.gid(), before.mode()), (after.uid(), after.gid(), after.mode()));
 }
+
+/// `Type=notify`: the supervisor tells systemd READY=1 once it runs,
+/// RELOADING=1 then READY=1 around a SIGHUP reload, STOPPING=1 at the end.
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("notify");
+    let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = rx.recv(&mut buf).expect("a notification within 60 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut relay = Relay::new(dir.path(), "http://127.0.0.1:9", 1, "");
+    relay.env = vec![("NOTIFY_SOCKET".into(), sock.to_string_lossy().into_owned())];
+    relay.start();
+    let ready = next();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let reloading = next();
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading}");
+    let again = next();
+    assert!(again.lines().any(|l| l == "READY=1"), "{again}");
+    relay.stop();
+    assert_eq!(next(), "STOPPING=1");
+}
