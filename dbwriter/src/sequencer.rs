@@ -88,10 +88,8 @@ pub struct Sequencer {
     pending_flags: std::collections::VecDeque<crate::admin::FlagJob>,
     /// Offline this long, a host goes idle (`host_offline_idle_days`).
     pub offline_idle_after: Duration,
-    /// Since when intake is paused for want of space.
-    disk_full_since: Option<Instant>,
-    /// Since when intake is paused because Postgres does not answer.
-    db_lost_since: Option<Instant>,
+    /// Intake paused (disk full or Postgres away): since when, and why.
+    paused: Option<(Instant, WriterState)>,
     /// Where to reconnect when Postgres goes away (None: the error ends
     /// the process, as in tests that build a sequencer by hand).
     pub database_url: Option<String>,
@@ -203,8 +201,7 @@ impl Sequencer {
             limits_loaded: None,
             commit_pace: Duration::from_millis(2),
             offline_idle_after: Duration::from_secs(7 * 86_400),
-            disk_full_since: None,
-            db_lost_since: None,
+            paused: None,
             database_url: None,
             recheck: None,
             rechecked: HashMap::new(),
@@ -220,10 +217,7 @@ impl Sequencer {
         let mut last_idle_sweep = Instant::now() - IDLE_SWEEP;
         let mut round_began = Instant::now();
         loop {
-            self.control.writer_heartbeat().store(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
-                Ordering::Relaxed,
-            );
+            self.beat();
             let since = round_began.elapsed();
             if since < self.commit_pace && self.unread_bytes() < COMMIT_GATHER_BYTES {
                 std::thread::sleep(self.commit_pace - since);
@@ -232,13 +226,11 @@ impl Sequencer {
             self.send_flags();
             let n = match self.round() {
                 Ok(n) => {
-                    if let Some(since) = self.disk_full_since.take() {
+                    if let Some((since, why)) = self.paused.take() {
                         self.control.set_writer_state(WriterState::Ready);
-                        tracing::info!(paused_s = since.elapsed().as_secs(), "disk space is back; intake resumed");
-                    }
-                    if let Some(since) = self.db_lost_since.take() {
-                        self.control.set_writer_state(WriterState::Ready);
-                        tracing::info!(paused_s = since.elapsed().as_secs(), "Postgres answers again; intake resumed");
+                        let what =
+                            if why == WriterState::DiskFull { "disk space is back" } else { "Postgres answers again" };
+                        tracing::info!(paused_s = since.elapsed().as_secs(), "{what}; intake resumed");
                     }
                     n
                 }
@@ -300,10 +292,7 @@ impl Sequencer {
     /// again. Intake stops meanwhile: the rings fill and the shards stop
     /// reading their hosts. One WARN per pause.
     fn pause_for_disk(&mut self, e: &anyhow::Error, stop: &AtomicBool) -> anyhow::Result<()> {
-        if self.disk_full_since.is_none() {
-            self.disk_full_since = Some(Instant::now());
-            self.control.set_writer_state(WriterState::DiskFull);
-            self.count(WriterCounter::DiskFullPauses);
+        if self.pause(WriterState::DiskFull, WriterCounter::DiskFullPauses) {
             tracing::warn!(
                 error = %e,
                 seq = self.log.next_seq() - 1,
@@ -312,10 +301,7 @@ impl Sequencer {
         }
         let deadline = Instant::now() + DISK_FULL_RETRY;
         loop {
-            self.control.writer_heartbeat().store(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
-                Ordering::Relaxed,
-            );
+            self.beat();
             for r in &mut self.rings {
                 r.rewind();
             }
@@ -342,10 +328,7 @@ impl Sequencer {
     /// cluster that died). Intake stops meanwhile; nothing is lost. One
     /// WARN per pause.
     fn pause_for_db(&mut self, e: &anyhow::Error, stop: &AtomicBool) -> anyhow::Result<()> {
-        if self.db_lost_since.is_none() {
-            self.db_lost_since = Some(Instant::now());
-            self.control.set_writer_state(WriterState::DbUnavailable);
-            self.count(WriterCounter::DbPauses);
+        if self.pause(WriterState::DbUnavailable, WriterCounter::DbPauses) {
             tracing::warn!(
                 error = %e,
                 seq = self.log.next_seq() - 1,
@@ -354,10 +337,7 @@ impl Sequencer {
         }
         let url = self.database_url.clone().expect("checked by the caller");
         loop {
-            self.control.writer_heartbeat().store(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
-                Ordering::Relaxed,
-            );
+            self.beat();
             if stop.load(Ordering::Acquire) {
                 return Ok(());
             }
@@ -381,6 +361,24 @@ impl Sequencer {
             }
             std::thread::sleep(DISK_FULL_RETRY);
         }
+    }
+
+    /// Enter a pause for `why` unless already in one: the writer state on
+    /// `_health`, the counter. True when it began now (the caller logs).
+    fn pause(&mut self, why: WriterState, counter: WriterCounter) -> bool {
+        if self.paused.is_some() {
+            return false;
+        }
+        self.paused = Some((Instant::now(), why));
+        self.control.set_writer_state(why);
+        self.count(counter);
+        true
+    }
+
+    /// The heartbeat `_health` and the supervisor read.
+    fn beat(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.control.writer_heartbeat().store(now, Ordering::Relaxed);
     }
 
     fn unread_bytes(&self) -> u64 {
