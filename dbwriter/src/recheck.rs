@@ -74,7 +74,9 @@ pub fn start(tls: Arc<rustls::ClientConfig>, answers: SyncSender<Command>) -> st
                     None
                 }
             };
-            let Some(a) = answer else { continue };
+            // No usable answer still answers: the sequencer drops (and
+            // counts) what it held instead of holding it for ever.
+            let a = answer.unwrap_or(Answer { did: r.did.clone(), host_id: r.host_id, active: false, status: None });
             match answers.try_send(Command::UpstreamStatus(a)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => tracing::debug!(did = r.did, "sequencer queue full; answer dropped"),

@@ -111,6 +111,8 @@ pub const HELD_BYTES_MAX: usize = 8 << 20;
 pub const HELD_PER_ACCOUNT_MAX: usize = 32;
 /// Accounts remembered as asked about (older entries are forgotten first).
 pub const RECHECKED_MAX: usize = 10_000;
+/// A question not answered in this long (the answer was lost) is asked again.
+pub const RECHECK_ANSWER_MAX: Duration = Duration::from_secs(60);
 
 /// Wait between attempts while the disk is full.
 pub const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
@@ -628,6 +630,12 @@ impl Sequencer {
     ) -> anyhow::Result<bool> {
         let Some(tx) = self.recheck.clone() else { return Ok(false) };
         let pending = match self.rechecked.get(e.did) {
+            // An answer lost on a full queue: what waited for it is dropped
+            // (counted), and the PDS is asked afresh.
+            Some((at, true)) if at.elapsed() > RECHECK_ANSWER_MAX => {
+                self.drop_held(e.did);
+                false
+            }
             Some((at, pending)) if at.elapsed() < RECHECK_EVERY => {
                 if !pending {
                     return Ok(false);
@@ -668,9 +676,22 @@ impl Sequencer {
     /// active (and the account still lives there, still inactive), store
     /// that, emit the relay's `#account`, and apply the held commits in
     /// order; otherwise drop them.
-    fn upstream_status(&mut self, a: crate::recheck::Answer, batch: &mut Batch) -> anyhow::Result<()> {
-        let held = self.held.remove(&a.did).unwrap_or_default();
+    /// Take `did`'s held commits out of the budget.
+    fn take_held(&mut self, did: &str) -> Vec<Vec<u8>> {
+        let held = self.held.remove(did).unwrap_or_default();
         self.held_bytes -= held.iter().map(Vec::len).sum::<usize>();
+        held
+    }
+
+    /// Drop `did`'s held commits, counted.
+    fn drop_held(&mut self, did: &str) {
+        for _ in self.take_held(did) {
+            self.count(WriterCounter::Dropped);
+        }
+    }
+
+    fn upstream_status(&mut self, a: crate::recheck::Answer, batch: &mut Batch) -> anyhow::Result<()> {
+        let held = self.take_held(&a.did);
         self.rechecked.insert(a.did.clone(), (Instant::now(), false));
         let stored = self.account(&a.did, batch)?;
         let stuck = stored.as_ref().is_some_and(|s| s.host_id == a.host_id && !s.upstream_active);
