@@ -21,9 +21,9 @@
 
 use clap::Parser;
 use fakenet::runner::{self, ServeConfig};
+use sluice_tests::http::{metric, request as http};
 use sluice_tests::procinfo;
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,37 +50,6 @@ struct Args {
     churn: u64,
     #[arg(long)]
     sluice: Option<PathBuf>,
-}
-
-fn http(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-fn post(port: u16, path: &str, body: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split(' ').nth(1)?.parse().ok()
-}
-
-fn metric(port: u16, name: &str) -> u64 {
-    let page = http(port, "/metrics").unwrap_or_default();
-    page.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum()
 }
 
 struct Relay {
@@ -110,7 +79,7 @@ impl Relay {
             .stderr(std::fs::File::create(dir.join("relay.log"))?)
             .spawn()?;
         let t = Instant::now();
-        while !http(port, "/xrpc/_health").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        while http(port, "GET", "/xrpc/_health", "").is_none_or(|(st, _)| st != 200) {
             anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "relay not healthy");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -295,9 +264,13 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
     })?;
     let relay = Relay::start(sluice, &dir.join(format!("relay-{n}")), a.shards, &net.info.plc_url)?;
     for h in &net.info.hosts {
-        anyhow::ensure!(
-            post(relay.port, "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}")) == Some(200)
-        );
+        anyhow::ensure!(http(
+            relay.port,
+            "POST",
+            "/xrpc/com.atproto.sync.requestCrawl",
+            &format!("{{\"hostname\":\"{h}\"}}")
+        )
+        .is_some_and(|(st, _)| st == 200));
     }
     // Every host subscribed: fakenet's start delay runs from here.
     let t = Instant::now();

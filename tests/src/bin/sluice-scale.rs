@@ -14,9 +14,10 @@
 //! `cargo build --release --bins && target/release/sluice-scale --hosts 1000,2800,10000`
 
 use clap::Parser;
+use sluice_tests::http::{metric, request as http};
 use sluice_tests::procinfo;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,30 +97,6 @@ struct Row {
 
 fn mib(kb: u64) -> String {
     format!("{:.1}", kb as f64 / 1024.0)
-}
-
-fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    Some((status, body))
-}
-
-/// Sum of the metric `name` over its series.
-fn metric(port: u16, name: &str) -> u64 {
-    let Some((_, page)) = http(port, "GET", "/metrics", "") else { return 0 };
-    page.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum()
 }
 
 fn port_of(url: &str) -> u16 {
