@@ -33,6 +33,15 @@ pub enum Validation {
     Lenient,
 }
 
+/// `log_format`: lines for people (`text`, the default) or one JSON object
+/// per line (`json`, for log pipelines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// `shard_count`: a number, or "auto" (one per core).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -83,11 +92,12 @@ pub struct RawConfig {
     /// Whole or fractional days.
     pub host_offline_idle_days: Option<f64>,
     pub consumer_write_timeout_s: Option<u32>,
+    pub log_format: Option<LogFormat>,
 }
 
 /// How the shards keep upstream connections (PROTOCOL §8: a PDS sends
 /// nothing to an idle subscriber and never pings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamTimeouts {
     /// Silence after which the shard pings the host.
     pub ping_interval_s: u32,
@@ -164,6 +174,20 @@ pub struct Config {
     pub host_offline_idle_days: f64,
     /// A consumer whose socket takes no bytes this long is cut.
     pub consumer_write_timeout_s: u32,
+    pub log_format: LogFormat,
+}
+
+/// What a running shard takes from a reload (SIGHUP) without restarting:
+/// the supervisor sends it on the assignment pipe
+/// ([`crate::host::ToShard::Settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ShardSettings {
+    pub strict: bool,
+    pub host_events_per_second_max: u32,
+    pub consumers_max: u32,
+    pub consumer_lag_events_max: u64,
+    pub consumer_write_timeout_s: u32,
+    pub upstream: UpstreamTimeouts,
 }
 
 /// Environment variables that override file keys, and their keys.
@@ -185,6 +209,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("SLUICE_FLUSH_INTERVAL_MS", "flush_interval_ms"),
     ("SLUICE_SEGMENT_SIZE_BYTES", "segment_size_bytes"),
     ("SLUICE_PUBLIC_REQUEST_CRAWL", "public_request_crawl"),
+    ("SLUICE_LOG_FORMAT", "log_format"),
     ("SLUICE_CONSUMER_LAG_EVENTS_MAX", "limits.consumer_lag_events_max"),
     ("SLUICE_CONSUMERS_MAX", "limits.consumers_max"),
     ("SLUICE_HOST_ACCOUNT_LIMIT_DEFAULT", "limits.host_account_limit_default"),
@@ -258,6 +283,13 @@ impl RawConfig {
                 "flush_interval_ms" => self.flush_interval_ms = Some(parse_num(key, &v)? as u32),
                 "segment_size_bytes" => self.segment_size_bytes = Some(parse_num(key, &v)?),
                 "public_request_crawl" => self.public_request_crawl = Some(parse_bool(key, &v)?),
+                "log_format" => {
+                    self.log_format = Some(match v.trim() {
+                        "text" => LogFormat::Text,
+                        "json" => LogFormat::Json,
+                        _ => return Err(invalid(key, format!("{v:?} is not text or json"))),
+                    })
+                }
                 "limits.consumer_lag_events_max" => limits.consumer_lag_events_max = Some(parse_num(key, &v)?),
                 "limits.consumers_max" => limits.consumers_max = Some(parse_num(key, &v)? as u32),
                 "limits.host_account_limit_default" => limits.host_account_limit_default = Some(parse_num(key, &v)?),
@@ -362,6 +394,7 @@ impl RawConfig {
             upstream,
             host_offline_idle_days,
             consumer_write_timeout_s,
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
         })
     }
 
@@ -418,6 +451,7 @@ impl Config {
             upstream_connect_timeout_s: Some(self.upstream.connect_timeout_s),
             host_offline_idle_days: Some(self.host_offline_idle_days),
             consumer_write_timeout_s: Some(self.consumer_write_timeout_s),
+            log_format: Some(self.log_format),
         };
         toml::to_string(&raw).expect("config serializes")
     }
@@ -426,6 +460,81 @@ impl Config {
     pub fn from_effective(path: &Path) -> Result<Config, ConfigError> {
         let raw = RawConfig::load(Some(path))?;
         raw.validate(1)
+    }
+
+    pub fn shard_settings(&self) -> ShardSettings {
+        ShardSettings {
+            strict: self.validation == Validation::Strict,
+            host_events_per_second_max: self.limits.host_events_per_second_max,
+            consumers_max: self.limits.consumers_max,
+            consumer_lag_events_max: self.limits.consumer_lag_events_max,
+            consumer_write_timeout_s: self.consumer_write_timeout_s,
+            upstream: self.upstream,
+        }
+    }
+
+    /// The keys, changed in `new`, that a reload applies only by
+    /// restarting the shards and the db-writer (a reshard): the rings and
+    /// the public port are made for them.
+    pub fn reshard_keys(&self, new: &Config) -> Vec<&'static str> {
+        let mut k = Vec::new();
+        if self.shard_count != new.shard_count {
+            k.push("shard_count");
+        }
+        if self.ring_size_bytes != new.ring_size_bytes {
+            k.push("ring_size_bytes");
+        }
+        if self.listen != new.listen {
+            k.push("listen");
+        }
+        k
+    }
+
+    /// The keys, changed in `new`, that only a restart of the relay
+    /// applies (a reload keeps the running values and says so): they are
+    /// built into the processes' long-lived parts (the database, the
+    /// resolvers, TLS, the event log, the caches, logging).
+    pub fn fixed_keys(&self, new: &Config) -> Vec<&'static str> {
+        let mut k = Vec::new();
+        let mut check = |changed: bool, key| {
+            if changed {
+                k.push(key);
+            }
+        };
+        check(self.data_dir != new.data_dir, "data_dir");
+        check(self.database_url != new.database_url, "database_url");
+        check(self.plc_url != new.plc_url, "plc_url");
+        check(self.tls_ca_file != new.tls_ca_file, "tls_ca_file");
+        check(self.allow_insecure_hosts != new.allow_insecure_hosts, "allow_insecure_hosts");
+        check(self.segment_size_bytes != new.segment_size_bytes, "segment_size_bytes");
+        check(
+            self.limits.identity_cache_entries_max != new.limits.identity_cache_entries_max,
+            "limits.identity_cache_entries_max",
+        );
+        check(
+            self.limits.account_cache_entries_max != new.limits.account_cache_entries_max,
+            "limits.account_cache_entries_max",
+        );
+        check(self.log_format != new.log_format, "log_format");
+        k
+    }
+
+    /// `new` with the keys of [`Config::fixed_keys`] set back to this
+    /// config's values (`bootstrap_relay` and `initial_seq` matter only at
+    /// the first start).
+    pub fn keep_fixed(&self, mut new: Config) -> Config {
+        new.data_dir = self.data_dir.clone();
+        new.database_url = self.database_url.clone();
+        new.plc_url = self.plc_url.clone();
+        new.tls_ca_file = self.tls_ca_file.clone();
+        new.allow_insecure_hosts = self.allow_insecure_hosts;
+        new.segment_size_bytes = self.segment_size_bytes;
+        new.limits.identity_cache_entries_max = self.limits.identity_cache_entries_max;
+        new.limits.account_cache_entries_max = self.limits.account_cache_entries_max;
+        new.log_format = self.log_format;
+        new.bootstrap_relay = self.bootstrap_relay.clone();
+        new.initial_seq = self.initial_seq;
+        new
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -499,5 +608,27 @@ mod tests {
         assert_eq!(raw.validate(2).unwrap().retention_hours, 0.25);
         let mut raw = RawConfig::default();
         assert!(raw.apply_env(|k| (k == "SLUICE_RETENTION_HOURS").then(|| "soon".into())).is_err());
+    }
+
+    #[test]
+    fn reload_sorts_keys_into_in_place_reshard_and_restart() {
+        let cfg = |toml: &str| RawConfig::from_toml(toml, Path::new("x")).unwrap().validate(2).unwrap();
+        let old = cfg("shard_count = 2");
+        let new = cfg("shard_count = 2\nvalidation = \"lenient\"\n[limits]\nconsumers_max = 5");
+        assert!(old.reshard_keys(&new).is_empty() && old.fixed_keys(&new).is_empty());
+        assert_ne!(old.shard_settings(), new.shard_settings());
+        assert!(!new.shard_settings().strict);
+        let new = cfg("shard_count = 3\nlisten = \"127.0.0.1:9\"");
+        assert_eq!(old.reshard_keys(&new), ["shard_count", "listen"]);
+        let new = cfg("shard_count = 2\nplc_url = \"http://plc.test\"\nlog_format = \"json\"\nretention_hours = 1");
+        assert_eq!(old.fixed_keys(&new), ["plc_url", "log_format"]);
+        let kept = old.keep_fixed(new);
+        assert!(old.fixed_keys(&kept).is_empty());
+        assert_eq!(kept.retention_hours, 1.0, "what a reload may change is not kept back");
+        let mut raw = RawConfig::default();
+        raw.apply_env(|k| (k == "SLUICE_LOG_FORMAT").then(|| "json".into())).unwrap();
+        assert_eq!(raw.validate(1).unwrap().log_format, LogFormat::Json);
+        let back = RawConfig::from_toml(&kept.to_toml(), Path::new("x")).unwrap().validate(1).unwrap();
+        assert_eq!(back, kept);
     }
 }

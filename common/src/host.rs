@@ -94,6 +94,27 @@ impl Assignment {
     }
 }
 
+/// A message from the supervisor to a shard, one JSON line each on the
+/// shard's assignment pipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToShard {
+    /// The hosts this shard reads (the whole list, replacing the last).
+    Assign(Assignment),
+    /// Settings changed by a reload, applied without a restart.
+    Settings(crate::config::ShardSettings),
+}
+
+impl ToShard {
+    /// The line written on the pipe, newline included.
+    pub fn line(&self) -> String {
+        serde_json::to_string(self).expect("a supervisor message serializes") + "\n"
+    }
+
+    pub fn parse(line: &str) -> Result<ToShard, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,8 +142,14 @@ mod tests {
                 crawl_gen: 2,
             }],
         };
-        let line = serde_json::to_string(&a).unwrap();
-        assert_eq!(serde_json::from_str::<Assignment>(&line).unwrap(), a);
+        let m = ToShard::Assign(a.clone());
+        let line = m.line();
+        assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+        assert_eq!(ToShard::parse(&line).unwrap(), m);
         assert_eq!(a.key(), vec![(3, 2)]);
+        let cfg = crate::config::RawConfig::default().validate(1).unwrap();
+        let m = ToShard::Settings(cfg.shard_settings());
+        assert_eq!(ToShard::parse(&m.line()).unwrap(), m);
+        assert!(ToShard::parse("{\"Assign\": 3}").is_err());
     }
 }

@@ -134,8 +134,9 @@ pub fn handle(
     if !req.path.starts_with("/admin/") {
         return None;
     }
+    let live = cfg.live();
     let (password, tx, run_dir, throttle) =
-        (cfg.admin_password.as_deref(), &cfg.admin, cfg.run_dir.as_path(), &cfg.auth_throttle);
+        (live.admin_password.as_deref(), &cfg.admin, cfg.run_dir.as_path(), &cfg.auth_throttle);
     let Some(password) = password else {
         return Some(Ok(error(403, "AdminDisabled", "set admin_password_file to enable the admin API")));
     };

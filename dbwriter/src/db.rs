@@ -324,6 +324,12 @@ pub fn takedowns(c: &mut Client, after: &str, limit: i64) -> Result<Vec<String>,
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Every taken-down account (at most a million), for the flagging pass at
+/// start.
+pub fn taken_down_dids(c: &mut Client) -> Result<Vec<String>, postgres::Error> {
+    Ok(c.query("SELECT did FROM accounts WHERE takendown LIMIT 1000000", &[])?.iter().map(|r| r.get(0)).collect())
+}
+
 /// Banned domains, sorted.
 pub fn domain_bans(c: &mut Client) -> Result<Vec<String>, postgres::Error> {
     Ok(c.query("SELECT domain FROM domain_bans ORDER BY domain", &[])?.iter().map(|r| r.get(0)).collect())

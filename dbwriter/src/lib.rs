@@ -27,6 +27,14 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// A reload: SIGHUP (passed on by the supervisor) sets `hup`, and the
+/// effective config at `path` (rewritten by the supervisor) is applied in
+/// place: the sequencer's settings and the query workers'.
+pub struct Reload {
+    pub path: std::path::PathBuf,
+    pub hup: Arc<AtomicBool>,
+}
+
 /// Run the db-writer until `stop` is set and the rings are drained.
 ///
 /// # Safety
@@ -38,6 +46,7 @@ pub unsafe fn run(
     control_fd: RawFd,
     ring_fds: &[RawFd],
     stop: Arc<AtomicBool>,
+    reload: Option<Reload>,
 ) -> anyhow::Result<()> {
     // SAFETY: forwarded to the caller.
     let control = Arc::new(unsafe { ControlBlock::from_raw_fd(control_fd) }?);
@@ -54,39 +63,12 @@ pub unsafe fn run(
     if let Some(first) = log.oldest_seq()? {
         control.oldest().store(first as u64, Ordering::Release);
     }
-    let admin_password = match &cfg.admin_password_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| anyhow::anyhow!("admin_password_file {}: {e}", p.display()))?
-                .trim()
-                .to_owned(),
-        )
-        .filter(|p| !p.is_empty()),
-        None => None,
-    };
     let (admin_tx, admin_rx) = admin::channel();
-    let admin_tx_recheck = admin_tx.clone();
+    let live = Arc::new(std::sync::RwLock::new(query::Live::from_config(cfg)?));
     let query_stop = Arc::new(AtomicBool::new(false));
-    let workers = query::start(
+    let mut workers = query::start(
         &cfg.query_socket(),
-        query::QueryConfig {
-            database_url: database_url.to_owned(),
-            allow_insecure_hosts: cfg.allow_insecure_hosts,
-            workers: 2,
-            new_hosts_per_day_max: cfg.limits.new_hosts_per_day_max as i64,
-            host_account_limit_default: cfg.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
-            public_request_crawl: cfg.public_request_crawl,
-            run_dir: cfg.run_dir(),
-            admin_password,
-            admin: admin_tx,
-            net: Arc::new(admission::SystemNet::new(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?)),
-            auth_throttle: {
-                let control = control.clone();
-                throttle::AuthThrottle::new(Box::new(move || {
-                    control.writer_counter(WriterCounter::AdminAuthFailures).fetch_add(1, Ordering::Relaxed);
-                }))
-            },
-        },
+        query_config(cfg, database_url, &control, live.clone(), admin_tx.clone())?,
         query_stop.clone(),
     )?;
     let mut seq = sequencer::Sequencer::new(
@@ -98,17 +80,19 @@ pub unsafe fn run(
         cfg.limits.account_cache_entries_max as usize,
         cfg.retention_hours,
     )?;
-    seq.commit_pace = std::time::Duration::from_millis(cfg.flush_interval_ms.into());
+    seq.apply_settings(sequencer::Settings::from_config(cfg));
     seq.database_url = Some(database_url.to_owned());
-    seq.offline_idle_after = std::time::Duration::from_secs_f64(cfg.host_offline_idle_days * 86_400.0);
     seq.admin = Some(admin_rx);
-    seq.recheck =
-        Some(recheck::start(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?, admin_tx_recheck)?);
+    seq.recheck = Some(recheck::start(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?, admin_tx)?);
+    if let Some(r) = reload {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        seq.settings = Some(rx);
+        workers.push(start_reloader(r, live, tx, query_stop.clone())?);
+    }
     let flagger = admin::start_flagger(cfg.events_dir(), control.clone())?;
     // A crash may have cut a flagging scan short: flag the taken-down
     // accounts' records once more (idempotent, one pass for all).
-    let taken: Vec<String> =
-        seq.pg.query("SELECT did FROM accounts WHERE takendown LIMIT 1000000", &[])?.iter().map(|r| r.get(0)).collect();
+    let taken = db::taken_down_dids(&mut seq.pg)?;
     seq.flag_jobs = Some(flagger);
     if !taken.is_empty() {
         seq.queue_flags(admin::FlagJob { dids: taken, upto_seq: durable, on: true });
@@ -132,4 +116,60 @@ pub unsafe fn run(
     );
     control.set_writer_state(WriterState::Stopped);
     r
+}
+
+/// The query workers' configuration.
+fn query_config(
+    cfg: &Config,
+    database_url: &str,
+    control: &Arc<ControlBlock>,
+    live: Arc<std::sync::RwLock<query::Live>>,
+    admin: std::sync::mpsc::SyncSender<admin::Command>,
+) -> anyhow::Result<query::QueryConfig> {
+    let control = control.clone();
+    Ok(query::QueryConfig {
+        database_url: database_url.to_owned(),
+        allow_insecure_hosts: cfg.allow_insecure_hosts,
+        workers: 2,
+        live,
+        run_dir: cfg.run_dir(),
+        admin,
+        net: Arc::new(admission::SystemNet::new(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?)),
+        auth_throttle: throttle::AuthThrottle::new(Box::new(move || {
+            control.writer_counter(WriterCounter::AdminAuthFailures).fetch_add(1, Ordering::Relaxed);
+        })),
+    })
+}
+
+/// The thread that applies a reload: on SIGHUP, read the effective config
+/// again and hand its settings to the query workers and the sequencer. A
+/// file that does not load changes nothing (the supervisor checked it).
+fn start_reloader(
+    r: Reload,
+    live: Arc<std::sync::RwLock<query::Live>>,
+    to_sequencer: std::sync::mpsc::SyncSender<sequencer::Settings>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("reload".into()).spawn(move || {
+        while !stop.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if !r.hup.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let cfg = match Config::from_effective(&r.path) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(path = %r.path.display(), error = %e, "reload: effective config unreadable; keeping the running settings");
+                    continue;
+                }
+            };
+            match query::Live::from_config(&cfg) {
+                Ok(l) => *live.write().unwrap_or_else(|p| p.into_inner()) = l,
+                Err(e) => tracing::error!(error = %e, "reload: keeping the running admin settings"),
+            }
+            // Full: the sequencer has not taken the last ones yet; the
+            // next SIGHUP brings these again.
+            let _ = to_sequencer.try_send(sequencer::Settings::from_config(&cfg));
+        }
+    })
 }

@@ -45,10 +45,9 @@ pub(crate) fn error(status: u16, name: &str, message: &str) -> Response {
     Response { status, body: json!({"error": name, "message": message}), location: None }
 }
 
-pub struct QueryConfig {
-    pub database_url: String,
-    pub allow_insecure_hosts: bool,
-    pub workers: usize,
+/// What the query workers take from a reload, in place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
     /// New hosts requestCrawl accepts per 24 hours.
     pub new_hosts_per_day_max: i64,
     /// account_limit of hosts added by requestCrawl.
@@ -58,6 +57,33 @@ pub struct QueryConfig {
     pub public_request_crawl: bool,
     /// The admin password (None: admin API disabled).
     pub admin_password: Option<String>,
+}
+
+impl Live {
+    /// From the config; reads `admin_password_file`.
+    pub fn from_config(cfg: &sluice_common::config::Config) -> anyhow::Result<Live> {
+        let admin_password = match &cfg.admin_password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("admin_password_file {}: {e}", p.display()))?
+                .trim()
+                .to_owned(),
+            None => String::new(),
+        };
+        Ok(Live {
+            new_hosts_per_day_max: cfg.limits.new_hosts_per_day_max as i64,
+            host_account_limit_default: cfg.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
+            public_request_crawl: cfg.public_request_crawl,
+            admin_password: Some(admin_password).filter(|p| !p.is_empty()),
+        })
+    }
+}
+
+pub struct QueryConfig {
+    pub database_url: String,
+    pub allow_insecure_hosts: bool,
+    pub workers: usize,
+    /// Replaced by a reload; read per request.
+    pub live: Arc<std::sync::RwLock<Live>>,
     /// `data_dir/run`, where the shards publish their consumer lists.
     pub run_dir: std::path::PathBuf,
     /// To the sequencer, for admin actions that emit events.
@@ -66,6 +92,13 @@ pub struct QueryConfig {
     pub net: Arc<dyn crate::admission::Net>,
     /// Failed admin authentications per client address.
     pub auth_throttle: crate::throttle::AuthThrottle,
+}
+
+impl QueryConfig {
+    /// The settings now (a reload may have replaced them).
+    pub fn live(&self) -> Live {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Start the listener and the workers; they run until `stop`.
@@ -301,7 +334,8 @@ pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
 
 pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Response, postgres::Error> {
     let public: Option<bool> = c.query_one("SELECT request_crawl FROM relay_meta WHERE id = 1", &[])?.get(0);
-    if !public.unwrap_or(cfg.public_request_crawl) && !crate::admin::is_admin(req, cfg.admin_password.as_deref()) {
+    let live = cfg.live();
+    if !public.unwrap_or(live.public_request_crawl) && !crate::admin::is_admin(req, live.admin_password.as_deref()) {
         return Ok(error(403, "Forbidden", "requestCrawl takes admin credentials on this relay"));
     }
     let Ok(v) = serde_json::from_slice::<Value>(&req.body) else {
@@ -327,7 +361,7 @@ pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) ->
     if status.is_none() {
         let recent: i64 =
             c.query_one("SELECT count(*) FROM hosts WHERE created_at > now() - interval '1 day'", &[])?.get(0);
-        if recent >= cfg.new_hosts_per_day_max {
+        if recent >= live.new_hosts_per_day_max {
             tracing::warn!(host = host.name, recent, "requestCrawl refused: new hosts per day at the limit");
             return Ok(error(429, "TooManyNewHosts", "the relay takes no more new hosts today"));
         }
@@ -338,7 +372,7 @@ pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) ->
             return Ok(refused(why));
         }
     }
-    let new = crate::db::add_host(c, &host, cfg.host_account_limit_default)?;
+    let new = crate::db::add_host(c, &host, live.host_account_limit_default)?;
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
     } else if matches!(status.as_deref(), Some("idle" | "offline")) {

@@ -102,6 +102,28 @@ pub struct Sequencer {
     held_bytes: usize,
     /// hosts.id -> (hostname, insecure), for the recheck requests.
     host_names: HashMap<i64, (String, bool)>,
+    /// New settings from a reload (SIGHUP), taken between rounds.
+    pub settings: Option<std::sync::mpsc::Receiver<Settings>>,
+}
+
+/// What the sequencer takes from a reload, in place.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub strict: bool,
+    pub retention_hours: f64,
+    pub flush_interval_ms: u32,
+    pub host_offline_idle_days: f64,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &sluice_common::config::Config) -> Settings {
+        Settings {
+            strict: cfg.validation == sluice_common::config::Validation::Strict,
+            retention_hours: cfg.retention_hours,
+            flush_interval_ms: cfg.flush_interval_ms,
+            host_offline_idle_days: cfg.host_offline_idle_days,
+        }
+    }
 }
 
 /// An account is asked about at most this often.
@@ -210,7 +232,30 @@ impl Sequencer {
             held: HashMap::new(),
             held_bytes: 0,
             host_names: HashMap::new(),
+            settings: None,
         })
+    }
+
+    /// Validation, the replay window, the commit pace and the idle delay.
+    pub fn apply_settings(&mut self, s: Settings) {
+        self.strict = s.strict;
+        self.retention_micros = (s.retention_hours * 3_600_000_000.0) as i64;
+        self.commit_pace = Duration::from_millis(s.flush_interval_ms.into());
+        self.offline_idle_after = Duration::from_secs_f64(s.host_offline_idle_days * 86_400.0);
+    }
+
+    /// The latest settings a reload sent, if any.
+    fn take_settings(&mut self) {
+        let Some(rx) = &self.settings else { return };
+        if let Some(s) = rx.try_iter().last() {
+            self.apply_settings(s);
+            tracing::info!(
+                strict = s.strict,
+                retention_hours = s.retention_hours,
+                flush_interval_ms = s.flush_interval_ms,
+                "db-writer settings reloaded"
+            );
+        }
     }
 
     /// Run until `stop` is set and every ring is empty.
@@ -220,6 +265,7 @@ impl Sequencer {
         let mut round_began = Instant::now();
         loop {
             self.beat();
+            self.take_settings();
             let since = round_began.elapsed();
             if since < self.commit_pace && self.unread_bytes() < COMMIT_GATHER_BYTES {
                 std::thread::sleep(self.commit_pace - since);

@@ -16,6 +16,9 @@
 //!   is closed, whether or not it reads: a write in progress is checked
 //!   every second; counted by reason. An idle stream gets a ping every
 //!   [`PING_EVERY`]; at most `consumers_max` consumers per shard.
+//! - the shard stopping (a relay restart, a reshard): each consumer gets
+//!   every committed event, then `#info RelayRestarting` naming the cursor
+//!   to reconnect with, then a close frame with code 1012.
 //!
 //! Consumers only ever see seqs at or below the committed watermark.
 
@@ -400,7 +403,7 @@ async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str
     // consumers_max is for the whole relay: count every shard's.
     let shards = (sh.control.shard_count().load(Ordering::Relaxed) as usize).max(1);
     let all: u64 = (0..shards).map(|k| sh.control.shard(k).consumers.load(Ordering::Relaxed)).sum();
-    if all >= sh.consumers_max {
+    if all >= u64::from(sh.settings().consumers_max) {
         return respond(&mut stream, 503, &serde_json::json!({"error": "TooManyConsumers"})).await;
     }
     let cursor = match cursor_param(&head.target) {
@@ -453,7 +456,6 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         Some(c) => c + 1,
     };
     let mut last_send = Instant::now();
-    let lag_max = sh.consumer_lag_max as i64;
     while !conn.closed.get() {
         let pong = conn.pong.borrow_mut().take();
         if let Some(p) = pong {
@@ -461,6 +463,9 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
             out.flush().await?;
         }
         let top = committed();
+        if next > top && sh.closing.get() {
+            return restarting(&mut out, next - 1).await;
+        }
         if next > top {
             let ping_in = PING_EVERY.saturating_sub(last_send.elapsed());
             if ping_in.is_zero() {
@@ -473,7 +478,7 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
             futures::future::select(woken, std::pin::pin!(glommio::timer::sleep(ping_in))).await;
             continue;
         }
-        if top - next > lag_max {
+        if top - next > lag_max(sh) {
             return cut(sh, out, Cut::Lag { seq: next, committed: top }).await;
         }
         // One batch, watched: a consumer that stops reading fills its
@@ -488,9 +493,9 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
                 futures::future::Either::Left((r, _)) => break r?,
                 futures::future::Either::Right(_) => {
                     let (top, at) = (committed(), pos.get());
-                    let why = if top - at > lag_max {
+                    let why = if top - at > lag_max(sh) {
                         Cut::Lag { seq: at, committed: top }
-                    } else if started.elapsed() >= sh.consumer_write_timeout {
+                    } else if started.elapsed() >= write_timeout(sh) {
                         Cut::Unwritable { seq: at, waited: started.elapsed() }
                     } else {
                         continue;
@@ -507,6 +512,29 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         last_send = Instant::now();
     }
     Ok(())
+}
+
+/// The shard stops: say where to resume, close with 1012 (best effort,
+/// within a second).
+async fn restarting(out: &mut Writer, last_sent: i64) -> anyhow::Result<()> {
+    let message = format!("the relay is restarting; reconnect with cursor={last_sent}");
+    let mut info = Vec::new();
+    InfoEvent { name: "RelayRestarting", message: Some(&message) }.encode(&mut info);
+    let farewell = async {
+        out.framed(&wsout::frame(wsout::OP_BINARY, &info)).await?;
+        out.close_with(wsout::CLOSE_SERVICE_RESTART).await
+    };
+    let _ =
+        futures::future::select(std::pin::pin!(farewell), std::pin::pin!(glommio::timer::sleep(CUT_FAREWELL))).await;
+    Ok(())
+}
+
+fn lag_max(sh: &Shared) -> i64 {
+    sh.settings().consumer_lag_events_max.min(i64::MAX as u64) as i64
+}
+
+fn write_timeout(sh: &Shared) -> Duration {
+    Duration::from_secs(sh.settings().consumer_write_timeout_s.into())
 }
 
 /// Cancels a consumer's reader task when the stream ends, however it ends

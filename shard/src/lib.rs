@@ -21,9 +21,9 @@ pub mod resolver;
 pub mod upstream;
 pub mod wsout;
 
-use sluice_common::config::{Config, Validation};
+use sluice_common::config::{Config, ShardSettings};
 use sluice_common::eventlog::LogReader;
-use sluice_common::host::Assignment;
+use sluice_common::host::ToShard;
 use sluice_common::ring::{Producer, Ring};
 use sluice_common::shm::{ControlBlock, ShardSlot};
 use std::cell::RefCell;
@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use upstream::{HostAssignment, HostHandle};
@@ -59,19 +59,18 @@ pub struct Shared {
     pub payload_max: usize,
     pub resolver: Rc<resolver::Resolver>,
     pub log: RefCell<LogReader>,
-    pub strict: bool,
     pub allow_insecure: bool,
     /// TLS for wss:// upstreams: web PKI roots plus `tls_ca_file`.
     pub tls: Arc<futures_rustls::rustls::ClientConfig>,
     pub listen: SocketAddr,
     pub query_socket: PathBuf,
-    pub consumers_max: u64,
-    /// Events per second one host may send (`limits.host_events_per_second_max`).
-    pub host_rate: u32,
-    pub upstream: sluice_common::config::UpstreamTimeouts,
-    pub consumer_lag_max: u64,
-    /// A consumer whose socket takes nothing this long is cut.
-    pub consumer_write_timeout: Duration,
+    /// What a reload may change (validation, limits, timeouts): read
+    /// where used, so a new value applies from the next event, connection
+    /// or consumer check.
+    pub settings: std::cell::Cell<ShardSettings>,
+    /// The shard is stopping: consumers get a close frame once they have
+    /// every committed event (see [`downstream`]).
+    pub closing: std::cell::Cell<bool>,
     /// This shard's consumers (`sluice admin consumers`).
     pub consumers: RefCell<consumers::Table>,
     /// Consumers waiting for the committed seq to move.
@@ -83,6 +82,10 @@ pub struct Shared {
 impl Shared {
     pub fn slot(&self) -> ShardSlot<'_> {
         self.control.shard(self.id)
+    }
+
+    pub fn settings(&self) -> ShardSettings {
+        self.settings.get()
     }
 }
 
@@ -141,31 +144,29 @@ fn apply_assignment(sh: &Rc<Shared>, running: &mut HashMap<i64, Running>, hosts:
     tracing::info!(shard = sh.id, hosts = running.len(), new, stopped, restarted, "host assignment");
 }
 
-/// Run shard `id` until the assignment pipe closes or the ring is poisoned.
+/// How long a stopping shard waits for its consumers to take the last
+/// committed events and their close frame (the supervisor allows 5 s).
+const FAREWELL_MAX: Duration = Duration::from_secs(3);
+
+/// The descriptors the supervisor passed to a shard.
+pub struct ShardFds {
+    pub control: RawFd,
+    pub ring: RawFd,
+    pub assign: RawFd,
+}
+
+/// Run shard `id` until SIGTERM (`term`), the assignment pipe closing, or
+/// the ring being poisoned.
 ///
 /// # Safety
 /// The descriptors must be the ones the supervisor passed to this process.
-pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, assign_fd: RawFd) -> anyhow::Result<()> {
+pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>) -> anyhow::Result<()> {
     // SAFETY: forwarded to the caller.
-    let control = Arc::new(unsafe { ControlBlock::from_raw_fd(control_fd) }?);
+    let control = Arc::new(unsafe { ControlBlock::from_raw_fd(fds.control) }?);
     // SAFETY: forwarded to the caller.
-    let ring = unsafe { Ring::from_raw_fd(ring_fd) }?;
+    let ring = unsafe { Ring::from_raw_fd(fds.ring) }?;
     // SAFETY: forwarded to the caller; the pipe is ours alone.
-    let assign = unsafe { std::fs::File::from_raw_fd(assign_fd) };
-    let (atx, arx) = flume::bounded::<Vec<HostAssignment>>(16);
-    std::thread::Builder::new().name("assign".into()).spawn(move || {
-        for line in std::io::BufReader::new(assign).lines() {
-            let Ok(line) = line else { break };
-            match serde_json::from_str::<Assignment>(&line) {
-                Ok(a) => {
-                    if atx.send(a.hosts).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "bad assignment line from the supervisor"),
-            }
-        }
-    })?;
+    let messages = read_messages(unsafe { std::fs::File::from_raw_fd(fds.assign) })?;
     let tls = tls_config(cfg.tls_ca_file.as_deref())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = cfg.clone();
@@ -197,89 +198,163 @@ pub unsafe fn run(cfg: &Config, id: usize, control_fd: RawFd, ring_fd: RawFd, as
                 cfg.limits.identity_cache_entries_max as usize,
             )?,
             log: RefCell::new(LogReader::new(&cfg.events_dir())),
-            strict: cfg.validation == Validation::Strict,
             allow_insecure: cfg.allow_insecure_hosts,
             tls,
             listen: cfg.listen,
             query_socket: cfg.query_socket(),
-            consumers_max: cfg.limits.consumers_max as u64,
-            host_rate: cfg.limits.host_events_per_second_max,
-            upstream: cfg.upstream,
-            consumer_lag_max: cfg.limits.consumer_lag_events_max,
-            consumer_write_timeout: Duration::from_secs(cfg.consumer_write_timeout_s.into()),
+            settings: std::cell::Cell::new(cfg.shard_settings()),
+            closing: std::cell::Cell::new(false),
             consumers: RefCell::new(consumers::Table::default()),
             watermark: downstream::Watermark::default(),
             frames: RefCell::new(wsout::FrameCache::default()),
         });
-        // Publish the consumer list for the admin API, through a helper
-        // thread; a snapshot still being written makes this tick skip.
-        let snapshots = consumers::start_writer(consumers::snapshot_path(&cfg.run_dir(), id))?;
-        let pub_sh = sh.clone();
-        glommio::spawn_local(async move {
-            loop {
-                let committed = pub_sh.control.committed().load(Ordering::Acquire) as i64;
-                let _ = snapshots.try_send(pub_sh.consumers.borrow().snapshot(pub_sh.id, committed));
-                glommio::timer::sleep(consumers::PUBLISH_EVERY).await;
-            }
-        })
-        .detach();
-        let ds = sh.clone();
-        glommio::spawn_local(async move {
-            if let Err(e) = downstream::serve(ds).await {
-                tracing::error!(error = %e, "cannot serve consumers");
-                std::process::exit(3);
-            }
-        })
-        .detach();
-        let mut running: HashMap<i64, Running> = HashMap::new();
-        // This process's generation (`ShardSlot::poisoned`): set by the
-        // supervisor before it spawned us.
-        let generation = sh.slot().generation.load(Ordering::Acquire);
-        // An assignment waiting for the ring to be cleared.
-        let mut pending: Option<Vec<HostAssignment>> = None;
-        let mut waited_for_ring = false;
-        loop {
-            // Heartbeat and poison check, between assignment messages.
-            sh.slot().heartbeat.store(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-                Ordering::Relaxed,
-            );
-            let poisoned = sh.slot().poisoned.load(Ordering::Acquire);
-            if poisoned == generation {
-                tracing::error!(shard = id, "ring marked corrupt by the db-writer; exiting for a clean restart");
-                std::process::exit(4);
-            }
-            // The relay is stopping: wake every host task now (they do not
-            // poll the flag on timers of their own).
-            if sh.control.stop_reading().load(Ordering::Acquire) != 0 {
-                for (_, r) in running.drain() {
-                    r.handle.cancel.fire();
-                }
-            }
-            // A predecessor's ring is still being cleared: write nothing.
-            if poisoned == 0 {
-                if let Some(hosts) = pending.take() {
-                    if waited_for_ring {
-                        tracing::info!(shard = id, "ring cleared by the db-writer; starting host tasks");
-                    }
-                    apply_assignment(&sh, &mut running, hosts);
-                }
-            } else if !waited_for_ring {
-                waited_for_ring = true;
-                tracing::info!(shard = id, "waiting for the db-writer to clear the previous process's corrupt ring");
-            }
-            let msg = futures::future::select(
-                Box::pin(arx.recv_async()),
-                Box::pin(glommio::timer::sleep(Duration::from_millis(if pending.is_some() { 10 } else { 100 }))),
-            )
-            .await;
-            match msg {
-                futures::future::Either::Left((Ok(h), _)) => pending = Some(h),
-                futures::future::Either::Left((Err(_), _)) => break,
-                futures::future::Either::Right(_) => continue,
-            }
-        }
-        tracing::info!(shard = id, "assignment pipe closed; exiting");
+        spawn_services(&sh, &cfg)?;
+        let mut running = main_loop(&sh, &messages, &term).await;
+        farewell(&sh, &mut running).await;
         anyhow::Ok(())
     })
+}
+
+/// The supervisor's messages, read by a helper thread (a blocking pipe
+/// read) into a bounded channel.
+fn read_messages(pipe: std::fs::File) -> std::io::Result<flume::Receiver<ToShard>> {
+    let (tx, rx) = flume::bounded::<ToShard>(16);
+    std::thread::Builder::new().name("assign".into()).spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            match ToShard::parse(&line) {
+                Ok(m) => {
+                    if tx.send(m).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "bad message from the supervisor"),
+            }
+        }
+    })?;
+    Ok(rx)
+}
+
+/// The consumer-list publisher and the public port.
+fn spawn_services(sh: &Rc<Shared>, cfg: &Config) -> anyhow::Result<()> {
+    // Publish the consumer list for the admin API, through a helper
+    // thread; a snapshot still being written makes this tick skip.
+    let snapshots = consumers::start_writer(consumers::snapshot_path(&cfg.run_dir(), sh.id))?;
+    let pub_sh = sh.clone();
+    glommio::spawn_local(async move {
+        loop {
+            let committed = pub_sh.control.committed().load(Ordering::Acquire) as i64;
+            let _ = snapshots.try_send(pub_sh.consumers.borrow().snapshot(pub_sh.id, committed));
+            glommio::timer::sleep(consumers::PUBLISH_EVERY).await;
+        }
+    })
+    .detach();
+    let ds = sh.clone();
+    glommio::spawn_local(async move {
+        if let Err(e) = downstream::serve(ds).await {
+            tracing::error!(error = %e, "cannot serve consumers");
+            std::process::exit(3);
+        }
+    })
+    .detach();
+    Ok(())
+}
+
+/// What wakes the shard's main loop.
+enum Wake {
+    Message(ToShard),
+    /// The supervisor is gone or stopping this shard.
+    PipeClosed,
+    /// Time for the housekeeping (heartbeat, poison and stop checks).
+    Tick,
+}
+
+async fn next_wake(messages: &flume::Receiver<ToShard>, every: Duration) -> Wake {
+    match futures::future::select(Box::pin(messages.recv_async()), Box::pin(glommio::timer::sleep(every))).await {
+        futures::future::Either::Left((Ok(m), _)) => Wake::Message(m),
+        futures::future::Either::Left((Err(_), _)) => Wake::PipeClosed,
+        futures::future::Either::Right(_) => Wake::Tick,
+    }
+}
+
+/// Host assignments and settings from the supervisor, until SIGTERM or the
+/// pipe closing; returns the host tasks still running.
+async fn main_loop(sh: &Rc<Shared>, messages: &flume::Receiver<ToShard>, term: &AtomicBool) -> HashMap<i64, Running> {
+    let mut running: HashMap<i64, Running> = HashMap::new();
+    // This process's generation (`ShardSlot::poisoned`): set by the
+    // supervisor before it spawned us.
+    let generation = sh.slot().generation.load(Ordering::Acquire);
+    // An assignment waiting for the ring to be cleared.
+    let mut pending: Option<Vec<HostAssignment>> = None;
+    let mut waited_for_ring = false;
+    while !term.load(Ordering::Acquire) {
+        housekeeping(sh, generation, &mut running);
+        // A predecessor's ring is still being cleared: write nothing.
+        if sh.slot().poisoned.load(Ordering::Acquire) == 0 {
+            if let Some(hosts) = pending.take() {
+                if waited_for_ring {
+                    tracing::info!(shard = sh.id, "ring cleared by the db-writer; starting host tasks");
+                }
+                apply_assignment(sh, &mut running, hosts);
+            }
+        } else if !waited_for_ring {
+            waited_for_ring = true;
+            tracing::info!(shard = sh.id, "waiting for the db-writer to clear the previous process's corrupt ring");
+        }
+        let every = Duration::from_millis(if pending.is_some() { 10 } else { 100 });
+        match next_wake(messages, every).await {
+            Wake::Message(ToShard::Assign(a)) => pending = Some(a.hosts),
+            Wake::Message(ToShard::Settings(new)) => apply_settings(sh, new),
+            Wake::PipeClosed => {
+                tracing::info!(shard = sh.id, "assignment pipe closed; stopping");
+                break;
+            }
+            Wake::Tick => {}
+        }
+    }
+    running
+}
+
+/// Heartbeat, the poison check, and the relay-wide stop.
+fn housekeeping(sh: &Shared, generation: u32, running: &mut HashMap<i64, Running>) {
+    sh.slot().heartbeat.store(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        Ordering::Relaxed,
+    );
+    if sh.slot().poisoned.load(Ordering::Acquire) == generation {
+        tracing::error!(shard = sh.id, "ring marked corrupt by the db-writer; exiting for a clean restart");
+        std::process::exit(4);
+    }
+    // The relay is stopping: wake every host task now (they do not poll
+    // the flag on timers of their own).
+    if sh.control.stop_reading().load(Ordering::Acquire) != 0 {
+        for (_, r) in running.drain() {
+            r.handle.cancel.fire();
+        }
+    }
+}
+
+/// A reload's new settings: used from the next event, connection and
+/// consumer check on.
+fn apply_settings(sh: &Shared, new: ShardSettings) {
+    let old = sh.settings.replace(new);
+    if old != new {
+        tracing::info!(shard = sh.id, "settings reloaded");
+    }
+}
+
+/// Stop: host tasks cancelled, and every consumer sent what is committed,
+/// then an `#info` and a close frame (code 1012, "service restart"), for
+/// at most [`FAREWELL_MAX`].
+async fn farewell(sh: &Rc<Shared>, running: &mut HashMap<i64, Running>) {
+    for (_, r) in running.drain() {
+        r.handle.cancel.fire();
+    }
+    sh.closing.set(true);
+    sh.watermark.wake_all();
+    let deadline = std::time::Instant::now() + FAREWELL_MAX;
+    while sh.slot().consumers.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(shard = sh.id, consumers_left = sh.slot().consumers.load(Ordering::Relaxed), "shard stopped");
 }

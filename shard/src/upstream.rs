@@ -61,6 +61,12 @@ impl Bucket {
         Bucket { rate, tokens: rate, last: now }
     }
 
+    /// A new rate (a reload), from now on; the tokens held stay, up to it.
+    pub fn set_rate(&mut self, per_second: u32) {
+        self.rate = per_second.max(1) as f64;
+        self.tokens = self.tokens.min(self.rate);
+    }
+
     /// Take a token at `now`; `Some(wait)` if none is left.
     pub fn take(&mut self, now: std::time::Instant) -> Option<Duration> {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
@@ -223,7 +229,7 @@ async fn connect_and_read(
     cancel: &Cancel,
 ) -> Ended {
     let meter = Meter::new(HANDSHAKE_BYTES_MAX);
-    let deadline = Duration::from_secs(sh.upstream.connect_timeout_s as u64);
+    let deadline = Duration::from_secs(sh.settings().upstream.connect_timeout_s as u64);
     let handshake = Box::pin(handshake(sh, host, *last_seq, meter.clone()));
     let ws = match futures::future::select(handshake, Box::pin(glommio::timer::sleep(deadline))).await {
         futures::future::Either::Left((Ok(ws), _)) => ws,
@@ -279,7 +285,7 @@ async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64, meter: R
     tcp.set_nodelay(true).map_err(|e| connect(&io(e)))?;
     // Reads have no timeout: a quiet host is kept by pings (read_loop).
     // Writes (pings, pongs) to a peer that does not read do not hang.
-    tcp.set_write_timeout(Some(Duration::from_secs(sh.upstream.connect_timeout_s as u64)))
+    tcp.set_write_timeout(Some(Duration::from_secs(sh.settings().upstream.connect_timeout_s as u64)))
         .map_err(|e| connect(&io(e)))?;
     // Always with a cursor: a host's backlog since our durable cursor (its
     // whole backlog for a new host) is what a lossless relay must read.
@@ -341,8 +347,8 @@ impl KeepAlive {
     fn new(sh: &Shared) -> KeepAlive {
         let now = Instant::now();
         KeepAlive {
-            ping_every: Duration::from_secs(sh.upstream.ping_interval_s as u64),
-            idle_max: Duration::from_secs(sh.upstream.idle_timeout_s as u64),
+            ping_every: Duration::from_secs(sh.settings().upstream.ping_interval_s as u64),
+            idle_max: Duration::from_secs(sh.settings().upstream.idle_timeout_s as u64),
             last_heard: now,
             pings_window: now,
             pings: 0,
@@ -404,7 +410,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     });
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
     let mut buf = Vec::new();
-    let mut bucket = Bucket::new(sh.host_rate, Instant::now());
+    let mut bucket = Bucket::new(sh.settings().host_events_per_second_max, Instant::now());
     let mut keep = KeepAlive::new(sh);
     // Wakes the loop when the host is unassigned or the relay stops, even
     // if the host sends nothing.
@@ -449,6 +455,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
             _ => continue,
         };
         meter.message_done();
+        bucket.set_rate(sh.settings().host_events_per_second_max);
         while let Some(wait) = bucket.take(Instant::now()) {
             glommio::timer::sleep(wait).await;
         }
@@ -562,7 +569,7 @@ pub async fn check_frame(
     }
     let drop = |why: String| (Rejected::Drop(why), Some(seq));
     let span = decoded.seq_span.ok_or_else(|| drop("no seq span".into()))?;
-    let mode = if sh.strict { Mode::Strict } else { Mode::Lenient };
+    let mode = if sh.settings().strict { Mode::Strict } else { Mode::Lenient };
     let now = now_micros();
     let did = ev.did().expect("events with a seq have a DID");
     let mut rec = EventRecord {

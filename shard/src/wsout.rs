@@ -24,6 +24,9 @@ use std::rc::Rc;
 
 pub const OP_BINARY: u8 = 2;
 pub const OP_CLOSE: u8 = 8;
+/// Close codes (RFC 6455 §7.4, and IANA's 1012 "Service Restart").
+pub const CLOSE_NORMAL: u16 = 1000;
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 pub const OP_PING: u8 = 9;
 pub const OP_PONG: u8 = 10;
 
@@ -108,9 +111,14 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         self.buf.len()
     }
 
-    /// Send a close frame (status 1000) and flush.
+    /// Send a close frame (status 1000, normal) and flush.
     pub async fn close(&mut self) -> std::io::Result<()> {
-        self.control(OP_CLOSE, &1000u16.to_be_bytes()).await?;
+        self.close_with(CLOSE_NORMAL).await
+    }
+
+    /// Send a close frame with `code` and flush.
+    pub async fn close_with(&mut self, code: u16) -> std::io::Result<()> {
+        self.control(OP_CLOSE, &code.to_be_bytes()).await?;
         self.flush().await?;
         self.w.close().await
     }

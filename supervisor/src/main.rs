@@ -239,8 +239,8 @@ fn signals() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(term)
 }
 
-/// SIGHUP: a flag the supervisor checks (children ignore it: they are
-/// restarted on reload instead).
+/// SIGHUP: a flag the supervisor checks on reload (the db-writer too, when
+/// the supervisor passes the signal on; shards take settings on their pipe).
 fn hangup() -> anyhow::Result<Arc<AtomicBool>> {
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
@@ -334,9 +334,11 @@ fn main() -> anyhow::Result<()> {
             let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
             let rings = fd_env(supervise::ENV_RING_FDS)?;
             let term = signals()?;
-            let _ = hangup()?;
+            // SIGHUP: re-read the effective config, apply it in place.
+            let hup = hangup()?;
+            let reload = sluice_dbwriter::Reload { path: config.clone(), hup };
             // SAFETY: the supervisor passed these descriptors to us alone.
-            unsafe { sluice_dbwriter::run(&cfg, &url, control, &rings, term) }
+            unsafe { sluice_dbwriter::run(&cfg, &url, control, &rings, term, Some(reload)) }
         }
         Cmd::Shard { id, config } => {
             let cfg = Config::from_effective(&config)?;
@@ -344,9 +346,13 @@ fn main() -> anyhow::Result<()> {
             let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
             let ring = fd_env(supervise::ENV_RING_FDS)?[0];
             let assign = fd_env(supervise::ENV_ASSIGN_FD)?[0];
+            // SIGTERM: consumers get their close frame before the exit.
+            let term = signals()?;
+            // Reloaded settings come on the assignment pipe.
             let _ = hangup()?;
+            let fds = sluice_shard::ShardFds { control, ring, assign };
             // SAFETY: the supervisor passed these descriptors to us alone.
-            unsafe { sluice_shard::run(&cfg, id, control, ring, assign) }
+            unsafe { sluice_shard::run(&cfg, id, fds, term) }
         }
     }
 }

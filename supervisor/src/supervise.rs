@@ -15,7 +15,7 @@
 use crate::pg::EmbeddedPg;
 use anyhow::Context;
 use sluice_common::config::Config;
-use sluice_common::host::{Assignment, HostStatus};
+use sluice_common::host::{Assignment, HostStatus, ToShard};
 use sluice_common::instance::{InstanceLock, ENV_LOCK_FD};
 use sluice_common::partition::shard_for;
 use sluice_common::ring::Ring;
@@ -420,8 +420,7 @@ impl Supervisor {
             if p.last_assignment.as_ref() == Some(&key) {
                 continue;
             }
-            let line = serde_json::to_string(&a).expect("an assignment serializes") + "\n";
-            match w.write_all(line.as_bytes()) {
+            match w.write_all(ToShard::Assign(a).line().as_bytes()) {
                 Ok(()) => p.last_assignment = Some(key),
                 Err(e) => tracing::warn!(shard = k, error = %e, "cannot send the host assignment"),
             }
@@ -485,11 +484,15 @@ impl Supervisor {
         Ok(())
     }
 
-    /// SIGHUP: re-read the config file and restart the db-writer and the
-    /// shards on it (a new shard_count included). Lossless like any
-    /// restart: rings drain first, and whatever was not committed is read
-    /// again from the durable cursors. data_dir and database_url changes
-    /// need a full restart and are refused. An invalid file changes nothing.
+    /// SIGHUP: re-read the config file. With the same shard_count, ring
+    /// size and listen address nothing restarts: the db-writer gets SIGHUP
+    /// and re-reads the effective config, each shard gets the new
+    /// [`ShardSettings`](sluice_common::config::ShardSettings) on its pipe,
+    /// consumers stay connected. Otherwise a reshard: the children stop
+    /// (consumers get a close frame) and start again on the new rings;
+    /// lossless like any restart. Keys only a restart applies
+    /// ([`Config::fixed_keys`]) keep their running values, said in a WARN;
+    /// an invalid file changes nothing.
     fn reload(&mut self) -> anyhow::Result<()> {
         crate::notify::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", crate::notify::monotonic_usec()));
         let r = self.reload_config();
@@ -510,12 +513,15 @@ impl Supervisor {
                 return Ok(());
             }
         };
-        let new_dir = std::fs::canonicalize(&new.data_dir).unwrap_or(new.data_dir.clone());
-        if new_dir != self.cfg.data_dir || new.database_url != self.cfg.database_url {
-            tracing::warn!("SIGHUP: data_dir and database_url changes need a restart; keeping the running ones");
+        new.data_dir = std::fs::canonicalize(&new.data_dir).unwrap_or(new.data_dir.clone());
+        let fixed = self.cfg.fixed_keys(&new);
+        if !fixed.is_empty() {
+            tracing::warn!(
+                keys = fixed.join(", "),
+                "SIGHUP: these keys change only with a restart; keeping the running values"
+            );
         }
-        new.data_dir = self.cfg.data_dir.clone();
-        new.database_url = self.cfg.database_url.clone();
+        let new = self.cfg.keep_fixed(new);
         if new.metrics_listen != self.cfg.metrics_listen {
             // Free the old address first: the new one may be the same port
             // on another interface.
@@ -525,8 +531,64 @@ impl Supervisor {
             self.metrics = crate::metrics::start(new.metrics_listen, self.control.clone(), self.view.clone());
             tracing::info!(from = %self.cfg.metrics_listen, to = %new.metrics_listen, "SIGHUP: metrics endpoint moved");
         }
-        tracing::info!(path = %path.display(), shards_from = self.cfg.shard_count, shards_to = new.shard_count, "SIGHUP: reloading");
+        let reshard = self.cfg.reshard_keys(&new);
+        if reshard.is_empty() {
+            self.apply_in_place(new)?;
+            tracing::info!(path = %path.display(), "SIGHUP: settings applied; nothing restarted");
+            return Ok(());
+        }
+        tracing::info!(path = %path.display(), keys = reshard.join(", "), shards_from = self.cfg.shard_count, shards_to = new.shard_count, "SIGHUP: resharding");
+        self.reshard(new)?;
+        tracing::info!(shards = self.shards.len(), "SIGHUP: reloaded");
+        Ok(())
+    }
+
+    fn write_effective(&self, cfg: &Config) -> anyhow::Result<()> {
+        let mut eff = cfg.clone();
+        eff.database_url = Some(self.database_url.clone());
+        // Whole or not at all: a child starting now reads one or the other.
+        let tmp = self.config_path.with_extension("toml.new");
+        std::fs::write(&tmp, eff.to_toml())?;
+        std::fs::rename(&tmp, &self.config_path)?;
+        Ok(())
+    }
+
+    /// The new settings to the running children.
+    fn apply_in_place(&mut self, new: Config) -> anyhow::Result<()> {
+        self.write_effective(&new)?;
+        if let Some(c) = &self.writer.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGHUP);
+        }
+        let line = ToShard::Settings(new.shard_settings()).line();
+        for (k, p) in self.shards.iter_mut().enumerate() {
+            // A shard being restarted reads the new effective config.
+            let Some(w) = p.assign.as_mut() else { continue };
+            if let Err(e) = w.write_all(line.as_bytes()) {
+                tracing::warn!(shard = k, error = %e, "cannot send the reloaded settings");
+            }
+        }
+        self.cfg = new;
+        Ok(())
+    }
+
+    /// Stop every child and start them again on `new`'s shards, rings and
+    /// public port.
+    fn reshard(&mut self, new: Config) -> anyhow::Result<()> {
+        let reservation = if new.listen != self.cfg.listen {
+            match reserve_listen(new.listen) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(listen = %new.listen, error = %e, "SIGHUP: cannot take the new listen address; keeping the running config");
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
         self.stop_children();
+        if let Some(r) = reservation {
+            self._listen_reservation = r;
+        }
         if new.shard_count != self.cfg.shard_count || new.ring_size_bytes != self.cfg.ring_size_bytes {
             let mut rings = Vec::new();
             for k in 0..new.shard_count {
@@ -538,9 +600,7 @@ impl Supervisor {
             }
             self.rings = rings;
         }
-        let mut eff = new.clone();
-        eff.database_url = Some(self.database_url.clone());
-        std::fs::write(&self.config_path, eff.to_toml())?;
+        self.write_effective(&new)?;
         self.shards = (0..new.shard_count).map(|_| Proc::idle()).collect();
         self.control.shard_count().store(new.shard_count, Ordering::Release);
         self.control.stop_reading().store(0, Ordering::Release);
@@ -549,7 +609,6 @@ impl Supervisor {
         for k in 0..self.shards.len() {
             self.start_shard(k)?;
         }
-        tracing::info!(shards = self.shards.len(), "SIGHUP: reloaded");
         Ok(())
     }
 

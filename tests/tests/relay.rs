@@ -494,6 +494,10 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
     crawl_all(&relay, &net, "");
     wait_events(&net, EVENTS / 3);
     assert_eq!(children_matching(relay.pid(), "shard --id").len(), 1);
+    // A consumer across the reshard: every event up to the restart, then
+    // `#info RelayRestarting` and a close frame (1012), not a dropped TCP.
+    let until = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+    let watcher = watch(relay.port, 0, until, Duration::from_secs(60));
     // The reload also moves the metrics endpoint.
     relay.metrics_port = free_port();
     relay.write_config(dir.path(), &net.info.plc_url, 2, "");
@@ -504,6 +508,11 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     relay.wait_health(Duration::from_secs(30));
+    let w = watcher.join().unwrap();
+    assert_eq!(w.close_code, Some(1012), "{w:?}");
+    assert_eq!(w.infos, ["RelayRestarting"], "{w:?}");
+    assert!(w.dropped.is_none() && !w.seqs.is_empty(), "{w:?}");
+    assert_eq!(gaps_and_repeats(&w.seqs), [], "{w:?}");
     let metrics_page = |port: u16| -> Option<String> {
         let mut m = TcpStream::connect(("127.0.0.1", port)).ok()?;
         m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
@@ -522,6 +531,87 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
     assert!(log.contains("SIGHUP: metrics endpoint moved"), "{}", relay.log_tail());
     net.wait_generation().unwrap();
     let report = check_exact(&relay, dir.path(), Duration::from_secs(120));
+    assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
+    relay.stop();
+}
+
+/// SIGHUP with shard_count, ring size and listen unchanged restarts
+/// nothing: the same shard and db-writer processes run on, a consumer
+/// connected across the reload sees every event on one connection, and the
+/// changed settings apply (one per process: the shard's `consumers_max`,
+/// the query workers' `public_request_crawl`).
+#[test]
+fn reload_in_place_keeps_consumers_and_applies_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    const EVENTS: u64 = 1200;
+    let mut net = runner::start(ServeConfig {
+        hosts: 4,
+        accounts: 10,
+        seed: 23,
+        rate: 150.0,
+        max_events: Some(EVENTS),
+        ledger: dir.path().join("ledger.jsonl"),
+        ..ServeConfig::default()
+    })
+    .unwrap();
+    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
+    relay.start();
+    crawl_all(&relay, &net, "");
+    let until = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+    let watcher = watch(relay.port, 0, until.clone(), Duration::from_secs(180));
+    wait_events(&net, EVENTS / 3);
+    let before = (children_matching(relay.pid(), "shard --id"), children_matching(relay.pid(), "db-writer"));
+    relay.write_config(dir.path(), &net.info.plc_url, 1, "public_request_crawl = false\n[limits]\nconsumers_max = 1");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let t = Instant::now();
+    while !relay.log_all().contains("SIGHUP: settings applied") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no reload:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The shard takes its settings from the pipe, the db-writer from
+    // SIGHUP: both within a second.
+    let t = Instant::now();
+    loop {
+        let sub = relay.http_raw_with(
+            "GET",
+            "/xrpc/com.atproto.sync.subscribeRepos",
+            "",
+            &[
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+        );
+        let crawl = relay.http("POST", "/xrpc/com.atproto.sync.requestCrawl", "{\"hostname\":\"example.com\"}");
+        let full = sub.as_deref().is_some_and(|r| r.starts_with("HTTP/1.1 503") && r.contains("TooManyConsumers"));
+        let closed = crawl.as_ref().is_some_and(|(st, _)| *st == 401 || *st == 403);
+        if full && closed {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "settings not applied: {sub:?} {crawl:?}\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And back, for the check's own subscription.
+    relay.write_config(dir.path(), &net.info.plc_url, 1, "public_request_crawl = false");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let t = Instant::now();
+    while relay.log_all().matches("SIGHUP: settings applied").count() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no second reload:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = (children_matching(relay.pid(), "shard --id"), children_matching(relay.pid(), "db-writer"));
+    assert_eq!(before, after, "a process was restarted");
+    net.wait_generation().unwrap();
+    let report = check_exact(&relay, dir.path(), Duration::from_secs(120));
+    let committed = sluice_tests::http::metric(relay.metrics_port, "sluice_committed_seq") as i64;
+    until.store(committed, std::sync::atomic::Ordering::Release);
+    let w = watcher.join().unwrap();
+    assert!(w.dropped.is_none() && w.close_code.is_none(), "{w:?}");
+    assert_eq!(w.seqs.first(), Some(&1), "{w:?}");
+    assert_eq!(w.seqs.last(), Some(&committed), "{w:?}");
+    assert_eq!(gaps_and_repeats(&w.seqs), [], "{w:?}");
     assert!(report.relayed >= EVENTS * 9 / 10, "{}", report.summary());
     relay.stop();
 }

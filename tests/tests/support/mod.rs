@@ -216,6 +216,68 @@ pub fn read_stream(port: u16, cursor: i64, last: i64, timeout: Duration) -> Vec<
     out
 }
 
+/// How a [`watch`]ed subscription ended.
+#[derive(Debug, Default)]
+pub struct Watched {
+    /// Event seqs in the order received.
+    pub seqs: Vec<i64>,
+    /// `#info` names received.
+    pub infos: Vec<String>,
+    /// The close frame's code, if the relay sent one.
+    pub close_code: Option<u16>,
+    /// The connection ended without a close frame (reset, EOF, error).
+    pub dropped: Option<String>,
+}
+
+/// One subscription from `cursor`, on one connection, in a thread: reads
+/// until the relay closes it, the connection fails, `until` (set later by
+/// the test) is reached, or `timeout`.
+pub fn watch(
+    port: u16,
+    cursor: i64,
+    until: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Watched> {
+    use std::sync::atomic::Ordering;
+    let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout;
+        let mut w = Watched::default();
+        while Instant::now() < deadline && w.seqs.last().is_none_or(|s| *s < until.load(Ordering::Acquire)) {
+            match ws.read() {
+                Ok(tungstenite::Message::Binary(b)) => match frame::decode(&b).unwrap().message {
+                    Message::Event(frame::Event::Info(i)) => w.infos.push(i.name.to_owned()),
+                    Message::Event(ev) => w.seqs.push(ev.seq().expect("relayed events have a seq")),
+                    Message::Error { .. } => w.infos.push("error frame".into()),
+                },
+                Ok(tungstenite::Message::Close(c)) => {
+                    w.close_code = Some(c.map_or(1005, |f| u16::from(f.code)));
+                    break;
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    w.dropped = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        w
+    })
+}
+
+/// Seqs that come twice or are skipped, from the first one received.
+pub fn gaps_and_repeats(seqs: &[i64]) -> Vec<(i64, i64)> {
+    seqs.windows(2).filter(|p| p[1] != p[0] + 1).map(|p| (p[0], p[1])).collect()
+}
+
 /// POST requestCrawl for every fakenet host (as given, or with a scheme).
 pub fn crawl_all(relay: &Relay, net: &runner::Running, scheme: &str) {
     for h in &net.info.hosts {
