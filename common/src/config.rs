@@ -93,6 +93,7 @@ pub struct RawConfig {
     pub host_offline_idle_days: Option<f64>,
     pub consumer_write_timeout_s: Option<u32>,
     pub log_format: Option<LogFormat>,
+    pub log_summary_interval_s: Option<u32>,
 }
 
 /// How the shards keep upstream connections (PROTOCOL §8: a PDS sends
@@ -175,6 +176,8 @@ pub struct Config {
     /// A consumer whose socket takes no bytes this long is cut.
     pub consumer_write_timeout_s: u32,
     pub log_format: LogFormat,
+    /// One INFO line summing the relay up this often (0: never).
+    pub log_summary_interval_s: u32,
 }
 
 /// What a running shard takes from a reload (SIGHUP) without restarting:
@@ -395,6 +398,10 @@ impl RawConfig {
             host_offline_idle_days,
             consumer_write_timeout_s,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
+            log_summary_interval_s: match self.log_summary_interval_s.unwrap_or(60) {
+                s if s <= 86_400 => s,
+                _ => return Err(invalid("log_summary_interval_s", "from 0 (never) to 86400")),
+            },
         })
     }
 
@@ -452,6 +459,7 @@ impl Config {
             host_offline_idle_days: Some(self.host_offline_idle_days),
             consumer_write_timeout_s: Some(self.consumer_write_timeout_s),
             log_format: Some(self.log_format),
+            log_summary_interval_s: Some(self.log_summary_interval_s),
         };
         toml::to_string(&raw).expect("config serializes")
     }

@@ -10,12 +10,13 @@ mod demo;
 mod metrics;
 mod notify;
 mod pg;
+mod summary;
 mod supervise;
 mod tail;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_common::config::{Config, DEFAULT_CONFIG_PATH};
+use sluice_common::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -289,18 +290,40 @@ fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn,refinery=warn"))
 }
 
+/// `log_format` of the config this command runs on (text when it has
+/// none or it does not load: the command itself then says why).
+fn log_format(cmd: &Cmd) -> LogFormat {
+    let cfg = match cmd {
+        Cmd::Run { config } => load(config.as_deref()).ok(),
+        Cmd::DbWriter { config } | Cmd::Shard { config, .. } => Config::from_effective(config).ok(),
+        _ => None,
+    };
+    match cfg {
+        Some(c) => c.log_format,
+        None if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|v| v.trim() == "json") => LogFormat::Json,
+        None => LogFormat::Text,
+    }
+}
+
+/// Logs to stderr (journald under systemd): text, coloured only on a
+/// terminal, or one JSON object per line.
+fn init_logs(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(log_filter(std::env::var("SLUICE_LOG").ok().as_deref()))
+        .with_writer(|| LogOut);
+    match format {
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Demo { drops: true, .. }) && std::env::var_os("SLUICE_LOG").is_none() {
         // Before any thread exists: nothing else reads the environment yet.
         std::env::set_var("SLUICE_LOG", DROPS_LOG);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter(std::env::var("SLUICE_LOG").ok().as_deref()))
-        .with_writer(|| LogOut)
-        // Colours only for a terminal, not in files or journald.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logs(log_format(&cli.cmd));
     match cli.cmd {
         Cmd::Run { config } => {
             let source = config.clone().or_else(|| {

@@ -1,7 +1,8 @@
 //! sd_notify(3) for `Type=notify` units, without libsystemd: one datagram
 //! to `$NOTIFY_SOCKET` per state change (READY=1 once the db-writer is
 //! ready and the shards are started; RELOADING=1 ... READY=1 around a
-//! SIGHUP reload; STOPPING=1 at shutdown). Nothing happens without the
+//! SIGHUP reload; STOPPING=1 at shutdown; WATCHDOG=1 every half of
+//! `WatchdogSec` while the supervisor's loop runs). Nothing happens without the
 //! variable; a failed send is ignored (systemd then times the start out
 //! and says so).
 
@@ -22,6 +23,18 @@ pub fn notify(state: &str) {
     if let Err(e) = sent {
         tracing::debug!(error = %e, "sd_notify failed");
     }
+}
+
+/// How often WATCHDOG=1 is due: half of `$WATCHDOG_USEC` (set by systemd
+/// for `WatchdogSec`), when `$WATCHDOG_PID` is unset or this process.
+pub fn watchdog_every() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
 }
 
 /// CLOCK_MONOTONIC in microseconds, which `RELOADING=1` carries.

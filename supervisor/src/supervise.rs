@@ -357,7 +357,15 @@ impl Supervisor {
         tracing::info!(listen = %self.cfg.listen, shards = self.shards.len(), "sluice running");
         crate::notify::notify(&format!("READY=1\nSTATUS=relaying with {} shards", self.shards.len()));
         let mut last_pg_check = Instant::now();
+        let mut summary =
+            crate::summary::Summary::new(Duration::from_secs(self.cfg.log_summary_interval_s.into()), &self.control);
+        let watchdog = crate::notify::watchdog_every();
+        let mut last_watchdog = Instant::now();
         while !term.load(Ordering::Acquire) {
+            if watchdog.is_some_and(|every| last_watchdog.elapsed() >= every) {
+                last_watchdog = Instant::now();
+                crate::notify::notify("WATCHDOG=1");
+            }
             self.reap_and_restart()?;
             // The db-writer waits for Postgres instead of exiting: a private
             // cluster that died is started again from here.
@@ -390,10 +398,12 @@ impl Supervisor {
             }
             if hup.swap(false, Ordering::AcqRel) {
                 self.reload()?;
+                summary.set_every(Duration::from_secs(self.cfg.log_summary_interval_s.into()));
                 last_poll = Instant::now() - HOST_POLL;
             }
             if let Ok(mut v) = self.view.lock() {
                 v.rings = self.rings.iter().map(|r| (r.used(), r.capacity())).collect();
+                summary.tick(&self.control, &v);
             }
             if let Some(t) = tick.as_mut() {
                 t(&self.control);

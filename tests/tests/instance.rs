@@ -196,23 +196,32 @@ fn embedded_database_is_private_and_never_left_running() {
 }
 
 /// `Type=notify`: the supervisor tells systemd READY=1 once it runs,
-/// RELOADING=1 then READY=1 around a SIGHUP reload, STOPPING=1 at the end.
+/// RELOADING=1 then READY=1 around a SIGHUP reload, STOPPING=1 at the end,
+/// and WATCHDOG=1 every half of `WATCHDOG_USEC` meanwhile.
 #[test]
 fn systemd_hears_ready_reloading_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("notify");
     let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let next = || {
+    let watchdogs = std::cell::Cell::new(0);
+    let next = || loop {
         let mut buf = [0u8; 512];
         let n = rx.recv(&mut buf).expect("a notification within 60 s");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if m == "WATCHDOG=1" {
+            watchdogs.set(watchdogs.get() + 1);
+            continue;
+        }
+        return m;
     };
     let mut relay = Relay::new(dir.path(), "http://127.0.0.1:9", 1, "");
-    relay.env = vec![("NOTIFY_SOCKET".into(), sock.to_string_lossy().into_owned())];
+    relay.env =
+        vec![("NOTIFY_SOCKET".into(), sock.to_string_lossy().into_owned()), ("WATCHDOG_USEC".into(), "400000".into())];
     relay.start();
     let ready = next();
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    std::thread::sleep(Duration::from_millis(1500));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
     let reloading = next();
     assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading}");
@@ -220,4 +229,41 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert!(again.lines().any(|l| l == "READY=1"), "{again}");
     relay.stop();
     assert_eq!(next(), "STOPPING=1");
+    // 1.5 s at one per 200 ms, with room for a slow machine.
+    assert!(watchdogs.get() >= 4, "{} WATCHDOG=1 in 1.5 s", watchdogs.get());
+}
+
+/// `log_format = "json"`: every line of every process is one JSON object
+/// (no colour codes), and the summary line comes every
+/// `log_summary_interval_s`.
+#[test]
+fn json_logs_and_a_periodic_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay =
+        Relay::new(dir.path(), "http://127.0.0.1:9", 1, "log_format = \"json\"\nlog_summary_interval_s = 1");
+    relay.start();
+    let t = std::time::Instant::now();
+    while relay.log_all().matches("\"summary\"").count() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no summary lines:\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    relay.stop();
+    let log = relay.log_all();
+    let mut targets = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        targets.insert(v["target"].as_str().unwrap_or("").split("::").next().unwrap_or("").to_owned());
+        if v["message"] == "summary" {
+            for k in ["events_in_per_s", "frames_out_per_s", "hosts_connected", "hosts_offline", "consumers", "seq"] {
+                assert!(!v[k].is_null(), "summary lacks {k}: {line}");
+            }
+        }
+    }
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
+    // The supervisor, the db-writer and the shard all logged as JSON.
+    for t in ["sluice", "sluice_dbwriter", "sluice_shard"] {
+        assert!(targets.contains(t), "no JSON line from {t}: {targets:?}");
+    }
 }
