@@ -250,7 +250,7 @@ impl EmbeddedPg {
     fn start_server(&mut self) -> anyhow::Result<()> {
         let log = self.dir.join("postgres.log");
         let opts = format!(
-            "-c listen_addresses='' -k {} -c unix_socket_permissions=0700 -c max_connections=50",
+            "-c listen_addresses='' -k {} -c unix_socket_permissions=0700 -c max_connections=50 -c jit=off",
             self.socket_dir.display()
         );
         let out = self

@@ -123,3 +123,142 @@ fn config_check_prints_the_effective_config_and_names_bad_keys() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("u:***@db") && !text.contains("s3cret"), "{text}");
 }
+
+/// The unit's `Key=value` lines for `key`, in order.
+fn unit_values(key: &str) -> Vec<String> {
+    let unit = std::fs::read_to_string(root().join("packaging/sluice.service")).unwrap();
+    unit.lines().filter_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_owned).collect()
+}
+
+/// `systemd-analyze security` rates the unit at most 2.5 (it was 5.0
+/// MEDIUM before the hardening).
+#[test]
+fn unit_is_rated_at_most_2_5_by_systemd_analyze_security() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("sluice.service");
+    std::fs::copy(root().join("packaging/sluice.service"), &p).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&p)
+        .output()
+        .expect("systemd-analyze (scripts/test installs the systemd package)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for sluice.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no overall level in:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(level <= 2.5, "exposure {level}:\n{text}");
+}
+
+/// Every name a `SystemCallFilter=` item stands for (groups expanded).
+fn expand_filter(items: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo: Vec<String> = items.split_whitespace().map(str::to_owned).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(item) = todo.pop() {
+        if !item.starts_with('@') {
+            out.insert(item);
+            continue;
+        }
+        if !seen.insert(item.clone()) {
+            continue;
+        }
+        let o = Command::new("systemd-analyze").args(["syscall-filter", "--no-pager", &item]).output().unwrap();
+        assert!(o.status.success(), "systemd-analyze syscall-filter {item}");
+        for l in String::from_utf8_lossy(&o.stdout).lines().skip(1) {
+            let l = l.trim();
+            if !l.is_empty() && !l.starts_with('#') {
+                todo.push(l.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The unit's system call filter allows every call the relay makes: `sluice
+/// demo` (supervisor, db-writer, shard, private PostgreSQL, a consumer, a
+/// reload) runs under strace as an unprivileged user, as under systemd, and
+/// every call it made must pass the allow list minus the deny list.
+#[test]
+fn unit_syscall_filter_allows_every_call_the_relay_makes() {
+    let filters = unit_values("SystemCallFilter");
+    let (allow, deny): (Vec<&String>, Vec<&String>) = filters.iter().partition(|f| !f.starts_with('~'));
+    let allowed: std::collections::BTreeSet<String> =
+        allow.iter().flat_map(|f| expand_filter(f)).collect::<std::collections::BTreeSet<_>>();
+    let denied: std::collections::BTreeSet<String> = deny.iter().flat_map(|f| expand_filter(&f[1..])).collect();
+    assert!(allowed.contains("io_uring_setup") && denied.contains("reboot"), "{filters:?}");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-bench")).with_file_name("sluice");
+    let dir = tempfile::tempdir().unwrap();
+    let root_user = nix::unistd::geteuid().is_root();
+    // As under systemd: not root (no runuser, no chown in the relay).
+    let user = "nobody";
+    if root_user {
+        let nobody = nix::unistd::User::from_name(user).unwrap().unwrap();
+        nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let trace = dir.path().join("strace.out");
+    let mut cmd = if root_user {
+        let mut c = Command::new("runuser");
+        c.args(["-u", user, "--", "strace"]);
+        c
+    } else {
+        Command::new("strace")
+    };
+    let mut child = cmd
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(&bin)
+        .args(["demo", "--port", &port.to_string(), "--rate", "50", "--data-dir"])
+        .arg(dir.path().join("demo"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap())
+        .spawn()
+        .expect("strace (scripts/test installs it)");
+    let log = || std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default();
+    // Ready, then a consumer reads 20 events, then a reload.
+    let t = std::time::Instant::now();
+    loop {
+        let tail = Command::new(&bin)
+            .args(["tail", &format!("ws://127.0.0.1:{port}"), "--cursor", "0", "--limit", "20"])
+            .output()
+            .unwrap();
+        if tail.status.success() && String::from_utf8_lossy(&tail.stdout).lines().count() == 20 {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(120), "demo not streaming:\n{}", log());
+        assert!(child.try_wait().unwrap().is_none(), "demo exited:\n{}", log());
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let supervisor = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("execve(") && l.contains("\"demo\""))
+        .and_then(|l| l.split_whitespace().next()?.parse::<i32>().ok())
+        .expect("the demo's execve in the trace");
+    let hup = nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGHUP);
+    hup.unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGINT).unwrap();
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("demo did not stop:\n{}", log());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut called = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        let Some(rest) = l.split_once(' ').map(|(_, r)| r.trim_start()) else { continue };
+        let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() && rest[name.len()..].starts_with('(') {
+            called.insert(name);
+        }
+    }
+    assert!(called.contains("io_uring_enter") && called.contains("execve"), "{called:?}");
+    let refused: Vec<&String> = called.iter().filter(|c| !allowed.contains(*c) || denied.contains(*c)).collect();
+    assert!(refused.is_empty(), "the unit's SystemCallFilter refuses {refused:?} (called: {called:?})");
+}
