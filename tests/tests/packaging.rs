@@ -71,9 +71,48 @@ fn deb_holds_binary_unit_config_and_scripts() {
     assert!(field("Recommends").contains("postgresql"));
     let info = Command::new("dpkg-deb").arg("--info").arg(&deb).output().unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
-    for s in ["postinst", "prerm", "postrm", "conffiles"] {
+    for s in ["postinst", "prerm", "postrm", "conffiles", "md5sums"] {
         assert!(info.contains(s), "{s} missing:\n{info}");
     }
+    for f in [
+        "./usr/share/doc/sluice/copyright",
+        "./usr/share/doc/sluice/changelog.gz",
+    ] {
+        assert!(contents.contains(f), "{f} missing from the package:\n{contents}");
+    }
+    // Unpacked: md5sums match, the copyright names the linked crates,
+    // Installed-Size is the unpacked size (KiB, within a block per file).
+    let x = tempfile::tempdir().unwrap();
+    let st = Command::new("dpkg-deb").arg("-R").arg(&deb).arg(x.path()).status().unwrap();
+    assert!(st.success());
+    let sums =
+        Command::new("md5sum").args(["--check", "--quiet", "DEBIAN/md5sums"]).current_dir(x.path()).output().unwrap();
+    assert!(sums.status.success(), "md5sums: {}", String::from_utf8_lossy(&sums.stdout));
+    let copyright = std::fs::read_to_string(x.path().join("usr/share/doc/sluice/copyright")).unwrap();
+    for c in [
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/",
+        " glommio v",
+        " tokio-postgres v",
+    ] {
+        assert!(copyright.contains(c), "copyright lacks {c:?}");
+    }
+    let size: u64 = field("Installed-Size").parse().unwrap();
+    let files = contents.lines().count() as u64;
+    let bytes = std::fs::metadata(x.path().join("usr/bin/sluice")).unwrap().len();
+    assert!(size * 1024 >= bytes && size <= bytes / 1024 + 4 * files + 64, "Installed-Size {size} KiB");
+    // Depends is what dpkg-shlibdeps computes for the binary, plus the
+    // maintainer scripts' own needs.
+    let depends = field("Depends");
+    for d in ["libc6 (>= ", "libgcc-s1", "adduser", "init-system-helpers"] {
+        assert!(depends.contains(d), "Depends: {depends}");
+    }
+    let postinst = std::fs::read_to_string(x.path().join("DEBIAN/postinst")).unwrap();
+    assert!(postinst.contains("try-restart sluice.service"), "an upgrade restarts a running relay");
+    // lintian: no errors (warnings: systemctl daemon-reload, no man page).
+    let lint = Command::new("lintian").arg(&deb).output().expect("lintian (scripts/test installs it)");
+    let report = String::from_utf8_lossy(&lint.stdout);
+    let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
+    assert!(errors.is_empty(), "lintian errors:\n{report}");
     let _ = std::fs::remove_file(&deb);
 }
 
