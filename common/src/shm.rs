@@ -183,12 +183,15 @@ pub enum WriterState {
 
 pub const CONTROL_MAGIC: u64 = 0x534c_5549_4345_4331; // "SLUICEC1"
 pub const SHARDS_MAX: usize = 256;
-const SHARD_SLOT_BYTES: usize = 256;
+const SHARD_SLOT_BYTES: usize = 512;
 const SHARDS_OFF: usize = 4096;
 const _: () = assert!(64 + 8 * UpstreamClose::ALL.len() <= SLOT_CUT_LAG, "shard slot fields overlap");
 /// Offset of the consumer-cut counters in a shard slot.
 const SLOT_CUT_LAG: usize = 192;
-const _: () = assert!(SLOT_CUT_LAG + 16 <= SHARD_SLOT_BYTES, "shard slot too small");
+const _: () = assert!(SLOT_CUT_LAG + 16 <= SLOT_DROPS, "shard slot fields overlap");
+/// Offset of the per-reason drop counters in a shard slot.
+const SLOT_DROPS: usize = 256;
+const _: () = assert!(SLOT_DROPS + 8 * DropReason::ALL.len() <= SHARD_SLOT_BYTES, "shard slot too small");
 /// Size of the control block mapping.
 pub const CONTROL_BYTES: usize = SHARDS_OFF + SHARDS_MAX * SHARD_SLOT_BYTES;
 
@@ -205,6 +208,161 @@ const OFF_WRITER_HEARTBEAT: usize = 448;
 const OFF_FLAGS_GENERATION: usize = 512;
 /// The db-writer's counters, one u64 each (see [`WriterCounter`]).
 const OFF_WRITER_COUNTERS: usize = 1024;
+/// The relay-wide histograms ([`Hist`]), [`HIST_STRIDE`] bytes each.
+const OFF_HISTOGRAMS: usize = 2048;
+const HIST_STRIDE: usize = 8 * (HIST_BOUNDS_MAX + 3);
+const _: () = assert!(OFF_WRITER_COUNTERS + 8 * WriterCounter::ALL.len() <= OFF_HISTOGRAMS, "counters overlap");
+const _: () = assert!(OFF_HISTOGRAMS + HIST_STRIDE * Hist::ALL.len() <= SHARDS_OFF, "histograms overlap the slots");
+
+/// Bounds per histogram at most (one more bucket holds what is above).
+pub const HIST_BOUNDS_MAX: usize = 16;
+
+/// The relay-wide histograms in the control block: each process adds its
+/// observations with atomic adds; the supervisor renders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Hist {
+    /// Shard: the stateless checks of one event (decode, CAR, MST proof,
+    /// identity, signature), in microseconds.
+    Validation = 0,
+    /// Shard: time a validated record waited for room in the ring.
+    RingWait = 1,
+    /// Db-writer: one group commit (log append and fsync, Postgres).
+    GroupCommit = 2,
+    /// Db-writer: from the shard reading an event to it being durable.
+    IngestToDurable = 3,
+    /// Shard: how many committed events a consumer is behind after each
+    /// batch it was sent (events, not time).
+    ConsumerLag = 4,
+}
+
+const SECONDS_BOUNDS_US: [u64; HIST_BOUNDS_MAX] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    10_000_000,
+];
+const EVENT_BOUNDS: [u64; 8] = [0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000];
+
+impl Hist {
+    pub const ALL: [Hist; 5] =
+        [Hist::Validation, Hist::RingWait, Hist::GroupCommit, Hist::IngestToDurable, Hist::ConsumerLag];
+
+    /// Metric name, help, and whether values are microseconds (rendered
+    /// as seconds) rather than counts.
+    pub fn describe(self) -> (&'static str, &'static str, bool) {
+        match self {
+            Hist::Validation => ("sluice_validation_seconds", "Stateless checks of one upstream event (shard).", true),
+            Hist::RingWait => ("sluice_ring_wait_seconds", "Wait for room in the ring per record (shard).", true),
+            Hist::GroupCommit => ("sluice_group_commit_seconds", "One group commit: log fsync and Postgres.", true),
+            Hist::IngestToDurable => {
+                ("sluice_ingest_to_durable_seconds", "From the shard reading an event to it being durable.", true)
+            }
+            Hist::ConsumerLag => {
+                ("sluice_consumer_lag_events", "Committed events a consumer is behind after each batch sent.", false)
+            }
+        }
+    }
+
+    pub fn bounds(self) -> &'static [u64] {
+        match self {
+            Hist::ConsumerLag => &EVENT_BOUNDS,
+            _ => &SECONDS_BOUNDS_US,
+        }
+    }
+}
+
+/// One histogram's words: a count per bucket (not cumulative), the count
+/// and the sum of observations.
+pub struct Histogram<'a> {
+    pub kind: Hist,
+    pub buckets: [&'a AtomicU64; HIST_BOUNDS_MAX + 1],
+    pub count: &'a AtomicU64,
+    pub sum: &'a AtomicU64,
+}
+
+impl Histogram<'_> {
+    pub fn observe(&self, v: u64) {
+        let bounds = self.kind.bounds();
+        let i = bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound, then the total (the `+Inf` bucket).
+    pub fn cumulative(&self) -> Vec<u64> {
+        let n = self.kind.bounds().len();
+        let mut acc = 0;
+        let mut out: Vec<u64> = (0..n)
+            .map(|i| {
+                acc += self.buckets[i].load(Ordering::Relaxed);
+                acc
+            })
+            .collect();
+        out.push(acc + self.buckets[n].load(Ordering::Relaxed));
+        out
+    }
+}
+
+/// Why a shard dropped an upstream event (the connection stays up):
+/// `sluice_shard_drops_total{reason}` and the per-host drop counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum DropReason {
+    /// An `#info` message (counted, never relayed).
+    Info = 0,
+    /// A message type this relay does not know.
+    UnknownType = 1,
+    /// A seq not above the last one read from the host.
+    OldSeq = 2,
+    /// A frame whose body has no usable seq.
+    Malformed = 3,
+    /// A `#commit` failing the stateless checks (CAR, MST proof, fields).
+    InvalidCommit = 4,
+    /// A `#sync` failing them.
+    InvalidSync = 5,
+    /// The DID's document names another PDS, or none.
+    WrongHost = 6,
+    /// The DID's document has no signing key.
+    NoSigningKey = 7,
+    /// The commit's signature does not verify.
+    BadSignature = 8,
+    /// The DID could not be resolved (not a directory outage).
+    IdentityFailed = 9,
+    /// The record would not fit the ring.
+    TooLarge = 10,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        DropReason::Info,
+        DropReason::UnknownType,
+        DropReason::OldSeq,
+        DropReason::Malformed,
+        DropReason::InvalidCommit,
+        DropReason::InvalidSync,
+        DropReason::WrongHost,
+        DropReason::NoSigningKey,
+        DropReason::BadSignature,
+        DropReason::IdentityFailed,
+        DropReason::TooLarge,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Info => "info",
+            DropReason::UnknownType => "unknown_type",
+            DropReason::OldSeq => "old_seq",
+            DropReason::Malformed => "malformed",
+            DropReason::InvalidCommit => "invalid_commit",
+            DropReason::InvalidSync => "invalid_sync",
+            DropReason::WrongHost => "wrong_host",
+            DropReason::NoSigningKey => "no_signing_key",
+            DropReason::BadSignature => "bad_signature",
+            DropReason::IdentityFailed => "identity_failed",
+            DropReason::TooLarge => "too_large",
+        }
+    }
+}
 
 /// Counters the db-writer keeps in the control block (metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +481,10 @@ pub struct ShardSlot<'a> {
     pub frames_out: &'a AtomicU64,
     /// Events the shard dropped (invalid), and connection faults.
     pub dropped: &'a AtomicU64,
+    /// Bytes of frames sent to consumers.
+    pub bytes_out: &'a AtomicU64,
+    /// Events dropped, by [`DropReason`].
+    pub drops: [&'a AtomicU64; DropReason::ALL.len()],
     /// Upstream connections ended, by [`UpstreamClose`].
     pub upstream_closes: [&'a AtomicU64; UpstreamClose::ALL.len()],
     /// Consumers cut for lagging past `consumer_lag_events_max`.
@@ -466,6 +628,16 @@ impl ControlBlock {
         self.shm.u32_at(OFF_SHARD_COUNT)
     }
 
+    pub fn histogram(&self, h: Hist) -> Histogram<'_> {
+        let base = OFF_HISTOGRAMS + HIST_STRIDE * h as usize;
+        Histogram {
+            kind: h,
+            buckets: std::array::from_fn(|i| self.shm.u64_at(base + 8 * i)),
+            count: self.shm.u64_at(base + 8 * (HIST_BOUNDS_MAX + 1)),
+            sum: self.shm.u64_at(base + 8 * (HIST_BOUNDS_MAX + 2)),
+        }
+    }
+
     pub fn shard(&self, k: usize) -> ShardSlot<'_> {
         assert!(k < SHARDS_MAX, "shard {k} beyond {SHARDS_MAX}");
         let base = SHARDS_OFF + k * SHARD_SLOT_BYTES;
@@ -478,6 +650,8 @@ impl ControlBlock {
             events_in: self.shm.u64_at(base + 32),
             frames_out: self.shm.u64_at(base + 40),
             dropped: self.shm.u64_at(base + 48),
+            bytes_out: self.shm.u64_at(base + 56),
+            drops: std::array::from_fn(|i| self.shm.u64_at(base + SLOT_DROPS + 8 * i)),
             upstream_closes: std::array::from_fn(|i| self.shm.u64_at(base + 64 + 8 * i)),
             consumers_cut_lag: self.shm.u64_at(base + SLOT_CUT_LAG),
             consumers_cut_unwritable: self.shm.u64_at(base + SLOT_CUT_LAG + 8),
@@ -507,6 +681,46 @@ mod tests {
         assert_eq!(other.shard(3).consumers.load(Ordering::Acquire), 5);
         other.committed().store(43, Ordering::Release);
         assert_eq!(cb.committed().load(Ordering::Acquire), 43);
+    }
+
+    #[test]
+    fn histograms_and_slots_do_not_overlap() {
+        let cb = ControlBlock::create().unwrap();
+        // Every word of every histogram and of the last slot is distinct:
+        // writing each once leaves each at 1.
+        let mut words: Vec<&AtomicU64> = Vec::new();
+        for h in Hist::ALL {
+            let g = cb.histogram(h);
+            words.extend(g.buckets.iter().copied());
+            words.extend([g.count, g.sum]);
+        }
+        let last = cb.shard(SHARDS_MAX - 1);
+        words.extend(last.drops.iter().copied());
+        words.extend(last.upstream_closes.iter().copied());
+        words.extend([last.bytes_out, last.dropped, last.consumers_cut_lag, last.consumers_cut_unwritable]);
+        for w in &words {
+            w.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(words.iter().all(|w| w.load(Ordering::Relaxed) == 1));
+        assert_eq!(cb.writer_counter(WriterCounter::DbPauses).load(Ordering::Relaxed), 0);
+        assert_eq!(cb.shard(0).drops[0].load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn histogram_buckets_by_bound() {
+        let cb = ControlBlock::create().unwrap();
+        let h = cb.histogram(Hist::Validation);
+        for v in [10, 50, 51, 20_000_000] {
+            h.observe(v);
+        }
+        let c = h.cumulative();
+        assert_eq!(c.len(), HIST_BOUNDS_MAX + 1);
+        assert_eq!((c[0], c[1], c[HIST_BOUNDS_MAX - 1], c[HIST_BOUNDS_MAX]), (2, 3, 3, 4));
+        assert_eq!(h.sum.load(Ordering::Relaxed), 20_000_111);
+        let lag = cb.histogram(Hist::ConsumerLag);
+        lag.observe(0);
+        lag.observe(5);
+        assert_eq!(lag.cumulative(), [1, 1, 2, 2, 2, 2, 2, 2, 2]);
     }
 
     #[test]

@@ -281,7 +281,7 @@ const CONSUMERS_STALE_SECS: u64 = 10;
 const CONSUMERS_LISTED_MAX: usize = 10_000;
 
 /// Every shard's consumers, from the lists the shards publish each second
-/// in `data_dir/run/consumers-K.json`, with how far each is behind.
+/// in `data_dir/run/shard-K.json`, with how far each is behind.
 fn consumers(run_dir: &std::path::Path) -> Response {
     let (list, total, shards) = consumer_rows(run_dir);
     Response::ok(json!({"consumers": list, "total": total, "shardsReporting": shards}))
@@ -294,25 +294,10 @@ pub(crate) fn consumer_list(run_dir: &std::path::Path) -> Vec<Value> {
 }
 
 fn consumer_rows(run_dir: &std::path::Path) -> (Vec<Value>, usize, Vec<usize>) {
-    use sluice_common::consumers::Snapshot;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut list = Vec::new();
     let mut shards = Vec::new();
     let mut total = 0usize;
-    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("consumers-") && name.ends_with(".json")) {
-            continue;
-        }
-        let Ok(s) = std::fs::read(entry.path())
-            .map_err(|_| ())
-            .and_then(|b| serde_json::from_slice::<Snapshot>(&b).map_err(|_| ()))
-        else {
-            continue;
-        };
-        if now.saturating_sub(s.at) > CONSUMERS_STALE_SECS {
-            continue;
-        }
+    for s in sluice_common::consumers::read_snapshots(run_dir, CONSUMERS_STALE_SECS) {
         shards.push(s.shard);
         for c in s.consumers {
             total += 1;
@@ -455,12 +440,12 @@ mod tests {
         let info =
             |last_seq| ConsumerInfo { remote: "127.0.0.1:9".into(), since: now, cursor: None, last_seq, frames: 3 };
         let write = |shard, at, consumers| {
-            let s = Snapshot { shard, at, committed: 100, consumers };
+            let s = Snapshot { shard, at, committed: 100, consumers, hosts: Vec::new(), other_hosts: None };
             std::fs::write(snapshot_path(dir.path(), shard), serde_json::to_vec(&s).unwrap()).unwrap();
         };
         write(0, now, vec![info(90), info(0)]);
         write(1, now - 60, vec![info(50)]); // a shard that stopped reporting
-        std::fs::write(dir.path().join("consumers-2.json"), b"{not json").unwrap();
+        std::fs::write(dir.path().join("shard-2.json"), b"{not json").unwrap();
         let r = consumers(dir.path());
         assert_eq!(r.body["shardsReporting"], json!([0]));
         assert_eq!(r.body["total"], 2);

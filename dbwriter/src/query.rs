@@ -5,8 +5,9 @@
 //!
 //! Endpoints: `com.atproto.sync.requestCrawl` (POST), `listHosts`,
 //! `getHostStatus`, `getRepoStatus`, `listRepos`, `getLatestCommit`, and
-//! `getRepo` (a 302 to the account's PDS: the relay keeps no repositories);
-//! anything else is a 404 XRPC error.
+//! `getRepo` (a 302 to the account's PDS: the relay keeps no repositories),
+//! and `GET /status.json` (the status page's data, written by the
+//! supervisor); anything else is a 404 XRPC error.
 
 use postgres::Client;
 use serde_json::{json, Value};
@@ -298,6 +299,14 @@ pub(crate) fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
     req.query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
 }
 
+/// The status page's data, as the supervisor last wrote it (each second).
+fn status(run_dir: &Path) -> Response {
+    match std::fs::read(run_dir.join("status.json")).map(|b| serde_json::from_slice::<Value>(&b)) {
+        Ok(Ok(v)) => Response::ok(v),
+        _ => error(503, "Unavailable", "status not written yet"),
+    }
+}
+
 /// The `did` parameter, present and a DID by its syntax (bad input is a
 /// 400, never a query that fails).
 fn did_param(req: &Request) -> Result<&str, Response> {
@@ -323,6 +332,7 @@ pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
         ("GET", "/xrpc/com.atproto.sync.listRepos") => list_repos(c, req),
         ("GET", "/xrpc/com.atproto.sync.getLatestCommit") => latest_commit(c, req),
         ("GET", "/xrpc/com.atproto.sync.getRepo") => get_repo(c, req),
+        ("GET", "/status.json") => Ok(status(&cfg.run_dir)),
         (_, p) if p.starts_with("/xrpc/") => Ok(error(404, "MethodNotImplemented", "method not implemented")),
         _ => Ok(error(404, "NotFound", "not found")),
     };

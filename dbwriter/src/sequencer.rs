@@ -33,7 +33,7 @@ use sluice_common::frame;
 use sluice_common::policy::{self, AccountState, Verdict};
 use sluice_common::ring::Consumer;
 use sluice_common::ringrec::{did_hash, RingRecord};
-use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
+use sluice_common::shm::{ControlBlock, Hist, WriterCounter, WriterState};
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +104,9 @@ pub struct Sequencer {
     host_names: HashMap<i64, (String, bool)>,
     /// New settings from a reload (SIGHUP), taken between rounds.
     pub settings: Option<std::sync::mpsc::Receiver<Settings>>,
+    /// When the shards read this round's events (unix micros), for the
+    /// ingest-to-durable histogram; at most a round's records.
+    ingested: Vec<i64>,
 }
 
 /// What the sequencer takes from a reload, in place.
@@ -233,6 +236,7 @@ impl Sequencer {
             held_bytes: 0,
             host_names: HashMap::new(),
             settings: None,
+            ingested: Vec::new(),
         })
     }
 
@@ -443,6 +447,7 @@ impl Sequencer {
         // `loaded` is Postgres as of this round's start; accounts relayed in
         // this round are in `batch.accounts`, checked first.
         self.loaded.clear();
+        self.ingested.clear();
         let mut ends: Vec<Option<u64>> = vec![None; self.rings.len()];
         let mut taken = 0;
         // Admin actions first: they are few and someone waits for them.
@@ -481,6 +486,7 @@ impl Sequencer {
         if taken == 0 {
             return Ok(0);
         }
+        let commit_began = Instant::now();
         self.log.sync()?;
         failpoint::hit("sequencer-after-log-sync");
         batch.last_seq = self.log.next_seq() - 1;
@@ -525,6 +531,7 @@ impl Sequencer {
             }
         }
         self.count(WriterCounter::Commits);
+        self.observe_commit(commit_began);
         for (reply, seq, did, on) in replies {
             let _ = reply.send(Ok(seq));
             // Hide (or show again) the account's earlier records on replay.
@@ -532,6 +539,16 @@ impl Sequencer {
         }
         self.send_flags();
         Ok(taken)
+    }
+
+    /// The commit's time and each event's from the shard to durable.
+    fn observe_commit(&mut self, began: Instant) {
+        self.control.histogram(Hist::GroupCommit).observe(began.elapsed().as_micros() as u64);
+        let now = now_micros();
+        let h = self.control.histogram(Hist::IngestToDurable);
+        for t in self.ingested.drain(..) {
+            h.observe(now.saturating_sub(t).max(0) as u64);
+        }
     }
 
     /// Queue a flag job for the flagger thread (see `pending_flags`).
@@ -922,6 +939,7 @@ impl Sequencer {
         self.scratch.clear();
         frame::resequence(e.frame, (e.seq_start as usize, e.seq_end as usize), seq, &mut self.scratch);
         self.log.append(seq, e.kind, 0, did_hash(e.did), e.time_micros, &self.scratch)?;
+        self.ingested.push(e.time_micros);
         self.count(WriterCounter::Relayed);
         if e.kind == sluice_common::ringrec::Kind::Account as u8 {
             // News from the host itself: an account may be asked about

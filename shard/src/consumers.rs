@@ -1,10 +1,13 @@
-//! The shard's consumers as an operator sees them (`sluice admin
-//! consumers`): a table the consumer tasks keep current, written every
-//! [`PUBLISH_EVERY`] to `data_dir/run/consumers-K.json` by a helper thread
-//! (the executor never touches the file system), read and merged by the
-//! db-writer's admin endpoint.
+//! The shard as an operator sees it: its consumers (`sluice admin
+//! consumers`, kept current by the consumer tasks) and its hosts' counts
+//! ([`HostStats`], kept by the host tasks), written every
+//! [`PUBLISH_EVERY`] to `data_dir/run/shard-K.json` by a helper thread (the
+//! executor never touches the file system), read and merged by the
+//! db-writer's admin endpoints and the supervisor's metrics.
 
-pub use sluice_common::consumers::{snapshot_path, ConsumerInfo, Snapshot};
+pub use sluice_common::consumers::{snapshot_path, ConsumerInfo, HostInfo, Snapshot, HOSTS_PUBLISHED_MAX};
+use sluice_common::shm::DropReason;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,8 +48,62 @@ impl Table {
         self.live.remove(&id);
     }
 
-    pub fn snapshot(&self, shard: usize, committed: i64) -> Snapshot {
-        Snapshot { shard, at: unix_now(), committed, consumers: self.live.values().cloned().collect() }
+    pub fn snapshot(&self, shard: usize, committed: i64, hosts: &HostTable) -> Snapshot {
+        let all = hosts.values().map(|h| h.info()).collect();
+        let (hosts, other_hosts) = sluice_common::consumers::top_hosts(all, HOSTS_PUBLISHED_MAX, "_other");
+        Snapshot {
+            shard,
+            at: unix_now(),
+            committed,
+            consumers: self.live.values().cloned().collect(),
+            hosts,
+            other_hosts,
+        }
+    }
+}
+
+/// One host's counts while its task runs (executor thread only; a few
+/// `Cell`s, no lookups per event).
+pub struct HostStats {
+    pub hostname: String,
+    pub connected: Cell<bool>,
+    events: Cell<u64>,
+    drops: [Cell<u64>; DropReason::ALL.len()],
+    last_event_micros: Cell<i64>,
+}
+
+/// Every running host task's counts, by `hosts.id`.
+pub type HostTable = std::collections::HashMap<i64, std::rc::Rc<HostStats>>;
+
+impl HostStats {
+    pub fn new(hostname: &str) -> HostStats {
+        HostStats {
+            hostname: hostname.to_owned(),
+            connected: Cell::new(false),
+            events: Cell::new(0),
+            drops: Default::default(),
+            last_event_micros: Cell::new(0),
+        }
+    }
+
+    pub fn event(&self, now_micros: i64) {
+        self.events.set(self.events.get() + 1);
+        self.last_event_micros.set(now_micros);
+    }
+
+    pub fn drop(&self, r: DropReason) {
+        let c = &self.drops[r as usize];
+        c.set(c.get() + 1);
+    }
+
+    pub fn info(&self) -> HostInfo {
+        HostInfo {
+            hostname: self.hostname.clone(),
+            connected: self.connected.get(),
+            events: self.events.get(),
+            drops: self.drops.iter().map(Cell::get).collect(),
+            last_event_micros: self.last_event_micros.get(),
+        }
     }
 }
 
@@ -84,7 +141,8 @@ mod tests {
         t.progress(a, 50, 8);
         t.remove(b);
         t.progress(b, 1, 1); // gone: ignored
-        let s = t.snapshot(3, 60);
+        let hosts = HostTable::new();
+        let s = t.snapshot(3, 60, &hosts);
         assert_eq!(s.consumers.len(), 1);
         assert_eq!((s.consumers[0].last_seq, s.consumers[0].frames, s.consumers[0].cursor), (50, 43, Some(7)));
         let dir = tempfile::tempdir().unwrap();

@@ -226,7 +226,10 @@ async fn read_head(stream: &mut TcpStream) -> Result<Head, HeadFailure> {
 }
 
 async fn respond(stream: &mut TcpStream, status: u16, body: &serde_json::Value) -> anyhow::Result<()> {
-    let body = body.to_string();
+    respond_bytes(stream, status, "application/json", body.to_string().as_bytes()).await
+}
+
+async fn respond_bytes(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> anyhow::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -238,14 +241,18 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &serde_json::Value) 
         _ => "Error",
     };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    stream.write_all(body).await?;
     stream.flush().await?;
     Ok(())
 }
+
+/// The status page (`GET /`): static HTML and a little script that reads
+/// `/status.json` every two seconds. No build step, nothing external.
+const STATUS_PAGE: &str = include_str!("status.html");
 
 async fn handle(sh: Rc<Shared>, mut stream: TcpStream) -> anyhow::Result<()> {
     let head = match read_head(&mut stream).await {
@@ -276,6 +283,9 @@ async fn handle(sh: Rc<Shared>, mut stream: TcpStream) -> anyhow::Result<()> {
         ("GET", "/xrpc/_health") => {
             let (status, body) = health(&sh);
             respond(&mut stream, status, &body).await
+        }
+        ("GET", "/") | ("GET", "/index.html") => {
+            respond_bytes(&mut stream, 200, "text/html; charset=utf-8", STATUS_PAGE.as_bytes()).await
         }
         _ => proxy(&sh, stream, head).await,
     }
@@ -507,6 +517,8 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         };
         drop(batch);
         next = pos.get();
+        let behind = (committed() - (next - 1)).max(0) as u64;
+        sh.control.histogram(sluice_common::shm::Hist::ConsumerLag).observe(behind);
         sh.slot().frames_out.fetch_add(sent as u64, Ordering::Relaxed);
         sh.consumers.borrow_mut().progress(id, next - 1, sent as u64);
         last_send = Instant::now();
@@ -577,6 +589,7 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
         match framed(sh, next)? {
             Ok(Some(f)) => {
                 out.framed(&f).await?;
+                sh.slot().bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
                 sent += 1;
                 pos.set(next + 1);
             }

@@ -73,6 +73,8 @@ pub struct Shared {
     pub closing: std::cell::Cell<bool>,
     /// This shard's consumers (`sluice admin consumers`).
     pub consumers: RefCell<consumers::Table>,
+    /// This shard's host tasks' counts (per-host metrics).
+    pub hosts: RefCell<consumers::HostTable>,
     /// Consumers waiting for the committed seq to move.
     pub watermark: downstream::Watermark,
     /// Recent events, framed once for all consumers.
@@ -205,6 +207,7 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
             settings: std::cell::Cell::new(cfg.shard_settings()),
             closing: std::cell::Cell::new(false),
             consumers: RefCell::new(consumers::Table::default()),
+            hosts: RefCell::new(consumers::HostTable::new()),
             watermark: downstream::Watermark::default(),
             frames: RefCell::new(wsout::FrameCache::default()),
         });
@@ -244,7 +247,8 @@ fn spawn_services(sh: &Rc<Shared>, cfg: &Config) -> anyhow::Result<()> {
     glommio::spawn_local(async move {
         loop {
             let committed = pub_sh.control.committed().load(Ordering::Acquire) as i64;
-            let _ = snapshots.try_send(pub_sh.consumers.borrow().snapshot(pub_sh.id, committed));
+            let snapshot = pub_sh.consumers.borrow().snapshot(pub_sh.id, committed, &pub_sh.hosts.borrow());
+            let _ = snapshots.try_send(snapshot);
             glommio::timer::sleep(consumers::PUBLISH_EVERY).await;
         }
     })

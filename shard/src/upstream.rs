@@ -37,7 +37,7 @@ use sluice_common::frame::{self, Event};
 pub use sluice_common::host::HostAssignment;
 use sluice_common::identity::PdsHost;
 use sluice_common::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
-use sluice_common::shm::UpstreamClose;
+use sluice_common::shm::{DropReason, Hist, UpstreamClose};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -131,7 +131,7 @@ fn now_micros() -> i64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejected {
     /// Drop the event, keep the connection.
-    Drop(String),
+    Drop(DropReason, String),
     /// Close the connection (the stream itself is broken, or the event
     /// cannot be judged now).
     Close(UpstreamClose, String),
@@ -160,10 +160,20 @@ pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cancel>) 
     let mut health = Health::new(host.offline, seed);
     let stopping = || cancel.is_set() || sh.control.stop_reading().load(Ordering::Acquire) != 0;
     let mut scratch = Vec::new();
+    let stats = Rc::new(crate::consumers::HostStats::new(&host.hostname));
+    sh.hosts.borrow_mut().insert(host.id, stats.clone());
+    // A restarted task of the same host may have listed its own already.
+    let _listed = scopeguard(|| {
+        let mut hosts = sh.hosts.borrow_mut();
+        if hosts.get(&host.id).is_some_and(|s| Rc::ptr_eq(s, &stats)) {
+            hosts.remove(&host.id);
+        }
+    });
     while !stopping() {
         let before = last_seq;
         let mut upgraded = None;
-        let end = connect_and_read(&sh, &host, &mut last_seq, &mut upgraded, &stopping, &cancel).await;
+        let task = Task { host: &host, stats: &stats, stopping: &stopping, cancel: &cancel };
+        let end = connect_and_read(&sh, task, &mut last_seq, &mut upgraded).await;
         sh.slot().upstream_closes[end.reason as usize].fetch_add(1, Ordering::Relaxed);
         let (reason, detail) = (end.reason.name(), end.detail.as_str());
         let succeeded = upgraded.is_some_and(|t: Instant| {
@@ -220,14 +230,29 @@ pub const UPSTREAM_READ_BUFFER_BYTES: usize = 8 * 1024;
 pub const PINGS_PER_WINDOW_MAX: u32 = 20;
 pub const PING_WINDOW: Duration = Duration::from_secs(10);
 
-async fn connect_and_read(
+/// What a host task's connection needs of its task.
+struct Task<'a, F: Fn() -> bool> {
+    host: &'a HostAssignment,
+    stats: &'a crate::consumers::HostStats,
+    /// The task should end (unassigned, or the relay stopping).
+    stopping: &'a F,
+    cancel: &'a Cancel,
+}
+
+impl<F: Fn() -> bool> Clone for Task<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Fn() -> bool> Copy for Task<'_, F> {}
+
+async fn connect_and_read<F: Fn() -> bool>(
     sh: &Rc<Shared>,
-    host: &HostAssignment,
+    task: Task<'_, F>,
     last_seq: &mut i64,
     upgraded: &mut Option<Instant>,
-    stopping: &impl Fn() -> bool,
-    cancel: &Cancel,
 ) -> Ended {
+    let host = task.host;
     let meter = Meter::new(HANDSHAKE_BYTES_MAX);
     let deadline = Duration::from_secs(sh.settings().upstream.connect_timeout_s as u64);
     let handshake = Box::pin(handshake(sh, host, *last_seq, meter.clone()));
@@ -241,8 +266,8 @@ async fn connect_and_read(
     meter.set_bound(UNFINISHED_BYTES_MAX);
     *upgraded = Some(Instant::now());
     match ws {
-        Upgraded::Plain(ws) => read_loop(sh, host, *ws, &meter, last_seq, stopping, cancel).await,
-        Upgraded::Tls(ws) => read_loop(sh, host, *ws, &meter, last_seq, stopping, cancel).await,
+        Upgraded::Plain(ws) => read_loop(sh, task, *ws, &meter, last_seq).await,
+        Upgraded::Tls(ws) => read_loop(sh, task, *ws, &meter, last_seq).await,
     }
 }
 
@@ -395,18 +420,19 @@ fn ws_error(e: async_tungstenite::tungstenite::Error, meter: &Meter) -> Ended {
     ended(reason, e)
 }
 
-async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() -> bool>(
     sh: &Rc<Shared>,
-    host: &HostAssignment,
+    task: Task<'_, F>,
     mut ws: async_tungstenite::WebSocketStream<S>,
     meter: &Meter,
     last_seq: &mut i64,
-    stopping: &impl Fn() -> bool,
-    cancel: &Cancel,
 ) -> Ended {
+    let Task { host, stats, stopping, cancel } = task;
     sh.slot().hosts_connected.fetch_add(1, Ordering::Relaxed);
+    stats.connected.set(true);
     let _connected = scopeguard(|| {
         sh.slot().hosts_connected.fetch_sub(1, Ordering::Relaxed);
+        stats.connected.set(false);
     });
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
     let mut buf = Vec::new();
@@ -459,7 +485,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         while let Some(wait) = bucket.take(Instant::now()) {
             glommio::timer::sleep(wait).await;
         }
-        if let Err(e) = handle_frame(sh, host, &data, last_seq, &mut buf).await {
+        if let Err(e) = handle_frame(sh, host, stats, &data, last_seq, &mut buf).await {
             return e;
         }
     }
@@ -471,19 +497,26 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
 async fn handle_frame(
     sh: &Shared,
     host: &HostAssignment,
+    stats: &crate::consumers::HostStats,
     data: &[u8],
     last_seq: &mut i64,
     buf: &mut Vec<u8>,
 ) -> Result<(), Ended> {
-    match check_frame(sh, host, data, *last_seq, buf).await {
+    let started = Instant::now();
+    let checked = check_frame(sh, host, data, *last_seq, buf).await;
+    sh.control.histogram(Hist::Validation).observe(started.elapsed().as_micros() as u64);
+    match checked {
         Ok(seq) => {
             push(sh, buf).await;
             sh.slot().events_in.fetch_add(1, Ordering::Relaxed);
+            stats.event(now_micros());
             *last_seq = seq;
         }
-        Err((Rejected::Drop(why), seq)) => {
+        Err((Rejected::Drop(reason, why), seq)) => {
             sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(host = host.hostname, seq, why, "dropped upstream event");
+            sh.slot().drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+            stats.drop(reason);
+            tracing::debug!(host = host.hostname, seq, reason = reason.name(), why, "dropped upstream event");
             if let Some(seq) = seq {
                 RingRecord::Cursor { host_id: host.id, upstream_seq: seq }.encode(buf);
                 push(sh, buf).await;
@@ -519,10 +552,12 @@ async fn push(sh: &Shared, rec: &[u8]) {
 
 async fn push_raw(sh: &Shared, rec: &[u8]) {
     let mut wait = Duration::from_micros(200);
+    let started = Instant::now();
     loop {
         let pushed = sh.producer.borrow_mut().try_push(rec.len(), |b| b.copy_from_slice(rec));
         if pushed {
             sh.control.writer_doorbell().ring();
+            sh.control.histogram(Hist::RingWait).observe(started.elapsed().as_micros() as u64);
             return;
         }
         glommio::timer::sleep(wait).await;
@@ -559,16 +594,19 @@ pub async fn check_frame(
     let seq = match (&ev, ev.seq()) {
         (Event::Info(i), _) => {
             tracing::info!(host = host.hostname, name = i.name, message = i.message, "upstream #info");
-            return Err((Rejected::Drop("info".into()), None));
+            return Err((Rejected::Drop(DropReason::Info, "info".into()), None));
         }
-        (_, None) => return Err((Rejected::Drop(format!("unknown message type {}", ev.type_name())), None)),
+        (_, None) => {
+            let why = format!("unknown message type {}", ev.type_name());
+            return Err((Rejected::Drop(DropReason::UnknownType, why), None));
+        }
         (_, Some(s)) => s,
     };
     if seq <= last_seq {
-        return Err((Rejected::Drop(format!("seq {seq} not above {last_seq}")), None));
+        return Err((Rejected::Drop(DropReason::OldSeq, format!("seq {seq} not above {last_seq}")), None));
     }
-    let drop = |why: String| (Rejected::Drop(why), Some(seq));
-    let span = decoded.seq_span.ok_or_else(|| drop("no seq span".into()))?;
+    let drop = |reason, why: String| (Rejected::Drop(reason, why), Some(seq));
+    let span = decoded.seq_span.ok_or_else(|| drop(DropReason::Malformed, "no seq span".into()))?;
     let mode = if sh.settings().strict { Mode::Strict } else { Mode::Lenient };
     let now = now_micros();
     let did = ev.did().expect("events with a seq have a DID");
@@ -594,7 +632,8 @@ pub async fn check_frame(
     let (commit_bytes, data_bytes, prev_bytes);
     match &ev {
         Event::Commit(c) => {
-            let checked = check_commit(c, mode, now).map_err(|e| drop(format!("{did}: {e}")))?;
+            let checked =
+                check_commit(c, mode, now).map_err(|e| drop(DropReason::InvalidCommit, format!("{did}: {e}")))?;
             rec.identity_micros =
                 authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
             commit_bytes = checked.commit_cid.to_bytes();
@@ -609,7 +648,7 @@ pub async fn check_frame(
             rec.proof = proof_code(&checked.proof);
         }
         Event::Sync(s) => {
-            let checked = check_sync(s, now).map_err(|e| drop(format!("{did}: {e}")))?;
+            let checked = check_sync(s, now).map_err(|e| drop(DropReason::InvalidSync, format!("{did}: {e}")))?;
             rec.identity_micros =
                 authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
             commit_bytes = checked.commit_cid.to_bytes();
@@ -634,7 +673,8 @@ pub async fn check_frame(
     }
     RingRecord::Event(rec).encode(out);
     if out.len() > sh.payload_max {
-        return Err(drop(format!("{did}: record of {} bytes exceeds the ring's limit", out.len())));
+        let why = format!("{did}: record of {} bytes exceeds the ring's limit", out.len());
+        return Err(drop(DropReason::TooLarge, why));
     }
     Ok(seq)
 }
@@ -651,6 +691,7 @@ async fn authority_and_signature(
     commit: Option<&CheckedCommit>,
 ) -> Result<i64, Rejected> {
     let mut last_err = String::new();
+    let mut reason = DropReason::IdentityFailed;
     let mut unavailable = 0;
     for fresh in [false, true] {
         let ident = match sh.resolver.did(did, fresh).await {
@@ -659,7 +700,7 @@ async fn authority_and_signature(
                 if e.is_transient() {
                     unavailable += 1;
                 }
-                last_err = e.to_string();
+                (reason, last_err) = (DropReason::IdentityFailed, e.to_string());
                 continue;
             }
         };
@@ -667,28 +708,29 @@ async fn authority_and_signature(
         match pds {
             Some(p) if p.name == host.hostname => {}
             Some(p) => {
-                last_err = format!("{did} is hosted at {}, not {}", p.name, host.hostname);
+                (reason, last_err) =
+                    (DropReason::WrongHost, format!("{did} is hosted at {}, not {}", p.name, host.hostname));
                 continue;
             }
             None => {
-                last_err = format!("{did} has no PDS endpoint");
+                (reason, last_err) = (DropReason::WrongHost, format!("{did} has no PDS endpoint"));
                 continue;
             }
         }
         let Some(c) = commit else { return Ok(ident.fetched_micros) };
         let Some(key) = &ident.signing_key else {
-            last_err = format!("{did} has no signing key");
+            (reason, last_err) = (DropReason::NoSigningKey, format!("{did} has no signing key"));
             continue;
         };
         match c.verify_signature(key) {
             Ok(()) => return Ok(ident.fetched_micros),
-            Err(e) => last_err = format!("{did}: signature: {e}"),
+            Err(e) => (reason, last_err) = (DropReason::BadSignature, format!("{did}: signature: {e}")),
         }
     }
     if unavailable == 2 {
         return Err(Rejected::Close(UpstreamClose::IdentityUnavailable, format!("identity unavailable: {last_err}")));
     }
-    Err(Rejected::Drop(last_err))
+    Err(Rejected::Drop(reason, last_err))
 }
 
 #[cfg(test)]

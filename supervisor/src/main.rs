@@ -10,6 +10,9 @@ mod demo;
 mod metrics;
 mod notify;
 mod pg;
+mod procstat;
+mod recent;
+mod status;
 mod summary;
 mod supervise;
 mod tail;
@@ -290,31 +293,50 @@ fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn,refinery=warn"))
 }
 
-/// `log_format` of the config this command runs on (text when it has
-/// none or it does not load: the command itself then says why).
-fn log_format(cmd: &Cmd) -> LogFormat {
-    let cfg = match cmd {
-        Cmd::Run { config } => load(config.as_deref()).ok(),
-        Cmd::DbWriter { config } | Cmd::Shard { config, .. } => Config::from_effective(config).ok(),
-        _ => None,
+/// How this command logs: the `log_format` of the config it runs on (text
+/// when it has none or it does not load: the command itself then says why),
+/// and for the relay's own processes the file of recent errors
+/// ([`recent`]) with the process's name.
+fn log_setup(cmd: &Cmd) -> (LogFormat, Option<(PathBuf, String)>) {
+    let (cfg, name) = match cmd {
+        Cmd::Run { config } => (load(config.as_deref()).ok(), "supervisor".to_owned()),
+        Cmd::DbWriter { config } => (Config::from_effective(config).ok(), "db-writer".to_owned()),
+        Cmd::Shard { config, id } => (Config::from_effective(config).ok(), format!("shard-{id}")),
+        _ => (None, String::new()),
     };
     match cfg {
-        Some(c) => c.log_format,
-        None if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|v| v.trim() == "json") => LogFormat::Json,
-        None => LogFormat::Text,
+        Some(c) => (c.log_format, Some((c.run_dir(), name))),
+        None if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|v| v.trim() == "json") => (LogFormat::Json, None),
+        None => (LogFormat::Text, None),
     }
 }
 
 /// Logs to stderr (journald under systemd): text, coloured only on a
-/// terminal, or one JSON object per line.
-fn init_logs(format: LogFormat) {
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(log_filter(std::env::var("SLUICE_LOG").ok().as_deref()))
-        .with_writer(|| LogOut);
-    match format {
-        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
-        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-    }
+/// terminal, or one JSON object per line; WARN and ERROR also to the
+/// recent-errors file when given.
+fn init_logs(format: LogFormat, recent: Option<(PathBuf, String)>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(|| LogOut)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(|| LogOut)
+    });
+    let recent = recent.and_then(|(dir, name)| recent::layer(dir, &name).ok());
+    tracing_subscriber::registry()
+        .with(log_filter(std::env::var("SLUICE_LOG").ok().as_deref()))
+        .with(text)
+        .with(json)
+        .with(recent)
+        .init();
 }
 
 fn main() -> anyhow::Result<()> {
@@ -323,7 +345,8 @@ fn main() -> anyhow::Result<()> {
         // Before any thread exists: nothing else reads the environment yet.
         std::env::set_var("SLUICE_LOG", DROPS_LOG);
     }
-    init_logs(log_format(&cli.cmd));
+    let (format, recent) = log_setup(&cli.cmd);
+    init_logs(format, recent);
     match cli.cmd {
         Cmd::Run { config } => {
             let source = config.clone().or_else(|| {

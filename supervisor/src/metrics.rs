@@ -3,8 +3,9 @@
 //! per-shard counters, the db-writer's counters, ring fill, watermarks.
 //! One small blocking thread; a request gets the whole page.
 
+use sluice_common::consumers::{read_snapshots, top_hosts, HostInfo};
 use sluice_common::host::HostStatus;
-use sluice_common::shm::{ControlBlock, UpstreamClose, WriterCounter};
+use sluice_common::shm::{ControlBlock, DropReason, Hist, UpstreamClose, WriterCounter};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -19,47 +20,82 @@ pub struct View {
     pub rings: Vec<(u64, u64)>,
     /// Hosts per status, as of the last host poll.
     pub hosts: Vec<(HostStatus, u64)>,
+    /// The relay's processes: (name, pid).
+    pub procs: Vec<(String, u32)>,
+    /// `data_dir/run`, where the shards publish their snapshots (per-host
+    /// series); None: no per-host series.
+    pub run_dir: Option<std::path::PathBuf>,
 }
 
 pub type SharedView = Arc<std::sync::Mutex<View>>;
 
+/// Hosts named in the per-host series, relay-wide; the rest are summed as
+/// `host="_other"` (a relay may read 10,000 hosts).
+pub const HOST_SERIES_MAX: usize = 50;
+/// A shard snapshot older than this is a stopped shard's.
+const SNAPSHOT_STALE_SECS: u64 = 10;
+
+/// One metric family: HELP, TYPE and its samples (`labels` include the
+/// braces, or are empty).
+fn family(out: &mut String, name: &str, help: &str, kind: &str, values: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in values {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+fn one(v: u64) -> [(String, u64); 1] {
+    [(String::new(), v)]
+}
+
+/// A label value, escaped as the exposition format wants.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 pub fn render(cb: &ControlBlock, view: &View) -> String {
-    let rings = &view.rings;
-    let mut out = String::with_capacity(4096);
-    let mut gauge = |name: &str, help: &str, kind: &str, values: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in values {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    gauge(
+    let mut out = String::with_capacity(16 * 1024);
+    relay(&mut out, cb);
+    shards(&mut out, cb);
+    histograms(&mut out, cb);
+    hosts(&mut out, view);
+    rings(&mut out, view);
+    processes(&mut out, view);
+    out
+}
+
+fn relay(out: &mut String, cb: &ControlBlock) {
+    family(
+        out,
         "sluice_committed_seq",
         "Highest durable relay seq.",
         "gauge",
-        &[(String::new(), cb.committed().load(Ordering::Relaxed))],
+        &one(cb.committed().load(Ordering::Relaxed)),
     );
-    gauge(
+    family(
+        out,
         "sluice_oldest_seq",
         "Lowest relay seq still in the event log.",
         "gauge",
-        &[(String::new(), cb.oldest().load(Ordering::Relaxed))],
+        &one(cb.oldest().load(Ordering::Relaxed)),
     );
-    gauge(
+    family(
+        out,
         "sluice_disk_full",
         "1 while intake is paused because the event log or Postgres is out of space.",
         "gauge",
-        &[(String::new(), u64::from(cb.writer_state() == sluice_common::shm::WriterState::DiskFull))],
+        &one(u64::from(cb.writer_state() == sluice_common::shm::WriterState::DiskFull)),
     );
     for c in WriterCounter::ALL {
         let (name, help) = c.describe();
-        gauge(name, help, "counter", &[(String::new(), cb.writer_counter(c).load(Ordering::Relaxed))]);
+        family(out, name, help, "counter", &one(cb.writer_counter(c).load(Ordering::Relaxed)));
     }
+}
+
+fn shards(out: &mut String, cb: &ControlBlock) {
     let n = cb.shard_count().load(Ordering::Relaxed) as usize;
-    let per = |f: &dyn Fn(usize) -> u64| -> Vec<(String, u64)> {
-        (0..n).map(|k| (format!("{{shard=\"{k}\"}}"), f(k))).collect()
-    };
     type Field = fn(&sluice_common::shm::ShardSlot<'_>) -> u64;
-    let per_shard: [(&str, &str, &str, Field); 7] = [
+    let per_shard: [(&str, &str, &str, Field); 8] = [
         ("sluice_shard_hosts_connected", "Upstream hosts connected.", "gauge", |s| {
             s.hosts_connected.load(Ordering::Relaxed)
         }),
@@ -69,6 +105,9 @@ pub fn render(cb: &ControlBlock, view: &View) -> String {
         }),
         ("sluice_shard_frames_out_total", "Frames sent to consumers.", "counter", |s| {
             s.frames_out.load(Ordering::Relaxed)
+        }),
+        ("sluice_shard_bytes_out_total", "Bytes of frames sent to consumers.", "counter", |s| {
+            s.bytes_out.load(Ordering::Relaxed)
         }),
         (
             "sluice_shard_consumers_cut_lag_total",
@@ -90,33 +129,153 @@ pub fn render(cb: &ControlBlock, view: &View) -> String {
         ),
     ];
     for (name, help, kind, field) in per_shard {
-        gauge(name, help, kind, &per(&|k| field(&cb.shard(k))));
+        let values: Vec<(String, u64)> = (0..n).map(|k| (format!("{{shard=\"{k}\"}}"), field(&cb.shard(k)))).collect();
+        family(out, name, help, kind, &values);
     }
-    let closes: Vec<(String, u64)> = (0..n)
-        .flat_map(|k| {
-            let slot = cb.shard(k);
-            UpstreamClose::ALL.map(|r| {
-                (
-                    format!("{{shard=\"{k}\",reason=\"{}\"}}", r.name()),
-                    slot.upstream_closes[r as usize].load(Ordering::Relaxed),
-                )
-            })
-        })
-        .collect();
-    gauge(
+    let by_reason =
+        |f: &dyn Fn(&sluice_common::shm::ShardSlot<'_>, usize) -> u64, names: &[&str]| -> Vec<(String, u64)> {
+            (0..n)
+                .flat_map(|k| {
+                    let slot = cb.shard(k);
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (format!("{{shard=\"{k}\",reason=\"{r}\"}}"), f(&slot, i)))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+    let drop_names: Vec<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
+    family(
+        out,
+        "sluice_shard_drops_total",
+        "Upstream events dropped by the stateless checks, by reason (the connection stays up).",
+        "counter",
+        &by_reason(&|s, i| s.drops[i].load(Ordering::Relaxed), &drop_names),
+    );
+    let close_names: Vec<&str> = UpstreamClose::ALL.iter().map(|r| r.name()).collect();
+    family(
+        out,
         "sluice_shard_upstream_closes_total",
         "Upstream connections ended (or never established), by reason.",
         "counter",
-        &closes,
+        &by_reason(&|s, i| s.upstream_closes[i].load(Ordering::Relaxed), &close_names),
     );
+}
+
+fn histograms(out: &mut String, cb: &ControlBlock) {
+    for h in Hist::ALL {
+        let (name, help, micros) = h.describe();
+        let g = cb.histogram(h);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let scale = |v: u64| if micros { format!("{}", v as f64 / 1e6) } else { v.to_string() };
+        let cumulative = g.cumulative();
+        for (b, c) in h.bounds().iter().zip(&cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {c}", scale(*b));
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", cumulative.last().copied().unwrap_or(0));
+        let _ = writeln!(out, "{name}_sum {}", scale(g.sum.load(Ordering::Relaxed)));
+        let _ = writeln!(out, "{name}_count {}", g.count.load(Ordering::Relaxed));
+    }
+}
+
+/// Hosts by status, and the busiest [`HOST_SERIES_MAX`] hosts by name
+/// from the shards' snapshots (the rest as `_other`).
+fn hosts(out: &mut String, view: &View) {
     let hosts: Vec<(String, u64)> =
         view.hosts.iter().map(|(st, n)| (format!("{{status=\"{}\"}}", st.as_str()), *n)).collect();
-    gauge("sluice_hosts", "Upstream hosts known, by status (active, offline, idle, banned).", "gauge", &hosts);
-    let fill: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.0)).collect();
-    gauge("sluice_ring_used_bytes", "Bytes in the shard's ring not yet committed.", "gauge", &fill);
-    let cap: Vec<(String, u64)> = rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.1)).collect();
-    gauge("sluice_ring_capacity_bytes", "Ring capacity.", "gauge", &cap);
-    out
+    family(out, "sluice_hosts", "Upstream hosts known, by status (active, offline, idle, banned).", "gauge", &hosts);
+    let snapshots = view.run_dir.as_deref().map(|d| read_snapshots(d, SNAPSHOT_STALE_SECS)).unwrap_or_default();
+    let mut all: Vec<HostInfo> = Vec::new();
+    let mut other = HostInfo { hostname: "_other".into(), ..HostInfo::default() };
+    for s in snapshots {
+        all.extend(s.hosts);
+        if let Some(o) = &s.other_hosts {
+            other.absorb(o);
+        }
+    }
+    let (mut named, rest) = top_hosts(all, HOST_SERIES_MAX, "_other");
+    if let Some(r) = &rest {
+        other.absorb(r);
+    }
+    if other.events > 0 || other.dropped() > 0 || rest.is_some() {
+        named.push(other);
+    }
+    let per = |f: &dyn Fn(&HostInfo) -> u64| -> Vec<(String, u64)> {
+        named.iter().map(|h| (format!("{{host=\"{}\"}}", label(&h.hostname)), f(h))).collect()
+    };
+    family(
+        out,
+        "sluice_host_events_total",
+        "Validated events per host (busiest hosts; the rest as _other).",
+        "counter",
+        &per(&|h| h.events),
+    );
+    family(
+        out,
+        "sluice_host_connected",
+        "1 while the host's connection is up (_other: any of the rest).",
+        "gauge",
+        &per(&|h| u64::from(h.connected)),
+    );
+    family(
+        out,
+        "sluice_host_last_event_timestamp_seconds",
+        "Unix time of the host's last validated event (0: none since its shard started).",
+        "gauge",
+        &per(&|h| (h.last_event_micros / 1_000_000).max(0) as u64),
+    );
+    let drops: Vec<(String, u64)> = named
+        .iter()
+        .flat_map(|h| {
+            DropReason::ALL.iter().map(|r| {
+                let n = h.drops.get(*r as usize).copied().unwrap_or(0);
+                (format!("{{host=\"{}\",reason=\"{}\"}}", label(&h.hostname), r.name()), n)
+            })
+        })
+        .collect();
+    family(
+        out,
+        "sluice_host_drops_total",
+        "Events dropped per host and reason (busiest hosts; the rest as _other).",
+        "counter",
+        &drops,
+    );
+}
+
+fn rings(out: &mut String, view: &View) {
+    let fill: Vec<(String, u64)> =
+        view.rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.0)).collect();
+    family(out, "sluice_ring_used_bytes", "Bytes in the shard's ring not yet committed.", "gauge", &fill);
+    let cap: Vec<(String, u64)> =
+        view.rings.iter().enumerate().map(|(k, r)| (format!("{{shard=\"{k}\"}}"), r.1)).collect();
+    family(out, "sluice_ring_capacity_bytes", "Ring capacity.", "gauge", &cap);
+}
+
+/// RSS, descriptors, threads and CPU of each of the relay's processes.
+fn processes(out: &mut String, view: &View) {
+    let stats: Vec<(String, crate::procstat::ProcStat)> =
+        view.procs.iter().filter_map(|(name, pid)| Some((name.clone(), crate::procstat::read(*pid)?))).collect();
+    let per = |f: &dyn Fn(&crate::procstat::ProcStat) -> u64| -> Vec<(String, u64)> {
+        stats.iter().map(|(n, s)| (format!("{{process=\"{n}\"}}"), f(s))).collect()
+    };
+    family(
+        out,
+        "sluice_process_resident_memory_bytes",
+        "Resident memory per process.",
+        "gauge",
+        &per(&|s| s.rss_bytes),
+    );
+    family(out, "sluice_process_open_fds", "Open file descriptors per process.", "gauge", &per(&|s| s.fds));
+    family(out, "sluice_process_threads", "Threads per process.", "gauge", &per(&|s| s.threads));
+    let cpu: Vec<String> = stats
+        .iter()
+        .map(|(n, s)| format!("sluice_process_cpu_seconds_total{{process=\"{n}\"}} {:.2}", s.cpu_seconds))
+        .collect();
+    let _ = writeln!(out, "# HELP sluice_process_cpu_seconds_total CPU time (user and system) per process.\n# TYPE sluice_process_cpu_seconds_total counter");
+    for l in cpu {
+        let _ = writeln!(out, "{l}");
+    }
 }
 
 /// The running endpoint; [`Endpoint::stop`] ends it (SIGHUP with a new
@@ -191,8 +350,13 @@ mod tests {
         cb.shard(1).hosts_connected.store(7, Ordering::Relaxed);
         cb.shard(0).frames_out.store(42, Ordering::Relaxed);
         cb.committed().store(9, Ordering::Relaxed);
-        let view =
-            View { rings: vec![(1, 10), (2, 10)], hosts: vec![(HostStatus::Active, 3), (HostStatus::Offline, 1)] };
+        let view = View {
+            rings: vec![(1, 10), (2, 10)],
+            hosts: vec![(HostStatus::Active, 3), (HostStatus::Offline, 1)],
+            procs: vec![("supervisor".into(), std::process::id())],
+            run_dir: None,
+        };
+        cb.histogram(Hist::GroupCommit).observe(300);
         let page = render(&cb, &view);
         for line in [
             "# TYPE sluice_committed_seq gauge",
@@ -209,8 +373,22 @@ mod tests {
             "sluice_ring_used_bytes{shard=\"1\"} 2",
             "sluice_group_commits_total 0",
             "sluice_hosts{status=\"offline\"} 1",
+            "# TYPE sluice_group_commit_seconds histogram",
+            "sluice_group_commit_seconds_bucket{le=\"0.00025\"} 0",
+            "sluice_group_commit_seconds_bucket{le=\"0.0005\"} 1",
+            "sluice_group_commit_seconds_bucket{le=\"+Inf\"} 1",
+            "sluice_group_commit_seconds_sum 0.0003",
+            "sluice_group_commit_seconds_count 1",
+            "sluice_consumer_lag_events_bucket{le=\"1000\"} 0",
+            "sluice_shard_drops_total{shard=\"1\",reason=\"bad_signature\"} 0",
+            "sluice_process_threads{process=\"supervisor\"} ",
         ] {
-            assert!(page.lines().any(|l| l == line), "missing {line:?} in\n{page}");
+            let found = if line.ends_with(' ') {
+                page.lines().any(|l| l.starts_with(line))
+            } else {
+                page.lines().any(|l| l == line)
+            };
+            assert!(found, "missing {line:?} in\n{page}");
         }
     }
 }

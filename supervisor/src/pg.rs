@@ -160,6 +160,11 @@ fn postmaster_pid(dir: &Path) -> Option<i32> {
 }
 
 impl EmbeddedPg {
+    /// The running postmaster's pid (for the metrics), if any.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        postmaster_pid(&self.dir).and_then(|p| u32::try_from(p).ok())
+    }
+
     /// Initialise (first time) and start the cluster; returns it running.
     /// A postmaster still running on this data directory is one a killed
     /// supervisor left behind (the caller holds the instance lock): it is

@@ -359,7 +359,9 @@ impl Supervisor {
         let mut last_pg_check = Instant::now();
         let mut summary =
             crate::summary::Summary::new(Duration::from_secs(self.cfg.log_summary_interval_s.into()), &self.control);
+        let mut status = crate::status::StatusWriter::default();
         let watchdog = crate::notify::watchdog_every();
+        let mut last_procs = Instant::now() - Duration::from_secs(1);
         let mut last_watchdog = Instant::now();
         while !term.load(Ordering::Acquire) {
             if watchdog.is_some_and(|every| last_watchdog.elapsed() >= every) {
@@ -401,9 +403,16 @@ impl Supervisor {
                 summary.set_every(Duration::from_secs(self.cfg.log_summary_interval_s.into()));
                 last_poll = Instant::now() - HOST_POLL;
             }
+            let procs = (last_procs.elapsed() >= Duration::from_secs(1)).then(|| self.procs());
             if let Ok(mut v) = self.view.lock() {
                 v.rings = self.rings.iter().map(|r| (r.used(), r.capacity())).collect();
+                if let Some(p) = procs {
+                    last_procs = Instant::now();
+                    v.procs = p;
+                    v.run_dir = Some(self.cfg.run_dir());
+                }
                 summary.tick(&self.control, &v);
+                status.tick(&self.control, &v);
             }
             if let Some(t) = tick.as_mut() {
                 t(&self.control);
@@ -412,6 +421,23 @@ impl Supervisor {
         }
         self.shutdown();
         Ok(())
+    }
+
+    /// The relay's processes by name, for the per-process metrics.
+    fn procs(&self) -> Vec<(String, u32)> {
+        let mut out = vec![("supervisor".to_owned(), std::process::id())];
+        if let Some(c) = &self.writer.child {
+            out.push(("db-writer".to_owned(), c.id()));
+        }
+        for (k, p) in self.shards.iter().enumerate() {
+            if let Some(c) = &p.child {
+                out.push((format!("shard-{k}"), c.id()));
+            }
+        }
+        if let Some(pid) = self.pg.as_ref().and_then(|p| p.postmaster_pid()) {
+            out.push(("postgres".to_owned(), pid));
+        }
+        out
     }
 
     fn assign(&mut self, hosts: &[sluice_dbwriter::db::HostRow]) {

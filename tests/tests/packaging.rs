@@ -74,10 +74,7 @@ fn deb_holds_binary_unit_config_and_scripts() {
     for s in ["postinst", "prerm", "postrm", "conffiles", "md5sums"] {
         assert!(info.contains(s), "{s} missing:\n{info}");
     }
-    for f in [
-        "./usr/share/doc/sluice/copyright",
-        "./usr/share/doc/sluice/changelog.gz",
-    ] {
+    for f in ["./usr/share/doc/sluice/copyright", "./usr/share/doc/sluice/changelog.gz"] {
         assert!(contents.contains(f), "{f} missing from the package:\n{contents}");
     }
     // Unpacked: md5sums match, the copyright names the linked crates,
