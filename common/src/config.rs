@@ -310,47 +310,13 @@ impl RawConfig {
         if !(1..=3600).contains(&consumer_write_timeout_s) {
             return Err(invalid("consumer_write_timeout_s", "from 1 to 3600"));
         }
-        let shard_count = match self.shard_count {
-            None => 1,
-            Some(ShardCount::Number(0)) => return Err(invalid("shard_count", "must be at least 1")),
-            Some(ShardCount::Number(n)) => n,
-            Some(ShardCount::Word(w)) if w == "auto" => cores.max(1),
-            Some(ShardCount::Word(w)) => {
-                return Err(invalid("shard_count", format!("{w:?} is not a number or \"auto\"")))
-            }
-        };
-        if shard_count > 256 {
-            return Err(invalid("shard_count", "at most 256"));
-        }
+        let shard_count = self.shard_count(cores)?;
         let addr = |key: &'static str, v: Option<String>, d: &str| -> Result<SocketAddr, ConfigError> {
             let s = v.unwrap_or_else(|| d.to_owned());
             s.parse().map_err(|e| invalid(key, format!("{s:?}: {e}")))
         };
-        let l = self.limits.unwrap_or_default();
-        let limits = Limits {
-            host_events_per_second_max: l.host_events_per_second_max.unwrap_or(5_000),
-            host_account_limit_default: l.host_account_limit_default.unwrap_or(100_000),
-            new_hosts_per_day_max: l.new_hosts_per_day_max.unwrap_or(500),
-            consumers_max: l.consumers_max.unwrap_or(1_000),
-            consumer_lag_events_max: l.consumer_lag_events_max.unwrap_or(2_000_000),
-            identity_cache_entries_max: l.identity_cache_entries_max.unwrap_or(200_000),
-            account_cache_entries_max: l.account_cache_entries_max.unwrap_or(500_000),
-        };
-        if limits.consumers_max == 0 {
-            return Err(invalid("limits.consumers_max", "must be at least 1"));
-        }
-        let ring_size_bytes = self.ring_size_bytes.unwrap_or(64 << 20);
-        if !ring_size_bytes.is_power_of_two() || !(1 << 16..=1 << 32).contains(&ring_size_bytes) {
-            return Err(invalid("ring_size_bytes", "a power of two from 64 KiB to 4 GiB"));
-        }
-        // A ring must hold at least one maximal record.
-        if ring_size_bytes < 2 * crate::frame::FRAME_BYTES_MAX as u64 + (1 << 16) {
-            return Err(invalid("ring_size_bytes", "must hold two maximal frames (at least 16 MiB)"));
-        }
-        let segment_size_bytes = self.segment_size_bytes.unwrap_or(256 << 20);
-        if !(8 << 20..=1 << 34).contains(&segment_size_bytes) {
-            return Err(invalid("segment_size_bytes", "from 8 MiB to 16 GiB"));
-        }
+        let limits = self.limits()?;
+        let (ring_size_bytes, segment_size_bytes) = self.sizes()?;
         let initial_seq = self.initial_seq.unwrap_or(1);
         if !(1..crate::frame::SEQ_MAX).contains(&initial_seq) {
             return Err(invalid("initial_seq", "a positive integer below 2^53"));
@@ -403,6 +369,56 @@ impl RawConfig {
                 _ => return Err(invalid("log_summary_interval_s", "from 0 (never) to 86400")),
             },
         })
+    }
+
+    fn shard_count(&self, cores: u32) -> Result<u32, ConfigError> {
+        let shard_count = match &self.shard_count {
+            None => 1,
+            Some(ShardCount::Number(0)) => return Err(invalid("shard_count", "must be at least 1")),
+            Some(ShardCount::Number(n)) => *n,
+            Some(ShardCount::Word(w)) if w == "auto" => cores.max(1),
+            Some(ShardCount::Word(w)) => {
+                return Err(invalid("shard_count", format!("{w:?} is not a number or \"auto\"")))
+            }
+        };
+        if shard_count > 256 {
+            return Err(invalid("shard_count", "at most 256"));
+        }
+        Ok(shard_count)
+    }
+
+    fn limits(&self) -> Result<Limits, ConfigError> {
+        let l = self.limits.clone().unwrap_or_default();
+        let limits = Limits {
+            host_events_per_second_max: l.host_events_per_second_max.unwrap_or(5_000),
+            host_account_limit_default: l.host_account_limit_default.unwrap_or(100_000),
+            new_hosts_per_day_max: l.new_hosts_per_day_max.unwrap_or(500),
+            consumers_max: l.consumers_max.unwrap_or(1_000),
+            consumer_lag_events_max: l.consumer_lag_events_max.unwrap_or(2_000_000),
+            identity_cache_entries_max: l.identity_cache_entries_max.unwrap_or(200_000),
+            account_cache_entries_max: l.account_cache_entries_max.unwrap_or(500_000),
+        };
+        if limits.consumers_max == 0 {
+            return Err(invalid("limits.consumers_max", "must be at least 1"));
+        }
+        Ok(limits)
+    }
+
+    /// The ring and event log segment sizes.
+    fn sizes(&self) -> Result<(u64, u64), ConfigError> {
+        let ring_size_bytes = self.ring_size_bytes.unwrap_or(64 << 20);
+        if !ring_size_bytes.is_power_of_two() || !(1 << 16..=1 << 32).contains(&ring_size_bytes) {
+            return Err(invalid("ring_size_bytes", "a power of two from 64 KiB to 4 GiB"));
+        }
+        // A ring must hold at least one maximal record.
+        if ring_size_bytes < 2 * crate::frame::FRAME_BYTES_MAX as u64 + (1 << 16) {
+            return Err(invalid("ring_size_bytes", "must hold two maximal frames (at least 16 MiB)"));
+        }
+        let segment_size_bytes = self.segment_size_bytes.unwrap_or(256 << 20);
+        if !(8 << 20..=1 << 34).contains(&segment_size_bytes) {
+            return Err(invalid("segment_size_bytes", "from 8 MiB to 16 GiB"));
+        }
+        Ok((ring_size_bytes, segment_size_bytes))
     }
 
     fn host_offline_idle_days(&self) -> Result<f64, ConfigError> {

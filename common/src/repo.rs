@@ -130,6 +130,15 @@ pub struct Repo {
     records: usize,
 }
 
+/// What applying a commit's ops to the tree gave ([`Repo::apply`]).
+struct Applied {
+    data: Cid,
+    ops: Vec<OpRecord>,
+    records: Vec<(Cid, Vec<u8>)>,
+    nodes: Vec<(Cid, Vec<u8>)>,
+    delta: isize,
+}
+
 impl Repo {
     pub fn new(did: impl Into<String>, key: PrivateKey) -> Repo {
         let mut blocks = HashMap::new();
@@ -207,6 +216,48 @@ impl Repo {
             }
         }
         let prev_data = self.data;
+        let Applied { data, ops: out_ops, records: new_records, nodes: new_nodes, delta } =
+            self.apply(ops, prev_data)?;
+        self.blocks.extend(new_nodes.iter().cloned());
+        // The nodes a relay needs to invert the commit.
+        let proof = self.inversion_reads(data, prev_data, &out_ops)?;
+        let (commit_cid, commit_block) = sign_commit(&self.did, &data, rev.as_str(), &self.key);
+        let mut car_blocks: BTreeMap<Cid, &[u8]> = BTreeMap::new();
+        car_blocks.insert(commit_cid, &commit_block);
+        for (c, b) in &new_records {
+            car_blocks.insert(*c, b);
+        }
+        for (c, b) in &new_nodes {
+            car_blocks.insert(*c, b);
+        }
+        let proof_nodes: BTreeSet<Cid> = proof.into_iter().collect();
+        for c in &proof_nodes {
+            if let Some(b) = self.blocks.get(c) {
+                car_blocks.insert(*c, b);
+            }
+        }
+        let car = write_car(&commit_cid, car_blocks.iter().map(|(c, b)| (c, *b)));
+        self.blocks.extend(new_records);
+        self.records = (self.records as isize + delta) as usize;
+        let since = self.rev.replace(rev.clone());
+        self.data = data;
+        self.commit = Some((commit_cid, commit_block));
+        Ok(RepoCommit {
+            did: self.did.clone(),
+            rev,
+            since,
+            commit_cid,
+            data,
+            prev_data,
+            car,
+            ops: out_ops,
+            proof_nodes,
+        })
+    }
+
+    /// Apply `ops` to the tree at `prev_data`: the new root, the op
+    /// records, the new record and node blocks, the change in records.
+    fn apply(&self, ops: &[WriteOp], prev_data: Cid) -> Result<Applied, RepoError> {
         let mut out_ops = Vec::with_capacity(ops.len());
         let mut new_records: Vec<(Cid, Vec<u8>)> = Vec::new();
         let mut new_nodes: Vec<(Cid, Vec<u8>)> = Vec::new();
@@ -248,57 +299,32 @@ impl Repo {
             }
             mst.root_with(&mut |c, b| new_nodes.push((c, b)))
         };
-        self.blocks.extend(new_nodes.iter().cloned());
-        // The nodes a relay needs to invert the commit.
-        let proof = {
-            let rec = Recording::new(&self.blocks);
-            let mut inv = Mst::load(&rec, data)?;
-            for op in out_ops.iter().rev() {
-                match (op.action, op.prev) {
-                    (Action::Create, _) => {
-                        inv.delete(op.path.as_bytes())?;
-                    }
-                    (_, Some(prev)) => {
-                        inv.put(op.path.as_bytes(), prev)?;
-                    }
-                    (_, None) => unreachable!("update/delete always carry prev"),
+        Ok(Applied { data, ops: out_ops, records: new_records, nodes: new_nodes, delta })
+    }
+
+    /// The blocks read while inverting `ops` (last first) from the tree at
+    /// `data` back to `prev_data`: what a commit must carry (Sync 1.1).
+    fn inversion_reads(
+        &self,
+        data: Cid,
+        prev_data: Cid,
+        ops: &[OpRecord],
+    ) -> Result<std::collections::HashSet<Cid>, RepoError> {
+        let rec = Recording::new(&self.blocks);
+        let mut inv = Mst::load(&rec, data)?;
+        for op in ops.iter().rev() {
+            match (op.action, op.prev) {
+                (Action::Create, _) => {
+                    inv.delete(op.path.as_bytes())?;
                 }
-            }
-            debug_assert_eq!(inv.root(), prev_data);
-            rec.read.into_inner()
-        };
-        let (commit_cid, commit_block) = sign_commit(&self.did, &data, rev.as_str(), &self.key);
-        let mut car_blocks: BTreeMap<Cid, &[u8]> = BTreeMap::new();
-        car_blocks.insert(commit_cid, &commit_block);
-        for (c, b) in &new_records {
-            car_blocks.insert(*c, b);
-        }
-        for (c, b) in &new_nodes {
-            car_blocks.insert(*c, b);
-        }
-        let proof_nodes: BTreeSet<Cid> = proof.into_iter().collect();
-        for c in &proof_nodes {
-            if let Some(b) = self.blocks.get(c) {
-                car_blocks.insert(*c, b);
+                (_, Some(prev)) => {
+                    inv.put(op.path.as_bytes(), prev)?;
+                }
+                (_, None) => unreachable!("update/delete always carry prev"),
             }
         }
-        let car = write_car(&commit_cid, car_blocks.iter().map(|(c, b)| (c, *b)));
-        self.blocks.extend(new_records);
-        self.records = (self.records as isize + delta) as usize;
-        let since = self.rev.replace(rev.clone());
-        self.data = data;
-        self.commit = Some((commit_cid, commit_block));
-        Ok(RepoCommit {
-            did: self.did.clone(),
-            rev,
-            since,
-            commit_cid,
-            data,
-            prev_data,
-            car,
-            ops: out_ops,
-            proof_nodes,
-        })
+        debug_assert_eq!(inv.root(), prev_data);
+        Ok(rec.read.into_inner())
     }
 
     /// A `#sync` frame for the current commit (after at least one commit).

@@ -105,17 +105,22 @@ pub unsafe fn run(
     for w in workers {
         let _ = w.join();
     }
+    log_stopped(&control, seq.log.next_seq() - 1);
+    control.set_writer_state(WriterState::Stopped);
+    r
+}
+
+/// The INFO line a stopping db-writer leaves.
+fn log_stopped(control: &ControlBlock, last_seq: i64) {
     let n = |c| control.writer_counter(c).load(Ordering::Relaxed);
     tracing::info!(
-        last_seq = seq.log.next_seq() - 1,
+        last_seq,
         relayed = n(WriterCounter::Relayed),
         dropped = n(WriterCounter::Dropped),
         duplicates = n(WriterCounter::Duplicates),
         chain_breaks = n(WriterCounter::ChainBreaks),
         "db-writer stopped"
     );
-    control.set_writer_state(WriterState::Stopped);
-    r
 }
 
 /// The query workers' configuration.

@@ -109,6 +109,33 @@ pub struct Sequencer {
     ingested: Vec<i64>,
 }
 
+/// Keep the per-host account counts true as `state` is relayed: a new
+/// account (`counted` None) adds to its host, a move moves it, a deletion
+/// leaves the count and a restore comes back.
+fn count_change(batch: &mut Batch, counted: Option<&AccountState>, state: &AccountState) {
+    match counted {
+        None => {
+            *batch.new_accounts.entry(state.host_id).or_default() += 1;
+        }
+        Some(old) if old.host_id != state.host_id => batch.moves.push((old.host_id, state.host_id)),
+        _ => {}
+    }
+    // Counts stay true both ways: a deleted account leaves its host's
+    // count, and comes back if it is restored.
+    if let Some(old) = counted {
+        let deleted = |s: &AccountState| s.upstream_status.as_deref() == Some("deleted");
+        match (deleted(old), deleted(state)) {
+            (false, true) => *batch.new_accounts.entry(state.host_id).or_default() -= 1,
+            (true, false) => *batch.new_accounts.entry(state.host_id).or_default() += 1,
+            _ => {}
+        }
+    }
+}
+
+/// A takedown applied in this round, answered once it is durable: the
+/// reply channel, the seq of its `#account` event, the DID, on or off.
+type TakedownReply = (std::sync::mpsc::SyncSender<Result<i64, String>>, i64, String, bool);
+
 /// What the sequencer takes from a reload, in place.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
@@ -278,12 +305,7 @@ impl Sequencer {
             self.send_flags();
             let n = match self.round() {
                 Ok(n) => {
-                    if let Some((since, why)) = self.paused.take() {
-                        self.control.set_writer_state(WriterState::Ready);
-                        let what =
-                            if why == WriterState::DiskFull { "disk space is back" } else { "Postgres answers again" };
-                        tracing::info!(paused_s = since.elapsed().as_secs(), "{what}; intake resumed");
-                    }
+                    self.resumed();
                     n
                 }
                 Err(e) if is_disk_full(&e) => {
@@ -311,20 +333,7 @@ impl Sequencer {
             }
             if last_idle_sweep.elapsed() >= IDLE_SWEEP {
                 last_idle_sweep = Instant::now();
-                // A failure here is Postgres going away: the next round
-                // finds out and pauses.
-                match db::idle_offline_hosts(&mut self.pg, self.offline_idle_after) {
-                    Ok(hosts) => {
-                        for host in hosts {
-                            tracing::warn!(
-                                host,
-                                days = self.offline_idle_after.as_secs_f64() / 86_400.0,
-                                "host offline too long: now idle, not dialed until its next requestCrawl"
-                            );
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "idle-host sweep failed"),
-                }
+                self.idle_sweep();
             }
             // Once a minute, or four times per window when it is shorter.
             let every = Duration::from_micros((self.retention_micros / 4).clamp(100_000, 60_000_000) as u64);
@@ -334,6 +343,32 @@ impl Sequencer {
                     self.control.oldest().store(first as u64, Ordering::Release);
                 }
             }
+        }
+    }
+
+    /// Hosts offline past `host_offline_idle_days` go idle. A failure here
+    /// is Postgres going away: the next round finds out and pauses.
+    fn idle_sweep(&mut self) {
+        match db::idle_offline_hosts(&mut self.pg, self.offline_idle_after) {
+            Ok(hosts) => {
+                for host in hosts {
+                    tracing::warn!(
+                        host,
+                        days = self.offline_idle_after.as_secs_f64() / 86_400.0,
+                        "host offline too long: now idle, not dialed until its next requestCrawl"
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "idle-host sweep failed"),
+        }
+    }
+
+    /// A round went through: if intake was paused, it resumes.
+    fn resumed(&mut self) {
+        if let Some((since, why)) = self.paused.take() {
+            self.control.set_writer_state(WriterState::Ready);
+            let what = if why == WriterState::DiskFull { "disk space is back" } else { "Postgres answers again" };
+            tracing::info!(paused_s = since.elapsed().as_secs(), "{what}; intake resumed");
         }
     }
 
@@ -452,33 +487,7 @@ impl Sequencer {
         let mut taken = 0;
         // Admin actions first: they are few and someone waits for them.
         let mut replies = Vec::new();
-        let commands: Vec<crate::admin::Command> = match &self.admin {
-            Some(rx) => std::iter::from_fn(|| rx.try_recv().ok()).take(crate::admin::QUEUE_MAX).collect(),
-            None => Vec::new(),
-        };
-        for cmd in commands {
-            taken += 1;
-            match cmd {
-                crate::admin::Command::UpstreamStatus(a) => self.upstream_status(a, &mut batch)?,
-                crate::admin::Command::HostCursor { host_id, cursor, reply } => {
-                    let r =
-                        db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
-                    if r.is_ok() {
-                        // Events above the new cursor are new again.
-                        self.host_floor.insert(host_id, cursor);
-                    }
-                    let _ = reply.send(r);
-                }
-                crate::admin::Command::Takedown { did, takedown, reply } => {
-                    match self.takedown(&did, takedown, &mut batch) {
-                        Ok(seq) => replies.push((reply, seq, did, takedown)),
-                        Err(why) => {
-                            let _ = reply.send(Err(why));
-                        }
-                    }
-                }
-            }
-        }
+        taken += self.admin_commands(&mut batch, &mut replies)?;
         let mut rings = std::mem::take(&mut self.rings);
         let result = self.read_rings(&mut rings, &mut batch, &mut ends, &mut taken);
         self.rings = rings;
@@ -496,6 +505,66 @@ impl Sequencer {
             // The shard logged the change, with its reason.
             tracing::debug!(host, status = %status, "host status stored");
         }
+        self.keep_committed(&mut batch);
+        self.control.committed().store(batch.last_seq.max(0) as u64, Ordering::Release);
+        if self.control.oldest().load(Ordering::Acquire) == 0 {
+            if let Some(first) = self.log.oldest_seq()? {
+                self.control.oldest().store(first as u64, Ordering::Release);
+            }
+        }
+        for (k, e) in ends.into_iter().enumerate() {
+            if let Some(e) = e {
+                self.rings[k].release(e);
+            }
+        }
+        self.count(WriterCounter::Commits);
+        self.observe_commit(commit_began);
+        for (reply, seq, did, on) in replies {
+            let _ = reply.send(Ok(seq));
+            // Hide (or show again) the account's earlier records on replay.
+            self.queue_flags(crate::admin::FlagJob { dids: vec![did], upto_seq: seq - 1, on });
+        }
+        self.send_flags();
+        Ok(taken)
+    }
+
+    /// Apply the admin actions waiting (at most a queue's worth); returns
+    /// how many. Takedowns answer once their round is durable (`replies`).
+    fn admin_commands(&mut self, batch: &mut Batch, replies: &mut Vec<TakedownReply>) -> anyhow::Result<usize> {
+        let mut taken = 0;
+        let commands: Vec<crate::admin::Command> = match &self.admin {
+            Some(rx) => std::iter::from_fn(|| rx.try_recv().ok()).take(crate::admin::QUEUE_MAX).collect(),
+            None => Vec::new(),
+        };
+        for cmd in commands {
+            taken += 1;
+            match cmd {
+                crate::admin::Command::UpstreamStatus(a) => self.upstream_status(a, batch)?,
+                crate::admin::Command::HostCursor { host_id, cursor, reply } => {
+                    let r =
+                        db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
+                    if r.is_ok() {
+                        // Events above the new cursor are new again.
+                        self.host_floor.insert(host_id, cursor);
+                    }
+                    let _ = reply.send(r);
+                }
+                crate::admin::Command::Takedown { did, takedown, reply } => {
+                    match self.takedown(&did, takedown, batch) {
+                        Ok(seq) => replies.push((reply, seq, did, takedown)),
+                        Err(why) => {
+                            let _ = reply.send(Err(why));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// After a commit: the batch's account states, cursors and account
+    /// counts are what Postgres now holds.
+    fn keep_committed(&mut self, batch: &mut Batch) {
         // The batch's account states are what Postgres now holds: they move
         // to the cache (read batch first, then cache, so nothing changes
         // for lookups; one clone per event less).
@@ -519,26 +588,6 @@ impl Sequencer {
                 l.1 += 1;
             }
         }
-        self.control.committed().store(batch.last_seq.max(0) as u64, Ordering::Release);
-        if self.control.oldest().load(Ordering::Acquire) == 0 {
-            if let Some(first) = self.log.oldest_seq()? {
-                self.control.oldest().store(first as u64, Ordering::Release);
-            }
-        }
-        for (k, e) in ends.into_iter().enumerate() {
-            if let Some(e) = e {
-                self.rings[k].release(e);
-            }
-        }
-        self.count(WriterCounter::Commits);
-        self.observe_commit(commit_began);
-        for (reply, seq, did, on) in replies {
-            let _ = reply.send(Ok(seq));
-            // Hide (or show again) the account's earlier records on replay.
-            self.queue_flags(crate::admin::FlagJob { dids: vec![did], upto_seq: seq - 1, on });
-        }
-        self.send_flags();
-        Ok(taken)
     }
 
     /// The commit's time and each event's from the shard to durable.
@@ -917,24 +966,7 @@ impl Sequencer {
             }
         }
         // The account as its host's count knows it (None: not counted).
-        let counted = if admitting { None } else { stored.as_ref() };
-        match counted {
-            None => {
-                *batch.new_accounts.entry(state.host_id).or_default() += 1;
-            }
-            Some(old) if old.host_id != state.host_id => batch.moves.push((old.host_id, state.host_id)),
-            _ => {}
-        }
-        // Counts stay true both ways: a deleted account leaves its host's
-        // count, and comes back if it is restored.
-        if let Some(old) = counted {
-            let deleted = |s: &AccountState| s.upstream_status.as_deref() == Some("deleted");
-            match (deleted(old), deleted(&state)) {
-                (false, true) => *batch.new_accounts.entry(state.host_id).or_default() -= 1,
-                (true, false) => *batch.new_accounts.entry(state.host_id).or_default() += 1,
-                _ => {}
-            }
-        }
+        count_change(batch, if admitting { None } else { stored.as_ref() }, &state);
         let seq = self.log.next_seq();
         self.scratch.clear();
         frame::resequence(e.frame, (e.seq_start as usize, e.seq_end as usize), seq, &mut self.scratch);

@@ -450,21 +450,7 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         glommio::spawn_local(wsout::read_client(rd, conn.clone(), move || wake.watermark.wake_all())).detach(),
     );
     let committed = || sh.control.committed().load(Ordering::Acquire) as i64;
-    let oldest = || (sh.control.oldest().load(Ordering::Acquire) as i64).max(1);
-    let mut next = match cursor {
-        None => committed() + 1,
-        Some(c) if c > committed() => {
-            out.framed(&error_frame("FutureCursor", "cursor is ahead of the stream")).await?;
-            out.close().await?;
-            return Ok(());
-        }
-        Some(0) => oldest(),
-        Some(c) if c + 1 < oldest() => {
-            out.framed(&outdated_frame()).await?;
-            oldest()
-        }
-        Some(c) => c + 1,
-    };
+    let Some(mut next) = first_seq(sh, &mut out, cursor).await? else { return Ok(()) };
     let mut last_send = Instant::now();
     while !conn.closed.get() {
         let pong = conn.pong.borrow_mut().take();
@@ -491,31 +477,11 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         if top - next > lag_max(sh) {
             return cut(sh, out, Cut::Lag { seq: next, committed: top }).await;
         }
-        // One batch, watched: a consumer that stops reading fills its
-        // socket and the write waits; it is cut once its lag passes the
-        // limit or the socket has taken nothing for the write timeout.
-        let started = Instant::now();
         let pos = Cell::new(next);
-        let mut batch = Box::pin(send_batch(sh, &mut out, &pos, top));
-        let sent = loop {
-            let tick = std::pin::pin!(glommio::timer::sleep(CUT_CHECK));
-            match futures::future::select(batch.as_mut(), tick).await {
-                futures::future::Either::Left((r, _)) => break r?,
-                futures::future::Either::Right(_) => {
-                    let (top, at) = (committed(), pos.get());
-                    let why = if top - at > lag_max(sh) {
-                        Cut::Lag { seq: at, committed: top }
-                    } else if started.elapsed() >= write_timeout(sh) {
-                        Cut::Unwritable { seq: at, waited: started.elapsed() }
-                    } else {
-                        continue;
-                    };
-                    drop(batch);
-                    return cut(sh, out, why).await;
-                }
-            }
+        let sent = match send_watched(sh, &mut out, &pos, top).await? {
+            Ok(sent) => sent,
+            Err(why) => return cut(sh, out, why).await,
         };
-        drop(batch);
         next = pos.get();
         let behind = (committed() - (next - 1)).max(0) as u64;
         sh.control.histogram(sluice_common::shm::Hist::ConsumerLag).observe(behind);
@@ -524,6 +490,50 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         last_send = Instant::now();
     }
     Ok(())
+}
+
+/// Where a subscription starts (`None`: the cursor is ahead of the
+/// stream; the consumer got `FutureCursor` and the close).
+async fn first_seq(sh: &Shared, out: &mut Writer, cursor: Option<i64>) -> anyhow::Result<Option<i64>> {
+    let committed = sh.control.committed().load(Ordering::Acquire) as i64;
+    let oldest = (sh.control.oldest().load(Ordering::Acquire) as i64).max(1);
+    Ok(Some(match cursor {
+        None => committed + 1,
+        Some(c) if c > committed => {
+            out.framed(&error_frame("FutureCursor", "cursor is ahead of the stream")).await?;
+            out.close().await?;
+            return Ok(None);
+        }
+        Some(0) => oldest,
+        Some(c) if c + 1 < oldest => {
+            out.framed(&outdated_frame()).await?;
+            oldest
+        }
+        Some(c) => c + 1,
+    }))
+}
+
+/// One batch up to `top`, watched: a consumer that stops reading fills its
+/// socket and the write waits; it is cut (`Err`) once its lag passes the
+/// limit or the socket has taken nothing for the write timeout. `pos`
+/// follows the batch.
+async fn send_watched(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) -> anyhow::Result<Result<usize, Cut>> {
+    let started = Instant::now();
+    let mut batch = std::pin::pin!(send_batch(sh, out, pos, top));
+    loop {
+        let tick = std::pin::pin!(glommio::timer::sleep(CUT_CHECK));
+        match futures::future::select(batch.as_mut(), tick).await {
+            futures::future::Either::Left((r, _)) => return Ok(Ok(r?)),
+            futures::future::Either::Right(_) => {
+                let (top, at) = (sh.control.committed().load(Ordering::Acquire) as i64, pos.get());
+                if top - at > lag_max(sh) {
+                    return Ok(Err(Cut::Lag { seq: at, committed: top }));
+                } else if started.elapsed() >= write_timeout(sh) {
+                    return Ok(Err(Cut::Unwritable { seq: at, waited: started.elapsed() }));
+                }
+            }
+        }
+    }
 }
 
 /// The shard stops: say where to resume, close with 1012 (best effort,

@@ -428,12 +428,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
     last_seq: &mut i64,
 ) -> Ended {
     let Task { host, stats, stopping, cancel } = task;
-    sh.slot().hosts_connected.fetch_add(1, Ordering::Relaxed);
-    stats.connected.set(true);
-    let _connected = scopeguard(|| {
-        sh.slot().hosts_connected.fetch_sub(1, Ordering::Relaxed);
-        stats.connected.set(false);
-    });
+    let _connected = connected(sh, stats);
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
     let mut buf = Vec::new();
     let mut bucket = Bucket::new(sh.settings().host_events_per_second_max, Instant::now());
@@ -481,16 +476,32 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
             _ => continue,
         };
         meter.message_done();
-        bucket.set_rate(sh.settings().host_events_per_second_max);
-        while let Some(wait) = bucket.take(Instant::now()) {
-            glommio::timer::sleep(wait).await;
-        }
+        throttle(sh, &mut bucket).await;
         if let Err(e) = handle_frame(sh, host, stats, &data, last_seq, &mut buf).await {
             return e;
         }
     }
     let _ = ws.close(None).await;
     ended(UpstreamClose::Local, "unassigned or stopping")
+}
+
+/// Counted as connected (shard gauge, host stats) until the guard drops.
+fn connected<'a>(sh: &'a Shared, stats: &'a crate::consumers::HostStats) -> Guard<impl FnMut() + 'a> {
+    sh.slot().hosts_connected.fetch_add(1, Ordering::Relaxed);
+    stats.connected.set(true);
+    scopeguard(move || {
+        sh.slot().hosts_connected.fetch_sub(1, Ordering::Relaxed);
+        stats.connected.set(false);
+    })
+}
+
+/// Wait for the host's rate (`limits.host_events_per_second_max`, as
+/// reloaded) to allow one more event.
+async fn throttle(sh: &Shared, bucket: &mut Bucket) {
+    bucket.set_rate(sh.settings().host_events_per_second_max);
+    while let Some(wait) = bucket.take(Instant::now()) {
+        glommio::timer::sleep(wait).await;
+    }
 }
 
 /// Check one data message and write what it yields into the ring.
@@ -573,15 +584,13 @@ fn proof_code(p: &Proof) -> u8 {
     }
 }
 
-/// Validate one frame; on success `out` holds the encoded ring record and
-/// the event's upstream seq is returned.
-pub async fn check_frame(
-    sh: &Shared,
-    host: &HostAssignment,
-    data: &[u8],
-    last_seq: i64,
-    out: &mut Vec<u8>,
-) -> Result<i64, (Rejected, Option<i64>)> {
+/// A check's outcome: what it found, or why the event is rejected (with
+/// its seq when known, so the cursor can pass it).
+type Verdict<T> = Result<T, (Rejected, Option<i64>)>;
+
+/// Decode a frame into an event with a seq above `last_seq`, and the byte
+/// span of that seq in the frame.
+fn decode_event<'a>(host: &HostAssignment, data: &'a [u8], last_seq: i64) -> Verdict<(Event<'a>, i64, (usize, usize))> {
     let decoded =
         frame::decode(data).map_err(|e| (Rejected::Close(UpstreamClose::BadFrame, format!("frame: {e}")), None))?;
     let ev = match decoded.message {
@@ -605,12 +614,21 @@ pub async fn check_frame(
     if seq <= last_seq {
         return Err((Rejected::Drop(DropReason::OldSeq, format!("seq {seq} not above {last_seq}")), None));
     }
-    let drop = |reason, why: String| (Rejected::Drop(reason, why), Some(seq));
-    let span = decoded.seq_span.ok_or_else(|| drop(DropReason::Malformed, "no seq span".into()))?;
-    let mode = if sh.settings().strict { Mode::Strict } else { Mode::Lenient };
-    let now = now_micros();
-    let did = ev.did().expect("events with a seq have a DID");
-    let mut rec = EventRecord {
+    let span =
+        decoded.seq_span.ok_or_else(|| (Rejected::Drop(DropReason::Malformed, "no seq span".into()), Some(seq)))?;
+    Ok((ev, seq, span))
+}
+
+/// The ring record of an event before its kind's fields are filled in.
+fn new_record<'a>(
+    host: &HostAssignment,
+    seq: i64,
+    did: &'a str,
+    frame: &'a [u8],
+    span: (usize, usize),
+    now: i64,
+) -> EventRecord<'a> {
+    EventRecord {
         host_id: host.id,
         upstream_seq: seq,
         kind: 0,
@@ -625,10 +643,27 @@ pub async fn check_frame(
         status: "",
         time_micros: now,
         identity_micros: 0,
-        frame: data,
+        frame,
         seq_start: span.0 as u32,
         seq_end: span.1 as u32,
-    };
+    }
+}
+
+/// Validate one frame; on success `out` holds the encoded ring record and
+/// the event's upstream seq is returned.
+pub async fn check_frame(
+    sh: &Shared,
+    host: &HostAssignment,
+    data: &[u8],
+    last_seq: i64,
+    out: &mut Vec<u8>,
+) -> Verdict<i64> {
+    let (ev, seq, span) = decode_event(host, data, last_seq)?;
+    let drop = |reason, why: String| (Rejected::Drop(reason, why), Some(seq));
+    let mode = if sh.settings().strict { Mode::Strict } else { Mode::Lenient };
+    let now = now_micros();
+    let did = ev.did().expect("events with a seq have a DID");
+    let mut rec = new_record(host, seq, did, data, span, now);
     let (commit_bytes, data_bytes, prev_bytes);
     match &ev {
         Event::Commit(c) => {
