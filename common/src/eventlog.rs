@@ -275,6 +275,56 @@ pub struct LogWriter {
     next_seq: i64,
 }
 
+/// Remove the last segments whose first seq is past `durable_seq` (never
+/// committed); true if any was.
+fn drop_uncommitted(dir: &Path, segs: &mut Vec<i64>, durable_seq: i64) -> Result<bool, LogError> {
+    let mut removed = false;
+    while let Some(&last) = segs.last() {
+        if last <= durable_seq {
+            break;
+        }
+        let (d, i) = segment_paths(dir, last);
+        std::fs::remove_file(&d).map_err(io_err(&d))?;
+        let _ = std::fs::remove_file(&i);
+        removed = true;
+        segs.pop();
+    }
+    Ok(removed)
+}
+
+/// What a segment holds up to the durable seq ([`scan_segment`]).
+struct Scan {
+    /// Bytes of the records kept.
+    off: u64,
+    count: u64,
+    last_seq: i64,
+    last_time: i64,
+    /// The offset index of the kept records, as written to the index file.
+    index: Vec<u8>,
+}
+
+/// Read the segment starting at `first` record by record while the seqs
+/// follow and stay at or below `durable_seq`.
+fn scan_segment(data: &File, path: &Path, len: u64, first: i64, durable_seq: i64) -> Result<Scan, LogError> {
+    // SAFETY: we are the only writer of the log (one db-writer), and
+    // nothing writes this file while the map lives.
+    let map = unsafe { Mmap::map(data) }.map_err(io_err(path))?;
+    let mut s = Scan { off: 0, count: 0, last_seq: first - 1, last_time: 0, index: Vec::new() };
+    while s.off < len && s.last_seq < durable_seq {
+        match Header::decode(&map[s.off as usize..]) {
+            Ok(Some((h, _))) if h.seq == s.last_seq + 1 => {
+                s.index.extend_from_slice(&(s.off + 1).to_le_bytes());
+                s.off += record_bytes(h.len as usize);
+                s.count += 1;
+                s.last_seq = h.seq;
+                s.last_time = h.time_micros;
+            }
+            _ => break,
+        }
+    }
+    Ok(s)
+}
+
 impl LogWriter {
     /// Open the log, repairing it to end exactly at `durable_seq` (the last
     /// seq Postgres recorded as committed). A fresh log starts at
@@ -291,17 +341,7 @@ impl LogWriter {
             next_seq: durable_seq + 1,
         };
         let mut segs = list_segments(dir)?;
-        // Whole segments past the durable seq never committed.
-        while let Some(&last) = segs.last() {
-            if last <= durable_seq {
-                break;
-            }
-            let (d, i) = segment_paths(dir, last);
-            std::fs::remove_file(&d).map_err(io_err(&d))?;
-            let _ = std::fs::remove_file(&i);
-            w.dir_dirty = true;
-            segs.pop();
-        }
+        w.dir_dirty = drop_uncommitted(dir, &mut segs, durable_seq)?;
         let Some(&last) = segs.last() else {
             return Ok(w);
         };
@@ -315,24 +355,7 @@ impl LogWriter {
             .open(&ipath)
             .map_err(io_err(&ipath))?;
         let len = data.metadata().map_err(io_err(&dpath))?.len();
-        // SAFETY: we are the only writer of the log (one db-writer), and
-        // nothing writes this file while the map lives.
-        let map = unsafe { Mmap::map(&data) }.map_err(io_err(&dpath))?;
-        let (mut off, mut count, mut last_seq, mut last_time) = (0u64, 0u64, last - 1, 0i64);
-        let mut index = Vec::new();
-        while off < len && last_seq < durable_seq {
-            match Header::decode(&map[off as usize..]) {
-                Ok(Some((h, _))) if h.seq == last_seq + 1 => {
-                    index.extend_from_slice(&(off + 1).to_le_bytes());
-                    off += record_bytes(h.len as usize);
-                    count += 1;
-                    last_seq = h.seq;
-                    last_time = h.time_micros;
-                }
-                _ => break,
-            }
-        }
-        drop(map);
+        let Scan { off, count, last_seq, last_time, index } = scan_segment(&data, &dpath, len, last, durable_seq)?;
         if last_seq < durable_seq {
             return Err(LogError::Behind { log: last_seq, durable: durable_seq });
         }

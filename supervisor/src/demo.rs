@@ -16,21 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir)?;
-    let data_dir = data_dir.canonicalize()?;
-    let marker = data_dir.join(".sluice-demo");
-    let relay_dir = data_dir.join("relay");
-    if relay_dir.exists() {
-        if !marker.exists() {
-            anyhow::bail!(
-                "{} exists and was not made by `sluice demo`; choose another --data-dir",
-                relay_dir.display()
-            );
-        }
-        std::fs::remove_dir_all(&relay_dir)
-            .map_err(|e| anyhow::anyhow!("removing the previous demo's {}: {e}", relay_dir.display()))?;
-    }
-    std::fs::write(&marker, "made by `sluice demo`: its relay/ is removed at each start\n")?;
+    let (data_dir, relay_dir) = fresh_dirs(data_dir)?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_secs());
     let net = runner::start(ServeConfig {
         hosts,
@@ -53,8 +39,43 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
     let cfg = raw.validate(cores)?;
     let term = crate::signals()?;
     let mut sup = Supervisor::start(cfg)?;
-    // Ask the relay to crawl every fake host once it answers.
-    let host_list = net.info.hosts.clone();
+    crawl_when_healthy(net.info.hosts.clone(), port);
+    say(format_args!("sluice demo: {} fake PDS hosts, PLC at {}", net.info.hosts.len(), net.info.plc_url));
+    say(format_args!("subscribe:   ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos"));
+    say(format_args!("health:      http://127.0.0.1:{port}/xrpc/_health      (Ctrl-C to stop)"));
+    say(format_args!("follow:      sluice tail ws://127.0.0.1:{port}"));
+    say(format_args!("fresh run:   seed {seed}, relay state in {} (both new each run)", relay_dir.display()));
+    say(format_args!("drops:       `sluice demo --drops` logs each one with its reason"));
+    let tick = Box::new(progress_line());
+    let hup = crate::hangup()?;
+    let r = sup.run(term, hup, Some(tick));
+    drop(net);
+    r
+}
+
+/// `data_dir` made (canonical) and its `relay/` from an earlier demo
+/// removed, refusing a directory the demo did not make.
+fn fresh_dirs(data_dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    std::fs::create_dir_all(data_dir)?;
+    let data_dir = data_dir.canonicalize()?;
+    let marker = data_dir.join(".sluice-demo");
+    let relay_dir = data_dir.join("relay");
+    if relay_dir.exists() {
+        if !marker.exists() {
+            anyhow::bail!(
+                "{} exists and was not made by `sluice demo`; choose another --data-dir",
+                relay_dir.display()
+            );
+        }
+        std::fs::remove_dir_all(&relay_dir)
+            .map_err(|e| anyhow::anyhow!("removing the previous demo's {}: {e}", relay_dir.display()))?;
+    }
+    std::fs::write(&marker, "made by `sluice demo`: its relay/ is removed at each start\n")?;
+    Ok((data_dir, relay_dir))
+}
+
+/// Ask the relay to crawl every fake host once it answers (a thread).
+fn crawl_when_healthy(host_list: Vec<String>, port: u16) {
     let base = format!("http://127.0.0.1:{port}");
     std::thread::spawn(move || {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
@@ -72,14 +93,12 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
             }
         }
     });
-    say(format_args!("sluice demo: {} fake PDS hosts, PLC at {}", net.info.hosts.len(), net.info.plc_url));
-    say(format_args!("subscribe:   ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos"));
-    say(format_args!("health:      http://127.0.0.1:{port}/xrpc/_health      (Ctrl-C to stop)"));
-    say(format_args!("follow:      sluice tail ws://127.0.0.1:{port}"));
-    say(format_args!("fresh run:   seed {seed}, relay state in {} (both new each run)", relay_dir.display()));
-    say(format_args!("drops:       `sluice demo --drops` logs each one with its reason"));
+}
+
+/// The demo's line per second: hosts, rates, consumers, drops, seq.
+fn progress_line() -> impl FnMut(&sluice_common::shm::ControlBlock) {
     let mut last = (Instant::now(), 0u64, 0u64);
-    let tick = Box::new(move |cb: &sluice_common::shm::ControlBlock| {
+    move |cb: &sluice_common::shm::ControlBlock| {
         if last.0.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -104,11 +123,7 @@ pub fn run(data_dir: &Path, port: u16, hosts: usize, rate: f64) -> anyhow::Resul
             cb.committed().load(Ordering::Relaxed)
         ));
         last = (Instant::now(), ein, out);
-    });
-    let hup = crate::hangup()?;
-    let r = sup.run(term, hup, Some(tick));
-    drop(net);
-    r
+    }
 }
 
 /// One line to stdout; a closed stdout (the pipe reader gone, Ctrl-C

@@ -73,20 +73,7 @@ impl StatusWriter {
         consumers.sort_by_key(|c| std::cmp::Reverse(c["lag"].as_i64().unwrap_or(0)));
         consumers.truncate(CONSUMERS_SHOWN);
         let (busiest, _) = top_hosts(hosts, HOSTS_SHOWN, "_other");
-        let busiest: Vec<Value> = busiest
-            .iter()
-            .map(|h| {
-                let drops: serde_json::Map<String, Value> = h
-                    .drops
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| **n > 0)
-                    .filter_map(|(i, n)| Some((DropReason::ALL.get(i)?.name().to_owned(), json!(n))))
-                    .collect();
-                json!({"hostname": h.hostname, "connected": h.connected, "events": h.events,
-                       "dropped": h.dropped(), "drops": drops, "lastEventMicros": h.last_event_micros})
-            })
-            .collect();
+        let busiest: Vec<Value> = busiest.iter().map(host_json).collect();
         let shard_drops: serde_json::Map<String, Value> = DropReason::ALL
             .iter()
             .map(|r| {
@@ -123,4 +110,17 @@ impl StatusWriter {
             "errorsShed": shed,
         })
     }
+}
+
+/// One host's row on the page (drops by reason, non-zero only).
+fn host_json(h: &sluice_common::consumers::HostInfo) -> Value {
+    let drops: serde_json::Map<String, Value> = h
+        .drops
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .filter_map(|(i, n)| Some((DropReason::ALL.get(i)?.name().to_owned(), json!(n))))
+        .collect();
+    json!({"hostname": h.hostname, "connected": h.connected, "events": h.events,
+               "dropped": h.dropped(), "drops": drops, "lastEventMicros": h.last_event_micros})
 }

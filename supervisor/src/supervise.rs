@@ -75,6 +75,33 @@ impl Proc {
     }
 }
 
+/// What the supervisor's loop does now and then, and when it last did.
+struct Chores {
+    last_poll: Instant,
+    last_pg_check: Instant,
+    last_procs: Instant,
+    last_watchdog: Instant,
+    /// Half of `WatchdogSec` (None: no watchdog).
+    watchdog: Option<Duration>,
+    summary: crate::summary::Summary,
+    status: crate::status::StatusWriter,
+}
+
+impl Chores {
+    fn new(cfg: &Config, control: &ControlBlock) -> Chores {
+        let now = Instant::now();
+        Chores {
+            last_poll: now - HOST_POLL,
+            last_pg_check: now,
+            last_procs: now - Duration::from_secs(1),
+            last_watchdog: now,
+            watchdog: crate::notify::watchdog_every(),
+            summary: crate::summary::Summary::new(Duration::from_secs(cfg.log_summary_interval_s.into()), control),
+            status: crate::status::StatusWriter::default(),
+        }
+    }
+}
+
 /// Hooks for `sluice demo` (a line per second, etc.).
 pub type Tick<'a> = Box<dyn FnMut(&ControlBlock) + 'a>;
 
@@ -353,67 +380,35 @@ impl Supervisor {
             self.start_shard(k)?;
         }
         let mut db = sluice_dbwriter::db::connect(&self.database_url)?;
-        let mut last_poll = Instant::now() - HOST_POLL;
         tracing::info!(listen = %self.cfg.listen, shards = self.shards.len(), "sluice running");
         crate::notify::notify(&format!("READY=1\nSTATUS=relaying with {} shards", self.shards.len()));
-        let mut last_pg_check = Instant::now();
-        let mut summary =
-            crate::summary::Summary::new(Duration::from_secs(self.cfg.log_summary_interval_s.into()), &self.control);
-        let mut status = crate::status::StatusWriter::default();
-        let watchdog = crate::notify::watchdog_every();
-        let mut last_procs = Instant::now() - Duration::from_secs(1);
-        let mut last_watchdog = Instant::now();
+        let mut l = Chores::new(&self.cfg, &self.control);
         while !term.load(Ordering::Acquire) {
-            if watchdog.is_some_and(|every| last_watchdog.elapsed() >= every) {
-                last_watchdog = Instant::now();
+            if l.watchdog.is_some_and(|every| l.last_watchdog.elapsed() >= every) {
+                l.last_watchdog = Instant::now();
                 crate::notify::notify("WATCHDOG=1");
             }
             self.reap_and_restart()?;
             // The db-writer waits for Postgres instead of exiting: a private
             // cluster that died is started again from here.
-            if self.control.writer_state() == WriterState::DbUnavailable && last_pg_check.elapsed() >= PG_CHECK {
-                last_pg_check = Instant::now();
+            if self.control.writer_state() == WriterState::DbUnavailable && l.last_pg_check.elapsed() >= PG_CHECK {
+                l.last_pg_check = Instant::now();
                 if let Some(pg) = self.pg.as_mut() {
                     if let Err(e) = pg.ensure_running() {
                         tracing::warn!(error = %e, "private PostgreSQL does not start; retrying");
                     }
                 }
             }
-            if last_poll.elapsed() >= HOST_POLL {
-                last_poll = Instant::now();
-                match sluice_dbwriter::db::hosts(&mut db) {
-                    Ok(hosts) => {
-                        self.assign(&hosts);
-                        if let Ok(mut v) = self.view.lock() {
-                            v.hosts = HostStatus::ALL
-                                .map(|st| (st, hosts.iter().filter(|h| h.status == st).count() as u64))
-                                .to_vec();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading hosts failed; reconnecting");
-                        if let Ok(c) = sluice_dbwriter::db::connect(&self.database_url) {
-                            db = c;
-                        }
-                    }
-                }
+            if l.last_poll.elapsed() >= HOST_POLL {
+                l.last_poll = Instant::now();
+                self.poll_hosts(&mut db);
             }
             if hup.swap(false, Ordering::AcqRel) {
                 self.reload()?;
-                summary.set_every(Duration::from_secs(self.cfg.log_summary_interval_s.into()));
-                last_poll = Instant::now() - HOST_POLL;
+                l.summary.set_every(Duration::from_secs(self.cfg.log_summary_interval_s.into()));
+                l.last_poll = Instant::now() - HOST_POLL;
             }
-            let procs = (last_procs.elapsed() >= Duration::from_secs(1)).then(|| self.procs());
-            if let Ok(mut v) = self.view.lock() {
-                v.rings = self.rings.iter().map(|r| (r.used(), r.capacity())).collect();
-                if let Some(p) = procs {
-                    last_procs = Instant::now();
-                    v.procs = p;
-                    v.run_dir = Some(self.cfg.run_dir());
-                }
-                summary.tick(&self.control, &v);
-                status.tick(&self.control, &v);
-            }
+            self.refresh_view(&mut l);
             if let Some(t) = tick.as_mut() {
                 t(&self.control);
             }
@@ -421,6 +416,42 @@ impl Supervisor {
         }
         self.shutdown();
         Ok(())
+    }
+
+    /// Read the hosts from Postgres: assignments to the shards, counts by
+    /// status for the metrics. A failure reconnects for the next poll.
+    fn poll_hosts(&mut self, db: &mut postgres::Client) {
+        match sluice_dbwriter::db::hosts(db) {
+            Ok(hosts) => {
+                self.assign(&hosts);
+                if let Ok(mut v) = self.view.lock() {
+                    v.hosts =
+                        HostStatus::ALL.map(|st| (st, hosts.iter().filter(|h| h.status == st).count() as u64)).to_vec();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading hosts failed; reconnecting");
+                if let Ok(c) = sluice_dbwriter::db::connect(&self.database_url) {
+                    *db = c;
+                }
+            }
+        }
+    }
+
+    /// Ring fill every turn, the process list each second; then the
+    /// summary line and the status file, when due.
+    fn refresh_view(&mut self, l: &mut Chores) {
+        let procs = (l.last_procs.elapsed() >= Duration::from_secs(1)).then(|| self.procs());
+        if let Ok(mut v) = self.view.lock() {
+            v.rings = self.rings.iter().map(|r| (r.used(), r.capacity())).collect();
+            if let Some(p) = procs {
+                l.last_procs = Instant::now();
+                v.procs = p;
+                v.run_dir = Some(self.cfg.run_dir());
+            }
+            l.summary.tick(&self.control, &v);
+            l.status.tick(&self.control, &v);
+        }
     }
 
     /// The relay's processes by name, for the per-process metrics.
