@@ -242,60 +242,37 @@ fn host_endpoint(shared: &Shared, host: usize, path: &str, req: &Request) -> Vec
     }
 }
 
-/// One `subscribeRepos` connection: replay from the cursor, then live.
-async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    stream: S,
-    req: Request,
-    host: Arc<HostState>,
-    mut split: Option<ChaCha8Rng>,
-) -> std::io::Result<()> {
-    let Some(upgrade) = ws::upgrade_response(&req) else { return Ok(()) };
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    ws::write_maybe_split(&mut wr, &upgrade, split.as_mut()).await?;
-    let cursor: Option<i64> = req.param("cursor").and_then(|c| c.parse().ok());
-    let mut out = Vec::new();
-    // Decide the start under the lock, act after it.
-    enum Start {
-        Future,
-        At { pos: u64, epoch: u64, outdated: bool },
+/// Where a subscription starts.
+enum Start {
+    Future,
+    At { pos: u64, epoch: u64, outdated: bool },
+}
+
+/// The start for `cursor`, decided under the host's log lock.
+fn start_of(host: &HostState, cursor: Option<i64>) -> Start {
+    let log = host.log.lock().expect("host log");
+    let end = log.first + log.items.len() as u64;
+    match cursor {
+        None => Start::At { pos: end, epoch: log.epoch, outdated: false },
+        Some(c) if c > log.last_seq => Start::Future,
+        Some(c) => {
+            let first_seq = log.items.iter().find_map(|i| match i {
+                Item::Frame(s, _) => Some(*s),
+                _ => None,
+            });
+            let outdated = c > 0 && first_seq.is_some_and(|f| c < f - 1);
+            let skip = log.items.iter().position(|i| matches!(i, Item::Frame(s, _) if *s > c));
+            Start::At { pos: skip.map_or(end, |k| log.first + k as u64), epoch: log.epoch, outdated }
+        }
     }
-    let start = {
-        let log = host.log.lock().expect("host log");
-        let end = log.first + log.items.len() as u64;
-        match cursor {
-            None => Start::At { pos: end, epoch: log.epoch, outdated: false },
-            Some(c) if c > log.last_seq => Start::Future,
-            Some(c) => {
-                let first_seq = log.items.iter().find_map(|i| match i {
-                    Item::Frame(s, _) => Some(*s),
-                    _ => None,
-                });
-                let outdated = c > 0 && first_seq.is_some_and(|f| c < f - 1);
-                let skip = log.items.iter().position(|i| matches!(i, Item::Frame(s, _) if *s > c));
-                Start::At { pos: skip.map_or(end, |k| log.first + k as u64), epoch: log.epoch, outdated }
-            }
-        }
-    };
-    let (mut pos, connect_epoch) = match start {
-        Start::Future => {
-            let mut f = Vec::new();
-            sluice_common::frame::encode_error("FutureCursor", Some("cursor is ahead of this host"), &mut f);
-            ws::binary(&mut out, &f);
-            ws::close(&mut out);
-            ws::write_maybe_split(&mut wr, &out, split.as_mut()).await?;
-            return Ok(());
-        }
-        Start::At { pos, epoch, outdated } => {
-            if outdated {
-                let mut f = Vec::new();
-                sluice_common::frame::InfoEvent { name: "OutdatedCursor", message: None }.encode(&mut f);
-                ws::binary(&mut out, &f);
-            }
-            (pos, epoch)
-        }
-    };
-    // Reader: pings to answer, close/EOF to stop.
-    let (ping_tx, mut ping_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+}
+
+/// The subscriber's reader task: pings to answer (on the channel), close
+/// or EOF to stop.
+fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
+    mut rd: R,
+) -> (tokio::task::JoinHandle<()>, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let (ping_tx, ping_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let reader = tokio::spawn(async move {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -322,26 +299,105 @@ async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
         }
     });
+    (reader, ping_rx)
+}
+
+/// Frame the log from `pos` into `out` (up to a batch, stopping at a
+/// transient action of a later connection epoch, which goes to `acts`);
+/// true if `pos` fell out of the backlog.
+fn next_batch(
+    host: &HostState,
+    pos: &mut u64,
+    connect_epoch: u64,
+    out: &mut Vec<u8>,
+    acts: &mut Vec<Transient>,
+) -> bool {
+    let log = host.log.lock().expect("host log");
+    let behind = *pos < log.first;
+    let end = log.first + log.items.len() as u64;
+    while !behind && *pos < end && out.len() < BATCH_BYTES_MAX && acts.is_empty() {
+        match &log.items[(*pos - log.first) as usize] {
+            Item::Frame(_, f) => ws::binary(out, f),
+            Item::Transient(e, t) if *e > connect_epoch => acts.push(t.clone()),
+            Item::Transient(..) => {}
+        }
+        *pos += 1;
+    }
+    behind
+}
+
+/// The first frames for `start` into `out`: `#info OutdatedCursor`
+/// where due; for a cursor from the future the error frame and the close,
+/// and None.
+fn start_frames(start: Start, out: &mut Vec<u8>) -> Option<(u64, u64)> {
+    match start {
+        Start::Future => {
+            let mut f = Vec::new();
+            sluice_common::frame::encode_error("FutureCursor", Some("cursor is ahead of this host"), &mut f);
+            ws::binary(out, &f);
+            ws::close(out);
+            None
+        }
+        Start::At { pos, epoch, outdated } => {
+            if outdated {
+                let mut f = Vec::new();
+                sluice_common::frame::InfoEvent { name: "OutdatedCursor", message: None }.encode(&mut f);
+                ws::binary(out, &f);
+            }
+            Some((pos, epoch))
+        }
+    }
+}
+
+/// Act out transient faults in order; true: the connection is to end.
+async fn play<W: AsyncWrite + Unpin>(
+    acts: Vec<Transient>,
+    wr: &mut W,
+    out: &mut Vec<u8>,
+    split: &mut Option<ChaCha8Rng>,
+) -> std::io::Result<bool> {
+    for t in acts {
+        match t {
+            Transient::Raw(bytes) => {
+                ws::binary(out, &bytes);
+                ws::write_maybe_split(wr, out, split.as_mut()).await?;
+                out.clear();
+            }
+            Transient::Disconnect => return Ok(true),
+            Transient::Stall(d) => tokio::time::sleep(d).await,
+        }
+    }
+    Ok(false)
+}
+
+/// One `subscribeRepos` connection: replay from the cursor, then live.
+async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    req: Request,
+    host: Arc<HostState>,
+    mut split: Option<ChaCha8Rng>,
+) -> std::io::Result<()> {
+    let Some(upgrade) = ws::upgrade_response(&req) else { return Ok(()) };
+    let (rd, mut wr) = tokio::io::split(stream);
+    ws::write_maybe_split(&mut wr, &upgrade, split.as_mut()).await?;
+    let cursor: Option<i64> = req.param("cursor").and_then(|c| c.parse().ok());
+    let mut out = Vec::new();
+    // Decide the start under the lock, act after it.
+    let start = start_of(&host, cursor);
+    let Some((mut pos, connect_epoch)) = start_frames(start, &mut out) else {
+        // A cursor from the future: the error and the close.
+        ws::write_maybe_split(&mut wr, &out, split.as_mut()).await?;
+        return Ok(());
+    };
+    // Reader: pings to answer, close/EOF to stop.
+    let (reader, mut ping_rx) = spawn_reader(rd);
     let result = async {
         loop {
             let notified = host.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut acts: Vec<Transient> = Vec::new();
-            let fell_behind = {
-                let log = host.log.lock().expect("host log");
-                let behind = pos < log.first;
-                let end = log.first + log.items.len() as u64;
-                while !behind && pos < end && out.len() < BATCH_BYTES_MAX && acts.is_empty() {
-                    match &log.items[(pos - log.first) as usize] {
-                        Item::Frame(_, f) => ws::binary(&mut out, f),
-                        Item::Transient(e, t) if *e > connect_epoch => acts.push(t.clone()),
-                        Item::Transient(..) => {}
-                    }
-                    pos += 1;
-                }
-                behind
-            };
+            let fell_behind = next_batch(&host, &mut pos, connect_epoch, &mut out, &mut acts);
             if fell_behind {
                 // Fell out of the backlog: a PDS would say so and close.
                 let mut f = Vec::new();
@@ -358,16 +414,8 @@ async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 ws::write_maybe_split(&mut wr, &out, split.as_mut()).await?;
                 out.clear();
             }
-            for t in acts {
-                match t {
-                    Transient::Raw(bytes) => {
-                        ws::binary(&mut out, &bytes);
-                        ws::write_maybe_split(&mut wr, &out, split.as_mut()).await?;
-                        out.clear();
-                    }
-                    Transient::Disconnect => return Ok(()),
-                    Transient::Stall(d) => tokio::time::sleep(d).await,
-                }
+            if play(acts, &mut wr, &mut out, &mut split).await? {
+                return Ok(());
             }
             let caught_up = {
                 let log = host.log.lock().expect("host log");
