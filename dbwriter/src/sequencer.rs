@@ -739,13 +739,14 @@ impl Sequencer {
         &mut self,
         r: &RingRecord<'_>,
         e: &sluice_common::ringrec::EventRecord<'_>,
+        batch: &mut Batch,
     ) -> anyhow::Result<bool> {
         let Some(tx) = self.recheck.clone() else { return Ok(false) };
         let pending = match self.rechecked.get(e.did) {
             // An answer lost on a full queue: what waited for it is dropped
             // (counted), and the PDS is asked afresh.
             Some((at, true)) if at.elapsed() > RECHECK_ANSWER_MAX => {
-                self.drop_held(e.did);
+                self.release_held(e.did, batch, true)?;
                 false
             }
             Some((at, pending)) if at.elapsed() < RECHECK_EVERY => {
@@ -795,24 +796,55 @@ impl Sequencer {
         held
     }
 
-    /// Drop `did`'s held commits, counted.
-    fn drop_held(&mut self, did: &str) {
-        for _ in self.take_held(did) {
-            self.count(WriterCounter::Dropped);
+    /// Apply `did`'s held records in order: a PDS answer came, or none
+    /// will. Commits are dropped (counted) when `drop_commits`, else go
+    /// through the checks again; the other events, held only to keep the
+    /// account's order, apply as they would have.
+    fn release_held(&mut self, did: &str, batch: &mut Batch, drop_commits: bool) -> anyhow::Result<()> {
+        for rec in self.take_held(did) {
+            let r = RingRecord::decode(&rec)?;
+            let RingRecord::Event(e) = &r else { continue };
+            if drop_commits && e.kind == sluice_common::ringrec::Kind::Commit as u8 {
+                self.count(WriterCounter::Dropped);
+                continue;
+            }
+            self.apply_event(&r, e, batch)?;
         }
+        Ok(())
+    }
+
+    /// While `did` has commits held, its later events from the same host
+    /// wait behind them (an `#identity` or `#sync` must not overtake a
+    /// commit the PDS is being asked about). False when there is no room.
+    fn hold_behind(&mut self, r: &RingRecord<'_>, e: &sluice_common::ringrec::EventRecord<'_>) -> bool {
+        // An answer overdue: the checks decide (a commit gives up on it).
+        if self.rechecked.get(e.did).is_some_and(|(at, pending)| *pending && at.elapsed() > RECHECK_ANSWER_MAX) {
+            return false;
+        }
+        let first_host = self.held.get(e.did).and_then(|h| h.first()).and_then(|rec| match RingRecord::decode(rec) {
+            Ok(RingRecord::Event(f)) => Some(f.host_id),
+            _ => None,
+        });
+        let held = self.held.get(e.did).map_or(0, Vec::len);
+        let mut rec = Vec::new();
+        r.encode(&mut rec);
+        if first_host != Some(e.host_id) || held >= HELD_PER_ACCOUNT_MAX || self.held_bytes + rec.len() > HELD_BYTES_MAX
+        {
+            return false;
+        }
+        self.held_bytes += rec.len();
+        self.held.entry(e.did.to_owned()).or_default().push(rec);
+        true
     }
 
     fn upstream_status(&mut self, a: crate::recheck::Answer, batch: &mut Batch) -> anyhow::Result<()> {
-        let held = self.take_held(&a.did);
+        let held = self.held.get(&a.did).map_or(0, Vec::len);
         self.rechecked.insert(a.did.clone(), (Instant::now(), false));
         let stored = self.account(&a.did, batch)?;
         let stuck = stored.as_ref().is_some_and(|s| s.host_id == a.host_id && !s.upstream_active);
         let Some(mut st) = stored.filter(|_| stuck && a.active) else {
-            for _ in &held {
-                self.count(WriterCounter::Dropped);
-            }
-            tracing::debug!(did = a.did, active = a.active, held = held.len(), "PDS answer changes nothing");
-            return Ok(());
+            tracing::debug!(did = a.did, active = a.active, held, "PDS answer changes nothing");
+            return self.release_held(&a.did, batch, true);
         };
         st.upstream_active = true;
         st.upstream_status = None;
@@ -821,16 +853,10 @@ impl Sequencer {
             did = a.did,
             host = a.host_id,
             seq,
-            held = held.len(),
+            held,
             "account active upstream (its PDS says so) though its #account never came: status corrected"
         );
-        for rec in held {
-            let r = RingRecord::decode(&rec)?;
-            if let RingRecord::Event(e) = &r {
-                self.apply_event(&r, e, batch)?;
-            }
-        }
-        Ok(())
+        self.release_held(&a.did, batch, false)
     }
 
     /// Is `host` at its account limit, counting this batch's new accounts?
@@ -926,6 +952,9 @@ impl Sequencer {
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
         let (host, useq) = (e.host_id, e.upstream_seq);
+        if self.held.contains_key(e.did) && self.hold_behind(r, e) {
+            return Ok(());
+        }
         let mut stored = self.account(e.did, batch)?;
         // Not in its host's account count yet: never seen, or throttled
         // when it appeared (its host was at its account limit).
@@ -947,7 +976,7 @@ impl Sequencer {
         let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
             Verdict::Drop(policy::Drop::Inactive)
-                if stored.as_ref().is_some_and(|s| s.host_id == host) && self.hold_and_ask(r, e)? =>
+                if stored.as_ref().is_some_and(|s| s.host_id == host) && self.hold_and_ask(r, e, batch)? =>
             {
                 return Ok(());
             }
