@@ -188,7 +188,7 @@ const SHARDS_OFF: usize = 4096;
 const _: () = assert!(64 + 8 * UpstreamClose::ALL.len() <= SLOT_CUT_LAG, "shard slot fields overlap");
 /// Offset of the consumer-cut counters in a shard slot.
 const SLOT_CUT_LAG: usize = 192;
-const _: () = assert!(SLOT_CUT_LAG + 16 <= SLOT_DROPS, "shard slot fields overlap");
+const _: () = assert!(SLOT_CUT_LAG + 24 <= SLOT_DROPS, "shard slot fields overlap");
 /// Offset of the per-reason drop counters in a shard slot.
 const SLOT_DROPS: usize = 256;
 const _: () = assert!(SLOT_DROPS + 8 * DropReason::ALL.len() <= SHARD_SLOT_BYTES, "shard slot too small");
@@ -483,6 +483,8 @@ pub struct ShardSlot<'a> {
     pub dropped: &'a AtomicU64,
     /// Bytes of frames sent to consumers.
     pub bytes_out: &'a AtomicU64,
+    /// Times a task queue ran past its budget (glommio's stall detector).
+    pub stalls: &'a AtomicU64,
     /// Events dropped, by [`DropReason`].
     pub drops: [&'a AtomicU64; DropReason::ALL.len()],
     /// Upstream connections ended, by [`UpstreamClose`].
@@ -651,6 +653,7 @@ impl ControlBlock {
             frames_out: self.shm.u64_at(base + 40),
             dropped: self.shm.u64_at(base + 48),
             bytes_out: self.shm.u64_at(base + 56),
+            stalls: self.shm.u64_at(base + SLOT_CUT_LAG + 16),
             drops: std::array::from_fn(|i| self.shm.u64_at(base + SLOT_DROPS + 8 * i)),
             upstream_closes: std::array::from_fn(|i| self.shm.u64_at(base + 64 + 8 * i)),
             consumers_cut_lag: self.shm.u64_at(base + SLOT_CUT_LAG),
@@ -697,7 +700,13 @@ mod tests {
         let last = cb.shard(SHARDS_MAX - 1);
         words.extend(last.drops.iter().copied());
         words.extend(last.upstream_closes.iter().copied());
-        words.extend([last.bytes_out, last.dropped, last.consumers_cut_lag, last.consumers_cut_unwritable]);
+        words.extend([
+            last.bytes_out,
+            last.dropped,
+            last.consumers_cut_lag,
+            last.consumers_cut_unwritable,
+            last.stalls,
+        ]);
         for w in &words {
             w.fetch_add(1, Ordering::Relaxed);
         }

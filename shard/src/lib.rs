@@ -18,6 +18,7 @@ pub mod downstream;
 pub mod health;
 pub mod meter;
 pub mod resolver;
+pub mod stalls;
 pub mod upstream;
 pub mod wsout;
 
@@ -169,6 +170,7 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
     let ring = unsafe { Ring::from_raw_fd(fds.ring) }?;
     // SAFETY: forwarded to the caller; the pipe is ours alone.
     let messages = read_messages(unsafe { std::fs::File::from_raw_fd(fds.assign) })?;
+    stalls::count_into(control.clone(), id);
     let tls = tls_config(cfg.tls_ca_file.as_deref())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = cfg.clone();
@@ -181,8 +183,9 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
         // goes behind the reactor, not only behind the other tasks.
         .preempt_timer(PREEMPT)
         // A task queue that runs 10 ms past that budget is a stall, a bug
-        // (shard code never blocks the executor): glommio logs it, with a
-        // backtrace, as a WARN (through tracing's log bridge).
+        // (shard code never blocks the executor): glommio logs it with a
+        // backtrace as a WARN (through tracing's log bridge), and
+        // [`stalls`] counts that line.
         .detect_stalls(Some(Box::new(glommio::DefaultStallDetectionHandler {})))
         .make()
         .map_err(|e| anyhow::anyhow!("starting the glommio executor: {e}"))?;

@@ -336,6 +336,7 @@ fn init_logs(format: LogFormat, recent: Option<(PathBuf, String)>) {
         .with(text)
         .with(json)
         .with(recent)
+        .with(sluice_shard::stalls::Layer)
         .init();
 }
 

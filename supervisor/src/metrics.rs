@@ -95,7 +95,13 @@ fn relay(out: &mut String, cb: &ControlBlock) {
 fn shards(out: &mut String, cb: &ControlBlock) {
     let n = cb.shard_count().load(Ordering::Relaxed) as usize;
     type Field = fn(&sluice_common::shm::ShardSlot<'_>) -> u64;
-    let per_shard: [(&str, &str, &str, Field); 8] = [
+    let per_shard: [(&str, &str, &str, Field); 9] = [
+        (
+            "sluice_shard_stalls_total",
+            "Times a shard's task queue ran 10 ms past its budget (a bug: shard code must not block).",
+            "counter",
+            |s| s.stalls.load(Ordering::Relaxed),
+        ),
         ("sluice_shard_hosts_connected", "Upstream hosts connected.", "gauge", |s| {
             s.hosts_connected.load(Ordering::Relaxed)
         }),
@@ -381,6 +387,7 @@ mod tests {
             "sluice_group_commit_seconds_count 1",
             "sluice_consumer_lag_events_bucket{le=\"1000\"} 0",
             "sluice_shard_drops_total{shard=\"1\",reason=\"bad_signature\"} 0",
+            "sluice_shard_stalls_total{shard=\"0\"} 0",
             "sluice_process_threads{process=\"supervisor\"} ",
         ] {
             let found = if line.ends_with(' ') {
