@@ -6,7 +6,7 @@
 //!   touches anything else in the directory; if another process holds it,
 //!   the error names that process's PID and nothing was changed.
 //! - Children (`sluice db-writer`, `sluice shard`) inherit the locked
-//!   descriptor ([`ENV_LOCK_FD`]) and [`check_child`] confirms it is this
+//!   descriptor (`ChildFds::lock`, `crate::childfds`) and [`check_child`] confirms it is this
 //!   directory's lock file (same inode). Started by hand without it, they
 //!   try the lock themselves: held by a relay means "exit, naming it".
 //!
@@ -19,9 +19,6 @@ use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-/// The environment variable naming the lock descriptor children inherit.
-pub const ENV_LOCK_FD: &str = "SLUICE_LOCK_FD";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -85,7 +82,7 @@ pub enum ChildLock {
 }
 
 /// A child's check before it touches `data_dir`: the inherited lock
-/// descriptor (in `inherited`, from [`ENV_LOCK_FD`]) must be the lock file
+/// descriptor (in `inherited`, from `ChildFds::lock`) must be the lock file
 /// of this directory; without one, the lock must be free.
 pub fn check_child(data_dir: &Path, inherited: Option<RawFd>) -> Result<ChildLock, LockError> {
     let path = lock_path(data_dir);

@@ -22,6 +22,7 @@
 
 pub mod car;
 pub mod cbor;
+pub mod childfds;
 pub mod cid;
 pub mod commit;
 pub mod config;

@@ -19,6 +19,7 @@ mod tail;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice_common::childfds::ChildFds;
 use sluice_common::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -230,12 +231,6 @@ fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow
     }
 }
 
-fn fd_env(name: &str) -> anyhow::Result<Vec<i32>> {
-    let v =
-        std::env::var(name).with_context(|| format!("{name} not set: this subcommand is started by `sluice run`"))?;
-    v.split(',').map(|s| s.parse::<i32>().with_context(|| format!("{name}={v:?}"))).collect()
-}
-
 fn signals() -> anyhow::Result<Arc<AtomicBool>> {
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
@@ -376,28 +371,30 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::DbWriter { config } => {
             let cfg = Config::from_effective(&config)?;
-            let _lock = child_lock(&cfg)?;
+            let fds = ChildFds::from_env();
+            // A held directory is refused first, even without descriptors.
+            let _lock = child_lock(&cfg, fds.as_ref().ok())?;
+            let fds = fds?;
             let url = cfg.database_url.clone().context("effective config lacks database_url")?;
-            let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
-            let rings = fd_env(supervise::ENV_RING_FDS)?;
             let term = signals()?;
             // SIGHUP: re-read the effective config, apply it in place.
             let hup = hangup()?;
             let reload = sluice_dbwriter::Reload { path: config.clone(), hup };
             // SAFETY: the supervisor passed these descriptors to us alone.
-            unsafe { sluice_dbwriter::run(&cfg, &url, control, &rings, term, Some(reload)) }
+            unsafe { sluice_dbwriter::run(&cfg, &url, fds.control, &fds.rings, term, Some(reload)) }
         }
         Cmd::Shard { id, config } => {
             let cfg = Config::from_effective(&config)?;
-            let _lock = child_lock(&cfg)?;
-            let control = fd_env(supervise::ENV_CONTROL_FD)?[0];
-            let ring = fd_env(supervise::ENV_RING_FDS)?[0];
-            let assign = fd_env(supervise::ENV_ASSIGN_FD)?[0];
+            let fds = ChildFds::from_env();
+            // A held directory is refused first, even without descriptors.
+            let _lock = child_lock(&cfg, fds.as_ref().ok())?;
+            let fds = fds?;
+            let (ring, assign) = fds.shard()?;
             // SIGTERM: consumers get their close frame before the exit.
             let term = signals()?;
             // Reloaded settings come on the assignment pipe.
             let _ = hangup()?;
-            let fds = sluice_shard::ShardFds { control, ring, assign };
+            let fds = sluice_shard::ShardFds { control: fds.control, ring, assign };
             // SAFETY: the supervisor passed these descriptors to us alone.
             unsafe { sluice_shard::run(&cfg, id, fds, term) }
         }
@@ -440,9 +437,8 @@ fn mask_password(url: &str) -> String {
 /// A child runs under its supervisor's lock on `data_dir`, or (started by
 /// hand) takes it itself; a directory another relay holds is refused
 /// before anything is touched.
-fn child_lock(cfg: &Config) -> anyhow::Result<sluice_common::instance::ChildLock> {
-    let inherited = std::env::var(sluice_common::instance::ENV_LOCK_FD).ok().and_then(|v| v.parse().ok());
-    Ok(sluice_common::instance::check_child(&cfg.data_dir, inherited)?)
+fn child_lock(cfg: &Config, fds: Option<&ChildFds>) -> anyhow::Result<sluice_common::instance::ChildLock> {
+    Ok(sluice_common::instance::check_child(&cfg.data_dir, fds.map(|f| f.lock))?)
 }
 
 #[cfg(feature = "demo")]

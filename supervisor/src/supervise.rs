@@ -14,9 +14,10 @@
 
 use crate::pg::EmbeddedPg;
 use anyhow::Context;
+use sluice_common::childfds::{ChildFds, ENV_FDS};
 use sluice_common::config::Config;
 use sluice_common::host::{Assignment, HostStatus, ToShard};
-use sluice_common::instance::{InstanceLock, ENV_LOCK_FD};
+use sluice_common::instance::InstanceLock;
 use sluice_common::partition::shard_for;
 use sluice_common::ring::Ring;
 use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
@@ -37,11 +38,6 @@ const PG_CHECK: Duration = Duration::from_secs(1);
 /// that ran fine for a while and was then killed comes back in 0.5 s; only
 /// a child that keeps dying sooner backs off further (up to BACKOFF_MAX).
 const STABLE_AFTER: Duration = Duration::from_secs(5);
-
-/// Env vars naming inherited descriptors.
-pub const ENV_CONTROL_FD: &str = "SLUICE_CONTROL_FD";
-pub const ENV_RING_FDS: &str = "SLUICE_RING_FDS";
-pub const ENV_ASSIGN_FD: &str = "SLUICE_ASSIGN_FD";
 
 /// Raise RLIMIT_NOFILE to its hard limit and, as root, RLIMIT_MEMLOCK so
 /// glommio's io_uring buffers fit.
@@ -189,13 +185,7 @@ fn probe_free(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_child(
-    args: &[String],
-    config: &std::path::Path,
-    keep: &[RawFd],
-    env: &[(&str, String)],
-    death_signal: i32,
-) -> std::io::Result<Child> {
+fn spawn_child(args: &[String], config: &std::path::Path, fds: &ChildFds, death_signal: i32) -> std::io::Result<Child> {
     // The running binary itself, even after its file was replaced or
     // removed (a package upgrade, a rebuild): children always match their
     // supervisor's version, and a restart never fails on a missing path.
@@ -211,10 +201,8 @@ fn spawn_child(
     }
     c.arg0(std::env::current_exe().map_or_else(|_| "sluice".into(), |p| p.to_string_lossy().replace(" (deleted)", "")));
     c.args(args).arg("--config").arg(config);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let keep = keep.to_vec();
+    c.env(ENV_FDS, fds.encode());
+    let keep = fds.all();
     // SAFETY: between fork and exec we only call async-signal-safe
     // functions (fcntl, prctl) on descriptors we own.
     unsafe {
@@ -310,16 +298,14 @@ impl Supervisor {
     }
 
     fn start_writer(&mut self) -> anyhow::Result<()> {
-        let ring_fds: Vec<RawFd> = self.rings.iter().map(|r| r.fd()).collect();
-        let mut keep = ring_fds.clone();
-        keep.extend([self.control.fd(), self.lock.fd()]);
-        let env = [
-            (ENV_CONTROL_FD, self.control.fd().to_string()),
-            (ENV_RING_FDS, ring_fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(",")),
-            (ENV_LOCK_FD, self.lock.fd().to_string()),
-        ];
+        let fds = ChildFds {
+            control: self.control.fd(),
+            rings: self.rings.iter().map(|r| r.fd()).collect(),
+            assign: None,
+            lock: self.lock.fd(),
+        };
         self.control.set_writer_state(WriterState::Starting);
-        let child = spawn_child(&["db-writer".into()], &self.config_path, &keep, &env, libc::SIGTERM)?;
+        let child = spawn_child(&["db-writer".into()], &self.config_path, &fds, libc::SIGTERM)?;
         tracing::info!(pid = child.id(), "db-writer started");
         self.writer.child = Some(child);
         self.writer.started = Instant::now();
@@ -339,25 +325,19 @@ impl Supervisor {
 
     fn start_shard(&mut self, k: usize) -> anyhow::Result<()> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let keep = [self.control.fd(), self.rings[k].fd(), r.as_raw_fd(), self.lock.fd()];
-        let env = [
-            (ENV_CONTROL_FD, self.control.fd().to_string()),
-            (ENV_RING_FDS, self.rings[k].fd().to_string()),
-            (ENV_ASSIGN_FD, r.as_raw_fd().to_string()),
-            (ENV_LOCK_FD, self.lock.fd().to_string()),
-        ];
+        let fds = ChildFds {
+            control: self.control.fd(),
+            rings: vec![self.rings[k].fd()],
+            assign: Some(r.as_raw_fd()),
+            lock: self.lock.fd(),
+        };
         // The previous process of this shard has been reaped (or there was
         // none): the next generation (see `ShardSlot::poisoned`).
         let slot = self.control.shard(k);
         let generation = slot.generation.load(Ordering::Acquire).wrapping_add(1).max(1);
         slot.generation.store(generation, Ordering::Release);
-        let child = spawn_child(
-            &["shard".into(), "--id".into(), k.to_string()],
-            &self.config_path,
-            &keep,
-            &env,
-            libc::SIGKILL,
-        )?;
+        let child =
+            spawn_child(&["shard".into(), "--id".into(), k.to_string()], &self.config_path, &fds, libc::SIGKILL)?;
         drop::<OwnedFd>(r);
         tracing::info!(shard = k, pid = child.id(), "shard started");
         let p = &mut self.shards[k];
