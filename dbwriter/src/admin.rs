@@ -7,38 +7,12 @@
 //! Auth: `Authorization: Bearer <password>` or HTTP Basic with user
 //! `admin`. Without `admin_password_file` every admin route answers 403.
 
-use crate::query::{error, Request, Response};
+use crate::api::{error, QueryConfig, Request, Response};
+pub use crate::messages::{channel, Command, FlagJob, QUEUE_MAX};
 use postgres::Client;
 use serde_json::{json, Value};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::time::Duration;
-
-/// Commands waiting for the sequencer.
-pub const QUEUE_MAX: usize = 64;
-
-/// What the sequencer is asked to do.
-pub enum Command {
-    /// Take the account down (`true`) or reverse it (`false`); the reply is
-    /// the relay seq of the emitted `#account` event, once durable.
-    Takedown { did: String, takedown: bool, reply: SyncSender<Result<i64, String>> },
-    /// Set a host's upstream cursor (after its seq went backwards: a
-    /// restored or rebuilt PDS). The reply is the previous cursor.
-    HostCursor { host_id: i64, cursor: i64, reply: SyncSender<Result<i64, String>> },
-    /// What an account's PDS said when asked (`crate::recheck`).
-    UpstreamStatus(crate::recheck::Answer),
-}
-
-pub fn channel() -> (SyncSender<Command>, Receiver<Command>) {
-    sync_channel(QUEUE_MAX)
-}
-
-/// Flag (or unflag) the records of some DIDs up to a seq in the event log.
-/// The relay's own takedown `#account` events stay visible.
-pub struct FlagJob {
-    pub dids: Vec<String>,
-    pub upto_seq: i64,
-    pub on: bool,
-}
 
 /// The thread that applies [`FlagJob`]s, one at a time, off the
 /// sequencer's path (a scan of the whole window can take a while).
@@ -89,74 +63,19 @@ pub fn start_flagger(
     Ok(tx)
 }
 
-/// Does `req` carry the admin credentials (and is the admin API enabled)?
-pub fn is_admin(req: &Request, password: Option<&str>) -> bool {
-    password.is_some_and(|p| authorized(req, p))
-}
-
-fn authorized(req: &Request, password: &str) -> bool {
-    use base64::Engine;
-    let Some(h) = req.authorization.as_deref() else { return false };
-    let given = if let Some(t) = h.strip_prefix("Bearer ") {
-        t.trim().to_owned()
-    } else if let Some(b) = h.strip_prefix("Basic ") {
-        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else { return false };
-        match String::from_utf8_lossy(&raw).split_once(':') {
-            Some(("admin", p)) => p.to_owned(),
-            _ => return false,
-        }
-    } else {
-        return false;
-    };
-    // Length-independent comparison of the bytes.
-    let (a, b) = (given.as_bytes(), password.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn body_field(req: &Request, name: &str) -> Option<String> {
     serde_json::from_slice::<Value>(&req.body).ok()?.get(name)?.as_str().map(str::to_owned)
 }
 
 fn audit(c: &mut Client, action: &str, subject: &str, detail: Value) -> Result<(), postgres::Error> {
-    c.execute(
-        "INSERT INTO admin_audit (action, subject, detail) VALUES ($1, $2, $3::text::jsonb)",
-        &[&action, &subject, &detail.to_string()],
-    )?;
-    Ok(())
+    crate::db::audit(c, action, subject, &detail.to_string())
 }
 
-/// Handle `/admin/...`; `None` if the path is not an admin route.
-pub fn handle(
-    c: &mut Client,
-    cfg: &crate::query::QueryConfig,
-    req: &Request,
-) -> Option<Result<Response, postgres::Error>> {
-    if !req.path.starts_with("/admin/") {
-        return None;
-    }
-    let live = cfg.live();
-    let (password, tx, run_dir, throttle) =
-        (live.admin_password.as_deref(), &cfg.admin, cfg.run_dir.as_path(), &cfg.auth_throttle);
-    let Some(password) = password else {
-        return Some(Ok(error(403, "AdminDisabled", "set admin_password_file to enable the admin API")));
-    };
-    let peer = req.peer.as_deref().unwrap_or("local");
-    let now = std::time::Instant::now();
-    if throttle.blocked(peer, now) {
-        return Some(Ok(error(429, "TooManyRequests", "too many failed admin authentications; wait a minute")));
-    }
-    if !authorized(req, password) {
-        let f = throttle.failed(peer, now);
-        if f.log {
-            tracing::warn!(peer, path = req.path, blocked = f.blocked, "admin authentication failed");
-        }
-        return Some(Ok(error(401, "Unauthorized", "admin credentials required")));
-    }
-    // The Go relay's routes (goat), then sluice's own.
-    if let Some(r) = crate::goat::route(c, cfg, req) {
-        return Some(r);
-    }
-    Some(match (req.method.as_str(), req.path.as_str()) {
+/// sluice's own admin routes, for an authenticated request (`serve`
+/// checks the credentials and tries goat's paths first).
+pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Response, postgres::Error> {
+    let (tx, run_dir) = (&cfg.admin, cfg.run_dir.as_path());
+    match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/admin/repo/takedown") => takedown(c, tx, req, true),
         ("POST", "/admin/repo/reverseTakedown") => takedown(c, tx, req, false),
         ("POST", "/admin/host/ban") => ban(c, req, true),
@@ -171,7 +90,7 @@ pub fn handle(
         ("POST", "/admin/host/cursor") => host_cursor(c, tx, req),
         ("GET", "/admin/audit") => audit_log(c, req),
         _ => Ok(error(404, "NotFound", "no such admin route")),
-    })
+    }
 }
 
 pub(crate) fn takedown(
@@ -217,11 +136,11 @@ fn host_cursor(c: &mut Client, tx: &SyncSender<Command>, req: &Request) -> Resul
     if !(0..sluice_common::frame::SEQ_MAX).contains(&cursor) {
         return Ok(error(400, "InvalidRequest", "cursor must be an integer from 0 to 2^53"));
     }
-    let Some(row) = c.query_opt("SELECT id FROM hosts WHERE hostname = $1", &[&host])? else {
+    let Some(row) = crate::db::host_by_name(c, host)? else {
         return Ok(error(400, "HostNotFound", "unknown host"));
     };
     let (reply, rx) = sync_channel(1);
-    if tx.try_send(Command::HostCursor { host_id: row.get(0), cursor, reply }).is_err() {
+    if tx.try_send(Command::HostCursor { host_id: row.id, cursor, reply }).is_err() {
         return Ok(error(503, "Busy", "the sequencer's admin queue is full"));
     }
     match rx.recv_timeout(Duration::from_secs(30)) {
@@ -241,8 +160,8 @@ fn host_cursor(c: &mut Client, tx: &SyncSender<Command>, req: &Request) -> Resul
 /// The audit log, newest first: `?limit=` (1..1000, default 100) and
 /// `?before=` (an entry id, for the next page; the answer's `cursor`).
 fn audit_log(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
-    let limit: i64 = crate::query::param(req, "limit").and_then(|l| l.parse().ok()).unwrap_or(100).clamp(1, 1000);
-    let before: i64 = crate::query::param(req, "before").and_then(|b| b.parse().ok()).unwrap_or(i64::MAX);
+    let limit: i64 = crate::api::param(req, "limit").and_then(|l| l.parse().ok()).unwrap_or(100).clamp(1, 1000);
+    let before: i64 = crate::api::param(req, "before").and_then(|b| b.parse().ok()).unwrap_or(i64::MAX);
     let rows = crate::db::audit_entries(c, before, limit)?;
     let entries: Vec<Value> = rows
         .iter()
@@ -265,8 +184,7 @@ pub(crate) fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, 
         return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ...}"));
     };
     let status = if ban { "banned" } else { "active" };
-    let n = c.execute("UPDATE hosts SET status = $2, updated_at = now() WHERE hostname = $1", &[&host, &status])?;
-    if n == 0 {
+    if !crate::db::set_host_status(c, &host, status)? {
         return Ok(error(400, "HostNotFound", "unknown host"));
     }
     audit(c, if ban { "ban_host" } else { "unban_host" }, &host, json!({}))?;
@@ -319,14 +237,13 @@ fn disconnect(c: &mut Client, req: &Request) -> Result<Response, postgres::Error
     let Some(host) = body_field(req, "hostname") else {
         return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ...}"));
     };
-    let Some(row) = c.query_opt("SELECT status FROM hosts WHERE hostname = $1", &[&host])? else {
+    let Some(status) = crate::db::host_status_by_name(c, &host)? else {
         return Ok(error(400, "HostNotFound", "unknown host"));
     };
-    let status: String = row.get(0);
     if status == "banned" {
         return Ok(error(400, "HostBanned", "host is banned; unban it first"));
     }
-    c.execute("UPDATE hosts SET status = 'idle', updated_at = now() WHERE hostname = $1", &[&host])?;
+    crate::db::set_host_status(c, &host, "idle")?;
     audit(c, "disconnect_host", &host, json!({}))?;
     tracing::info!(host, "admin: host disconnected until its next requestCrawl");
     Ok(Response::ok(json!({"hostname": host, "status": "idle"})))
@@ -338,7 +255,7 @@ fn set_request_crawl(c: &mut Client, req: &Request) -> Result<Response, postgres
     let Some(open) = serde_json::from_slice::<Value>(&req.body).ok().and_then(|v| v.get("public")?.as_bool()) else {
         return Ok(error(400, "InvalidRequest", "body must be {\"public\": true|false}"));
     };
-    c.execute("UPDATE relay_meta SET request_crawl = $1 WHERE id = 1", &[&open])?;
+    crate::db::set_request_crawl(c, open)?;
     audit(c, "request_crawl", if open { "public" } else { "admin-only" }, json!({}))?;
     tracing::info!(public = open, "admin: requestCrawl");
     Ok(Response::ok(json!({"public": open})))
@@ -354,17 +271,8 @@ pub(crate) fn ban_domain(c: &mut Client, req: &Request, ban: bool) -> Result<Res
     if domain.is_empty() || domain.contains(['/', ':', '%', '_', ' ']) {
         return Ok(error(400, "InvalidRequest", "not a domain name"));
     }
-    let mut hosts = 0;
-    if ban {
-        c.execute("INSERT INTO domain_bans (domain) VALUES ($1) ON CONFLICT DO NOTHING", &[&domain])?;
-        hosts = c.execute(
-            "UPDATE hosts SET status = 'banned', updated_at = now()
-             WHERE split_part(hostname, ':', 1) = $1 OR split_part(hostname, ':', 1) LIKE '%.' || $1",
-            &[&domain],
-        )?;
-    } else {
-        c.execute("DELETE FROM domain_bans WHERE domain = $1", &[&domain])?;
-    }
+    let hosts =
+        if ban { crate::db::ban_domain(c, &domain)? } else { crate::db::unban_domain(c, &domain).map(|()| 0)? };
     audit(c, if ban { "ban_domain" } else { "unban_domain" }, &domain, json!({ "hosts_banned": hosts }))?;
     tracing::info!(domain, ban, hosts, "admin: domain");
     Ok(Response::ok(json!({"domain": domain, "banned": ban, "hostsBanned": hosts})))
@@ -378,9 +286,7 @@ pub(crate) fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres:
     if limit < 0 {
         return Ok(error(400, "InvalidRequest", "limit must be >= 0"));
     }
-    let n =
-        c.execute("UPDATE hosts SET account_limit = $2, updated_at = now() WHERE hostname = $1", &[&host, &limit])?;
-    if n == 0 {
+    if !crate::db::set_account_limit(c, host, limit)? {
         return Ok(error(400, "HostNotFound", "unknown host"));
     }
     audit(c, "host_account_limit", host, json!({ "limit": limit }))?;
@@ -389,16 +295,11 @@ pub(crate) fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres:
 }
 
 fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
-    let rows = c.query(
-        "SELECT hostname, status, cursor, account_count, insecure, account_limit FROM hosts ORDER BY id LIMIT 10000",
-        &[],
-    )?;
-    let list: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({"hostname": r.get::<_, String>(0), "status": r.get::<_, String>(1), "seq": r.get::<_, i64>(2),
-                   "accountCount": r.get::<_, i64>(3), "insecure": r.get::<_, bool>(4),
-                   "accountLimit": r.get::<_, i64>(5)})
+    let list: Vec<Value> = crate::db::host_list(c)?
+        .into_iter()
+        .map(|h| {
+            json!({"hostname": h.hostname, "status": h.status, "seq": h.cursor, "accountCount": h.account_count,
+                   "insecure": h.insecure, "accountLimit": h.account_limit})
         })
         .collect();
     Ok(Response::ok(json!({ "hosts": list })))
@@ -407,6 +308,7 @@ fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::authorized;
     use base64::Engine;
 
     fn req(auth: Option<&str>) -> Request {

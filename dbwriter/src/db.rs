@@ -384,3 +384,128 @@ pub fn host_limits(c: &mut Client) -> Result<HashMap<i64, (i64, i64)>, DbError> 
     let rows = c.query("SELECT id, account_limit, account_count FROM hosts", &[])?;
     Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
 }
+
+// The query workers' reads (XRPC endpoints and requestCrawl).
+
+/// A host as the sync endpoints show it.
+#[derive(Debug, Clone)]
+pub struct HostSummary {
+    pub id: i64,
+    pub hostname: String,
+    pub cursor: i64,
+    pub account_count: i64,
+    pub status: String,
+}
+
+fn host_summary(r: &postgres::Row) -> HostSummary {
+    HostSummary { id: r.get(0), hostname: r.get(1), cursor: r.get(2), account_count: r.get(3), status: r.get(4) }
+}
+
+/// Hosts after `after_id`, by id, at most `limit`.
+pub fn hosts_page(c: &mut Client, after_id: i64, limit: i64) -> Result<Vec<HostSummary>, postgres::Error> {
+    let rows = c.query(
+        "SELECT id, hostname, cursor, account_count, status FROM hosts WHERE id > $1 ORDER BY id LIMIT $2",
+        &[&after_id, &limit],
+    )?;
+    Ok(rows.iter().map(host_summary).collect())
+}
+
+pub fn host_by_name(c: &mut Client, hostname: &str) -> Result<Option<HostSummary>, postgres::Error> {
+    let row =
+        c.query_opt("SELECT id, hostname, cursor, account_count, status FROM hosts WHERE hostname = $1", &[&hostname])?;
+    Ok(row.as_ref().map(host_summary))
+}
+
+/// A host's stored status (None: not known).
+pub fn host_status_by_name(c: &mut Client, hostname: &str) -> Result<Option<String>, postgres::Error> {
+    Ok(c.query_opt("SELECT status FROM hosts WHERE hostname = $1", &[&hostname])?.map(|r| r.get(0)))
+}
+
+/// Hosts added in the last 24 hours.
+pub fn hosts_added_today(c: &mut Client) -> Result<i64, postgres::Error> {
+    Ok(c.query_one("SELECT count(*) FROM hosts WHERE created_at > now() - interval '1 day'", &[])?.get(0))
+}
+
+/// The admin API's setting of public requestCrawl (None: the config's).
+pub fn request_crawl_override(c: &mut Client) -> Result<Option<bool>, postgres::Error> {
+    Ok(c.query_one("SELECT request_crawl FROM relay_meta WHERE id = 1", &[])?.get(0))
+}
+
+/// An account's head as stored: its status, rev and commit.
+#[derive(Debug, Clone)]
+pub struct AccountHead {
+    pub did: String,
+    pub status: String,
+    pub rev: Option<String>,
+    pub commit_cid: Option<Vec<u8>>,
+}
+
+pub fn account_head(c: &mut Client, did: &str) -> Result<Option<AccountHead>, postgres::Error> {
+    let row = c.query_opt("SELECT did, status, rev, commit_cid FROM accounts WHERE did = $1", &[&did])?;
+    Ok(row.map(|r| AccountHead { did: r.get(0), status: r.get(1), rev: r.get(2), commit_cid: r.get(3) }))
+}
+
+/// Accounts with a commit after `after` (DID order), at most `limit`.
+pub fn repos_page(c: &mut Client, after: &str, limit: i64) -> Result<Vec<AccountHead>, postgres::Error> {
+    let rows = c.query(
+        "SELECT did, status, rev, commit_cid FROM accounts
+         WHERE did > $1 AND commit_cid IS NOT NULL AND rev IS NOT NULL ORDER BY did LIMIT $2",
+        &[&after, &limit],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| AccountHead { did: r.get(0), status: r.get(1), rev: r.get(2), commit_cid: r.get(3) })
+        .collect())
+}
+
+/// An account's status and its host (name, plain text or not).
+pub fn account_host(c: &mut Client, did: &str) -> Result<Option<(String, String, bool)>, postgres::Error> {
+    let row = c.query_opt(
+        "SELECT a.status, h.hostname, h.insecure FROM accounts a JOIN hosts h ON h.id = a.host_id WHERE a.did = $1",
+        &[&did],
+    )?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+// The admin API's writes.
+
+pub fn audit(c: &mut Client, action: &str, subject: &str, detail_json: &str) -> Result<(), postgres::Error> {
+    c.execute(
+        "INSERT INTO admin_audit (action, subject, detail) VALUES ($1, $2, $3::text::jsonb)",
+        &[&action, &subject, &detail_json],
+    )?;
+    Ok(())
+}
+
+/// Set a host's status; false if there is no such host.
+pub fn set_host_status(c: &mut Client, hostname: &str, status: &str) -> Result<bool, postgres::Error> {
+    Ok(c.execute("UPDATE hosts SET status = $2, updated_at = now() WHERE hostname = $1", &[&hostname, &status])? > 0)
+}
+
+/// Set a host's account limit; false if there is no such host.
+pub fn set_account_limit(c: &mut Client, hostname: &str, limit: i64) -> Result<bool, postgres::Error> {
+    let n =
+        c.execute("UPDATE hosts SET account_limit = $2, updated_at = now() WHERE hostname = $1", &[&hostname, &limit])?;
+    Ok(n > 0)
+}
+
+/// Public requestCrawl on or off, kept over restarts.
+pub fn set_request_crawl(c: &mut Client, public: bool) -> Result<(), postgres::Error> {
+    c.execute("UPDATE relay_meta SET request_crawl = $1 WHERE id = 1", &[&public])?;
+    Ok(())
+}
+
+/// Ban `domain` and its subdomains; returns the hosts under it now banned.
+pub fn ban_domain(c: &mut Client, domain: &str) -> Result<u64, postgres::Error> {
+    c.execute("INSERT INTO domain_bans (domain) VALUES ($1) ON CONFLICT DO NOTHING", &[&domain])?;
+    c.execute(
+        "UPDATE hosts SET status = 'banned', updated_at = now()
+         WHERE split_part(hostname, ':', 1) = $1 OR split_part(hostname, ':', 1) LIKE '%.' || $1",
+        &[&domain],
+    )
+}
+
+pub fn unban_domain(c: &mut Client, domain: &str) -> Result<(), postgres::Error> {
+    c.execute("DELETE FROM domain_bans WHERE domain = $1", &[&domain])?;
+    Ok(())
+}

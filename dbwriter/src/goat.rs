@@ -21,14 +21,14 @@
 //! Actions answer `{"success": "true"}` (with sluice's own fields) when
 //! they succeed, sluice's XRPC error otherwise.
 
-use crate::query::{error, QueryConfig, Request, Response};
+use crate::api::{error, QueryConfig, Request, Response};
 use postgres::Client;
 use serde_json::{json, Value};
 
 /// Handle a Go-relay admin route; `None` if `req` is not one.
 pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Option<Result<Response, postgres::Error>> {
     let with = |body: Value| Request { body: body.to_string().into_bytes(), ..req.clone() };
-    let query_host = || crate::query::param(req, "host").map(|h| h.trim().to_owned());
+    let query_host = || crate::api::param(req, "host").map(|h| h.trim().to_owned());
     Some(match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/admin/repo/takeDown") => crate::admin::takedown(c, &cfg.admin, req, true).map(success),
         ("POST", "/admin/repo/reverseTakedown") => crate::admin::takedown(c, &cfg.admin, req, false).map(success),
@@ -74,8 +74,8 @@ fn success(mut r: Response) -> Response {
 /// Taken-down accounts, `size` (1..=1000, default 500) after `cursor` (the
 /// last DID of the previous page; a string, which goat expects).
 fn takedowns(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
-    let size: i64 = crate::query::param(req, "size").and_then(|s| s.parse().ok()).unwrap_or(500).clamp(1, 1000);
-    let after = crate::query::param(req, "cursor").unwrap_or("");
+    let size: i64 = crate::api::param(req, "size").and_then(|s| s.parse().ok()).unwrap_or(500).clamp(1, 1000);
+    let after = crate::api::param(req, "cursor").unwrap_or("");
     let dids = crate::db::takedowns(c, after, size)?;
     let mut body = json!({ "dids": dids });
     if dids.len() as i64 == size {

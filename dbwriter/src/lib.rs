@@ -12,11 +12,14 @@
 
 pub mod admin;
 pub mod admission;
+pub mod api;
 pub mod db;
 pub mod goat;
+pub mod messages;
 pub mod query;
 pub mod recheck;
 pub mod sequencer;
+pub mod serve;
 pub mod throttle;
 
 use sluice_common::config::{Config, Validation};
@@ -63,10 +66,10 @@ pub unsafe fn run(
     if let Some(first) = log.oldest_seq()? {
         control.oldest().store(first as u64, Ordering::Release);
     }
-    let (admin_tx, admin_rx) = admin::channel();
-    let live = Arc::new(std::sync::RwLock::new(query::Live::from_config(cfg)?));
+    let (admin_tx, admin_rx) = messages::channel();
+    let live = Arc::new(std::sync::RwLock::new(api::Live::from_config(cfg)?));
     let query_stop = Arc::new(AtomicBool::new(false));
-    let mut workers = query::start(
+    let mut workers = serve::start(
         &cfg.query_socket(),
         query_config(cfg, database_url, &control, live.clone(), admin_tx.clone())?,
         query_stop.clone(),
@@ -128,11 +131,11 @@ fn query_config(
     cfg: &Config,
     database_url: &str,
     control: &Arc<ControlBlock>,
-    live: Arc<std::sync::RwLock<query::Live>>,
-    admin: std::sync::mpsc::SyncSender<admin::Command>,
-) -> anyhow::Result<query::QueryConfig> {
+    live: Arc<std::sync::RwLock<api::Live>>,
+    admin: std::sync::mpsc::SyncSender<messages::Command>,
+) -> anyhow::Result<api::QueryConfig> {
     let control = control.clone();
-    Ok(query::QueryConfig {
+    Ok(api::QueryConfig {
         database_url: database_url.to_owned(),
         allow_insecure_hosts: cfg.allow_insecure_hosts,
         workers: 2,
@@ -151,7 +154,7 @@ fn query_config(
 /// file that does not load changes nothing (the supervisor checked it).
 fn start_reloader(
     r: Reload,
-    live: Arc<std::sync::RwLock<query::Live>>,
+    live: Arc<std::sync::RwLock<api::Live>>,
     to_sequencer: std::sync::mpsc::SyncSender<sequencer::Settings>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -168,7 +171,7 @@ fn start_reloader(
                     continue;
                 }
             };
-            match query::Live::from_config(&cfg) {
+            match api::Live::from_config(&cfg) {
                 Ok(l) => *live.write().unwrap_or_else(|p| p.into_inner()) = l,
                 Err(e) => tracing::error!(error = %e, "reload: keeping the running admin settings"),
             }

@@ -12,7 +12,7 @@
 //! second), [`TIMEOUT`] each. The sequencer asks about an account at most
 //! once per `RECHECK_EVERY` and holds at most a few MiB of commits.
 
-use crate::admin::Command;
+use crate::messages::Command;
 use serde_json::Value;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -31,14 +31,7 @@ pub struct Request {
     pub insecure: bool,
 }
 
-/// What the PDS said.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    pub did: String,
-    pub host_id: i64,
-    pub active: bool,
-    pub status: Option<String>,
-}
+pub use crate::messages::Answer;
 
 /// Parse a getRepoStatus answer.
 pub fn parse(did: &str, host_id: i64, body: &str) -> Option<Answer> {

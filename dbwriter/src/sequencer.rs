@@ -68,7 +68,7 @@ pub struct Sequencer {
     pub retention_micros: i64,
     pub scratch: Vec<u8>,
     /// Admin actions from the query workers.
-    pub admin: Option<std::sync::mpsc::Receiver<crate::admin::Command>>,
+    pub admin: Option<std::sync::mpsc::Receiver<crate::messages::Command>>,
     /// Per host: (account_limit, account_count as committed), reloaded
     /// every [`LIMITS_RELOAD`] (admin changes) and kept current between.
     pub host_limits: HashMap<i64, (i64, i64)>,
@@ -81,11 +81,11 @@ pub struct Sequencer {
     /// 11,300 events/s (sluice-bench, BENCHMARKS.md).
     pub commit_pace: Duration,
     /// To the thread that flags a taken-down account's records.
-    pub flag_jobs: Option<std::sync::mpsc::SyncSender<crate::admin::FlagJob>>,
+    pub flag_jobs: Option<std::sync::mpsc::SyncSender<crate::messages::FlagJob>>,
     /// Flag jobs the flagger's queue had no room for yet, in order; sent
     /// as room frees, never dropped. Neighbours of the same kind merge, so
     /// this grows only with admin actions during one long scan.
-    pending_flags: std::collections::VecDeque<crate::admin::FlagJob>,
+    pending_flags: std::collections::VecDeque<crate::messages::FlagJob>,
     /// Offline this long, a host goes idle (`host_offline_idle_days`).
     pub offline_idle_after: Duration,
     /// Intake paused (disk full or Postgres away): since when, and why.
@@ -208,7 +208,7 @@ pub const IDLE_SWEEP: Duration = Duration::from_secs(10);
 
 /// Append `job` to the waiting flag jobs, merged into the last one when it
 /// is of the same kind (hide or show): order between kinds is kept.
-fn coalesce(pending: &mut std::collections::VecDeque<crate::admin::FlagJob>, job: crate::admin::FlagJob) {
+fn coalesce(pending: &mut std::collections::VecDeque<crate::messages::FlagJob>, job: crate::messages::FlagJob) {
     match pending.back_mut() {
         Some(last) if last.on == job.on => {
             last.dids.extend(job.dids);
@@ -522,7 +522,7 @@ impl Sequencer {
         for (reply, seq, did, on) in replies {
             let _ = reply.send(Ok(seq));
             // Hide (or show again) the account's earlier records on replay.
-            self.queue_flags(crate::admin::FlagJob { dids: vec![did], upto_seq: seq - 1, on });
+            self.queue_flags(crate::messages::FlagJob { dids: vec![did], upto_seq: seq - 1, on });
         }
         self.send_flags();
         Ok(taken)
@@ -532,15 +532,15 @@ impl Sequencer {
     /// how many. Takedowns answer once their round is durable (`replies`).
     fn admin_commands(&mut self, batch: &mut Batch, replies: &mut Vec<TakedownReply>) -> anyhow::Result<usize> {
         let mut taken = 0;
-        let commands: Vec<crate::admin::Command> = match &self.admin {
-            Some(rx) => std::iter::from_fn(|| rx.try_recv().ok()).take(crate::admin::QUEUE_MAX).collect(),
+        let commands: Vec<crate::messages::Command> = match &self.admin {
+            Some(rx) => std::iter::from_fn(|| rx.try_recv().ok()).take(crate::messages::QUEUE_MAX).collect(),
             None => Vec::new(),
         };
         for cmd in commands {
             taken += 1;
             match cmd {
-                crate::admin::Command::UpstreamStatus(a) => self.upstream_status(a, batch)?,
-                crate::admin::Command::HostCursor { host_id, cursor, reply } => {
+                crate::messages::Command::UpstreamStatus(a) => self.upstream_status(a, batch)?,
+                crate::messages::Command::HostCursor { host_id, cursor, reply } => {
                     let r =
                         db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
                     if r.is_ok() {
@@ -549,7 +549,7 @@ impl Sequencer {
                     }
                     let _ = reply.send(r);
                 }
-                crate::admin::Command::Takedown { did, takedown, reply } => {
+                crate::messages::Command::Takedown { did, takedown, reply } => {
                     match self.takedown(&did, takedown, batch) {
                         Ok(seq) => replies.push((reply, seq, did, takedown)),
                         Err(why) => {
@@ -601,7 +601,7 @@ impl Sequencer {
     }
 
     /// Queue a flag job for the flagger thread (see `pending_flags`).
-    pub fn queue_flags(&mut self, job: crate::admin::FlagJob) {
+    pub fn queue_flags(&mut self, job: crate::messages::FlagJob) {
         coalesce(&mut self.pending_flags, job);
         self.send_flags();
     }
@@ -1015,7 +1015,7 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::FlagJob;
+    use crate::messages::FlagJob;
 
     #[test]
     fn waiting_flag_jobs_merge_by_kind_and_keep_order() {

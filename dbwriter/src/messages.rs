@@ -1,0 +1,41 @@
+//! What the query workers and the recheck thread send the sequencer, and
+//! the flagger's jobs: plain data, importing nothing of the crate, so the
+//! senders and the sequencer do not import each other.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+/// Commands waiting for the sequencer.
+pub const QUEUE_MAX: usize = 64;
+
+/// What the sequencer is asked to do.
+pub enum Command {
+    /// Take the account down (`true`) or reverse it (`false`); the reply is
+    /// the relay seq of the emitted `#account` event, once durable.
+    Takedown { did: String, takedown: bool, reply: SyncSender<Result<i64, String>> },
+    /// Set a host's upstream cursor (after its seq went backwards: a
+    /// restored or rebuilt PDS). The reply is the previous cursor.
+    HostCursor { host_id: i64, cursor: i64, reply: SyncSender<Result<i64, String>> },
+    /// What an account's PDS said when asked (`crate::recheck`).
+    UpstreamStatus(Answer),
+}
+
+pub fn channel() -> (SyncSender<Command>, Receiver<Command>) {
+    sync_channel(QUEUE_MAX)
+}
+
+/// Flag (or unflag) the records of some DIDs up to a seq in the event log.
+/// The relay's own takedown `#account` events stay visible.
+pub struct FlagJob {
+    pub dids: Vec<String>,
+    pub upto_seq: i64,
+    pub on: bool,
+}
+
+/// What an account's PDS said when asked (`crate::recheck`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub did: String,
+    pub host_id: i64,
+    pub active: bool,
+    pub status: Option<String>,
+}
