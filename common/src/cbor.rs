@@ -535,6 +535,17 @@ pub enum Value {
     Link(Cid),
 }
 
+/// Why atproto JSON does not convert to DAG-CBOR ([`Value::from_json`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FromJsonError {
+    #[error("number {0} is not an integer")]
+    NotAnInteger(String),
+    #[error("$link: {0}")]
+    Link(String),
+    #[error("$bytes: {0}")]
+    Bytes(String),
+}
+
 impl Value {
     /// Decode exactly one value from `buf` with full canonical checks.
     pub fn decode(buf: &[u8]) -> Result<Value> {
@@ -651,7 +662,7 @@ impl Value {
     }
 
     /// Convert from the atproto JSON form (`{"$link": cid}`, `{"$bytes": b64}`).
-    pub fn from_json(j: &serde_json::Value) -> Result<Value, String> {
+    pub fn from_json(j: &serde_json::Value) -> Result<Value, FromJsonError> {
         use base64::Engine;
         Ok(match j {
             serde_json::Value::Null => Value::Null,
@@ -660,7 +671,7 @@ impl Value {
                 Some(i) => Value::Integer(i as i128),
                 None => match n.as_u64() {
                     Some(u) => Value::Integer(u as i128),
-                    None => return Err(format!("number {n} is not an integer")),
+                    None => return Err(FromJsonError::NotAnInteger(n.to_string())),
                 },
             },
             serde_json::Value::String(s) => Value::Text(s.clone()),
@@ -668,13 +679,13 @@ impl Value {
             serde_json::Value::Object(o) => {
                 if o.len() == 1 {
                     if let Some(serde_json::Value::String(s)) = o.get("$link") {
-                        return Cid::parse(s).map(Value::Link).map_err(|e| e.to_string());
+                        return Cid::parse(s).map(Value::Link).map_err(|e| FromJsonError::Link(e.to_string()));
                     }
                     if let Some(serde_json::Value::String(s)) = o.get("$bytes") {
                         return base64::engine::general_purpose::STANDARD_NO_PAD
                             .decode(s.trim_end_matches('='))
                             .map(Value::Bytes)
-                            .map_err(|e| format!("$bytes: {e}"));
+                            .map_err(|e| FromJsonError::Bytes(e.to_string()));
                     }
                 }
                 let mut m = BTreeMap::new();

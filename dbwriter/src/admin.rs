@@ -113,7 +113,7 @@ pub(crate) fn takedown(
             tracing::info!(did, seq, action, "admin");
             Ok(Response::ok(json!({"did": did, "seq": seq})))
         }
-        Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why)),
+        Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why.to_string())),
         Err(_) => {
             // The command is queued and may still take effect: the audit
             // log must say it was asked for.
@@ -149,7 +149,7 @@ fn host_cursor(c: &mut Client, tx: &SyncSender<Command>, req: &Request) -> Resul
             tracing::info!(host, from, to = cursor, "admin: host cursor set");
             Ok(Response::ok(json!({"hostname": host, "cursor": cursor, "previous": from})))
         }
-        Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why)),
+        Ok(Err(why)) => Ok(error(400, "InvalidRequest", &why.to_string())),
         Err(_) => {
             audit(c, "host_cursor", host, json!({"to": cursor, "answered": false}))?;
             Ok(error(503, "Timeout", "the sequencer did not answer in time; the action may still apply"))

@@ -27,8 +27,13 @@ use std::time::Duration;
 pub trait Net: Send + Sync {
     fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<IpAddr>>;
     /// GET `path` from `host` at exactly `addrs`; the body of a 200.
-    fn get(&self, host: &PdsHost, addrs: &[SocketAddr], path: &str) -> Result<String, String>;
+    fn get(&self, host: &PdsHost, addrs: &[SocketAddr], path: &str) -> Result<String, FetchError>;
 }
+
+/// A describeServer fetch that failed (connection, status, body).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FetchError(pub String);
 
 /// Why a host was refused (the XRPC error message says it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,7 +102,8 @@ pub fn check_network(host: &PdsHost, allow_insecure: bool, net: &dyn Net) -> Res
     }
     let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
     let not_a_pds = |why: String| Refusal::NotAPds { host: host.name.clone(), why };
-    let body = net.get(host, &addrs, "/xrpc/com.atproto.server.describeServer").map_err(not_a_pds)?;
+    let body =
+        net.get(host, &addrs, "/xrpc/com.atproto.server.describeServer").map_err(|e| not_a_pds(e.to_string()))?;
     let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| not_a_pds(format!("not JSON: {e}")))?;
     if !v.get("did").is_some_and(|d| d.as_str().is_some_and(|s| s.starts_with("did:"))) {
         return Err(not_a_pds("the answer names no did".into()));
@@ -135,7 +141,7 @@ impl Net for SystemNet {
         Ok((host, port).to_socket_addrs()?.map(|a| a.ip()).collect())
     }
 
-    fn get(&self, host: &PdsHost, addrs: &[SocketAddr], path: &str) -> Result<String, String> {
+    fn get(&self, host: &PdsHost, addrs: &[SocketAddr], path: &str) -> Result<String, FetchError> {
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(5))
             .redirects(0)
@@ -143,10 +149,11 @@ impl Net for SystemNet {
             .tls_config(self.tls.clone())
             .build();
         let scheme = if host.insecure { "http" } else { "https" };
-        let resp = agent.get(&format!("{scheme}://{}{path}", host.name)).call().map_err(|e| e.to_string())?;
+        let resp =
+            agent.get(&format!("{scheme}://{}{path}", host.name)).call().map_err(|e| FetchError(e.to_string()))?;
         let mut body = String::new();
         use std::io::Read;
-        resp.into_reader().take(64 * 1024).read_to_string(&mut body).map_err(|e| e.to_string())?;
+        resp.into_reader().take(64 * 1024).read_to_string(&mut body).map_err(|e| FetchError(e.to_string()))?;
         Ok(body)
     }
 }
@@ -170,7 +177,7 @@ mod tests {
             let a = self.dns.get(host).ok_or_else(|| std::io::Error::other("no such name"))?;
             Ok(a.iter().map(|s| s.parse().unwrap()).collect())
         }
-        fn get(&self, _: &PdsHost, addrs: &[SocketAddr], _: &str) -> Result<String, String> {
+        fn get(&self, _: &PdsHost, addrs: &[SocketAddr], _: &str) -> Result<String, FetchError> {
             assert!(!addrs.is_empty());
             if self.pds {
                 Ok(r#"{"did": "did:web:pds.example.com", "availableUserDomains": []}"#.into())

@@ -11,10 +11,10 @@ pub const QUEUE_MAX: usize = 64;
 pub enum Command {
     /// Take the account down (`true`) or reverse it (`false`); the reply is
     /// the relay seq of the emitted `#account` event, once durable.
-    Takedown { did: String, takedown: bool, reply: SyncSender<Result<i64, String>> },
+    Takedown { did: String, takedown: bool, reply: SyncSender<Result<i64, Refused>> },
     /// Set a host's upstream cursor (after its seq went backwards: a
     /// restored or rebuilt PDS). The reply is the previous cursor.
-    HostCursor { host_id: i64, cursor: i64, reply: SyncSender<Result<i64, String>> },
+    HostCursor { host_id: i64, cursor: i64, reply: SyncSender<Result<i64, Refused>> },
     /// What an account's PDS said when asked (`crate::recheck`).
     UpstreamStatus(Answer),
 }
@@ -38,4 +38,16 @@ pub struct Answer {
     pub host_id: i64,
     pub active: bool,
     pub status: Option<String>,
+}
+
+/// Why the sequencer did not carry out an admin command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("{0:?} is not a DID")]
+    NotADid(String),
+    #[error("{0} is not an account this relay has seen")]
+    UnknownAccount(String),
+    /// Postgres or the event log failed; `subject` is the DID or host.
+    #[error("{subject}: {detail}")]
+    Failed { subject: String, detail: String },
 }

@@ -106,8 +106,8 @@ pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) ->
 /// The host a requestCrawl names, checked by name only (no lookups): the
 /// first step of [`crate::admission::admit`]; bootstrap uses it for the
 /// names another relay lists (the shards check addresses before dialing).
-pub fn crawl_target(raw: &str, allow_insecure: bool) -> Result<PdsHost, String> {
-    crate::admission::parse_target(raw, allow_insecure).map_err(|e| e.to_string())
+pub fn crawl_target(raw: &str, allow_insecure: bool) -> Result<PdsHost, crate::admission::Refusal> {
+    crate::admission::parse_target(raw, allow_insecure)
 }
 
 fn list_hosts(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {

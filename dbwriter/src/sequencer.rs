@@ -25,6 +25,7 @@
 //! exactly there (`common::failpoint`).
 
 use crate::db::{self, Batch};
+use crate::messages::Refused;
 use lru::LruCache;
 use postgres::Client;
 use sluice_common::eventlog::LogWriter;
@@ -134,7 +135,7 @@ fn count_change(batch: &mut Batch, counted: Option<&AccountState>, state: &Accou
 
 /// A takedown applied in this round, answered once it is durable: the
 /// reply channel, the seq of its `#account` event, the DID, on or off.
-type TakedownReply = (std::sync::mpsc::SyncSender<Result<i64, String>>, i64, String, bool);
+type TakedownReply = (std::sync::mpsc::SyncSender<Result<i64, Refused>>, i64, String, bool);
 
 /// What the sequencer takes from a reload, in place.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -541,8 +542,8 @@ impl Sequencer {
             match cmd {
                 crate::messages::Command::UpstreamStatus(a) => self.upstream_status(a, batch)?,
                 crate::messages::Command::HostCursor { host_id, cursor, reply } => {
-                    let r =
-                        db::set_host_cursor(&mut self.pg, host_id, cursor).map_err(|e| format!("host {host_id}: {e}"));
+                    let r = db::set_host_cursor(&mut self.pg, host_id, cursor)
+                        .map_err(|e| Refused::Failed { subject: format!("host {host_id}"), detail: e.to_string() });
                     if r.is_ok() {
                         // Events above the new cursor are new again.
                         self.host_floor.insert(host_id, cursor);
@@ -697,16 +698,17 @@ impl Sequencer {
 
     /// Take an account down (or reverse it): store the flag and emit the
     /// relay's `#account` event with the combined status.
-    fn takedown(&mut self, did: &str, takedown: bool, batch: &mut Batch) -> Result<i64, String> {
+    fn takedown(&mut self, did: &str, takedown: bool, batch: &mut Batch) -> Result<i64, Refused> {
         if !sluice_common::syntax::is_did(did) {
-            return Err(format!("{did:?} is not a DID"));
+            return Err(Refused::NotADid(did.to_owned()));
         }
-        let stored = self.account(did, batch).map_err(|e| format!("{did}: {e}"))?;
+        let failed = |e: &dyn std::fmt::Display| Refused::Failed { subject: did.to_owned(), detail: e.to_string() };
+        let stored = self.account(did, batch).map_err(|e| failed(&e))?;
         let Some(mut st) = stored else {
-            return Err(format!("{did} is not an account this relay has seen"));
+            return Err(Refused::UnknownAccount(did.to_owned()));
         };
         st.takendown = takedown;
-        self.emit_account(did, st, batch).map_err(|e| format!("{did}: {e}"))
+        self.emit_account(did, st, batch).map_err(|e| failed(&e))
     }
 
     /// The relay's own `#account` event for `did` with the combined status

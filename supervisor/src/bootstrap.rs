@@ -51,7 +51,7 @@ pub fn run(base: &str, database_url: &str, allow_insecure: bool, account_limit: 
                         added += 1;
                     }
                 }
-                Err(why) => tracing::debug!(host = name, why, "bootstrap skips a host"),
+                Err(why) => tracing::debug!(host = name, why = %why, "bootstrap skips a host"),
             }
         }
         cursor = body["cursor"].as_str().map(str::to_owned);
