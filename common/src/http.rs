@@ -79,9 +79,62 @@ pub fn parse_request_head(buf: &[u8], bytes_max: usize) -> Result<Option<Request
     }))
 }
 
+/// Split a request target into its path and its decoded query pairs
+/// (`k=v` joined by `&`; a key without `=` has an empty value).
+pub fn split_target(target: &str) -> (String, Vec<(String, String)>) {
+    let (path, q) = target.split_once('?').unwrap_or((target, ""));
+    let query = q
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    (path.to_owned(), query)
+}
+
+/// Decode `%XX` escapes and `+` (a space, as forms send it); a `%` not
+/// followed by two hex digits stays as it is; bytes that are not UTF-8
+/// come out as U+FFFD.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%' && i + 3 <= b.len())
+            .then(|| std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .flatten();
+        match hex {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(if b[i] == b'+' { b' ' } else { b[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_split_and_decode() {
+        let (p, q) = split_target("/x/y?did=did%3Aplc%3Aabc&a+b=c%2&flag&=v");
+        assert_eq!(p, "/x/y");
+        let want: Vec<(String, String)> = [("did", "did:plc:abc"), ("a b", "c%2"), ("flag", ""), ("", "v")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(q, want);
+        assert_eq!(percent_decode("%ff%zz%"), "\u{fffd}%zz%");
+        assert_eq!(split_target("/only").1, vec![]);
+    }
 
     const GET: &[u8] = b"GET /xrpc/com.atproto.sync.subscribeRepos?cursor=5 HTTP/1.1\r\nHost: x\r\n\
         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\

@@ -34,27 +34,7 @@ impl Request {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = (b[i] == b'%' && i + 3 <= b.len())
-            .then(|| std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
-            .flatten();
-        match hex {
-            Some(v) => {
-                out.push(v);
-                i += 3;
-            }
-            None => {
-                out.push(if b[i] == b'+' { b' ' } else { b[i] });
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use sluice_common::http::{percent_decode, split_target};
 
 /// Read and parse one request head.
 pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Option<Request>> {
@@ -71,15 +51,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Op
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => {
                 let target = req.path.unwrap_or("/");
-                let (path, q) = target.split_once('?').unwrap_or((target, ""));
-                let query = q
-                    .split('&')
-                    .filter(|p| !p.is_empty())
-                    .map(|p| {
-                        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                        (percent_decode(k), percent_decode(v))
-                    })
-                    .collect();
+                let (path, query) = split_target(target);
                 let headers = req
                     .headers
                     .iter()
@@ -87,7 +59,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Op
                     .collect();
                 return Ok(Some(Request {
                     method: req.method.unwrap_or("GET").to_owned(),
-                    path: percent_decode(path),
+                    path: percent_decode(&path),
                     query,
                     headers,
                     rest: buf[len..].to_vec(),
