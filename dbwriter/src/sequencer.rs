@@ -432,10 +432,11 @@ impl Sequencer {
             let attempt = db::connect(&url).and_then(|mut pg| {
                 let stmts = db::CommitStatements::prepare(&mut pg)?;
                 let durable = db::last_seq(&mut pg)?;
-                Ok((pg, stmts, durable))
+                let floors: HashMap<i64, i64> = db::hosts(&mut pg)?.into_iter().map(|h| (h.id, h.cursor)).collect();
+                Ok((pg, stmts, durable, floors))
             });
             match attempt {
-                Ok((pg, stmts, durable)) => {
+                Ok((pg, stmts, durable, floors)) => {
                     self.pg = pg;
                     self.stmts = stmts;
                     for r in &mut self.rings {
@@ -443,6 +444,14 @@ impl Sequencer {
                     }
                     self.log.reopen(durable)?;
                     self.limits_loaded = None;
+                    // The failed commit may have gone through (the server
+                    // committed, the answer was lost): what Postgres holds
+                    // is the truth. Its cursors make the re-read records
+                    // duplicates, its accounts replace the cache, and what
+                    // it made durable is visible to consumers.
+                    self.host_floor = floors;
+                    self.cache.clear();
+                    self.control.committed().fetch_max(durable.max(0) as u64, Ordering::AcqRel);
                     return Ok(());
                 }
                 Err(err) => tracing::debug!(error = %err, "Postgres still unavailable"),
