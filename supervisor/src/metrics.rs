@@ -92,52 +92,58 @@ fn relay(out: &mut String, cb: &ControlBlock) {
     }
 }
 
+/// A per-shard counter or gauge: name, help, kind, and how to read it.
+type Field = fn(&sluice_common::shm::ShardSlot<'_>) -> u64;
+
+const PER_SHARD: [(&str, &str, &str, Field); 9] = [
+    (
+        "sluice_shard_stalls_total",
+        "Times a shard's task queue ran 10 ms past its budget (a bug: shard code must not block).",
+        "counter",
+        |s| s.stalls.load(Ordering::Relaxed),
+    ),
+    ("sluice_shard_hosts_connected", "Upstream hosts connected.", "gauge", |s| {
+        s.hosts_connected.load(Ordering::Relaxed)
+    }),
+    ("sluice_shard_consumers", "Consumers subscribed.", "gauge", |s| s.consumers.load(Ordering::Relaxed)),
+    ("sluice_shard_events_in_total", "Validated events written into the ring.", "counter", |s| {
+        s.events_in.load(Ordering::Relaxed)
+    }),
+    ("sluice_shard_frames_out_total", "Frames sent to consumers.", "counter", |s| s.frames_out.load(Ordering::Relaxed)),
+    ("sluice_shard_bytes_out_total", "Bytes of frames sent to consumers.", "counter", |s| {
+        s.bytes_out.load(Ordering::Relaxed)
+    }),
+    (
+        "sluice_shard_consumers_cut_lag_total",
+        "Consumers cut for lagging past consumer_lag_events_max.",
+        "counter",
+        |s| s.consumers_cut_lag.load(Ordering::Relaxed),
+    ),
+    (
+        "sluice_shard_consumers_cut_unwritable_total",
+        "Consumers cut because their socket took nothing for consumer_write_timeout_s.",
+        "counter",
+        |s| s.consumers_cut_unwritable.load(Ordering::Relaxed),
+    ),
+    (
+        "sluice_shard_events_dropped_total",
+        "Upstream events or frames dropped by the stateless checks, and connection faults.",
+        "counter",
+        |s| s.dropped.load(Ordering::Relaxed),
+    ),
+];
+
 fn shards(out: &mut String, cb: &ControlBlock) {
     let n = cb.shard_count().load(Ordering::Relaxed) as usize;
-    type Field = fn(&sluice_common::shm::ShardSlot<'_>) -> u64;
-    let per_shard: [(&str, &str, &str, Field); 9] = [
-        (
-            "sluice_shard_stalls_total",
-            "Times a shard's task queue ran 10 ms past its budget (a bug: shard code must not block).",
-            "counter",
-            |s| s.stalls.load(Ordering::Relaxed),
-        ),
-        ("sluice_shard_hosts_connected", "Upstream hosts connected.", "gauge", |s| {
-            s.hosts_connected.load(Ordering::Relaxed)
-        }),
-        ("sluice_shard_consumers", "Consumers subscribed.", "gauge", |s| s.consumers.load(Ordering::Relaxed)),
-        ("sluice_shard_events_in_total", "Validated events written into the ring.", "counter", |s| {
-            s.events_in.load(Ordering::Relaxed)
-        }),
-        ("sluice_shard_frames_out_total", "Frames sent to consumers.", "counter", |s| {
-            s.frames_out.load(Ordering::Relaxed)
-        }),
-        ("sluice_shard_bytes_out_total", "Bytes of frames sent to consumers.", "counter", |s| {
-            s.bytes_out.load(Ordering::Relaxed)
-        }),
-        (
-            "sluice_shard_consumers_cut_lag_total",
-            "Consumers cut for lagging past consumer_lag_events_max.",
-            "counter",
-            |s| s.consumers_cut_lag.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_shard_consumers_cut_unwritable_total",
-            "Consumers cut because their socket took nothing for consumer_write_timeout_s.",
-            "counter",
-            |s| s.consumers_cut_unwritable.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_shard_events_dropped_total",
-            "Upstream events or frames dropped by the stateless checks, and connection faults.",
-            "counter",
-            |s| s.dropped.load(Ordering::Relaxed),
-        ),
-    ];
-    for (name, help, kind, field) in per_shard {
+    for (name, help, kind, field) in PER_SHARD {
         let values: Vec<(String, u64)> = (0..n).map(|k| (format!("{{shard=\"{k}\"}}"), field(&cb.shard(k)))).collect();
         family(out, name, help, kind, &values);
     }
+    shard_reasons(out, cb, n);
+}
+
+/// Drops and upstream closes, per shard and reason.
+fn shard_reasons(out: &mut String, cb: &ControlBlock, n: usize) {
     let by_reason =
         |f: &dyn Fn(&sluice_common::shm::ShardSlot<'_>, usize) -> u64, names: &[&str]| -> Vec<(String, u64)> {
             (0..n)
