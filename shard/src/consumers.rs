@@ -49,8 +49,7 @@ impl Table {
     }
 
     pub fn snapshot(&self, shard: usize, committed: i64, hosts: &HostTable) -> Snapshot {
-        let all = hosts.values().map(|h| h.info()).collect();
-        let (hosts, other_hosts) = sluice_common::consumers::top_hosts(all, HOSTS_PUBLISHED_MAX, "_other");
+        let (hosts, other_hosts) = busiest(hosts);
         Snapshot {
             shard,
             at: unix_now(),
@@ -60,6 +59,27 @@ impl Table {
             other_hosts,
         }
     }
+}
+
+/// The [`HOSTS_PUBLISHED_MAX`] hosts with the most events and drops, and
+/// the rest summed. Runs on the executor each second: only the listed
+/// hosts are copied out (a shard may read thousands).
+fn busiest(hosts: &HostTable) -> (Vec<HostInfo>, Option<HostInfo>) {
+    let mut all: Vec<&HostStats> = hosts.values().map(|h| h.as_ref()).collect();
+    let by_weight = |a: &&HostStats, b: &&HostStats| b.weight().cmp(&a.weight()).then(a.hostname.cmp(&b.hostname));
+    if all.len() > HOSTS_PUBLISHED_MAX {
+        all.select_nth_unstable_by(HOSTS_PUBLISHED_MAX, by_weight);
+    }
+    let rest = all.split_off(all.len().min(HOSTS_PUBLISHED_MAX));
+    all.sort_unstable_by(by_weight);
+    let other = (!rest.is_empty()).then(|| {
+        let mut sum = HostInfo { hostname: "_other".into(), ..HostInfo::default() };
+        for h in rest {
+            h.add_to(&mut sum);
+        }
+        sum
+    });
+    (all.into_iter().map(HostStats::info).collect(), other)
 }
 
 /// One host's counts while its task runs (executor thread only; a few
@@ -94,6 +114,22 @@ impl HostStats {
     pub fn drop(&self, r: DropReason) {
         let c = &self.drops[r as usize];
         c.set(c.get() + 1);
+    }
+
+    /// What ranks a host among the busiest: events and drops.
+    fn weight(&self) -> u64 {
+        self.events.get() + self.drops.iter().map(Cell::get).sum::<u64>()
+    }
+
+    /// Add this host's counts into `sum` (the hosts not listed by name).
+    fn add_to(&self, sum: &mut HostInfo) {
+        sum.connected |= self.connected.get();
+        sum.events += self.events.get();
+        sum.drops.resize(self.drops.len(), 0);
+        for (a, b) in sum.drops.iter_mut().zip(&self.drops) {
+            *a += b.get();
+        }
+        sum.last_event_micros = sum.last_event_micros.max(self.last_event_micros.get());
     }
 
     pub fn info(&self) -> HostInfo {
@@ -131,6 +167,26 @@ pub fn start_writer(path: PathBuf) -> std::io::Result<SyncSender<Snapshot>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_busiest_hosts_are_listed_and_the_rest_summed() {
+        let mut hosts = HostTable::new();
+        for i in 0..(HOSTS_PUBLISHED_MAX as i64 + 3) {
+            let h = HostStats::new(&format!("h{i:03}"));
+            for _ in 0..i {
+                h.event(i);
+            }
+            h.drop(DropReason::BadSignature);
+            hosts.insert(i, std::rc::Rc::new(h));
+        }
+        let (top, rest) = busiest(&hosts);
+        assert_eq!(top.len(), HOSTS_PUBLISHED_MAX);
+        assert_eq!(top[0].hostname, format!("h{:03}", HOSTS_PUBLISHED_MAX + 2));
+        let rest = rest.unwrap();
+        // h000, h001, h002: 0 + 1 + 2 events, a drop each.
+        assert_eq!((rest.hostname.as_str(), rest.events, rest.dropped(), rest.last_event_micros), ("_other", 3, 3, 2));
+        assert!(busiest(&HostTable::new()).1.is_none());
+    }
 
     #[test]
     fn table_tracks_consumers_and_snapshots_are_written_whole() {
