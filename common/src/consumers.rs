@@ -35,6 +35,23 @@ pub struct Snapshot {
     pub other_hosts: Option<HostInfo>,
 }
 
+impl Snapshot {
+    /// How far `c` is behind the committed seq when the snapshot was taken.
+    pub fn lag(&self, c: &ConsumerInfo) -> i64 {
+        if c.last_seq > 0 {
+            self.committed - c.last_seq
+        } else {
+            self.committed
+        }
+    }
+
+    /// One consumer as the admin API and the status page list it.
+    pub fn consumer_json(&self, c: &ConsumerInfo) -> serde_json::Value {
+        serde_json::json!({"shard": self.shard, "remote": c.remote, "since": c.since, "cursor": c.cursor,
+                           "lastSeq": c.last_seq, "frames": c.frames, "lag": self.lag(c)})
+    }
+}
+
 /// Hosts a shard lists by name in its snapshot.
 pub const HOSTS_PUBLISHED_MAX: usize = 100;
 

@@ -217,14 +217,12 @@ fn consumer_rows(run_dir: &std::path::Path) -> (Vec<Value>, usize, Vec<usize>) {
     let mut total = 0usize;
     for s in sluice_common::consumers::read_snapshots(run_dir, CONSUMERS_STALE_SECS) {
         shards.push(s.shard);
-        for c in s.consumers {
+        for c in &s.consumers {
             total += 1;
             if list.len() == CONSUMERS_LISTED_MAX {
                 continue;
             }
-            let lag = if c.last_seq > 0 { s.committed - c.last_seq } else { s.committed };
-            list.push(json!({"shard": s.shard, "remote": c.remote, "since": c.since, "cursor": c.cursor,
-                             "lastSeq": c.last_seq, "frames": c.frames, "lag": lag}));
+            list.push(s.consumer_json(c));
         }
     }
     shards.sort_unstable();

@@ -97,32 +97,27 @@ fn crawl_when_healthy(host_list: Vec<String>, port: u16) {
 
 /// The demo's line per second: hosts, rates, consumers, drops, seq.
 fn progress_line() -> impl FnMut(&sluice_common::shm::ControlBlock) {
-    let mut last = (Instant::now(), 0u64, 0u64);
+    let mut last = (Instant::now(), crate::summary::Totals::default());
     move |cb: &sluice_common::shm::ControlBlock| {
         if last.0.elapsed() < Duration::from_secs(1) {
             return;
         }
-        let n = cb.shard_count().load(Ordering::Relaxed) as usize;
-        let (mut hosts, mut ein, mut out, mut cons, mut dropped) = (0, 0, 0, 0, 0);
-        for k in 0..n {
-            let s = cb.shard(k);
-            hosts += s.hosts_connected.load(Ordering::Relaxed);
-            ein += s.events_in.load(Ordering::Relaxed);
-            out += s.frames_out.load(Ordering::Relaxed);
-            cons += s.consumers.load(Ordering::Relaxed);
-            dropped += s.dropped.load(Ordering::Relaxed);
-        }
+        let t = crate::summary::Totals::read(cb);
         let dt = last.0.elapsed().as_secs_f64();
+        let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / dt;
         // Every drop: the shards' stateless ones and the sequencer's.
-        let stateful = cb.writer_counter(sluice_common::shm::WriterCounter::Dropped).load(Ordering::Relaxed);
         say(format_args!(
-            "hosts={hosts} in={:.0}/s out={:.0}/s consumers={cons} dropped={} (stateless {dropped}, stateful {stateful}) seq={}",
-            (ein - last.1.min(ein)) as f64 / dt,
-            (out - last.2.min(out)) as f64 / dt,
-            dropped + stateful,
+            "hosts={} in={:.0}/s out={:.0}/s consumers={} dropped={} (stateless {}, stateful {}) seq={}",
+            t.hosts_connected,
+            rate(t.events_in, last.1.events_in),
+            rate(t.frames_out, last.1.frames_out),
+            t.consumers,
+            t.dropped_shard + t.dropped_stateful,
+            t.dropped_shard,
+            t.dropped_stateful,
             cb.committed().load(Ordering::Relaxed)
         ));
-        last = (Instant::now(), ein, out);
+        last = (Instant::now(), t);
     }
 }
 

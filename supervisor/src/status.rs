@@ -63,11 +63,7 @@ impl StatusWriter {
         let mut consumers = Vec::new();
         for s in &snapshots {
             hosts.extend(s.hosts.iter().cloned());
-            for c in &s.consumers {
-                let lag = if c.last_seq > 0 { s.committed - c.last_seq } else { s.committed };
-                consumers.push(json!({"shard": s.shard, "remote": c.remote, "since": c.since, "cursor": c.cursor,
-                                      "lastSeq": c.last_seq, "frames": c.frames, "lag": lag}));
-            }
+            consumers.extend(s.consumers.iter().map(|c| s.consumer_json(c)));
         }
         let consumers_total = consumers.len();
         consumers.sort_by_key(|c| std::cmp::Reverse(c["lag"].as_i64().unwrap_or(0)));
@@ -95,7 +91,7 @@ impl StatusWriter {
                 "framesOut": rate(now.frames_out, first.frames_out),
             },
             "hostsByStatus": view.hosts.iter().map(|(st, n)| (st.as_str().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
-            "hostsConnected": (0..n).map(|k| cb.shard(k).hosts_connected.load(Ordering::Relaxed)).sum::<u64>(),
+            "hostsConnected": now.hosts_connected,
             "hosts": busiest,
             "drops": {
                 "shard": shard_drops,

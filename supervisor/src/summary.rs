@@ -9,9 +9,12 @@ use sluice_common::shm::{ControlBlock, WriterCounter};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Relay-wide counters, summed over the shards.
+/// Relay-wide counters, summed over the shards, and the two gauges
+/// (hosts connected, consumers).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Totals {
+    pub hosts_connected: u64,
+    pub consumers: u64,
     pub events_in: u64,
     pub frames_out: u64,
     pub relayed: u64,
@@ -28,6 +31,8 @@ impl Totals {
         let mut t = Totals::default();
         for k in 0..n {
             let s = cb.shard(k);
+            t.hosts_connected += s.hosts_connected.load(Ordering::Relaxed);
+            t.consumers += s.consumers.load(Ordering::Relaxed);
             t.events_in += s.events_in.load(Ordering::Relaxed);
             t.frames_out += s.frames_out.load(Ordering::Relaxed);
             t.dropped_shard += s.dropped.load(Ordering::Relaxed);
@@ -69,9 +74,6 @@ impl Summary {
         // Counters restart with a child: a smaller value is a restart.
         let d = |a: u64, b: u64| a.saturating_sub(b);
         let b = self.before;
-        let n = cb.shard_count().load(Ordering::Relaxed) as usize;
-        let connected: u64 = (0..n).map(|k| cb.shard(k).hosts_connected.load(Ordering::Relaxed)).sum();
-        let consumers: u64 = (0..n).map(|k| cb.shard(k).consumers.load(Ordering::Relaxed)).sum();
         let status = |st: HostStatus| view.hosts.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
         tracing::info!(
             events_in_per_s = format!("{:.1}", d(now.events_in, b.events_in) as f64 / secs),
@@ -82,10 +84,10 @@ impl Summary {
             duplicates = d(now.duplicates, b.duplicates),
             dropped_account_limit = d(now.account_limit, b.account_limit),
             consumers_cut = d(now.consumers_cut, b.consumers_cut),
-            hosts_connected = connected,
+            hosts_connected = now.hosts_connected,
             hosts_offline = status(HostStatus::Offline),
             hosts_idle = status(HostStatus::Idle),
-            consumers,
+            consumers = now.consumers,
             seq = cb.committed().load(Ordering::Relaxed),
             interval_s = secs.round() as u64,
             "summary"
