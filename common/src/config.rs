@@ -430,6 +430,24 @@ impl RawConfig {
     }
 }
 
+/// The keys only a restart applies, as (name => field path): the one
+/// list [`Config::fixed_keys`] and [`Config::keep_fixed`] both expand.
+macro_rules! fixed_fields {
+    ($m:ident) => {
+        $m!(
+            "data_dir" => data_dir,
+            "database_url" => database_url,
+            "plc_url" => plc_url,
+            "tls_ca_file" => tls_ca_file,
+            "allow_insecure_hosts" => allow_insecure_hosts,
+            "segment_size_bytes" => segment_size_bytes,
+            "limits.identity_cache_entries_max" => limits.identity_cache_entries_max,
+            "limits.account_cache_entries_max" => limits.account_cache_entries_max,
+            "log_format" => log_format
+        )
+    };
+}
+
 impl Config {
     /// Load the file (or defaults), apply the environment, validate.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -520,26 +538,14 @@ impl Config {
     /// resolvers, TLS, the event log, the caches, logging).
     pub fn fixed_keys(&self, new: &Config) -> Vec<&'static str> {
         let mut k = Vec::new();
-        let mut check = |changed: bool, key| {
-            if changed {
-                k.push(key);
-            }
-        };
-        check(self.data_dir != new.data_dir, "data_dir");
-        check(self.database_url != new.database_url, "database_url");
-        check(self.plc_url != new.plc_url, "plc_url");
-        check(self.tls_ca_file != new.tls_ca_file, "tls_ca_file");
-        check(self.allow_insecure_hosts != new.allow_insecure_hosts, "allow_insecure_hosts");
-        check(self.segment_size_bytes != new.segment_size_bytes, "segment_size_bytes");
-        check(
-            self.limits.identity_cache_entries_max != new.limits.identity_cache_entries_max,
-            "limits.identity_cache_entries_max",
-        );
-        check(
-            self.limits.account_cache_entries_max != new.limits.account_cache_entries_max,
-            "limits.account_cache_entries_max",
-        );
-        check(self.log_format != new.log_format, "log_format");
+        macro_rules! changed {
+            ($($name:literal => $($f:ident).+),+) => {
+                $(if self.$($f).+ != new.$($f).+ {
+                    k.push($name);
+                })+
+            };
+        }
+        fixed_fields!(changed);
         k
     }
 
@@ -547,15 +553,12 @@ impl Config {
     /// config's values (`bootstrap_relay` and `initial_seq` matter only at
     /// the first start).
     pub fn keep_fixed(&self, mut new: Config) -> Config {
-        new.data_dir = self.data_dir.clone();
-        new.database_url = self.database_url.clone();
-        new.plc_url = self.plc_url.clone();
-        new.tls_ca_file = self.tls_ca_file.clone();
-        new.allow_insecure_hosts = self.allow_insecure_hosts;
-        new.segment_size_bytes = self.segment_size_bytes;
-        new.limits.identity_cache_entries_max = self.limits.identity_cache_entries_max;
-        new.limits.account_cache_entries_max = self.limits.account_cache_entries_max;
-        new.log_format = self.log_format;
+        macro_rules! keep {
+            ($($name:literal => $($f:ident).+),+) => {
+                $(new.$($f).+ = self.$($f).+.clone();)+
+            };
+        }
+        fixed_fields!(keep);
         new.bootstrap_relay = self.bootstrap_relay.clone();
         new.initial_seq = self.initial_seq;
         new
