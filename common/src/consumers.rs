@@ -109,18 +109,8 @@ pub fn snapshot_path(run_dir: &Path, shard: usize) -> PathBuf {
 /// Every fresh shard snapshot in `run_dir` (at most `stale_secs` old).
 pub fn read_snapshots(run_dir: &Path, stale_secs: u64) -> Vec<Snapshot> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("shard-") && name.ends_with(".json")) {
-            continue;
-        }
-        let Ok(bytes) = std::fs::read(entry.path()) else { continue };
-        let Ok(s) = serde_json::from_slice::<Snapshot>(&bytes) else { continue };
-        if now.saturating_sub(s.at) <= stale_secs {
-            out.push(s);
-        }
-    }
+    let mut out: Vec<Snapshot> = crate::runfile::read_json_files(run_dir, "shard-");
+    out.retain(|s| now.saturating_sub(s.at) <= stale_secs);
     out.sort_by_key(|s| s.shard);
     out
 }

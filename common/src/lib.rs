@@ -42,6 +42,7 @@ pub mod policy;
 pub mod repo;
 pub mod ring;
 pub mod ringrec;
+pub mod runfile;
 pub mod shm;
 pub mod syntax;
 pub mod tls;

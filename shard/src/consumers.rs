@@ -153,10 +153,9 @@ pub fn unix_now() -> u64 {
 pub fn start_writer(path: PathBuf) -> std::io::Result<SyncSender<Snapshot>> {
     let (tx, rx) = sync_channel::<Snapshot>(1);
     std::thread::Builder::new().name("consumers".into()).spawn(move || {
-        let tmp = path.with_extension("json.tmp");
         while let Ok(s) = rx.recv() {
             let body = serde_json::to_vec(&s).expect("snapshots serialise");
-            if let Err(e) = std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, &path)) {
+            if let Err(e) = sluice_common::runfile::write_whole(&path, &body) {
                 tracing::warn!(shard = s.shard, path = %path.display(), error = %e, "consumer list not written");
             }
         }

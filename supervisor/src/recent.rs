@@ -70,14 +70,9 @@ pub fn layer(run_dir: PathBuf, process: &str) -> std::io::Result<Layer> {
                 kept.push_back(e);
             }
             let body = File { entries: kept.iter().cloned().collect(), shed: shed2.load(Ordering::Relaxed) };
-            let tmp = file.with_extension("json.tmp");
             let _ = std::fs::create_dir_all(&run_dir);
-            let written = serde_json::to_vec(&body)
-                .map_err(std::io::Error::other)
-                .and_then(|b| std::fs::write(&tmp, b))
-                .and_then(|_| std::fs::rename(&tmp, &file));
             // Not logged: a WARN here would come back to this thread.
-            let _ = written;
+            let _ = sluice_common::runfile::write_whole(&file, &serde_json::to_vec(&body).unwrap_or_default());
         }
     })?;
     Ok(Layer { process: process.to_owned(), tx, shed })
@@ -133,18 +128,9 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for Layer {
 /// Every process's recent entries in `run_dir`, newest last, at most
 /// `max`; and the lines shed in all.
 pub fn read_all(run_dir: &Path, max: usize) -> (Vec<Entry>, u64) {
-    let mut all = Vec::new();
-    let mut shed = 0;
-    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("recent-") && name.ends_with(".json")) {
-            continue;
-        }
-        let Ok(bytes) = std::fs::read(entry.path()) else { continue };
-        let Ok(f) = serde_json::from_slice::<File>(&bytes) else { continue };
-        shed += f.shed;
-        all.extend(f.entries);
-    }
+    let files: Vec<File> = sluice_common::runfile::read_json_files(run_dir, "recent-");
+    let shed = files.iter().map(|f| f.shed).sum();
+    let mut all: Vec<Entry> = files.into_iter().flat_map(|f| f.entries).collect();
     all.sort_by_key(|e| e.at);
     let skip = all.len().saturating_sub(max);
     (all.split_off(skip), shed)

@@ -46,8 +46,7 @@ impl StatusWriter {
         }
         let body = self.build(cb, view, run_dir, now);
         let path = run_dir.join("status.json");
-        let tmp = run_dir.join("status.json.tmp");
-        if let Err(e) = std::fs::write(&tmp, body.to_string()).and_then(|_| std::fs::rename(&tmp, &path)) {
+        if let Err(e) = sluice_common::runfile::write_whole(&path, body.to_string().as_bytes()) {
             tracing::debug!(path = %path.display(), error = %e, "status not written");
         }
     }

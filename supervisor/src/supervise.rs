@@ -594,9 +594,7 @@ impl Supervisor {
         let mut eff = cfg.clone();
         eff.database_url = Some(self.database_url.clone());
         // Whole or not at all: a child starting now reads one or the other.
-        let tmp = self.config_path.with_extension("toml.new");
-        std::fs::write(&tmp, eff.to_toml())?;
-        std::fs::rename(&tmp, &self.config_path)?;
+        sluice_common::runfile::write_whole(&self.config_path, eff.to_toml().as_bytes())?;
         Ok(())
     }
 
