@@ -46,17 +46,9 @@ struct Args {
     sluice: Option<PathBuf>,
 }
 
+/// The status of one request (the benches' shared client).
 fn http(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split(' ').nth(1)?.parse().ok()
+    sluice_tests::http::request(port, method, path, body).map(|(status, _)| status)
 }
 
 /// Count frames from `path` until `n` arrived or `timeout`; returns (count, elapsed).
