@@ -215,8 +215,14 @@ fn unreachable_hosts_go_offline_then_idle_and_return_on_request_crawl() {
         base_port,
         ..ServeConfig::default()
     };
-    let base = free_port();
-    let mut net = runner::start(cfg(dir.path(), base)).unwrap();
+    // A free port can be taken by a test running alongside before fakenet
+    // binds it: try another (bounded).
+    let (base, mut net) = (0..5)
+        .find_map(|_| {
+            let base = free_port();
+            runner::start(cfg(dir.path(), base)).ok().map(|net| (base, net))
+        })
+        .expect("fakenet could not bind a free port in 5 tries");
     // 0.0001 days: offline 8.6 s makes a host idle.
     let mut relay =
         Relay::new(dir.path(), &net.info.plc_url, 1, &format!("{KEEPALIVE}host_offline_idle_days = 0.0001\n"));
