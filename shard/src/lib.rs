@@ -170,7 +170,6 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
     let ring = unsafe { Ring::from_raw_fd(fds.ring) }?;
     // SAFETY: forwarded to the caller; the pipe is ours alone.
     let messages = read_messages(unsafe { std::fs::File::from_raw_fd(fds.assign) })?;
-    stalls::count_into(control.clone(), id);
     let tls = tls_config(cfg.tls_ca_file.as_deref())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = cfg.clone();
@@ -182,11 +181,8 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
         // often however many tasks are runnable: a host task that yields
         // goes behind the reactor, not only behind the other tasks.
         .preempt_timer(PREEMPT)
-        // A task queue that runs 10 ms past that budget is a stall, a bug
-        // (shard code never blocks the executor): glommio logs it with a
-        // backtrace as a WARN (through tracing's log bridge), and
-        // [`stalls`] counts that line.
-        .detect_stalls(Some(Box::new(glommio::DefaultStallDetectionHandler {})))
+        // Stalls are detected by [`stalls`], not by glommio's detector
+        // (which loads the debug information on the first one).
         .make()
         .map_err(|e| anyhow::anyhow!("starting the glommio executor: {e}"))?;
     ex.run(async move {
@@ -214,6 +210,7 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
             watermark: downstream::Watermark::default(),
             frames: RefCell::new(wsout::FrameCache::default()),
         });
+        stalls::spawn(control.clone(), id)?;
         spawn_services(&sh, &cfg)?;
         let mut running = main_loop(&sh, &messages, &term).await;
         farewell(&sh, &mut running).await;

@@ -331,7 +331,6 @@ fn init_logs(format: LogFormat, recent: Option<(PathBuf, String)>) {
         .with(text)
         .with(json)
         .with(recent)
-        .with(sluice_shard::stalls::Layer)
         .init();
 }
 
