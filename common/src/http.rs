@@ -1,5 +1,6 @@
-//! HTTP/1.1 request heads, parsed in one place for every server sluice
-//! runs (the shard's public port, the db-writer's query workers): httparse
+//! HTTP/1.1 heads, parsed in one place: requests for every server sluice
+//! runs (the shard's public port, the db-writer's query workers), and the
+//! response to a shard's WebSocket upgrade of an upstream host: httparse
 //! underneath, a byte bound on top, and the few headers sluice reads pulled
 //! out as owned values. Pure: the callers read the socket and call
 //! [`parse_request_head`] on what they have so far, which answers
@@ -79,6 +80,48 @@ pub fn parse_request_head(buf: &[u8], bytes_max: usize) -> Result<Option<Request
     }))
 }
 
+/// A complete response head (the answer to a WebSocket upgrade).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    /// Bytes of the head, blank line included; the body (or, after a
+    /// `101`, the WebSocket frames) starts here.
+    pub head_len: usize,
+    /// `upgrade: websocket` and `connection: upgrade` were answered.
+    pub websocket: bool,
+    pub ws_accept: Option<String>,
+}
+
+/// Parse the response head at the start of `buf`, as
+/// [`parse_request_head`] does a request's.
+pub fn parse_response_head(buf: &[u8], bytes_max: usize) -> Result<Option<ResponseHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut resp = httparse::Response::new(&mut headers);
+    let window = &buf[..buf.len().min(bytes_max)];
+    let head_len = match resp.parse(window) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= bytes_max => return Err(HeadError::TooLarge(bytes_max)),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    let header = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(|v| v.trim().to_owned())
+    };
+    let upgrade = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    let connection =
+        header("connection").is_some_and(|c| c.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    Ok(Some(ResponseHead {
+        status: resp.code.unwrap_or(0),
+        head_len,
+        websocket: upgrade && connection,
+        ws_accept: header("sec-websocket-accept"),
+    }))
+}
+
 /// Split a request target into its path and its decoded query pairs
 /// (`k=v` joined by `&`; a key without `=` has an empty value).
 pub fn split_target(target: &str) -> (String, Vec<(String, String)>) {
@@ -152,6 +195,25 @@ mod tests {
         for cut in 0..whole.head_len {
             assert_eq!(parse_request_head(&GET[..cut], 16 * 1024), Ok(None), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn response_heads() {
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
+                   Sec-WebSocket-Accept: abc=\r\n\r\n\x82\x00";
+        for cut in 0..ok.len() - 2 {
+            assert_eq!(parse_response_head(&ok[..cut], 1024), Ok(None), "cut at {cut}");
+        }
+        let h = parse_response_head(ok, 1024).unwrap().unwrap();
+        assert_eq!(
+            (h.status, h.head_len, h.websocket, h.ws_accept.as_deref()),
+            (101, ok.len() - 2, true, Some("abc="))
+        );
+        let plain = parse_response_head(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", 1024).unwrap().unwrap();
+        assert_eq!((plain.status, plain.websocket, plain.ws_accept), (404, false, None));
+        let long = [&b"HTTP/1.1 101 OK\r\nx: "[..], &[b'a'; 64]].concat();
+        assert_eq!(parse_response_head(&long, 64), Err(HeadError::TooLarge(64)));
+        assert!(matches!(parse_response_head(b"SSH-2.0-OpenSSH\r\n\r\n", 64), Err(HeadError::Malformed(_))));
     }
 
     #[test]

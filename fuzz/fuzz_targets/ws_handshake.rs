@@ -1,41 +1,58 @@
-//! The upstream WebSocket handshake response, as the shard's client reads
-//! it (tungstenite's client handshake, which async-tungstenite drives):
-//! the fuzz input is everything the "PDS" answers.
+//! The shard's upstream WebSocket client (`sluice_shard::wsin`): the fuzz
+//! input is everything the "PDS" sends. First byte even: the upgrade
+//! answer and what follows it; odd: frames on an upgraded connection.
+//! Read sizes vary with the input, so every split point gets exercised.
 #![no_main]
+use futures::{AsyncRead, AsyncWrite};
 use libfuzzer_sys::fuzz_target;
-use std::io::{Read, Write};
+use sluice_shard::wsin::{WsError, WsIn};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 struct Peer<'a> {
     answer: &'a [u8],
+    chunk: usize,
 }
 
-impl Read for Peer<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        // Small reads: every split point of the answer gets exercised.
-        let n = buf.len().min(self.answer.len()).min(7);
+impl AsyncRead for Peer<'_> {
+    fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
+        let n = buf.len().min(self.answer.len()).min(self.chunk);
         buf[..n].copy_from_slice(&self.answer[..n]);
         self.answer = &self.answer[n..];
-        Ok(n)
+        Poll::Ready(Ok(n))
     }
 }
 
-impl Write for Peer<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        Ok(buf.len())
+impl AsyncWrite for Peer<'_> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
 fuzz_target!(|data: &[u8]| {
-    let url = "ws://pds.example/xrpc/com.atproto.sync.subscribeRepos?cursor=1";
-    if let Ok((mut ws, _)) = tungstenite::client::client(url, Peer { answer: data }) {
-        // What follows the 101 is read as frames.
-        for _ in 0..64 {
-            if ws.read().is_err() {
-                break;
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let peer = Peer { answer: rest, chunk: 1 + (mode as usize >> 1) };
+    futures::executor::block_on(async {
+        let mut ws = if mode % 2 == 0 {
+            match WsIn::connect(peer, "pds.example", "/xrpc/com.atproto.sync.subscribeRepos?cursor=1").await {
+                Ok(ws) => ws,
+                Err(_) => return,
+            }
+        } else {
+            WsIn::upgraded(peer)
+        };
+        // The input is finite: the stream ends (or fails) within it.
+        loop {
+            match ws.next().await {
+                Ok(_) => {}
+                Err(WsError::Ended) | Err(_) => break,
             }
         }
-    }
+    });
 });

@@ -422,7 +422,7 @@ async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str
             return respond(&mut stream, 400, &serde_json::json!({"error": "InvalidRequest", "message": m})).await
         }
     };
-    let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let resp = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
     );

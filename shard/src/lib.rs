@@ -16,10 +16,10 @@
 pub mod consumers;
 pub mod downstream;
 pub mod health;
-pub mod meter;
 pub mod resolver;
 pub mod stalls;
 pub mod upstream;
+pub mod wsin;
 pub mod wsout;
 
 use sluice_common::config::{Config, ShardSettings};

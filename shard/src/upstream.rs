@@ -9,10 +9,11 @@
 //! - A quiet host is kept: after `upstream_ping_interval_s` of silence the
 //!   task pings it, and only `upstream_idle_timeout_s` with neither a frame
 //!   nor a pong ends the connection (the reference PDS never pings).
-//! - No host can hold the executor or cost unbounded work: reads are
-//!   metered (`meter`): the task yields every 64 KiB read, and bytes
-//!   without a complete data message are bounded (fragment and
-//!   control-frame floods); a host may ping at most 20 times in 10 s.
+//! - No host can hold the executor or cost unbounded work: the WebSocket
+//!   reader (`wsin`) yields every 64 KiB read or 256 frames, bounds the
+//!   bytes and fragments without a complete data message (fragment and
+//!   control-frame floods), and gives a large message's buffer back after
+//!   it; a host may ping at most 20 times in 10 s.
 //! - A frame that does not decode, an error frame or a WebSocket protocol
 //!   error closes the connection. Every end is counted by reason
 //!   ([`UpstreamClose`]); the task reconnects from the last upstream seq it
@@ -27,11 +28,8 @@
 //!   before dropping (migrations, key rotations).
 
 use crate::health::{Change, Health, HEALTHY_AFTER};
-use crate::meter::{Meter, Metered};
+use crate::wsin::{In, WsError, WsIn};
 use crate::{io, Shared};
-use async_tungstenite::tungstenite::protocol::WebSocketConfig;
-use async_tungstenite::tungstenite::Message;
-use futures::StreamExt;
 use sluice_common::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof};
 use sluice_common::frame::{self, Event};
 pub use sluice_common::host::HostAssignment;
@@ -43,8 +41,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Largest WebSocket message accepted (PROTOCOL.md: 5 MB frames).
-pub const MESSAGE_BYTES_MAX: usize = 5 * 1024 * 1024 + 64 * 1024;
+pub use crate::wsin::MESSAGE_BYTES_MAX;
 
 /// Per-host event rate limit: a token bucket holding one second of
 /// events. Over the rate, the host task waits before reading on, so the
@@ -218,14 +215,6 @@ pub async fn run_host(sh: Rc<Shared>, host: HostAssignment, cancel: Rc<Cancel>) 
     }
 }
 
-/// Bytes the upgrade answer (status line, headers, and what the library
-/// reads ahead) may take.
-pub const HANDSHAKE_BYTES_MAX: usize = 32 * 1024;
-/// Bytes without a complete data message: one maximal message and its
-/// framing.
-pub const UNFINISHED_BYTES_MAX: usize = MESSAGE_BYTES_MAX + MESSAGE_BYTES_MAX / 4;
-/// The WebSocket read buffer each upstream connection starts with.
-pub const UPSTREAM_READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Pings a host may send per [`PING_WINDOW`].
 pub const PINGS_PER_WINDOW_MAX: u32 = 20;
 pub const PING_WINDOW: Duration = Duration::from_secs(10);
@@ -253,9 +242,8 @@ async fn connect_and_read<F: Fn() -> bool>(
     upgraded: &mut Option<Instant>,
 ) -> Ended {
     let host = task.host;
-    let meter = Meter::new(HANDSHAKE_BYTES_MAX);
     let deadline = Duration::from_secs(sh.settings().upstream.connect_timeout_s as u64);
-    let handshake = Box::pin(handshake(sh, host, *last_seq, meter.clone()));
+    let handshake = Box::pin(handshake(sh, host, *last_seq));
     let ws = match futures::future::select(handshake, Box::pin(glommio::timer::sleep(deadline))).await {
         futures::future::Either::Left((Ok(ws), _)) => ws,
         futures::future::Either::Left((Err(e), _)) => return e,
@@ -263,24 +251,22 @@ async fn connect_and_read<F: Fn() -> bool>(
             return ended(UpstreamClose::HandshakeTimeout, format!("no upgrade within {deadline:?}"))
         }
     };
-    meter.set_bound(UNFINISHED_BYTES_MAX);
     *upgraded = Some(Instant::now());
     match ws {
-        Upgraded::Plain(ws) => read_loop(sh, task, *ws, &meter, last_seq).await,
-        Upgraded::Tls(ws) => read_loop(sh, task, *ws, &meter, last_seq).await,
+        Upgraded::Plain(ws) => read_loop(sh, task, *ws, last_seq).await,
+        Upgraded::Tls(ws) => read_loop(sh, task, *ws, last_seq).await,
     }
 }
 
-type Plain = Metered<glommio::net::TcpStream>;
-type Tls = Metered<futures_rustls::client::TlsStream<glommio::net::TcpStream>>;
+type Tls = futures_rustls::client::TlsStream<glommio::net::TcpStream>;
 
 enum Upgraded {
-    Plain(Box<async_tungstenite::WebSocketStream<Plain>>),
-    Tls(Box<async_tungstenite::WebSocketStream<Tls>>),
+    Plain(Box<WsIn<glommio::net::TcpStream>>),
+    Tls(Box<WsIn<Tls>>),
 }
 
 /// TCP connect (resolved addresses only), TLS, the WebSocket upgrade.
-async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64, meter: Rc<Meter>) -> Result<Upgraded, Ended> {
+async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64) -> Result<Upgraded, Ended> {
     let connect = |e: &dyn std::fmt::Display| ended(UpstreamClose::Connect, e);
     let pds = PdsHost::parse_authority(&host.hostname, host.insecure)
         .ok_or_else(|| connect(&format!("{:?} is not a hostname", host.hostname)))?;
@@ -315,25 +301,8 @@ async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64, meter: R
     // Always with a cursor: a host's backlog since our durable cursor (its
     // whole backlog for a new host) is what a lossless relay must read.
     let path = format!("/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
-    let mut cfg = WebSocketConfig::default();
-    cfg.max_message_size = Some(MESSAGE_BYTES_MAX);
-    cfg.max_frame_size = Some(MESSAGE_BYTES_MAX);
-    // Thousands of mostly idle connections: small buffers, grown only for
-    // a large message (the library's defaults are 128 KiB each way, per
-    // connection). We only ever write pings and pongs.
-    cfg.read_buffer_size = UPSTREAM_READ_BUFFER_BYTES;
-    cfg.write_buffer_size = 0;
-    cfg.max_write_buffer_size = 64 * 1024;
-    let upgrade = |e: async_tungstenite::tungstenite::Error, meter: &Meter| {
-        let reason = if meter.tripped() { UpstreamClose::Oversized } else { UpstreamClose::Connect };
-        ended(reason, format!("upgrade: {e}"))
-    };
     if host.insecure {
-        let url = format!("ws://{}{path}", host.hostname);
-        let stream = Metered::new(tcp, meter.clone());
-        let (ws, _) = async_tungstenite::client_async_with_config(url, stream, Some(cfg))
-            .await
-            .map_err(|e| upgrade(e, &meter))?;
+        let ws = WsIn::connect(tcp, &host.hostname, &path).await.map_err(|e| ws_error(e, true))?;
         Ok(Upgraded::Plain(Box::new(ws)))
     } else {
         let name = futures_rustls::rustls::pki_types::ServerName::try_from(pds.hostname().to_owned())
@@ -342,18 +311,14 @@ async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64, meter: R
             .connect(name, tcp)
             .await
             .map_err(|e| connect(&format!("TLS: {e}")))?;
-        let url = format!("wss://{}{path}", host.hostname);
-        let stream = Metered::new(tls, meter.clone());
-        let (ws, _) = async_tungstenite::client_async_with_config(url, stream, Some(cfg))
-            .await
-            .map_err(|e| upgrade(e, &meter))?;
+        let ws = WsIn::connect(tls, &host.hostname, &path).await.map_err(|e| ws_error(e, true))?;
         Ok(Upgraded::Tls(Box::new(ws)))
     }
 }
 
 /// What woke the read loop.
-enum Wake {
-    Message(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
+enum Wake<'a> {
+    Message(Result<In<'a>, WsError>),
     Stop,
     Tick,
 }
@@ -409,13 +374,15 @@ impl KeepAlive {
     }
 }
 
-fn ws_error(e: async_tungstenite::tungstenite::Error, meter: &Meter) -> Ended {
-    use async_tungstenite::tungstenite::Error as E;
+/// The counted reason for a WebSocket error (`upgrading`: before the
+/// host answered the upgrade).
+fn ws_error(e: WsError, upgrading: bool) -> Ended {
     let reason = match &e {
-        _ if meter.tripped() => UpstreamClose::Oversized,
-        E::Capacity(_) => UpstreamClose::Oversized,
-        E::Protocol(_) | E::Utf8(_) => UpstreamClose::BadFrame,
-        _ => UpstreamClose::Remote,
+        WsError::Oversized(_) => UpstreamClose::Oversized,
+        WsError::BadFrame(_) => UpstreamClose::BadFrame,
+        _ if upgrading => UpstreamClose::Connect,
+        WsError::Upgrade(_) => UpstreamClose::Connect,
+        WsError::Io(_) | WsError::Ended => UpstreamClose::Remote,
     };
     ended(reason, e)
 }
@@ -423,8 +390,7 @@ fn ws_error(e: async_tungstenite::tungstenite::Error, meter: &Meter) -> Ended {
 async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() -> bool>(
     sh: &Rc<Shared>,
     task: Task<'_, F>,
-    mut ws: async_tungstenite::WebSocketStream<S>,
-    meter: &Meter,
+    mut ws: WsIn<S>,
     last_seq: &mut i64,
 ) -> Ended {
     let Task { host, stats, stopping, cancel } = task;
@@ -438,15 +404,14 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
     let mut watch = Box::pin(cancel.wait());
     let mut tick = Box::pin(glommio::timer::sleep(keep.ping_every));
     while !stopping() {
-        let wake = {
-            let next = ws.next();
-            match futures::future::select(next, futures::future::select(&mut watch, &mut tick)).await {
+        // `WsIn::next` is cancel-safe: a timer or a stop may drop it.
+        let wake =
+            match futures::future::select(Box::pin(ws.next()), futures::future::select(&mut watch, &mut tick)).await {
                 futures::future::Either::Left((m, _)) => Wake::Message(m),
                 futures::future::Either::Right((futures::future::Either::Left(_), _)) => Wake::Stop,
                 futures::future::Either::Right((futures::future::Either::Right(_), _)) => Wake::Tick,
-            }
-        };
-        let msg = match wake {
+            };
+        let data = match wake {
             Wake::Stop => break,
             Wake::Tick => {
                 let (ping, next) = match keep.tick() {
@@ -454,34 +419,38 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
                     Err(e) => return e,
                 };
                 if ping {
-                    if let Err(e) = ws.send(Message::Ping(Default::default())).await {
-                        return ws_error(e, meter);
+                    if let Err(e) = ws.ping().await {
+                        return ws_error(e, false);
                     }
                 }
                 tick = Box::pin(glommio::timer::sleep(next));
                 continue;
             }
-            Wake::Message(None) => return ended(UpstreamClose::Remote, "stream ended"),
-            Wake::Message(Some(Err(e))) => return ws_error(e, meter),
-            Wake::Message(Some(Ok(m))) => m,
+            Wake::Message(Err(e)) => return ws_error(e, false),
+            Wake::Message(Ok(m)) => {
+                keep.last_heard = Instant::now();
+                match m {
+                    In::Binary(b) => b,
+                    In::Close(code) => return ended(UpstreamClose::Remote, format!("close frame ({code:?})")),
+                    In::Ping(p) => {
+                        if let Err(e) = keep.host_pinged() {
+                            return e;
+                        }
+                        if let Err(e) = ws.pong(&p).await {
+                            return ws_error(e, false);
+                        }
+                        continue;
+                    }
+                    In::Pong | In::Text => continue,
+                }
+            }
         };
-        keep.last_heard = Instant::now();
-        let data = match msg {
-            Message::Binary(b) => b,
-            Message::Close(_) => return ended(UpstreamClose::Remote, "close frame"),
-            Message::Ping(_) => match keep.host_pinged() {
-                Ok(()) => continue,
-                Err(e) => return e,
-            },
-            _ => continue,
-        };
-        meter.message_done();
         throttle(sh, &mut bucket).await;
-        if let Err(e) = handle_frame(sh, host, stats, &data, last_seq, &mut buf).await {
+        if let Err(e) = handle_frame(sh, host, stats, data, last_seq, &mut buf).await {
             return e;
         }
     }
-    let _ = ws.close(None).await;
+    ws.close().await;
     ended(UpstreamClose::Local, "unassigned or stopping")
 }
 
