@@ -26,11 +26,70 @@
 
 use crate::ringrec::{EventRecord, Kind, PROOF_ABSENT, PROOF_FAILED};
 
+/// An account's status as the relay reports it (getRepoStatus, listRepos,
+/// its own `#account` events; stored in `accounts.status`): the values the
+/// sync lexicons know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccountStatus {
+    Active,
+    Takendown,
+    Suspended,
+    Deleted,
+    Deactivated,
+    Desynchronized,
+    Throttled,
+}
+
+impl AccountStatus {
+    pub const ALL: [AccountStatus; 7] = [
+        AccountStatus::Active,
+        AccountStatus::Takendown,
+        AccountStatus::Suspended,
+        AccountStatus::Deleted,
+        AccountStatus::Deactivated,
+        AccountStatus::Desynchronized,
+        AccountStatus::Throttled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::Active => "active",
+            AccountStatus::Takendown => "takendown",
+            AccountStatus::Suspended => "suspended",
+            AccountStatus::Deleted => "deleted",
+            AccountStatus::Deactivated => "deactivated",
+            AccountStatus::Desynchronized => "desynchronized",
+            AccountStatus::Throttled => "throttled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AccountStatus> {
+        AccountStatus::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// The reason an inactive account's host gave (`#account` status,
+    /// getRepoStatus): a word the lexicons do not know, or none, is
+    /// reported as `deactivated` (the raw word stays in
+    /// [`AccountState::upstream_status`]).
+    pub fn from_upstream(word: Option<&str>) -> AccountStatus {
+        match word.and_then(AccountStatus::parse) {
+            None | Some(AccountStatus::Active) => AccountStatus::Deactivated,
+            Some(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for AccountStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the relay stores per account.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AccountState {
     pub host_id: i64,
-    /// Upstream: active flag and status as the host last said.
+    /// Upstream: active flag and status word as the host last said.
     pub upstream_active: bool,
     pub upstream_status: Option<String>,
     /// Local moderation: taken down by the relay's admin.
@@ -52,16 +111,21 @@ impl AccountState {
     }
 
     /// The status the relay reports: local takedown wins.
-    pub fn status(&self) -> &str {
+    pub fn status(&self) -> AccountStatus {
         if self.takendown {
-            "takendown"
+            AccountStatus::Takendown
         } else if self.throttled {
-            "throttled"
+            AccountStatus::Throttled
         } else if self.upstream_active {
-            "active"
+            AccountStatus::Active
         } else {
-            self.upstream_status.as_deref().unwrap_or("deactivated")
+            AccountStatus::from_upstream(self.upstream_status.as_deref())
         }
+    }
+
+    /// The host said the account is deleted.
+    pub fn deleted_upstream(&self) -> bool {
+        self.upstream_status.as_deref() == Some(AccountStatus::Deleted.as_str())
     }
 }
 
@@ -261,12 +325,12 @@ mod tests {
         deact.status = "deactivated";
         let (v, s) = decide(Some(&s), &deact, true);
         assert_eq!(v, RELAY);
-        assert_eq!(s.status(), "deactivated");
+        assert_eq!(s.status(), AccountStatus::Deactivated);
         let (v, _) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b"d1"), true);
         assert_eq!(v, Verdict::Drop(Drop::Inactive));
         let (v, s) = decide(Some(&s), &ev(Kind::Account, "", b"", b""), true);
         assert_eq!(v, RELAY);
-        assert_eq!(s.status(), "active");
+        assert_eq!(s.status(), AccountStatus::Active);
         // #sync at the same rev passes and resets data; older is dropped.
         let (v, s) = decide(Some(&s), &ev(Kind::Sync, "b", b"d9", b""), true);
         assert_eq!(v, RELAY);
@@ -275,12 +339,20 @@ mod tests {
         assert_eq!(v, Verdict::Drop(Drop::SyncRevOlder));
         let mut t = s.clone();
         t.takendown = true;
-        assert_eq!(t.status(), "takendown");
+        assert_eq!(t.status(), AccountStatus::Takendown);
         let mut th = s.clone();
         th.throttled = true;
-        assert_eq!(th.status(), "throttled");
+        assert_eq!(th.status(), AccountStatus::Throttled);
         th.takendown = true;
-        assert_eq!(th.status(), "takendown", "a takedown wins over throttling");
+        assert_eq!(th.status(), AccountStatus::Takendown, "a takedown wins over throttling");
+        // A word the lexicons do not know is reported as deactivated.
+        let mut odd = s.clone();
+        odd.upstream_active = false;
+        odd.upstream_status = Some("on-vacation".into());
+        assert_eq!(odd.status(), AccountStatus::Deactivated);
+        odd.upstream_status = Some("suspended".into());
+        assert_eq!(odd.status(), AccountStatus::Suspended);
+        assert!(AccountStatus::ALL.iter().all(|a| AccountStatus::parse(a.as_str()) == Some(*a)));
         let (v, _) = decide(Some(&t), &ev(Kind::Identity, "", b"", b""), true);
         assert_eq!(v, Verdict::Drop(Drop::TakenDown));
     }

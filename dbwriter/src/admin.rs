@@ -11,6 +11,8 @@ use crate::api::{error, QueryConfig, Request, Response};
 pub use crate::messages::{channel, Command, FlagJob, QUEUE_MAX};
 use postgres::Client;
 use serde_json::{json, Value};
+use sluice_common::host::HostStatus;
+use sluice_common::policy::AccountStatus;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::time::Duration;
 
@@ -30,7 +32,7 @@ pub fn start_flagger(
             let matches = |frame: &[u8]| {
                 decode(frame).ok().is_some_and(|d| match d.message {
                     // The takedown notice itself stays visible.
-                    Message::Event(Event::Account(a)) if a.status == Some("takendown") => false,
+                    Message::Event(Event::Account(a)) if a.status == Some(AccountStatus::Takendown.as_str()) => false,
                     Message::Event(e) => e.did().is_some_and(|x| dids.contains(x)),
                     _ => false,
                 })
@@ -183,13 +185,13 @@ pub(crate) fn ban(c: &mut Client, req: &Request, ban: bool) -> Result<Response, 
     let Some(host) = body_field(req, "hostname") else {
         return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ...}"));
     };
-    let status = if ban { "banned" } else { "active" };
+    let status = if ban { HostStatus::Banned } else { HostStatus::Active };
     if !crate::db::set_host_status(c, &host, status)? {
         return Ok(error(400, "HostNotFound", "unknown host"));
     }
     audit(c, if ban { "ban_host" } else { "unban_host" }, &host, json!({}))?;
-    tracing::info!(host, status, "admin");
-    Ok(Response::ok(json!({"hostname": host, "status": status})))
+    tracing::info!(host, %status, "admin");
+    Ok(Response::ok(json!({"hostname": host, "status": status.as_str()})))
 }
 
 /// A shard's consumer list older than this is a dead or removed shard's.
@@ -238,13 +240,13 @@ fn disconnect(c: &mut Client, req: &Request) -> Result<Response, postgres::Error
     let Some(status) = crate::db::host_status_by_name(c, &host)? else {
         return Ok(error(400, "HostNotFound", "unknown host"));
     };
-    if status == "banned" {
+    if status == HostStatus::Banned {
         return Ok(error(400, "HostBanned", "host is banned; unban it first"));
     }
-    crate::db::set_host_status(c, &host, "idle")?;
+    crate::db::set_host_status(c, &host, HostStatus::Idle)?;
     audit(c, "disconnect_host", &host, json!({}))?;
     tracing::info!(host, "admin: host disconnected until its next requestCrawl");
-    Ok(Response::ok(json!({"hostname": host, "status": "idle"})))
+    Ok(Response::ok(json!({"hostname": host, "status": HostStatus::Idle.as_str()})))
 }
 
 /// Open requestCrawl to the public or make it admin-only; kept in Postgres
@@ -296,7 +298,7 @@ fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
     let list: Vec<Value> = crate::db::host_list(c)?
         .into_iter()
         .map(|h| {
-            json!({"hostname": h.hostname, "status": h.status, "seq": h.cursor, "accountCount": h.account_count,
+            json!({"hostname": h.hostname, "status": h.status.as_str(), "seq": h.cursor, "accountCount": h.account_count,
                    "insecure": h.insecure, "accountLimit": h.account_limit})
         })
         .collect();

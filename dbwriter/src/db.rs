@@ -3,7 +3,7 @@
 
 use postgres::{Client, NoTls, Statement};
 use sluice_common::host::{HostAssignment, HostStatus};
-use sluice_common::policy::AccountState;
+use sluice_common::policy::{AccountState, AccountStatus};
 use std::collections::HashMap;
 
 mod embedded {
@@ -66,24 +66,17 @@ impl HostRow {
 
 pub fn hosts(c: &mut Client) -> Result<Vec<HostRow>, DbError> {
     let rows = c.query("SELECT id, hostname, cursor, status, insecure, crawl_gen FROM hosts ORDER BY id", &[])?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let status: String = r.get(3);
-        let Ok(status) = HostStatus::parse(&status) else {
-            let host: String = r.get(1);
-            tracing::error!(host, status, "host with an unknown status in Postgres; not crawled");
-            continue;
-        };
-        out.push(HostRow {
+    Ok(rows
+        .iter()
+        .map(|r| HostRow {
             id: r.get(0),
             hostname: r.get(1),
             cursor: r.get(2),
-            status,
+            status: host_status_col(r, 3),
             insecure: r.get(4),
             crawl_gen: r.get(5),
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// Hosts a shard reports reachable again (`false`) or not (`true`): an
@@ -98,12 +91,7 @@ pub fn set_offline(
 ) -> Result<Vec<(String, HostStatus)>, DbError> {
     let (ids, offline): (Vec<i64>, Vec<bool>) = states.iter().map(|(h, o)| (*h, *o)).unzip();
     let rows = t.query(&s.offline, &[&ids, &offline])?;
-    let mut changed = Vec::with_capacity(rows.len());
-    for r in rows {
-        let status: String = r.get(1);
-        changed.push((r.get(0), HostStatus::parse(&status).unwrap_or(HostStatus::Active)));
-    }
-    Ok(changed)
+    Ok(rows.iter().map(|r| (r.get(0), host_status_col(r, 1))).collect())
 }
 
 /// Offline hosts offline longer than `idle_after` become `idle` (no
@@ -230,7 +218,7 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(St
             rev.push(a.rev.as_deref());
             cc.push(a.commit_cid.as_deref());
             dc.push(a.data_cid.as_deref());
-            st.push(a.status());
+            st.push(a.status().as_str());
             th.push(a.throttled);
             hc.push(a.host_checked_micros);
         }
@@ -343,7 +331,7 @@ pub struct HostListing {
     pub hostname: String,
     pub insecure: bool,
     pub cursor: i64,
-    pub status: String,
+    pub status: HostStatus,
     pub account_count: i64,
     pub account_limit: i64,
 }
@@ -364,7 +352,7 @@ pub fn host_list(c: &mut Client) -> Result<Vec<HostListing>, postgres::Error> {
             hostname: r.get(2),
             insecure: r.get(3),
             cursor: r.get(4),
-            status: r.get(5),
+            status: host_status_col(r, 5),
             account_count: r.get(6),
             account_limit: r.get(7),
         })
@@ -394,11 +382,23 @@ pub struct HostSummary {
     pub hostname: String,
     pub cursor: i64,
     pub account_count: i64,
-    pub status: String,
+    pub status: HostStatus,
 }
 
 fn host_summary(r: &postgres::Row) -> HostSummary {
-    HostSummary { id: r.get(0), hostname: r.get(1), cursor: r.get(2), account_count: r.get(3), status: r.get(4) }
+    let status = host_status_col(r, 4);
+    HostSummary { id: r.get(0), hostname: r.get(1), cursor: r.get(2), account_count: r.get(3), status }
+}
+
+/// A `hosts.status` column. Only [`HostStatus`]'s names are stored (the
+/// V7 check constraint); were another there, the host counts as idle (not
+/// dialed) and the ERROR names it.
+fn host_status_col(r: &postgres::Row, i: usize) -> HostStatus {
+    let s: &str = r.get(i);
+    HostStatus::parse(s).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a host with an unknown status in Postgres; treated as idle");
+        HostStatus::Idle
+    })
 }
 
 /// Hosts after `after_id`, by id, at most `limit`.
@@ -417,8 +417,8 @@ pub fn host_by_name(c: &mut Client, hostname: &str) -> Result<Option<HostSummary
 }
 
 /// A host's stored status (None: not known).
-pub fn host_status_by_name(c: &mut Client, hostname: &str) -> Result<Option<String>, postgres::Error> {
-    Ok(c.query_opt("SELECT status FROM hosts WHERE hostname = $1", &[&hostname])?.map(|r| r.get(0)))
+pub fn host_status_by_name(c: &mut Client, hostname: &str) -> Result<Option<HostStatus>, postgres::Error> {
+    Ok(c.query_opt("SELECT status FROM hosts WHERE hostname = $1", &[&hostname])?.map(|r| host_status_col(&r, 0)))
 }
 
 /// Hosts added in the last 24 hours.
@@ -435,14 +435,14 @@ pub fn request_crawl_override(c: &mut Client) -> Result<Option<bool>, postgres::
 #[derive(Debug, Clone)]
 pub struct AccountHead {
     pub did: String,
-    pub status: String,
+    pub status: AccountStatus,
     pub rev: Option<String>,
     pub commit_cid: Option<Vec<u8>>,
 }
 
 pub fn account_head(c: &mut Client, did: &str) -> Result<Option<AccountHead>, postgres::Error> {
     let row = c.query_opt("SELECT did, status, rev, commit_cid FROM accounts WHERE did = $1", &[&did])?;
-    Ok(row.map(|r| AccountHead { did: r.get(0), status: r.get(1), rev: r.get(2), commit_cid: r.get(3) }))
+    Ok(row.as_ref().map(account_head_row))
 }
 
 /// Accounts with a commit after `after` (DID order), at most `limit`.
@@ -452,19 +452,31 @@ pub fn repos_page(c: &mut Client, after: &str, limit: i64) -> Result<Vec<Account
          WHERE did > $1 AND commit_cid IS NOT NULL AND rev IS NOT NULL ORDER BY did LIMIT $2",
         &[&after, &limit],
     )?;
-    Ok(rows
-        .iter()
-        .map(|r| AccountHead { did: r.get(0), status: r.get(1), rev: r.get(2), commit_cid: r.get(3) })
-        .collect())
+    Ok(rows.iter().map(account_head_row).collect())
+}
+
+fn account_head_row(r: &postgres::Row) -> AccountHead {
+    AccountHead { did: r.get(0), status: account_status_col(r, 1), rev: r.get(2), commit_cid: r.get(3) }
+}
+
+/// An `accounts.status` column. Only [`AccountStatus`]'s names are stored
+/// (the V7 check constraint); were another there, it reads as
+/// `deactivated` and the ERROR names it.
+fn account_status_col(r: &postgres::Row, i: usize) -> AccountStatus {
+    let s: &str = r.get(i);
+    AccountStatus::parse(s).unwrap_or_else(|| {
+        tracing::error!(status = s, "an account with an unknown status in Postgres; reported as deactivated");
+        AccountStatus::Deactivated
+    })
 }
 
 /// An account's status and its host (name, plain text or not).
-pub fn account_host(c: &mut Client, did: &str) -> Result<Option<(String, String, bool)>, postgres::Error> {
+pub fn account_host(c: &mut Client, did: &str) -> Result<Option<(AccountStatus, String, bool)>, postgres::Error> {
     let row = c.query_opt(
         "SELECT a.status, h.hostname, h.insecure FROM accounts a JOIN hosts h ON h.id = a.host_id WHERE a.did = $1",
         &[&did],
     )?;
-    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    Ok(row.map(|r| (account_status_col(&r, 0), r.get(1), r.get(2))))
 }
 
 // The admin API's writes.
@@ -478,7 +490,8 @@ pub fn audit(c: &mut Client, action: &str, subject: &str, detail_json: &str) -> 
 }
 
 /// Set a host's status; false if there is no such host.
-pub fn set_host_status(c: &mut Client, hostname: &str, status: &str) -> Result<bool, postgres::Error> {
+pub fn set_host_status(c: &mut Client, hostname: &str, status: HostStatus) -> Result<bool, postgres::Error> {
+    let status = status.as_str();
     Ok(c.execute("UPDATE hosts SET status = $2, updated_at = now() WHERE hostname = $1", &[&hostname, &status])? > 0)
 }
 

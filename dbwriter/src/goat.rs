@@ -24,6 +24,7 @@
 use crate::api::{error, QueryConfig, Request, Response};
 use postgres::Client;
 use serde_json::{json, Value};
+use sluice_common::host::HostStatus;
 
 /// Handle a Go-relay admin route; `None` if `req` is not one.
 pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Option<Result<Response, postgres::Error>> {
@@ -93,11 +94,11 @@ fn pds_list(c: &mut Client) -> Result<Response, postgres::Error> {
         .map(|h| {
             json!({
                 "ID": h.id, "CreatedAt": h.created_at, "Host": h.hostname, "SSL": !h.insecure,
-                "Cursor": h.cursor, "Registered": h.status == "active", "Blocked": h.status == "banned",
+                "Cursor": h.cursor, "Registered": h.status == HostStatus::Active, "Blocked": h.status == HostStatus::Banned,
                 "CrawlRateLimit": -1.0, "RepoCount": h.account_count, "RepoLimit": h.account_limit,
-                "HasActiveConnection": h.status == "active", "EventsSeenSinceStartup": 0,
+                "HasActiveConnection": h.status == HostStatus::Active, "EventsSeenSinceStartup": 0,
                 "PerSecondEventRate": rate(1), "PerHourEventRate": rate(3600), "PerDayEventRate": rate(86_400),
-                "UserCount": h.account_count, "Status": h.status,
+                "UserCount": h.account_count, "Status": h.status.as_str(),
             })
         })
         .collect();

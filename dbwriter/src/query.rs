@@ -10,7 +10,9 @@
 use crate::api::{error, param, QueryConfig, Request, Response};
 use postgres::Client;
 use serde_json::{json, Value};
+use sluice_common::host::HostStatus;
 use sluice_common::identity::PdsHost;
+use sluice_common::policy::AccountStatus;
 use std::path::Path;
 
 /// The status page's data, as the supervisor last wrote it (each second).
@@ -73,7 +75,7 @@ pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) ->
     };
     // None: a host the relay does not know yet.
     let status = crate::db::host_status_by_name(c, &host.name)?;
-    if status.as_deref() == Some("banned") || crate::db::domain_banned(c, host.hostname())? {
+    if status == Some(HostStatus::Banned) || crate::db::domain_banned(c, host.hostname())? {
         return Ok(error(400, "HostBanned", "host is banned"));
     }
     if status.is_none() {
@@ -84,7 +86,7 @@ pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) ->
         }
     }
     // Before anything is stored: its addresses, and that it is a PDS.
-    if status.as_deref() != Some("active") {
+    if status != Some(HostStatus::Active) {
         if let Err(why) = crate::admission::check_network(&host, cfg.allow_insecure_hosts, cfg.net.as_ref()) {
             return Ok(refused(why));
         }
@@ -92,12 +94,12 @@ pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) ->
     let new = crate::db::add_host(c, &host, live.host_account_limit_default)?;
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
-    } else if matches!(status.as_deref(), Some("idle" | "offline")) {
+    } else if matches!(status, Some(HostStatus::Idle | HostStatus::Offline)) {
         // A host an admin disconnected, or one that was unreachable, asks
         // again (and answered describeServer above): crawl it again, its
         // shard restarting the task with the backoff reset.
         if crate::db::recrawl_host(c, &host.name)? {
-            tracing::info!(host = host.name, was = status.as_deref(), "host back from requestCrawl");
+            tracing::info!(host = host.name, was = ?status, "host back from requestCrawl");
         }
     }
     Ok(Response::ok(json!({})))
@@ -145,21 +147,22 @@ fn repo_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Erro
             if let Some(rev) = r.rev {
                 body["rev"] = json!(rev);
             }
-            Response::ok(with_status(body, &r.status))
+            Response::ok(with_status(body, r.status))
         }
     })
 }
 
 /// A host as listHosts and getHostStatus answer it.
 fn host_json(h: &crate::db::HostSummary) -> Value {
-    json!({"hostname": h.hostname, "seq": h.cursor, "accountCount": h.account_count, "status": h.status})
+    json!({"hostname": h.hostname, "seq": h.cursor, "accountCount": h.account_count, "status": h.status.as_str()})
 }
 
 /// `active` and, when not active, `status`, as the sync lexicons put them.
-fn with_status(mut body: Value, status: &str) -> Value {
-    body["active"] = json!(status == "active");
-    if status != "active" {
-        body["status"] = json!(status);
+fn with_status(mut body: Value, status: AccountStatus) -> Value {
+    let active = status == AccountStatus::Active;
+    body["active"] = json!(active);
+    if !active {
+        body["status"] = json!(status.as_str());
     }
     body
 }
@@ -178,7 +181,7 @@ fn list_repos(c: &mut Client, req: &Request) -> Result<Response, postgres::Error
         .filter_map(|r| {
             let head = cid_string(r.commit_cid.clone())?;
             let body = json!({"did": r.did, "head": head, "rev": r.rev});
-            Some(with_status(body, &r.status))
+            Some(with_status(body, r.status))
         })
         .collect();
     let mut body = json!({ "repos": repos });
@@ -190,13 +193,13 @@ fn list_repos(c: &mut Client, req: &Request) -> Result<Response, postgres::Error
 
 /// Where the relay's stored state of `did` stops a read: the lexicons'
 /// errors for accounts that are not active.
-fn inactive(status: &str) -> Option<Response> {
+fn inactive(status: AccountStatus) -> Option<Response> {
     match status {
-        "takendown" => Some(error(400, "RepoTakendown", "repo has been taken down")),
-        "suspended" => Some(error(400, "RepoSuspended", "repo is suspended")),
-        "deactivated" => Some(error(400, "RepoDeactivated", "repo is deactivated")),
-        "deleted" => Some(error(400, "RepoNotFound", "repo was deleted")),
-        _ => None,
+        AccountStatus::Takendown => Some(error(400, "RepoTakendown", "repo has been taken down")),
+        AccountStatus::Suspended => Some(error(400, "RepoSuspended", "repo is suspended")),
+        AccountStatus::Deactivated => Some(error(400, "RepoDeactivated", "repo is deactivated")),
+        AccountStatus::Deleted => Some(error(400, "RepoNotFound", "repo was deleted")),
+        AccountStatus::Active | AccountStatus::Desynchronized | AccountStatus::Throttled => None,
     }
 }
 
@@ -208,7 +211,7 @@ fn latest_commit(c: &mut Client, req: &Request) -> Result<Response, postgres::Er
     let Some(r) = crate::db::account_head(c, did)? else {
         return Ok(error(400, "RepoNotFound", "unknown repo"));
     };
-    if let Some(refused) = inactive(&r.status) {
+    if let Some(refused) = inactive(r.status) {
         return Ok(refused);
     }
     Ok(match (cid_string(r.commit_cid), r.rev) {
@@ -227,7 +230,7 @@ fn get_repo(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> 
     let Some((status, hostname, insecure)) = crate::db::account_host(c, did)? else {
         return Ok(error(400, "RepoNotFound", "unknown repo"));
     };
-    if let Some(refused) = inactive(&status) {
+    if let Some(refused) = inactive(status) {
         return Ok(refused);
     }
     let scheme = if insecure { "http" } else { "https" };

@@ -31,7 +31,7 @@ use postgres::Client;
 use sluice_common::eventlog::LogWriter;
 use sluice_common::failpoint;
 use sluice_common::frame;
-use sluice_common::policy::{self, AccountState, Verdict};
+use sluice_common::policy::{self, AccountState, AccountStatus, Verdict};
 use sluice_common::ring::Consumer;
 use sluice_common::ringrec::{did_hash, RingRecord};
 use sluice_common::shm::{ControlBlock, Hist, WriterCounter, WriterState};
@@ -124,8 +124,7 @@ fn count_change(batch: &mut Batch, counted: Option<&AccountState>, state: &Accou
     // Counts stay true both ways: a deleted account leaves its host's
     // count, and comes back if it is restored.
     if let Some(old) = counted {
-        let deleted = |s: &AccountState| s.upstream_status.as_deref() == Some("deleted");
-        match (deleted(old), deleted(state)) {
+        match (old.deleted_upstream(), state.deleted_upstream()) {
             (false, true) => *batch.new_accounts.entry(state.host_id).or_default() -= 1,
             (true, false) => *batch.new_accounts.entry(state.host_id).or_default() += 1,
             _ => {}
@@ -728,8 +727,8 @@ impl Sequencer {
         st: AccountState,
         batch: &mut Batch,
     ) -> Result<i64, sluice_common::eventlog::LogError> {
-        let status = st.status().to_owned();
-        let active = status == "active";
+        let status = st.status();
+        let active = status == AccountStatus::Active;
         let seq = self.log.next_seq();
         let now = now_micros();
         let time = sluice_common::syntax::format_datetime_micros(now);

@@ -3,6 +3,7 @@
 //! with the same rules as requestCrawl. Runs on its own thread; failures
 //! are logged, the relay runs regardless.
 
+use sluice_common::host::HostStatus;
 use sluice_dbwriter::{db, query::crawl_target};
 use std::time::Duration;
 
@@ -35,11 +36,13 @@ pub fn run(base: &str, database_url: &str, allow_insecure: bool, account_limit: 
         let body: serde_json::Value = serde_json::from_str(&req.call()?.into_string()?)?;
         let hosts = body["hosts"].as_array().cloned().unwrap_or_default();
         for h in &hosts {
-            let (Some(name), status) = (h["hostname"].as_str(), h["status"].as_str().unwrap_or("active")) else {
+            let Some(name) = h["hostname"].as_str() else {
                 continue;
             };
             seen += 1;
-            if status != "active" {
+            // Only hosts the other relay crawls (no status: active).
+            let status = h["status"].as_str().map_or(Ok(HostStatus::Active), HostStatus::parse);
+            if !status.is_ok_and(|s| s == HostStatus::Active) {
                 continue;
             }
             match crawl_target(name, allow_insecure) {
