@@ -64,6 +64,26 @@ impl HostRow {
     }
 }
 
+/// What the supervisor's assignments depend on, summed over every host
+/// (the count and an order-free hash of id, name, status, plain text and
+/// crawl generation; not the cursor, which moves with every commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostsFingerprint {
+    count: i64,
+    hash: String,
+}
+
+pub fn hosts_fingerprint(c: &mut Client) -> Result<HostsFingerprint, DbError> {
+    let r = c.query_one(
+        "SELECT count(*), coalesce(sum(hashtextextended(
+             id::text || '/' || hostname || '/' || status || '/' || insecure::text || '/' || crawl_gen::text, 0
+         )::numeric), 0)::text
+         FROM hosts",
+        &[],
+    )?;
+    Ok(HostsFingerprint { count: r.get(0), hash: r.get(1) })
+}
+
 pub fn hosts(c: &mut Client) -> Result<Vec<HostRow>, DbError> {
     let rows = c.query("SELECT id, hostname, cursor, status, insecure, crawl_gen FROM hosts ORDER BY id", &[])?;
     Ok(rows

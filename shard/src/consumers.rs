@@ -65,8 +65,10 @@ impl Table {
 /// the rest summed. Runs on the executor each second: only the listed
 /// hosts are copied out (a shard may read thousands).
 fn busiest(hosts: &HostTable) -> (Vec<HostInfo>, Option<HostInfo>) {
-    let mut all: Vec<&HostStats> = hosts.values().map(|h| h.as_ref()).collect();
-    let by_weight = |a: &&HostStats, b: &&HostStats| b.weight().cmp(&a.weight()).then(a.hostname.cmp(&b.hostname));
+    // Weights computed once, not at every comparison; ties broken by
+    // host id (most hosts tie at an idle moment).
+    let mut all: Vec<(u64, i64, &HostStats)> = hosts.iter().map(|(id, h)| (h.weight(), *id, h.as_ref())).collect();
+    let by_weight = |a: &(u64, i64, &HostStats), b: &(u64, i64, &HostStats)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
     if all.len() > HOSTS_PUBLISHED_MAX {
         all.select_nth_unstable_by(HOSTS_PUBLISHED_MAX, by_weight);
     }
@@ -74,12 +76,12 @@ fn busiest(hosts: &HostTable) -> (Vec<HostInfo>, Option<HostInfo>) {
     all.sort_unstable_by(by_weight);
     let other = (!rest.is_empty()).then(|| {
         let mut sum = HostInfo { hostname: "_other".into(), ..HostInfo::default() };
-        for h in rest {
+        for (_, _, h) in rest {
             h.add_to(&mut sum);
         }
         sum
     });
-    (all.into_iter().map(HostStats::info).collect(), other)
+    (all.into_iter().map(|(_, _, h)| h.info()).collect(), other)
 }
 
 /// One host's counts while its task runs (executor thread only; a few

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HOST_POLL: Duration = Duration::from_millis(500);
+/// The hosts are read whole at least this often, changed or not.
+const HOST_RESYNC: Duration = Duration::from_secs(30);
 /// How often the private cluster is checked while the db-writer reports
 /// Postgres unavailable.
 const PG_CHECK: Duration = Duration::from_secs(1);
@@ -121,6 +123,10 @@ pub struct Supervisor {
     /// `listen`, bound with SO_REUSEPORT but never listening: the shards
     /// share the port, nobody else can bind it while the relay runs.
     _listen_reservation: std::os::fd::OwnedFd,
+    /// The hosts table's fingerprint at the last whole read, and when: a
+    /// poll reads all hosts only when it changed (at 10,000 hosts, reading
+    /// them every 500 ms was most of an idle relay's CPU).
+    hosts_seen: Option<(sluice_dbwriter::db::HostsFingerprint, Instant)>,
 }
 
 /// Is a socket listening where `addr` would listen (the same port, and the
@@ -289,6 +295,7 @@ impl Supervisor {
             view,
             lock,
             _listen_reservation: listen_reservation,
+            hosts_seen: None,
         })
     }
 
@@ -401,8 +408,21 @@ impl Supervisor {
     /// Read the hosts from Postgres: assignments to the shards, counts by
     /// status for the metrics. A failure reconnects for the next poll.
     fn poll_hosts(&mut self, db: &mut postgres::Client) {
-        match sluice_dbwriter::db::hosts(db) {
-            Ok(hosts) => {
+        // A shard (re)started since waits for its assignment.
+        let waiting = self.shards.iter().any(|p| p.assign.is_some() && p.last_assignment.is_none());
+        let read = sluice_dbwriter::db::hosts_fingerprint(db).and_then(|fp| {
+            let same = self.hosts_seen.as_ref().is_some_and(|(seen, at)| *seen == fp && at.elapsed() < HOST_RESYNC);
+            if same && !waiting {
+                return Ok(None);
+            }
+            // Read after the fingerprint: a change in between is read now
+            // and makes the next poll read again.
+            self.hosts_seen = Some((fp, Instant::now()));
+            sluice_dbwriter::db::hosts(db).map(Some)
+        });
+        match read {
+            Ok(None) => {}
+            Ok(Some(hosts)) => {
                 self.assign(&hosts);
                 if let Ok(mut v) = self.view.lock() {
                     v.hosts =
@@ -410,6 +430,7 @@ impl Supervisor {
                 }
             }
             Err(e) => {
+                self.hosts_seen = None;
                 tracing::warn!(error = %e, "reading hosts failed; reconnecting");
                 if let Ok(c) = sluice_dbwriter::db::connect(&self.database_url) {
                     *db = c;
