@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const HEADER_BYTES: usize = 40;
@@ -91,6 +92,12 @@ impl Header {
     /// Decode and check a header and its frame from `bytes` (which start
     /// at the header). `None` = end of data (zero length).
     fn decode(bytes: &[u8]) -> Result<Option<(Header, &[u8])>, &'static str> {
+        Header::decode_checked(bytes, true)
+    }
+
+    /// As [`Header::decode`]; `verify: false` skips the CRC (a record
+    /// this process already verified).
+    fn decode_checked(bytes: &[u8], verify: bool) -> Result<Option<(Header, &[u8])>, &'static str> {
         if bytes.len() < HEADER_BYTES {
             return Err("header past the end of the segment");
         }
@@ -103,7 +110,7 @@ impl Header {
         }
         let frame = &bytes[HEADER_BYTES..HEADER_BYTES + len as usize];
         let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-        if record_crc(bytes, frame) != crc {
+        if verify && record_crc(bytes, frame) != crc {
             return Err("CRC mismatch");
         }
         let h = Header {
@@ -534,6 +541,11 @@ struct MappedSegment {
     first_seq: i64,
     data: Mmap,
     idx: Mmap,
+    /// One bit per record: its CRC was checked through this mapping. What
+    /// the CRC covers never changes once written (only the flags byte,
+    /// which it leaves out), so each record is checked once per process,
+    /// not once per consumer that reads it.
+    verified: Box<[AtomicU64]>,
 }
 
 /// Read side: maps segments on demand and keeps a bounded number mapped.
@@ -586,7 +598,8 @@ impl LogReader {
         let data = unsafe { Mmap::map(&d) }.map_err(io_err(&dpath))?;
         // SAFETY: as above, for the index.
         let idx = unsafe { Mmap::map(&i) }.map_err(io_err(&ipath))?;
-        let seg = Arc::new(MappedSegment { first_seq: first, data, idx });
+        let verified = (0..(idx.len() / 8).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let seg = Arc::new(MappedSegment { first_seq: first, data, idx, verified });
         if self.maps.len() >= self.maps_max {
             // Drop the mapping farthest from what is being read.
             let far = *self.maps.keys().max_by_key(|&&k| (k - first).unsigned_abs()).expect("non-empty");
@@ -636,8 +649,14 @@ impl LogReader {
         if off as usize >= seg.data.len() {
             return Err(LogError::Corrupt { path: path(), offset: off, why: "index points past the segment" });
         }
-        match Header::decode(&seg.data[off as usize..]) {
+        let k = (seq - seg.first_seq) as usize;
+        let (word, bit) = (&seg.verified[k / 64], 1u64 << (k % 64));
+        let checked = word.load(Ordering::Relaxed) & bit != 0;
+        match Header::decode_checked(&seg.data[off as usize..], !checked) {
             Ok(Some((h, f))) if h.seq == seq => {
+                if !checked {
+                    word.fetch_or(bit, Ordering::Relaxed);
+                }
                 let start = off as usize + HEADER_BYTES;
                 let len = f.len();
                 Ok(Ok((h, LogFrame { seg, start, len })))
@@ -677,6 +696,30 @@ mod tests {
     fn frame(seq: i64) -> Vec<u8> {
         let n = 10 + (seq as usize * 37) % 300;
         (0..n).map(|i| (seq as usize + i) as u8).collect()
+    }
+
+    #[test]
+    fn a_record_is_checked_once_per_reader_and_corruption_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), 1 << 16, 0).unwrap();
+        for s in 1..=3 {
+            w.append(s, 1, 0, 9, s * 10, &frame(s)).unwrap();
+        }
+        w.sync().unwrap();
+        let mut r = LogReader::new(dir.path());
+        assert!(r.read(1).unwrap().is_some());
+        // Flip a byte of record 2's frame on disk (the reader maps it).
+        let first = list_segments(dir.path()).unwrap()[0];
+        let seg = std::fs::OpenOptions::new().write(true).open(segment_paths(dir.path(), first).0).unwrap();
+        let off = (HEADER_BYTES + frame(1).len() + HEADER_BYTES + 3) as u64;
+        seg.write_all_at(&[0xFF], off).unwrap();
+        assert!(matches!(r.read(2), Err(LogError::Corrupt { why: "CRC mismatch", .. })));
+        for _ in 0..2 {
+            assert_eq!(r.read(1).unwrap().unwrap().1.bytes(), frame(1).as_slice());
+            assert_eq!(r.read(3).unwrap().unwrap().1.bytes(), frame(3).as_slice());
+        }
+        let k = |seq: i64| r.maps[&first].verified[0].load(Ordering::Relaxed) & (1 << (seq - first)) != 0;
+        assert!(k(1) && !k(2) && k(3), "records 1 and 3 checked, 2 not passed");
     }
 
     #[test]

@@ -572,20 +572,34 @@ impl Drop for CancelOnDrop {
 
 /// The frame of `seq`, framed once for the shard ([`wsout::FrameCache`]);
 /// `Ok(None)`: skip it (taken down).
-fn framed(sh: &Shared, seq: i64) -> anyhow::Result<Result<Option<Rc<[u8]>>, Missing>> {
+/// `seq`'s frame: from the shard's cache, or read from the log and framed
+/// into the cache, or (a seq older than the cache keeps) the log's bytes
+/// to frame on the way out. `None`: taken down, skip it.
+fn framed(sh: &Shared, seq: i64) -> anyhow::Result<Result<Option<Frame>, Missing>> {
     if let Some(f) = sh.frames.borrow().get(seq) {
-        return Ok(Ok(f));
+        return Ok(Ok(f.map(Frame::Cached)));
     }
     let found = sh.log.borrow_mut().lookup(seq)?;
     Ok(match found {
-        Ok((h, f)) => {
-            let framed =
-                (h.flags & FLAG_TAKEDOWN == 0).then(|| Rc::<[u8]>::from(wsout::frame(wsout::OP_BINARY, f.bytes())));
-            sh.frames.borrow_mut().put(seq, framed.clone());
-            Ok(framed)
+        Ok((h, _)) if h.flags & FLAG_TAKEDOWN != 0 => {
+            sh.frames.borrow_mut().put(seq, None);
+            Ok(None)
+        }
+        Ok((_, f)) if !sh.frames.borrow().keeps(seq) => Ok(Some(Frame::Log(f))),
+        Ok((_, f)) => {
+            let framed = Rc::<[u8]>::from(wsout::frame(wsout::OP_BINARY, f.bytes()));
+            sh.frames.borrow_mut().put(seq, Some(framed.clone()));
+            Ok(Some(Frame::Cached(framed)))
         }
         Err(m) => Err(m),
     })
+}
+
+/// A frame to send: framed once in the shard's cache, or an event log
+/// record framed as it is written out.
+enum Frame {
+    Cached(Rc<[u8]>),
+    Log(sluice_common::eventlog::LogFrame),
 }
 
 /// Send the committed frames from `pos` up to `top` (at most
@@ -598,8 +612,17 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
         let next = pos.get();
         match framed(sh, next)? {
             Ok(Some(f)) => {
-                out.framed(&f).await?;
-                sh.slot().bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
+                let len = match f {
+                    Frame::Cached(f) => {
+                        out.framed(&f).await?;
+                        f.len()
+                    }
+                    Frame::Log(f) => {
+                        out.binary(f.bytes()).await?;
+                        f.bytes().len()
+                    }
+                };
+                sh.slot().bytes_out.fetch_add(len as u64, Ordering::Relaxed);
                 sent += 1;
                 pos.set(next + 1);
             }

@@ -93,6 +93,23 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         Ok(())
     }
 
+    /// Queue a binary frame of `payload`, framed here (a frame the
+    /// shard's cache does not keep: no allocation, one copy).
+    pub async fn binary(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        let mut head = Vec::with_capacity(10);
+        frame_header(OP_BINARY, payload.len(), &mut head);
+        if self.buf.len() + head.len() + payload.len() > GATHER_BYTES {
+            self.flush().await?;
+        }
+        if head.len() + payload.len() >= GATHER_BYTES {
+            self.w.write_all(&head).await?;
+            return self.w.write_all(payload).await;
+        }
+        self.buf.extend_from_slice(&head);
+        self.buf.extend_from_slice(payload);
+        Ok(())
+    }
+
     pub async fn control(&mut self, op: u8, payload: &[u8]) -> std::io::Result<()> {
         self.framed(&frame(op, payload)).await
     }
@@ -234,6 +251,12 @@ impl FrameCache {
             return None;
         }
         self.frames.get(i as usize).cloned()
+    }
+
+    /// Would [`FrameCache::put`] keep `seq`'s frame? (Not a seq older
+    /// than the window: a consumer behind it is sent from the log.)
+    pub fn keeps(&self, seq: i64) -> bool {
+        self.frames.is_empty() || seq >= self.first + self.frames.len() as i64
     }
 
     /// Remember `seq`'s frame if it extends the window (or starts a new
