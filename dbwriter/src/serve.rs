@@ -48,7 +48,7 @@ pub fn start(
                         Some(c) => route(c, &cfg, &req),
                         None => error(503, "Unavailable", "database unavailable"),
                     },
-                    Err(e) => error(400, "InvalidRequest", &e),
+                    Err(e) => error(400, "InvalidRequest", &e.to_string()),
                 };
                 let _ = write_response(&mut s, &resp);
             }
@@ -126,28 +126,39 @@ pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
     })
 }
 
-fn read_request(s: &mut UnixStream) -> Result<Request, String> {
+/// Why a forwarded request could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed mid-request")]
+    Closed,
+    #[error("bad request: {0}")]
+    Head(#[from] sluice_common::http::HeadError),
+    #[error("request over {REQUEST_BYTES_MAX} bytes")]
+    TooLarge,
+}
+
+fn read_request(s: &mut UnixStream) -> Result<Request, ReadError> {
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
     loop {
-        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err("connection closed mid-request".into());
+            return Err(ReadError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let h = match sluice_common::http::parse_request_head(&buf, REQUEST_BYTES_MAX) {
-            Ok(Some(h)) => h,
-            Ok(None) => continue,
-            Err(e) => return Err(format!("bad request: {e}")),
+        let Some(h) = sluice_common::http::parse_request_head(&buf, REQUEST_BYTES_MAX)? else {
+            continue;
         };
         let (head, len) = (h.head_len, h.content_length.min(REQUEST_BYTES_MAX as u64 + 1) as usize);
         if head + len > REQUEST_BYTES_MAX {
-            return Err("request too large".into());
+            return Err(ReadError::TooLarge);
         }
         while buf.len() < head + len {
-            let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+            let n = s.read(&mut chunk)?;
             if n == 0 {
-                return Err("connection closed mid-body".into());
+                return Err(ReadError::Closed);
             }
             buf.extend_from_slice(&chunk[..n]);
         }

@@ -220,22 +220,12 @@ fn consumers_that_do_not_read_are_cut() {
 /// the relay ends it with the error's name and exit status 1.
 #[test]
 fn sluice_tail_prints_the_stream() {
-    use fakenet::runner::{self, ServeConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 2,
-        accounts: 4,
-        seed: 93,
-        rate: 0.0,
-        max_events: Some(50),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    net.wait_generation().unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
-    relay.start();
-    crawl_all(&relay, &net, "");
+    use fakenet::runner::ServeConfig;
+    let Setup { dir, net: _net, mut relay } = Setup::start_after_generation(
+        ServeConfig { hosts: 2, accounts: 4, seed: 93, rate: 0.0, max_events: Some(50), ..ServeConfig::default() },
+        1,
+        "",
+    );
     check_exact(&relay, dir.path(), Duration::from_secs(60));
     let url = format!("ws://127.0.0.1:{}", relay.port);
     let tail = |args: &[&str]| {

@@ -7,7 +7,7 @@
 
 mod support;
 
-use fakenet::runner::{self, ServeConfig};
+use fakenet::runner::ServeConfig;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
@@ -65,20 +65,11 @@ fn element_text<'a>(dom: &'a str, id: &str) -> Option<&'a str> {
 
 #[test]
 fn dashboard_metrics_exist_and_the_status_page_shows_live_numbers() {
-    let dir = tempfile::tempdir().unwrap();
-    let net = runner::start(ServeConfig {
-        hosts: 4,
-        accounts: 12,
-        seed: 31,
-        rate: 100.0,
-        max_events: Some(6000),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 2, "");
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, net, mut relay } = Setup::start(
+        ServeConfig { hosts: 4, accounts: 12, seed: 31, rate: 100.0, max_events: Some(6000), ..ServeConfig::default() },
+        2,
+        "",
+    );
     let until = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
     let consumer = watch(relay.port, 0, until.clone(), Duration::from_secs(120));
     wait_events(&net, 400);

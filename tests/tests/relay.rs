@@ -477,21 +477,19 @@ fn check_repo_endpoints(relay: &Relay, net: &runner::Running) {
 /// the shards on the new config, mid-stream, and nothing is lost or doubled.
 #[test]
 fn reload_to_more_shards_mid_stream_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
     const EVENTS: u64 = 1500;
-    let mut net = runner::start(ServeConfig {
-        hosts: 6,
-        accounts: 10,
-        seed: 21,
-        rate: 150.0,
-        max_events: Some(EVENTS),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, mut net, mut relay } = Setup::start(
+        ServeConfig {
+            hosts: 6,
+            accounts: 10,
+            seed: 21,
+            rate: 150.0,
+            max_events: Some(EVENTS),
+            ..ServeConfig::default()
+        },
+        1,
+        "",
+    );
     wait_events(&net, EVENTS / 3);
     assert_eq!(children_matching(relay.pid(), "shard --id").len(), 1);
     // A consumer across the reshard: every event up to the restart, then
@@ -542,21 +540,19 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
 /// the query workers' `public_request_crawl`).
 #[test]
 fn reload_in_place_keeps_consumers_and_applies_settings() {
-    let dir = tempfile::tempdir().unwrap();
     const EVENTS: u64 = 1200;
-    let mut net = runner::start(ServeConfig {
-        hosts: 4,
-        accounts: 10,
-        seed: 23,
-        rate: 150.0,
-        max_events: Some(EVENTS),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, mut net, mut relay } = Setup::start(
+        ServeConfig {
+            hosts: 4,
+            accounts: 10,
+            seed: 23,
+            rate: 150.0,
+            max_events: Some(EVENTS),
+            ..ServeConfig::default()
+        },
+        1,
+        "",
+    );
     let until = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
     let watcher = watch(relay.port, 0, until.clone(), Duration::from_secs(180));
     wait_events(&net, EVENTS / 3);
@@ -623,21 +619,19 @@ fn reload_in_place_keeps_consumers_and_applies_settings() {
 /// doubled, and no child restarts.
 #[test]
 fn survives_a_postgres_crash_mid_stream() {
-    let dir = tempfile::tempdir().unwrap();
     const EVENTS: u64 = 1500;
-    let mut net = runner::start(ServeConfig {
-        hosts: 4,
-        accounts: 10,
-        seed: 31,
-        rate: 150.0,
-        max_events: Some(EVENTS),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, mut net, mut relay } = Setup::start(
+        ServeConfig {
+            hosts: 4,
+            accounts: 10,
+            seed: 31,
+            rate: 150.0,
+            max_events: Some(EVENTS),
+            ..ServeConfig::default()
+        },
+        1,
+        "",
+    );
     wait_events(&net, EVENTS / 3);
     let pid_file = std::fs::read_to_string(dir.path().join("data/pg/postmaster.pid")).unwrap();
     let pg: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
@@ -1191,21 +1185,22 @@ fn admin_host_cursor_rereads_a_host_and_the_audit_log_says_so() {
 /// commit it held and those after: the stream is exact.
 #[test]
 fn accounts_whose_reactivation_was_lost_recover() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 2,
-        accounts: 20,
-        seed: 44,
-        rate: 300.0,
-        max_events: Some(2500),
-        faults: FaultRates { per_step: vec![(fakenet::world::Fault::LostReactivation, 0.004)], split_connections: 0.0 },
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "");
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, mut net, mut relay } = Setup::start(
+        ServeConfig {
+            hosts: 2,
+            accounts: 20,
+            seed: 44,
+            rate: 300.0,
+            max_events: Some(2500),
+            faults: FaultRates {
+                per_step: vec![(fakenet::world::Fault::LostReactivation, 0.004)],
+                split_connections: 0.0,
+            },
+            ..ServeConfig::default()
+        },
+        1,
+        "",
+    );
     net.wait_generation().unwrap();
     let report = check_exact(&relay, dir.path(), Duration::from_secs(90));
     eprintln!("{}", report.summary());

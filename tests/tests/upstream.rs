@@ -120,20 +120,11 @@ fn hostile_hosts_cannot_freeze_a_shard_or_disturb_the_others() {
 /// ends and none is re-dialed.
 #[test]
 fn quiet_hosts_stay_connected() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 3,
-        accounts: 5,
-        seed: 15,
-        rate: 200.0,
-        max_events: Some(200),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, KEEPALIVE);
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, mut net, mut relay } = Setup::start(
+        ServeConfig { hosts: 3, accounts: 5, seed: 15, rate: 200.0, max_events: Some(200), ..ServeConfig::default() },
+        1,
+        KEEPALIVE,
+    );
     net.wait_generation().unwrap();
     check_exact(&relay, dir.path(), Duration::from_secs(30));
     let before = closes(&relay);

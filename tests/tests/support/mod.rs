@@ -1,7 +1,8 @@
-//! The end-to-end harness shared by the tests in `tests/`: a `sluice run`
-//! child with its config and log ([`Relay`]), process lookup, stream
-//! reading, requestCrawl of a fakenet network, and the exact check.
-//! Every wait has a deadline.
+//! The end-to-end harness shared by the tests in `tests/`: the fixture
+//! most tests start from ([`Setup`]: a temp dir, a fakenet network, `sluice
+//! run` on it, every host crawled), a `sluice run` child with its config
+//! and log ([`Relay`]), process lookup, stream reading, requestCrawl of a
+//! fakenet network, and the exact check. Every wait has a deadline.
 #![allow(dead_code)] // each test binary uses its own part of it
 
 use fakenet::check::{self, CheckConfig};
@@ -29,6 +30,48 @@ pub fn sluice_bin() -> PathBuf {
         assert!(ok.success(), "building sluice failed");
     }
     bin
+}
+
+/// The fixture: a temp dir holding fakenet's ledger and the relay's data,
+/// a fakenet network serving `net`, and `sluice run` (`shards`, the extra
+/// config lines `extra`) with every fakenet host crawled.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub net: runner::Running,
+    pub relay: Relay,
+}
+
+impl Setup {
+    pub fn start(net: runner::ServeConfig, shards: u32, extra: &str) -> Setup {
+        Setup::start_with(tempfile::tempdir().unwrap(), net, shards, extra, |_| {})
+    }
+
+    /// As [`Setup::start`], but the relay starts only once the network
+    /// has generated all it was to (the relay then reads backlogs).
+    pub fn start_after_generation(net: runner::ServeConfig, shards: u32, extra: &str) -> Setup {
+        Setup::start_with(tempfile::tempdir().unwrap(), net, shards, extra, |net| {
+            net.wait_generation().expect("fakenet generates")
+        })
+    }
+
+    /// The general form: in `dir` (which may hold files the config
+    /// names), with `before_relay` run on the network before the relay
+    /// starts.
+    pub fn start_with(
+        dir: tempfile::TempDir,
+        net: runner::ServeConfig,
+        shards: u32,
+        extra: &str,
+        before_relay: impl FnOnce(&mut runner::Running),
+    ) -> Setup {
+        let mut net = runner::start(runner::ServeConfig { ledger: dir.path().join("ledger.jsonl"), ..net })
+            .expect("fakenet starts");
+        before_relay(&mut net);
+        let mut relay = Relay::new(dir.path(), &net.info.plc_url, shards, extra);
+        relay.start();
+        crawl_all(&relay, &net, "");
+        Setup { dir, net, relay }
+    }
 }
 
 pub fn free_port() -> u16 {
