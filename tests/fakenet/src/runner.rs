@@ -147,22 +147,8 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         .thread_name("fakenet-net")
         .enable_all()
         .build()?;
-    let next_port = |i: usize| if cfg.base_port == 0 { 0 } else { cfg.base_port + i as u16 };
-    let mut host_listeners = Vec::new();
-    let mut host_names = Vec::new();
-    for i in 0..cfg.hosts {
-        let (l, p) = bind(&rt, next_port(i))?;
-        host_listeners.push(l);
-        host_names.push(format!("localhost:{p}"));
-    }
-    let mut web_listeners = Vec::new();
-    let mut web_names = Vec::new();
-    for i in 0..cfg.web_accounts {
-        let (l, p) = bind(&rt, next_port(cfg.hosts + i))?;
-        web_listeners.push(l);
-        web_names.push(format!("localhost:{p}"));
-    }
-    let (dir_listener, dir_port) = bind(&rt, next_port(cfg.hosts + cfg.web_accounts))?;
+    let Listeners { hosts: host_listeners, host_names, webs: web_listeners, web_names, dir: dir_listener, dir_port } =
+        Listeners::bind(&rt, &cfg)?;
     let world = World::new(WorldConfig {
         seed: cfg.seed,
         hosts: host_names.clone(),
@@ -221,15 +207,51 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         ca_cert: cfg.tls_ca_out.as_ref().map(|p| p.display().to_string()),
     };
     if let Some(p) = &cfg.info {
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&info)?)?;
-        std::fs::rename(&tmp, p)?;
+        write_info(p, &info)?;
     }
     let gen_shared = shared.clone();
     let generator = std::thread::Builder::new()
         .name("fakenet-gen".into())
         .spawn(move || generate(world, gen_shared, ledger, cfg, control_rx))?;
     Ok(Running { info, shared, generator: Some(generator), runtime: Some(rt) })
+}
+
+/// Every listener a network needs, bound before anything starts: one per
+/// host, one per did:web account, the directory's.
+struct Listeners {
+    hosts: Vec<tokio::net::TcpListener>,
+    host_names: Vec<String>,
+    webs: Vec<tokio::net::TcpListener>,
+    web_names: Vec<String>,
+    dir: tokio::net::TcpListener,
+    dir_port: u16,
+}
+
+impl Listeners {
+    fn bind(rt: &tokio::runtime::Runtime, cfg: &ServeConfig) -> anyhow::Result<Listeners> {
+        let next_port = |i: usize| if cfg.base_port == 0 { 0 } else { cfg.base_port + i as u16 };
+        let (mut hosts, mut host_names, mut webs, mut web_names) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..cfg.hosts {
+            let (l, p) = bind(rt, next_port(i))?;
+            hosts.push(l);
+            host_names.push(format!("localhost:{p}"));
+        }
+        for i in 0..cfg.web_accounts {
+            let (l, p) = bind(rt, next_port(cfg.hosts + i))?;
+            webs.push(l);
+            web_names.push(format!("localhost:{p}"));
+        }
+        let (dir, dir_port) = bind(rt, next_port(cfg.hosts + cfg.web_accounts))?;
+        Ok(Listeners { hosts, host_names, webs, web_names, dir, dir_port })
+    }
+}
+
+/// The network's addresses, written whole (temporary name, rename).
+fn write_info(p: &std::path::Path, info: &Info) -> anyhow::Result<()> {
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
+    std::fs::rename(&tmp, p)?;
+    Ok(())
 }
 
 fn repo_info(world: &World, a: &super::world::Account) -> RepoInfo {
@@ -323,54 +345,7 @@ fn apply(
     let mut touched: Vec<String> = Vec::new();
     let mut sends: Vec<(usize, Send)> = Vec::new();
     for o in outputs {
-        match o {
-            Output::Frame { host, seq, frame, entry } => {
-                if let Some(d) = &entry.did {
-                    touched.push(d.clone());
-                }
-                if shared.emit_times_max > 0 && entry.t == "#commit" {
-                    let mut t = shared.emit_times.lock().expect("emit times");
-                    if t.len() < shared.emit_times_max {
-                        t.insert(entry.id.clone(), Instant::now());
-                    }
-                }
-                ledger.write(&Line::Event(entry))?;
-                sends.push((host, Send::Frame(seq, frame)));
-            }
-            Output::Transient { host, what, entry } => {
-                ledger.write(&Line::Event(entry))?;
-                sends.push((host, Send::Transient(what)));
-            }
-            Output::Document { did, doc } => {
-                shared.docs.write().expect("docs").insert(did, doc);
-            }
-            Output::AmendWrongHost { did, host } => {
-                ledger.write(&Line::AmendWrongHost {
-                    amend_wronghost: super::ledger::Expect::Either,
-                    did,
-                    host: world.cfg.hosts[host].clone(),
-                })?;
-            }
-            Output::Amend { did, host } => {
-                ledger.write(&Line::Amend {
-                    amend: super::ledger::Expect::Either,
-                    did,
-                    host: world.cfg.hosts[host].clone(),
-                })?;
-            }
-            Output::AmendIds { ids, did } => {
-                ledger.write(&Line::AmendIds { amend_ids: ids, did })?;
-            }
-            Output::RelayAccount { did, active } => {
-                touched.push(did.clone());
-                ledger.write(&Line::RelayAccount { relay_account: active, did })?;
-            }
-            Output::NewAccount(k) => {
-                index.insert(k.did.clone(), world.accounts.len() - 1);
-                touched.push(k.did.clone());
-                ledger.write(&Line::Key { key: k })?;
-            }
-        }
+        record(world, shared, ledger, index, o, &mut touched, &mut sends)?;
     }
     if !touched.is_empty() {
         let mut repos = shared.repos.write().expect("repos");
@@ -391,6 +366,68 @@ fn apply(
                 shared.events.fetch_add(1, Ordering::Relaxed);
             }
             Send::Transient(what) => shared.hosts[host].push_transient(what),
+        }
+    }
+    Ok(())
+}
+
+/// One step output into the ledger and the shared state; what hosts are
+/// to send is collected in `sends`, the accounts it changed in `touched`.
+fn record(
+    world: &World,
+    shared: &Shared,
+    ledger: &mut LedgerWriter,
+    index: &mut HashMap<String, usize>,
+    o: Output,
+    touched: &mut Vec<String>,
+    sends: &mut Vec<(usize, Send)>,
+) -> anyhow::Result<()> {
+    match o {
+        Output::Frame { host, seq, frame, entry } => {
+            if let Some(d) = &entry.did {
+                touched.push(d.clone());
+            }
+            if shared.emit_times_max > 0 && entry.t == "#commit" {
+                let mut t = shared.emit_times.lock().expect("emit times");
+                if t.len() < shared.emit_times_max {
+                    t.insert(entry.id.clone(), Instant::now());
+                }
+            }
+            ledger.write(&Line::Event(entry))?;
+            sends.push((host, Send::Frame(seq, frame)));
+        }
+        Output::Transient { host, what, entry } => {
+            ledger.write(&Line::Event(entry))?;
+            sends.push((host, Send::Transient(what)));
+        }
+        Output::Document { did, doc } => {
+            shared.docs.write().expect("docs").insert(did, doc);
+        }
+        Output::AmendWrongHost { did, host } => {
+            ledger.write(&Line::AmendWrongHost {
+                amend_wronghost: super::ledger::Expect::Either,
+                did,
+                host: world.cfg.hosts[host].clone(),
+            })?;
+        }
+        Output::Amend { did, host } => {
+            ledger.write(&Line::Amend {
+                amend: super::ledger::Expect::Either,
+                did,
+                host: world.cfg.hosts[host].clone(),
+            })?;
+        }
+        Output::AmendIds { ids, did } => {
+            ledger.write(&Line::AmendIds { amend_ids: ids, did })?;
+        }
+        Output::RelayAccount { did, active } => {
+            touched.push(did.clone());
+            ledger.write(&Line::RelayAccount { relay_account: active, did })?;
+        }
+        Output::NewAccount(k) => {
+            index.insert(k.did.clone(), world.accounts.len() - 1);
+            touched.push(k.did.clone());
+            ledger.write(&Line::Key { key: k })?;
         }
     }
     Ok(())

@@ -545,46 +545,8 @@ impl World {
                 self.emit_identity(a, out);
                 self.emit_account(a, true, None, out);
             }
-            10..=39 => {
-                if let Some(a) = self.pick_account(host, Status::Active) {
-                    let n = self.accounts[a].handle.matches('-').count();
-                    let base = self.accounts[a]
-                        .handle
-                        .split('.')
-                        .next()
-                        .unwrap_or("u")
-                        .split('-')
-                        .next()
-                        .unwrap_or("u")
-                        .to_owned();
-                    self.accounts[a].handle = format!("{base}-{}.h{}.test", n + 1, self.accounts[a].host);
-                    out.push(Output::Document {
-                        did: self.accounts[a].did.clone(),
-                        doc: self.document(&self.accounts[a]),
-                    });
-                    self.emit_identity(a, out);
-                }
-            }
-            40..=54 => {
-                // Deactivate an active account, or reactivate one.
-                if self.rng.gen_bool(0.5) {
-                    if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
-                        self.accounts[a].status = Status::Deactivated;
-                        self.emit_account(a, false, Some("deactivated"), out);
-                    }
-                } else if let Some(a) = self.pick_account(host, Status::Deactivated) {
-                    self.accounts[a].status = Status::Active;
-                    self.emit_account(a, true, None, out);
-                    // A relay behind on this host reads those commits now
-                    // and, asking the PDS (active again), may relay them
-                    // with an #account of its own.
-                    if let Some(ids) = self.deactivated_commits.remove(&a) {
-                        let did = self.accounts[a].did.clone();
-                        out.push(Output::AmendIds { ids, did: did.clone() });
-                        out.push(Output::RelayAccount { did, active: true });
-                    }
-                }
-            }
+            10..=39 => self.new_handle(host, out),
+            40..=54 => self.toggle_active(host, out),
             55..=74 => {
                 if let Some(a) = self.pick_account(host, Status::Active) {
                     self.emit_sync(a, out);
@@ -614,6 +576,39 @@ impl World {
                         self.emit_commit(a, &c, Expect::Relay, "", out);
                     }
                 }
+            }
+        }
+    }
+
+    /// An active account of `host` takes a new handle.
+    fn new_handle(&mut self, host: usize, out: &mut Vec<Output>) {
+        if let Some(a) = self.pick_account(host, Status::Active) {
+            let n = self.accounts[a].handle.matches('-').count();
+            let base =
+                self.accounts[a].handle.split('.').next().unwrap_or("u").split('-').next().unwrap_or("u").to_owned();
+            self.accounts[a].handle = format!("{base}-{}.h{}.test", n + 1, self.accounts[a].host);
+            out.push(Output::Document { did: self.accounts[a].did.clone(), doc: self.document(&self.accounts[a]) });
+            self.emit_identity(a, out);
+        }
+    }
+
+    /// Deactivate an active account of `host`, or reactivate one.
+    fn toggle_active(&mut self, host: usize, out: &mut Vec<Output>) {
+        if self.rng.gen_bool(0.5) {
+            if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
+                self.accounts[a].status = Status::Deactivated;
+                self.emit_account(a, false, Some("deactivated"), out);
+            }
+        } else if let Some(a) = self.pick_account(host, Status::Deactivated) {
+            self.accounts[a].status = Status::Active;
+            self.emit_account(a, true, None, out);
+            // A relay behind on this host reads those commits now and,
+            // asking the PDS (active again), may relay them with an
+            // #account of its own.
+            if let Some(ids) = self.deactivated_commits.remove(&a) {
+                let did = self.accounts[a].did.clone();
+                out.push(Output::AmendIds { ids, did: did.clone() });
+                out.push(Output::RelayAccount { did, active: true });
             }
         }
     }
@@ -787,95 +782,113 @@ impl World {
                 let Some(c) = self.broken_commit(a, f) else { return };
                 self.emit_commit(a, &c, Expect::Drop, f.name(), out);
             }
-            Fault::WrongHost => {
-                if self.cfg.hosts.len() < 2 {
-                    return;
-                }
-                let Some(a) = self.pick_account(host, Status::Active) else { return };
-                let never: Vec<usize> =
-                    (0..self.cfg.hosts.len()).filter(|h| !self.accounts[a].hosts_lived.contains(h)).collect();
-                if never.is_empty() {
-                    return;
-                }
-                let other = never[self.rng.gen_range(0..never.len())];
-                let Some(c) = self.throwaway_commit(a) else { return };
-                self.emit_commit_on(other, a, &c, Expect::Drop, f.name(), out);
-            }
+            Fault::WrongHost => self.inject_wrong_host(f, host, out),
             Fault::DeactivatedCommit => {
                 let Some(a) = self.pick_account(host, Status::Deactivated) else { return };
                 let Some(c) = self.throwaway_commit(a) else { return };
                 self.emit_commit(a, &c, Expect::Drop, f.name(), out);
                 self.deactivated_commits.entry(a).or_default().push(c.commit_cid.to_string());
             }
-            Fault::LostReactivation => {
-                // Deactivate (announced), then reactivate in silence.
-                let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) else {
-                    return;
-                };
-                self.accounts[a].status = Status::Deactivated;
-                self.emit_account(a, false, Some("deactivated"), out);
-                self.accounts[a].status = Status::Active;
-                self.status_quiet_until.insert(a, self.step_index + 2000);
-                out.push(Output::RelayAccount { did: self.accounts[a].did.clone(), active: true });
-            }
-            Fault::ReplayedRev => {
-                let Some(a) = self.pick_account(host, Status::Active) else { return };
-                let Some((h, old)) = self.accounts[a].last_frames.first().cloned() else { return };
-                let Ok(d) = frame::decode(&old) else { return };
-                let (Some(span), Message::Event(Event::Commit(c))) = (d.seq_span, &d.message) else { return };
-                let id = c.commit.to_string();
-                let did = self.accounts[a].did.clone();
-                let seq = self.next_seq(h);
-                let mut frame = Vec::new();
-                frame::resequence(&old, span, seq, &mut frame);
-                let entry = self.entry(h, Some(seq), Some(&did), "#commit", id, (Expect::Drop, f.name()));
-                self.push_frame(h, a, seq, frame, entry, out);
-            }
-            Fault::UnknownType => {
-                let seq = self.next_seq(host);
-                let mut w = Writer::new();
-                w.map(2);
-                w.text("t");
-                w.text("#fakenetUnknown");
-                w.text("op");
-                w.i64(1);
-                w.map(2);
-                w.text("seq");
-                w.i64(seq);
-                w.text("note");
-                w.text("a message type no relay knows");
-                let id = format!("#fakenetUnknown|{}|{seq}", self.cfg.hosts[host]);
-                let entry = self.entry(host, Some(seq), None, "#fakenetUnknown", id, (Expect::Drop, f.name()));
-                let recent = &mut self.recent[host];
-                recent.push((seq, w.buf.clone()));
-                out.push(Output::Frame { host, seq, frame: w.into_inner(), entry });
-            }
-            Fault::SeqBackwards => {
-                let Some((seq, frame)) = self.recent[host].first().cloned() else { return };
-                let (id, did, t) = match frame::decode(&frame).map(|d| d.message) {
-                    Ok(Message::Event(Event::Commit(c))) => (c.commit.to_string(), Some(c.repo.to_owned()), "#commit"),
-                    _ => (format!("seqbackwards|{}|{seq}", self.cfg.hosts[host]), None, "?"),
-                };
-                let entry = self.entry(host, None, did.as_deref(), t, id, (Expect::Drop, f.name()));
-                out.push(Output::Transient { host, what: Transient::Raw(frame), entry });
-            }
+            Fault::LostReactivation => self.inject_lost_reactivation(host, out),
+            Fault::ReplayedRev => self.inject_replayed_rev(f, host, out),
+            Fault::UnknownType => self.inject_unknown_type(f, host, out),
+            Fault::SeqBackwards => self.inject_seq_backwards(f, host, out),
             Fault::MalformedCbor | Fault::Oversized | Fault::Truncated => {
                 let bytes = self.bad_frame_bytes(f);
                 let id = format!("{}|{}|{}", f.name(), self.cfg.hosts[host], self.step_index);
                 let entry = self.entry(host, None, None, "?", id, (Expect::Drop, f.name()));
                 out.push(Output::Transient { host, what: Transient::Raw(bytes), entry });
             }
-            Fault::Disconnect | Fault::Stall => {
-                let what = if f == Fault::Disconnect {
-                    Transient::Disconnect
-                } else {
-                    Transient::Stall(std::time::Duration::from_millis(self.rng.gen_range(1500..3000)))
-                };
-                let id = format!("{}|{}|{}", f.name(), self.cfg.hosts[host], self.step_index);
-                let entry = self.entry(host, None, None, "-", id, (Expect::Drop, f.name()));
-                out.push(Output::Transient { host, what, entry });
-            }
+            Fault::Disconnect | Fault::Stall => self.inject_transient(f, host, out),
         }
+    }
+
+    /// A commit of an account sent by a host it never lived on.
+    fn inject_wrong_host(&mut self, f: Fault, host: usize, out: &mut Vec<Output>) {
+        if self.cfg.hosts.len() < 2 {
+            return;
+        }
+        let Some(a) = self.pick_account(host, Status::Active) else { return };
+        let never: Vec<usize> =
+            (0..self.cfg.hosts.len()).filter(|h| !self.accounts[a].hosts_lived.contains(h)).collect();
+        if never.is_empty() {
+            return;
+        }
+        let other = never[self.rng.gen_range(0..never.len())];
+        let Some(c) = self.throwaway_commit(a) else { return };
+        self.emit_commit_on(other, a, &c, Expect::Drop, f.name(), out);
+    }
+
+    /// Deactivate (announced), then reactivate in silence.
+    fn inject_lost_reactivation(&mut self, host: usize, out: &mut Vec<Output>) {
+        // Deactivate (announced), then reactivate in silence.
+        let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) else {
+            return;
+        };
+        self.accounts[a].status = Status::Deactivated;
+        self.emit_account(a, false, Some("deactivated"), out);
+        self.accounts[a].status = Status::Active;
+        self.status_quiet_until.insert(a, self.step_index + 2000);
+        out.push(Output::RelayAccount { did: self.accounts[a].did.clone(), active: true });
+    }
+
+    /// An account's first commit again, with a new seq.
+    fn inject_replayed_rev(&mut self, f: Fault, host: usize, out: &mut Vec<Output>) {
+        let Some(a) = self.pick_account(host, Status::Active) else { return };
+        let Some((h, old)) = self.accounts[a].last_frames.first().cloned() else { return };
+        let Ok(d) = frame::decode(&old) else { return };
+        let (Some(span), Message::Event(Event::Commit(c))) = (d.seq_span, &d.message) else { return };
+        let id = c.commit.to_string();
+        let did = self.accounts[a].did.clone();
+        let seq = self.next_seq(h);
+        let mut frame = Vec::new();
+        frame::resequence(&old, span, seq, &mut frame);
+        let entry = self.entry(h, Some(seq), Some(&did), "#commit", id, (Expect::Drop, f.name()));
+        self.push_frame(h, a, seq, frame, entry, out);
+    }
+
+    /// A message type no relay knows.
+    fn inject_unknown_type(&mut self, f: Fault, host: usize, out: &mut Vec<Output>) {
+        let seq = self.next_seq(host);
+        let mut w = Writer::new();
+        w.map(2);
+        w.text("t");
+        w.text("#fakenetUnknown");
+        w.text("op");
+        w.i64(1);
+        w.map(2);
+        w.text("seq");
+        w.i64(seq);
+        w.text("note");
+        w.text("a message type no relay knows");
+        let id = format!("#fakenetUnknown|{}|{seq}", self.cfg.hosts[host]);
+        let entry = self.entry(host, Some(seq), None, "#fakenetUnknown", id, (Expect::Drop, f.name()));
+        let recent = &mut self.recent[host];
+        recent.push((seq, w.buf.clone()));
+        out.push(Output::Frame { host, seq, frame: w.into_inner(), entry });
+    }
+
+    /// A recent frame again, its seq not above the last.
+    fn inject_seq_backwards(&mut self, f: Fault, host: usize, out: &mut Vec<Output>) {
+        let Some((seq, frame)) = self.recent[host].first().cloned() else { return };
+        let (id, did, t) = match frame::decode(&frame).map(|d| d.message) {
+            Ok(Message::Event(Event::Commit(c))) => (c.commit.to_string(), Some(c.repo.to_owned()), "#commit"),
+            _ => (format!("seqbackwards|{}|{seq}", self.cfg.hosts[host]), None, "?"),
+        };
+        let entry = self.entry(host, None, did.as_deref(), t, id, (Expect::Drop, f.name()));
+        out.push(Output::Transient { host, what: Transient::Raw(frame), entry });
+    }
+
+    /// A disconnect or a stall of the host.
+    fn inject_transient(&mut self, f: Fault, host: usize, out: &mut Vec<Output>) {
+        let what = if f == Fault::Disconnect {
+            Transient::Disconnect
+        } else {
+            Transient::Stall(std::time::Duration::from_millis(self.rng.gen_range(1500..3000)))
+        };
+        let id = format!("{}|{}|{}", f.name(), self.cfg.hosts[host], self.step_index);
+        let entry = self.entry(host, None, None, "-", id, (Expect::Drop, f.name()));
+        out.push(Output::Transient { host, what, entry });
     }
 
     /// A signed, well-formed commit broken the way `f` says; the repo is
