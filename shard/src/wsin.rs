@@ -509,18 +509,13 @@ mod tests {
         }
     }
 
+    /// A server frame (the shard's own downstream framing, FIN cleared
+    /// for a fragment).
     fn frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![(if fin { 0x80 } else { 0 }) | op];
-        match payload.len() {
-            n if n < 126 => f.push(n as u8),
-            n if n < 65536 => {
-                f.push(126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
+        let mut f = Vec::new();
+        crate::wsout::frame_header(op, payload.len(), &mut f);
+        if !fin {
+            f[0] &= 0x7F;
         }
         f.extend_from_slice(payload);
         f
