@@ -6,7 +6,7 @@
 mod support;
 
 use base64::Engine;
-use fakenet::runner::{self, ServeConfig};
+use fakenet::runner::ServeConfig;
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::*;
@@ -38,22 +38,15 @@ impl Goat<'_> {
 #[test]
 fn goat_relay_admin_paths_work_as_goat_calls_them() {
     let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 2,
-        accounts: 4,
-        seed: 95,
-        rate: 0.0,
-        max_events: Some(80),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    net.wait_generation().unwrap();
     let pw = dir.path().join("admin.pw");
     std::fs::write(&pw, "goat-secret\n").unwrap();
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, &format!("admin_password_file = {pw:?}\n"));
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, net, mut relay } = Setup::start_with(
+        dir,
+        ServeConfig { hosts: 2, accounts: 4, seed: 95, rate: 0.0, max_events: Some(80), ..ServeConfig::default() },
+        1,
+        &format!("admin_password_file = {pw:?}\n"),
+        |net| net.wait_generation().expect("fakenet generates"),
+    );
     check_exact(&relay, dir.path(), Duration::from_secs(60));
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("admin:goat-secret"));
     let goat = Goat { relay: &relay, auth: basic };

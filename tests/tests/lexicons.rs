@@ -7,7 +7,7 @@
 
 mod support;
 
-use fakenet::runner::{self, ServeConfig};
+use fakenet::runner::ServeConfig;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -173,21 +173,14 @@ impl Checker {
 fn every_xrpc_answer_matches_its_lexicon() {
     let checker = Checker { docs: lexicons() };
     let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 3,
-        accounts: 8,
-        seed: 94,
-        rate: 0.0,
-        max_events: Some(400),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    net.wait_generation().unwrap();
     // An account limit of 5 per host leaves some accounts throttled (no rev).
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, "[limits]\nhost_account_limit_default = 5\n");
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir: _dir, net, mut relay } = Setup::start_with(
+        dir,
+        ServeConfig { hosts: 3, accounts: 8, seed: 94, rate: 0.0, max_events: Some(400), ..ServeConfig::default() },
+        1,
+        "[limits]\nhost_account_limit_default = 5\n",
+        |net| net.wait_generation().expect("fakenet generates"),
+    );
     check_exact_or_throttled(&relay);
     let mut asked = 0;
     let mut all = Vec::new();

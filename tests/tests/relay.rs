@@ -658,23 +658,15 @@ fn survives_a_postgres_crash_mid_stream() {
 #[test]
 fn admin_takedown_and_host_ban() {
     let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 2,
-        accounts: 5,
-        seed: 41,
-        rate: 0.0,
-        max_events: Some(100),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    net.wait_generation().unwrap();
     let pw = dir.path().join("admin.pw");
     std::fs::write(&pw, "hunter2\n").unwrap();
-    let mut relay =
-        Relay::new(dir.path(), &net.info.plc_url, 1, &format!("admin_password_file = {:?}", pw.to_string_lossy()));
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, net, mut relay } = Setup::start_with(
+        dir,
+        ServeConfig { hosts: 2, accounts: 5, seed: 41, rate: 0.0, max_events: Some(100), ..ServeConfig::default() },
+        1,
+        &format!("admin_password_file = {:?}", pw.to_string_lossy()),
+        |net| net.wait_generation().expect("fakenet generates"),
+    );
     check_exact(&relay, dir.path(), Duration::from_secs(60));
     let admin = |args: &[&str]| {
         let out = Command::new(sluice_bin())
@@ -951,22 +943,16 @@ fn crashes_between_durable_steps_lose_nothing() {
 #[test]
 fn host_account_limit_admits_accounts_up_to_the_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 1,
-        accounts: 8,
-        seed: 51,
-        rate: 100.0,
-        max_events: Some(1000),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
     let pw = dir.path().join("admin.pw");
     std::fs::write(&pw, "pw").unwrap();
     let extra = format!("admin_password_file = {:?}\n[limits]\nhost_account_limit_default = 3", pw.to_string_lossy());
-    let mut relay = Relay::new(dir.path(), &net.info.plc_url, 1, &extra);
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir: _dir, mut net, mut relay } = Setup::start_with(
+        dir,
+        ServeConfig { hosts: 1, accounts: 8, seed: 51, rate: 100.0, max_events: Some(1000), ..ServeConfig::default() },
+        1,
+        &extra,
+        |_| {},
+    );
     wait_events(&net, 300);
     let dids_in_stream = |relay: &Relay| -> std::collections::HashSet<String> {
         let (_, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
@@ -1100,23 +1086,15 @@ fn new_host_and_host_rate_limits() {
 #[test]
 fn admin_host_cursor_rereads_a_host_and_the_audit_log_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let mut net = runner::start(ServeConfig {
-        hosts: 2,
-        accounts: 4,
-        seed: 43,
-        rate: 0.0,
-        max_events: Some(120),
-        ledger: dir.path().join("ledger.jsonl"),
-        ..ServeConfig::default()
-    })
-    .unwrap();
-    net.wait_generation().unwrap();
     let pw = dir.path().join("admin.pw");
     std::fs::write(&pw, "hunter2\n").unwrap();
-    let mut relay =
-        Relay::new(dir.path(), &net.info.plc_url, 1, &format!("admin_password_file = {:?}", pw.to_string_lossy()));
-    relay.start();
-    crawl_all(&relay, &net, "");
+    let Setup { dir, net, mut relay } = Setup::start_with(
+        dir,
+        ServeConfig { hosts: 2, accounts: 4, seed: 43, rate: 0.0, max_events: Some(120), ..ServeConfig::default() },
+        1,
+        &format!("admin_password_file = {:?}", pw.to_string_lossy()),
+        |net| net.wait_generation().expect("fakenet generates"),
+    );
     let report = check_exact(&relay, dir.path(), Duration::from_secs(60));
     let admin = |args: &[&str]| {
         let out = Command::new(sluice_bin())
