@@ -484,7 +484,7 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         };
         next = pos.get();
         let behind = (committed() - (next - 1)).max(0) as u64;
-        sh.control.histogram(sluice_common::shm::Hist::ConsumerLag).observe(behind);
+        sh.lag_hist.borrow_mut().observe(behind);
         sh.slot().frames_out.fetch_add(sent as u64, Ordering::Relaxed);
         sh.consumers.borrow_mut().progress(id, next - 1, sent as u64);
         last_send = Instant::now();
@@ -607,7 +607,7 @@ enum Frame {
 /// a stuck write got. Returns the frames sent.
 async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) -> anyhow::Result<usize> {
     sh.frames.borrow_mut().check_generation(sh.control.flags_generation().load(Ordering::Acquire));
-    let mut sent = 0;
+    let (mut sent, mut bytes) = (0, 0);
     while sent < SEND_BATCH && pos.get() <= top {
         let next = pos.get();
         match framed(sh, next)? {
@@ -622,7 +622,7 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
                         f.bytes().len()
                     }
                 };
-                sh.slot().bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                bytes += len as u64;
                 sent += 1;
                 pos.set(next + 1);
             }
@@ -634,6 +634,7 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
             Err(Missing::NotYet) => anyhow::bail!("seq {next} is committed but not in the event log"),
         }
     }
+    sh.slot().bytes_out.fetch_add(bytes, Ordering::Relaxed);
     out.flush().await?;
     Ok(sent)
 }

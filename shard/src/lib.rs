@@ -80,6 +80,9 @@ pub struct Shared {
     pub watermark: downstream::Watermark,
     /// Recent events, framed once for all consumers.
     pub frames: RefCell<wsout::FrameCache>,
+    /// Consumer lag after each batch, gathered here and added to the
+    /// shared histogram each second (see [`sluice_common::shm::LocalHist`]).
+    pub lag_hist: RefCell<sluice_common::shm::LocalHist>,
 }
 
 impl Shared {
@@ -209,6 +212,7 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
             hosts: RefCell::new(consumers::HostTable::new()),
             watermark: downstream::Watermark::default(),
             frames: RefCell::new(wsout::FrameCache::default()),
+            lag_hist: RefCell::new(sluice_common::shm::LocalHist::new(sluice_common::shm::Hist::ConsumerLag)),
         });
         stalls::spawn(control.clone(), id)?;
         spawn_services(&sh, &cfg)?;
@@ -249,6 +253,7 @@ fn spawn_services(sh: &Rc<Shared>, cfg: &Config) -> anyhow::Result<()> {
             let committed = pub_sh.control.committed().load(Ordering::Acquire) as i64;
             let snapshot = pub_sh.consumers.borrow().snapshot(pub_sh.id, committed, &pub_sh.hosts.borrow());
             let _ = snapshots.try_send(snapshot);
+            pub_sh.lag_hist.borrow_mut().flush(&pub_sh.control.histogram(sluice_common::shm::Hist::ConsumerLag));
             glommio::timer::sleep(consumers::PUBLISH_EVERY).await;
         }
     })
