@@ -405,12 +405,15 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
     let mut tick = Box::pin(glommio::timer::sleep(keep.ping_every));
     while !stopping() {
         // `WsIn::next` is cancel-safe: a timer or a stop may drop it.
-        let wake =
-            match futures::future::select(Box::pin(ws.next()), futures::future::select(&mut watch, &mut tick)).await {
+        let wake = {
+            // Pinned on the stack: no allocation per message.
+            let next = std::pin::pin!(ws.next());
+            match futures::future::select(next, futures::future::select(&mut watch, &mut tick)).await {
                 futures::future::Either::Left((m, _)) => Wake::Message(m),
                 futures::future::Either::Right((futures::future::Either::Left(_), _)) => Wake::Stop,
                 futures::future::Either::Right((futures::future::Either::Right(_), _)) => Wake::Tick,
-            };
+            }
+        };
         let data = match wake {
             Wake::Stop => break,
             Wake::Tick => {
