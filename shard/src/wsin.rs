@@ -47,12 +47,10 @@ pub const MESSAGE_KEEP_BYTES: usize = 64 * 1024;
 pub const YIELD_BYTES: usize = 64 * 1024;
 pub const YIELD_FRAMES: u32 = 256;
 
+// The opcodes the server side names too, from one place.
+use crate::wsout::{OP_BINARY, OP_CLOSE, OP_PING, OP_PONG};
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WsError {
@@ -266,11 +264,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIn<S> {
     async fn send_control(&mut self, op: u8, payload: &[u8]) -> Result<(), WsError> {
         debug_assert!(payload.len() <= 125);
         let mask = rand::random::<[u8; 4]>();
-        let mut f = Vec::with_capacity(6 + payload.len());
-        f.extend_from_slice(&[0x80 | op, 0x80 | payload.len() as u8]);
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.io.write_all(&f).await?;
+        let mut f = [0u8; 6 + 125];
+        f[..2].copy_from_slice(&[0x80 | op, 0x80 | payload.len() as u8]);
+        f[2..6].copy_from_slice(&mask);
+        for (i, b) in payload.iter().enumerate() {
+            f[6 + i] = b ^ mask[i % 4];
+        }
+        self.io.write_all(&f[..6 + payload.len()]).await?;
         self.io.flush().await?;
         Ok(())
     }

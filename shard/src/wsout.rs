@@ -37,18 +37,29 @@ pub const CLIENT_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// Bytes of framed events a shard keeps for its consumers.
 pub const CACHE_BYTES_MAX: usize = 4 << 20;
 
+/// A server frame header (FIN set, no mask) for `len` bytes: the bytes
+/// and how many of them are used (2, 4 or 10).
+pub fn header(op: u8, len: usize) -> ([u8; 10], usize) {
+    let mut h = [0u8; 10];
+    h[0] = 0x80 | op;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if len <= 0xffff {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
+}
+
 /// Append a server frame header (FIN set, no mask) for `len` bytes.
 pub fn frame_header(op: u8, len: usize, out: &mut Vec<u8>) {
-    out.push(0x80 | op);
-    if len < 126 {
-        out.push(len as u8);
-    } else if len <= 0xffff {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+    let (h, n) = header(op, len);
+    out.extend_from_slice(&h[..n]);
 }
 
 /// A whole server frame.
@@ -96,16 +107,16 @@ impl<W: AsyncWrite + Unpin> Out<W> {
     /// Queue a binary frame of `payload`, framed here (a frame the
     /// shard's cache does not keep: no allocation, one copy).
     pub async fn binary(&mut self, payload: &[u8]) -> std::io::Result<()> {
-        let mut head = Vec::with_capacity(10);
-        frame_header(OP_BINARY, payload.len(), &mut head);
+        let (h, n) = header(OP_BINARY, payload.len());
+        let head = &h[..n];
         if self.buf.len() + head.len() + payload.len() > GATHER_BYTES {
             self.flush().await?;
         }
         if head.len() + payload.len() >= GATHER_BYTES {
-            self.w.write_all(&head).await?;
+            self.w.write_all(head).await?;
             return self.w.write_all(payload).await;
         }
-        self.buf.extend_from_slice(&head);
+        self.buf.extend_from_slice(head);
         self.buf.extend_from_slice(payload);
         Ok(())
     }
