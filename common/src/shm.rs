@@ -262,6 +262,13 @@ impl Hist {
         }
     }
 
+    /// The bucket `v` falls in: the first bound at or above it, else the
+    /// last (`+Inf`).
+    pub fn bucket(self, v: u64) -> usize {
+        let bounds = self.bounds();
+        bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len())
+    }
+
     pub fn bounds(self) -> &'static [u64] {
         match self {
             Hist::ConsumerLag => &EVENT_BOUNDS,
@@ -288,8 +295,7 @@ impl LocalHist {
     }
 
     pub fn observe(&mut self, v: u64) {
-        let bounds = self.kind.bounds();
-        let i = bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len());
+        let i = self.kind.bucket(v);
         self.buckets[i] += 1;
         self.count += 1;
         self.sum += v;
@@ -323,8 +329,7 @@ pub struct Histogram<'a> {
 
 impl Histogram<'_> {
     pub fn observe(&self, v: u64) {
-        let bounds = self.kind.bounds();
-        let i = bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len());
+        let i = self.kind.bucket(v);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(v, Ordering::Relaxed);
