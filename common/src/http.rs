@@ -49,20 +49,10 @@ pub const PEER_HEADER: &str = "x-sluice-peer";
 pub fn parse_request_head(buf: &[u8], bytes_max: usize) -> Result<Option<RequestHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut req = httparse::Request::new(&mut headers);
-    let window = &buf[..buf.len().min(bytes_max)];
-    let head_len = match req.parse(window) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= bytes_max => return Err(HeadError::TooLarge(bytes_max)),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    let Some(head_len) = head_length(req.parse(&buf[..buf.len().min(bytes_max)]), buf.len(), bytes_max)? else {
+        return Ok(None);
     };
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(|v| v.trim().to_owned())
-    };
+    let header = |name: &str| header_value(req.headers, name);
     let content_length = match header("content-length") {
         None => 0,
         Some(v) => v.parse::<u64>().map_err(|_| HeadError::ContentLength)?,
@@ -97,20 +87,10 @@ pub struct ResponseHead {
 pub fn parse_response_head(buf: &[u8], bytes_max: usize) -> Result<Option<ResponseHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut resp = httparse::Response::new(&mut headers);
-    let window = &buf[..buf.len().min(bytes_max)];
-    let head_len = match resp.parse(window) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= bytes_max => return Err(HeadError::TooLarge(bytes_max)),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    let Some(head_len) = head_length(resp.parse(&buf[..buf.len().min(bytes_max)]), buf.len(), bytes_max)? else {
+        return Ok(None);
     };
-    let header = |name: &str| {
-        resp.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(|v| v.trim().to_owned())
-    };
+    let header = |name: &str| header_value(resp.headers, name);
     let upgrade = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
     let connection =
         header("connection").is_some_and(|c| c.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
@@ -120,6 +100,26 @@ pub fn parse_response_head(buf: &[u8], bytes_max: usize) -> Result<Option<Respon
         websocket: upgrade && connection,
         ws_accept: header("sec-websocket-accept"),
     }))
+}
+
+/// What httparse said of a head, as the parsers answer it: its length,
+/// `None` while it may still complete within `bytes_max`, or the error.
+fn head_length(parsed: httparse::Result<usize>, have: usize, bytes_max: usize) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if have >= bytes_max => Err(HeadError::TooLarge(bytes_max)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(HeadError::Malformed(e.to_string())),
+    }
+}
+
+/// A header's value (the first of that name, trimmed; not UTF-8: absent).
+fn header_value(headers: &[httparse::Header<'_>], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(|v| v.trim().to_owned())
 }
 
 /// Split a request target into its path and its decoded query pairs
