@@ -13,7 +13,7 @@
 //! (stateful checks), [`partition`] (host → shard), [`http`] (the one
 //! HTTP request-head parser), [`netguard`] (which hosts may be dialed),
 //! [`host`] (host status and the shard assignment), [`failpoint`] (faults
-//! on purpose, for tests). Nothing here spawns threads or tasks; the
+//! on purpose, for tests), [`heap`] (freed heap back to the kernel). Nothing here spawns threads or tasks; the
 //! validation code does no I/O and takes the time from its callers. What
 //! does block, and so runs only on threads (or, for the log reader, on a
 //! shard's executor where ARCHITECTURE.md says so): the event log's writes
@@ -31,6 +31,7 @@ pub mod crypto;
 pub mod eventlog;
 pub mod failpoint;
 pub mod frame;
+pub mod heap;
 pub mod host;
 pub mod http;
 pub mod identity;

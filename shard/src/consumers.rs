@@ -48,6 +48,10 @@ impl Table {
         self.live.remove(&id);
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
     pub fn snapshot(&self, shard: usize, committed: i64, hosts: &HostTable) -> Snapshot {
         let (hosts, other_hosts) = busiest(hosts);
         Snapshot {
@@ -149,16 +153,38 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Consumers that must have left (since the most there were) before the
+/// writer gives the freed heap back ([`sluice_common::heap::give_back`]).
+pub const LEFT_BEFORE_GIVE_BACK: usize = 32;
+
+/// Whether the heap should be given back now that `now` consumers are
+/// left of the `peak` since the last give-back (`peak` follows).
+fn give_back_due(peak: &mut usize, now: usize) -> bool {
+    *peak = (*peak).max(now);
+    let due = *peak - now >= LEFT_BEFORE_GIVE_BACK || (now == 0 && *peak > 0);
+    if due {
+        *peak = now;
+    }
+    due
+}
+
 /// The helper thread that writes snapshots (write to a temporary file,
 /// then rename: readers never see half a file). One snapshot in flight at
-/// most; a newer one waits for the next tick.
+/// most; a newer one waits for the next tick. When consumers left, it
+/// also gives the heap they freed back to the kernel (here, off the
+/// executor: glibc walks every arena for that).
 pub fn start_writer(path: PathBuf) -> std::io::Result<SyncSender<Snapshot>> {
     let (tx, rx) = sync_channel::<Snapshot>(1);
     std::thread::Builder::new().name("consumers".into()).spawn(move || {
+        let mut peak = 0;
         while let Ok(s) = rx.recv() {
             let body = serde_json::to_vec(&s).expect("snapshots serialise");
             if let Err(e) = sluice_common::runfile::write_whole(&path, &body) {
                 tracing::warn!(shard = s.shard, path = %path.display(), error = %e, "consumer list not written");
+            }
+            if give_back_due(&mut peak, s.consumers.len()) {
+                drop((s, body));
+                sluice_common::heap::give_back();
             }
         }
     })?;
@@ -187,6 +213,19 @@ mod tests {
         // h000, h001, h002: 0 + 1 + 2 events, a drop each.
         assert_eq!((rest.hostname.as_str(), rest.events, rest.dropped(), rest.last_event_micros), ("_other", 3, 3, 2));
         assert!(busiest(&HostTable::new()).1.is_none());
+    }
+
+    #[test]
+    fn the_heap_is_given_back_once_consumers_left() {
+        let mut peak = 0;
+        assert!(!give_back_due(&mut peak, 0), "nobody came");
+        assert!(!give_back_due(&mut peak, 500));
+        assert!(!give_back_due(&mut peak, 500 - LEFT_BEFORE_GIVE_BACK + 1), "a few left");
+        assert!(give_back_due(&mut peak, 500 - LEFT_BEFORE_GIVE_BACK), "enough left");
+        assert!(!give_back_due(&mut peak, 500 - LEFT_BEFORE_GIVE_BACK), "once");
+        assert!(!give_back_due(&mut peak, 600));
+        assert!(give_back_due(&mut peak, 0), "the last left");
+        assert!(!give_back_due(&mut peak, 0));
     }
 
     #[test]
