@@ -42,11 +42,28 @@ const BODY_BYTES_MAX: usize = 64 * 1024;
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// The waiting consumers' clock: [`Watermark::ticks`] advances this often
+/// while any waits, and a consumer pings after [`PING_EVERY`] of them
+/// without a frame (so no consumer keeps a timer of its own).
+const TICK: Duration = Duration::from_secs(1);
+const PING_TICKS: u64 = PING_EVERY.as_secs() / TICK.as_secs();
 /// Frames sent per batch (between looks at the watermark).
 const SEND_BATCH: usize = 256;
 /// How often the shard looks at the committed watermark for its
 /// caught-up consumers (one timer per shard, not per consumer).
 const POLL: Duration = Duration::from_millis(1);
+
+/// The least time between two wakes of the waiting consumers, by how
+/// many wait: each consumer's wake costs a socket write (a syscall, and
+/// on loopback the peer's receive path too) whatever it carries, so with
+/// hundreds of consumers waking on every commit the writes, not the
+/// bytes, fill the cores. [`COALESCE_PER_WAITER`] each, at most
+/// [`COALESCE_MAX`] (a latency of that much at worst).
+fn coalesce_gap(waiters: usize) -> Duration {
+    COALESCE_PER_WAITER.saturating_mul(waiters.min(u32::MAX as usize) as u32).min(COALESCE_MAX)
+}
+const COALESCE_PER_WAITER: Duration = Duration::from_micros(20);
+const COALESCE_MAX: Duration = Duration::from_millis(20);
 
 /// The consumers of this shard waiting for the committed seq to pass what
 /// they sent. One task (in [`serve`]) reads the control block every
@@ -57,6 +74,8 @@ pub struct Watermark {
     wakers: std::cell::RefCell<Vec<std::task::Waker>>,
     /// The polling task, parked while nobody waits.
     poller: std::cell::RefCell<Option<std::task::Waker>>,
+    /// Seconds some consumer has waited, about ([`TICK`]s).
+    ticks: Cell<u64>,
 }
 
 impl Watermark {
@@ -65,6 +84,10 @@ impl Watermark {
         for w in ws {
             w.wake();
         }
+    }
+
+    fn waiters(&self) -> usize {
+        self.wakers.borrow().len()
     }
 
     fn waiting(&self) -> bool {
@@ -100,25 +123,44 @@ impl Watermark {
     }
 }
 
+/// The shard's one watermark task: wakes the waiting consumers when the
+/// committed seq moves (at most every [`coalesce_gap`]), and once a
+/// [`TICK`] while any waits (for their pings). Parked, with no timer,
+/// while none waits.
+async fn watch_committed(sh: Rc<Shared>) {
+    let wm = &sh.watermark;
+    // The committed seq at the last wake: a waiter registered on a seq at
+    // or above it (below, it would not have waited), so any other value
+    // is news for it.
+    let mut last = 0;
+    let mut woke = Instant::now();
+    loop {
+        wm.someone_waits().await;
+        while sh.control.committed().load(Ordering::Acquire) == last && wm.waiting() {
+            if woke.elapsed() >= TICK {
+                break;
+            }
+            glommio::timer::sleep(POLL).await;
+        }
+        // Many waiters: let a few commits gather so that each consumer's
+        // socket write carries several frames.
+        let gap = coalesce_gap(wm.waiters());
+        let since = woke.elapsed();
+        if since < gap {
+            glommio::timer::sleep(gap - since).await;
+        }
+        last = sh.control.committed().load(Ordering::Acquire);
+        if woke.elapsed() >= TICK {
+            wm.ticks.set(wm.ticks.get() + 1);
+        }
+        woke = Instant::now();
+        wm.wake_all();
+    }
+}
+
 pub async fn serve(sh: Rc<Shared>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(sh.listen).map_err(io)?;
-    let wm = sh.clone();
-    glommio::spawn_local(async move {
-        // The committed seq at the last wake: a waiter registered on a seq
-        // at or above it (below, it would not have waited), so any other
-        // value is news for it.
-        let mut last = 0;
-        loop {
-            // Idle while no consumer waits (no timer at all).
-            wm.watermark.someone_waits().await;
-            while wm.control.committed().load(Ordering::Acquire) == last && wm.watermark.waiting() {
-                glommio::timer::sleep(POLL).await;
-            }
-            last = wm.control.committed().load(Ordering::Acquire);
-            wm.watermark.wake_all();
-        }
-    })
-    .detach();
+    glommio::spawn_local(watch_committed(sh.clone())).detach();
     tracing::info!(shard = sh.id, listen = %sh.listen, "serving consumers");
     let open = Rc::new(Cell::new(0usize));
     loop {
@@ -434,24 +476,59 @@ async fn subscribe(sh: Rc<Shared>, mut stream: TcpStream, head: &Head, key: &str
     let r = stream_events(&sh, stream, cursor, id).await;
     sh.consumers.borrow_mut().remove(id);
     sh.slot().consumers.fetch_sub(1, Ordering::Relaxed);
+    if sh.consumers.borrow().is_empty() {
+        // Nobody to share frames with: the cache's chunks go back.
+        sh.frames.borrow_mut().clear();
+    }
     r
 }
 
-type Writer = wsout::Out<futures::io::WriteHalf<TcpStream>>;
+type Writer = wsout::Out<wsout::VectoredSocket<futures::io::WriteHalf<TcpStream>>>;
 
 async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, id: u64) -> anyhow::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (rd, wr) = AsyncReadExt::split(stream);
-    let mut out = wsout::Out::new(wr);
+    let out = wsout::Out::new(wsout::VectoredSocket::new(wr, fd));
     // The reader half answers pings and notices the consumer leaving; it
     // wakes this loop if it waits for the watermark.
     let conn = Rc::new(wsout::Conn::default());
     let wake = sh.clone();
-    let _reader = CancelOnDrop(
-        glommio::spawn_local(wsout::read_client(rd, conn.clone(), move || wake.watermark.wake_all())).detach(),
-    );
+    let reader = glommio::spawn_local(wsout::read_client(rd, conn.clone(), move || wake.watermark.wake_all()));
+    let r = send_events(sh, out, &conn, cursor, id).await;
+    // Ended, however it ended: the reader ends too, by reading the end of
+    // the stream (a shut-down read side), and is waited for. A reader
+    // cancelled in a pending read kept its task's memory (about 600
+    // bytes per subscription, in glommio's read source).
+    // A reader that has not set `closed` still runs and holds its half,
+    // so `fd` is still this socket's (no await between the look and the
+    // call).
+    if !conn.closed.get() {
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+    }
+    let timeout = std::pin::pin!(glommio::timer::sleep(READER_END));
+    let ended = futures::future::select(reader, timeout).await;
+    if let futures::future::Either::Right((_, reader)) = ended {
+        reader.cancel().await;
+    }
+    r
+}
+
+/// How long a consumer's reader has to end once its read side is shut.
+const READER_END: Duration = Duration::from_secs(1);
+
+/// The writer's loop: frames from `cursor` until the consumer leaves, is
+/// cut or the shard stops.
+async fn send_events(
+    sh: &Rc<Shared>,
+    mut out: Writer,
+    conn: &wsout::Conn,
+    cursor: Option<i64>,
+    id: u64,
+) -> anyhow::Result<()> {
     let committed = || sh.control.committed().load(Ordering::Acquire) as i64;
     let Some(mut next) = first_seq(sh, &mut out, cursor).await? else { return Ok(()) };
-    let mut last_send = Instant::now();
+    // The watermark's tick at the last frame or ping sent.
+    let mut sent_at = sh.watermark.ticks.get();
     while !conn.closed.get() {
         let pong = conn.pong.borrow_mut().take();
         if let Some(p) = pong {
@@ -463,15 +540,13 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
             return restarting(&mut out, next - 1).await;
         }
         if next > top {
-            let ping_in = PING_EVERY.saturating_sub(last_send.elapsed());
-            if ping_in.is_zero() {
+            if sh.watermark.ticks.get().saturating_sub(sent_at) >= PING_TICKS {
                 out.control(wsout::OP_PING, &[]).await?;
                 out.flush().await?;
-                last_send = Instant::now();
+                sent_at = sh.watermark.ticks.get();
                 continue;
             }
-            let woken = std::pin::pin!(sh.watermark.above(sh, top));
-            futures::future::select(woken, std::pin::pin!(glommio::timer::sleep(ping_in))).await;
+            sh.watermark.above(sh, top).await;
             continue;
         }
         if top - next > lag_max(sh) {
@@ -487,7 +562,7 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
         sh.lag_hist.borrow_mut().observe(behind);
         sh.slot().frames_out.fetch_add(sent as u64, Ordering::Relaxed);
         sh.consumers.borrow_mut().progress(id, next - 1, sent as u64);
-        last_send = Instant::now();
+        sent_at = sh.watermark.ticks.get();
     }
     Ok(())
 }
@@ -500,13 +575,13 @@ async fn first_seq(sh: &Shared, out: &mut Writer, cursor: Option<i64>) -> anyhow
     Ok(Some(match cursor {
         None => committed + 1,
         Some(c) if c > committed => {
-            out.framed(&error_frame("FutureCursor", "cursor is ahead of the stream")).await?;
+            out.framed(error_frame("FutureCursor", "cursor is ahead of the stream")).await?;
             out.close().await?;
             return Ok(None);
         }
         Some(0) => oldest,
         Some(c) if c + 1 < oldest => {
-            out.framed(&outdated_frame()).await?;
+            out.framed(outdated_frame()).await?;
             oldest
         }
         Some(c) => c + 1,
@@ -518,8 +593,13 @@ async fn first_seq(sh: &Shared, out: &mut Writer, cursor: Option<i64>) -> anyhow
 /// limit or the socket has taken nothing for the write timeout. `pos`
 /// follows the batch.
 async fn send_watched(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) -> anyhow::Result<Result<usize, Cut>> {
-    let started = Instant::now();
     let mut batch = std::pin::pin!(send_batch(sh, out, pos, top));
+    // Most batches go out without waiting on the socket: no clock and no
+    // timer for those.
+    if let std::task::Poll::Ready(r) = futures::poll!(batch.as_mut()) {
+        return Ok(Ok(r?));
+    }
+    let started = Instant::now();
     loop {
         let tick = std::pin::pin!(glommio::timer::sleep(CUT_CHECK));
         match futures::future::select(batch.as_mut(), tick).await {
@@ -543,7 +623,7 @@ async fn restarting(out: &mut Writer, last_sent: i64) -> anyhow::Result<()> {
     let mut info = Vec::new();
     InfoEvent { name: "RelayRestarting", message: Some(&message) }.encode(&mut info);
     let farewell = async {
-        out.framed(&wsout::frame(wsout::OP_BINARY, &info)).await?;
+        out.framed(wsout::frame(wsout::OP_BINARY, &info)).await?;
         out.close_with(wsout::CLOSE_SERVICE_RESTART).await
     };
     let _ =
@@ -557,17 +637,6 @@ fn lag_max(sh: &Shared) -> i64 {
 
 fn write_timeout(sh: &Shared) -> Duration {
     Duration::from_secs(sh.settings().consumer_write_timeout_s.into())
-}
-
-/// Cancels a consumer's reader task when the stream ends, however it ends
-/// (a detached glommio task otherwise lives on, and with it the socket,
-/// until the peer closes).
-struct CancelOnDrop(glommio::task::JoinHandle<()>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
 }
 
 /// The frame of `seq`, framed once for the shard ([`wsout::FrameCache`]);
@@ -586,11 +655,7 @@ fn framed(sh: &Shared, seq: i64) -> anyhow::Result<Result<Option<Frame>, Missing
             Ok(None)
         }
         Ok((_, f)) if !sh.frames.borrow().keeps(seq) => Ok(Some(Frame::Log(f))),
-        Ok((_, f)) => {
-            let framed = Rc::<[u8]>::from(wsout::frame(wsout::OP_BINARY, f.bytes()));
-            sh.frames.borrow_mut().put(seq, Some(framed.clone()));
-            Ok(Some(Frame::Cached(framed)))
-        }
+        Ok((_, f)) => Ok(sh.frames.borrow_mut().put(seq, Some(f.bytes())).map(Frame::Cached)),
         Err(m) => Err(m),
     })
 }
@@ -598,7 +663,7 @@ fn framed(sh: &Shared, seq: i64) -> anyhow::Result<Result<Option<Frame>, Missing
 /// A frame to send: framed once in the shard's cache, or an event log
 /// record framed as it is written out.
 enum Frame {
-    Cached(Rc<[u8]>),
+    Cached(bytes::Bytes),
     Log(sluice_common::eventlog::LogFrame),
 }
 
@@ -614,12 +679,14 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
             Ok(Some(f)) => {
                 let len = match f {
                     Frame::Cached(f) => {
-                        out.framed(&f).await?;
-                        f.len()
+                        let len = f.len();
+                        out.shared(f).await?;
+                        len
                     }
                     Frame::Log(f) => {
-                        out.binary(f.bytes()).await?;
-                        f.bytes().len()
+                        let len = f.bytes().len();
+                        out.binary(f).await?;
+                        len
                     }
                 };
                 bytes += len as u64;
@@ -628,7 +695,7 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
             }
             Ok(None) => pos.set(next + 1),
             Err(Missing::Gone) => {
-                out.framed(&outdated_frame()).await?;
+                out.framed(outdated_frame()).await?;
                 pos.set((sh.control.oldest().load(Ordering::Acquire) as i64).max(1).max(next + 1));
             }
             Err(Missing::NotYet) => anyhow::bail!("seq {next} is committed but not in the event log"),
@@ -664,7 +731,7 @@ async fn cut(sh: &Shared, mut out: Writer, why: Cut) -> anyhow::Result<()> {
         }
     }
     let farewell = async {
-        out.framed(&error_frame("ConsumerTooSlow", "consumer fell too far behind")).await?;
+        out.framed(error_frame("ConsumerTooSlow", "consumer fell too far behind")).await?;
         out.close().await
     };
     let _ =

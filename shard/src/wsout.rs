@@ -6,9 +6,9 @@
 //!
 //! - [`FrameCache`]: each recent event is framed once per shard (header and
 //!   payload in one buffer), shared by every consumer that sends it;
-//! - [`Out`]: a consumer's writes gather into one buffer of
-//!   [`GATHER_BYTES`] and reach the socket in one write; a frame larger
-//!   than that is written from the cache without a copy;
+//! - [`Out`]: a consumer's frames queue as references (to the cache or
+//!   the log's mapping: no copy per consumer) and reach the socket in
+//!   vectored writes ([`VectoredSocket`]) of up to [`GATHER_BYTES`];
 //! - [`read_client`]: the reader half answers pings (through
 //!   [`Conn::pong`], sent by the writer between frames), notices a close
 //!   or the socket ending, and refuses client frames over
@@ -17,7 +17,9 @@
 //! Invariant: frames reach the socket whole and in order; only the writer
 //! task writes.
 
+use bytes::{Bytes, BytesMut};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use sluice_common::eventlog::LogFrame;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -31,7 +33,11 @@ pub const OP_PING: u8 = 9;
 pub const OP_PONG: u8 = 10;
 
 /// Bytes a consumer's writes gather before one write to its socket.
-pub const GATHER_BYTES: usize = 32 * 1024;
+pub const GATHER_BYTES: usize = 64 * 1024;
+/// Pieces (frames, headers) a consumer's writes gather before one write.
+pub const GATHER_PIECES: usize = 128;
+/// Buffers per vectored write (Linux takes up to 1,024).
+const IOV_PER_WRITE: usize = GATHER_PIECES;
 /// Largest client frame accepted (consumers send control frames only).
 pub const CLIENT_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// Bytes of framed events a shard keeps for its consumers.
@@ -80,63 +86,137 @@ pub struct Conn {
     pub pong: RefCell<Option<Vec<u8>>>,
 }
 
-/// The writer half of one consumer.
+/// One piece of a consumer's queued output.
+enum Piece {
+    /// A frame from the shard's cache.
+    Shared(Bytes),
+    /// A frame header (its payload follows as the next piece).
+    Head([u8; 10], u8),
+    /// An event log record's bytes, sent from the mapping.
+    Log(LogFrame),
+    /// A frame made for this consumer (control, error, info).
+    Owned(Vec<u8>),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Shared(f) => f,
+            Piece::Head(h, n) => &h[..usize::from(*n)],
+            Piece::Log(f) => f.bytes(),
+            Piece::Owned(v) => v,
+        }
+    }
+}
+
+/// The writer half of one consumer: frames queue as references (to the
+/// shard's cache or the log's mapping, never copied here) and reach the
+/// socket in vectored writes of up to [`IOV_PER_WRITE`] pieces.
 pub struct Out<W> {
     w: W,
-    buf: Vec<u8>,
+    queue: VecDeque<Piece>,
+    /// Bytes queued, the written part of the first piece included.
+    queued: usize,
+    /// Bytes of the first piece already written.
+    done: usize,
 }
 
 impl<W: AsyncWrite + Unpin> Out<W> {
     pub fn new(w: W) -> Out<W> {
-        Out { w, buf: Vec::with_capacity(GATHER_BYTES) }
+        Out { w, queue: VecDeque::new(), queued: 0, done: 0 }
     }
 
-    /// Queue a framed event (or any whole frame); writes when the buffer
-    /// is full. A frame as large as the buffer goes straight out.
-    pub async fn framed(&mut self, f: &[u8]) -> std::io::Result<()> {
-        if self.buf.len() + f.len() > GATHER_BYTES {
-            self.flush().await?;
+    fn push(&mut self, p: Piece) {
+        self.queued += p.bytes().len();
+        self.queue.push_back(p);
+    }
+
+    /// Write what is queued if it passed [`GATHER_BYTES`] or
+    /// [`GATHER_PIECES`].
+    async fn maybe_flush(&mut self) -> std::io::Result<()> {
+        if self.queued >= GATHER_BYTES || self.queue.len() >= GATHER_PIECES {
+            self.write_queued().await?;
         }
-        if f.len() >= GATHER_BYTES {
-            return self.w.write_all(f).await;
-        }
-        self.buf.extend_from_slice(f);
         Ok(())
     }
 
-    /// Queue a binary frame of `payload`, framed here (a frame the
-    /// shard's cache does not keep: no allocation, one copy).
-    pub async fn binary(&mut self, payload: &[u8]) -> std::io::Result<()> {
-        let (h, n) = header(OP_BINARY, payload.len());
-        let head = &h[..n];
-        if self.buf.len() + head.len() + payload.len() > GATHER_BYTES {
-            self.flush().await?;
-        }
-        if head.len() + payload.len() >= GATHER_BYTES {
-            self.w.write_all(head).await?;
-            return self.w.write_all(payload).await;
-        }
-        self.buf.extend_from_slice(head);
-        self.buf.extend_from_slice(payload);
-        Ok(())
+    /// Queue a frame from the shard's cache.
+    pub async fn shared(&mut self, f: Bytes) -> std::io::Result<()> {
+        self.push(Piece::Shared(f));
+        self.maybe_flush().await
+    }
+
+    /// Queue a whole frame made for this consumer.
+    pub async fn framed(&mut self, f: Vec<u8>) -> std::io::Result<()> {
+        self.push(Piece::Owned(f));
+        self.maybe_flush().await
+    }
+
+    /// Queue a binary frame of a log record (one the shard's cache does
+    /// not keep): its header, then the record's bytes from the mapping.
+    pub async fn binary(&mut self, payload: LogFrame) -> std::io::Result<()> {
+        let (h, n) = header(OP_BINARY, payload.bytes().len());
+        self.push(Piece::Head(h, n as u8));
+        self.push(Piece::Log(payload));
+        self.maybe_flush().await
     }
 
     pub async fn control(&mut self, op: u8, payload: &[u8]) -> std::io::Result<()> {
-        self.framed(&frame(op, payload)).await
+        self.framed(frame(op, payload)).await
     }
 
-    /// Write what is gathered.
+    /// Write everything queued, in vectored writes.
+    async fn write_queued(&mut self) -> std::io::Result<()> {
+        while !self.queue.is_empty() {
+            // The buffers are built in each poll, so the task does not
+            // carry them across the wait.
+            let (queue, done, w) = (&self.queue, self.done, &mut self.w);
+            let n = std::future::poll_fn(|cx| {
+                let mut iov = [std::io::IoSlice::new(&[]); IOV_PER_WRITE];
+                let mut used = 0;
+                for (i, p) in queue.iter().take(IOV_PER_WRITE).enumerate() {
+                    iov[i] = std::io::IoSlice::new(if i == 0 { &p.bytes()[done..] } else { p.bytes() });
+                    used = i + 1;
+                }
+                std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &iov[..used])
+            })
+            .await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.consume(n);
+        }
+        Ok(())
+    }
+
+    /// `n` more bytes were written: drop the pieces they finish.
+    fn consume(&mut self, mut n: usize) {
+        self.queued -= n;
+        while let Some(first) = self.queue.front() {
+            let left = first.bytes().len() - self.done;
+            if n < left {
+                self.done += n;
+                return;
+            }
+            n -= left;
+            self.done = 0;
+            self.queue.pop_front();
+        }
+        debug_assert_eq!(n, 0, "wrote more than was queued");
+    }
+
+    /// Write what is queued.
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            self.w.write_all(&self.buf).await?;
-            self.buf.clear();
+        self.write_queued().await?;
+        if self.queue.capacity() > 4 * GATHER_PIECES {
+            self.queue = VecDeque::new();
         }
         self.w.flush().await
     }
 
-    /// Bytes gathered, not yet written.
+    /// Bytes queued, not yet written.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.queued
     }
 
     /// Send a close frame (status 1000, normal) and flush.
@@ -149,6 +229,66 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         self.control(OP_CLOSE, &code.to_be_bytes()).await?;
         self.flush().await?;
         self.w.close().await
+    }
+}
+
+/// A socket's write half that writes a vector of buffers in one
+/// `sendmsg` (glommio's stream writes one buffer per call): tried first
+/// without waiting; a full socket waits through glommio's own write of
+/// the first buffer.
+pub struct VectoredSocket<W> {
+    w: W,
+    /// The socket's descriptor; open while `w` (a half of its stream)
+    /// lives.
+    fd: std::os::fd::RawFd,
+}
+
+impl<W> VectoredSocket<W> {
+    pub fn new(w: W, fd: std::os::fd::RawFd) -> VectoredSocket<W> {
+        VectoredSocket { w, fd }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for VectoredSocket<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.w).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use nix::sys::socket::{sendmsg, MsgFlags};
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        loop {
+            match sendmsg::<()>(self.fd, bufs, &[], flags, None) {
+                Ok(n) => return std::task::Poll::Ready(Ok(n)),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => return std::task::Poll::Ready(Err(e.into())),
+            }
+        }
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        std::pin::Pin::new(&mut self.w).poll_write(cx, first)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.w).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.w).poll_close(cx)
     }
 }
 
@@ -235,14 +375,25 @@ fn parse_client_frame(b: &[u8]) -> Parsed {
 /// Recent events, framed once for every consumer of the shard: a window
 /// of consecutive seqs, bounded by bytes, oldest dropped first. `None`
 /// entries are seqs a consumer must skip (taken down when framed).
+///
+/// Frames are packed into chunks of [`CHUNK_BYTES`] (each allocated whole,
+/// so above glibc's mmap threshold as the supervisor sets it): a chunk
+/// goes back to the kernel as soon as its last frame left the window and
+/// every consumer's queue. Frames of per-frame heap allocations, freed in
+/// the middle of the heap, had stayed resident after the consumers left.
 #[derive(Default)]
 pub struct FrameCache {
     first: i64,
-    frames: VecDeque<Option<Rc<[u8]>>>,
+    frames: VecDeque<Option<Bytes>>,
     bytes: usize,
     /// The db-writer's flags generation the frames were read under.
     generation: u64,
+    /// The newest chunk's unused end, where the next frame is written.
+    chunk: BytesMut,
 }
+
+/// Bytes of one chunk of framed events.
+pub const CHUNK_BYTES: usize = 64 * 1024;
 
 impl FrameCache {
     /// Forget everything if takedown flags changed since (`generation`
@@ -250,13 +401,20 @@ impl FrameCache {
     pub fn check_generation(&mut self, generation: u64) {
         if generation != self.generation {
             self.generation = generation;
-            self.frames.clear();
-            self.bytes = 0;
+            self.clear();
         }
     }
 
+    /// Forget every frame (and the chunk being filled): the shard's last
+    /// consumer left, or the frames are stale.
+    pub fn clear(&mut self) {
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+        self.chunk = BytesMut::new();
+    }
+
     /// The frame of `seq` if cached (`Some(None)`: skip it).
-    pub fn get(&self, seq: i64) -> Option<Option<Rc<[u8]>>> {
+    pub fn get(&self, seq: i64) -> Option<Option<Bytes>> {
         let i = seq.checked_sub(self.first)?;
         if i < 0 {
             return None;
@@ -270,26 +428,48 @@ impl FrameCache {
         self.frames.is_empty() || seq >= self.first + self.frames.len() as i64
     }
 
-    /// Remember `seq`'s frame if it extends the window (or starts a new
-    /// one after a gap); older seqs are not cached.
-    pub fn put(&mut self, seq: i64, f: Option<Rc<[u8]>>) {
+    /// Frame `payload` as a binary frame: into the current chunk, or (a
+    /// frame over a quarter chunk) an allocation of its own.
+    fn frame(&mut self, payload: &[u8]) -> Bytes {
+        let (h, n) = header(OP_BINARY, payload.len());
+        let len = n + payload.len();
+        if len > CHUNK_BYTES / 4 {
+            let mut own = BytesMut::with_capacity(len);
+            own.extend_from_slice(&h[..n]);
+            own.extend_from_slice(payload);
+            return own.freeze();
+        }
+        if self.chunk.capacity() < len {
+            self.chunk = BytesMut::with_capacity(CHUNK_BYTES);
+        }
+        self.chunk.extend_from_slice(&h[..n]);
+        self.chunk.extend_from_slice(payload);
+        self.chunk.split().freeze()
+    }
+
+    /// Frame `seq`'s event (`None`: a seq to skip) and remember it if it
+    /// extends the window (or starts a new one after a gap); older seqs
+    /// are framed but not kept. Returns the frame.
+    pub fn put(&mut self, seq: i64, payload: Option<&[u8]>) -> Option<Bytes> {
+        let f = payload.map(|p| self.frame(p));
         let end = self.first + self.frames.len() as i64;
         if self.frames.is_empty() || seq != end {
             if !self.frames.is_empty() && seq < end {
-                return;
+                return f;
             }
             self.frames.clear();
             self.bytes = 0;
             self.first = seq;
         }
         self.bytes += f.as_ref().map_or(0, |f| f.len());
-        self.frames.push_back(f);
+        self.frames.push_back(f.clone());
         while self.bytes > CACHE_BYTES_MAX && self.frames.len() > 1 {
             if let Some(Some(old)) = self.frames.pop_front() {
                 self.bytes -= old.len();
             }
             self.first += 1;
         }
+        f
     }
 }
 
@@ -347,27 +527,53 @@ mod tests {
     #[test]
     fn cache_keeps_a_window_bounded_by_bytes() {
         let mut c = FrameCache::default();
-        let f = |n: usize| Some(Rc::<[u8]>::from(vec![0u8; n]));
-        c.put(10, f(100));
-        c.put(11, None);
-        c.put(12, f(100));
+        let p = |n: usize| vec![7u8; n];
+        assert_eq!(c.put(10, Some(&p(100))).unwrap()[..], frame(OP_BINARY, &p(100))[..]);
+        assert_eq!(c.put(11, None), None);
+        c.put(12, Some(&p(100)));
         assert!(c.get(9).is_none());
         assert_eq!(c.get(11), Some(None));
-        assert_eq!(c.get(12).unwrap().unwrap().len(), 100);
+        assert_eq!(c.get(12).unwrap().unwrap()[..], frame(OP_BINARY, &p(100))[..]);
         assert!(c.get(13).is_none());
-        // Older than the window: not cached; a gap starts a new window.
-        c.put(5, f(1));
+        // Older than the window: framed, not cached; a gap starts a new
+        // window.
+        assert_eq!(c.put(5, Some(&p(1))).unwrap()[..], frame(OP_BINARY, &p(1))[..]);
         assert!(c.get(5).is_none());
-        c.put(20, f(10));
+        c.put(20, Some(&p(10)));
         assert!(c.get(12).is_none());
-        assert_eq!(c.get(20).unwrap().unwrap().len(), 10);
+        assert_eq!(c.get(20).unwrap().unwrap().len(), 12);
         // Bounded: the oldest go first.
         let big = CACHE_BYTES_MAX / 4 + 1;
         for s in 21..30 {
-            c.put(s, f(big));
+            c.put(s, Some(&p(big)));
         }
         assert!(c.bytes <= CACHE_BYTES_MAX);
         assert!(c.get(21).is_none());
         assert!(c.get(29).is_some());
+        c.clear();
+        assert!(c.get(29).is_none() && c.keeps(29) && c.bytes == 0);
+    }
+
+    #[test]
+    fn cache_packs_small_frames_into_chunks() {
+        let mut c = FrameCache::default();
+        let a = c.put(1, Some(&[1u8; 300])).unwrap();
+        let b = c.put(2, Some(&[2u8; 300])).unwrap();
+        // One after the other in one chunk.
+        assert_eq!(b.as_ptr() as usize, a.as_ptr() as usize + a.len());
+        // A large frame has its own allocation; the chunk goes on after.
+        let big = c.put(3, Some(&vec![3u8; CHUNK_BYTES / 2])).unwrap();
+        assert_eq!(big.len(), CHUNK_BYTES / 2 + 4);
+        let d = c.put(4, Some(&[4u8; 300])).unwrap();
+        assert_eq!(d.as_ptr() as usize, b.as_ptr() as usize + b.len());
+        // A full chunk starts another; frames stay whole and correct.
+        let mut last = d;
+        for s in 5..500 {
+            let f = c.put(s, Some(&[s as u8; 1000])).unwrap();
+            assert_eq!(f[..], frame(OP_BINARY, &[s as u8; 1000])[..]);
+            last = f;
+        }
+        assert_eq!(c.get(499).unwrap().unwrap(), last);
+        assert_eq!(c.get(1).unwrap().unwrap()[..], frame(OP_BINARY, &[1u8; 300])[..]);
     }
 }
