@@ -260,3 +260,118 @@ fn sluice_tail_prints_the_stream() {
     assert!(err.contains("FutureCursor"), "{err}");
     relay.stop();
 }
+
+/// Subscribe from `cursor` and read until `frames` binary frames arrived
+/// (bounded by `timeout`); the socket stays open for the caller.
+fn subscribe_and_read(port: u16, cursor: i64, frames: usize, timeout: Duration) -> tungstenite::WebSocket<TcpStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(timeout)).unwrap();
+    let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
+    let (mut ws, _) = tungstenite::client(url, tcp).expect("subscribe");
+    let (mut got, t) = (0, Instant::now());
+    while got < frames {
+        assert!(t.elapsed() < timeout, "{got} of {frames} frames from cursor {cursor} in {timeout:?}");
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(_)) => got += 1,
+            Ok(_) => {}
+            Err(e) => panic!("cursor {cursor}: {e} after {got} frames"),
+        }
+    }
+    ws
+}
+
+fn shard_anon_kb(relay: &Relay) -> u64 {
+    let shards = children_matching(relay.pid(), " shard ");
+    assert!(!shards.is_empty(), "no shard process");
+    shards.iter().map(|p| sluice_tests::procinfo::status(*p as u32, "RssAnon")).sum()
+}
+
+/// The shard's anonymous memory once it settled (the consumer-list
+/// publisher and the allocator's trim run within a couple of seconds).
+fn settled_anon_kb(relay: &Relay) -> u64 {
+    std::thread::sleep(Duration::from_secs(3));
+    shard_anon_kb(relay)
+}
+
+/// Issue 9, item 2: at most 64 KiB per consumer while many stream, and
+/// the memory goes back when they leave, also after 5,000 subscriptions
+/// came and went.
+#[test]
+fn consumer_memory_is_bounded_and_given_back() {
+    use fakenet::runner::ServeConfig;
+    const EVENTS: u64 = 3000;
+    let Setup { dir, net: _net, mut relay } = Setup::start_after_generation(
+        ServeConfig { hosts: 2, accounts: 20, seed: 97, rate: 0.0, max_events: Some(EVENTS), ..ServeConfig::default() },
+        1,
+        "[limits]\nconsumers_max = 1000\n",
+    );
+    check_exact(&relay, dir.path(), Duration::from_secs(120));
+    let top: i64 = relay
+        .http("GET", "/xrpc/_health", "")
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok()?["seq"].as_i64())
+        .expect("health names the seq");
+    let port = relay.port;
+    // One subscription first: what a shard allocates once, on its first
+    // consumer, is not a consumer's.
+    drop(subscribe_and_read(port, top - 10, 10, Duration::from_secs(30)));
+    let start = settled_anon_kb(&relay);
+
+    // 400 at once, each reading the last 2,000 events, then all open.
+    const AT_ONCE: usize = 400;
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let release = std::sync::Arc::new(std::sync::Barrier::new(AT_ONCE + 1));
+    let threads: Vec<_> = (0..AT_ONCE)
+        .map(|i| {
+            let (held_tx, release) = (held_tx.clone(), release.clone());
+            std::thread::spawn(move || {
+                let cursor = top - 2000 + (i as i64 % 50);
+                let ws = subscribe_and_read(port, cursor, 1900, Duration::from_secs(120));
+                held_tx.send(()).unwrap();
+                release.wait();
+                drop(ws);
+            })
+        })
+        .collect();
+    for _ in 0..AT_ONCE {
+        held_rx.recv_timeout(Duration::from_secs(180)).expect("every consumer read its frames");
+    }
+    let streaming = shard_anon_kb(&relay);
+    release.wait();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let after_many = settled_anon_kb(&relay);
+    let per_consumer = streaming.saturating_sub(start) as f64 / AT_ONCE as f64;
+    eprintln!("shard RssAnon: {start} kB at start, {streaming} kB with {AT_ONCE} consumers ({per_consumer:.1} kB each), {after_many} kB after");
+    assert!(per_consumer <= 64.0, "{per_consumer:.1} KiB per consumer");
+    assert!(after_many <= start + 5 * 1024, "{after_many} kB after {AT_ONCE} consumers left, {start} kB before");
+
+    // 5,000 subscriptions come and go, 25 at a time, from cursors spread
+    // over the window (twice: what the first round allocates for good,
+    // the second must not add to).
+    let churn = || {
+        let t = Instant::now();
+        let churners: Vec<_> = (0..25)
+            .map(|k| {
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        let cursor = 1 + ((k * 200 + i) as i64 * 7919) % (top - 30);
+                        drop(subscribe_and_read(port, cursor, 20, Duration::from_secs(60)));
+                    }
+                })
+            })
+            .collect();
+        for c in churners {
+            c.join().unwrap();
+        }
+        let after = settled_anon_kb(&relay);
+        eprintln!("5,000 subscriptions in {:.1} s: shard RssAnon {start} → {after} kB", t.elapsed().as_secs_f64());
+        after
+    };
+    let after_churn = churn();
+    let after_second = churn();
+    assert!(after_churn <= start + 5 * 1024, "{after_churn} kB after 5,000 subscriptions, {start} kB before");
+    assert!(after_second <= start + 5 * 1024, "{after_second} kB after 10,000 subscriptions, {start} kB before");
+    assert_eq!(counter(&relay, "sluice_shard_consumers"), 0);
+    relay.stop();
+}

@@ -50,6 +50,9 @@ struct Args {
     churn: u64,
     #[arg(long)]
     sluice: Option<PathBuf>,
+    /// Also print latency p50/p99/max per second of emission.
+    #[arg(long)]
+    timeline: bool,
 }
 
 struct Relay {
@@ -130,8 +133,13 @@ async fn consume(
     cursor: u64,
     sample: u64,
     stop: Arc<AtomicBool>,
+    stopping: Arc<tokio::sync::Notify>,
     frames: Arc<AtomicU64>,
 ) -> std::io::Result<(Vec<(u64, Instant)>, u64)> {
+    // Created before the stop is announced (every consumer starts first),
+    // and kept across reads: no timer per read.
+    let stopped = stopping.notified();
+    tokio::pin!(stopped);
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let req = format!("GET /xrpc/com.atproto.sync.subscribeRepos?cursor={cursor} HTTP/1.1\r\nhost: x\r\n{UPGRADE}");
     s.write_all(req.as_bytes()).await?;
@@ -193,7 +201,7 @@ async fn consume(
         start = 0;
         let n = tokio::select! {
             n = s.read(&mut buf[have..]) => n?,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            _ = &mut stopped => break,
         };
         if n == 0 {
             break;
@@ -282,18 +290,26 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
     let cursor = metric(relay.metrics, "sluice_committed_seq");
     let anon_before_kb = relay.shard_anon_kb();
     let stop = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::new(tokio::sync::Notify::new());
     let frames = Arc::new(AtomicU64::new(0));
     let tid = Arc::new(AtomicU64::new(0));
     let (port, sample) = (relay.port, a.sample);
     let consumers = {
-        let (stop, frames, tid) = (stop.clone(), frames.clone(), tid.clone());
+        let (stop, stopping, frames, tid) = (stop.clone(), stopping.clone(), frames.clone(), tid.clone());
         std::thread::spawn(move || {
             tid.store(nix::unistd::gettid().as_raw() as u64, Ordering::Release);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let mut tasks = Vec::new();
                 for _ in 0..n {
-                    tasks.push(tokio::spawn(consume(port, cursor, sample, stop.clone(), frames.clone())));
+                    tasks.push(tokio::spawn(consume(
+                        port,
+                        cursor,
+                        sample,
+                        stop.clone(),
+                        stopping.clone(),
+                        frames.clone(),
+                    )));
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 let mut seen = Seen::default();
@@ -347,6 +363,7 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
     }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Release);
+    stopping.notify_waiters();
     let seen = consumers.join().map_err(|_| anyhow::anyhow!("consumer thread panicked"))?;
     let probed = prober.join().map_err(|_| anyhow::anyhow!("probe panicked"))?;
     std::thread::sleep(Duration::from_secs(2));
@@ -373,6 +390,9 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
         .flatten()
         .filter_map(|(k, at)| by_seq.get(&(cursor as i64 + 1 + *k as i64)).map(|e| at.saturating_duration_since(*e)))
         .collect();
+    if a.timeline {
+        timeline(&seen.arrivals, &by_seq, cursor);
+    }
     lat.sort();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
@@ -406,6 +426,29 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
     Ok(row)
 }
 
+/// Latency by the second of emission (from the first event's): where in
+/// the run a backlog builds.
+fn timeline(arrivals: &[Vec<(u64, Instant)>], by_seq: &HashMap<i64, Instant>, cursor: u64) {
+    let Some(t0) = by_seq.values().min().copied() else { return };
+    let mut by_second: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
+    for (k, at) in arrivals.iter().flatten() {
+        if let Some(e) = by_seq.get(&(cursor as i64 + 1 + *k as i64)) {
+            by_second.entry(e.duration_since(t0).as_secs()).or_default().push(at.saturating_duration_since(*e));
+        }
+    }
+    for (sec, mut l) in by_second {
+        l.sort();
+        let at = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)].as_secs_f64() * 1e3;
+        eprintln!(
+            "  second {sec:>3}: {:>7} samples, p50 {:>8.1} p99 {:>8.1} max {:>8.1} ms",
+            l.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
+}
+
 /// `count` subscriptions from cursors spread over the window, each reading
 /// 100 frames and hanging up; the shards' RssAnon before and after.
 fn churn(count: u64, relay: &Relay, first: u64) {
@@ -426,7 +469,8 @@ fn churn(count: u64, relay: &Relay, first: u64) {
                 let f2 = frames.clone();
                 let s2 = Arc::new(AtomicBool::new(false));
                 let s3 = s2.clone();
-                let reader = tokio::spawn(consume(port, cursor, 1000, s3, f2));
+                let stopping = Arc::new(tokio::sync::Notify::new());
+                let reader = tokio::spawn(consume(port, cursor, 1000, s3, stopping.clone(), f2));
                 let t = Instant::now();
                 while frames.load(Ordering::Relaxed) < 100
                     && t.elapsed() < Duration::from_secs(10)
@@ -435,6 +479,7 @@ fn churn(count: u64, relay: &Relay, first: u64) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 s2.store(true, Ordering::Relaxed);
+                stopping.notify_waiters();
                 let _ = reader.await;
             });
             // At most 50 at once.
