@@ -524,6 +524,109 @@ mod tests {
         assert_eq!(parse_client_frame(&huge), Parsed::Bad);
     }
 
+    /// Takes at most `at_most` bytes per write, across buffers.
+    struct Trickle {
+        got: Vec<u8>,
+        at_most: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.at_most - n);
+                self.got.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.at_most {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn queued_pieces_reach_the_writer_whole_and_in_order_through_partial_writes() {
+        futures::executor::block_on(async {
+            let mut cache = FrameCache::default();
+            let mut out = Out::new(Trickle { got: Vec::new(), at_most: 7, calls: 0 });
+            let mut want = Vec::new();
+            for s in 1..300i64 {
+                let payload = vec![s as u8; (s as usize * 37) % 700];
+                let f = cache.put(s, Some(&payload)).unwrap();
+                want.extend_from_slice(&f);
+                out.shared(f).await.unwrap();
+                if s % 50 == 0 {
+                    out.control(OP_PING, b"hi").await.unwrap();
+                    want.extend_from_slice(&frame(OP_PING, b"hi"));
+                }
+            }
+            assert!(out.pending() > 0 && out.pending() < GATHER_BYTES);
+            out.flush().await.unwrap();
+            assert_eq!(out.pending(), 0);
+            assert_eq!(out.w.got.len(), want.len());
+            assert!(out.w.got == want, "bytes differ");
+            assert!(out.w.calls >= want.len() / 7);
+        });
+    }
+
+    #[test]
+    fn a_full_socket_is_waited_for_and_nothing_is_lost() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        // Far more than the socket buffer: sendmsg finds it full, the
+        // fallback write waits while the reader drains.
+        let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut want = Vec::new();
+        futures::executor::block_on(async {
+            let mut out = Out::new(VectoredSocket::new(futures::io::AllowStdIo::new(a), fd));
+            for _ in 0..2000 {
+                let f = frame(OP_BINARY, &payload);
+                want.extend_from_slice(&f);
+                out.shared(Bytes::from(f)).await.unwrap();
+            }
+            out.flush().await.unwrap();
+        });
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes differ");
+    }
+
     #[test]
     fn cache_keeps_a_window_bounded_by_bytes() {
         let mut c = FrameCache::default();
