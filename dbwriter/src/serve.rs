@@ -65,7 +65,7 @@ pub fn start(
                         let _ = write_response(&mut s, &error(503, "Busy", "too many requests in flight"));
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&listener, STOP_CHECK),
                 Err(e) => {
                     tracing::warn!(error = %e, "query socket accept failed");
                     std::thread::sleep(Duration::from_millis(50));
@@ -74,6 +74,19 @@ pub fn start(
         }
     })?);
     Ok(handles)
+}
+
+/// How often the accept thread looks at the stop flag while no request
+/// comes (it sleeps in `poll` meanwhile, not in a timer loop).
+const STOP_CHECK: Duration = Duration::from_millis(200);
+
+/// Until `listener` has a connection to accept, or `at_most` passed.
+fn wait_readable(listener: &UnixListener, at_most: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(at_most).unwrap_or(PollTimeout::MAX);
+    let _ = poll(&mut fds, ms);
 }
 
 /// A bounded MPMC queue from std parts (the pool is small; contention is
