@@ -184,6 +184,7 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<runner::ServeConfig> {
         bursts: a.bursts,
         initial_records: a.initial_records,
         emit_times_max: 0,
+        pregenerate: false,
         tls_ca_out: a.tls_ca.clone(),
     })
 }

@@ -42,6 +42,12 @@ pub struct ServeConfig {
     pub initial_records: usize,
     /// Record the emission instant of up to this many commits (0 = off).
     pub emit_times_max: usize,
+    /// Generate and record every step (ledger, documents, repo states)
+    /// before the start delay ends; only the hand-over of frames to the
+    /// hosts is paced at `rate`. For benches whose relay must not share
+    /// the cores with the generator's signing. Needs `duration` or
+    /// `max_events` (and `rate`), and takes no faults on command.
+    pub pregenerate: bool,
     /// Serve hosts over TLS (`wss://`, PDS endpoints `https://`), with a CA
     /// generated for this run whose certificate is written here.
     pub tls_ca_out: Option<PathBuf>,
@@ -69,6 +75,7 @@ impl Default for ServeConfig {
             bursts: false,
             initial_records: 5,
             emit_times_max: 0,
+            pregenerate: false,
             tls_ca_out: None,
         }
     }
@@ -283,11 +290,14 @@ fn generate(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    let mut index: HashMap<String, usize> =
+        world.accounts.iter().enumerate().map(|(i, a)| (a.did.clone(), i)).collect();
+    if cfg.pregenerate {
+        return pregenerated(world, &shared, ledger, &cfg, &mut index);
+    }
     if let Some(d) = cfg.start_delay {
         std::thread::sleep(d);
     }
-    let mut index: HashMap<String, usize> =
-        world.accounts.iter().enumerate().map(|(i, a)| (a.did.clone(), i)).collect();
     let started = Instant::now();
     let mut steps: u64 = 0;
     let mut outputs = Vec::new();
@@ -342,6 +352,20 @@ fn apply(
     index: &mut HashMap<String, usize>,
     outputs: Vec<Output>,
 ) -> anyhow::Result<()> {
+    let sends = record_step(world, shared, ledger, index, outputs)?;
+    deliver(shared, sends);
+    Ok(())
+}
+
+/// A step's outputs into the ledger (flushed) and the shared state; what
+/// its hosts are to send, returned.
+fn record_step(
+    world: &World,
+    shared: &Shared,
+    ledger: &mut LedgerWriter,
+    index: &mut HashMap<String, usize>,
+    outputs: Vec<Output>,
+) -> anyhow::Result<Vec<(usize, Send)>> {
     let mut touched: Vec<String> = Vec::new();
     let mut sends: Vec<(usize, Send)> = Vec::new();
     for o in outputs {
@@ -355,19 +379,67 @@ fn apply(
             }
         }
     }
-    if sends.is_empty() {
-        return Ok(());
+    if !sends.is_empty() {
+        ledger.flush()?;
     }
-    ledger.flush()?;
+    Ok(sends)
+}
+
+/// Hand a step's frames to its hosts (the emission instant of a commit is
+/// taken here).
+fn deliver(shared: &Shared, sends: Vec<(usize, Send)>) {
     for (host, send) in sends {
         match send {
-            Send::Frame(seq, frame) => {
+            Send::Frame { seq, frame, commit } => {
+                if let Some(id) = commit.filter(|_| shared.emit_times_max > 0) {
+                    let mut t = shared.emit_times.lock().expect("emit times");
+                    if t.len() < shared.emit_times_max {
+                        t.insert(id, Instant::now());
+                    }
+                }
                 shared.hosts[host].push_frame(seq, frame);
                 shared.events.fetch_add(1, Ordering::Relaxed);
             }
             Send::Transient(what) => shared.hosts[host].push_transient(what),
         }
     }
+}
+
+/// [`ServeConfig::pregenerate`]: every step generated and recorded first,
+/// then only delivered at the rate.
+fn pregenerated(
+    mut world: World,
+    shared: &Shared,
+    mut ledger: LedgerWriter,
+    cfg: &ServeConfig,
+    index: &mut HashMap<String, usize>,
+) -> anyhow::Result<()> {
+    let began = Instant::now();
+    let steps = match (cfg.max_events, cfg.duration) {
+        (Some(m), _) => m,
+        (None, Some(d)) => (d.as_secs_f64() * cfg.rate) as u64,
+        (None, None) => anyhow::bail!("pregenerate needs duration or max_events"),
+    };
+    let mut ahead = Vec::with_capacity(steps as usize);
+    while world.events() < steps {
+        let outputs = world.step();
+        ahead.push(record_step(&world, shared, &mut ledger, index, outputs)?);
+    }
+    ledger.write(&Line::Done { done: true, events: world.events() })?;
+    ledger.flush()?;
+    if let Some(d) = cfg.start_delay {
+        std::thread::sleep(d.saturating_sub(began.elapsed()));
+    }
+    let started = Instant::now();
+    for (before, sends) in (0u64..).zip(ahead) {
+        if cfg.rate > 0.0 {
+            while before as f64 >= started.elapsed().as_secs_f64() * cfg.rate {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        deliver(shared, sends);
+    }
+    shared.generation_done.store(true, Ordering::Release);
     Ok(())
 }
 
@@ -387,14 +459,9 @@ fn record(
             if let Some(d) = &entry.did {
                 touched.push(d.clone());
             }
-            if shared.emit_times_max > 0 && entry.t == "#commit" {
-                let mut t = shared.emit_times.lock().expect("emit times");
-                if t.len() < shared.emit_times_max {
-                    t.insert(entry.id.clone(), Instant::now());
-                }
-            }
+            let commit = (entry.t == "#commit").then(|| entry.id.clone());
             ledger.write(&Line::Event(entry))?;
-            sends.push((host, Send::Frame(seq, frame)));
+            sends.push((host, Send::Frame { seq, frame, commit }));
         }
         Output::Transient { host, what, entry } => {
             ledger.write(&Line::Event(entry))?;
@@ -435,7 +502,12 @@ fn record(
 
 /// What a step hands to a host once the ledger holds it.
 enum Send {
-    Frame(i64, Vec<u8>),
+    /// `commit`: the commit's id, when it is one (for its emission time).
+    Frame {
+        seq: i64,
+        frame: Vec<u8>,
+        commit: Option<String>,
+    },
     Transient(super::world::Transient),
 }
 

@@ -50,6 +50,11 @@ struct Args {
     churn: u64,
     #[arg(long)]
     sluice: Option<PathBuf>,
+    /// fakenet generates and signs every event before the run and only
+    /// hands them to its hosts at the rate (its signing off the cores
+    /// the relay is measured on).
+    #[arg(long)]
+    pregenerate: bool,
     /// Also print latency p50/p99/max per second of emission.
     #[arg(long)]
     timeline: bool,
@@ -268,6 +273,7 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
         wait_subscribers: Some(Duration::from_secs(120)),
         start_delay: Some(setup),
         emit_times_max: 10_000_000,
+        pregenerate: a.pregenerate,
         ..ServeConfig::default()
     })?;
     let relay = Relay::start(sluice, &dir.join(format!("relay-{n}")), a.shards, &net.info.plc_url)?;
