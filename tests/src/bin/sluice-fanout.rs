@@ -4,7 +4,8 @@
 //! same cursor, then sends `--rate` events/s for `--seconds`. So frame k
 //! of every consumer is relay seq cursor + k.
 //!
-//! Consumers are cheap: one thread, one tokio current-thread runtime, raw
+//! Consumers are cheap: a tokio runtime of `--consumer-threads` workers
+//! (2: one thread could not read 2 GB/s while sharing a core), raw
 //! WebSocket frame parsing (server frames are unmasked), no decoding; each
 //! keeps the arrival time of every `--sample`-th frame. One more consumer
 //! on its own thread decodes everything and maps seq to fakenet's
@@ -42,6 +43,9 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 2)]
     shards: u32,
+    /// Threads the consumers share (a tokio runtime of that many workers).
+    #[arg(long, default_value_t = 2)]
+    consumer_threads: usize,
     /// Keep the arrival time of every n-th frame per consumer.
     #[arg(long, default_value_t = 10)]
     sample: u64,
@@ -253,13 +257,24 @@ struct Row {
     client_cpu_s: f64,
 }
 
-fn thread_ticks(tid: i64) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+/// CPU ticks of this process's threads named `name`.
+fn threads_ticks(name: &str) -> u64 {
+    let mut ticks = 0;
+    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let dir = t.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+            let f: Vec<&str> = after.split_whitespace().collect();
+            ticks += f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks
 }
+
+/// The consumer threads' name (their CPU is summed by it).
+const CONSUMER_THREADS: &str = "consumers";
 
 fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row> {
     let setup = Duration::from_secs(10 + n as u64 / 100);
@@ -298,13 +313,17 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = Arc::new(tokio::sync::Notify::new());
     let frames = Arc::new(AtomicU64::new(0));
-    let tid = Arc::new(AtomicU64::new(0));
     let (port, sample) = (relay.port, a.sample);
     let consumers = {
-        let (stop, stopping, frames, tid) = (stop.clone(), stopping.clone(), frames.clone(), tid.clone());
+        let (stop, stopping, frames) = (stop.clone(), stopping.clone(), frames.clone());
+        let threads = a.consumer_threads.max(1);
         std::thread::spawn(move || {
-            tid.store(nix::unistd::gettid().as_raw() as u64, Ordering::Release);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name(CONSUMER_THREADS)
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 let mut tasks = Vec::new();
                 for _ in 0..n {
@@ -354,12 +373,11 @@ fn run_one(a: &Args, sluice: &Path, dir: &Path, n: usize) -> anyhow::Result<Row>
     }
     std::thread::sleep(Duration::from_secs(2));
     let window = Duration::from_secs(a.seconds.saturating_sub(5).max(2));
-    let client_tid = tid.load(Ordering::Acquire) as i64;
     let (cpu0, out0, cl0) =
-        (relay.cpu_ticks(), metric(relay.metrics, "sluice_shard_frames_out_total"), thread_ticks(client_tid));
+        (relay.cpu_ticks(), metric(relay.metrics, "sluice_shard_frames_out_total"), threads_ticks(CONSUMER_THREADS));
     std::thread::sleep(window);
     let (cpu1, out1, cl1) =
-        (relay.cpu_ticks(), metric(relay.metrics, "sluice_shard_frames_out_total"), thread_ticks(client_tid));
+        (relay.cpu_ticks(), metric(relay.metrics, "sluice_shard_frames_out_total"), threads_ticks(CONSUMER_THREADS));
     let anon_streaming = relay.shard_anon_kb();
     net.wait_generation()?;
     let last = net.events() as u64;
@@ -522,7 +540,7 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!("\n## sluice-fanout: {} shards, {} events/s for {} s\n", a.shards, a.rate, a.seconds);
-    println!("| consumers | delivered / due | latency p50 / p99 / max | relay CPU per frame out | shard RssAnon per consumer | shards' RssAnon before → after | consumer thread CPU |");
+    println!("| consumers | delivered / due | latency p50 / p99 / max | relay CPU per frame out | shard RssAnon per consumer | shards' RssAnon before → after | consumer threads' CPU |");
     println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
