@@ -88,23 +88,21 @@ pub struct Conn {
 
 /// One piece of a consumer's queued output.
 enum Piece {
-    /// A frame from the shard's cache.
-    Shared(Bytes),
+    /// A whole frame: from the shard's cache, or made for this consumer
+    /// (control, error, info).
+    Frame(Bytes),
     /// A frame header (its payload follows as the next piece).
     Head([u8; 10], u8),
     /// An event log record's bytes, sent from the mapping.
     Log(LogFrame),
-    /// A frame made for this consumer (control, error, info).
-    Owned(Vec<u8>),
 }
 
 impl Piece {
     fn bytes(&self) -> &[u8] {
         match self {
-            Piece::Shared(f) => f,
+            Piece::Frame(f) => f,
             Piece::Head(h, n) => &h[..usize::from(*n)],
             Piece::Log(f) => f.bytes(),
-            Piece::Owned(v) => v,
         }
     }
 }
@@ -114,6 +112,7 @@ impl Piece {
 /// socket in vectored writes of up to [`IOV_PER_WRITE`] pieces.
 pub struct Out<W> {
     w: W,
+    /// At most [`GATHER_PIECES`] + 1 pieces: a push past the bound writes.
     queue: VecDeque<Piece>,
     /// Bytes queued, the written part of the first piece included.
     queued: usize,
@@ -142,14 +141,13 @@ impl<W: AsyncWrite + Unpin> Out<W> {
 
     /// Queue a frame from the shard's cache.
     pub async fn shared(&mut self, f: Bytes) -> std::io::Result<()> {
-        self.push(Piece::Shared(f));
+        self.push(Piece::Frame(f));
         self.maybe_flush().await
     }
 
     /// Queue a whole frame made for this consumer.
     pub async fn framed(&mut self, f: Vec<u8>) -> std::io::Result<()> {
-        self.push(Piece::Owned(f));
-        self.maybe_flush().await
+        self.shared(Bytes::from(f)).await
     }
 
     /// Queue a binary frame of a log record (one the shard's cache does
@@ -208,9 +206,6 @@ impl<W: AsyncWrite + Unpin> Out<W> {
     /// Write what is queued.
     pub async fn flush(&mut self) -> std::io::Result<()> {
         self.write_queued().await?;
-        if self.queue.capacity() > 4 * GATHER_PIECES {
-            self.queue = VecDeque::new();
-        }
         self.w.flush().await
     }
 
