@@ -66,7 +66,7 @@ const COALESCE_PER_WAITER: Duration = Duration::from_micros(20);
 const COALESCE_MAX: Duration = Duration::from_millis(20);
 
 /// The consumers of this shard waiting for the committed seq to pass what
-/// they sent. One task (in [`serve`]) reads the control block every
+/// they sent. One task ([`watch_committed`]) reads the control block every
 /// [`POLL`] and wakes them all when it moved: with a thousand consumers,
 /// a thousand timers every 2 ms cost more than the frames.
 #[derive(Default)]
@@ -498,10 +498,9 @@ async fn stream_events(sh: &Rc<Shared>, stream: TcpStream, cursor: Option<i64>, 
     // Ended, however it ended: the reader ends too, by reading the end of
     // the stream (a shut-down read side), and is waited for. A reader
     // cancelled in a pending read kept its task's memory (about 600
-    // bytes per subscription, in glommio's read source).
-    // A reader that has not set `closed` still runs and holds its half,
-    // so `fd` is still this socket's (no await between the look and the
-    // call).
+    // bytes per subscription, in glommio's read source). A reader that
+    // has not set `closed` still runs and holds its half, so `fd` is
+    // still this socket's (no await between the look and the call).
     if !conn.closed.get() {
         let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
     }
@@ -639,8 +638,6 @@ fn write_timeout(sh: &Shared) -> Duration {
     Duration::from_secs(sh.settings().consumer_write_timeout_s.into())
 }
 
-/// The frame of `seq`, framed once for the shard ([`wsout::FrameCache`]);
-/// `Ok(None)`: skip it (taken down).
 /// `seq`'s frame: from the shard's cache, or read from the log and framed
 /// into the cache, or (a seq older than the cache keeps) the log's bytes
 /// to frame on the way out. `None`: taken down, skip it.
@@ -677,7 +674,8 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
         let next = pos.get();
         match framed(sh, next)? {
             Ok(Some(f)) => {
-                let len = match f {
+                // Bytes on the wire, header included, either way.
+                bytes += match f {
                     Frame::Cached(f) => {
                         let len = f.len();
                         out.shared(f).await?;
@@ -686,10 +684,9 @@ async fn send_batch(sh: &Shared, out: &mut Writer, pos: &Cell<i64>, top: i64) ->
                     Frame::Log(f) => {
                         let len = f.bytes().len();
                         out.binary(f).await?;
-                        len
+                        wsout::header(wsout::OP_BINARY, len).1 + len
                     }
-                };
-                bytes += len as u64;
+                } as u64;
                 sent += 1;
                 pos.set(next + 1);
             }
