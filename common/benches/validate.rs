@@ -6,18 +6,18 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::SeedableRng;
-use sluice_common::commit::{check_commit, Mode, Proof};
-use sluice_common::crypto::{Curve, PrivateKey, PublicKey};
-use sluice_common::frame::{decode, Event, Message};
-use sluice_common::repo::{Repo, WriteOp};
-use sluice_common::syntax::Tid;
+use sluice_common::atproto::commit::{check_commit, Mode, Proof};
+use sluice_common::atproto::crypto::{Curve, PrivateKey, PublicKey};
+use sluice_common::atproto::frame::{decode, Event, Message};
+use sluice_common::atproto::repo::{Repo, WriteOp};
+use sluice_common::atproto::syntax::Tid;
 use std::time::Duration;
 
 const RECORDS: usize = 100_000;
 const NOW: i64 = 1_800_000_000_000_000;
 
 fn record(i: usize) -> Vec<u8> {
-    let mut w = sluice_common::cbor::Writer::new();
+    let mut w = sluice_common::atproto::cbor::Writer::new();
     w.map(3);
     w.text("text");
     w.text(&format!("a typical short post, number {i}, with a little text in it"));
@@ -76,7 +76,7 @@ fn bench_validate(c: &mut Criterion) {
         for f in [&one, &ten] {
             let d = decode(f).unwrap();
             let Message::Event(Event::Commit(c)) = d.message else { unreachable!() };
-            let car = sluice_common::car::CarSlice::parse(c.blocks).unwrap();
+            let car = sluice_common::atproto::car::CarSlice::parse(c.blocks).unwrap();
             let sizes: Vec<usize> = car.iter().map(|(_, b)| b.len()).collect();
             eprintln!("  {} blocks, sizes {:?}", sizes.len(), sizes);
         }
@@ -86,10 +86,10 @@ fn bench_validate(c: &mut Criterion) {
         {
             let d = decode(&one).unwrap();
             let Message::Event(Event::Commit(c)) = d.message else { unreachable!() };
-            let car = sluice_common::car::CarSlice::parse(c.blocks).unwrap();
+            let car = sluice_common::atproto::car::CarSlice::parse(c.blocks).unwrap();
             let checked = check_commit(&c, Mode::Strict, NOW).unwrap();
             g.bench_function(BenchmarkId::new(curve.name(), "1op_invert"), |b| {
-                b.iter(|| sluice_common::commit::invert_ops(&car, checked.data, black_box(&c.ops)).unwrap())
+                b.iter(|| sluice_common::atproto::commit::invert_ops(&car, checked.data, black_box(&c.ops)).unwrap())
             });
         }
         g.bench_with_input(BenchmarkId::new(curve.name(), "1op_decode"), &one, |b, f| {
@@ -99,7 +99,7 @@ fn bench_validate(c: &mut Criterion) {
             b.iter(|| {
                 let d = decode(black_box(f)).unwrap();
                 let Message::Event(Event::Commit(c)) = d.message else { unreachable!() };
-                sluice_common::car::CarSlice::parse(c.blocks).unwrap().len()
+                sluice_common::atproto::car::CarSlice::parse(c.blocks).unwrap().len()
             })
         });
         g.bench_with_input(BenchmarkId::new(curve.name(), "1op_no_sig"), &one, |b, f| {
@@ -117,7 +117,7 @@ fn bench_validate(c: &mut Criterion) {
 fn bench_verifiers(c: &mut Criterion) {
     use k256::ecdsa::signature::hazmat::PrehashVerifier;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let digest = sluice_common::crypto::sha256(b"an unsigned commit");
+    let digest = sluice_common::atproto::crypto::sha256(b"an unsigned commit");
     let mut g = c.benchmark_group("verify_signature");
     g.measurement_time(Duration::from_secs(3));
 
@@ -147,9 +147,9 @@ fn bench_verifiers(c: &mut Criterion) {
 
 fn bench_sha(c: &mut Criterion) {
     let data = vec![7u8; 256];
-    c.bench_function("sha256_256B", |b| b.iter(|| sluice_common::crypto::sha256(black_box(&data))));
+    c.bench_function("sha256_256B", |b| b.iter(|| sluice_common::atproto::crypto::sha256(black_box(&data))));
     let data = vec![7u8; 4096];
-    c.bench_function("sha256_4KiB", |b| b.iter(|| sluice_common::crypto::sha256(black_box(&data))));
+    c.bench_function("sha256_4KiB", |b| b.iter(|| sluice_common::atproto::crypto::sha256(black_box(&data))));
 }
 
 criterion_group!(benches, bench_validate, bench_verifiers, bench_sha);

@@ -1,6 +1,6 @@
 //! atproto-interop-tests/crypto: signatures (valid, high-S, DER) and did:key.
 mod support;
-use sluice_common::crypto::{Curve, PrivateKey, PublicKey, SigError};
+use sluice_common::atproto::crypto::{Curve, PrivateKey, PublicKey, SigError};
 
 #[test]
 fn signature_fixtures() {

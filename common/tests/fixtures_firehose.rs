@@ -1,14 +1,14 @@
 //! Real frames and documents: indigo's firehose commits and relay
 //! scenarios, DID documents, repository CARs, data-model round trips.
 mod support;
-use sluice_common::car::{write_car, CarSlice};
-use sluice_common::cbor::Value;
-use sluice_common::cid::{Cid, Codec};
-use sluice_common::commit::{check_commit, check_sync, Mode, Proof};
-use sluice_common::crypto::PublicKey;
-use sluice_common::frame::{decode, Action, Event, Message};
-use sluice_common::identity::Identity;
-use sluice_common::mst::Mst;
+use sluice_common::atproto::car::{write_car, CarSlice};
+use sluice_common::atproto::cbor::Value;
+use sluice_common::atproto::cid::{Cid, Codec};
+use sluice_common::atproto::commit::{check_commit, check_sync, Mode, Proof};
+use sluice_common::atproto::crypto::PublicKey;
+use sluice_common::atproto::frame::{decode, Action, Event, Message};
+use sluice_common::atproto::identity::Identity;
+use sluice_common::atproto::mst::Mst;
 
 fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
@@ -160,7 +160,7 @@ fn repository_cars() {
         for (k, v) in &entries {
             assert!(car.get(v).is_some(), "{file}: record {} missing", String::from_utf8_lossy(k));
         }
-        let rebuilt = Mst::from_entries(&sluice_common::mst::NoBlocks, entries).unwrap().root();
+        let rebuilt = Mst::from_entries(&sluice_common::atproto::mst::NoBlocks, entries).unwrap().root();
         assert_eq!(rebuilt, *data, "{file}");
         let doc_path = format!("indigo/misc/{}.didDoc.json", did.replace(':', "_"));
         if support::fixtures().join(&doc_path).exists() {

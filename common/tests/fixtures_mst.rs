@@ -1,9 +1,9 @@
 //! MST fixtures: key heights, common prefixes, the commit-proof cases of
 //! atproto-interop-tests, and all 16,384 mst-test-suite diff cases.
 mod support;
-use sluice_common::car::CarSlice;
-use sluice_common::cid::Cid;
-use sluice_common::mst::{common_prefix_len, key_layer, BlockSource, Mst, MstError, NoBlocks};
+use sluice_common::atproto::car::CarSlice;
+use sluice_common::atproto::cid::Cid;
+use sluice_common::atproto::mst::{common_prefix_len, key_layer, BlockSource, Mst, MstError, NoBlocks};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Read;
 

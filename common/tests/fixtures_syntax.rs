@@ -1,6 +1,6 @@
 //! Every list in atproto-interop-tests/syntax.
 mod support;
-use sluice_common::syntax::*;
+use sluice_common::atproto::syntax::*;
 
 fn check(file: &str, f: impl Fn(&str) -> bool, want: bool) {
     let lines = support::lines(&format!("atproto-interop-tests/syntax/{file}"));

@@ -4,12 +4,12 @@
 mod support;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sluice_common::car::CarSlice;
-use sluice_common::cbor::Value;
-use sluice_common::commit::{check_commit, check_sync, Mode};
-use sluice_common::frame::{decode, resequence, Event, Message};
-use sluice_common::identity::Identity;
-use sluice_common::mst::decode_node;
+use sluice_common::atproto::car::CarSlice;
+use sluice_common::atproto::cbor::Value;
+use sluice_common::atproto::commit::{check_commit, check_sync, Mode};
+use sluice_common::atproto::frame::{decode, resequence, Event, Message};
+use sluice_common::atproto::identity::Identity;
+use sluice_common::atproto::mst::decode_node;
 
 /// Valid frames from the scenarios and indigo's commits.
 fn corpus() -> Vec<Vec<u8>> {
@@ -92,7 +92,10 @@ fn exercise(input: &[u8]) {
     }
     let _ = CarSlice::parse(input);
     let _ = Value::decode(input);
-    let _ = decode_node(&sluice_common::cid::Cid::compute(sluice_common::cid::Codec::DagCbor, input), input);
+    let _ = decode_node(
+        &sluice_common::atproto::cid::Cid::compute(sluice_common::atproto::cid::Codec::DagCbor, input),
+        input,
+    );
     let _ = Identity::from_did_document(input, None);
 }
 

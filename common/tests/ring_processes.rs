@@ -3,7 +3,7 @@
 //! producer continuing; the consumer must see every published record
 //! intact and in order, and nothing torn.
 
-use sluice_common::ring::{Consumer, Producer, Ring};
+use sluice_common::ipc::ring::{Consumer, Producer, Ring};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ fn child() {
 }
 
 fn spawn_child(ring: &Ring, start: u64) -> std::process::Child {
-    sluice_common::shm::inheritable(ring.fd()).unwrap();
+    sluice_common::ipc::shm::inheritable(ring.fd()).unwrap();
     Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "producer_child", "--nocapture"])
         .env(CHILD_FD, ring.fd().to_string())

@@ -11,8 +11,8 @@ use crate::api::{error, QueryConfig, Request, Response};
 pub use crate::messages::{channel, Command, FlagJob, QUEUE_MAX};
 use postgres::Client;
 use serde_json::{json, Value};
-use sluice_common::host::HostStatus;
-use sluice_common::policy::AccountStatus;
+use sluice_common::atproto::policy::AccountStatus;
+use sluice_common::process::host::HostStatus;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::time::Duration;
 
@@ -20,15 +20,15 @@ use std::time::Duration;
 /// sequencer's path (a scan of the whole window can take a while).
 pub fn start_flagger(
     events_dir: std::path::PathBuf,
-    control: std::sync::Arc<sluice_common::shm::ControlBlock>,
+    control: std::sync::Arc<sluice_common::ipc::shm::ControlBlock>,
 ) -> std::io::Result<SyncSender<FlagJob>> {
     let (tx, rx) = sync_channel::<FlagJob>(QUEUE_MAX);
     std::thread::Builder::new().name("log-flags".into()).spawn(move || {
         while let Ok(job) = rx.recv() {
-            use sluice_common::frame::{decode, Event, Message};
+            use sluice_common::atproto::frame::{decode, Event, Message};
             let dids: std::collections::HashSet<&str> = job.dids.iter().map(String::as_str).collect();
             let hashes: std::collections::HashSet<u64> =
-                dids.iter().map(|d| sluice_common::ringrec::did_hash(d)).collect();
+                dids.iter().map(|d| sluice_common::ipc::ringrec::did_hash(d)).collect();
             let matches = |frame: &[u8]| {
                 decode(frame).ok().is_some_and(|d| match d.message {
                     // The takedown notice itself stays visible.
@@ -37,9 +37,9 @@ pub fn start_flagger(
                     _ => false,
                 })
             };
-            let flag = sluice_common::eventlog::FLAG_TAKEDOWN;
+            let flag = sluice_common::ipc::eventlog::FLAG_TAKEDOWN;
             let first = job.dids.first().map(String::as_str).unwrap_or("");
-            let r = sluice_common::eventlog::set_flags(
+            let r = sluice_common::ipc::eventlog::set_flags(
                 &events_dir,
                 |h| hashes.contains(&h),
                 job.upto_seq,
@@ -135,7 +135,7 @@ fn host_cursor(c: &mut Client, tx: &SyncSender<Command>, req: &Request) -> Resul
     let (Some(host), Some(cursor)) = (v["hostname"].as_str(), v["cursor"].as_i64()) else {
         return Ok(error(400, "InvalidRequest", "body must be {\"hostname\": ..., \"cursor\": N}"));
     };
-    if !(0..sluice_common::frame::SEQ_MAX).contains(&cursor) {
+    if !(0..sluice_common::atproto::frame::SEQ_MAX).contains(&cursor) {
         return Ok(error(400, "InvalidRequest", "cursor must be an integer from 0 to 2^53"));
     }
     let Some(row) = crate::db::host_by_name(c, host)? else {
@@ -217,7 +217,7 @@ fn consumer_rows(run_dir: &std::path::Path) -> (Vec<Value>, usize, Vec<usize>) {
     let mut list = Vec::new();
     let mut shards = Vec::new();
     let mut total = 0usize;
-    for s in sluice_common::consumers::read_snapshots(run_dir, CONSUMERS_STALE_SECS) {
+    for s in sluice_common::process::consumers::read_snapshots(run_dir, CONSUMERS_STALE_SECS) {
         shards.push(s.shard);
         for c in &s.consumers {
             total += 1;
@@ -336,7 +336,7 @@ mod tests {
 
     #[test]
     fn consumer_lists_merge_fresh_shards_only() {
-        use sluice_common::consumers::{snapshot_path, ConsumerInfo, Snapshot};
+        use sluice_common::process::consumers::{snapshot_path, ConsumerInfo, Snapshot};
         let dir = tempfile::tempdir().unwrap();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
         let info =

@@ -18,8 +18,8 @@
 //! The network is a trait ([`Net`]) so tests inject name → address
 //! mappings and answers (there is no DNS in CI).
 
-use sluice_common::identity::PdsHost;
-use sluice_common::netguard;
+use sluice_common::atproto::identity::PdsHost;
+use sluice_common::process::netguard;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 

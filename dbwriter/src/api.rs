@@ -45,7 +45,7 @@ pub struct Live {
 
 impl Live {
     /// From the config; reads `admin_password_file`.
-    pub fn from_config(cfg: &sluice_common::config::Config) -> anyhow::Result<Live> {
+    pub fn from_config(cfg: &sluice_common::process::config::Config) -> anyhow::Result<Live> {
         let admin_password = match &cfg.admin_password_file {
             Some(p) => std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("admin_password_file {}: {e}", p.display()))?
@@ -96,7 +96,7 @@ pub struct Request {
     pub peer: Option<String>,
 }
 
-pub use sluice_common::http::{percent_decode, split_target};
+pub use sluice_common::process::http::{percent_decode, split_target};
 
 pub(crate) fn param<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
     req.query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())

@@ -2,8 +2,8 @@
 //! hosts, accounts, and the one transaction per group commit.
 
 use postgres::{Client, NoTls, Statement};
-use sluice_common::host::{HostAssignment, HostStatus};
-use sluice_common::policy::{AccountState, AccountStatus};
+use sluice_common::atproto::policy::{AccountState, AccountStatus};
+use sluice_common::process::host::{HostAssignment, HostStatus};
 use std::collections::HashMap;
 
 mod embedded {
@@ -47,7 +47,7 @@ pub struct HostRow {
     pub status: HostStatus,
     /// Reached over ws:// (else wss://).
     pub insecure: bool,
-    /// See [`sluice_common::host::HostAssignment::crawl_gen`].
+    /// See [`sluice_common::process::host::HostAssignment::crawl_gen`].
     pub crawl_gen: i64,
 }
 
@@ -267,7 +267,7 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(St
 /// whether it was new.
 pub fn add_host(
     c: &mut Client,
-    host: &sluice_common::identity::PdsHost,
+    host: &sluice_common::atproto::identity::PdsHost,
     account_limit: i64,
 ) -> Result<bool, postgres::Error> {
     let n = c.execute(

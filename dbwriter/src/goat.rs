@@ -24,7 +24,7 @@
 use crate::api::{error, QueryConfig, Request, Response};
 use postgres::Client;
 use serde_json::{json, Value};
-use sluice_common::host::HostStatus;
+use sluice_common::process::host::HostStatus;
 
 /// Handle a Go-relay admin route; `None` if `req` is not one.
 pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Option<Result<Response, postgres::Error>> {
@@ -111,7 +111,8 @@ fn consumers(cfg: &QueryConfig) -> Response {
         .into_iter()
         .enumerate()
         .map(|(i, mut c)| {
-            let connected = c["since"].as_i64().map(|s| sluice_common::syntax::format_datetime_micros(s * 1_000_000));
+            let connected =
+                c["since"].as_i64().map(|s| sluice_common::atproto::syntax::format_datetime_micros(s * 1_000_000));
             c["id"] = json!(i + 1);
             c["remote_addr"] = c["remote"].clone();
             c["user_agent"] = json!("");

@@ -22,10 +22,10 @@ pub mod sequencer;
 pub mod serve;
 pub mod throttle;
 
-use sluice_common::config::{Config, Validation};
-use sluice_common::eventlog::LogWriter;
-use sluice_common::ring::{Consumer, Ring};
-use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
+use sluice_common::ipc::eventlog::LogWriter;
+use sluice_common::ipc::ring::{Consumer, Ring};
+use sluice_common::ipc::shm::{ControlBlock, WriterCounter, WriterState};
+use sluice_common::process::config::{Config, Validation};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -86,7 +86,8 @@ pub unsafe fn run(
     seq.apply_settings(sequencer::Settings::from_config(cfg));
     seq.database_url = Some(database_url.to_owned());
     seq.admin = Some(admin_rx);
-    seq.recheck = Some(recheck::start(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?, admin_tx)?);
+    seq.recheck =
+        Some(recheck::start(sluice_common::process::tls::client_config(cfg.tls_ca_file.as_deref())?, admin_tx)?);
     if let Some(r) = reload {
         let (tx, rx) = std::sync::mpsc::sync_channel(4);
         seq.settings = Some(rx);
@@ -142,7 +143,9 @@ fn query_config(
         live,
         run_dir: cfg.run_dir(),
         admin,
-        net: Arc::new(admission::SystemNet::new(sluice_common::tls::client_config(cfg.tls_ca_file.as_deref())?)),
+        net: Arc::new(admission::SystemNet::new(sluice_common::process::tls::client_config(
+            cfg.tls_ca_file.as_deref(),
+        )?)),
         auth_throttle: throttle::AuthThrottle::new(Box::new(move || {
             control.writer_counter(WriterCounter::AdminAuthFailures).fetch_add(1, Ordering::Relaxed);
         })),

@@ -10,9 +10,9 @@
 use crate::api::{error, param, QueryConfig, Request, Response};
 use postgres::Client;
 use serde_json::{json, Value};
-use sluice_common::host::HostStatus;
-use sluice_common::identity::PdsHost;
-use sluice_common::policy::AccountStatus;
+use sluice_common::atproto::identity::PdsHost;
+use sluice_common::atproto::policy::AccountStatus;
+use sluice_common::process::host::HostStatus;
 use std::path::Path;
 
 /// The status page's data, as the supervisor last wrote it (each second).
@@ -28,7 +28,7 @@ fn status(run_dir: &Path) -> Response {
 fn did_param(req: &Request) -> Result<&str, Response> {
     match param(req, "did") {
         None => Err(error(400, "InvalidRequest", "missing did")),
-        Some(d) if sluice_common::syntax::is_did(d) => Ok(d),
+        Some(d) if sluice_common::atproto::syntax::is_did(d) => Ok(d),
         Some(_) => Err(error(400, "InvalidRequest", "did is not a valid DID")),
     }
 }
@@ -168,7 +168,7 @@ fn with_status(mut body: Value, status: AccountStatus) -> Value {
 }
 
 fn cid_string(bytes: Option<Vec<u8>>) -> Option<String> {
-    bytes.and_then(|b| sluice_common::cid::Cid::from_bytes(&b).ok()).map(|c| c.to_string())
+    bytes.and_then(|b| sluice_common::atproto::cid::Cid::from_bytes(&b).ok()).map(|c| c.to_string())
 }
 
 /// Accounts with a commit, by DID; `cursor` is the last DID of a page.

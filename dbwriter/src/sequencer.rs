@@ -22,19 +22,19 @@
 //! still hold the unreleased records, so nothing is lost or doubled. The
 //! failpoints `sequencer-after-log-sync` (between 3 and 4) and
 //! `sequencer-after-pg-commit` (between 4 and 5) let the e2e tests crash
-//! exactly there (`common::failpoint`).
+//! exactly there (`common::process::failpoint`).
 
 use crate::db::{self, Batch};
 use crate::messages::Refused;
 use lru::LruCache;
 use postgres::Client;
-use sluice_common::eventlog::LogWriter;
-use sluice_common::failpoint;
-use sluice_common::frame;
-use sluice_common::policy::{self, AccountState, AccountStatus, Verdict};
-use sluice_common::ring::Consumer;
-use sluice_common::ringrec::{did_hash, RingRecord};
-use sluice_common::shm::{ControlBlock, Hist, WriterCounter, WriterState};
+use sluice_common::atproto::frame;
+use sluice_common::atproto::policy::{self, AccountState, AccountStatus, Verdict};
+use sluice_common::ipc::eventlog::LogWriter;
+use sluice_common::ipc::ring::Consumer;
+use sluice_common::ipc::ringrec::{did_hash, RingRecord};
+use sluice_common::ipc::shm::{ControlBlock, Hist, WriterCounter, WriterState};
+use sluice_common::process::failpoint;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,9 +146,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(cfg: &sluice_common::config::Config) -> Settings {
+    pub fn from_config(cfg: &sluice_common::process::config::Config) -> Settings {
         Settings {
-            strict: cfg.validation == sluice_common::config::Validation::Strict,
+            strict: cfg.validation == sluice_common::process::config::Validation::Strict,
             retention_hours: cfg.retention_hours,
             flush_interval_ms: cfg.flush_interval_ms,
             host_offline_idle_days: cfg.host_offline_idle_days,
@@ -175,7 +175,7 @@ pub const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
 /// exits and the supervisor restarts the cluster and it.)
 pub fn is_disk_full(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<sluice_common::eventlog::LogError>().is_some_and(|l| l.is_disk_full())
+        c.downcast_ref::<sluice_common::ipc::eventlog::LogError>().is_some_and(|l| l.is_disk_full())
             || c.downcast_ref::<postgres::Error>()
                 .is_some_and(|p| p.code() == Some(&postgres::error::SqlState::DISK_FULL))
             || c.downcast_ref::<db::DbError>().is_some_and(
@@ -707,7 +707,7 @@ impl Sequencer {
     /// Take an account down (or reverse it): store the flag and emit the
     /// relay's `#account` event with the combined status.
     fn takedown(&mut self, did: &str, takedown: bool, batch: &mut Batch) -> Result<i64, Refused> {
-        if !sluice_common::syntax::is_did(did) {
+        if !sluice_common::atproto::syntax::is_did(did) {
             return Err(Refused::NotADid(did.to_owned()));
         }
         let failed = |e: &dyn std::fmt::Display| Refused::Failed { subject: did.to_owned(), detail: e.to_string() };
@@ -726,16 +726,16 @@ impl Sequencer {
         did: &str,
         st: AccountState,
         batch: &mut Batch,
-    ) -> Result<i64, sluice_common::eventlog::LogError> {
+    ) -> Result<i64, sluice_common::ipc::eventlog::LogError> {
         let status = st.status();
         let active = status == AccountStatus::Active;
         let seq = self.log.next_seq();
         let now = now_micros();
-        let time = sluice_common::syntax::format_datetime_micros(now);
+        let time = sluice_common::atproto::syntax::format_datetime_micros(now);
         self.scratch.clear();
         frame::AccountEvent { seq, did, time: &time, active, status: (!active).then_some(status.as_str()) }
             .encode(&mut self.scratch);
-        self.log.append(seq, sluice_common::ringrec::Kind::Account as u8, 0, did_hash(did), now, &self.scratch)?;
+        self.log.append(seq, sluice_common::ipc::ringrec::Kind::Account as u8, 0, did_hash(did), now, &self.scratch)?;
         self.count(WriterCounter::Relayed);
         batch.accounts.insert(did.to_owned(), st);
         Ok(seq)
@@ -748,7 +748,7 @@ impl Sequencer {
     fn hold_and_ask(
         &mut self,
         r: &RingRecord<'_>,
-        e: &sluice_common::ringrec::EventRecord<'_>,
+        e: &sluice_common::ipc::ringrec::EventRecord<'_>,
         batch: &mut Batch,
     ) -> anyhow::Result<bool> {
         let Some(tx) = self.recheck.clone() else { return Ok(false) };
@@ -814,7 +814,7 @@ impl Sequencer {
         for rec in self.take_held(did) {
             let r = RingRecord::decode(&rec)?;
             let RingRecord::Event(e) = &r else { continue };
-            if drop_commits && e.kind == sluice_common::ringrec::Kind::Commit as u8 {
+            if drop_commits && e.kind == sluice_common::ipc::ringrec::Kind::Commit as u8 {
                 self.count(WriterCounter::Dropped);
                 continue;
             }
@@ -826,7 +826,7 @@ impl Sequencer {
     /// While `did` has commits held, its later events from the same host
     /// wait behind them (an `#identity` or `#sync` must not overtake a
     /// commit the PDS is being asked about). False when there is no room.
-    fn hold_behind(&mut self, r: &RingRecord<'_>, e: &sluice_common::ringrec::EventRecord<'_>) -> bool {
+    fn hold_behind(&mut self, r: &RingRecord<'_>, e: &sluice_common::ipc::ringrec::EventRecord<'_>) -> bool {
         // An answer overdue: the checks decide (a commit gives up on it).
         if self.rechecked.get(e.did).is_some_and(|(at, pending)| *pending && at.elapsed() > RECHECK_ANSWER_MAX) {
             return false;
@@ -958,7 +958,7 @@ impl Sequencer {
     fn apply_event(
         &mut self,
         r: &RingRecord<'_>,
-        e: &sluice_common::ringrec::EventRecord<'_>,
+        e: &sluice_common::ipc::ringrec::EventRecord<'_>,
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
         let (host, useq) = (e.host_id, e.upstream_seq);
@@ -1012,7 +1012,7 @@ impl Sequencer {
         self.log.append(seq, e.kind, 0, did_hash(e.did), e.time_micros, &self.scratch)?;
         self.ingested.push(e.time_micros);
         self.count(WriterCounter::Relayed);
-        if e.kind == sluice_common::ringrec::Kind::Account as u8 {
+        if e.kind == sluice_common::ipc::ringrec::Kind::Account as u8 {
             // News from the host itself: an account may be asked about
             // again after its next change, however recent the last answer.
             self.rechecked.remove(e.did);

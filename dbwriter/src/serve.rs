@@ -147,7 +147,7 @@ enum ReadError {
     #[error("connection closed mid-request")]
     Closed,
     #[error("bad request: {0}")]
-    Head(#[from] sluice_common::http::HeadError),
+    Head(#[from] sluice_common::process::http::HeadError),
     #[error("request over {REQUEST_BYTES_MAX} bytes")]
     TooLarge,
 }
@@ -161,7 +161,7 @@ fn read_request(s: &mut UnixStream) -> Result<Request, ReadError> {
             return Err(ReadError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let Some(h) = sluice_common::http::parse_request_head(&buf, REQUEST_BYTES_MAX)? else {
+        let Some(h) = sluice_common::process::http::parse_request_head(&buf, REQUEST_BYTES_MAX)? else {
             continue;
         };
         let (head, len) = (h.head_len, h.content_length.min(REQUEST_BYTES_MAX as u64 + 1) as usize);

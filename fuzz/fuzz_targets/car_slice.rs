@@ -1,8 +1,8 @@
 //! CAR slices: parse (every block hash-checked) and walk.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::car::CarSlice;
-use sluice_common::cid::Cid;
+use sluice_common::atproto::car::CarSlice;
+use sluice_common::atproto::cid::Cid;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(car) = CarSlice::parse(data) {

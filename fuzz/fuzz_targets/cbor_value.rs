@@ -2,7 +2,7 @@
 //! (canonical form is the only form it takes).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::cbor::{Value, Writer};
+use sluice_common::atproto::cbor::{Value, Writer};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(v) = Value::decode(data) {

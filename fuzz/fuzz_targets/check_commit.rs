@@ -2,9 +2,9 @@
 //! modes) and `check_sync`, then a signature check against a fixed key.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::commit::{check_commit, check_sync, Mode};
-use sluice_common::crypto::PublicKey;
-use sluice_common::frame::{self, Event, Message};
+use sluice_common::atproto::commit::{check_commit, check_sync, Mode};
+use sluice_common::atproto::crypto::PublicKey;
+use sluice_common::atproto::frame::{self, Event, Message};
 
 // 2025-01-01T00:00:00Z: the clock fakenet's seeds were made with.
 const NOW: i64 = 1_735_689_600_000_000 + 3_600_000_000;

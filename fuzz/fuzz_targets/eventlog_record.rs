@@ -2,7 +2,7 @@
 //! record after record until the end, an error, or a zero length.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::eventlog::{decode_record, HEADER_BYTES};
+use sluice_common::ipc::eventlog::{decode_record, HEADER_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     let mut at = 0;

@@ -1,7 +1,7 @@
 //! subscribeRepos frames: decode, and re-sequence what decodes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::frame;
+use sluice_common::atproto::frame;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(d) = frame::decode(data) {

@@ -2,7 +2,7 @@
 //! parses the same from exactly its own bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::http::parse_request_head;
+use sluice_common::process::http::parse_request_head;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some(h)) = parse_request_head(data, 16 * 1024) {

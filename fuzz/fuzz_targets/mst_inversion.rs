@@ -3,9 +3,9 @@
 //! and CIDs from the slice's blocks. Any outcome but a panic is fine.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::car::CarSlice;
-use sluice_common::commit::invert_ops;
-use sluice_common::frame::{Action, RepoOp};
+use sluice_common::atproto::car::CarSlice;
+use sluice_common::atproto::commit::invert_ops;
+use sluice_common::atproto::frame::{Action, RepoOp};
 
 const PATHS: [&str; 8] = [
     "app.bsky.feed.post/3jzfcijpj2z2a",

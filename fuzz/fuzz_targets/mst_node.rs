@@ -5,8 +5,8 @@
 //! received; `cbor`'s module docs. Found by this target: `p` as 0x18 0x0e.)
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::cid::{Cid, Codec};
-use sluice_common::mst::{decode_node, encode_node};
+use sluice_common::atproto::cid::{Cid, Codec};
+use sluice_common::atproto::mst::{decode_node, encode_node};
 
 fuzz_target!(|data: &[u8]| {
     let cid = Cid::compute(Codec::DagCbor, data);

@@ -2,7 +2,7 @@
 //! re-encodes to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sluice_common::ringrec::RingRecord;
+use sluice_common::ipc::ringrec::RingRecord;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(r) = RingRecord::decode(data) {

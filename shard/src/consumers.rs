@@ -5,8 +5,8 @@
 //! executor never touches the file system), read and merged by the
 //! db-writer's admin endpoints and the supervisor's metrics.
 
-pub use sluice_common::consumers::{snapshot_path, ConsumerInfo, HostInfo, Snapshot, HOSTS_PUBLISHED_MAX};
-use sluice_common::shm::DropReason;
+use sluice_common::ipc::shm::DropReason;
+pub use sluice_common::process::consumers::{snapshot_path, ConsumerInfo, HostInfo, Snapshot, HOSTS_PUBLISHED_MAX};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -154,7 +154,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Consumers that must have left (since the most there were) before the
-/// writer gives the freed heap back ([`sluice_common::heap::give_back`]).
+/// writer gives the freed heap back ([`sluice_common::process::heap::give_back`]).
 pub const LEFT_BEFORE_GIVE_BACK: usize = 32;
 
 /// Whether the heap should be given back now that `now` consumers are
@@ -179,12 +179,12 @@ pub fn start_writer(path: PathBuf) -> std::io::Result<SyncSender<Snapshot>> {
         let mut peak = 0;
         while let Ok(s) = rx.recv() {
             let body = serde_json::to_vec(&s).expect("snapshots serialise");
-            if let Err(e) = sluice_common::runfile::write_whole(&path, &body) {
+            if let Err(e) = sluice_common::process::runfile::write_whole(&path, &body) {
                 tracing::warn!(shard = s.shard, path = %path.display(), error = %e, "consumer list not written");
             }
             if give_back_due(&mut peak, s.consumers.len()) {
                 drop((s, body));
-                sluice_common::heap::give_back();
+                sluice_common::process::heap::give_back();
             }
         }
     })?;

@@ -26,9 +26,9 @@ use crate::wsout;
 use crate::{io, Shared};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
-use sluice_common::eventlog::{Missing, FLAG_TAKEDOWN};
-use sluice_common::frame::{encode_error, InfoEvent};
-use sluice_common::shm::WriterState;
+use sluice_common::atproto::frame::{encode_error, InfoEvent};
+use sluice_common::ipc::eventlog::{Missing, FLAG_TAKEDOWN};
+use sluice_common::ipc::shm::WriterState;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -228,7 +228,7 @@ async fn linger(stream: TcpStream) -> anyhow::Result<()> {
 /// Why no request head was read.
 enum HeadFailure {
     /// Answered: 431 for an oversized head, 400 for a malformed one.
-    Bad(sluice_common::http::HeadError),
+    Bad(sluice_common::process::http::HeadError),
     /// Closed, failed or past the deadline: nothing to answer.
     Gone(anyhow::Error),
 }
@@ -252,7 +252,9 @@ async fn read_head(stream: &mut TcpStream) -> Result<Head, HeadFailure> {
             return Err(gone(anyhow::anyhow!("closed before the request head")));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(h) = sluice_common::http::parse_request_head(&buf, HEAD_BYTES_MAX).map_err(HeadFailure::Bad)? {
+        if let Some(h) =
+            sluice_common::process::http::parse_request_head(&buf, HEAD_BYTES_MAX).map_err(HeadFailure::Bad)?
+        {
             let head = Head {
                 method: h.method,
                 target: h.target,
@@ -301,7 +303,7 @@ async fn handle(sh: Rc<Shared>, mut stream: TcpStream) -> anyhow::Result<()> {
         Ok(h) => h,
         Err(HeadFailure::Bad(e)) => {
             let (status, name) = match e {
-                sluice_common::http::HeadError::TooLarge(_) => (431, "RequestHeaderFieldsTooLarge"),
+                sluice_common::process::http::HeadError::TooLarge(_) => (431, "RequestHeaderFieldsTooLarge"),
                 _ => (400, "InvalidRequest"),
             };
             respond(&mut stream, status, &serde_json::json!({"error": name, "message": e.to_string()})).await?;
@@ -406,15 +408,16 @@ fn with_peer(raw: &[u8], peer: Option<std::net::SocketAddr>) -> Vec<u8> {
     let text = String::from_utf8_lossy(raw);
     let mut out = String::with_capacity(raw.len() + 64);
     for line in text.trim_end_matches("\r\n").split("\r\n") {
-        let is_peer =
-            line.split_once(':').is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(sluice_common::http::PEER_HEADER));
+        let is_peer = line
+            .split_once(':')
+            .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(sluice_common::process::http::PEER_HEADER));
         if !is_peer {
             out.push_str(line);
             out.push_str("\r\n");
         }
     }
     if let Some(p) = peer {
-        out.push_str(&format!("{}: {}\r\n", sluice_common::http::PEER_HEADER, p.ip()));
+        out.push_str(&format!("{}: {}\r\n", sluice_common::process::http::PEER_HEADER, p.ip()));
     }
     out.push_str("\r\n");
     out.into_bytes()
@@ -426,7 +429,7 @@ fn cursor_param(target: &str) -> Result<Option<i64>, String> {
     for p in q.split('&') {
         if let Some(v) = p.strip_prefix("cursor=") {
             return match v.parse::<i64>() {
-                Ok(c) if (0..=sluice_common::frame::SEQ_MAX).contains(&c) => Ok(Some(c)),
+                Ok(c) if (0..=sluice_common::atproto::frame::SEQ_MAX).contains(&c) => Ok(Some(c)),
                 _ => Err(format!("cursor {v:?} is not an integer from 0 to 2^53")),
             };
         }
@@ -661,7 +664,7 @@ fn framed(sh: &Shared, seq: i64) -> anyhow::Result<Result<Option<Frame>, Missing
 /// record framed as it is written out.
 enum Frame {
     Cached(bytes::Bytes),
-    Log(sluice_common::eventlog::LogFrame),
+    Log(sluice_common::ipc::eventlog::LogFrame),
 }
 
 /// Send the committed frames from `pos` up to `top` (at most
@@ -752,7 +755,7 @@ mod tests {
             b"GET /admin/hosts HTTP/1.1\r\nX-Sluice-Peer: 6.6.6.6\r\nhost: x\r\n\r\n",
             "10.1.2.3:9".parse().ok(),
         );
-        let h = sluice_common::http::parse_request_head(&fwd, 4096).unwrap().unwrap();
+        let h = sluice_common::process::http::parse_request_head(&fwd, 4096).unwrap().unwrap();
         assert_eq!(h.peer.as_deref(), Some("10.1.2.3"), "a client cannot choose its address");
         assert_eq!(h.head_len, fwd.len());
         assert!(cursor_param("/x?cursor=-1").is_err());

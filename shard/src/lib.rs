@@ -22,11 +22,11 @@ pub mod upstream;
 pub mod wsin;
 pub mod wsout;
 
-use sluice_common::config::{Config, ShardSettings};
-use sluice_common::eventlog::LogReader;
-use sluice_common::host::ToShard;
-use sluice_common::ring::{Producer, Ring};
-use sluice_common::shm::{ControlBlock, ShardSlot};
+use sluice_common::ipc::eventlog::LogReader;
+use sluice_common::ipc::ring::{Producer, Ring};
+use sluice_common::ipc::shm::{ControlBlock, ShardSlot};
+use sluice_common::process::config::{Config, ShardSettings};
+use sluice_common::process::host::ToShard;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -81,8 +81,8 @@ pub struct Shared {
     /// Recent events, framed once for all consumers.
     pub frames: RefCell<wsout::FrameCache>,
     /// Consumer lag after each batch, gathered here and added to the
-    /// shared histogram each second (see [`sluice_common::shm::LocalHist`]).
-    pub lag_hist: RefCell<sluice_common::shm::LocalHist>,
+    /// shared histogram each second (see [`sluice_common::ipc::shm::LocalHist`]).
+    pub lag_hist: RefCell<sluice_common::ipc::shm::LocalHist>,
 }
 
 impl Shared {
@@ -98,7 +98,7 @@ impl Shared {
 /// The client TLS config: the web PKI roots, plus the certificates in
 /// `extra_ca` (PEM) when given.
 pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<Arc<futures_rustls::rustls::ClientConfig>> {
-    Ok(sluice_common::tls::client_config(extra_ca)?)
+    Ok(sluice_common::process::tls::client_config(extra_ca)?)
 }
 
 /// A running host task.
@@ -212,7 +212,7 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
             hosts: RefCell::new(consumers::HostTable::new()),
             watermark: downstream::Watermark::default(),
             frames: RefCell::new(wsout::FrameCache::default()),
-            lag_hist: RefCell::new(sluice_common::shm::LocalHist::new(sluice_common::shm::Hist::ConsumerLag)),
+            lag_hist: RefCell::new(sluice_common::ipc::shm::LocalHist::new(sluice_common::ipc::shm::Hist::ConsumerLag)),
         });
         stalls::spawn(control.clone(), id)?;
         spawn_services(&sh, &cfg)?;
@@ -253,7 +253,7 @@ fn spawn_services(sh: &Rc<Shared>, cfg: &Config) -> anyhow::Result<()> {
             let committed = pub_sh.control.committed().load(Ordering::Acquire) as i64;
             let snapshot = pub_sh.consumers.borrow().snapshot(pub_sh.id, committed, &pub_sh.hosts.borrow());
             let _ = snapshots.try_send(snapshot);
-            pub_sh.lag_hist.borrow_mut().flush(&pub_sh.control.histogram(sluice_common::shm::Hist::ConsumerLag));
+            pub_sh.lag_hist.borrow_mut().flush(&pub_sh.control.histogram(sluice_common::ipc::shm::Hist::ConsumerLag));
             glommio::timer::sleep(consumers::PUBLISH_EVERY).await;
         }
     })

@@ -5,7 +5,7 @@
 
 use futures::channel::oneshot;
 use lru::LruCache;
-use sluice_common::identity::Identity;
+use sluice_common::atproto::identity::Identity;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -17,7 +17,7 @@
 //! information; 1,000 TLS upstreams connecting at once stall a shard often
 //! enough to pay it) and takes hundreds of milliseconds the first time.
 
-use sluice_common::shm::ControlBlock;
+use sluice_common::ipc::shm::ControlBlock;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

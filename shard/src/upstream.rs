@@ -30,12 +30,12 @@
 use crate::health::{Change, Health, HEALTHY_AFTER};
 use crate::wsin::{In, WsError, WsIn};
 use crate::{io, Shared};
-use sluice_common::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof};
-use sluice_common::frame::{self, Event};
-pub use sluice_common::host::HostAssignment;
-use sluice_common::identity::PdsHost;
-use sluice_common::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
-use sluice_common::shm::{DropReason, Hist, UpstreamClose};
+use sluice_common::atproto::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof};
+use sluice_common::atproto::frame::{self, Event};
+use sluice_common::atproto::identity::PdsHost;
+use sluice_common::ipc::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
+use sluice_common::ipc::shm::{DropReason, Hist, UpstreamClose};
+pub use sluice_common::process::host::HostAssignment;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -280,7 +280,7 @@ async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64) -> Resul
     for addr in sh.resolver.host(pds.hostname(), port).await.map_err(|e| connect(&e))? {
         // Checked again at every connect: a name may resolve elsewhere now
         // than at requestCrawl (DNS rebinding).
-        if let (false, Some(why)) = (sh.allow_insecure, sluice_common::netguard::address_refused(addr.ip())) {
+        if let (false, Some(why)) = (sh.allow_insecure, sluice_common::process::netguard::address_refused(addr.ip())) {
             last_err = format!("{} resolves to {}, which is refused: {why}", pds.hostname(), addr.ip());
             continue;
         }
@@ -526,7 +526,7 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
 
 /// Write one encoded record into the ring, waiting while it is full.
 async fn push(sh: &Shared, rec: &[u8]) {
-    if sluice_common::failpoint::fires("shard-ring-garbage") {
+    if sluice_common::process::failpoint::fires("shard-ring-garbage") {
         tracing::warn!(shard = sh.id, "failpoint shard-ring-garbage: writing a record that does not decode");
         push_raw(sh, &[0xff; 24]).await;
     }

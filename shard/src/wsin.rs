@@ -145,10 +145,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIn<S> {
         let mut buf = vec![0u8; READ_BYTES];
         let mut end = 0;
         let head = loop {
-            match sluice_common::http::parse_response_head(&buf[..end], HEAD_BYTES_MAX) {
+            match sluice_common::process::http::parse_response_head(&buf[..end], HEAD_BYTES_MAX) {
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
-                Err(sluice_common::http::HeadError::TooLarge(n)) => {
+                Err(sluice_common::process::http::HeadError::TooLarge(n)) => {
                     return Err(WsError::Oversized(format!("upgrade answer head over {n} bytes")))
                 }
                 Err(e) => return Err(WsError::Upgrade(e.to_string())),

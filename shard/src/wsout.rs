@@ -19,7 +19,7 @@
 
 use bytes::{Bytes, BytesMut};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use sluice_common::eventlog::LogFrame;
+use sluice_common::ipc::eventlog::LogFrame;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;

@@ -3,7 +3,7 @@
 //! with the same rules as requestCrawl. Runs on its own thread; failures
 //! are logged, the relay runs regardless.
 
-use sluice_common::host::HostStatus;
+use sluice_common::process::host::HostStatus;
 use sluice_dbwriter::{db, query::crawl_target};
 use std::time::Duration;
 

@@ -10,7 +10,7 @@
 use crate::supervise::Supervisor;
 use fakenet::runner::{self, ServeConfig};
 use fakenet::world::FaultRates;
-use sluice_common::config::RawConfig;
+use sluice_common::process::config::RawConfig;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -96,9 +96,9 @@ fn crawl_when_healthy(host_list: Vec<String>, port: u16) {
 }
 
 /// The demo's line per second: hosts, rates, consumers, drops, seq.
-fn progress_line() -> impl FnMut(&sluice_common::shm::ControlBlock) {
+fn progress_line() -> impl FnMut(&sluice_common::ipc::shm::ControlBlock) {
     let mut last = (Instant::now(), crate::summary::Totals::default());
-    move |cb: &sluice_common::shm::ControlBlock| {
+    move |cb: &sluice_common::ipc::shm::ControlBlock| {
         if last.0.elapsed() < Duration::from_secs(1) {
             return;
         }

@@ -19,8 +19,8 @@ mod tail;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_common::childfds::ChildFds;
-use sluice_common::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
+use sluice_common::process::childfds::ChildFds;
+use sluice_common::process::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -436,8 +436,8 @@ fn mask_password(url: &str) -> String {
 /// A child runs under its supervisor's lock on `data_dir`, or (started by
 /// hand) takes it itself; a directory another relay holds is refused
 /// before anything is touched.
-fn child_lock(cfg: &Config, fds: Option<&ChildFds>) -> anyhow::Result<sluice_common::instance::ChildLock> {
-    Ok(sluice_common::instance::check_child(&cfg.data_dir, fds.map(|f| f.lock))?)
+fn child_lock(cfg: &Config, fds: Option<&ChildFds>) -> anyhow::Result<sluice_common::process::instance::ChildLock> {
+    Ok(sluice_common::process::instance::check_child(&cfg.data_dir, fds.map(|f| f.lock))?)
 }
 
 #[cfg(feature = "demo")]

@@ -3,9 +3,9 @@
 //! per-shard counters, the db-writer's counters, ring fill, watermarks.
 //! One small blocking thread; a request gets the whole page.
 
-use sluice_common::consumers::{read_snapshots, top_hosts, HostInfo};
-use sluice_common::host::HostStatus;
-use sluice_common::shm::{ControlBlock, DropReason, Hist, UpstreamClose, WriterCounter};
+use sluice_common::ipc::shm::{ControlBlock, DropReason, Hist, UpstreamClose, WriterCounter};
+use sluice_common::process::consumers::{read_snapshots, top_hosts, HostInfo};
+use sluice_common::process::host::HostStatus;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -84,7 +84,7 @@ fn relay(out: &mut String, cb: &ControlBlock) {
         "sluice_disk_full",
         "1 while intake is paused because the event log or Postgres is out of space.",
         "gauge",
-        &one(u64::from(cb.writer_state() == sluice_common::shm::WriterState::DiskFull)),
+        &one(u64::from(cb.writer_state() == sluice_common::ipc::shm::WriterState::DiskFull)),
     );
     for c in WriterCounter::ALL {
         let (name, help) = c.describe();
@@ -93,7 +93,7 @@ fn relay(out: &mut String, cb: &ControlBlock) {
 }
 
 /// A per-shard counter or gauge: name, help, kind, and how to read it.
-type Field = fn(&sluice_common::shm::ShardSlot<'_>) -> u64;
+type Field = fn(&sluice_common::ipc::shm::ShardSlot<'_>) -> u64;
 
 const PER_SHARD: [(&str, &str, &str, Field); 9] = [
     (
@@ -145,7 +145,7 @@ fn shards(out: &mut String, cb: &ControlBlock) {
 /// Drops and upstream closes, per shard and reason.
 fn shard_reasons(out: &mut String, cb: &ControlBlock, n: usize) {
     let by_reason =
-        |f: &dyn Fn(&sluice_common::shm::ShardSlot<'_>, usize) -> u64, names: &[&str]| -> Vec<(String, u64)> {
+        |f: &dyn Fn(&sluice_common::ipc::shm::ShardSlot<'_>, usize) -> u64, names: &[&str]| -> Vec<(String, u64)> {
             (0..n)
                 .flat_map(|k| {
                     let slot = cb.shard(k);

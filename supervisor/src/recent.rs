@@ -72,7 +72,7 @@ pub fn layer(run_dir: PathBuf, process: &str) -> std::io::Result<Layer> {
             let body = File { entries: kept.iter().cloned().collect(), shed: shed2.load(Ordering::Relaxed) };
             let _ = std::fs::create_dir_all(&run_dir);
             // Not logged: a WARN here would come back to this thread.
-            let _ = sluice_common::runfile::write_whole(&file, &serde_json::to_vec(&body).unwrap_or_default());
+            let _ = sluice_common::process::runfile::write_whole(&file, &serde_json::to_vec(&body).unwrap_or_default());
         }
     })?;
     Ok(Layer { process: process.to_owned(), tx, shed })
@@ -128,7 +128,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for Layer {
 /// Every process's recent entries in `run_dir`, newest last, at most
 /// `max`; and the lines shed in all.
 pub fn read_all(run_dir: &Path, max: usize) -> (Vec<Entry>, u64) {
-    let files: Vec<File> = sluice_common::runfile::read_json_files(run_dir, "recent-");
+    let files: Vec<File> = sluice_common::process::runfile::read_json_files(run_dir, "recent-");
     let shed = files.iter().map(|f| f.shed).sum();
     let mut all: Vec<Entry> = files.into_iter().flat_map(|f| f.entries).collect();
     all.sort_by_key(|e| e.at);

@@ -8,8 +8,8 @@
 use crate::metrics::View;
 use crate::summary::Totals;
 use serde_json::{json, Value};
-use sluice_common::consumers::{read_snapshots, top_hosts};
-use sluice_common::shm::{ControlBlock, DropReason, WriterCounter};
+use sluice_common::ipc::shm::{ControlBlock, DropReason, WriterCounter};
+use sluice_common::process::consumers::{read_snapshots, top_hosts};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ impl StatusWriter {
         }
         let body = self.build(cb, view, run_dir, now);
         let path = run_dir.join("status.json");
-        if let Err(e) = sluice_common::runfile::write_whole(&path, body.to_string().as_bytes()) {
+        if let Err(e) = sluice_common::process::runfile::write_whole(&path, body.to_string().as_bytes()) {
             tracing::debug!(path = %path.display(), error = %e, "status not written");
         }
     }
@@ -108,7 +108,7 @@ impl StatusWriter {
 }
 
 /// One host's row on the page (drops by reason, non-zero only).
-fn host_json(h: &sluice_common::consumers::HostInfo) -> Value {
+fn host_json(h: &sluice_common::process::consumers::HostInfo) -> Value {
     let drops: serde_json::Map<String, Value> = h
         .drops
         .iter()

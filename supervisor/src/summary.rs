@@ -4,8 +4,8 @@
 //! reason in it, hosts connected and offline, consumers, the committed seq.
 
 use crate::metrics::View;
-use sluice_common::host::HostStatus;
-use sluice_common::shm::{ControlBlock, WriterCounter};
+use sluice_common::ipc::shm::{ControlBlock, WriterCounter};
+use sluice_common::process::host::HostStatus;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 

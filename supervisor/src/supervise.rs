@@ -14,13 +14,13 @@
 
 use crate::pg::EmbeddedPg;
 use anyhow::Context;
-use sluice_common::childfds::{ChildFds, ENV_FDS};
-use sluice_common::config::Config;
-use sluice_common::host::{Assignment, HostStatus, ToShard};
-use sluice_common::instance::InstanceLock;
-use sluice_common::partition::shard_for;
-use sluice_common::ring::Ring;
-use sluice_common::shm::{ControlBlock, WriterCounter, WriterState};
+use sluice_common::ipc::ring::Ring;
+use sluice_common::ipc::shm::{ControlBlock, WriterCounter, WriterState};
+use sluice_common::process::childfds::{ChildFds, ENV_FDS};
+use sluice_common::process::config::Config;
+use sluice_common::process::host::{Assignment, HostStatus, ToShard};
+use sluice_common::process::instance::InstanceLock;
+use sluice_common::process::partition::shard_for;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -555,7 +555,7 @@ impl Supervisor {
     /// SIGHUP: re-read the config file. With the same shard_count, ring
     /// size and listen address nothing restarts: the db-writer gets SIGHUP
     /// and re-reads the effective config, each shard gets the new
-    /// [`ShardSettings`](sluice_common::config::ShardSettings) on its pipe,
+    /// [`ShardSettings`](sluice_common::process::config::ShardSettings) on its pipe,
     /// consumers stay connected. Otherwise a reshard: the children stop
     /// (consumers get a close frame) and start again on the new rings;
     /// lossless like any restart. Keys only a restart applies
@@ -615,7 +615,7 @@ impl Supervisor {
         let mut eff = cfg.clone();
         eff.database_url = Some(self.database_url.clone());
         // Whole or not at all: a child starting now reads one or the other.
-        sluice_common::runfile::write_whole(&self.config_path, eff.to_toml().as_bytes())?;
+        sluice_common::process::runfile::write_whole(&self.config_path, eff.to_toml().as_bytes())?;
         Ok(())
     }
 

@@ -7,8 +7,8 @@
 //! closed stdout (`| head`) ends it quietly.
 
 use anyhow::{bail, Context};
-use sluice_common::cbor::Reader;
-use sluice_common::frame::{self, Event, Message};
+use sluice_common::atproto::cbor::Reader;
+use sluice_common::atproto::frame::{self, Event, Message};
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
@@ -77,7 +77,7 @@ pub fn run(url: &str, cursor: Option<i64>, json: bool, limit: Option<u64>, out: 
         Ok(limit.is_some_and(|l| n >= l).then_some(End::Done))
     };
     if tls {
-        let cfg = sluice_common::tls::client_config(None)?;
+        let cfg = sluice_common::process::tls::client_config(None)?;
         let name = rustls::pki_types::ServerName::try_from(host.clone()).context("TLS server name")?;
         let conn = rustls::ClientConnection::new(cfg, name)?;
         follow(tungstenite::client(full.as_str(), rustls::StreamOwned::new(conn, tcp))?.0, &mut each)

@@ -100,10 +100,10 @@ impl Checker {
                 let Some(s) = v.as_str() else { return errs.push(format!("{at}: not a string: {v}")) };
                 let ok = match schema["format"].as_str() {
                     None => true,
-                    Some("did") => sluice_common::syntax::is_did(s),
-                    Some("cid") => sluice_common::syntax::is_cid_string(s),
-                    Some("tid") => sluice_common::syntax::is_tid(s),
-                    Some("handle") => sluice_common::syntax::is_handle(s),
+                    Some("did") => sluice_common::atproto::syntax::is_did(s),
+                    Some("cid") => sluice_common::atproto::syntax::is_cid_string(s),
+                    Some("tid") => sluice_common::atproto::syntax::is_tid(s),
+                    Some("handle") => sluice_common::atproto::syntax::is_handle(s),
                     Some("datetime") => s.ends_with('Z') || s.contains('+'),
                     Some(f) => panic!("format {f} not checked here"),
                 };

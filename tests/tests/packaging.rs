@@ -12,7 +12,7 @@ fn root() -> PathBuf {
 #[test]
 fn default_config_is_valid() {
     let text = std::fs::read_to_string(root().join("packaging/sluice.toml")).unwrap();
-    let raw = sluice_common::config::RawConfig::from_toml(&text, std::path::Path::new("sluice.toml")).unwrap();
+    let raw = sluice_common::process::config::RawConfig::from_toml(&text, std::path::Path::new("sluice.toml")).unwrap();
     let cfg = raw.validate(4).unwrap();
     assert_eq!(cfg.shard_count, 4, "auto = one shard per core");
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/sluice"));

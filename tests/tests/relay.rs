@@ -9,7 +9,7 @@ mod support;
 use fakenet::check::{self, CheckConfig};
 use fakenet::runner::{self, ServeConfig};
 use fakenet::world::FaultRates;
-use sluice_common::frame::{self, Message};
+use sluice_common::atproto::frame::{self, Message};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -265,14 +265,14 @@ fn retention_removes_old_segments_and_cursors_before_them_are_outdated() {
     while seq < 9_000 {
         let (_, body) = relay.http("GET", "/xrpc/_health", "").unwrap();
         seq = serde_json::from_str::<serde_json::Value>(&body).unwrap()["seq"].as_i64().unwrap_or(0);
-        most_segments = most_segments.max(sluice_common::eventlog::list_segments(&events_dir).unwrap().len());
+        most_segments = most_segments.max(sluice_common::ipc::eventlog::list_segments(&events_dir).unwrap().len());
         assert!(t.elapsed() < Duration::from_secs(120), "only {seq} events relayed:\n{}", relay.log_tail());
         std::thread::sleep(Duration::from_millis(200));
     }
     // Retention leaves the current segment only.
     let t = Instant::now();
     let oldest = loop {
-        let segs = sluice_common::eventlog::list_segments(&events_dir).unwrap();
+        let segs = sluice_common::ipc::eventlog::list_segments(&events_dir).unwrap();
         most_segments = most_segments.max(segs.len());
         if segs.len() == 1 && segs[0] > 1 {
             break segs[0];
@@ -291,7 +291,7 @@ fn retention_removes_old_segments_and_cursors_before_them_are_outdated() {
     let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
     let info = ws.read().unwrap().into_data();
     match frame::decode(&info).unwrap().message {
-        Message::Event(sluice_common::frame::Event::Info(i)) => assert_eq!(i.name, "OutdatedCursor"),
+        Message::Event(sluice_common::atproto::frame::Event::Info(i)) => assert_eq!(i.name, "OutdatedCursor"),
         other => panic!("expected #info OutdatedCursor, got {other:?}"),
     }
     let next = ws.read().unwrap().into_data();
@@ -683,7 +683,7 @@ fn admin_takedown_and_host_ban() {
     let did = net.shared.repos.read().unwrap().iter().find(|(_, r)| r.active).map(|(d, _)| d.clone()).unwrap();
     let seq = admin(&["takedown", &did])["seq"].as_i64().unwrap();
     match first_frame(relay.port, &format!("?cursor={}", seq - 1)) {
-        Message::Event(sluice_common::frame::Event::Account(a)) => {
+        Message::Event(sluice_common::atproto::frame::Event::Account(a)) => {
             assert_eq!((a.seq, a.did, a.active, a.status), (seq, did.as_str(), false, Some("takendown")));
         }
         other => panic!("expected the takedown #account, got {other:?}"),
@@ -693,7 +693,7 @@ fn admin_takedown_and_host_ban() {
     let seq2 = admin(&["reverse-takedown", &did])["seq"].as_i64().unwrap();
     assert_eq!(seq2, seq + 1);
     match first_frame(relay.port, &format!("?cursor={seq}")) {
-        Message::Event(sluice_common::frame::Event::Account(a)) => assert!(a.active && a.status.is_none()),
+        Message::Event(sluice_common::atproto::frame::Event::Account(a)) => assert!(a.active && a.status.is_none()),
         other => panic!("expected the reversal #account, got {other:?}"),
     }
     // While taken down, replay hides the account's earlier records; after

@@ -2,7 +2,7 @@
 //! the JSON forms in them become DAG-CBOR frames.
 #![allow(dead_code)]
 
-use sluice_common::cbor::{Value, Writer};
+use sluice_common::atproto::cbor::{Value, Writer};
 use std::path::PathBuf;
 
 /// `$SLUICE_FIXTURES`, else `../shared/fixtures` from the repo root. A test

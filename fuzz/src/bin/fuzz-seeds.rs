@@ -6,12 +6,12 @@
 //! frames (ring records, log records, HTTP heads, handshake answers).
 
 use rand::SeedableRng;
-use sluice_common::car::CarSlice;
-use sluice_common::cbor::{Value, Writer};
-use sluice_common::crypto::{Curve, PrivateKey};
-use sluice_common::frame::{self, Event, Message};
-use sluice_common::repo::{Repo, WriteOp};
-use sluice_common::syntax::Tid;
+use sluice_common::atproto::car::CarSlice;
+use sluice_common::atproto::cbor::{Value, Writer};
+use sluice_common::atproto::crypto::{Curve, PrivateKey};
+use sluice_common::atproto::frame::{self, Event, Message};
+use sluice_common::atproto::repo::{Repo, WriteOp};
+use sluice_common::atproto::syntax::Tid;
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -111,7 +111,7 @@ fn main() {
         if let Ok(car) = CarSlice::parse(blocks) {
             for (cid, b) in car.iter() {
                 cbor.push(b.to_vec());
-                if sluice_common::mst::decode_node(&cid, b).is_ok() {
+                if sluice_common::atproto::mst::decode_node(&cid, b).is_ok() {
                     nodes.push(b.to_vec());
                 }
             }
@@ -138,7 +138,7 @@ fn main() {
 }
 
 fn ring_records(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    use sluice_common::ringrec::{EventRecord, Kind, RingRecord, PROOF_VERIFIED};
+    use sluice_common::ipc::ringrec::{EventRecord, Kind, RingRecord, PROOF_VERIFIED};
     let mut out = Vec::new();
     for f in frames.iter().take(20) {
         let mut b = Vec::new();
@@ -172,7 +172,7 @@ fn ring_records(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
 
 /// Segments written by the real writer.
 fn log_segments(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    use sluice_common::eventlog::LogWriter;
+    use sluice_common::ipc::eventlog::LogWriter;
     let tmp = std::env::temp_dir().join(format!("sluice-fuzz-seeds-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let mut w = LogWriter::open(&tmp, 1 << 20, 0).expect("log");

@@ -10,9 +10,9 @@
 //! the ledger's key, Sync 1.1 proof). The summary line names each count.
 
 use super::ledger::{Expect, Ledger, LedgerTail};
-use sluice_common::commit::{check_commit, check_sync, Mode};
-use sluice_common::crypto::PublicKey;
-use sluice_common::frame::{self, Event, Message};
+use sluice_common::atproto::commit::{check_commit, check_sync, Mode};
+use sluice_common::atproto::crypto::PublicKey;
+use sluice_common::atproto::frame::{self, Event, Message};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

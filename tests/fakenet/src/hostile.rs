@@ -161,7 +161,7 @@ fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// `{op: 1, t: "#commit"}`: what a frame's header says.
 fn commit_header() -> Vec<u8> {
-    let mut w = sluice_common::cbor::Writer::new();
+    let mut w = sluice_common::atproto::cbor::Writer::new();
     w.map(2);
     w.text("t");
     w.text("#commit");

@@ -333,7 +333,7 @@ fn start_frames(start: Start, out: &mut Vec<u8>) -> Option<(u64, u64)> {
     match start {
         Start::Future => {
             let mut f = Vec::new();
-            sluice_common::frame::encode_error("FutureCursor", Some("cursor is ahead of this host"), &mut f);
+            sluice_common::atproto::frame::encode_error("FutureCursor", Some("cursor is ahead of this host"), &mut f);
             ws::binary(out, &f);
             ws::close(out);
             None
@@ -341,7 +341,7 @@ fn start_frames(start: Start, out: &mut Vec<u8>) -> Option<(u64, u64)> {
         Start::At { pos, epoch, outdated } => {
             if outdated {
                 let mut f = Vec::new();
-                sluice_common::frame::InfoEvent { name: "OutdatedCursor", message: None }.encode(&mut f);
+                sluice_common::atproto::frame::InfoEvent { name: "OutdatedCursor", message: None }.encode(&mut f);
                 ws::binary(out, &f);
             }
             Some((pos, epoch))
@@ -401,7 +401,7 @@ async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             if fell_behind {
                 // Fell out of the backlog: a PDS would say so and close.
                 let mut f = Vec::new();
-                sluice_common::frame::encode_error("ConsumerTooSlow", None, &mut f);
+                sluice_common::atproto::frame::encode_error("ConsumerTooSlow", None, &mut f);
                 ws::binary(&mut out, &f);
                 ws::close(&mut out);
                 ws::write_maybe_split(&mut wr, &out, split.as_mut()).await?;

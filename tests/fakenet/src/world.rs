@@ -17,14 +17,14 @@
 use super::ledger::{AccountKey, Entry, Expect};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sluice_common::car::{write_car, CarSlice};
-use sluice_common::cbor::Writer;
-use sluice_common::cid::{Cid, Codec};
-use sluice_common::commit::sign_commit;
-use sluice_common::crypto::{Curve, PrivateKey};
-use sluice_common::frame::{self, AccountEvent, Event, IdentityEvent, Message};
-use sluice_common::repo::{Repo, RepoCommit, WriteOp};
-use sluice_common::syntax::{format_datetime_micros, Tid};
+use sluice_common::atproto::car::{write_car, CarSlice};
+use sluice_common::atproto::cbor::Writer;
+use sluice_common::atproto::cid::{Cid, Codec};
+use sluice_common::atproto::commit::sign_commit;
+use sluice_common::atproto::crypto::{Curve, PrivateKey};
+use sluice_common::atproto::frame::{self, AccountEvent, Event, IdentityEvent, Message};
+use sluice_common::atproto::repo::{Repo, RepoCommit, WriteOp};
+use sluice_common::atproto::syntax::{format_datetime_micros, Tid};
 
 /// 2025-01-01T00:00:00Z in unix microseconds: the logical clock's start.
 pub const CLOCK_START_MICROS: i64 = 1_735_689_600_000_000;
@@ -994,9 +994,9 @@ fn replace_root(car: &[u8], old: Cid, new: Cid, block: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_common::commit::{check_commit, CommitError, Mode, ProofError};
-    use sluice_common::crypto::PublicKey;
-    use sluice_common::mst::MstError;
+    use sluice_common::atproto::commit::{check_commit, CommitError, Mode, ProofError};
+    use sluice_common::atproto::crypto::PublicKey;
+    use sluice_common::atproto::mst::MstError;
 
     fn world(faults: FaultRates) -> World {
         let hosts = (0..3).map(|i| format!("localhost:{}", 4000 + i)).collect();
@@ -1154,7 +1154,7 @@ mod tests {
                         matches!(verdict, Err(CommitError::Proof(ProofError::Mst(MstError::MissingBlock(m)))) if m == cid),
                         "{verdict:?}"
                     );
-                } else if !must_drop && sluice_common::mst::decode_node(&cid, car.get(&cid).unwrap()).is_ok() {
+                } else if !must_drop && sluice_common::atproto::mst::decode_node(&cid, car.get(&cid).unwrap()).is_ok() {
                     spare_seen += 1;
                 }
                 removals += 1;

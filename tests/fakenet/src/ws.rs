@@ -34,7 +34,7 @@ impl Request {
     }
 }
 
-use sluice_common::http::{percent_decode, split_target};
+use sluice_common::process::http::{percent_decode, split_target};
 
 /// Read and parse one request head.
 pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Option<Request>> {

@@ -6,7 +6,7 @@ use fakenet::check::{self, CheckConfig};
 use fakenet::ledger::{Expect, Ledger};
 use fakenet::runner::{self, ServeConfig};
 use fakenet::world::FaultRates;
-use sluice_common::frame::{self, Event, Message};
+use sluice_common::atproto::frame::{self, Event, Message};
 use std::time::{Duration, Instant};
 
 fn start(faults: &str, events: u64, dir: &tempfile::TempDir) -> runner::Running {

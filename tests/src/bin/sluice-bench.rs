@@ -79,8 +79,8 @@ fn consume_to_seq(port: u16, last: i64, timeout: Duration) -> (u64, Duration) {
     while t.elapsed() < timeout {
         let Ok(tungstenite::Message::Binary(b)) = ws.read() else { break };
         got += 1;
-        let seq = sluice_common::frame::decode(&b).ok().and_then(|d| match d.message {
-            sluice_common::frame::Message::Event(e) => e.seq(),
+        let seq = sluice_common::atproto::frame::decode(&b).ok().and_then(|d| match d.message {
+            sluice_common::atproto::frame::Message::Event(e) => e.seq(),
             _ => None,
         });
         if seq.is_some_and(|s| s >= last) {
@@ -274,8 +274,10 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         while !stop2.load(std::sync::atomic::Ordering::Acquire) {
             let Ok(tungstenite::Message::Binary(b)) = ws.read() else { continue };
             let now = Instant::now();
-            if let Ok(d) = sluice_common::frame::decode(&b) {
-                if let sluice_common::frame::Message::Event(sluice_common::frame::Event::Commit(c)) = d.message {
+            if let Ok(d) = sluice_common::atproto::frame::decode(&b) {
+                if let sluice_common::atproto::frame::Message::Event(sluice_common::atproto::frame::Event::Commit(c)) =
+                    d.message
+                {
                     if let Some(t) = shared.emit_times.lock().unwrap().get(&c.commit.to_string()) {
                         lat.push(now.duration_since(*t));
                     }

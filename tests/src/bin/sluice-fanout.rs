@@ -229,10 +229,10 @@ fn probe(port: u16, cursor: u64, stop: Arc<AtomicBool>) -> Vec<(i64, String)> {
     let mut out = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let Ok(tungstenite::Message::Binary(b)) = ws.read() else { continue };
-        if let Ok(d) = sluice_common::frame::decode(&b) {
-            if let sluice_common::frame::Message::Event(e) = &d.message {
+        if let Ok(d) = sluice_common::atproto::frame::decode(&b) {
+            if let sluice_common::atproto::frame::Message::Event(e) = &d.message {
                 let cid = match e {
-                    sluice_common::frame::Event::Commit(c) => c.commit.to_string(),
+                    sluice_common::atproto::frame::Event::Commit(c) => c.commit.to_string(),
                     _ => String::new(),
                 };
                 out.push((e.seq().unwrap_or(0), cid));

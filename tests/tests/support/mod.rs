@@ -7,7 +7,7 @@
 
 use fakenet::check::{self, CheckConfig};
 use fakenet::runner;
-use sluice_common::frame::{self, Message};
+use sluice_common::atproto::frame::{self, Message};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

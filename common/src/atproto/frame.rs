@@ -13,8 +13,8 @@
 //! them); legacy `#handle`, `#migrate`, `#tombstone` are unknown too. Unknown
 //! body fields are skipped, within limits.
 
-use crate::cbor::{self, CborError, Reader, Writer};
-use crate::cid::Cid;
+use crate::atproto::cbor::{self, CborError, Reader, Writer};
+use crate::atproto::cid::Cid;
 
 /// Largest frame accepted from an upstream or sent downstream.
 pub const FRAME_BYTES_MAX: usize = 5_000_000;
@@ -629,7 +629,7 @@ pub fn encode_error(error: &str, message: Option<&str>, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cid::Codec;
+    use crate::atproto::cid::Codec;
 
     fn sample_commit() -> Vec<u8> {
         let cid = Cid::compute(Codec::DagCbor, b"c");
@@ -660,8 +660,8 @@ mod tests {
         assert_eq!(c.ops.len(), 1);
         // The body is canonical DAG-CBOR: the generic strict decoder agrees.
         let mut r = Reader::new(&f);
-        crate::cbor::Value::read(&mut r, 0).unwrap();
-        crate::cbor::Value::read(&mut r, 0).unwrap();
+        crate::atproto::cbor::Value::read(&mut r, 0).unwrap();
+        crate::atproto::cbor::Value::read(&mut r, 0).unwrap();
         r.finish().unwrap();
     }
 

@@ -6,7 +6,7 @@
 //!   touches anything else in the directory; if another process holds it,
 //!   the error names that process's PID and nothing was changed.
 //! - Children (`sluice db-writer`, `sluice shard`) inherit the locked
-//!   descriptor (`ChildFds::lock`, `crate::childfds`) and [`check_child`] confirms it is this
+//!   descriptor (`ChildFds::lock`, `crate::process::childfds`) and [`check_child`] confirms it is this
 //!   directory's lock file (same inode). Started by hand without it, they
 //!   try the lock themselves: held by a relay means "exit, naming it".
 //!

@@ -182,7 +182,7 @@ pub struct Config {
 
 /// What a running shard takes from a reload (SIGHUP) without restarting:
 /// the supervisor sends it on the assignment pipe
-/// ([`crate::host::ToShard::Settings`]).
+/// ([`crate::process::host::ToShard::Settings`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ShardSettings {
     pub strict: bool,
@@ -318,7 +318,7 @@ impl RawConfig {
         let limits = self.limits()?;
         let (ring_size_bytes, segment_size_bytes) = self.sizes()?;
         let initial_seq = self.initial_seq.unwrap_or(1);
-        if !(1..crate::frame::SEQ_MAX).contains(&initial_seq) {
+        if !(1..crate::atproto::frame::SEQ_MAX).contains(&initial_seq) {
             return Err(invalid("initial_seq", "a positive integer below 2^53"));
         }
         let plc_url = self.plc_url.unwrap_or_else(|| "https://plc.directory".into()).trim_end_matches('/').to_owned();
@@ -411,7 +411,7 @@ impl RawConfig {
             return Err(invalid("ring_size_bytes", "a power of two from 64 KiB to 4 GiB"));
         }
         // A ring must hold at least one maximal record.
-        if ring_size_bytes < 2 * crate::frame::FRAME_BYTES_MAX as u64 + (1 << 16) {
+        if ring_size_bytes < 2 * crate::atproto::frame::FRAME_BYTES_MAX as u64 + (1 << 16) {
             return Err(invalid("ring_size_bytes", "must hold two maximal frames (at least 16 MiB)"));
         }
         let segment_size_bytes = self.segment_size_bytes.unwrap_or(256 << 20);

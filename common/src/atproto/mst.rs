@@ -19,8 +19,8 @@
 //! Nodes live in an arena (`Vec<Node>`) addressed by index; the recursion
 //! depth is bounded by the number of layers (≤ 128).
 
-use crate::cbor::{CborError, Reader, Writer};
-use crate::cid::{Cid, Codec};
+use crate::atproto::cbor::{CborError, Reader, Writer};
+use crate::atproto::cid::{Cid, Codec};
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -68,7 +68,7 @@ pub trait BlockSource {
     fn get_block(&self, cid: &Cid) -> Option<&[u8]>;
 }
 
-impl BlockSource for crate::car::CarSlice<'_> {
+impl BlockSource for crate::atproto::car::CarSlice<'_> {
     fn get_block(&self, cid: &Cid) -> Option<&[u8]> {
         self.get(cid)
     }

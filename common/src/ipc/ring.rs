@@ -23,7 +23,7 @@
 //! The consumer may read ahead of `tail` (its private position); the
 //! producer never writes between `tail` and `head`.
 
-use crate::shm::{Shm, ShmError};
+use crate::ipc::shm::{Shm, ShmError};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -17,13 +17,13 @@
 //! What needs stored state (rev order, the prevData chain, account status)
 //! is the sequencer's job: see `policy`.
 
-use crate::car::{CarError, CarSlice};
-use crate::cbor::{self, CborError, Reader};
-use crate::cid::Cid;
-use crate::crypto::{PublicKey, SigError};
-use crate::frame::{Action, Commit, RepoOp, SyncEvent};
-use crate::mst::{Mst, MstError};
-use crate::syntax::{is_did, is_nsid, is_record_key, Tid};
+use crate::atproto::car::{CarError, CarSlice};
+use crate::atproto::cbor::{self, CborError, Reader};
+use crate::atproto::cid::Cid;
+use crate::atproto::crypto::{PublicKey, SigError};
+use crate::atproto::frame::{Action, Commit, RepoOp, SyncEvent};
+use crate::atproto::mst::{Mst, MstError};
+use crate::atproto::syntax::{is_did, is_nsid, is_record_key, Tid};
 use sha2::{Digest, Sha256};
 
 /// How far in the future a rev's timestamp may be.
@@ -340,7 +340,7 @@ pub fn check_sync(ev: &SyncEvent<'_>, now_micros: i64) -> Result<CheckedCommit, 
 }
 
 /// Build and sign a version-3 commit object; returns its CID and block.
-pub fn sign_commit(did: &str, data: &Cid, rev: &str, key: &crate::crypto::PrivateKey) -> (Cid, Vec<u8>) {
+pub fn sign_commit(did: &str, data: &Cid, rev: &str, key: &crate::atproto::crypto::PrivateKey) -> (Cid, Vec<u8>) {
     let write = |w: &mut cbor::Writer, sig: Option<&[u8; 64]>| {
         w.map(if sig.is_some() { 6 } else { 5 });
         w.text("did");
@@ -364,20 +364,20 @@ pub fn sign_commit(did: &str, data: &Cid, rev: &str, key: &crate::crypto::Privat
     let mut signed = cbor::Writer::with_capacity(240);
     write(&mut signed, Some(&sig));
     let bytes = signed.into_inner();
-    (Cid::compute(crate::cid::Codec::DagCbor, &bytes), bytes)
+    (Cid::compute(crate::atproto::cid::Codec::DagCbor, &bytes), bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{Curve, PrivateKey};
+    use crate::atproto::crypto::{Curve, PrivateKey};
     use rand::SeedableRng;
 
     #[test]
     fn signed_commit_verifies_and_unsigned_hash_matches() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let key = PrivateKey::generate(Curve::K256, &mut rng);
-        let data = Cid::compute(crate::cid::Codec::DagCbor, b"x");
+        let data = Cid::compute(crate::atproto::cid::Codec::DagCbor, b"x");
         let (cid, block) = sign_commit("did:plc:abc", &data, "3lmxjza3nva27", &key);
         assert!(cid.matches(&block));
         let obj = parse_commit_object(&block).unwrap();

@@ -87,7 +87,7 @@ pub enum RingRecord<'a> {
     },
     /// The shard could not reach `host_id` for a while (`offline`), or
     /// reached it again: the host's stored status follows
-    /// (`common::host`). Sent once per change, never per retry.
+    /// (`common::process::host`). Sent once per change, never per retry.
     HostState {
         host_id: i64,
         offline: bool,

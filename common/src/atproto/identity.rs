@@ -10,8 +10,8 @@
 //! [`PdsHost`] is the normalised "host[:port]" of a PDS endpoint, the unit in
 //! which the relay partitions and authorises upstream hosts.
 
-use crate::crypto::{KeyError, PublicKey};
-use crate::syntax::{is_did, is_handle, Did, Handle};
+use crate::atproto::crypto::{KeyError, PublicKey};
+use crate::atproto::syntax::{is_did, is_handle, Did, Handle};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@
 //!   away) and is dropped. Shards cache documents separately, so a
 //!   lagging old host can pass its shard's check on a cached document.
 
-use crate::ringrec::{EventRecord, Kind, PROOF_ABSENT, PROOF_FAILED};
+use crate::ipc::ringrec::{EventRecord, Kind, PROOF_ABSENT, PROOF_FAILED};
 
 /// An account's status as the relay reports it (getRepoStatus, listRepos,
 /// its own `#account` events; stored in `accounts.status`): the values the
@@ -236,7 +236,7 @@ fn decide_kind(mut st: AccountState, ev: &EventRecord<'_>, strict: bool) -> (Ver
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ringrec::PROOF_VERIFIED;
+    use crate::ipc::ringrec::PROOF_VERIFIED;
 
     fn ev<'a>(kind: Kind, rev: &'a str, data: &'a [u8], prev: &'a [u8]) -> EventRecord<'a> {
         EventRecord {

@@ -20,7 +20,7 @@
 //! write map keys in canonical order (length first, then bytes); [`Value`]
 //! sorts for them.
 
-use crate::cid::{Cid, CidError, CID_BINARY_LEN};
+use crate::atproto::cid::{Cid, CidError, CID_BINARY_LEN};
 use std::collections::BTreeMap;
 
 /// Parse limits from PROTOCOL.md §2.

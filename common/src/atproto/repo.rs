@@ -13,13 +13,13 @@
 //! Blocks accumulate as the repo changes; [`Repo::compact`] drops the ones
 //! no longer reachable (callers bound memory by calling it periodically).
 
-use crate::car::write_car;
-use crate::cid::{Cid, Codec};
-use crate::commit::sign_commit;
-use crate::crypto::PrivateKey;
-use crate::frame::{Action, Commit, RepoOp, SyncEvent};
-use crate::mst::{Mst, MstError, Recording};
-use crate::syntax::Tid;
+use crate::atproto::car::write_car;
+use crate::atproto::cid::{Cid, Codec};
+use crate::atproto::commit::sign_commit;
+use crate::atproto::crypto::PrivateKey;
+use crate::atproto::frame::{Action, Commit, RepoOp, SyncEvent};
+use crate::atproto::mst::{Mst, MstError, Recording};
+use crate::atproto::syntax::Tid;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One record operation to apply.
@@ -142,7 +142,7 @@ struct Applied {
 impl Repo {
     pub fn new(did: impl Into<String>, key: PrivateKey) -> Repo {
         let mut blocks = HashMap::new();
-        let data = Mst::empty(&crate::mst::NoBlocks).root_with(&mut |c, b| {
+        let data = Mst::empty(&crate::atproto::mst::NoBlocks).root_with(&mut |c, b| {
             blocks.insert(c, b);
         });
         Repo { did: did.into(), key, blocks, data, rev: None, commit: None, records: 0 }
@@ -352,9 +352,10 @@ impl Repo {
     pub fn compact(&mut self) -> Result<(), RepoError> {
         let entries = Mst::load(&self.blocks, self.data)?.entries()?;
         let mut keep: HashMap<Cid, Vec<u8>> = HashMap::with_capacity(entries.len() * 2);
-        let root = Mst::from_entries(&crate::mst::NoBlocks, entries.iter().cloned())?.root_with(&mut |c, b| {
-            keep.insert(c, b);
-        });
+        let root =
+            Mst::from_entries(&crate::atproto::mst::NoBlocks, entries.iter().cloned())?.root_with(&mut |c, b| {
+                keep.insert(c, b);
+            });
         debug_assert_eq!(root, self.data);
         for (_, v) in &entries {
             if let Some(b) = self.blocks.remove(v) {
@@ -369,14 +370,14 @@ impl Repo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::car::CarSlice;
-    use crate::commit::{check_commit, check_sync, Mode, Proof};
-    use crate::crypto::Curve;
-    use crate::frame::{decode, Event, Message};
+    use crate::atproto::car::CarSlice;
+    use crate::atproto::commit::{check_commit, check_sync, Mode, Proof};
+    use crate::atproto::crypto::Curve;
+    use crate::atproto::frame::{decode, Event, Message};
     use rand::SeedableRng;
 
     fn rec(i: usize) -> Vec<u8> {
-        let mut w = crate::cbor::Writer::new();
+        let mut w = crate::atproto::cbor::Writer::new();
         w.map(2);
         w.text("text");
         w.text(&format!("post {i}"));

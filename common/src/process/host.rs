@@ -101,7 +101,7 @@ pub enum ToShard {
     /// The hosts this shard reads (the whole list, replacing the last).
     Assign(Assignment),
     /// Settings changed by a reload, applied without a restart.
-    Settings(crate::config::ShardSettings),
+    Settings(crate::process::config::ShardSettings),
 }
 
 impl ToShard {
@@ -147,7 +147,7 @@ mod tests {
         assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
         assert_eq!(ToShard::parse(&line).unwrap(), m);
         assert_eq!(a.key(), vec![(3, 2)]);
-        let cfg = crate::config::RawConfig::default().validate(1).unwrap();
+        let cfg = crate::process::config::RawConfig::default().validate(1).unwrap();
         let m = ToShard::Settings(cfg.shard_settings());
         assert_eq!(ToShard::parse(&m.line()).unwrap(), m);
         assert!(ToShard::parse("{\"Assign\": 3}").is_err());

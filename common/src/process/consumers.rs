@@ -109,7 +109,7 @@ pub fn snapshot_path(run_dir: &Path, shard: usize) -> PathBuf {
 /// Every fresh shard snapshot in `run_dir` (at most `stale_secs` old).
 pub fn read_snapshots(run_dir: &Path, stale_secs: u64) -> Vec<Snapshot> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let mut out: Vec<Snapshot> = crate::runfile::read_json_files(run_dir, "shard-");
+    let mut out: Vec<Snapshot> = crate::process::runfile::read_json_files(run_dir, "shard-");
     out.retain(|s| now.saturating_sub(s.at) <= stale_secs);
     out.sort_by_key(|s| s.shard);
     out

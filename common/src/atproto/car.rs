@@ -10,8 +10,8 @@
 //! Blocks are kept in a `Vec` sorted by CID: commits carry 3 to 30 blocks,
 //! for which a sorted vector beats a hash map on both building and lookup.
 
-use crate::cbor::{CborError, Reader, Writer};
-use crate::cid::{Cid, CidError};
+use crate::atproto::cbor::{CborError, Reader, Writer};
+use crate::atproto::cid::{Cid, CidError};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum CarError {
@@ -179,7 +179,7 @@ pub fn write_car<'b>(root: &Cid, blocks: impl IntoIterator<Item = (&'b Cid, &'b 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cid::Codec;
+    use crate::atproto::cid::Codec;
 
     fn sample() -> (Cid, Vec<u8>) {
         let a = b"\xa1aa\x01".to_vec();

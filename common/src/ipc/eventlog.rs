@@ -189,7 +189,7 @@ pub fn set_flags(
         if dirty {
             file.sync_data().map_err(io_err(&dpath))?;
         }
-        crate::failpoint::hit("flags-after-segment");
+        crate::process::failpoint::hit("flags-after-segment");
     }
     Ok(changed)
 }
@@ -254,7 +254,7 @@ impl OpenSegment {
         if self.pend.is_empty() {
             return Ok(());
         }
-        if crate::failpoint::switched_on("eventlog-enospc") {
+        if crate::process::failpoint::switched_on("eventlog-enospc") {
             return Err(LogError::Io {
                 path: self.data_path.clone(),
                 err: std::io::Error::from_raw_os_error(libc::ENOSPC),

@@ -1,0 +1,24 @@
+//! The AT Protocol, as far as a relay needs it (PROTOCOL.md): no I/O, no
+//! clock, nothing of sluice's own process shape. Another relay could take
+//! this room whole.
+//!
+//! Encodings: [`cbor`] (strict zero-copy DAG-CBOR), [`cid`], [`car`] (CAR
+//! slices), [`syntax`] (DIDs, TIDs, handles, NSIDs). Identity: [`crypto`]
+//! (keys and signatures), [`identity`] (DID documents). Repositories: [`mst`]
+//! (Merkle Search Trees, partial trees, inversion), [`commit`] (stateless
+//! `#commit`/`#sync` validation), [`repo`] (the write side, for fakenet
+//! and tests). The stream: [`frame`] (subscribeRepos frames). The relay's
+//! rules over it: [`policy`] (the stateful checks of PROTOCOL.md §5, as a
+//! pure function).
+
+pub mod car;
+pub mod cbor;
+pub mod cid;
+pub mod commit;
+pub mod crypto;
+pub mod frame;
+pub mod identity;
+pub mod mst;
+pub mod policy;
+pub mod repo;
+pub mod syntax;

@@ -1,0 +1,23 @@
+//! Process plumbing (ours): what the supervisor, the shards and the
+//! db-writer need around the protocol. [`config`] (TOML and environment
+//! into a validated `Config`), [`host`] (host status and the shard
+//! assignment), [`partition`] (host → shard), [`consumers`] and
+//! [`runfile`] (the files shards publish in `data_dir/run`), [`instance`]
+//! (one relay per data directory), [`childfds`] (descriptors passed to
+//! children), [`failpoint`] (faults on purpose, for tests), [`http`] (the
+//! one HTTP request-head parser), [`netguard`] (which addresses may be
+//! dialed), [`tls`] (client TLS roots), [`heap`] (freed heap back to the
+//! kernel).
+
+pub mod childfds;
+pub mod config;
+pub mod consumers;
+pub mod failpoint;
+pub mod heap;
+pub mod host;
+pub mod http;
+pub mod instance;
+pub mod netguard;
+pub mod partition;
+pub mod runfile;
+pub mod tls;
