@@ -126,6 +126,9 @@ fn bench_verifiers(c: &mut Criterion) {
     let point = *k.public_key().compressed();
     let ours = k.public_key();
     g.bench_function("K-256/libsecp256k1", |b| b.iter(|| ours.verify_digest(black_box(&digest), &sig).unwrap()));
+    // The identity cache's form (`CompactKey`): the same parsed key.
+    let compact = ours.compact();
+    g.bench_function("K-256/compact", |b| b.iter(|| compact.verify_digest(black_box(&digest), &sig).unwrap()));
     let rc = k256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
     let rc_sig = k256::ecdsa::Signature::from_slice(&sig).unwrap();
     g.bench_function("K-256/rustcrypto-k256", |b| b.iter(|| rc.verify_prehash(black_box(&digest), &rc_sig).unwrap()));
@@ -139,6 +142,9 @@ fn bench_verifiers(c: &mut Criterion) {
     let point = *k.public_key().compressed();
     let ours = k.public_key();
     g.bench_function("P-256/aws-lc-rs", |b| b.iter(|| ours.verify_digest(black_box(&digest), &sig).unwrap()));
+    // The identity cache's form: the point parsed again for each check.
+    let compact = ours.compact();
+    g.bench_function("P-256/compact", |b| b.iter(|| compact.verify_digest(black_box(&digest), &sig).unwrap()));
     let rc = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
     let rc_sig = p256::ecdsa::Signature::from_slice(&sig).unwrap();
     g.bench_function("P-256/rustcrypto-p256", |b| b.iter(|| rc.verify_prehash(black_box(&digest), &rc_sig).unwrap()));

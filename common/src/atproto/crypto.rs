@@ -202,23 +202,10 @@ impl PublicKey {
 
     /// Verify a raw `r ‖ s` signature over a SHA-256 digest.
     pub fn verify_digest(&self, digest: &[u8; 32], sig: &[u8]) -> Result<(), SigError> {
-        if sig.len() != 64 {
-            return Err(SigError::Length(sig.len()));
-        }
-        let s: &[u8; 32] = sig[32..].try_into().expect("64 bytes");
         match &self.inner {
-            Inner::K256(pk) => {
-                if s > &K256_HALF_N {
-                    return Err(SigError::HighS);
-                }
-                let sig = secp256k1::ecdsa::Signature::from_compact(sig).map_err(|_| SigError::Invalid)?;
-                let msg = secp256k1::Message::from_digest(*digest);
-                secp256k1::ecdsa::verify(&sig, msg, pk).map_err(|_| SigError::Invalid)
-            }
+            Inner::K256(pk) => verify_k256(pk, digest, sig),
             Inner::P256(pk) => {
-                if s > &P256_HALF_N {
-                    return Err(SigError::HighS);
-                }
+                check_low_s(sig, &P256_HALF_N)?;
                 let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
                     .map_err(|_| SigError::Invalid)?;
                 pk.verify_digest_sig(&d, sig).map_err(|_| SigError::Invalid)
@@ -226,9 +213,90 @@ impl PublicKey {
         }
     }
 
+    /// The key in the form a cache holds (see [`CompactKey`]).
+    pub fn compact(&self) -> CompactKey {
+        match &self.inner {
+            Inner::K256(pk) => CompactKey::K256(*pk),
+            Inner::P256(_) => CompactKey::P256(self.compressed),
+        }
+    }
+
     /// Verify a signature over `msg` (hashed with SHA-256 here).
     pub fn verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), SigError> {
         self.verify_digest(&sha256(msg), sig)
+    }
+}
+
+/// A 64-byte `r ‖ s` whose `s` is at most `half_n`.
+fn check_low_s(sig: &[u8], half_n: &[u8; 32]) -> Result<(), SigError> {
+    if sig.len() != 64 {
+        return Err(SigError::Length(sig.len()));
+    }
+    let s: &[u8; 32] = sig[32..].try_into().expect("64 bytes");
+    if s > half_n {
+        return Err(SigError::HighS);
+    }
+    Ok(())
+}
+
+fn verify_k256(pk: &secp256k1::PublicKey, digest: &[u8; 32], sig: &[u8]) -> Result<(), SigError> {
+    check_low_s(sig, &K256_HALF_N)?;
+    let sig = secp256k1::ecdsa::Signature::from_compact(sig).map_err(|_| SigError::Invalid)?;
+    let msg = secp256k1::Message::from_digest(*digest);
+    secp256k1::ecdsa::verify(&sig, msg, pk).map_err(|_| SigError::Invalid)
+}
+
+/// A public key in 65 bytes, no heap: what an identity cache holds per
+/// account. A K-256 key is kept parsed (libsecp256k1's 64-byte form, so a
+/// verification costs nothing more); a P-256 key compressed, parsed by
+/// AWS-LC when it verifies (its parsed form lives on the heap and is
+/// several times larger).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CompactKey {
+    K256(secp256k1::PublicKey),
+    P256([u8; 33]),
+}
+
+impl fmt::Debug for CompactKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CompactKey({:?}, {:02x?})", self.curve(), &self.compressed()[..4])
+    }
+}
+
+impl CompactKey {
+    pub fn curve(&self) -> Curve {
+        match self {
+            CompactKey::K256(_) => Curve::K256,
+            CompactKey::P256(_) => Curve::P256,
+        }
+    }
+
+    /// The compressed SEC1 point.
+    pub fn compressed(&self) -> [u8; 33] {
+        match self {
+            CompactKey::K256(pk) => pk.serialize(),
+            CompactKey::P256(c) => *c,
+        }
+    }
+
+    /// From a curve and a compressed point (as stored).
+    pub fn from_compressed(curve: Curve, point: &[u8]) -> Result<CompactKey, KeyError> {
+        Ok(PublicKey::from_sec1(curve, point)?.compact())
+    }
+
+    pub fn to_public_key(&self) -> PublicKey {
+        match self {
+            CompactKey::K256(pk) => PublicKey { compressed: pk.serialize(), inner: Inner::K256(*pk) },
+            CompactKey::P256(c) => PublicKey::from_sec1(Curve::P256, c).expect("checked when compacted"),
+        }
+    }
+
+    /// As [`PublicKey::verify_digest`].
+    pub fn verify_digest(&self, digest: &[u8; 32], sig: &[u8]) -> Result<(), SigError> {
+        match self {
+            CompactKey::K256(pk) => verify_k256(pk, digest, sig),
+            CompactKey::P256(_) => self.to_public_key().verify_digest(digest, sig),
+        }
     }
 }
 
@@ -350,6 +418,13 @@ mod tests {
             assert_eq!(k.sign(b"hello"), sig);
             let again = PrivateKey::from_bytes(curve, &k.to_bytes()).unwrap();
             assert_eq!(again.public_key(), pk);
+            // The cache's form verifies the same, and round-trips.
+            let c = pk.compact();
+            c.verify_digest(&sha256(b"hello"), &sig).unwrap();
+            assert_eq!(c.verify_digest(&sha256(b"hellp"), &sig), Err(SigError::Invalid));
+            assert_eq!(c.to_public_key(), pk);
+            assert_eq!(CompactKey::from_compressed(curve, &c.compressed()).unwrap(), c);
+            assert!(std::mem::size_of::<CompactKey>() <= 66);
         }
     }
 

@@ -4,7 +4,9 @@
 //!
 //! Encodings: [`cbor`] (strict zero-copy DAG-CBOR), [`cid`], [`car`] (CAR
 //! slices), [`syntax`] (DIDs, TIDs, handles, NSIDs). Identity: [`crypto`]
-//! (keys and signatures), [`identity`] (DID documents). Repositories: [`mst`]
+//! (keys and signatures), [`identity`] (DID documents), [`did`] (a DID as
+//! compact bytes, for stores and caches), [`plc`] (PLC directory
+//! operations, as its export log carries them). Repositories: [`mst`]
 //! (Merkle Search Trees, partial trees, inversion), [`commit`] (stateless
 //! `#commit`/`#sync` validation), [`repo`] (the write side, for fakenet
 //! and tests). The stream: [`frame`] (subscribeRepos frames). The relay's
@@ -16,9 +18,11 @@ pub mod cbor;
 pub mod cid;
 pub mod commit;
 pub mod crypto;
+pub mod did;
 pub mod frame;
 pub mod identity;
 pub mod mst;
+pub mod plc;
 pub mod policy;
 pub mod repo;
 pub mod syntax;
