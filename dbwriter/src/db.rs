@@ -2,7 +2,9 @@
 //! hosts, accounts, and the one transaction per group commit.
 
 use postgres::{Client, NoTls, Statement};
+use sluice_common::atproto::did::{did_bytes, did_from_bytes};
 use sluice_common::atproto::policy::{AccountState, AccountStatus};
+use sluice_common::ipc::idwire::IdentityRecord;
 use sluice_common::process::host::{HostAssignment, HostStatus};
 use std::collections::HashMap;
 
@@ -540,5 +542,154 @@ pub fn ban_domain(c: &mut Client, domain: &str) -> Result<u64, postgres::Error> 
 
 pub fn unban_domain(c: &mut Client, domain: &str) -> Result<(), postgres::Error> {
     c.execute("DELETE FROM domain_bans WHERE domain = $1", &[&domain])?;
+    Ok(())
+}
+
+// The identity service's store (`crate::identity`).
+
+/// A stored identity's key column: curve code ‖ compressed point.
+fn key_col(r: &IdentityRecord) -> Option<Vec<u8>> {
+    r.key.as_ref().map(|(c, p)| {
+        let mut v = Vec::with_capacity(34);
+        v.push(*c);
+        v.extend_from_slice(p);
+        v
+    })
+}
+
+fn identity_row(r: &postgres::Row) -> Option<IdentityRecord> {
+    let did = did_from_bytes(r.get::<_, &[u8]>(0))?;
+    let key = r.get::<_, Option<&[u8]>>(1).and_then(|k| {
+        let (c, p) = k.split_first()?;
+        Some((*c, <[u8; 33]>::try_from(p).ok()?))
+    });
+    Some(IdentityRecord { did, key, pds: r.get(2), handle: r.get(3), as_of_micros: r.get(4) })
+}
+
+/// The stored identities of `dids` (those not stored are absent).
+pub fn load_identities(c: &mut Client, dids: &[&str]) -> Result<HashMap<String, IdentityRecord>, DbError> {
+    let keys: Vec<Vec<u8>> = dids.iter().map(|d| did_bytes(d)).collect();
+    let rows = c.query(
+        "SELECT i.did, i.key, e.url, i.handle, i.as_of FROM identities i LEFT JOIN pds_endpoints e ON e.id = i.pds_id
+         WHERE i.did = ANY($1)",
+        &[&keys],
+    )?;
+    Ok(rows.iter().filter_map(identity_row).map(|r| (r.did.clone(), r)).collect())
+}
+
+/// Make sure every endpoint of `urls` has a number.
+fn intern_endpoints<'a>(
+    t: &mut impl postgres::GenericClient,
+    urls: impl Iterator<Item = &'a str>,
+) -> Result<(), DbError> {
+    let mut urls: Vec<&str> = urls.collect();
+    urls.sort_unstable();
+    urls.dedup();
+    if !urls.is_empty() {
+        t.execute(
+            "INSERT INTO pds_endpoints (url) SELECT u FROM unnest($1::text[]) AS u
+             WHERE NOT EXISTS (SELECT 1 FROM pds_endpoints e WHERE e.url = u) ON CONFLICT (url) DO NOTHING",
+            &[&urls],
+        )?;
+    }
+    Ok(())
+}
+
+/// Store fetched identities (newer than what is stored: a slower fetch
+/// never overwrites a newer answer).
+pub fn save_identities(c: &mut Client, recs: &[IdentityRecord]) -> Result<(), DbError> {
+    if recs.is_empty() {
+        return Ok(());
+    }
+    let mut t = c.transaction()?;
+    intern_endpoints(&mut t, recs.iter().filter_map(|r| r.pds.as_deref()))?;
+    let dids: Vec<Vec<u8>> = recs.iter().map(|r| did_bytes(&r.did)).collect();
+    let keys: Vec<Option<Vec<u8>>> = recs.iter().map(key_col).collect();
+    let pds: Vec<Option<&str>> = recs.iter().map(|r| r.pds.as_deref()).collect();
+    let handles: Vec<Option<&str>> = recs.iter().map(|r| r.handle.as_deref()).collect();
+    let as_of: Vec<i64> = recs.iter().map(|r| r.as_of_micros).collect();
+    t.execute(
+        "INSERT INTO identities (did, key, pds_id, handle, as_of)
+         SELECT v.d, v.k, e.id, v.h, v.a FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::int8[])
+           AS v(d, k, u, h, a) LEFT JOIN pds_endpoints e ON e.url = v.u
+         ON CONFLICT (did) DO UPDATE SET key = EXCLUDED.key, pds_id = EXCLUDED.pds_id, handle = EXCLUDED.handle,
+           as_of = EXCLUDED.as_of
+         WHERE identities.as_of <= EXCLUDED.as_of",
+        &[&dids, &keys, &pds, &handles, &as_of],
+    )?;
+    t.commit()?;
+    Ok(())
+}
+
+/// A DID the directory says has no document (any more).
+pub fn delete_identity(c: &mut Client, did: &str) -> Result<(), DbError> {
+    c.execute("DELETE FROM identities WHERE did = $1", &[&did_bytes(did)])?;
+    Ok(())
+}
+
+/// Apply the PLC export's operations to the DIDs the store holds (others
+/// are skipped), each only if newer than what is stored, and move the
+/// export cursor, in one transaction. `ops` holds at most one operation
+/// per DID (the latest). Returns the identities that changed (a tombstone
+/// as a record with no key and no endpoint).
+pub fn apply_plc_ops(
+    c: &mut Client,
+    ops: &[IdentityRecord],
+    tombstones: &[(String, i64)],
+    cursor: &str,
+) -> Result<Vec<IdentityRecord>, DbError> {
+    let mut t = c.transaction()?;
+    let mut changed = Vec::new();
+    if !ops.is_empty() {
+        let dids: Vec<Vec<u8>> = ops.iter().map(|r| did_bytes(&r.did)).collect();
+        // Only endpoints of DIDs the store holds get a number.
+        let known: std::collections::HashSet<Vec<u8>> = t
+            .query("SELECT did FROM identities WHERE did = ANY($1)", &[&dids])?
+            .iter()
+            .map(|r| r.get::<_, Vec<u8>>(0))
+            .collect();
+        let ops: Vec<&IdentityRecord> = ops.iter().filter(|r| known.contains(&did_bytes(&r.did))).collect();
+        intern_endpoints(&mut t, ops.iter().filter_map(|r| r.pds.as_deref()))?;
+        let dids: Vec<Vec<u8>> = ops.iter().map(|r| did_bytes(&r.did)).collect();
+        let keys: Vec<Option<Vec<u8>>> = ops.iter().map(|r| key_col(r)).collect();
+        let pds: Vec<Option<&str>> = ops.iter().map(|r| r.pds.as_deref()).collect();
+        let handles: Vec<Option<&str>> = ops.iter().map(|r| r.handle.as_deref()).collect();
+        let as_of: Vec<i64> = ops.iter().map(|r| r.as_of_micros).collect();
+        let rows = t.query(
+            "UPDATE identities i SET key = v.k, pds_id = e.id, handle = v.h, as_of = v.a
+             FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::int8[]) AS v(d, k, u, h, a)
+               LEFT JOIN pds_endpoints e ON e.url = v.u
+             WHERE i.did = v.d AND i.as_of < v.a
+             RETURNING i.did, i.key, v.u, i.handle, i.as_of",
+            &[&dids, &keys, &pds, &handles, &as_of],
+        )?;
+        changed.extend(rows.iter().filter_map(identity_row));
+    }
+    if !tombstones.is_empty() {
+        let dids: Vec<Vec<u8>> = tombstones.iter().map(|(d, _)| did_bytes(d)).collect();
+        let at: Vec<i64> = tombstones.iter().map(|(_, a)| *a).collect();
+        let rows = t.query(
+            "DELETE FROM identities i USING unnest($1::bytea[], $2::int8[]) AS v(d, a)
+             WHERE i.did = v.d AND i.as_of < v.a RETURNING i.did, v.a",
+            &[&dids, &at],
+        )?;
+        for r in &rows {
+            if let Some(did) = did_from_bytes(r.get::<_, &[u8]>(0)) {
+                changed.push(IdentityRecord { did, key: None, pds: None, handle: None, as_of_micros: r.get(1) });
+            }
+        }
+    }
+    t.execute("UPDATE relay_meta SET plc_cursor = $1 WHERE id = 1", &[&cursor])?;
+    t.commit()?;
+    Ok(changed)
+}
+
+/// Where the PLC export was read up to (None: never followed).
+pub fn plc_cursor(c: &mut Client) -> Result<Option<String>, DbError> {
+    Ok(c.query_one("SELECT plc_cursor FROM relay_meta WHERE id = 1", &[])?.get(0))
+}
+
+pub fn set_plc_cursor(c: &mut Client, cursor: &str) -> Result<(), DbError> {
+    c.execute("UPDATE relay_meta SET plc_cursor = $1 WHERE id = 1", &[&cursor])?;
     Ok(())
 }

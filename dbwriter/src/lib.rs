@@ -5,7 +5,10 @@
 //!   assigns relay seqs, appends to the event log, group-commits.
 //! - [`query`]: the XRPC endpoints other than subscribeRepos, answered over
 //!   a Unix socket for the shards.
-//! - [`db`]: Postgres (migrations, hosts, accounts, the commit transaction).
+//! - [`db`]: Postgres (migrations, hosts, accounts, identities, the commit
+//!   transaction).
+//! - [`identity`]: the identity service: every shard's DID lookups, the
+//!   identity store, the PLC directory's export followed.
 //!
 //! Started by the supervisor with the control block and every ring passed
 //! as inherited file descriptors.
@@ -15,6 +18,7 @@ pub mod admission;
 pub mod api;
 pub mod db;
 pub mod goat;
+pub mod identity;
 pub mod messages;
 pub mod query;
 pub mod recheck;
@@ -74,6 +78,8 @@ pub unsafe fn run(
         query_config(cfg, database_url, &control, live.clone(), admin_tx.clone())?,
         query_stop.clone(),
     )?;
+    let identity = identity::start(identity_config(cfg, database_url)?, control.clone(), query_stop.clone())?;
+    workers.extend(identity.threads);
     let mut seq = sequencer::Sequencer::new(
         pg,
         log,
@@ -91,7 +97,7 @@ pub unsafe fn run(
     if let Some(r) = reload {
         let (tx, rx) = std::sync::mpsc::sync_channel(4);
         seq.settings = Some(rx);
-        workers.push(start_reloader(r, live, tx, query_stop.clone())?);
+        workers.push(start_reloader(r, live, tx, identity.events, query_stop.clone())?);
     }
     let flagger = admin::start_flagger(cfg.events_dir(), control.clone())?;
     // A crash may have cut a flagging scan short: flag the taken-down
@@ -127,6 +133,19 @@ fn log_stopped(control: &ControlBlock, last_seq: i64) {
     );
 }
 
+/// The identity service's configuration.
+fn identity_config(cfg: &Config, database_url: &str) -> anyhow::Result<identity::ServiceConfig> {
+    Ok(identity::ServiceConfig {
+        socket: cfg.identity_socket(),
+        database_url: database_url.to_owned(),
+        plc_url: cfg.plc_url.clone(),
+        allow_insecure: cfg.allow_insecure_hosts,
+        settings: cfg.identity.clone(),
+        refreshes_per_host_per_second: cfg.limits.identity_refreshes_per_host_per_second,
+        tls: sluice_common::process::tls::client_config(cfg.tls_ca_file.as_deref())?,
+    })
+}
+
 /// The query workers' configuration.
 fn query_config(
     cfg: &Config,
@@ -159,6 +178,7 @@ fn start_reloader(
     r: Reload,
     live: Arc<std::sync::RwLock<api::Live>>,
     to_sequencer: std::sync::mpsc::SyncSender<sequencer::Settings>,
+    to_identity: flume::Sender<identity::Event>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("reload".into()).spawn(move || {
@@ -181,6 +201,10 @@ fn start_reloader(
             // Full: the sequencer has not taken the last ones yet; the
             // next SIGHUP brings these again.
             let _ = to_sequencer.try_send(sequencer::Settings::from_config(&cfg));
+            let _ = to_identity.send(identity::Event::Settings {
+                settings: cfg.identity.clone(),
+                refreshes_per_host_per_second: cfg.limits.identity_refreshes_per_host_per_second,
+            });
         }
     })
 }

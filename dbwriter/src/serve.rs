@@ -81,7 +81,7 @@ pub fn start(
 const STOP_CHECK: Duration = Duration::from_millis(200);
 
 /// Until `listener` has a connection to accept, or `at_most` passed.
-fn wait_readable(listener: &UnixListener, at_most: Duration) {
+pub(crate) fn wait_readable(listener: &UnixListener, at_most: Duration) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];

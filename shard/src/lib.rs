@@ -1,10 +1,12 @@
 //! The shard process (`sluice shard --id K`): one glommio executor pinned
 //! to one core, io_uring for every socket. Never blocks its executor:
-//! DNS and DID documents go through [`resolver`]'s helper threads;
-//! Postgres is the db-writer's.
+//! DNS goes through [`resolver`]'s helper threads, identities through its
+//! cache ([`idcache`]) and the db-writer's identity service (a socket kept
+//! by helper threads); Postgres is the db-writer's.
 //!
-//! - [`upstream`]: one task per assigned host (WebSocket client, validation,
-//!   ring producer).
+//! - [`upstream`]: one task per assigned host (WebSocket client, ring
+//!   producer), its read-ahead [`window`], the checks of a frame
+//!   ([`validate`]).
 //! - [`downstream`]: the public port (subscribeRepos from the event log,
 //!   health, forwarding to the query workers).
 //! - assignment: the supervisor writes the shard's host list as JSON lines
@@ -16,9 +18,12 @@
 pub mod consumers;
 pub mod downstream;
 pub mod health;
+pub mod idcache;
 pub mod resolver;
 pub mod stalls;
 pub mod upstream;
+pub mod validate;
+pub mod window;
 pub mod wsin;
 pub mod wsout;
 
@@ -190,17 +195,16 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
         .map_err(|e| anyhow::anyhow!("starting the glommio executor: {e}"))?;
     ex.run(async move {
         let payload_max = ring.payload_max();
+        // The shards share the configured identity cache bytes.
+        let cache_bytes = cfg.limits.identity_cache_bytes / u64::from(cfg.shard_count.max(1));
+        let (resolver, answers) = resolver::Resolver::new(cfg.identity_socket(), cache_bytes)?;
+        glommio::spawn_local(resolver.clone().serve_answers(answers)).detach();
         let sh = Rc::new(Shared {
             id,
             control: control.clone(),
             producer: RefCell::new(Producer::new(ring)),
             payload_max,
-            resolver: resolver::Resolver::new(
-                &cfg.plc_url,
-                cfg.allow_insecure_hosts,
-                4,
-                cfg.limits.identity_cache_entries_max as usize,
-            )?,
+            resolver,
             log: RefCell::new(LogReader::new(&cfg.events_dir())),
             allow_insecure: cfg.allow_insecure_hosts,
             tls,
@@ -254,6 +258,9 @@ fn spawn_services(sh: &Rc<Shared>, cfg: &Config) -> anyhow::Result<()> {
             let snapshot = pub_sh.consumers.borrow().snapshot(pub_sh.id, committed, &pub_sh.hosts.borrow());
             let _ = snapshots.try_send(snapshot);
             pub_sh.lag_hist.borrow_mut().flush(&pub_sh.control.histogram(sluice_common::ipc::shm::Hist::ConsumerLag));
+            let (entries, bytes) = pub_sh.resolver.cache_size();
+            pub_sh.slot().identity_cache_entries.store(entries as u64, Ordering::Relaxed);
+            pub_sh.slot().identity_cache_bytes.store(bytes as u64, Ordering::Relaxed);
             glommio::timer::sleep(consumers::PUBLISH_EVERY).await;
         }
     })

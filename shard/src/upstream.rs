@@ -24,59 +24,29 @@
 //! - An event whose seq is not above the last one handled is dropped.
 //! - An event that fails a check is dropped and counted; a `Cursor` record
 //!   still tells the db-writer the host's cursor may move past it.
-//! - A failed host-authority or signature check re-resolves the DID once
-//!   before dropping (migrations, key rotations).
+//! - Identities come from the shard's cache; a frame that needs the
+//!   identity service waits in the host's read-ahead window
+//!   ([`crate::window`]) while the host's other frames are read and
+//!   validated behind it. A failed host-authority or signature check asks
+//!   once for a document at least as recent as the event (migrations, key
+//!   rotations) before dropping; an unresolvable DID's events are dropped
+//!   (`identity_unresolved`), never the host's others.
 
 use crate::health::{Change, Health, HEALTHY_AFTER};
+use crate::window::{Delivery, HostCtx, Step, Window};
 use crate::wsin::{In, WsError, WsIn};
 use crate::{io, Shared};
-use sluice_common::atproto::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof};
-use sluice_common::atproto::frame::{self, Event};
 use sluice_common::atproto::identity::PdsHost;
-use sluice_common::ipc::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
+use sluice_common::ipc::ringrec::RingRecord;
 use sluice_common::ipc::shm::{DropReason, Hist, UpstreamClose};
 pub use sluice_common::process::host::HostAssignment;
+use sluice_common::process::rate::TokenBucket;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub use crate::wsin::MESSAGE_BYTES_MAX;
-
-/// Per-host event rate limit: a token bucket holding one second of
-/// events. Over the rate, the host task waits before reading on, so the
-/// host's TCP window closes: nothing is dropped.
-pub struct Bucket {
-    rate: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl Bucket {
-    pub fn new(per_second: u32, now: std::time::Instant) -> Bucket {
-        let rate = per_second.max(1) as f64;
-        Bucket { rate, tokens: rate, last: now }
-    }
-
-    /// A new rate (a reload), from now on; the tokens held stay, up to it.
-    pub fn set_rate(&mut self, per_second: u32) {
-        self.rate = per_second.max(1) as f64;
-        self.tokens = self.tokens.min(self.rate);
-    }
-
-    /// Take a token at `now`; `Some(wait)` if none is left.
-    pub fn take(&mut self, now: std::time::Instant) -> Option<Duration> {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.rate);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            None
-        } else {
-            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
-        }
-    }
-}
 
 /// A host task's cancellation: set once, and wakes the task at once, so
 /// host tasks never poll a flag on a timer (with thousands of hosts, down
@@ -319,6 +289,8 @@ async fn handshake(sh: &Rc<Shared>, host: &HostAssignment, cursor: i64) -> Resul
 /// What woke the read loop.
 enum Wake<'a> {
     Message(Result<In<'a>, WsError>),
+    /// The window's head has its identity.
+    Answered,
     Stop,
     Tick,
 }
@@ -396,26 +368,54 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
     let Task { host, stats, stopping, cancel } = task;
     let _connected = connected(sh, stats);
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
+    let ctx = HostCtx { host, pds: sh.resolver.pds_hash(&host.hostname) };
+    let mut window = Window::new(sh);
+    // The last seq read (frames are read ahead of what is delivered).
+    let mut last_read = *last_seq;
     let mut buf = Vec::new();
-    let mut bucket = Bucket::new(sh.settings().host_events_per_second_max, Instant::now());
+    let mut bucket = TokenBucket::new(rate_of(sh), rate_of(sh), Instant::now());
     let mut keep = KeepAlive::new(sh);
     // Wakes the loop when the host is unassigned or the relay stops, even
     // if the host sends nothing.
     let mut watch = Box::pin(cancel.wait());
     let mut tick = Box::pin(glommio::timer::sleep(keep.ping_every));
     while !stopping() {
-        // `WsIn::next` is cancel-safe: a timer or a stop may drop it.
+        if let Err(e) = deliver(sh, &ctx, stats, &mut window, last_seq, &mut buf).await {
+            return e;
+        }
+        // `WsIn::next` is cancel-safe: a timer, a stop or an answer may
+        // drop it. A full window reads nothing (TCP backpressure).
         let wake = {
+            let head = window.head_slot();
+            let answered = async {
+                match &head {
+                    Some(s) => s.wait().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let read = async {
+                if window.has_room() {
+                    ws.next().await
+                } else {
+                    std::future::pending().await
+                }
+            };
             // Pinned on the stack: no allocation per message.
-            let next = std::pin::pin!(ws.next());
-            match futures::future::select(next, futures::future::select(&mut watch, &mut tick)).await {
+            let (read, answered) = (std::pin::pin!(read), std::pin::pin!(answered));
+            let others = futures::future::select(answered, futures::future::select(&mut watch, &mut tick));
+            match futures::future::select(read, others).await {
                 futures::future::Either::Left((m, _)) => Wake::Message(m),
-                futures::future::Either::Right((futures::future::Either::Left(_), _)) => Wake::Stop,
-                futures::future::Either::Right((futures::future::Either::Right(_), _)) => Wake::Tick,
+                futures::future::Either::Right((futures::future::Either::Left(_), _)) => Wake::Answered,
+                futures::future::Either::Right((
+                    futures::future::Either::Right((futures::future::Either::Left(_), _)),
+                    _,
+                )) => Wake::Stop,
+                futures::future::Either::Right(_) => Wake::Tick,
             }
         };
         let data = match wake {
             Wake::Stop => break,
+            Wake::Answered => continue,
             Wake::Tick => {
                 let (ping, next) = match keep.tick() {
                     Ok(t) => t,
@@ -449,12 +449,80 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
             }
         };
         throttle(sh, &mut bucket).await;
-        if let Err(e) = handle_frame(sh, host, stats, data, last_seq, &mut buf).await {
+        let started = Instant::now();
+        let step = window.on_frame(&ctx, data, &mut last_read, now_micros(), &mut buf);
+        sh.control.histogram(Hist::Validation).observe(started.elapsed().as_micros() as u64);
+        let delivery = match step {
+            None => continue,
+            Some(Step::Push(seq)) => Delivery::Push { seq, record: Vec::new() },
+            Some(Step::Reject(r, seq)) => Delivery::Reject(r, seq),
+            Some(Step::Wait(_)) => unreachable!("a waiting frame goes into the window"),
+        };
+        // The window was empty: straight to the ring (a push's record is
+        // still in `buf`, no copy).
+        if let Err(e) = apply(sh, host, stats, delivery, last_seq, &mut buf).await {
             return e;
         }
     }
     ws.close().await;
     ended(UpstreamClose::Local, "unassigned or stopping")
+}
+
+/// The host's rate (`limits.host_events_per_second_max`, as reloaded).
+fn rate_of(sh: &Shared) -> f64 {
+    sh.settings().host_events_per_second_max.max(1) as f64
+}
+
+/// Deliver the window's head while it is ready.
+async fn deliver(
+    sh: &Shared,
+    ctx: &HostCtx<'_>,
+    stats: &crate::consumers::HostStats,
+    window: &mut Window<'_>,
+    last_seq: &mut i64,
+    buf: &mut Vec<u8>,
+) -> Result<(), Ended> {
+    while let Some(d) = window.take_ready(ctx, buf) {
+        apply(sh, ctx.host, stats, d, last_seq, buf).await?;
+    }
+    Ok(())
+}
+
+/// One event's outcome, in its host's order: into the ring, dropped (a
+/// `Cursor` record lets the host's cursor pass it), or the connection's
+/// end. A push with an empty record writes `buf` (the window was empty).
+async fn apply(
+    sh: &Shared,
+    host: &HostAssignment,
+    stats: &crate::consumers::HostStats,
+    d: Delivery,
+    last_seq: &mut i64,
+    buf: &mut Vec<u8>,
+) -> Result<(), Ended> {
+    match d {
+        Delivery::Push { seq, record } => {
+            push(sh, if record.is_empty() { buf } else { &record }).await;
+            sh.slot().events_in.fetch_add(1, Ordering::Relaxed);
+            stats.event(now_micros());
+            *last_seq = seq;
+        }
+        Delivery::Reject(Rejected::Drop(reason, why), seq) => {
+            sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
+            sh.slot().drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+            stats.drop(reason);
+            tracing::debug!(host = host.hostname, seq, reason = reason.name(), why, "dropped upstream event");
+            if let Some(seq) = seq {
+                RingRecord::Cursor { host_id: host.id, upstream_seq: seq }.encode(buf);
+                push(sh, buf).await;
+                *last_seq = seq;
+            }
+        }
+        Delivery::Reject(Rejected::Close(reason, why), _) => {
+            sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
+            return Err(ended(reason, why));
+        }
+    }
+    Ok(())
 }
 
 /// Counted as connected (shard gauge, host stats) until the guard drops.
@@ -469,49 +537,11 @@ fn connected<'a>(sh: &'a Shared, stats: &'a crate::consumers::HostStats) -> Guar
 
 /// Wait for the host's rate (`limits.host_events_per_second_max`, as
 /// reloaded) to allow one more event.
-async fn throttle(sh: &Shared, bucket: &mut Bucket) {
-    bucket.set_rate(sh.settings().host_events_per_second_max);
+async fn throttle(sh: &Shared, bucket: &mut TokenBucket) {
+    bucket.set_rate(rate_of(sh), rate_of(sh));
     while let Some(wait) = bucket.take(Instant::now()) {
         glommio::timer::sleep(wait).await;
     }
-}
-
-/// Check one data message and write what it yields into the ring.
-async fn handle_frame(
-    sh: &Shared,
-    host: &HostAssignment,
-    stats: &crate::consumers::HostStats,
-    data: &[u8],
-    last_seq: &mut i64,
-    buf: &mut Vec<u8>,
-) -> Result<(), Ended> {
-    let started = Instant::now();
-    let checked = check_frame(sh, host, data, *last_seq, buf).await;
-    sh.control.histogram(Hist::Validation).observe(started.elapsed().as_micros() as u64);
-    match checked {
-        Ok(seq) => {
-            push(sh, buf).await;
-            sh.slot().events_in.fetch_add(1, Ordering::Relaxed);
-            stats.event(now_micros());
-            *last_seq = seq;
-        }
-        Err((Rejected::Drop(reason, why), seq)) => {
-            sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
-            sh.slot().drops[reason as usize].fetch_add(1, Ordering::Relaxed);
-            stats.drop(reason);
-            tracing::debug!(host = host.hostname, seq, reason = reason.name(), why, "dropped upstream event");
-            if let Some(seq) = seq {
-                RingRecord::Cursor { host_id: host.id, upstream_seq: seq }.encode(buf);
-                push(sh, buf).await;
-                *last_seq = seq;
-            }
-        }
-        Err((Rejected::Close(reason, why), _)) => {
-            sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
-            return Err(ended(reason, why));
-        }
-    }
-    Ok(())
 }
 
 struct Guard<F: FnMut()>(F);
@@ -548,202 +578,9 @@ async fn push_raw(sh: &Shared, rec: &[u8]) {
     }
 }
 
-fn proof_code(p: &Proof) -> u8 {
-    match p {
-        Proof::Verified(_) => PROOF_VERIFIED,
-        Proof::Absent => PROOF_ABSENT,
-        Proof::Failed(_) => PROOF_FAILED,
-    }
-}
-
-/// A check's outcome: what it found, or why the event is rejected (with
-/// its seq when known, so the cursor can pass it).
-type Verdict<T> = Result<T, (Rejected, Option<i64>)>;
-
-/// Decode a frame into an event with a seq above `last_seq`, and the byte
-/// span of that seq in the frame.
-fn decode_event<'a>(host: &HostAssignment, data: &'a [u8], last_seq: i64) -> Verdict<(Event<'a>, i64, (usize, usize))> {
-    let decoded =
-        frame::decode(data).map_err(|e| (Rejected::Close(UpstreamClose::BadFrame, format!("frame: {e}")), None))?;
-    let ev = match decoded.message {
-        frame::Message::Error { error, message } => {
-            let why = format!("error frame {error}: {}", message.unwrap_or(""));
-            return Err((Rejected::Close(UpstreamClose::BadFrame, why), None));
-        }
-        frame::Message::Event(ev) => ev,
-    };
-    let seq = match (&ev, ev.seq()) {
-        (Event::Info(i), _) => {
-            tracing::info!(host = host.hostname, name = i.name, message = i.message, "upstream #info");
-            return Err((Rejected::Drop(DropReason::Info, "info".into()), None));
-        }
-        (_, None) => {
-            let why = format!("unknown message type {}", ev.type_name());
-            return Err((Rejected::Drop(DropReason::UnknownType, why), None));
-        }
-        (_, Some(s)) => s,
-    };
-    if seq <= last_seq {
-        return Err((Rejected::Drop(DropReason::OldSeq, format!("seq {seq} not above {last_seq}")), None));
-    }
-    let span =
-        decoded.seq_span.ok_or_else(|| (Rejected::Drop(DropReason::Malformed, "no seq span".into()), Some(seq)))?;
-    Ok((ev, seq, span))
-}
-
-/// The ring record of an event before its kind's fields are filled in.
-fn new_record<'a>(
-    host: &HostAssignment,
-    seq: i64,
-    did: &'a str,
-    frame: &'a [u8],
-    span: (usize, usize),
-    now: i64,
-) -> EventRecord<'a> {
-    EventRecord {
-        host_id: host.id,
-        upstream_seq: seq,
-        kind: 0,
-        did,
-        rev: "",
-        since: "",
-        commit_cid: &[],
-        data_cid: &[],
-        prev_data: &[],
-        proof: PROOF_ABSENT,
-        active: true,
-        status: "",
-        time_micros: now,
-        identity_micros: 0,
-        frame,
-        seq_start: span.0 as u32,
-        seq_end: span.1 as u32,
-    }
-}
-
-/// Validate one frame; on success `out` holds the encoded ring record and
-/// the event's upstream seq is returned.
-pub async fn check_frame(
-    sh: &Shared,
-    host: &HostAssignment,
-    data: &[u8],
-    last_seq: i64,
-    out: &mut Vec<u8>,
-) -> Verdict<i64> {
-    let (ev, seq, span) = decode_event(host, data, last_seq)?;
-    let drop = |reason, why: String| (Rejected::Drop(reason, why), Some(seq));
-    let mode = if sh.settings().strict { Mode::Strict } else { Mode::Lenient };
-    let now = now_micros();
-    let did = ev.did().expect("events with a seq have a DID");
-    let mut rec = new_record(host, seq, did, data, span, now);
-    let (commit_bytes, data_bytes, prev_bytes);
-    match &ev {
-        Event::Commit(c) => {
-            let checked =
-                check_commit(c, mode, now).map_err(|e| drop(DropReason::InvalidCommit, format!("{did}: {e}")))?;
-            rec.identity_micros =
-                authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
-            commit_bytes = checked.commit_cid.to_bytes();
-            data_bytes = checked.data.to_bytes();
-            prev_bytes = c.prev_data.map(|p| p.to_bytes());
-            rec.kind = Kind::Commit as u8;
-            rec.rev = c.rev;
-            rec.since = c.since.unwrap_or("");
-            rec.commit_cid = &commit_bytes;
-            rec.data_cid = &data_bytes;
-            rec.prev_data = prev_bytes.as_ref().map_or(&[][..], |p| &p[..]);
-            rec.proof = proof_code(&checked.proof);
-        }
-        Event::Sync(s) => {
-            let checked = check_sync(s, now).map_err(|e| drop(DropReason::InvalidSync, format!("{did}: {e}")))?;
-            rec.identity_micros =
-                authority_and_signature(sh, host, did, Some(&checked)).await.map_err(|r| (r, Some(seq)))?;
-            commit_bytes = checked.commit_cid.to_bytes();
-            data_bytes = checked.data.to_bytes();
-            rec.kind = Kind::Sync as u8;
-            rec.rev = s.rev;
-            rec.commit_cid = &commit_bytes;
-            rec.data_cid = &data_bytes;
-        }
-        Event::Identity(_) => {
-            sh.resolver.forget(did);
-            rec.identity_micros = authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
-            rec.kind = Kind::Identity as u8;
-        }
-        Event::Account(a) => {
-            rec.identity_micros = authority_and_signature(sh, host, did, None).await.map_err(|r| (r, Some(seq)))?;
-            rec.kind = Kind::Account as u8;
-            rec.active = a.active;
-            rec.status = a.status.unwrap_or("");
-        }
-        Event::Info(_) | Event::Unknown { .. } => unreachable!("handled above"),
-    }
-    RingRecord::Event(rec).encode(out);
-    if out.len() > sh.payload_max {
-        let why = format!("{did}: record of {} bytes exceeds the ring's limit", out.len());
-        return Err(drop(DropReason::TooLarge, why));
-    }
-    Ok(seq)
-}
-
-/// Host authority (the DID's PDS is this host) and, for commits, the
-/// signature; one fresh resolution before giving up. When the identity
-/// cannot be fetched at all (directory down), the event is not dropped:
-/// the connection closes and the event is read again after the backoff.
-/// Returns when the document that passed was fetched.
-async fn authority_and_signature(
-    sh: &Shared,
-    host: &HostAssignment,
-    did: &str,
-    commit: Option<&CheckedCommit>,
-) -> Result<i64, Rejected> {
-    let mut last_err = String::new();
-    let mut reason = DropReason::IdentityFailed;
-    let mut unavailable = 0;
-    for fresh in [false, true] {
-        let ident = match sh.resolver.did(did, fresh).await {
-            Ok(i) => i,
-            Err(e) => {
-                if e.is_transient() {
-                    unavailable += 1;
-                }
-                (reason, last_err) = (DropReason::IdentityFailed, e.to_string());
-                continue;
-            }
-        };
-        let pds = ident.pds_endpoint.as_deref().and_then(PdsHost::from_endpoint);
-        match pds {
-            Some(p) if p.name == host.hostname => {}
-            Some(p) => {
-                (reason, last_err) =
-                    (DropReason::WrongHost, format!("{did} is hosted at {}, not {}", p.name, host.hostname));
-                continue;
-            }
-            None => {
-                (reason, last_err) = (DropReason::WrongHost, format!("{did} has no PDS endpoint"));
-                continue;
-            }
-        }
-        let Some(c) = commit else { return Ok(ident.fetched_micros) };
-        let Some(key) = &ident.signing_key else {
-            (reason, last_err) = (DropReason::NoSigningKey, format!("{did} has no signing key"));
-            continue;
-        };
-        match c.verify_signature(key) {
-            Ok(()) => return Ok(ident.fetched_micros),
-            Err(e) => (reason, last_err) = (DropReason::BadSignature, format!("{did}: signature: {e}")),
-        }
-    }
-    if unavailable == 2 {
-        return Err(Rejected::Close(UpstreamClose::IdentityUnavailable, format!("identity unavailable: {last_err}")));
-    }
-    Err(Rejected::Drop(reason, last_err))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     #[test]
     fn cancel_wakes_its_waiter_once_and_stays_set() {
@@ -771,26 +608,5 @@ mod tests {
         assert!(c.is_set());
         assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(()));
         assert_eq!(Box::pin(c.wait()).as_mut().poll(&mut cx), Poll::Ready(()));
-    }
-
-    #[test]
-    fn bucket_allows_a_second_of_burst_then_the_rate() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(100, t0);
-        for _ in 0..100 {
-            assert_eq!(b.take(t0), None);
-        }
-        let w = b.take(t0).expect("empty after the burst");
-        assert!((w.as_secs_f64() - 0.01).abs() < 1e-6, "{w:?}");
-        // 50 ms later: 5 more tokens.
-        let t1 = t0 + Duration::from_millis(50);
-        for _ in 0..5 {
-            assert_eq!(b.take(t1), None);
-        }
-        assert!(b.take(t1).is_some());
-        // Never more than one second's worth.
-        let t2 = t1 + Duration::from_secs(60);
-        let n = (0..1000).take_while(|_| b.take(t2).is_none()).count();
-        assert_eq!(n, 100);
     }
 }

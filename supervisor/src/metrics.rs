@@ -3,7 +3,7 @@
 //! per-shard counters, the db-writer's counters, ring fill, watermarks.
 //! One small blocking thread; a request gets the whole page.
 
-use sluice_common::ipc::shm::{ControlBlock, DropReason, Hist, UpstreamClose, WriterCounter};
+use sluice_common::ipc::shm::{ControlBlock, DropReason, Hist, IdentityStat, UpstreamClose, WriterCounter};
 use sluice_common::process::consumers::{read_snapshots, top_hosts, HostInfo};
 use sluice_common::process::host::HostStatus;
 use std::fmt::Write as _;
@@ -90,12 +90,28 @@ fn relay(out: &mut String, cb: &ControlBlock) {
         let (name, help) = c.describe();
         family(out, name, help, "counter", &one(cb.writer_counter(c).load(Ordering::Relaxed)));
     }
+    identity(out, cb);
+}
+
+/// The identity service's counters and gauges; variants that share a
+/// name are one family with a label each.
+fn identity(out: &mut String, cb: &ControlBlock) {
+    let mut i = 0;
+    while i < IdentityStat::ALL.len() {
+        let (name, _, help, gauge) = IdentityStat::ALL[i].describe();
+        let mut values = Vec::new();
+        while let Some(&s) = IdentityStat::ALL.get(i).filter(|s| s.describe().0 == name) {
+            values.push((s.describe().1.to_owned(), cb.identity_stat(s).load(Ordering::Relaxed)));
+            i += 1;
+        }
+        family(out, name, help, if gauge { "gauge" } else { "counter" }, &values);
+    }
 }
 
 /// A per-shard counter or gauge: name, help, kind, and how to read it.
 type Field = fn(&sluice_common::ipc::shm::ShardSlot<'_>) -> u64;
 
-const PER_SHARD: [(&str, &str, &str, Field); 9] = [
+const PER_SHARD: [(&str, &str, &str, Field); 14] = [
     (
         "sluice_shard_stalls_total",
         "Times a shard's task queue ran 10 ms past its budget (a bug: shard code must not block).",
@@ -130,6 +146,27 @@ const PER_SHARD: [(&str, &str, &str, Field); 9] = [
         "Upstream events or frames dropped by the stateless checks, and connection faults.",
         "counter",
         |s| s.dropped.load(Ordering::Relaxed),
+    ),
+    ("sluice_identity_cache_hits_total", "Events whose DID the shard's identity cache held.", "counter", |s| {
+        s.identity_hits.load(Ordering::Relaxed)
+    }),
+    (
+        "sluice_identity_cache_misses_total",
+        "Events whose DID the shard's identity cache lacked (asked of the identity service).",
+        "counter",
+        |s| s.identity_misses.load(Ordering::Relaxed),
+    ),
+    ("sluice_identity_cache_entries", "Identities in the shard's cache.", "gauge", |s| {
+        s.identity_cache_entries.load(Ordering::Relaxed)
+    }),
+    ("sluice_identity_cache_bytes", "Memory the shard's identity cache takes.", "gauge", |s| {
+        s.identity_cache_bytes.load(Ordering::Relaxed)
+    }),
+    (
+        "sluice_upstream_window_frames",
+        "Frames read and waiting behind an identity lookup to enter the ring in their host's order.",
+        "gauge",
+        |s| s.window_frames.load(Ordering::Relaxed),
     ),
 ];
 

@@ -159,8 +159,12 @@ mod tests {
 
     #[test]
     fn other_dids_are_stored_as_text() {
-        for did in ["did:web:example.com", "did:plc:short", "did:plc:UPPERCASEUPPERCASEUPPERC", "did:plc:0123456789abcdefghijklmn"]
-        {
+        for did in [
+            "did:web:example.com",
+            "did:plc:short",
+            "did:plc:UPPERCASEUPPERCASEUPPERC",
+            "did:plc:0123456789abcdefghijklmn",
+        ] {
             let b = did_bytes(did);
             assert_eq!(b, did.as_bytes());
             assert_eq!(did_from_bytes(&b).as_deref(), Some(did));

@@ -122,7 +122,10 @@ pub fn parse_export_line(line: &str) -> Result<PlcOp, PlcError> {
                 .and_then(|s| s.get("atproto_pds"))
                 .filter(|s| s.kind == "AtprotoPersonalDataServer")
                 .map(|s| s.endpoint.clone()),
-            handle: op.also_known_as.as_ref().and_then(|a| a.iter().find_map(|h| h.strip_prefix("at://")))
+            handle: op
+                .also_known_as
+                .as_ref()
+                .and_then(|a| a.iter().find_map(|h| h.strip_prefix("at://")))
                 .and_then(handle_of),
         },
         "create" => PlcState::Active {
@@ -209,7 +212,9 @@ mod tests {
     fn bad_lines_are_errors_not_panics() {
         assert!(matches!(parse_export_line("{"), Err(PlcError::Json(_))));
         assert!(matches!(
-            parse_export_line(r#"{"did":"nope","operation":{"type":"plc_tombstone"},"createdAt":"2024-01-01T00:00:00Z"}"#),
+            parse_export_line(
+                r#"{"did":"nope","operation":{"type":"plc_tombstone"},"createdAt":"2024-01-01T00:00:00Z"}"#
+            ),
             Err(PlcError::Did(_))
         ));
         assert!(matches!(

@@ -114,7 +114,11 @@ pub enum Answer {
     /// registered, tombstoned, an invalid document, a name that does not
     /// exist); otherwise it could not be fetched within the wait allowed.
     /// The service asks again no sooner than `retry_after_ms`.
-    Unresolved { permanent: bool, retry_after_ms: u64, why: String },
+    Unresolved {
+        permanent: bool,
+        retry_after_ms: u64,
+        why: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -196,7 +200,8 @@ mod tests {
         for m in &msgs {
             write_msg(&mut wire, m, &mut scratch).unwrap();
         }
-        let req = Request { id: 3, did: "did:web:x.test".into(), host_id: 4, reason: Reason::Identity, received_micros: 5 };
+        let req =
+            Request { id: 3, did: "did:web:x.test".into(), host_id: 4, reason: Reason::Identity, received_micros: 5 };
         write_msg(&mut wire, &req, &mut scratch).unwrap();
         let mut r = std::io::Cursor::new(wire.clone());
         let mut buf = Vec::new();

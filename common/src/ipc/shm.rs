@@ -191,7 +191,10 @@ const SLOT_CUT_LAG: usize = 192;
 const _: () = assert!(SLOT_CUT_LAG + 24 <= SLOT_DROPS, "shard slot fields overlap");
 /// Offset of the per-reason drop counters in a shard slot.
 const SLOT_DROPS: usize = 256;
-const _: () = assert!(SLOT_DROPS + 8 * DropReason::ALL.len() <= SHARD_SLOT_BYTES, "shard slot too small");
+const _: () = assert!(SLOT_DROPS + 8 * DropReason::ALL.len() <= SLOT_IDENTITY, "shard slot fields overlap");
+/// Offset of the identity cache and window words in a shard slot.
+const SLOT_IDENTITY: usize = 448;
+const _: () = assert!(SLOT_IDENTITY + 8 * 5 <= SHARD_SLOT_BYTES, "shard slot too small");
 /// Size of the control block mapping.
 pub const CONTROL_BYTES: usize = SHARDS_OFF + SHARDS_MAX * SHARD_SLOT_BYTES;
 
@@ -208,10 +211,13 @@ const OFF_WRITER_HEARTBEAT: usize = 448;
 const OFF_FLAGS_GENERATION: usize = 512;
 /// The db-writer's counters, one u64 each (see [`WriterCounter`]).
 const OFF_WRITER_COUNTERS: usize = 1024;
+/// The identity service's counters and gauges ([`IdentityStat`]).
+const OFF_IDENTITY_STATS: usize = OFF_WRITER_COUNTERS + 8 * 48;
 /// The relay-wide histograms ([`Hist`]), [`HIST_STRIDE`] bytes each.
 const OFF_HISTOGRAMS: usize = 2048;
 const HIST_STRIDE: usize = 8 * (HIST_BOUNDS_MAX + 3);
-const _: () = assert!(OFF_WRITER_COUNTERS + 8 * WriterCounter::ALL.len() <= OFF_HISTOGRAMS, "counters overlap");
+const _: () = assert!(OFF_WRITER_COUNTERS + 8 * WriterCounter::ALL.len() <= OFF_IDENTITY_STATS, "counters overlap");
+const _: () = assert!(OFF_IDENTITY_STATS + 8 * IdentityStat::ALL.len() <= OFF_HISTOGRAMS, "counters overlap");
 const _: () = assert!(OFF_HISTOGRAMS + HIST_STRIDE * Hist::ALL.len() <= SHARDS_OFF, "histograms overlap the slots");
 
 /// Bounds per histogram at most (one more bucket holds what is above).
@@ -234,6 +240,10 @@ pub enum Hist {
     /// Shard: how many committed events a consumer is behind after each
     /// batch it was sent (events, not time).
     ConsumerLag = 4,
+    /// Db-writer: one request to an identity directory (a DID document
+    /// from the PLC directory or a did:web host, or an export page), from
+    /// sending it to its answer.
+    IdentityFetch = 5,
 }
 
 const SECONDS_BOUNDS_US: [u64; HIST_BOUNDS_MAX] = [
@@ -243,8 +253,14 @@ const SECONDS_BOUNDS_US: [u64; HIST_BOUNDS_MAX] = [
 const EVENT_BOUNDS: [u64; 8] = [0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000];
 
 impl Hist {
-    pub const ALL: [Hist; 5] =
-        [Hist::Validation, Hist::RingWait, Hist::GroupCommit, Hist::IngestToDurable, Hist::ConsumerLag];
+    pub const ALL: [Hist; 6] = [
+        Hist::Validation,
+        Hist::RingWait,
+        Hist::GroupCommit,
+        Hist::IngestToDurable,
+        Hist::ConsumerLag,
+        Hist::IdentityFetch,
+    ];
 
     /// Metric name, help, and whether values are microseconds (rendered
     /// as seconds) rather than counts.
@@ -259,6 +275,11 @@ impl Hist {
             Hist::ConsumerLag => {
                 ("sluice_consumer_lag_events", "Committed events a consumer is behind after each batch sent.", false)
             }
+            Hist::IdentityFetch => (
+                "sluice_identity_fetch_seconds",
+                "One request to an identity directory (PLC or did:web), sent to answered (db-writer).",
+                true,
+            ),
         }
     }
 
@@ -373,8 +394,11 @@ pub enum DropReason {
     NoSigningKey = 7,
     /// The commit's signature does not verify.
     BadSignature = 8,
-    /// The DID could not be resolved (not a directory outage).
-    IdentityFailed = 9,
+    /// The DID has no usable document: the directory said so (not
+    /// registered, tombstoned, invalid, a name that does not exist), or it
+    /// could not be fetched within `identity_wait_max_s` while the
+    /// directory answered for others.
+    IdentityUnresolved = 9,
     /// The record would not fit the ring.
     TooLarge = 10,
 }
@@ -390,7 +414,7 @@ impl DropReason {
         DropReason::WrongHost,
         DropReason::NoSigningKey,
         DropReason::BadSignature,
-        DropReason::IdentityFailed,
+        DropReason::IdentityUnresolved,
         DropReason::TooLarge,
     ];
 
@@ -405,7 +429,7 @@ impl DropReason {
             DropReason::WrongHost => "wrong_host",
             DropReason::NoSigningKey => "no_signing_key",
             DropReason::BadSignature => "bad_signature",
-            DropReason::IdentityFailed => "identity_failed",
+            DropReason::IdentityUnresolved => "identity_unresolved",
             DropReason::TooLarge => "too_large",
         }
     }
@@ -491,6 +515,130 @@ impl WriterCounter {
     }
 }
 
+/// The db-writer's identity service, in the control block (metrics): what
+/// it asked the directories and how they answered, where its answers to
+/// the shards came from, the PLC export it follows, and its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum IdentityStat {
+    /// Requests from the shards.
+    Requests = 0,
+    /// Directory requests by outcome: a document (or export page), not
+    /// registered or gone (404/410), not a valid document, 429/503, other
+    /// failures (5xx, timeouts, connections), refused before sending (a
+    /// did:web name that does not exist or resolves to a refused address).
+    FetchOk = 1,
+    FetchNotFound = 2,
+    FetchInvalid = 3,
+    FetchRateLimited = 4,
+    FetchError = 5,
+    FetchRefused = 6,
+    /// Answers to the shards: from the store (no directory request), after
+    /// a directory request, unresolved.
+    AnsweredStored = 7,
+    AnsweredFetched = 8,
+    AnsweredUnresolved = 9,
+    /// `#identity` refreshes not made: within the DID's or the host's rate.
+    RefreshSkipped = 10,
+    /// Changed identities pushed to the shards.
+    Pushed = 11,
+    /// PLC export pages read, operations applied to known DIDs, failures.
+    ExportPages = 12,
+    ExportApplied = 13,
+    ExportErrors = 14,
+    /// Gauges: DIDs waiting for a directory request, DIDs being resolved,
+    /// requests at a directory now, seconds the export is behind (0: off
+    /// or caught up within its poll).
+    QueueDepth = 15,
+    Pending = 16,
+    InFlight = 17,
+    ExportLagSeconds = 18,
+}
+
+impl IdentityStat {
+    pub const ALL: [IdentityStat; 19] = [
+        IdentityStat::Requests,
+        IdentityStat::FetchOk,
+        IdentityStat::FetchNotFound,
+        IdentityStat::FetchInvalid,
+        IdentityStat::FetchRateLimited,
+        IdentityStat::FetchError,
+        IdentityStat::FetchRefused,
+        IdentityStat::AnsweredStored,
+        IdentityStat::AnsweredFetched,
+        IdentityStat::AnsweredUnresolved,
+        IdentityStat::RefreshSkipped,
+        IdentityStat::Pushed,
+        IdentityStat::ExportPages,
+        IdentityStat::ExportApplied,
+        IdentityStat::ExportErrors,
+        IdentityStat::QueueDepth,
+        IdentityStat::Pending,
+        IdentityStat::InFlight,
+        IdentityStat::ExportLagSeconds,
+    ];
+
+    /// Metric name, its labels (with braces, or empty), help, and whether
+    /// it is a gauge. Variants sharing a name are one labelled family.
+    pub fn describe(self) -> (&'static str, &'static str, &'static str, bool) {
+        const FETCHES: &str = "sluice_identity_fetches_total";
+        const FETCHES_HELP: &str = "Requests to identity directories (PLC, did:web), by outcome.";
+        const ANSWERS: &str = "sluice_identity_answers_total";
+        const ANSWERS_HELP: &str = "The identity service's answers to the shards, by where they came from.";
+        match self {
+            IdentityStat::Requests => (
+                "sluice_identity_requests_total",
+                "",
+                "Identity requests from the shards (cache misses, refreshes).",
+                false,
+            ),
+            IdentityStat::FetchOk => (FETCHES, "{outcome=\"ok\"}", FETCHES_HELP, false),
+            IdentityStat::FetchNotFound => (FETCHES, "{outcome=\"not_found\"}", FETCHES_HELP, false),
+            IdentityStat::FetchInvalid => (FETCHES, "{outcome=\"invalid\"}", FETCHES_HELP, false),
+            IdentityStat::FetchRateLimited => (FETCHES, "{outcome=\"rate_limited\"}", FETCHES_HELP, false),
+            IdentityStat::FetchError => (FETCHES, "{outcome=\"error\"}", FETCHES_HELP, false),
+            IdentityStat::FetchRefused => (FETCHES, "{outcome=\"refused\"}", FETCHES_HELP, false),
+            IdentityStat::AnsweredStored => (ANSWERS, "{source=\"stored\"}", ANSWERS_HELP, false),
+            IdentityStat::AnsweredFetched => (ANSWERS, "{source=\"fetched\"}", ANSWERS_HELP, false),
+            IdentityStat::AnsweredUnresolved => (ANSWERS, "{source=\"unresolved\"}", ANSWERS_HELP, false),
+            IdentityStat::RefreshSkipped => (
+                "sluice_identity_refreshes_skipped_total",
+                "",
+                "#identity refreshes not made: the DID or its host was within its refresh rate.",
+                false,
+            ),
+            IdentityStat::Pushed => {
+                ("sluice_identity_changes_pushed_total", "", "Changed identities pushed to the shards' caches.", false)
+            }
+            IdentityStat::ExportPages => {
+                ("sluice_identity_export_pages_total", "", "PLC export pages read (following the directory).", false)
+            }
+            IdentityStat::ExportApplied => (
+                "sluice_identity_export_applied_total",
+                "",
+                "PLC operations from the export applied to DIDs the relay knows.",
+                false,
+            ),
+            IdentityStat::ExportErrors => {
+                ("sluice_identity_export_errors_total", "", "PLC export pages that failed (retried).", false)
+            }
+            IdentityStat::QueueDepth => {
+                ("sluice_identity_queue_depth", "", "DIDs waiting for a directory request.", true)
+            }
+            IdentityStat::Pending => ("sluice_identity_pending", "", "DIDs the identity service is resolving.", true),
+            IdentityStat::InFlight => {
+                ("sluice_identity_fetches_in_flight", "", "Requests at an identity directory now.", true)
+            }
+            IdentityStat::ExportLagSeconds => (
+                "sluice_identity_export_lag_seconds",
+                "",
+                "How far behind the PLC export the relay is (0: off, or caught up at its last poll).",
+                true,
+            ),
+        }
+    }
+}
+
 /// The relay-wide shared words.
 pub struct ControlBlock {
     shm: Shm,
@@ -541,6 +689,15 @@ pub struct ShardSlot<'a> {
     /// Consumers cut because their socket took nothing for
     /// `consumer_write_timeout_s`.
     pub consumers_cut_unwritable: &'a AtomicU64,
+    /// Events whose DID the shard's identity cache held, and did not.
+    pub identity_hits: &'a AtomicU64,
+    pub identity_misses: &'a AtomicU64,
+    /// The identity cache now: entries, and the bytes they take.
+    pub identity_cache_entries: &'a AtomicU64,
+    pub identity_cache_bytes: &'a AtomicU64,
+    /// Frames read from hosts and waiting, behind an identity lookup, to
+    /// enter the ring in their host's order (all host windows).
+    pub window_frames: &'a AtomicU64,
 }
 
 /// Why an upstream connection ended (or never came up): the reasons the
@@ -564,14 +721,12 @@ pub enum UpstreamClose {
     BadFrame = 5,
     /// The host closed the stream or the socket.
     Remote = 6,
-    /// The identity directory could not be reached for an event.
-    IdentityUnavailable = 7,
     /// Unassigned, banned or the relay stopping.
-    Local = 8,
+    Local = 7,
 }
 
 impl UpstreamClose {
-    pub const ALL: [UpstreamClose; 9] = [
+    pub const ALL: [UpstreamClose; 8] = [
         UpstreamClose::Connect,
         UpstreamClose::HandshakeTimeout,
         UpstreamClose::Idle,
@@ -579,7 +734,6 @@ impl UpstreamClose {
         UpstreamClose::PingFlood,
         UpstreamClose::BadFrame,
         UpstreamClose::Remote,
-        UpstreamClose::IdentityUnavailable,
         UpstreamClose::Local,
     ];
 
@@ -592,7 +746,6 @@ impl UpstreamClose {
             UpstreamClose::PingFlood => "ping_flood",
             UpstreamClose::BadFrame => "bad_frame",
             UpstreamClose::Remote => "remote",
-            UpstreamClose::IdentityUnavailable => "identity_unavailable",
             UpstreamClose::Local => "local",
         }
     }
@@ -667,6 +820,10 @@ impl ControlBlock {
         self.shm.u64_at(OFF_WRITER_COUNTERS + 8 * c as usize)
     }
 
+    pub fn identity_stat(&self, c: IdentityStat) -> &AtomicU64 {
+        self.shm.u64_at(OFF_IDENTITY_STATS + 8 * c as usize)
+    }
+
     /// Set on shutdown: shards stop reading upstream.
     pub fn stop_reading(&self) -> &AtomicU32 {
         self.shm.u32_at(OFF_STOP_READING)
@@ -705,6 +862,11 @@ impl ControlBlock {
             upstream_closes: std::array::from_fn(|i| self.shm.u64_at(base + 64 + 8 * i)),
             consumers_cut_lag: self.shm.u64_at(base + SLOT_CUT_LAG),
             consumers_cut_unwritable: self.shm.u64_at(base + SLOT_CUT_LAG + 8),
+            identity_hits: self.shm.u64_at(base + SLOT_IDENTITY),
+            identity_misses: self.shm.u64_at(base + SLOT_IDENTITY + 8),
+            identity_cache_entries: self.shm.u64_at(base + SLOT_IDENTITY + 16),
+            identity_cache_bytes: self.shm.u64_at(base + SLOT_IDENTITY + 24),
+            window_frames: self.shm.u64_at(base + SLOT_IDENTITY + 32),
         }
     }
 }

@@ -58,7 +58,11 @@ pub struct RawLimits {
     pub new_hosts_per_day_max: Option<u32>,
     pub consumers_max: Option<u32>,
     pub consumer_lag_events_max: Option<u64>,
-    pub identity_cache_entries_max: Option<u32>,
+    /// The shards' identity caches together (each shard takes its share).
+    pub identity_cache_bytes: Option<u64>,
+    pub identity_refreshes_per_host_per_second: Option<f64>,
+    pub host_window_frames_max: Option<u32>,
+    pub host_window_bytes_max: Option<u64>,
     pub account_cache_entries_max: Option<u32>,
 }
 
@@ -94,6 +98,13 @@ pub struct RawConfig {
     pub consumer_write_timeout_s: Option<u32>,
     pub log_format: Option<LogFormat>,
     pub log_summary_interval_s: Option<u32>,
+    pub plc_requests_per_second: Option<f64>,
+    pub plc_export: Option<bool>,
+    pub identity_fetch_concurrency: Option<u32>,
+    pub identity_wait_max_s: Option<u32>,
+    /// Whole or fractional hours.
+    pub identity_plc_ttl_hours: Option<f64>,
+    pub identity_web_ttl_hours: Option<f64>,
 }
 
 /// How the shards keep upstream connections (PROTOCOL §8: a PDS sends
@@ -139,8 +150,38 @@ pub struct Limits {
     pub consumers_max: u32,
     /// A consumer further behind the head than this gets ConsumerTooSlow.
     pub consumer_lag_events_max: u64,
-    pub identity_cache_entries_max: u32,
+    /// The shards' identity caches together, in bytes.
+    pub identity_cache_bytes: u64,
+    /// `#identity` events of one host that may each cost a directory
+    /// request, per second (beyond, the stored document answers).
+    pub identity_refreshes_per_host_per_second: f64,
+    /// A host's frames read ahead while an identity resolves: they enter
+    /// the ring in order, so past these the host is read no further
+    /// (TCP backpressure) until the lookup ends.
+    pub host_window_frames_max: u32,
+    pub host_window_bytes_max: u64,
     pub account_cache_entries_max: u32,
+}
+
+/// How the relay resolves identities (the db-writer's identity service).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdentitySettings {
+    /// Relay-wide requests per second to the PLC directory (documents and
+    /// export pages together).
+    pub plc_requests_per_second: f64,
+    /// Follow the PLC directory's operation log (`/export`) to learn key
+    /// and endpoint changes of known DIDs without asking per DID.
+    pub plc_export: bool,
+    /// Directory requests at once (one thread each).
+    pub fetch_concurrency: u32,
+    /// How long an event waits for its DID when the DID's own document
+    /// cannot be fetched (a did:web host failing, a PLC directory failing
+    /// for that DID only) before it is dropped as unresolved.
+    pub wait_max_s: u32,
+    /// A stored document older than this is fetched again (in the
+    /// background; the stored one serves meanwhile).
+    pub plc_ttl_hours: f64,
+    pub web_ttl_hours: f64,
 }
 
 /// The validated configuration every process runs on.
@@ -178,6 +219,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// One INFO line summing the relay up this often (0: never).
     pub log_summary_interval_s: u32,
+    pub identity: IdentitySettings,
 }
 
 /// What a running shard takes from a reload (SIGHUP) without restarting:
@@ -191,6 +233,8 @@ pub struct ShardSettings {
     pub consumer_lag_events_max: u64,
     pub consumer_write_timeout_s: u32,
     pub upstream: UpstreamTimeouts,
+    pub host_window_frames_max: u32,
+    pub host_window_bytes_max: u64,
 }
 
 /// Environment variables that override file keys, and their keys.
@@ -213,6 +257,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("SLUICE_SEGMENT_SIZE_BYTES", "segment_size_bytes"),
     ("SLUICE_PUBLIC_REQUEST_CRAWL", "public_request_crawl"),
     ("SLUICE_LOG_FORMAT", "log_format"),
+    ("SLUICE_PLC_REQUESTS_PER_SECOND", "plc_requests_per_second"),
+    ("SLUICE_PLC_EXPORT", "plc_export"),
     ("SLUICE_CONSUMER_LAG_EVENTS_MAX", "limits.consumer_lag_events_max"),
     ("SLUICE_CONSUMERS_MAX", "limits.consumers_max"),
     ("SLUICE_HOST_ACCOUNT_LIMIT_DEFAULT", "limits.host_account_limit_default"),
@@ -293,6 +339,11 @@ impl RawConfig {
                         _ => return Err(invalid(key, format!("{v:?} is not text or json"))),
                     })
                 }
+                "plc_requests_per_second" => {
+                    let r = v.trim().parse::<f64>().map_err(|e| invalid(key, format!("{v:?}: {e}")))?;
+                    self.plc_requests_per_second = Some(r);
+                }
+                "plc_export" => self.plc_export = Some(parse_bool(key, &v)?),
                 "limits.consumer_lag_events_max" => limits.consumer_lag_events_max = Some(parse_num(key, &v)?),
                 "limits.consumers_max" => limits.consumers_max = Some(parse_num(key, &v)? as u32),
                 "limits.host_account_limit_default" => limits.host_account_limit_default = Some(parse_num(key, &v)?),
@@ -316,6 +367,7 @@ impl RawConfig {
             s.parse().map_err(|e| invalid(key, format!("{s:?}: {e}")))
         };
         let limits = self.limits()?;
+        let identity = self.identity()?;
         let (ring_size_bytes, segment_size_bytes) = self.sizes()?;
         let initial_seq = self.initial_seq.unwrap_or(1);
         if !(1..crate::atproto::frame::SEQ_MAX).contains(&initial_seq) {
@@ -368,7 +420,34 @@ impl RawConfig {
                 s if s <= 86_400 => s,
                 _ => return Err(invalid("log_summary_interval_s", "from 0 (never) to 86400")),
             },
+            identity,
         })
+    }
+
+    fn identity(&self) -> Result<IdentitySettings, ConfigError> {
+        let s = IdentitySettings {
+            plc_requests_per_second: self.plc_requests_per_second.unwrap_or(50.0),
+            plc_export: self.plc_export.unwrap_or(true),
+            fetch_concurrency: self.identity_fetch_concurrency.unwrap_or(4),
+            wait_max_s: self.identity_wait_max_s.unwrap_or(30),
+            plc_ttl_hours: self.identity_plc_ttl_hours.unwrap_or(168.0),
+            web_ttl_hours: self.identity_web_ttl_hours.unwrap_or(6.0),
+        };
+        if !(s.plc_requests_per_second > 0.0 && s.plc_requests_per_second <= 100_000.0) {
+            return Err(invalid("plc_requests_per_second", "more than 0 and at most 100000"));
+        }
+        if !(1..=256).contains(&s.fetch_concurrency) {
+            return Err(invalid("identity_fetch_concurrency", "from 1 to 256"));
+        }
+        if !(1..=3600).contains(&s.wait_max_s) {
+            return Err(invalid("identity_wait_max_s", "from 1 to 3600"));
+        }
+        for (key, h) in [("identity_plc_ttl_hours", s.plc_ttl_hours), ("identity_web_ttl_hours", s.web_ttl_hours)] {
+            if !(h > 0.0 && h <= 87_600.0) {
+                return Err(invalid(key, "more than 0 and at most 87600"));
+            }
+        }
+        Ok(s)
     }
 
     fn shard_count(&self, cores: u32) -> Result<u32, ConfigError> {
@@ -395,11 +474,28 @@ impl RawConfig {
             new_hosts_per_day_max: l.new_hosts_per_day_max.unwrap_or(500),
             consumers_max: l.consumers_max.unwrap_or(1_000),
             consumer_lag_events_max: l.consumer_lag_events_max.unwrap_or(2_000_000),
-            identity_cache_entries_max: l.identity_cache_entries_max.unwrap_or(200_000),
+            identity_cache_bytes: l.identity_cache_bytes.unwrap_or(256 << 20),
+            identity_refreshes_per_host_per_second: l.identity_refreshes_per_host_per_second.unwrap_or(5.0),
+            host_window_frames_max: l.host_window_frames_max.unwrap_or(1024),
+            host_window_bytes_max: l.host_window_bytes_max.unwrap_or(16 << 20),
             account_cache_entries_max: l.account_cache_entries_max.unwrap_or(500_000),
         };
         if limits.consumers_max == 0 {
             return Err(invalid("limits.consumers_max", "must be at least 1"));
+        }
+        if !(1 << 20..=1 << 40).contains(&limits.identity_cache_bytes) {
+            return Err(invalid("limits.identity_cache_bytes", "from 1 MiB to 1 TiB"));
+        }
+        let r = limits.identity_refreshes_per_host_per_second;
+        if !(r > 0.0 && r <= 100_000.0) {
+            return Err(invalid("limits.identity_refreshes_per_host_per_second", "more than 0 and at most 100000"));
+        }
+        if !(1..=1_000_000).contains(&limits.host_window_frames_max) {
+            return Err(invalid("limits.host_window_frames_max", "from 1 to 1000000"));
+        }
+        // A window holds at least one maximal frame.
+        if !(2 * crate::atproto::frame::FRAME_BYTES_MAX as u64..=1 << 32).contains(&limits.host_window_bytes_max) {
+            return Err(invalid("limits.host_window_bytes_max", "from two maximal frames (10 MB) to 4 GiB"));
         }
         Ok(limits)
     }
@@ -441,7 +537,9 @@ macro_rules! fixed_fields {
             "tls_ca_file" => tls_ca_file,
             "allow_insecure_hosts" => allow_insecure_hosts,
             "segment_size_bytes" => segment_size_bytes,
-            "limits.identity_cache_entries_max" => limits.identity_cache_entries_max,
+            "limits.identity_cache_bytes" => limits.identity_cache_bytes,
+            "plc_export" => identity.plc_export,
+            "identity_fetch_concurrency" => identity.fetch_concurrency,
             "limits.account_cache_entries_max" => limits.account_cache_entries_max,
             "log_format" => log_format
         )
@@ -475,7 +573,10 @@ impl Config {
                 new_hosts_per_day_max: Some(self.limits.new_hosts_per_day_max),
                 consumers_max: Some(self.limits.consumers_max),
                 consumer_lag_events_max: Some(self.limits.consumer_lag_events_max),
-                identity_cache_entries_max: Some(self.limits.identity_cache_entries_max),
+                identity_cache_bytes: Some(self.limits.identity_cache_bytes),
+                identity_refreshes_per_host_per_second: Some(self.limits.identity_refreshes_per_host_per_second),
+                host_window_frames_max: Some(self.limits.host_window_frames_max),
+                host_window_bytes_max: Some(self.limits.host_window_bytes_max),
                 account_cache_entries_max: Some(self.limits.account_cache_entries_max),
             }),
             admin_password_file: self.admin_password_file.clone(),
@@ -494,6 +595,12 @@ impl Config {
             consumer_write_timeout_s: Some(self.consumer_write_timeout_s),
             log_format: Some(self.log_format),
             log_summary_interval_s: Some(self.log_summary_interval_s),
+            plc_requests_per_second: Some(self.identity.plc_requests_per_second),
+            plc_export: Some(self.identity.plc_export),
+            identity_fetch_concurrency: Some(self.identity.fetch_concurrency),
+            identity_wait_max_s: Some(self.identity.wait_max_s),
+            identity_plc_ttl_hours: Some(self.identity.plc_ttl_hours),
+            identity_web_ttl_hours: Some(self.identity.web_ttl_hours),
         };
         toml::to_string(&raw).expect("config serializes")
     }
@@ -512,6 +619,8 @@ impl Config {
             consumer_lag_events_max: self.limits.consumer_lag_events_max,
             consumer_write_timeout_s: self.consumer_write_timeout_s,
             upstream: self.upstream,
+            host_window_frames_max: self.limits.host_window_frames_max,
+            host_window_bytes_max: self.limits.host_window_bytes_max,
         }
     }
 
@@ -575,6 +684,11 @@ impl Config {
     pub fn query_socket(&self) -> PathBuf {
         self.run_dir().join("query.sock")
     }
+
+    /// Where the db-writer's identity service listens for the shards.
+    pub fn identity_socket(&self) -> PathBuf {
+        self.run_dir().join("identity.sock")
+    }
 }
 
 #[cfg(test)]
@@ -598,6 +712,9 @@ mod tests {
         assert!(c.allow_insecure_hosts);
         assert_eq!(c.retention_hours, 72.0);
         assert_eq!(c.validation, Validation::Strict);
+        assert_eq!(c.identity.plc_requests_per_second, 50.0);
+        assert!(c.identity.plc_export);
+        assert_eq!(c.limits.identity_cache_bytes, 256 << 20);
         // round trip through the effective file
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("e.toml");
@@ -618,6 +735,18 @@ mod tests {
         assert!(e.to_string().contains("validation"), "{e}");
         let e = RawConfig::from_toml("ring_size_bytes = 1000", Path::new("x")).unwrap().validate(2).unwrap_err();
         assert!(e.to_string().contains("ring_size_bytes"), "{e}");
+        for (bad, key) in [
+            ("plc_requests_per_second = 0", "plc_requests_per_second"),
+            ("identity_fetch_concurrency = 0", "identity_fetch_concurrency"),
+            ("identity_wait_max_s = 0", "identity_wait_max_s"),
+            ("identity_web_ttl_hours = -1", "identity_web_ttl_hours"),
+            ("[limits]\nidentity_cache_bytes = 10", "limits.identity_cache_bytes"),
+            ("[limits]\nhost_window_bytes_max = 1000", "limits.host_window_bytes_max"),
+            ("[limits]\nidentity_cache_entries_max = 5", "identity_cache_entries_max"),
+        ] {
+            let e = RawConfig::from_toml(bad, Path::new("x")).and_then(|r| r.validate(2)).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
         for bad in ["retention_hours = 0", "retention_hours = -1.5"] {
             let e = RawConfig::from_toml(bad, Path::new("x")).unwrap().validate(2).unwrap_err();
             assert!(e.to_string().contains("retention_hours"), "{bad}: {e}");

@@ -6,7 +6,7 @@
 //! (one relay per data directory), [`childfds`] (descriptors passed to
 //! children), [`failpoint`] (faults on purpose, for tests), [`http`] (the
 //! one HTTP request-head parser), [`netguard`] (which addresses may be
-//! dialed), [`tls`] (client TLS roots), [`heap`] (freed heap back to the
+//! dialed), [`rate`] (a token bucket), [`tls`] (client TLS roots), [`heap`] (freed heap back to the
 //! kernel).
 
 pub mod childfds;
@@ -19,5 +19,6 @@ pub mod http;
 pub mod instance;
 pub mod netguard;
 pub mod partition;
+pub mod rate;
 pub mod runfile;
 pub mod tls;

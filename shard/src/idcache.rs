@@ -1,0 +1,273 @@
+//! The shard's identity cache: what validation needs of each DID's
+//! document (its key, which PDS it names, how recent it is) in about 120
+//! bytes an entry, however many entries, with a capacity in bytes.
+//!
+//! An entry is a fixed-size slot in one array: the DID as a [`DidKey`]
+//! (16 bytes), the key as a [`CompactKey`] (65 bytes, no heap), the PDS
+//! as a keyed hash of its host name (compared with the host's own), the
+//! document's `as_of`. A `hashbrown` table of slot numbers finds them.
+//! Nothing per entry is allocated apart; the array and the table are sized
+//! once from the capacity, and pages are touched only as entries come.
+//!
+//! Eviction is CLOCK (a bit set on each use, a hand that clears bits and
+//! evicts the first entry found clear): LRU's order without its two
+//! pointers per entry. A host may hold at most half the cache
+//! ([`IdCache::insert`] refuses beyond): one host's accounts cannot push
+//! every other host's out.
+
+use hashbrown::HashTable;
+use sluice_common::atproto::crypto::CompactKey;
+use sluice_common::atproto::did::{DidHashKey, DidKey};
+use std::collections::HashMap;
+
+/// What the cache holds of a DID's document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub key: Option<CompactKey>,
+    /// [`IdCache::pds_hash`] of the PDS host the document names (0: none).
+    pub pds: u64,
+    /// The document is known current at this time (unix micros).
+    pub as_of_micros: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    did: DidKey,
+    entry: Entry,
+    /// The host that brought it (its share, [`IdCache::insert`]).
+    owner: i64,
+    /// Used since the hand last passed.
+    used: bool,
+}
+
+/// Bytes of index per entry (hashbrown: a 4-byte slot number and a
+/// control byte per bucket, at most 7/8 full).
+const INDEX_BYTES_PER_ENTRY: usize = 8;
+
+pub struct IdCache {
+    slots: Vec<Slot>,
+    index: HashTable<u32>,
+    capacity: usize,
+    hand: usize,
+    owners: HashMap<i64, u32>,
+    did_key: DidHashKey,
+}
+
+fn hash_of(k: &DidKey) -> u64 {
+    // A did:plc's bytes are random already; a hashed DID's are a keyed hash.
+    u64::from_le_bytes(k.0[1..9].try_into().expect("8 bytes"))
+}
+
+impl IdCache {
+    /// Bytes one entry takes, all counted.
+    pub const ENTRY_BYTES: usize = std::mem::size_of::<Slot>() + INDEX_BYTES_PER_ENTRY;
+
+    /// A cache of at most `bytes`.
+    pub fn new(bytes: u64) -> IdCache {
+        let capacity = ((bytes as usize) / Self::ENTRY_BYTES).clamp(16, u32::MAX as usize);
+        IdCache {
+            slots: Vec::with_capacity(capacity),
+            index: HashTable::with_capacity(capacity),
+            capacity,
+            hand: 0,
+            owners: HashMap::new(),
+            did_key: DidHashKey::random(),
+        }
+    }
+
+    pub fn key(&self, did: &str) -> DidKey {
+        DidKey::new(did, &self.did_key)
+    }
+
+    /// A PDS host name (`PdsHost::name`) as entries hold it (never 0).
+    pub fn pds_hash(&self, host_name: &str) -> u64 {
+        use std::hash::Hasher;
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new_with_keys(self.did_key.0[1], self.did_key.0[3]);
+        h.write(host_name.as_bytes());
+        h.finish().max(1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Memory in use (entries stored, and the index as allocated).
+    pub fn bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<Slot>() + self.index.capacity() * 5
+    }
+
+    fn find(&self, k: &DidKey) -> Option<u32> {
+        self.index.find(hash_of(k), |&i| self.slots[i as usize].did == *k).copied()
+    }
+
+    pub fn get(&mut self, k: &DidKey) -> Option<Entry> {
+        let i = self.find(k)? as usize;
+        self.slots[i].used = true;
+        Some(self.slots[i].entry)
+    }
+
+    /// Replace an entry that is there, if `e` is at least as recent (a
+    /// change the identity service pushed). False if it is not there.
+    pub fn update(&mut self, k: &DidKey, e: Entry) -> bool {
+        let Some(i) = self.find(k) else { return false };
+        let s = &mut self.slots[i as usize];
+        if e.as_of_micros >= s.entry.as_of_micros {
+            s.entry = e;
+        }
+        true
+    }
+
+    /// A host may hold at most this many entries.
+    pub fn share(&self) -> usize {
+        (self.capacity / 2).max(1)
+    }
+
+    /// Insert or replace `k`'s entry, brought by `owner`. False (nothing
+    /// stored) when the DID is new and its host holds its share already.
+    pub fn insert(&mut self, k: DidKey, e: Entry, owner: i64) -> bool {
+        if let Some(i) = self.find(&k) {
+            let s = &mut self.slots[i as usize];
+            if e.as_of_micros >= s.entry.as_of_micros {
+                s.entry = e;
+            }
+            s.used = true;
+            return true;
+        }
+        if self.owners.get(&owner).copied().unwrap_or(0) as usize >= self.share() {
+            return false;
+        }
+        let slot = Slot { did: k, entry: e, owner, used: false };
+        let i = if self.slots.len() < self.capacity {
+            self.slots.push(slot);
+            self.slots.len() - 1
+        } else {
+            let victim = self.victim();
+            self.forget(victim);
+            self.slots[victim] = slot;
+            victim
+        };
+        *self.owners.entry(owner).or_default() += 1;
+        let slots = &self.slots;
+        self.index.insert_unique(hash_of(&k), i as u32, |&j| hash_of(&slots[j as usize].did));
+        true
+    }
+
+    /// The slot the hand evicts: the first not used since it last passed
+    /// (at most two turns of the hand).
+    fn victim(&mut self) -> usize {
+        loop {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            if std::mem::take(&mut self.slots[i].used) {
+                continue;
+            }
+            return i;
+        }
+    }
+
+    /// Drop slot `i` from the index and its owner's count (the slot is
+    /// then reused).
+    fn forget(&mut self, i: usize) {
+        let s = self.slots[i];
+        if let Ok(e) = self.index.find_entry(hash_of(&s.did), |&j| j as usize == i) {
+            e.remove();
+        }
+        if let Some(n) = self.owners.get_mut(&s.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.owners.remove(&s.owner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn did(i: u32) -> String {
+        // 24 base32 characters from the number.
+        let a = b"abcdefghijklmnopqrstuvwxyz234567";
+        let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let id: String = (0..24)
+            .map(|_| {
+                let c = a[(x & 31) as usize] as char;
+                x = x.rotate_right(5) ^ (i as u64);
+                c
+            })
+            .collect();
+        format!("did:plc:{id}")
+    }
+
+    fn entry(t: i64) -> Entry {
+        Entry { key: None, pds: 7, as_of_micros: t }
+    }
+
+    #[test]
+    fn small_entries_and_a_byte_capacity() {
+        const { assert!(IdCache::ENTRY_BYTES <= 128, "an entry over 128 bytes") };
+        let c = IdCache::new(1 << 20);
+        assert_eq!(c.capacity(), (1 << 20) / IdCache::ENTRY_BYTES);
+    }
+
+    #[test]
+    fn get_insert_update_and_clock_eviction() {
+        let mut c = IdCache::new(64 * IdCache::ENTRY_BYTES as u64);
+        let cap = c.capacity();
+        let keys: Vec<DidKey> = (0..cap as u32 * 3).map(|i| c.key(&did(i))).collect();
+        for (i, k) in keys.iter().take(cap).enumerate() {
+            assert!(c.insert(*k, entry(i as i64), (i % 3) as i64));
+        }
+        assert_eq!(c.len(), cap);
+        // Keep the first ten in use while the rest churn: CLOCK keeps them.
+        for round in 0..2 {
+            for k in &keys[..10] {
+                assert!(c.get(k).is_some(), "round {round}");
+            }
+            for (i, k) in keys[cap + round * cap / 2..cap + (round + 1) * cap / 2].iter().enumerate() {
+                assert!(c.insert(*k, entry(i as i64), (i % 3) as i64));
+            }
+        }
+        for k in &keys[..10] {
+            assert!(c.get(k).is_some(), "a used entry was evicted");
+        }
+        assert_eq!(c.len(), cap, "never above capacity");
+        // Only newer documents replace an entry.
+        let k = keys[0];
+        assert!(c.update(&k, entry(1_000)));
+        assert!(c.update(&k, entry(5)));
+        assert_eq!(c.get(&k).unwrap().as_of_micros, 1_000);
+        assert!(!c.update(&keys[cap * 3 - 1], entry(1)), "update does not insert");
+        // The owners' counts follow evictions.
+        let counted: u32 = c.owners.values().sum();
+        assert_eq!(counted as usize, c.len());
+    }
+
+    #[test]
+    fn a_host_holds_at_most_half() {
+        let mut c = IdCache::new(100 * IdCache::ENTRY_BYTES as u64);
+        let share = c.share();
+        let mut stored = 0;
+        for i in 0..c.capacity() as u32 {
+            let k = c.key(&did(i));
+            stored += c.insert(k, entry(0), 1) as usize;
+        }
+        assert_eq!(stored, share);
+        // Another host still finds room, and an entry the first holds
+        // already can be refreshed.
+        let k = c.key(&did(1_000_000));
+        assert!(c.insert(k, entry(0), 2));
+        let k0 = c.key(&did(0));
+        assert!(c.insert(k0, entry(9), 1));
+        assert_eq!(c.get(&k0).unwrap().as_of_micros, 9);
+    }
+}
