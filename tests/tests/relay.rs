@@ -375,7 +375,7 @@ fn bootstraps_hosts_from_another_relays_list() {
     })
     .unwrap();
     assert!(report.ok(), "{}\n{:?}\n{}", report.summary(), report.notes, relay.log_tail());
-    assert_eq!(report.relayed, 120);
+    assert_eq!(report.relayed, net.events(), "every event of a network without faults");
     let (_, body) = relay.http("GET", "/xrpc/com.atproto.sync.listHosts", "").unwrap();
     for h in &net.info.hosts {
         assert!(body.contains(h.as_str()), "{h} missing from {body}");
@@ -856,7 +856,8 @@ fn crashes_between_durable_steps_lose_nothing() {
     relay.start();
     crawl_all(&relay, &net, "");
     let report = check_exact(&relay, dir.path(), Duration::from_secs(120));
-    assert_eq!(report.relayed, 7000, "{}", report.summary());
+    assert_eq!(report.relayed, net.events(), "{}", report.summary());
+    assert!(report.relayed >= 7000);
     for point in ["sequencer-after-log-sync", "sequencer-after-pg-commit"] {
         assert!(fired.join(format!("{point}.fired")).exists(), "{point} never fired:\n{}", relay.log_tail());
     }

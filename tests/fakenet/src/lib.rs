@@ -14,6 +14,7 @@
 pub mod check;
 pub mod hostile;
 pub mod ledger;
+pub mod population;
 pub mod runner;
 pub mod server;
 pub mod tls;

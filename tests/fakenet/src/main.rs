@@ -53,6 +53,40 @@ struct ServeArgs {
     /// Accounts with did:web identities (each served on its own port).
     #[arg(long, default_value_t = 0)]
     web_accounts: usize,
+    /// did:web accounts whose documents cannot be had (in turn: a name
+    /// that does not exist, a host answering 500, a host never answering);
+    /// their events are undeliverable.
+    #[arg(long, default_value_t = 0)]
+    broken_web: usize,
+    /// did:plc accounts the directory does not know (undeliverable too).
+    #[arg(long, default_value_t = 0)]
+    unregistered: usize,
+    /// Zipf exponent over a host's accounts for who acts (0 = evenly): a
+    /// few hot accounts and a long tail.
+    #[arg(long, default_value_t = 0.0)]
+    account_skew: f64,
+    /// Of a thousand ordinary steps, how many create an account.
+    #[arg(long, default_value_t = 10)]
+    new_accounts_per_mille: u32,
+    /// The PLC directory's latency on every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    plc_latency_ms: u64,
+    /// Requests per second the PLC directory takes before it answers 429
+    /// (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    plc_rate: f64,
+    /// The Retry-After of its 429s, in seconds.
+    #[arg(long, default_value_t = 1)]
+    plc_retry_after: u64,
+    /// Every this many seconds the PLC directory answers 502 for
+    /// `--plc-burst-len` seconds.
+    #[arg(long)]
+    plc_burst_every: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    plc_burst_len: f64,
+    /// The PLC directory serves no `/export`.
+    #[arg(long)]
+    plc_no_export: bool,
     /// Seed: the same seed and flags give the same events, byte for byte.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -169,6 +203,18 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<runner::ServeConfig> {
         accounts: a.accounts,
         skew: a.skew,
         web_accounts: a.web_accounts,
+        broken_web: a.broken_web,
+        unregistered: a.unregistered,
+        account_skew: a.account_skew,
+        new_accounts_per_mille: a.new_accounts_per_mille,
+        directory: fakenet::server::DirectoryConfig {
+            latency: Duration::from_millis(a.plc_latency_ms),
+            rate: a.plc_rate,
+            retry_after_s: a.plc_retry_after,
+            burst_every: a.plc_burst_every.map(Duration::from_secs_f64),
+            burst_len: Duration::from_secs_f64(a.plc_burst_len),
+            no_export: a.plc_no_export,
+        },
         seed: a.seed,
         rate: a.rate,
         duration: a.duration.map(Duration::from_secs_f64),

@@ -3,13 +3,12 @@
 //! rate while tokio serves the network.
 
 use super::ledger::{LedgerWriter, Line};
-use super::server::{self, ControlRequest, HostState, RepoInfo, Shared};
-use super::world::{FaultRates, Output, Status, World, WorldConfig};
+use super::server::{self, ControlRequest, DirectoryConfig, HostState, RepoInfo, Shared};
+use super::world::{BrokenWeb, FaultRates, Output, Status, World, WorldConfig};
 use anyhow::Context;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -19,6 +18,19 @@ pub struct ServeConfig {
     pub skew: f64,
     /// did:web accounts (each gets its own port).
     pub web_accounts: usize,
+    /// did:web accounts whose documents cannot be had, in turn: a name
+    /// that does not exist, a host answering 500, a host never answering
+    /// (the last two on ports of their own). Their events are
+    /// undeliverable (the ledger says so).
+    pub broken_web: usize,
+    /// did:plc accounts the directory does not know (undeliverable too).
+    pub unregistered: usize,
+    /// Zipf exponent over a host's accounts for who acts (0 = evenly).
+    pub account_skew: f64,
+    /// Of a thousand ordinary steps, how many create an account.
+    pub new_accounts_per_mille: u32,
+    /// How the PLC directory misbehaves.
+    pub directory: DirectoryConfig,
     pub seed: u64,
     /// Events per second (0 = as fast as generation goes).
     pub rate: f64,
@@ -60,6 +72,11 @@ impl Default for ServeConfig {
             accounts: 10,
             skew: 1.0,
             web_accounts: 0,
+            broken_web: 0,
+            unregistered: 0,
+            account_skew: 0.0,
+            new_accounts_per_mille: 10,
+            directory: DirectoryConfig::default(),
             seed: 1,
             rate: 100.0,
             duration: None,
@@ -154,8 +171,16 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         .thread_name("fakenet-net")
         .enable_all()
         .build()?;
-    let Listeners { hosts: host_listeners, host_names, webs: web_listeners, web_names, dir: dir_listener, dir_port } =
-        Listeners::bind(&rt, &cfg)?;
+    let Listeners {
+        hosts: host_listeners,
+        host_names,
+        webs: web_listeners,
+        web_names,
+        broken: broken_listeners,
+        broken_web,
+        dir: dir_listener,
+        dir_port,
+    } = Listeners::bind(&rt, &cfg)?;
     let world = World::new(WorldConfig {
         seed: cfg.seed,
         hosts: host_names.clone(),
@@ -167,30 +192,23 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         faults: cfg.faults.clone(),
         migrations: cfg.migrations,
         tls: cfg.tls_ca_out.is_some(),
+        broken_web,
+        unregistered: cfg.unregistered,
+        account_skew: cfg.account_skew,
+        new_accounts_per_mille: cfg.new_accounts_per_mille,
     });
     let (control_tx, control_rx) = std::sync::mpsc::channel();
-    let shared = Arc::new(Shared {
-        hosts: host_names.iter().map(|n| Arc::new(HostState::new(n.clone(), cfg.backlog_items))).collect(),
-        docs: RwLock::new(HashMap::new()),
-        repos: RwLock::new(HashMap::new()),
-        control: Mutex::new(control_tx),
-        split_connections: cfg.faults.split_connections,
-        seed: cfg.seed,
-        events: Default::default(),
-        generation_done: Default::default(),
-        emit_times: Default::default(),
-        emit_times_max: cfg.emit_times_max,
-    });
-    let (keys, docs) = world.initial();
-    shared.docs.write().expect("docs").extend(docs);
-    {
-        let mut repos = shared.repos.write().expect("repos");
-        for a in &world.accounts {
-            repos.insert(a.did.clone(), repo_info(&world, a));
-        }
-    }
+    let shared = Arc::new(Shared::new(
+        host_names.iter().map(|n| Arc::new(HostState::new(n.clone(), cfg.backlog_items))).collect(),
+        Some(world.population.clone()),
+        cfg.directory.clone(),
+        control_tx,
+        cfg.faults.split_connections,
+        cfg.seed,
+        cfg.emit_times_max,
+    ));
     let mut ledger = LedgerWriter::create(&cfg.ledger).with_context(|| format!("{}", cfg.ledger.display()))?;
-    ledger.write(&Line::Header { ledger: 1, seed: cfg.seed, accounts: keys })?;
+    ledger.write(&Line::Header { ledger: 1, seed: cfg.seed, accounts: world.initial_keys() })?;
     ledger.flush()?;
     let tls = match &cfg.tls_ca_out {
         Some(p) => Some(super::tls::server_config(p)?),
@@ -201,6 +219,9 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     }
     for (l, name) in web_listeners.into_iter().zip(&web_names) {
         rt.spawn(server::serve_web_did(l, shared.clone(), super::world::web_did(name)));
+    }
+    for (l, hang) in broken_listeners {
+        rt.spawn(server::serve_broken_web(l, hang));
     }
     rt.spawn(server::serve_directory(dir_listener, shared.clone()));
     let base = format!("http://127.0.0.1:{dir_port}");
@@ -224,12 +245,15 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
 }
 
 /// Every listener a network needs, bound before anything starts: one per
-/// host, one per did:web account, the directory's.
+/// host, one per did:web account (broken ones that answer badly too:
+/// hanging or not), the directory's.
 struct Listeners {
     hosts: Vec<tokio::net::TcpListener>,
     host_names: Vec<String>,
     webs: Vec<tokio::net::TcpListener>,
     web_names: Vec<String>,
+    broken: Vec<(tokio::net::TcpListener, bool)>,
+    broken_web: Vec<BrokenWeb>,
     dir: tokio::net::TcpListener,
     dir_port: u16,
 }
@@ -248,8 +272,20 @@ impl Listeners {
             webs.push(l);
             web_names.push(format!("localhost:{p}"));
         }
+        let (mut broken, mut broken_web) = (Vec::new(), Vec::new());
+        for i in 0..cfg.broken_web {
+            match i % 3 {
+                0 => broken_web.push(BrokenWeb::NoSuchName(format!("nx-{}-{i}.invalid", cfg.seed))),
+                kind => {
+                    let (l, p) = bind(rt, 0)?;
+                    broken.push((l, kind == 2));
+                    let name = format!("localhost:{p}");
+                    broken_web.push(if kind == 1 { BrokenWeb::Failing(name) } else { BrokenWeb::Hanging(name) });
+                }
+            }
+        }
         let (dir, dir_port) = bind(rt, next_port(cfg.hosts + cfg.web_accounts))?;
-        Ok(Listeners { hosts, host_names, webs, web_names, dir, dir_port })
+        Ok(Listeners { hosts, host_names, webs, web_names, broken, broken_web, dir, dir_port })
     }
 }
 
@@ -264,8 +300,8 @@ fn write_info(p: &std::path::Path, info: &Info) -> anyhow::Result<()> {
 fn repo_info(world: &World, a: &super::world::Account) -> RepoInfo {
     RepoInfo {
         host: world.cfg.hosts[a.host].clone(),
-        active: a.status == Status::Active,
-        status: match a.status {
+        active: a.status() == Status::Active,
+        status: match a.status() {
             Status::Active => None,
             Status::Deactivated => Some("deactivated"),
             Status::TakenDown => Some("takendown"),
@@ -290,10 +326,8 @@ fn generate(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let mut index: HashMap<String, usize> =
-        world.accounts.iter().enumerate().map(|(i, a)| (a.did.clone(), i)).collect();
     if cfg.pregenerate {
-        return pregenerated(world, &shared, ledger, &cfg, &mut index);
+        return pregenerated(world, &shared, ledger, &cfg);
     }
     if let Some(d) = cfg.start_delay {
         std::thread::sleep(d);
@@ -308,9 +342,8 @@ fn generate(
         }
         while let Ok(req) = control.try_recv() {
             let host = req.host.as_deref().and_then(|h| world.cfg.hosts.iter().position(|x| x == h));
-            let mut out = Vec::new();
-            world.inject(req.fault, host, &mut out);
-            apply(&world, &shared, &mut ledger, &mut index, out)?;
+            let out = world.inject_fault(req.fault, host);
+            apply(&world, &shared, &mut ledger, out)?;
         }
         if cfg.rate > 0.0 {
             let secs = elapsed.as_secs_f64();
@@ -324,7 +357,7 @@ fn generate(
         outputs.clear();
         outputs.extend(world.step());
         steps += 1;
-        apply(&world, &shared, &mut ledger, &mut index, std::mem::take(&mut outputs))?;
+        apply(&world, &shared, &mut ledger, std::mem::take(&mut outputs))?;
     }
     ledger.write(&Line::Done { done: true, events: world.events() })?;
     ledger.flush()?;
@@ -333,9 +366,8 @@ fn generate(
     // the ledger after its done line, which readers accept).
     while let Ok(req) = control.recv() {
         let host = req.host.as_deref().and_then(|h| world.cfg.hosts.iter().position(|x| x == h));
-        let mut out = Vec::new();
-        world.inject(req.fault, host, &mut out);
-        apply(&world, &shared, &mut ledger, &mut index, out)?;
+        let out = world.inject_fault(req.fault, host);
+        apply(&world, &shared, &mut ledger, out)?;
         ledger.flush()?;
     }
     Ok(())
@@ -345,14 +377,8 @@ fn generate(
 /// written and flushed to the file before any of the step's frames reaches
 /// a host's stream, so whoever sees a frame (a relay, its consumers,
 /// `check --no-wait`) can find it in the ledger already.
-fn apply(
-    world: &World,
-    shared: &Shared,
-    ledger: &mut LedgerWriter,
-    index: &mut HashMap<String, usize>,
-    outputs: Vec<Output>,
-) -> anyhow::Result<()> {
-    let sends = record_step(world, shared, ledger, index, outputs)?;
+fn apply(world: &World, shared: &Shared, ledger: &mut LedgerWriter, outputs: Vec<Output>) -> anyhow::Result<()> {
+    let sends = record_step(world, shared, ledger, outputs)?;
     deliver(shared, sends);
     Ok(())
 }
@@ -363,18 +389,17 @@ fn record_step(
     world: &World,
     shared: &Shared,
     ledger: &mut LedgerWriter,
-    index: &mut HashMap<String, usize>,
     outputs: Vec<Output>,
 ) -> anyhow::Result<Vec<(usize, Send)>> {
     let mut touched: Vec<String> = Vec::new();
     let mut sends: Vec<(usize, Send)> = Vec::new();
     for o in outputs {
-        record(world, shared, ledger, index, o, &mut touched, &mut sends)?;
+        record(world, shared, ledger, o, &mut touched, &mut sends)?;
     }
     if !touched.is_empty() {
         let mut repos = shared.repos.write().expect("repos");
         for did in touched {
-            if let Some(&i) = index.get(&did) {
+            if let Some(i) = world.index_of(&did).filter(|&i| world.accounts[i].is_live()) {
                 repos.insert(did, repo_info(world, &world.accounts[i]));
             }
         }
@@ -407,13 +432,7 @@ fn deliver(shared: &Shared, sends: Vec<(usize, Send)>) {
 
 /// [`ServeConfig::pregenerate`]: every step generated and recorded first,
 /// then only delivered at the rate.
-fn pregenerated(
-    mut world: World,
-    shared: &Shared,
-    mut ledger: LedgerWriter,
-    cfg: &ServeConfig,
-    index: &mut HashMap<String, usize>,
-) -> anyhow::Result<()> {
+fn pregenerated(mut world: World, shared: &Shared, mut ledger: LedgerWriter, cfg: &ServeConfig) -> anyhow::Result<()> {
     let began = Instant::now();
     let steps = match (cfg.max_events, cfg.duration) {
         (Some(m), _) => m,
@@ -423,7 +442,7 @@ fn pregenerated(
     let mut ahead = Vec::with_capacity(steps as usize);
     while world.events() < steps {
         let outputs = world.step();
-        ahead.push(record_step(&world, shared, &mut ledger, index, outputs)?);
+        ahead.push(record_step(&world, shared, &mut ledger, outputs)?);
     }
     ledger.write(&Line::Done { done: true, events: world.events() })?;
     ledger.flush()?;
@@ -449,7 +468,6 @@ fn record(
     world: &World,
     shared: &Shared,
     ledger: &mut LedgerWriter,
-    index: &mut HashMap<String, usize>,
     o: Output,
     touched: &mut Vec<String>,
     sends: &mut Vec<(usize, Send)>,
@@ -467,9 +485,7 @@ fn record(
             ledger.write(&Line::Event(entry))?;
             sends.push((host, Send::Transient(what)));
         }
-        Output::Document { did, doc } => {
-            shared.docs.write().expect("docs").insert(did, doc);
-        }
+        Output::Document { did, doc } => shared.record_document(did, doc),
         Output::AmendWrongHost { did, host } => {
             ledger.write(&Line::AmendWrongHost {
                 amend_wronghost: super::ledger::Expect::Either,
@@ -492,7 +508,6 @@ fn record(
             ledger.write(&Line::RelayAccount { relay_account: active, did })?;
         }
         Output::NewAccount(k) => {
-            index.insert(k.did.clone(), world.accounts.len() - 1);
             touched.push(k.did.clone());
             ledger.write(&Line::Key { key: k })?;
         }
@@ -566,8 +581,23 @@ pub fn generate_corpus(mut cfg: ServeConfig, dir: &std::path::Path) -> anyhow::R
         }
         w.flush()?;
     }
-    std::fs::write(dir.join("docs.json"), serde_json::to_vec(&*r.shared.docs.read().expect("docs"))?)?;
-    std::fs::write(dir.join("repos.json"), serde_json::to_vec(&*r.shared.repos.read().expect("repos"))?)?;
+    // Every account's document and repository status, derived ones too
+    // (a corpus is served without its population).
+    let mut docs = r.shared.docs.read().expect("docs").clone();
+    let mut repos = r.shared.repos.read().expect("repos").clone();
+    if let Some(p) = &r.shared.population {
+        for i in 0..p.initial() {
+            let did = p.did(i);
+            if let Some(d) = r.shared.document(&did) {
+                docs.entry(did.clone()).or_insert(d);
+            }
+            if let Some(info) = r.shared.repo(&did) {
+                repos.entry(did).or_insert(info);
+            }
+        }
+    }
+    std::fs::write(dir.join("docs.json"), serde_json::to_vec(&docs)?)?;
+    std::fs::write(dir.join("repos.json"), serde_json::to_vec(&repos)?)?;
     std::fs::write(dir.join("corpus.json"), serde_json::to_vec_pretty(&meta)?)?;
     Ok(meta)
 }
@@ -605,18 +635,20 @@ pub fn serve_corpus(dir: &std::path::Path, info_out: Option<&std::path::Path>) -
     }
     let backlog = frames.iter().map(Vec::len).max().unwrap_or(0).max(server::BACKLOG_ITEMS_DEFAULT);
     let (control_tx, _control_rx) = std::sync::mpsc::channel();
-    let shared = Arc::new(Shared {
-        hosts: meta.hosts.iter().map(|n| Arc::new(HostState::new(n.clone(), backlog))).collect(),
-        docs: RwLock::new(serde_json::from_slice(&std::fs::read(dir.join("docs.json")).context("docs.json")?)?),
-        repos: RwLock::new(serde_json::from_slice(&std::fs::read(dir.join("repos.json")).context("repos.json")?)?),
-        control: Mutex::new(control_tx),
-        split_connections: 0.0,
-        seed: meta.seed,
-        events: Default::default(),
-        generation_done: Default::default(),
-        emit_times: Default::default(),
-        emit_times_max: 0,
-    });
+    let shared = Shared::new(
+        meta.hosts.iter().map(|n| Arc::new(HostState::new(n.clone(), backlog))).collect(),
+        None,
+        DirectoryConfig::default(),
+        control_tx,
+        0.0,
+        meta.seed,
+        0,
+    );
+    *shared.docs.write().expect("docs") =
+        serde_json::from_slice(&std::fs::read(dir.join("docs.json")).context("docs.json")?)?;
+    *shared.repos.write().expect("repos") =
+        serde_json::from_slice(&std::fs::read(dir.join("repos.json")).context("repos.json")?)?;
+    let shared = Arc::new(shared);
     let mut n = 0;
     for (h, fs) in shared.hosts.iter().zip(frames) {
         for (seq, f) in fs {

@@ -15,6 +15,7 @@
 //! valid one and nothing else is disturbed.
 
 use super::ledger::{AccountKey, Entry, Expect};
+pub use super::population::{did_document, web_did, BrokenWeb, Population};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sluice_common::atproto::car::{write_car, CarSlice};
@@ -194,6 +195,16 @@ pub struct WorldConfig {
     pub migrations: bool,
     /// Hosts serve TLS: PDS endpoints are `https://` (else `http://`).
     pub tls: bool,
+    /// did:web accounts whose documents cannot be had, and did:plc
+    /// accounts the directory does not know: their events are
+    /// undeliverable ([`crate::population`]).
+    pub broken_web: Vec<BrokenWeb>,
+    pub unregistered: usize,
+    /// Zipf exponent over a host's accounts for who acts (0 = evenly): a
+    /// few hot accounts and a long tail.
+    pub account_skew: f64,
+    /// Of a thousand ordinary steps, how many create an account.
+    pub new_accounts_per_mille: u32,
 }
 
 impl WorldConfig {
@@ -209,6 +220,10 @@ impl WorldConfig {
             faults: FaultRates::none(),
             migrations: false,
             tls: false,
+            broken_web: Vec::new(),
+            unregistered: 0,
+            account_skew: 0.0,
+            new_accounts_per_mille: 10,
         }
     }
 }
@@ -221,20 +236,64 @@ pub enum Status {
     Deleted,
 }
 
+/// An account: a few bytes until it first acts ([`World::pick_account`]
+/// makes it live: its repository and the rest of [`Live`]); its DID, key
+/// and first document come from the [`Population`] meanwhile.
 pub struct Account {
+    pub host: usize,
+    status: Status,
+    /// Its place in its host's list (`World::by_host`).
+    pos: u32,
+    live: Option<Box<Live>>,
+}
+
+/// What an account that has acted keeps.
+pub struct Live {
     pub did: String,
     pub handle: String,
-    pub host: usize,
-    pub web_host: Option<String>,
-    pub status: Status,
     pub repo: Repo,
     /// Record paths present, to pick updates and deletes from.
     paths: Vec<String>,
-    /// Index of the last frame of this account in its host's history.
+    /// Its last relayed frames (for `replayedrev`; kept only while that
+    /// fault may be asked for on a network of a size that affords it).
     last_frames: Vec<(usize, Vec<u8>)>,
     /// Every host the account has lived on, the current one included.
     hosts_lived: Vec<usize>,
+    /// Commits since its repository was last compacted.
+    commits: u32,
 }
+
+impl Account {
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+}
+
+/// A live account's parts; only accounts that acted are reached this way
+/// (picking one makes it live).
+impl std::ops::Deref for Account {
+    type Target = Live;
+    fn deref(&self) -> &Live {
+        self.live.as_deref().expect("an account is made live when picked")
+    }
+}
+
+impl std::ops::DerefMut for Account {
+    fn deref_mut(&mut self) -> &mut Live {
+        self.live.as_deref_mut().expect("an account is made live when picked")
+    }
+}
+
+/// A repository is compacted (unreachable blocks dropped) every this many
+/// commits.
+const COMPACT_EVERY: u32 = 32;
+/// Networks up to this many accounts keep recent frames per account (for
+/// `replayedrev` on command); larger ones only when the fault is in the mix.
+const FRAMES_KEPT_UP_TO: usize = 100_000;
 
 /// What happens on a live connection, not in a host's replayable stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,14 +333,21 @@ pub enum Output {
 
 pub struct World {
     pub cfg: WorldConfig,
+    pub population: std::sync::Arc<Population>,
     rng: ChaCha8Rng,
     pub accounts: Vec<Account>,
     /// Next seq per host.
     host_seq: Vec<i64>,
     /// Traffic weights per host (cumulative, for sampling).
     host_cdf: Vec<f64>,
-    /// Accounts of each host.
-    by_host: Vec<Vec<usize>>,
+    /// Accounts of each host, hottest first when `account_skew` is set.
+    by_host: Vec<Vec<u32>>,
+    /// Deactivated accounts of each host (to reactivate one).
+    inactive: Vec<Vec<u32>>,
+    /// Outputs owed before the step's own (an account made live: its key).
+    owed: Vec<Output>,
+    /// Keep recent frames per account (see [`FRAMES_KEPT_UP_TO`]).
+    keep_frames: bool,
     /// Recent frames per host (for seq-backwards re-sends).
     recent: Vec<Vec<(i64, Vec<u8>)>>,
     clock_micros: i64,
@@ -295,42 +361,10 @@ pub struct World {
     /// ids): when it is reactivated they become "either".
     deactivated_commits: std::collections::HashMap<usize, Vec<String>>,
     event_index: u64,
-    web_used: usize,
 }
 
 fn zipf_weights(n: usize, s: f64) -> Vec<f64> {
     (1..=n).map(|r| 1.0 / (r as f64).powf(s)).collect()
-}
-
-fn plc_did(rng: &mut ChaCha8Rng) -> String {
-    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let s: String = (0..24).map(|_| A[rng.gen_range(0..32)] as char).collect();
-    format!("did:plc:{s}")
-}
-
-/// The did:web DID served on `localhost:PORT`.
-pub fn web_did(web_host: &str) -> String {
-    format!("did:web:{}", web_host.replace(':', "%3A"))
-}
-
-/// `pds` is the endpoint URL (`http://localhost:PORT`).
-pub fn did_document(did: &str, handle: &str, key: &PrivateKey, pds: &str) -> serde_json::Value {
-    serde_json::json!({
-        "@context": ["https://www.w3.org/ns/did/v1", "https://w3id.org/security/multikey/v1"],
-        "id": did,
-        "alsoKnownAs": [format!("at://{handle}")],
-        "verificationMethod": [{
-            "id": format!("{did}#atproto"),
-            "type": "Multikey",
-            "controller": did,
-            "publicKeyMultibase": key.public_key().to_multikey(),
-        }],
-        "service": [{
-            "id": "#atproto_pds",
-            "type": "AtprotoPersonalDataServer",
-            "serviceEndpoint": pds,
-        }],
-    })
 }
 
 fn record(kind: &str, text: &str, time: &str) -> Vec<u8> {
@@ -363,44 +397,64 @@ impl World {
             })
             .collect();
         let host_seq = (0..nh).map(|_| rng.gen_range(100..10_000)).collect();
+        let counts: Vec<usize> =
+            weights.iter().map(|w| ((cfg.accounts_per_host as f64) * w).round().max(1.0) as usize).collect();
+        let population = std::sync::Arc::new(Population::new(&cfg, &counts));
+        let replays = cfg.faults.per_step.iter().any(|(f, p)| *f == Fault::ReplayedRev && *p > 0.0);
+        let keep_frames = replays || population.initial() <= FRAMES_KEPT_UP_TO;
         let mut w = World {
             cfg,
+            population,
             rng,
             accounts: Vec::new(),
             host_seq,
             host_cdf,
             by_host: vec![Vec::new(); nh],
+            inactive: vec![Vec::new(); nh],
+            owed: Vec::new(),
+            keep_frames,
             recent: vec![Vec::new(); nh],
             clock_micros: CLOCK_START_MICROS,
             step_index: 0,
             status_quiet_until: Default::default(),
             deactivated_commits: Default::default(),
             event_index: 0,
-            web_used: 0,
         };
-        for (h, weight) in weights.iter().enumerate() {
-            let n = ((w.cfg.accounts_per_host as f64) * weight).round().max(1.0) as usize;
-            for _ in 0..n {
-                w.create_account(h);
+        w.accounts.reserve(w.population.initial());
+        for h in 0..nh {
+            for _ in w.population.initial_range(h) {
+                w.add_account(h);
             }
         }
         w
     }
 
-    fn create_account(&mut self, host: usize) -> usize {
-        let curve = if self.rng.gen_bool(self.cfg.p256_share.clamp(0.0, 1.0)) { Curve::P256 } else { Curve::K256 };
-        let key = PrivateKey::generate(curve, &mut self.rng);
-        let web_host = (self.web_used < self.cfg.web_hosts.len()).then(|| {
-            self.web_used += 1;
-            self.cfg.web_hosts[self.web_used - 1].clone()
-        });
-        let did = match &web_host {
-            Some(wh) => web_did(wh),
-            None => plc_did(&mut self.rng),
-        };
+    /// A new account (not live) on `host`.
+    fn add_account(&mut self, host: usize) -> usize {
         let idx = self.accounts.len();
-        let handle = format!("u{idx}.h{host}.test");
-        let mut repo = Repo::new(did.clone(), key);
+        let pos = self.by_host[host].len() as u32;
+        self.accounts.push(Account { host, status: Status::Active, pos, live: None });
+        self.by_host[host].push(idx as u32);
+        idx
+    }
+
+    /// An account created now (live at once: its events follow).
+    fn create_account(&mut self, host: usize) -> usize {
+        let idx = self.add_account(host);
+        self.make_live(idx);
+        idx
+    }
+
+    /// Give account `a` its repository (initial records, no events) and
+    /// the rest of [`Live`], if it has none yet.
+    fn make_live(&mut self, a: usize) {
+        if self.accounts[a].live.is_some() {
+            return;
+        }
+        let p = &self.population;
+        let did = p.did(a);
+        let handle = p.handle(a, self.accounts[a].host);
+        let mut repo = Repo::new(did.clone(), p.key(a));
         let mut paths = Vec::new();
         let records: Vec<(String, Vec<u8>)> = (0..self.cfg.initial_records)
             .map(|i| {
@@ -410,26 +464,46 @@ impl World {
             })
             .collect();
         repo.bulk_load(records).expect("fresh repo");
-        self.accounts.push(Account {
-            did,
-            handle,
-            host,
-            web_host,
-            status: Status::Active,
-            repo,
-            paths,
-            last_frames: Vec::new(),
-            hosts_lived: vec![host],
-        });
-        self.by_host[host].push(idx);
-        idx
+        let host = self.accounts[a].host;
+        let live = Live { did, handle, repo, paths, last_frames: Vec::new(), hosts_lived: vec![host], commits: 0 };
+        self.accounts[a].live = Some(Box::new(live));
     }
 
-    /// Ledger header entries and the initial DID documents.
-    pub fn initial(&self) -> (Vec<AccountKey>, Vec<(String, serde_json::Value)>) {
-        let keys = self.accounts.iter().map(|a| self.account_key(a)).collect();
-        let docs = self.accounts.iter().map(|a| (a.did.clone(), self.document(a))).collect();
-        (keys, docs)
+    /// The account with this DID, if it is one of this network's.
+    pub fn index_of(&self, did: &str) -> Option<usize> {
+        self.population.index_of(did).filter(|i| *i < self.accounts.len())
+    }
+
+    /// Change an account's status (keeping the lists of inactive ones).
+    pub fn set_status(&mut self, a: usize, s: Status) {
+        let (host, old) = (self.accounts[a].host, self.accounts[a].status);
+        if old == Status::Deactivated {
+            self.inactive[host].retain(|&i| i as usize != a);
+        }
+        if s == Status::Deactivated {
+            self.inactive[host].push(a as u32);
+        }
+        self.accounts[a].status = s;
+    }
+
+    /// Move an account to another host's list.
+    fn move_host(&mut self, a: usize, to: usize) {
+        let (from, pos) = (self.accounts[a].host, self.accounts[a].pos as usize);
+        let last = self.by_host[from].pop().expect("the account is listed") as usize;
+        if last != a {
+            self.by_host[from][pos] = last as u32;
+            self.accounts[last].pos = pos as u32;
+        }
+        self.accounts[a].host = to;
+        self.accounts[a].pos = self.by_host[to].len() as u32;
+        self.by_host[to].push(a as u32);
+    }
+
+    /// Ledger header entries: the keys of accounts live now (the others'
+    /// come as `key` lines when they first act).
+    pub fn initial_keys(&self) -> Vec<AccountKey> {
+        let live = self.accounts.iter().filter(|a| a.is_live());
+        live.map(|a| self.account_key(a)).collect()
     }
 
     fn account_key(&self, a: &Account) -> AccountKey {
@@ -441,8 +515,7 @@ impl World {
     }
 
     pub fn document(&self, a: &Account) -> serde_json::Value {
-        let scheme = if self.cfg.tls { "https" } else { "http" };
-        did_document(&a.did, &a.handle, a.repo.key(), &format!("{scheme}://{}", self.cfg.hosts[a.host]))
+        did_document(&a.did, &a.handle, a.repo.key(), &self.population.endpoint(a.host))
     }
 
     /// Now, in unix microseconds, on the logical clock.
@@ -475,7 +548,14 @@ impl World {
         id: String,
         verdict: (Expect, &str),
     ) -> Entry {
-        let (expect, why) = verdict;
+        let (mut expect, mut why) = verdict;
+        // An account whose identity cannot be resolved: nothing of it can
+        // be relayed (a relay relays nothing unverified).
+        if expect != Expect::Drop
+            && did.and_then(|d| self.population.index_of(d)).is_some_and(|i| self.population.unresolvable(i))
+        {
+            (expect, why) = (Expect::Drop, "unresolvable");
+        }
         self.event_index += 1;
         Entry {
             i: self.event_index,
@@ -499,13 +579,51 @@ impl World {
         self.status_quiet_until.get(&a).is_some_and(|&until| self.step_index < until)
     }
 
+    /// An account of `host` in `status`, made live (its key goes into the
+    /// ledger before the step's own lines). Active ones are drawn with
+    /// `account_skew` (a few tries, then among all the host's active).
     fn pick_account(&mut self, host: usize, status: Status) -> Option<usize> {
-        let candidates: Vec<usize> =
-            self.by_host[host].iter().copied().filter(|&i| self.accounts[i].status == status).collect();
-        if candidates.is_empty() {
+        let a = match status {
+            Status::Active => self.pick_active(host)?,
+            Status::Deactivated => {
+                let l = &self.inactive[host];
+                if l.is_empty() {
+                    return None;
+                }
+                l[self.rng.gen_range(0..l.len())] as usize
+            }
+            Status::TakenDown | Status::Deleted => return None,
+        };
+        if !self.accounts[a].is_live() {
+            self.make_live(a);
+            self.owed.push(Output::NewAccount(self.account_key(&self.accounts[a])));
+        }
+        Some(a)
+    }
+
+    fn pick_active(&mut self, host: usize) -> Option<usize> {
+        let n = self.by_host[host].len();
+        if n == 0 {
             return None;
         }
-        Some(candidates[self.rng.gen_range(0..candidates.len())])
+        for _ in 0..16 {
+            let pos = if self.cfg.account_skew > 0.0 {
+                let z = rand_distr::Zipf::new(n as u64, self.cfg.account_skew).expect("n > 0, skew > 0");
+                (rand_distr::Distribution::sample(&z, &mut self.rng) as usize).clamp(1, n) - 1
+            } else {
+                self.rng.gen_range(0..n)
+            };
+            let a = self.by_host[host][pos] as usize;
+            if self.accounts[a].status == Status::Active {
+                return Some(a);
+            }
+        }
+        let active: Vec<u32> = self.by_host[host]
+            .iter()
+            .copied()
+            .filter(|&i| self.accounts[i as usize].status == Status::Active)
+            .collect();
+        (!active.is_empty()).then(|| active[self.rng.gen_range(0..active.len())] as usize)
     }
 
     /// Advance one millisecond.
@@ -525,19 +643,29 @@ impl World {
         }
         if let Some(f) = fault {
             self.inject(f, None, &mut out);
-            if !out.is_empty() {
-                return out;
-            }
         }
-        self.normal_event(&mut out);
-        out
+        if out.is_empty() {
+            self.normal_event(&mut out);
+        }
+        self.settle(out)
+    }
+
+    /// A step's outputs, after what it owes first (keys of accounts it
+    /// made live).
+    fn settle(&mut self, out: Vec<Output>) -> Vec<Output> {
+        if self.owed.is_empty() {
+            return out;
+        }
+        let mut all = std::mem::take(&mut self.owed);
+        all.extend(out);
+        all
     }
 
     fn normal_event(&mut self, out: &mut Vec<Output>) {
         let host = self.pick_host();
         let roll = self.rng.gen_range(0..1000);
         match roll {
-            0..=9 => {
+            r if r < self.cfg.new_accounts_per_mille => {
                 let a = self.create_account(host);
                 let k = self.account_key(&self.accounts[a]);
                 out.push(Output::NewAccount(k));
@@ -554,13 +682,13 @@ impl World {
             }
             75..=77 => {
                 if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
-                    self.accounts[a].status = Status::TakenDown;
+                    self.set_status(a, Status::TakenDown);
                     self.emit_account(a, false, Some("takendown"), out);
                 }
             }
             78..=80 => {
                 if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
-                    self.accounts[a].status = Status::Deleted;
+                    self.set_status(a, Status::Deleted);
                     self.emit_account(a, false, Some("deleted"), out);
                 }
             }
@@ -596,11 +724,11 @@ impl World {
     fn toggle_active(&mut self, host: usize, out: &mut Vec<Output>) {
         if self.rng.gen_bool(0.5) {
             if let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) {
-                self.accounts[a].status = Status::Deactivated;
+                self.set_status(a, Status::Deactivated);
                 self.emit_account(a, false, Some("deactivated"), out);
             }
         } else if let Some(a) = self.pick_account(host, Status::Deactivated) {
-            self.accounts[a].status = Status::Active;
+            self.set_status(a, Status::Active);
             self.emit_account(a, true, None, out);
             // A relay behind on this host reads those commits now and,
             // asking the PDS (active again), may relay them with an
@@ -646,6 +774,12 @@ impl World {
     fn commit(&mut self, a: usize, ops: &[WriteOp]) -> Option<RepoCommit> {
         let rev = self.tid();
         let c = self.accounts[a].repo.commit(ops, rev).ok()?;
+        let live = &mut *self.accounts[a];
+        live.commits += 1;
+        if live.commits >= COMPACT_EVERY {
+            live.commits = 0;
+            live.repo.compact().expect("our own repository");
+        }
         let paths = &mut self.accounts[a].paths;
         for op in ops {
             match op {
@@ -691,7 +825,7 @@ impl World {
     }
 
     fn push_frame(&mut self, host: usize, a: usize, seq: i64, frame: Vec<u8>, entry: Entry, out: &mut Vec<Output>) {
-        if entry.expect == Expect::Relay {
+        if entry.expect == Expect::Relay && self.keep_frames {
             let lf = &mut self.accounts[a].last_frames;
             lf.push((host, frame.clone()));
             if lf.len() > 4 {
@@ -759,9 +893,7 @@ impl World {
         if to >= from {
             to += 1;
         }
-        self.by_host[from].retain(|&i| i != a);
-        self.by_host[to].push(a);
-        self.accounts[a].host = to;
+        self.move_host(a, to);
         if !self.accounts[a].hosts_lived.contains(&to) {
             self.accounts[a].hosts_lived.push(to);
         }
@@ -774,7 +906,13 @@ impl World {
 
     /// Inject one fault now, on `host` or a random one. Does nothing if no
     /// account fits.
-    pub fn inject(&mut self, f: Fault, host: Option<usize>, out: &mut Vec<Output>) {
+    pub fn inject_fault(&mut self, f: Fault, host: Option<usize>) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.inject(f, host, &mut out);
+        self.settle(out)
+    }
+
+    fn inject(&mut self, f: Fault, host: Option<usize>, out: &mut Vec<Output>) {
         let host = host.unwrap_or_else(|| self.pick_host());
         match f {
             Fault::BadSignature | Fault::MissingBlock | Fault::WrongPrevData | Fault::FutureRev => {
@@ -825,9 +963,9 @@ impl World {
         let Some(a) = self.pick_account(host, Status::Active).filter(|&a| !self.status_quiet(a)) else {
             return;
         };
-        self.accounts[a].status = Status::Deactivated;
+        self.set_status(a, Status::Deactivated);
         self.emit_account(a, false, Some("deactivated"), out);
-        self.accounts[a].status = Status::Active;
+        self.set_status(a, Status::Active);
         self.status_quiet_until.insert(a, self.step_index + 2000);
         out.push(Output::RelayAccount { did: self.accounts[a].did.clone(), active: true });
     }
@@ -1015,7 +1153,7 @@ mod tests {
     }
 
     fn key_of(w: &World, did: &str) -> PublicKey {
-        w.accounts.iter().find(|a| a.did == did).unwrap().repo.key().public_key()
+        w.accounts[w.index_of(did).unwrap()].repo.key().public_key()
     }
 
     /// Run a while with no faults: every frame decodes and verifies.
@@ -1060,10 +1198,10 @@ mod tests {
             w.step();
         }
         // Make sure there is a deactivated account for DeactivatedCommit.
-        w.accounts[0].status = Status::Deactivated;
-        for (i, a) in w.accounts.iter_mut().enumerate() {
-            if a.host == 0 && i > 0 {
-                a.status = if f == Fault::DeactivatedCommit { Status::Deactivated } else { Status::Active };
+        w.set_status(0, Status::Deactivated);
+        for i in 1..w.accounts.len() {
+            if w.accounts[i].host == 0 {
+                w.set_status(i, if f == Fault::DeactivatedCommit { Status::Deactivated } else { Status::Active });
             }
         }
         let mut out = Vec::new();
@@ -1133,6 +1271,7 @@ mod tests {
         let (mut commits, mut removals, mut needed_seen, mut spare_seen) = (0, 0, 0, 0);
         for round in 0..160u32 {
             let a = (round as usize) % w.accounts.len();
+            w.make_live(a);
             let roll = if round % 3 == 0 { 950 } else { 100 };
             let ops = w.random_ops(a, roll);
             let Some(c) = w.commit(a, &ops) else { continue };
@@ -1191,7 +1330,7 @@ mod tests {
         let (w, out) = injected(Fault::WrongHost);
         let (f, e) = the_commit(&out);
         let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
-        let home = &w.cfg.hosts[w.accounts.iter().find(|a| a.did == c.repo).unwrap().host];
+        let home = &w.cfg.hosts[w.accounts[w.index_of(c.repo).unwrap()].host];
         assert_ne!(&e.host, home);
         // The commit itself is valid: only its host is wrong.
         check_commit(&c, Mode::Strict, w.now_micros()).unwrap().verify_signature(&key_of(&w, c.repo)).unwrap();
@@ -1246,8 +1385,8 @@ mod tests {
         let (w, out) = injected(Fault::DeactivatedCommit);
         let (f, e) = the_commit(&out);
         let Message::Event(Event::Commit(c)) = frame::decode(&f).unwrap().message else { panic!() };
-        let acct = w.accounts.iter().find(|a| a.did == c.repo).unwrap();
-        assert_eq!(acct.status, Status::Deactivated);
+        let acct = &w.accounts[w.index_of(c.repo).unwrap()];
+        assert_eq!(acct.status(), Status::Deactivated);
         assert_eq!(e.why, "deactivatedcommit");
     }
 

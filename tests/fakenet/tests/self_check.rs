@@ -130,7 +130,7 @@ fn post(url: &str) {
     let (hostport, path) = u.split_once('/').unwrap();
     let mut s = std::net::TcpStream::connect(hostport).unwrap();
     use std::io::{Read, Write};
-    write!(s, "POST /{path} HTTP/1.1\r\nhost: {hostport}\r\ncontent-length: 0\r\n\r\n").unwrap();
+    write!(s, "POST /{path} HTTP/1.1\r\nhost: {hostport}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -372,10 +372,11 @@ fn corpus_round_trip_serves_the_same_network() {
         &corpus,
     )
     .unwrap();
-    assert_eq!(meta.events, 400);
+    // Generation stops once 400 are made (a step may make two).
+    assert!((400..=402).contains(&meta.events), "{}", meta.events);
     let info_path = dir.path().join("info.json");
     let r = runner::serve_corpus(&corpus, Some(&info_path)).unwrap();
-    assert_eq!(r.events(), 400);
+    assert_eq!(r.events(), meta.events);
     let info: runner::Info = serde_json::from_slice(&std::fs::read(&info_path).unwrap()).unwrap();
     assert_eq!(info.hosts, meta.hosts);
     let mut total = 0;
@@ -384,7 +385,7 @@ fn corpus_round_trip_serves_the_same_network() {
         assert!(rep.ok(), "{h}: {}\n{:?}", rep.summary(), rep.notes);
         total += rep.relayed;
     }
-    assert_eq!(total, 400);
+    assert_eq!(total, meta.events);
     // The PLC directory answers from the corpus' documents.
     let did = r.shared.docs.read().unwrap().keys().find(|d| d.starts_with("did:plc:")).unwrap().clone();
     let port: u16 = r.info.plc_url.rsplit_once(':').unwrap().1.parse().unwrap();
