@@ -9,15 +9,6 @@ use fakenet::runner::{self, ServeConfig};
 use std::time::{Duration, Instant};
 use support::*;
 
-/// Sum of the metric `name` over its series.
-fn metric(relay: &Relay, name: &str) -> u64 {
-    metrics_page(relay)
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum()
-}
-
 /// A garbage record mid-stream (failpoint `shard-ring-garbage`, once):
 /// the ring is discarded, the shard restarts, and the stream is exact.
 #[test]

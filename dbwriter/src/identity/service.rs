@@ -364,6 +364,12 @@ impl Service {
         }
     }
 
+    /// The export is followed and not failing: it vouches for stored
+    /// did:plc documents once its next read ends (at start, its first).
+    fn follower_expected(&self) -> bool {
+        self.cfg.settings.plc_export && !self.follower.failing
+    }
+
     fn follower_as_of(&self) -> Option<i64> {
         let (sent, at) = self.follower.caught_up?;
         (self.cfg.settings.plc_export && at.elapsed() < EXPORT_VOUCHES_FOR).then_some(sent)
@@ -375,10 +381,12 @@ impl Service {
         Duration::from_secs_f64(hours * 3600.0)
     }
 
-    /// Should an `#identity` event of `host` skip its directory request
-    /// (its DID fetched lately, or the host past its refresh rate)?
-    fn skip_refresh(&mut self, did: &str, host: i64, now: Instant) -> bool {
-        if self.recent_fetch.get(did).is_some_and(|t| now < *t + IDENTITY_REFRESH_MIN) {
+    /// Should a refresh for an event of `host` be skipped, the stored
+    /// document answering (an `#identity` whose DID was fetched lately;
+    /// any refresh past the host's rate)?
+    fn skip_refresh(&mut self, did: &str, reason: Reason, host: i64, now: Instant) -> bool {
+        let lately = self.recent_fetch.get(did).is_some_and(|t| now < *t + IDENTITY_REFRESH_MIN);
+        if reason == Reason::Identity && lately {
             return true;
         }
         let rate = self.cfg.refreshes_per_host_per_second;
@@ -411,14 +419,14 @@ impl Service {
                     _ if fresh >= w.received => true,
                     // With the export followed, a fresh did:plc document
                     // costs no request: wait for the next poll instead.
-                    Reason::Identity if self.follower_as_of().is_none() || !did.starts_with("did:plc:") => {
-                        let skip = self.skip_refresh(did, w.host_id, now);
+                    _ if did.starts_with("did:plc:") && self.follower_expected() => false,
+                    reason => {
+                        let skip = self.skip_refresh(did, reason, w.host_id, now);
                         if skip {
                             self.count(IdentityStat::RefreshSkipped);
                         }
                         skip
                     }
-                    _ => false,
                 };
                 if satisfied {
                     self.count(if p.fetched { IdentityStat::AnsweredFetched } else { IdentityStat::AnsweredStored });
@@ -451,7 +459,7 @@ impl Service {
 
     /// Where a DID that needs a (fresher) document goes next.
     fn next_stage(&self, did: &str, was: Stage, now: Instant, stored: bool) -> Stage {
-        if stored && did.starts_with("did:plc:") && self.follower_as_of().is_some() {
+        if stored && did.starts_with("did:plc:") && self.follower_expected() {
             match was {
                 Stage::Follower(deadline) if deadline <= now => {}
                 Stage::Follower(deadline) => return Stage::Follower(deadline),

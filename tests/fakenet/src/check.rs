@@ -124,7 +124,8 @@ struct Checker<'c> {
     cfg: &'c CheckConfig,
     ledger: Ledger,
     tail: LedgerTail,
-    keys: HashMap<String, PublicKey>,
+    /// Every key each DID has had.
+    keys: HashMap<String, Vec<PublicKey>>,
     expected: HashMap<String, Expected>,
     /// DID -> ids of its events, for amends that arrive later.
     ids_by_did: HashMap<String, Vec<String>>,
@@ -155,10 +156,11 @@ impl<'c> Checker<'c> {
 
     /// Take ledger entries from index `from` into the expectations.
     fn absorb(&mut self, from: usize, counted: bool) {
-        for (d, k) in &self.ledger.keys {
-            if !self.keys.contains_key(d) {
+        for (d, ks) in &self.ledger.keys {
+            let have = self.keys.entry(d.clone()).or_default();
+            for k in ks.iter().skip(have.len()) {
                 if let Ok(k) = PublicKey::from_multikey(k) {
-                    self.keys.insert(d.clone(), k);
+                    have.push(k);
                 }
             }
         }
@@ -189,7 +191,10 @@ impl<'c> Checker<'c> {
     /// Read what fakenet appended since; returns whether anything came.
     fn follow(&mut self) -> anyhow::Result<bool> {
         let new = self.tail.read_new(&mut self.ledger)?;
-        let grew = new.first_entry < self.ledger.entries.len() || !new.amends.is_empty() || !new.id_amends.is_empty();
+        let grew = new.first_entry < self.ledger.entries.len()
+            || !new.amends.is_empty()
+            || !new.id_amends.is_empty()
+            || !new.key_amends.is_empty();
         // Entries already taken in, which the amends make "either" (the
         // ledger did the same to its own copy).
         let wronghost = |x: &Expected| x.expect == Expect::Drop && x.why == "wronghost";
@@ -198,6 +203,17 @@ impl<'c> Checker<'c> {
         }
         for (did, host) in &new.amends {
             self.amend(did, host, |x| x.expect == Expect::Relay);
+        }
+        for (did, before) in &new.key_amends {
+            for id in self.ids_by_did.get(did).cloned().unwrap_or_default() {
+                let Some(x) = self.expected.get_mut(&id) else { continue };
+                if x.expect == Expect::Relay && x.i < *before && super::ledger::is_signed_id(&id) {
+                    if x.counted {
+                        self.must -= 1;
+                    }
+                    x.expect = Expect::Either;
+                }
+            }
         }
         for id in &new.id_amends {
             if let Some(x) = self.expected.get_mut(id) {
@@ -384,18 +400,18 @@ pub fn run(cfg: &CheckConfig) -> anyhow::Result<Report> {
     Ok(checker.finish())
 }
 
-fn verify(ev: &Event<'_>, keys: &HashMap<String, PublicKey>, now: i64, report: &mut Report) {
+fn verify(ev: &Event<'_>, keys: &HashMap<String, Vec<PublicKey>>, now: i64, report: &mut Report) {
     let checked = match ev {
         Event::Commit(c) => check_commit(c, Mode::Strict, now),
         Event::Sync(s) => check_sync(s, now),
         _ => return,
     };
     let did = ev.did().unwrap_or("");
-    match (checked, keys.get(did)) {
-        (Ok(c), Some(k)) => {
-            if let Err(e) = c.verify_signature(k) {
+    match (checked, keys.get(did).filter(|ks| !ks.is_empty())) {
+        (Ok(c), Some(ks)) => {
+            if !ks.iter().any(|k| c.verify_signature(k).is_ok()) {
                 report.invalid += 1;
-                report.note(format!("{did}: signature: {e}"));
+                report.note(format!("{did}: signature verifies with none of its {} keys", ks.len()));
             }
         }
         (Ok(_), None) => {

@@ -19,8 +19,12 @@
 //!   account moved to HOST; `wronghost` commits injected there before the
 //!   move become "either" (a relay that reads HOST's backlog after the
 //!   move checks them against the new document, which names HOST);
-//! - `{"key": {"did", "key"}}`: an account created or re-keyed after the
-//!   header;
+//! - `{"amend_key": "either", "did": DID, "before": N}`: DID's signing key
+//!   changed; its signed events (`#commit`, `#sync`) before entry N become
+//!   "either" (a relay that resolves the DID after the change cannot
+//!   verify them, one that was live before could);
+//! - `{"key": {"did", "key"}}`: an account created, first active, or
+//!   re-keyed after the header (a commit passes with any key its DID had);
 //! - last line `{"done": true, "events": N}` once generation has stopped.
 //!
 //! `expect`: "relay" = must appear exactly once; "drop" = must not appear
@@ -83,6 +87,13 @@ pub enum Line {
         relay_account: bool,
         did: String,
     },
+    /// `did`'s signed events before entry `before` become "either" (its key
+    /// changed: `rotatekey`).
+    AmendKey {
+        amend_key: Expect,
+        did: String,
+        before: u64,
+    },
     /// The events with these ids become "either" (`deactivatedcommit`
     /// faults of an account reactivated since: a relay behind on that
     /// host asks the PDS, which now says active).
@@ -124,7 +135,8 @@ impl LedgerWriter {
 #[derive(Debug, Default)]
 pub struct Ledger {
     pub seed: u64,
-    pub keys: HashMap<String, String>,
+    /// Every key each DID has had, oldest first (`rotatekey` adds one).
+    pub keys: HashMap<String, Vec<String>>,
     pub entries: Vec<Entry>,
     pub done: bool,
     /// `(did, host)` of every amend line so far.
@@ -145,6 +157,14 @@ pub struct NewLines {
     pub wronghost_amends: Vec<(String, String)>,
     /// Ids made "either" by this call.
     pub id_amends: Vec<String>,
+    /// Key changes read by this call, `(did, before)`.
+    pub key_amends: Vec<(String, u64)>,
+}
+
+/// Is an event with this ledger id one a signing key vouches for (a
+/// commit, named by its CID, or a `#sync`)?
+pub fn is_signed_id(id: &str) -> bool {
+    !id.starts_with('#') || id.starts_with("#sync|")
 }
 
 impl Ledger {
@@ -160,10 +180,15 @@ impl Ledger {
         match line {
             Line::Header { seed, accounts, .. } => {
                 self.seed = seed;
-                self.keys.extend(accounts.into_iter().map(|a| (a.did, a.key)));
+                for a in accounts {
+                    self.keys.entry(a.did).or_default().push(a.key);
+                }
             }
             Line::Key { key } => {
-                self.keys.insert(key.did, key.key);
+                let ks = self.keys.entry(key.did).or_default();
+                if !ks.contains(&key.key) {
+                    ks.push(key.key);
+                }
             }
             Line::Amend { did, host, .. } => {
                 for e in &mut self.entries {
@@ -185,6 +210,15 @@ impl Ledger {
                     }
                 }
                 new.wronghost_amends.push((did, host));
+            }
+            Line::AmendKey { did, before, .. } => {
+                for e in &mut self.entries {
+                    if e.expect == Expect::Relay && e.did.as_ref() == Some(&did) && e.i < before && is_signed_id(&e.id)
+                    {
+                        e.expect = Expect::Either;
+                    }
+                }
+                new.key_amends.push((did, before));
             }
             Line::AmendIds { amend_ids, .. } => {
                 for e in &mut self.entries {

@@ -500,6 +500,9 @@ fn record(
                 host: world.cfg.hosts[host].clone(),
             })?;
         }
+        Output::AmendKey { did, before } => {
+            ledger.write(&Line::AmendKey { amend_key: super::ledger::Expect::Either, did, before })?;
+        }
         Output::AmendIds { ids, did } => {
             ledger.write(&Line::AmendIds { amend_ids: ids, did })?;
         }

@@ -195,6 +195,11 @@ impl DirStats {
         inner.per_did.iter().filter(|(d, _)| pred(d)).map(|(_, (n, _, _))| *n as u64).sum()
     }
 
+    /// The most document requests any one DID had.
+    pub fn max_requests_per_did(&self) -> u32 {
+        self.inner.lock().expect("dir stats").per_did.values().map(|(n, _, _)| *n).max().unwrap_or(0)
+    }
+
     /// DIDs asked for more than once at the same time (none, for a relay
     /// that asks once per DID).
     pub fn dids_asked_concurrently(&self) -> usize {

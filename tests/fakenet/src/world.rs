@@ -74,10 +74,17 @@ pub enum Fault {
     /// relayed: a relay has to ask the PDS (getRepoStatus says active),
     /// and may emit an `#account` of its own for it (indigo#1161).
     LostReactivation,
+    /// An account's signing key changes (a new document, its `#identity`);
+    /// its later commits are signed with the new key and must be relayed.
+    RotateKey,
+    /// A host sends a burst of `#identity` events for accounts of other
+    /// hosts (a relay must drop them, and not spend its directory budget
+    /// on them).
+    IdentityFlood,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 15] = [
+    pub const ALL: [Fault; 17] = [
         Fault::BadSignature,
         Fault::MissingBlock,
         Fault::WrongPrevData,
@@ -93,6 +100,8 @@ impl Fault {
         Fault::UnknownType,
         Fault::DeactivatedCommit,
         Fault::LostReactivation,
+        Fault::RotateKey,
+        Fault::IdentityFlood,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,6 +121,8 @@ impl Fault {
             Fault::UnknownType => "unknowntype",
             Fault::DeactivatedCommit => "deactivatedcommit",
             Fault::LostReactivation => "lostreactivation",
+            Fault::RotateKey => "rotatekey",
+            Fault::IdentityFlood => "identityflood",
         }
     }
 
@@ -143,7 +154,7 @@ impl FaultRates {
             }
             // Only where asked for: a relay's recovery from it is rate
             // limited (one status check per account per few minutes).
-            if *f == Fault::LostReactivation {
+            if matches!(*f, Fault::LostReactivation | Fault::IdentityFlood) {
                 *p = 0.0;
             }
         }
@@ -288,6 +299,9 @@ impl std::ops::DerefMut for Account {
     }
 }
 
+/// `#identity` events one `identityflood` fault sends.
+const IDENTITY_FLOOD: usize = 50;
+
 /// A repository is compacted (unreachable blocks dropped) every this many
 /// commits.
 const COMPACT_EVERY: u32 = 32;
@@ -329,6 +343,9 @@ pub enum Output {
     RelayAccount { did: String, active: bool },
     /// These events of `did` become "either".
     AmendIds { ids: Vec<String>, did: String },
+    /// `did`'s signed events before entry `before` become "either" (its
+    /// key changed).
+    AmendKey { did: String, before: u64 },
 }
 
 pub struct World {
@@ -928,6 +945,8 @@ impl World {
                 self.deactivated_commits.entry(a).or_default().push(c.commit_cid.to_string());
             }
             Fault::LostReactivation => self.inject_lost_reactivation(host, out),
+            Fault::RotateKey => self.inject_rotate_key(host, out),
+            Fault::IdentityFlood => self.inject_identity_flood(f, host, out),
             Fault::ReplayedRev => self.inject_replayed_rev(f, host, out),
             Fault::UnknownType => self.inject_unknown_type(f, host, out),
             Fault::SeqBackwards => self.inject_seq_backwards(f, host, out),
@@ -955,6 +974,46 @@ impl World {
         let other = never[self.rng.gen_range(0..never.len())];
         let Some(c) = self.throwaway_commit(a) else { return };
         self.emit_commit_on(other, a, &c, Expect::Drop, f.name(), out);
+    }
+
+    /// A new signing key for an active account of `host`: its document
+    /// changes, its `#identity` follows, later commits use the new key.
+    fn inject_rotate_key(&mut self, host: usize, out: &mut Vec<Output>) {
+        let Some(a) = self.pick_account(host, Status::Active) else { return };
+        let curve = self.accounts[a].repo.key().curve();
+        let key = PrivateKey::generate(curve, &mut self.rng);
+        self.accounts[a].repo.set_key(key);
+        let did = self.accounts[a].did.clone();
+        out.push(Output::AmendKey { did, before: self.event_index + 1 });
+        out.push(Output::NewAccount(self.account_key(&self.accounts[a])));
+        out.push(Output::Document { did: self.accounts[a].did.clone(), doc: self.document(&self.accounts[a]) });
+        self.emit_identity(a, out);
+    }
+
+    /// `#identity` events from `host` for accounts of other hosts (at most
+    /// [`IDENTITY_FLOOD`]): dropped by a relay, whose document says where
+    /// they live.
+    fn inject_identity_flood(&mut self, f: Fault, host: usize, out: &mut Vec<Output>) {
+        let others: Vec<usize> = (0..self.cfg.hosts.len()).filter(|h| *h != host).collect();
+        if others.is_empty() {
+            return;
+        }
+        for _ in 0..IDENTITY_FLOOD {
+            let other = others[self.rng.gen_range(0..others.len())];
+            let Some(a) = self.pick_account(other, Status::Active) else { continue };
+            if self.accounts[a].hosts_lived.contains(&host) {
+                continue;
+            }
+            let seq = self.next_seq(host);
+            let time = self.time();
+            let did = self.accounts[a].did.clone();
+            let mut frame = Vec::new();
+            IdentityEvent { seq, did: &did, time: &time, handle: None }.encode(&mut frame);
+            let id = format!("#identity|{did}|{time}");
+            let entry = self.entry(host, Some(seq), Some(&did), "#identity", id, (Expect::Drop, f.name()));
+            out.push(Output::Frame { host, seq, frame, entry });
+            self.clock_micros += 1;
+        }
     }
 
     /// Deactivate (announced), then reactivate in silence.

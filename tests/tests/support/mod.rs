@@ -366,6 +366,18 @@ pub fn metrics_page(relay: &Relay) -> String {
     out
 }
 
+/// Sum of the metric `name` over its series; `name` may carry a label
+/// (`sluice_x_total{outcome="ok"` without the closing brace matches that
+/// series).
+pub fn metric(relay: &Relay, name: &str) -> u64 {
+    metrics_page(relay)
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(name) && l[name.len()..].starts_with(['{', ' ', ',', '}']))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
 /// `$SLUICE_FIXTURES`, else `../shared/fixtures` from the repo root; a test
 /// that cannot find them fails (the README's test command fetches them).
 pub fn fixtures() -> PathBuf {
