@@ -429,7 +429,7 @@ impl RawConfig {
             plc_requests_per_second: self.plc_requests_per_second.unwrap_or(50.0),
             plc_export: self.plc_export.unwrap_or(true),
             fetch_concurrency: self.identity_fetch_concurrency.unwrap_or(4),
-            wait_max_s: self.identity_wait_max_s.unwrap_or(30),
+            wait_max_s: self.identity_wait_max_s.unwrap_or(10),
             plc_ttl_hours: self.identity_plc_ttl_hours.unwrap_or(168.0),
             web_ttl_hours: self.identity_web_ttl_hours.unwrap_or(6.0),
         };

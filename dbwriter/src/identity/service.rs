@@ -40,6 +40,9 @@ const NEGATIVE_FIRST: Duration = Duration::from_secs(60);
 const NEGATIVE_MAX: Duration = Duration::from_secs(3600);
 /// Unresolved DIDs remembered at once.
 const NEGATIVES_MAX: usize = 100_000;
+/// While an unresolved DID is checked again in the background, its events
+/// are answered "unresolved" with this retry time.
+const RECHECK_ANSWER: Duration = Duration::from_secs(2);
 /// The pause after a directory's 429, 503 or failure: doubles from the
 /// first to the last while they repeat.
 const PAUSE_FIRST: Duration = Duration::from_secs(1);
@@ -126,6 +129,9 @@ struct Pending {
     background: bool,
     /// The stored record came from a fetch made for these waiters.
     fetched: bool,
+    /// When the first of its waiters asked (`identity_wait_max_s` counts
+    /// from here).
+    asked_at: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -324,8 +330,19 @@ impl Service {
             self.unresolved_answer(w, true, NEGATIVE_MAX, format!("{did:?} is not a DID"));
             return;
         }
-        if let Some(n) = self.negatives.get(&did).filter(|n| n.until > Instant::now()).cloned() {
-            self.unresolved_answer(w, n.permanent, n.until - Instant::now(), n.why);
+        if let Some(n) = self.negatives.get(&did).cloned() {
+            let now = Instant::now();
+            if n.until > now {
+                self.unresolved_answer(w, n.permanent, n.until - now, n.why);
+                return;
+            }
+            // Due for a re-check: made in the background, the events
+            // dropped meanwhile (a DID that stays unresolved never holds
+            // its host back again).
+            self.unresolved_answer(w, n.permanent, RECHECK_ANSWER, n.why);
+            if !self.pending.contains_key(&did) {
+                self.recheck(did);
+            }
             return;
         }
         match self.pending.get_mut(&did) {
@@ -347,11 +364,29 @@ impl Service {
                     failures: 0,
                     background: false,
                     fetched: false,
+                    asked_at: Instant::now(),
                 };
                 self.pending.insert(did.clone(), p);
                 let _ = self.store.send(StoreJob::Load(did));
             }
         }
+    }
+
+    /// Ask about an unresolved DID again, nobody waiting.
+    fn recheck(&mut self, did: String) {
+        let p = Pending {
+            waiters: Vec::new(),
+            stage: Stage::Loading,
+            stored: None,
+            host_id: 0,
+            first_failure: None,
+            failures: 0,
+            background: true,
+            fetched: false,
+            asked_at: Instant::now(),
+        };
+        self.pending.insert(did.clone(), p);
+        let _ = self.store.send(StoreJob::Load(did));
     }
 
     /// When the stored document of `did` is known current at: when it was
@@ -454,7 +489,16 @@ impl Service {
             Stage::Retry(t) | Stage::Follower(t) => self.timers.push(Reverse((t, did.to_owned()))),
             _ => {}
         }
+        if !did.starts_with("did:plc:") && !p.waiters.is_empty() {
+            // A did:web host that does not answer costs its waiters no more
+            // than the wait allowed, whatever its request is doing.
+            self.timers.push(Reverse((p.asked_at + self.wait_max(), did.to_owned())));
+        }
         self.pending.insert(did.to_owned(), p);
+    }
+
+    fn wait_max(&self) -> Duration {
+        Duration::from_secs(self.cfg.settings.wait_max_s as u64)
     }
 
     /// Where a DID that needs a (fresher) document goes next.
@@ -479,8 +523,20 @@ impl Service {
                 break;
             }
             let Some(Reverse((_, did))) = self.timers.pop() else { break };
+            let wait_max = self.wait_max();
             let Some(p) = self.pending.get_mut(&did) else { continue };
             let stage = p.stage;
+            if !p.waiters.is_empty() && !did.starts_with("did:plc:") && p.asked_at + wait_max <= now {
+                // Its own host did not answer in time: the waiters go,
+                // the request (if under way) may still land.
+                let waiters = std::mem::take(&mut p.waiters);
+                let why = format!("no answer within {} s", self.cfg.settings.wait_max_s);
+                self.unresolved(&did, waiters, false, why);
+                if !matches!(stage, Stage::Fetching) {
+                    self.pending.remove(&did);
+                }
+                continue;
+            }
             match stage {
                 Stage::Retry(t) | Stage::Follower(t) if t <= now => {
                     p.stage = Stage::Idle;
@@ -582,6 +638,12 @@ impl Service {
     /// Give up on `did` for now: answer every waiter "unresolved", and
     /// remember it for a backoff that doubles while it stays so.
     fn give_up(&mut self, did: &str, p: Pending, permanent: bool, why: String) {
+        self.unresolved(did, p.waiters, permanent, why);
+    }
+
+    /// Answer `waiters` "unresolved" and remember `did` so for a backoff
+    /// that doubles while it stays so.
+    fn unresolved(&mut self, did: &str, waiters: Vec<Waiter>, permanent: bool, why: String) {
         let now = Instant::now();
         let backoff = self.negatives.get(did).map_or(NEGATIVE_FIRST, |n| (n.backoff * 2).min(NEGATIVE_MAX));
         tracing::debug!(did, permanent, why, retry_in_s = backoff.as_secs(), "identity unresolved");
@@ -592,7 +654,7 @@ impl Service {
             let n = Negative { until: now + backoff, backoff, permanent, why: why.clone() };
             self.negatives.insert(did.to_owned(), n);
         }
-        for w in p.waiters {
+        for w in waiters {
             self.unresolved_answer(w, permanent, backoff, why.clone());
         }
     }
@@ -647,9 +709,13 @@ impl Service {
     fn failed(&mut self, did: String, mut p: Pending, plc: bool, e: FetchError, now: Instant) {
         let first = *p.first_failure.get_or_insert(now);
         p.failures += 1;
-        let waited = now.duration_since(first) >= Duration::from_secs(self.cfg.settings.wait_max_s as u64);
+        let waited = now.duration_since(p.asked_at) >= self.wait_max();
         if p.waiters.is_empty() {
-            // A background refresh: the stored document stays.
+            // A background refresh: the stored document stays; a re-check
+            // of an unresolved DID renews its backoff.
+            if p.stored.is_none() {
+                self.give_up(&did, p, false, e.to_string());
+            }
             return;
         }
         if plc {

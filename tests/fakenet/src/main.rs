@@ -68,6 +68,10 @@ struct ServeArgs {
     /// Of a thousand ordinary steps, how many create an account.
     #[arg(long, default_value_t = 10)]
     new_accounts_per_mille: u32,
+    /// The share of each host's accounts that act at all (a day's active
+    /// set; 1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    active_share: f64,
     /// The PLC directory's latency on every answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     plc_latency_ms: u64,
@@ -207,6 +211,7 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<runner::ServeConfig> {
         unregistered: a.unregistered,
         account_skew: a.account_skew,
         new_accounts_per_mille: a.new_accounts_per_mille,
+        active_share: a.active_share,
         directory: fakenet::server::DirectoryConfig {
             latency: Duration::from_millis(a.plc_latency_ms),
             rate: a.plc_rate,

@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub account_skew: f64,
     /// Of a thousand ordinary steps, how many create an account.
     pub new_accounts_per_mille: u32,
+    /// The share of each host's accounts that act at all (1.0: all).
+    pub active_share: f64,
     /// How the PLC directory misbehaves.
     pub directory: DirectoryConfig,
     pub seed: u64,
@@ -76,6 +78,7 @@ impl Default for ServeConfig {
             unregistered: 0,
             account_skew: 0.0,
             new_accounts_per_mille: 10,
+            active_share: 1.0,
             directory: DirectoryConfig::default(),
             seed: 1,
             rate: 100.0,
@@ -196,6 +199,7 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         unregistered: cfg.unregistered,
         account_skew: cfg.account_skew,
         new_accounts_per_mille: cfg.new_accounts_per_mille,
+        active_share: cfg.active_share,
     });
     let (control_tx, control_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared::new(

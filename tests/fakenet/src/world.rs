@@ -216,6 +216,9 @@ pub struct WorldConfig {
     pub account_skew: f64,
     /// Of a thousand ordinary steps, how many create an account.
     pub new_accounts_per_mille: u32,
+    /// The share of each host's accounts that act at all (its first ones:
+    /// a day's active set), 1.0 for all.
+    pub active_share: f64,
 }
 
 impl WorldConfig {
@@ -235,6 +238,7 @@ impl WorldConfig {
             unregistered: 0,
             account_skew: 0.0,
             new_accounts_per_mille: 10,
+            active_share: 1.0,
         }
     }
 }
@@ -619,8 +623,9 @@ impl World {
     }
 
     fn pick_active(&mut self, host: usize) -> Option<usize> {
-        let n = self.by_host[host].len();
-        if n == 0 {
+        let all = self.by_host[host].len();
+        let n = ((all as f64 * self.cfg.active_share).ceil() as usize).clamp(1, all.max(1));
+        if all == 0 {
             return None;
         }
         for _ in 0..16 {
