@@ -170,6 +170,8 @@ pub struct Batch {
     /// Host reachability reported by the shards (`true`: offline), last
     /// report per host.
     pub host_offline: HashMap<i64, bool>,
+    /// Held lists that changed in the round, whole (empty: released).
+    pub held: Vec<(String, Vec<Vec<u8>>)>,
     pub last_seq: i64,
 }
 
@@ -260,9 +262,42 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(St
         t.execute(&s.cursors, &[&ids, &cursors])?;
     }
     let changed = if b.host_offline.is_empty() { Vec::new() } else { set_offline(&mut t, s, &b.host_offline)? };
+    if !b.held.is_empty() {
+        save_held(&mut t, &b.held)?;
+    }
     t.execute(&s.last_seq, &[&b.last_seq])?;
     t.commit()?;
     Ok(changed)
+}
+
+/// Replace the held lists of these DIDs (`crate::held`).
+fn save_held(t: &mut postgres::Transaction<'_>, lists: &[(String, Vec<Vec<u8>>)]) -> Result<(), DbError> {
+    let dids: Vec<&str> = lists.iter().map(|(d, _)| d.as_str()).collect();
+    t.execute("DELETE FROM held_events WHERE did = ANY($1)", &[&dids])?;
+    let (mut ds, mut ns, mut recs) = (Vec::new(), Vec::new(), Vec::new());
+    for (d, list) in lists {
+        for (n, r) in list.iter().enumerate() {
+            ds.push(d.as_str());
+            ns.push(n as i32);
+            recs.push(r.as_slice());
+        }
+    }
+    if !ds.is_empty() {
+        t.execute(
+            "INSERT INTO held_events (did, n, record) SELECT * FROM unnest($1::text[], $2::int4[], $3::bytea[])",
+            &[&ds, &ns, &recs],
+        )?;
+    }
+    Ok(())
+}
+
+/// Every held list, in order.
+pub fn held_events(c: &mut Client) -> Result<HashMap<String, Vec<Vec<u8>>>, DbError> {
+    let mut out: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for r in c.query("SELECT did, record FROM held_events ORDER BY did, n", &[])? {
+        out.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    Ok(out)
 }
 
 /// Add a host to crawl (no-op if known), with `account_limit`. Returns

@@ -18,6 +18,7 @@ pub mod admission;
 pub mod api;
 pub mod db;
 pub mod goat;
+pub mod held;
 pub mod identity;
 pub mod messages;
 pub mod query;

@@ -25,6 +25,7 @@
 //! exactly there (`common::process::failpoint`).
 
 use crate::db::{self, Batch};
+use crate::held::Held;
 use crate::messages::Refused;
 use lru::LruCache;
 use postgres::Client;
@@ -98,9 +99,12 @@ pub struct Sequencer {
     pub recheck: Option<std::sync::mpsc::SyncSender<crate::recheck::Request>>,
     /// Per account asked about: when, and whether the answer is still due.
     rechecked: HashMap<String, (Instant, bool)>,
-    /// Commits held while their account's PDS is asked, in order, encoded.
-    held: HashMap<String, Vec<Vec<u8>>>,
-    held_bytes: usize,
+    /// Commits held while their account's PDS is asked (and what follows
+    /// them), in order, encoded; durable with each round.
+    held: Held,
+    /// Held records are being applied: a commit that still fails is
+    /// dropped, not held again.
+    releasing: bool,
     /// hosts.id -> (hostname, insecure), for the recheck requests.
     host_names: HashMap<i64, (String, bool)>,
     /// New settings from a reload (SIGHUP), taken between rounds.
@@ -158,9 +162,6 @@ impl Settings {
 
 /// An account is asked about at most this often.
 pub const RECHECK_EVERY: Duration = Duration::from_secs(300);
-/// Commits held for accounts being asked about, in all and per account.
-pub const HELD_BYTES_MAX: usize = 8 << 20;
-pub const HELD_PER_ACCOUNT_MAX: usize = 32;
 /// Accounts remembered as asked about (older entries are forgotten first).
 pub const RECHECKED_MAX: usize = 10_000;
 /// A question not answered in this long (the answer was lost) is asked again.
@@ -234,6 +235,12 @@ impl Sequencer {
     ) -> Result<Sequencer, db::DbError> {
         let host_floor = db::hosts(&mut pg)?.into_iter().map(|h| (h.id, h.cursor)).collect();
         let stmts = db::CommitStatements::prepare(&mut pg)?;
+        let held = Held::from_stored(db::held_events(&mut pg)?);
+        // Whatever was held when the last run ended: its question to the
+        // PDS died with it; the next round gives it up (commits dropped,
+        // what waited behind them applied, in order).
+        let overdue = Instant::now().checked_sub(RECHECK_ANSWER_MAX * 2).unwrap_or_else(Instant::now);
+        let rechecked = held.dids().map(|d| (d.clone(), (overdue, true))).collect();
         Ok(Sequencer {
             pg,
             stmts,
@@ -258,9 +265,9 @@ impl Sequencer {
             paused: None,
             database_url: None,
             recheck: None,
-            rechecked: HashMap::new(),
-            held: HashMap::new(),
-            held_bytes: 0,
+            rechecked,
+            held,
+            releasing: false,
             host_names: HashMap::new(),
             settings: None,
             ingested: Vec::new(),
@@ -393,6 +400,7 @@ impl Sequencer {
                 r.rewind();
             }
             let durable = db::last_seq(&mut self.pg)?;
+            self.held = Held::from_stored(db::held_events(&mut self.pg)?);
             match self.log.reopen(durable) {
                 Ok(()) => break,
                 Err(le) if le.is_disk_full() => {}
@@ -432,10 +440,12 @@ impl Sequencer {
                 let stmts = db::CommitStatements::prepare(&mut pg)?;
                 let durable = db::last_seq(&mut pg)?;
                 let floors: HashMap<i64, i64> = db::hosts(&mut pg)?.into_iter().map(|h| (h.id, h.cursor)).collect();
-                Ok((pg, stmts, durable, floors))
+                let held = db::held_events(&mut pg)?;
+                Ok((pg, stmts, durable, floors, held))
             });
             match attempt {
-                Ok((pg, stmts, durable, floors)) => {
+                Ok((pg, stmts, durable, floors, held)) => {
+                    self.held = Held::from_stored(held);
                     self.pg = pg;
                     self.stmts = stmts;
                     for r in &mut self.rings {
@@ -497,6 +507,7 @@ impl Sequencer {
         // Admin actions first: they are few and someone waits for them.
         let mut replies = Vec::new();
         taken += self.admin_commands(&mut batch, &mut replies)?;
+        taken += self.release_overdue(&mut batch)?;
         let mut rings = std::mem::take(&mut self.rings);
         let result = self.read_rings(&mut rings, &mut batch, &mut ends, &mut taken);
         self.rings = rings;
@@ -505,6 +516,7 @@ impl Sequencer {
             return Ok(0);
         }
         let commit_began = Instant::now();
+        batch.held = self.held.take_changed();
         self.log.sync()?;
         failpoint::hit("sequencer-after-log-sync");
         batch.last_seq = self.log.next_seq() - 1;
@@ -535,6 +547,25 @@ impl Sequencer {
         }
         self.send_flags();
         Ok(taken)
+    }
+
+    /// Held lists whose PDS answer is overdue (lost, or asked by a run that
+    /// ended): their commits are dropped, what waited behind them applies.
+    /// Returns how many lists.
+    fn release_overdue(&mut self, batch: &mut Batch) -> anyhow::Result<usize> {
+        let overdue: Vec<String> = self
+            .held
+            .dids()
+            .filter(|d| {
+                self.rechecked.get(*d).is_none_or(|(at, pending)| *pending && at.elapsed() > RECHECK_ANSWER_MAX)
+            })
+            .cloned()
+            .collect();
+        for did in &overdue {
+            self.rechecked.insert(did.clone(), (Instant::now(), false));
+            self.release_held(did, batch)?;
+        }
+        Ok(overdue.len())
     }
 
     /// Apply the admin actions waiting (at most a queue's worth); returns
@@ -756,7 +787,7 @@ impl Sequencer {
             // An answer lost on a full queue: what waited for it is dropped
             // (counted), and the PDS is asked afresh.
             Some((at, true)) if at.elapsed() > RECHECK_ANSWER_MAX => {
-                self.release_held(e.did, batch, true)?;
+                self.release_held(e.did, batch)?;
                 false
             }
             Some((at, pending)) if at.elapsed() < RECHECK_EVERY => {
@@ -767,10 +798,9 @@ impl Sequencer {
             }
             _ => false,
         };
-        let held = self.held.get(e.did).map_or(0, Vec::len);
         let mut rec = Vec::new();
         r.encode(&mut rec);
-        if held >= HELD_PER_ACCOUNT_MAX || self.held_bytes + rec.len() > HELD_BYTES_MAX {
+        if !self.held.has_room(e.did, rec.len()) {
             return Ok(false);
         }
         if !pending {
@@ -790,71 +820,58 @@ impl Sequencer {
             self.rechecked.insert(e.did.to_owned(), (Instant::now(), true));
             tracing::debug!(did = e.did, host = e.host_id, "commit from an account held inactive: asking its PDS");
         }
-        self.held_bytes += rec.len();
-        self.held.entry(e.did.to_owned()).or_default().push(rec);
+        self.held.push(e.did, rec);
         Ok(true)
     }
 
-    /// The PDS answered about an account held inactive: if it says
-    /// active (and the account still lives there, still inactive), store
-    /// that, emit the relay's `#account`, and apply the held commits in
-    /// order; otherwise drop them.
-    /// Take `did`'s held commits out of the budget.
-    fn take_held(&mut self, did: &str) -> Vec<Vec<u8>> {
-        let held = self.held.remove(did).unwrap_or_default();
-        self.held_bytes -= held.iter().map(Vec::len).sum::<usize>();
-        held
-    }
-
     /// Apply `did`'s held records in order: a PDS answer came, or none
-    /// will. Commits are dropped (counted) when `drop_commits`, else go
-    /// through the checks again; the other events, held only to keep the
-    /// account's order, apply as they would have.
-    fn release_held(&mut self, did: &str, batch: &mut Batch, drop_commits: bool) -> anyhow::Result<()> {
-        for rec in self.take_held(did) {
-            let r = RingRecord::decode(&rec)?;
-            let RingRecord::Event(e) = &r else { continue };
-            if drop_commits && e.kind == sluice_common::ipc::ringrec::Kind::Commit as u8 {
-                self.count(WriterCounter::Dropped);
-                continue;
+    /// will. Each goes through the checks as it would have without
+    /// holding (a commit of an account still stored inactive is dropped,
+    /// counted, not held again); an `#account` among them applies in its
+    /// place, so the commits after it see the account as it says.
+    fn release_held(&mut self, did: &str, batch: &mut Batch) -> anyhow::Result<()> {
+        let releasing = std::mem::replace(&mut self.releasing, true);
+        let r = self.held.take(did).iter().try_for_each(|rec| -> anyhow::Result<()> {
+            let r = RingRecord::decode(rec)?;
+            if let RingRecord::Event(e) = &r {
+                self.apply_event(&r, e, batch)?;
             }
-            self.apply_event(&r, e, batch)?;
-        }
-        Ok(())
+            Ok(())
+        });
+        self.releasing = releasing;
+        r
     }
 
     /// While `did` has commits held, its later events from the same host
     /// wait behind them (an `#identity` or `#sync` must not overtake a
-    /// commit the PDS is being asked about). False when there is no room.
+    /// commit the PDS is being asked about). False when there is no room
+    /// (the caller then gives the held commits up, in order).
     fn hold_behind(&mut self, r: &RingRecord<'_>, e: &sluice_common::ipc::ringrec::EventRecord<'_>) -> bool {
         // An answer overdue: the checks decide (a commit gives up on it).
         if self.rechecked.get(e.did).is_some_and(|(at, pending)| *pending && at.elapsed() > RECHECK_ANSWER_MAX) {
             return false;
         }
-        let first_host = self.held.get(e.did).and_then(|h| h.first()).and_then(|rec| match RingRecord::decode(rec) {
-            Ok(RingRecord::Event(f)) => Some(f.host_id),
-            _ => None,
-        });
-        let held = self.held.get(e.did).map_or(0, Vec::len);
         let mut rec = Vec::new();
         r.encode(&mut rec);
-        if first_host != Some(e.host_id) || held >= HELD_PER_ACCOUNT_MAX || self.held_bytes + rec.len() > HELD_BYTES_MAX
-        {
+        if self.held.first_host(e.did) != Some(e.host_id) || !self.held.has_room(e.did, rec.len()) {
             return false;
         }
-        self.held_bytes += rec.len();
-        self.held.entry(e.did.to_owned()).or_default().push(rec);
+        self.held.push(e.did, rec);
         true
     }
 
+    /// The PDS answered about an account held inactive: if it says
+    /// active (and the account still lives there, still inactive), store
+    /// that and emit the relay's `#account`; then apply the held records in
+    /// order (commits that still fail are dropped).
     fn upstream_status(&mut self, a: crate::recheck::Answer, batch: &mut Batch) -> anyhow::Result<()> {
-        let held = self.held.get(&a.did).map_or(0, Vec::len);
+        let held = self.held.len_of(&a.did);
         self.rechecked.insert(a.did.clone(), (Instant::now(), false));
         let stored = self.account(&a.did, batch)?;
         let stuck = stored.as_ref().is_some_and(|s| s.host_id == a.host_id && !s.upstream_active);
         let Some(mut st) = stored.filter(|_| stuck && a.active) else {
             tracing::debug!(did = a.did, active = a.active, held, "PDS answer changes nothing");
-            return self.release_held(&a.did, batch, true);
+            return self.release_held(&a.did, batch);
         };
         st.upstream_active = true;
         st.upstream_status = None;
@@ -866,7 +883,7 @@ impl Sequencer {
             held,
             "account active upstream (its PDS says so) though its #account never came: status corrected"
         );
-        self.release_held(&a.did, batch, false)
+        self.release_held(&a.did, batch)
     }
 
     /// Is `host` at its account limit, counting this batch's new accounts?
@@ -962,8 +979,15 @@ impl Sequencer {
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
         let (host, useq) = (e.host_id, e.upstream_seq);
-        if self.held.contains_key(e.did) && self.hold_behind(r, e) {
-            return Ok(());
+        if self.held.contains(e.did) {
+            if self.hold_behind(r, e) {
+                return Ok(());
+            }
+            // No room behind the held commit (or another host's event, or
+            // an answer overdue): the held commits are dropped, as they
+            // would have been without holding, and what waited behind them
+            // applies first, so the account's events keep their order.
+            self.release_held(e.did, batch)?;
         }
         let mut stored = self.account(e.did, batch)?;
         // Not in its host's account count yet: never seen, or throttled
@@ -986,7 +1010,9 @@ impl Sequencer {
         let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
             Verdict::Drop(policy::Drop::Inactive)
-                if stored.as_ref().is_some_and(|s| s.host_id == host) && self.hold_and_ask(r, e, batch)? =>
+                if !self.releasing
+                    && stored.as_ref().is_some_and(|s| s.host_id == host)
+                    && self.hold_and_ask(r, e, batch)? =>
             {
                 return Ok(());
             }

@@ -1190,3 +1190,38 @@ fn accounts_whose_reactivation_was_lost_recover() {
     assert_eq!(report.either_seen, corrected as u64, "one #account of the relay's own per correction");
     relay.stop();
 }
+
+/// A commit an account's host sent while the account was deactivated is
+/// held, and relayed once the host says the account is active (the relay
+/// may pass it: the ledger says "either"); what the host sends after it
+/// (its `#sync` at the repository's head) must still come through. The
+/// chaos run of issue 22 lost such a `#sync`: fakenet's commit was made
+/// and undone (its rev ahead of the repository's head), so once relayed,
+/// the `#sync` after the reactivation looked older than the stored rev.
+/// A deactivated account's commit is a real commit now; this schedule (a
+/// relay reading the hosts' backlogs late, so every question about a held
+/// commit finds the account reactivated) replays what the chaos run met.
+#[test]
+fn a_commit_held_while_inactive_does_not_hide_what_follows() {
+    let Setup { dir, net, relay } = Setup::start_after_generation(
+        ServeConfig {
+            hosts: 2,
+            accounts: 8,
+            skew: 0.0,
+            seed: 46,
+            rate: 0.0,
+            max_events: Some(3000),
+            faults: FaultRates::parse("deactivatedcommit=0.03").unwrap(),
+            ..ServeConfig::default()
+        },
+        1,
+        "",
+    );
+    let report = check_exact(&relay, dir.path(), Duration::from_secs(120));
+    eprintln!("{}", report.summary());
+    let ledger = fakenet::ledger::Ledger::read(&dir.path().join("ledger.jsonl")).unwrap();
+    let held = ledger.entries.iter().filter(|e| e.why == "deactivatedcommit").count();
+    assert!(held >= 20, "only {held} commits of deactivated accounts");
+    assert!(report.either_seen > 0, "no held commit was relayed: the schedule missed the case");
+    assert!(report.relayed > 2000 && report.relayed < net.events());
+}

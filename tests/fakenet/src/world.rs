@@ -67,7 +67,8 @@ pub enum Fault {
     FutureRev,
     /// A frame of a message type nobody knows.
     UnknownType,
-    /// Commit from an account the host itself deactivated.
+    /// Commit from an account the host itself deactivated (a real commit:
+    /// the repository moves on; "either" once the account is active again).
     DeactivatedCommit,
     /// A deactivated account is reactivated but its `#account active`
     /// event is lost (never sent); its later commits are real and must be
@@ -945,7 +946,14 @@ impl World {
             Fault::WrongHost => self.inject_wrong_host(f, host, out),
             Fault::DeactivatedCommit => {
                 let Some(a) = self.pick_account(host, Status::Deactivated) else { return };
-                let Some(c) = self.throwaway_commit(a) else { return };
+                // A real commit (the repository moves on): a relay that
+                // holds it and relays it once the host says the account is
+                // active has the repository's own rev, and what the host
+                // sends after (a #sync at its head) is not older. A relay
+                // that drops it sees the next commit break the chain,
+                // which it passes.
+                let ops = self.random_ops(a, 0);
+                let Some(c) = self.commit(a, &ops) else { return };
                 self.emit_commit(a, &c, Expect::Drop, f.name(), out);
                 self.deactivated_commits.entry(a).or_default().push(c.commit_cid.to_string());
             }
