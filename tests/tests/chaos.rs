@@ -6,7 +6,9 @@
 //! must match the ledger exactly, with strictly increasing seqs.
 //!
 //! The kill schedule comes from a seed (printed; `SLUICE_CHAOS_SEED`
-//! replays it). Bounded: generation stops at a fixed event count, every
+//! replays it). The default, 20261201, is the schedule that lost a `#sync`
+//! after an account's reactivation (issue 22: a held commit's rev ahead of
+//! the repository's head); it runs exact since. Bounded: generation stops at a fixed event count, every
 //! wait has a deadline.
 //!
 //! The long run (not in CI; BENCHMARKS.md) is the same test with more of
