@@ -2,23 +2,17 @@
 //! document (its key, which PDS it names, how recent it is) in about 120
 //! bytes an entry, however many entries, with a capacity in bytes.
 //!
-//! An entry is a fixed-size slot in one array: the DID as a [`DidKey`]
-//! (16 bytes), the key as a [`CompactKey`] (65 bytes, no heap), the PDS
-//! as a keyed hash of its host name (compared with the host's own), the
-//! document's `as_of`. A `hashbrown` table of slot numbers finds them.
-//! Nothing per entry is allocated apart; the array and the table are sized
-//! once from the capacity, and pages are touched only as entries come.
-//!
-//! Eviction is CLOCK (a bit set on each use, a hand that clears bits and
-//! evicts the first entry found clear): LRU's order without its two
-//! pointers per entry. A host may hold at most half the cache
+//! An entry is a slot of a [`ClockCache`] (fixed size, no allocation of
+//! its own, CLOCK eviction): the DID as a [`DidKey`] (16 bytes, keyed by a
+//! secret of this process), the key as a [`CompactKey`] (65 bytes), the
+//! PDS as a keyed hash of its host name (compared with the host's own),
+//! the document's `as_of`. A host may hold at most half the cache
 //! ([`IdCache::insert`] refuses beyond): one host's accounts cannot push
 //! every other host's out.
 
-use hashbrown::HashTable;
 use sluice_common::atproto::crypto::CompactKey;
 use sluice_common::atproto::did::{DidHashKey, DidKey};
-use std::collections::HashMap;
+use sluice_common::process::clockcache::ClockCache;
 
 /// What the cache holds of a DID's document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,49 +24,18 @@ pub struct Entry {
     pub as_of_micros: i64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    did: DidKey,
-    entry: Entry,
-    /// The host that brought it (its share, [`IdCache::insert`]).
-    owner: i64,
-    /// Used since the hand last passed.
-    used: bool,
-}
-
-/// Bytes of index per entry (hashbrown: a 4-byte slot number and a
-/// control byte per bucket, at most 7/8 full).
-const INDEX_BYTES_PER_ENTRY: usize = 8;
-
 pub struct IdCache {
-    slots: Vec<Slot>,
-    index: HashTable<u32>,
-    capacity: usize,
-    hand: usize,
-    owners: HashMap<i64, u32>,
+    cache: ClockCache<Entry>,
     did_key: DidHashKey,
-}
-
-fn hash_of(k: &DidKey) -> u64 {
-    // A did:plc's bytes are random already; a hashed DID's are a keyed hash.
-    u64::from_le_bytes(k.0[1..9].try_into().expect("8 bytes"))
 }
 
 impl IdCache {
     /// Bytes one entry takes, all counted.
-    pub const ENTRY_BYTES: usize = std::mem::size_of::<Slot>() + INDEX_BYTES_PER_ENTRY;
+    pub const ENTRY_BYTES: usize = ClockCache::<Entry>::ENTRY_BYTES;
 
     /// A cache of at most `bytes`.
     pub fn new(bytes: u64) -> IdCache {
-        let capacity = ((bytes as usize) / Self::ENTRY_BYTES).clamp(16, u32::MAX as usize);
-        IdCache {
-            slots: Vec::with_capacity(capacity),
-            index: HashTable::with_capacity(capacity),
-            capacity,
-            hand: 0,
-            owners: HashMap::new(),
-            did_key: DidHashKey::random(),
-        }
+        IdCache { cache: ClockCache::with_bytes(bytes), did_key: DidHashKey::random() }
     }
 
     pub fn key(&self, did: &str) -> DidKey {
@@ -89,104 +52,53 @@ impl IdCache {
     }
 
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.cache.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.cache.is_empty()
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.cache.capacity()
     }
 
     /// Memory in use (entries stored, and the index as allocated).
     pub fn bytes(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<Slot>() + self.index.capacity() * 5
-    }
-
-    fn find(&self, k: &DidKey) -> Option<u32> {
-        self.index.find(hash_of(k), |&i| self.slots[i as usize].did == *k).copied()
+        self.cache.bytes()
     }
 
     pub fn get(&mut self, k: &DidKey) -> Option<Entry> {
-        let i = self.find(k)? as usize;
-        self.slots[i].used = true;
-        Some(self.slots[i].entry)
+        self.cache.get(k)
     }
 
     /// Replace an entry that is there, if `e` is at least as recent (a
     /// change the identity service pushed). False if it is not there.
     pub fn update(&mut self, k: &DidKey, e: Entry) -> bool {
-        let Some(i) = self.find(k) else { return false };
-        let s = &mut self.slots[i as usize];
-        if e.as_of_micros >= s.entry.as_of_micros {
-            s.entry = e;
-        }
-        true
+        self.cache.update(k, |v| {
+            if e.as_of_micros >= v.as_of_micros {
+                *v = e;
+            }
+        })
     }
 
     /// A host may hold at most this many entries.
     pub fn share(&self) -> usize {
-        (self.capacity / 2).max(1)
+        (self.capacity() / 2).max(1)
     }
 
     /// Insert or replace `k`'s entry, brought by `owner`. False (nothing
     /// stored) when the DID is new and its host holds its share already.
     pub fn insert(&mut self, k: DidKey, e: Entry, owner: i64) -> bool {
-        if let Some(i) = self.find(&k) {
-            let s = &mut self.slots[i as usize];
-            if e.as_of_micros >= s.entry.as_of_micros {
-                s.entry = e;
-            }
-            s.used = true;
+        if self.update(&k, e) {
+            let _ = self.cache.get(&k);
             return true;
         }
-        if self.owners.get(&owner).copied().unwrap_or(0) as usize >= self.share() {
+        if self.cache.owned_by(owner) >= self.share() {
             return false;
         }
-        let slot = Slot { did: k, entry: e, owner, used: false };
-        let i = if self.slots.len() < self.capacity {
-            self.slots.push(slot);
-            self.slots.len() - 1
-        } else {
-            let victim = self.victim();
-            self.forget(victim);
-            self.slots[victim] = slot;
-            victim
-        };
-        *self.owners.entry(owner).or_default() += 1;
-        let slots = &self.slots;
-        self.index.insert_unique(hash_of(&k), i as u32, |&j| hash_of(&slots[j as usize].did));
+        self.cache.put(k, e, owner);
         true
-    }
-
-    /// The slot the hand evicts: the first not used since it last passed
-    /// (at most two turns of the hand).
-    fn victim(&mut self) -> usize {
-        loop {
-            let i = self.hand;
-            self.hand = (self.hand + 1) % self.slots.len();
-            if std::mem::take(&mut self.slots[i].used) {
-                continue;
-            }
-            return i;
-        }
-    }
-
-    /// Drop slot `i` from the index and its owner's count (the slot is
-    /// then reused).
-    fn forget(&mut self, i: usize) {
-        let s = self.slots[i];
-        if let Ok(e) = self.index.find_entry(hash_of(&s.did), |&j| j as usize == i) {
-            e.remove();
-        }
-        if let Some(n) = self.owners.get_mut(&s.owner) {
-            *n -= 1;
-            if *n == 0 {
-                self.owners.remove(&s.owner);
-            }
-        }
     }
 }
 
@@ -247,9 +159,6 @@ mod tests {
         assert!(c.update(&k, entry(5)));
         assert_eq!(c.get(&k).unwrap().as_of_micros, 1_000);
         assert!(!c.update(&keys[cap * 3 - 1], entry(1)), "update does not insert");
-        // The owners' counts follow evictions.
-        let counted: u32 = c.owners.values().sum();
-        assert_eq!(counted as usize, c.len());
     }
 
     #[test]

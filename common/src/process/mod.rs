@@ -1,6 +1,7 @@
 //! Process plumbing (ours): what the supervisor, the shards and the
 //! db-writer need around the protocol. [`config`] (TOML and environment
-//! into a validated `Config`), [`host`] (host status and the shard
+//! into a validated `Config`), [`clockcache`] (a cache of millions of
+//! fixed-size entries, CLOCK eviction), [`host`] (host status and the shard
 //! assignment), [`partition`] (host → shard), [`consumers`] and
 //! [`runfile`] (the files shards publish in `data_dir/run`), [`instance`]
 //! (one relay per data directory), [`childfds`] (descriptors passed to
@@ -10,6 +11,7 @@
 //! kernel).
 
 pub mod childfds;
+pub mod clockcache;
 pub mod config;
 pub mod consumers;
 pub mod failpoint;
