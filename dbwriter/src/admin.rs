@@ -12,7 +12,7 @@ pub use crate::messages::{channel, Command, FlagJob, QUEUE_MAX};
 use postgres::Client;
 use serde_json::{json, Value};
 use sluice_common::atproto::policy::AccountStatus;
-use sluice_common::process::host::HostStatus;
+use sluice_common::process::host::{HostLimits, HostStatus};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::time::Duration;
 
@@ -84,7 +84,7 @@ pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Respons
         ("POST", "/admin/host/disconnect") => disconnect(c, req),
         ("POST", "/admin/requestCrawl") => set_request_crawl(c, req),
         ("POST", "/admin/host/unban") => ban(c, req, false),
-        ("GET", "/admin/hosts") => hosts(c),
+        ("GET", "/admin/hosts") => hosts(c, &cfg.live().limits),
         ("GET", "/admin/consumers") => Ok(consumers(run_dir)),
         ("POST", "/admin/host/limit") => limit(c, req),
         ("POST", "/admin/domain/ban") => ban_domain(c, req, true),
@@ -294,12 +294,13 @@ pub(crate) fn limit(c: &mut Client, req: &Request) -> Result<Response, postgres:
     Ok(Response::ok(json!({"hostname": host, "accountLimit": limit})))
 }
 
-fn hosts(c: &mut Client) -> Result<Response, postgres::Error> {
+fn hosts(c: &mut Client, limits: &HostLimits) -> Result<Response, postgres::Error> {
     let list: Vec<Value> = crate::db::host_list(c)?
         .into_iter()
         .map(|h| {
+            let (limit, trusted) = h.limit(limits);
             json!({"hostname": h.hostname, "status": h.status.as_str(), "seq": h.cursor, "accountCount": h.account_count,
-                   "insecure": h.insecure, "accountLimit": h.account_limit})
+                   "insecure": h.insecure, "accountLimit": limit, "trusted": trusted})
         })
         .collect();
     Ok(Response::ok(json!({ "hosts": list })))

@@ -34,8 +34,8 @@ pub(crate) fn error(status: u16, name: &str, message: &str) -> Response {
 pub struct Live {
     /// New hosts requestCrawl accepts per 24 hours.
     pub new_hosts_per_day_max: i64,
-    /// account_limit of hosts added by requestCrawl.
-    pub host_account_limit_default: i64,
+    /// Trusted hosts and each kind's limits, for the host listings.
+    pub limits: sluice_common::process::host::HostLimits,
     /// requestCrawl without admin credentials, unless the admin API set it
     /// otherwise (`relay_meta.request_crawl`).
     pub public_request_crawl: bool,
@@ -55,7 +55,7 @@ impl Live {
         };
         Ok(Live {
             new_hosts_per_day_max: cfg.limits.new_hosts_per_day_max as i64,
-            host_account_limit_default: cfg.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
+            limits: cfg.host_limits(),
             public_request_crawl: cfg.public_request_crawl,
             admin_password: Some(admin_password).filter(|p| !p.is_empty()),
         })

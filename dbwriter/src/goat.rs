@@ -39,7 +39,7 @@ pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Option<Result<
             Some(h) => crate::admin::ban(c, &with(json!({ "hostname": h })), req.path.ends_with("/block")).map(success),
             None => Ok(error(400, "InvalidRequest", "must pass a valid hostname (?host=)")),
         },
-        ("GET", "/admin/pds/list") => pds_list(c),
+        ("GET", "/admin/pds/list") => pds_list(c, &cfg.live().limits),
         ("POST", "/admin/pds/changeLimits") => {
             let v: Value = serde_json::from_slice(&req.body).unwrap_or_default();
             match (v["host"].as_str(), v["repo_limit"].as_i64()) {
@@ -87,15 +87,16 @@ fn takedowns(c: &mut Client, req: &Request) -> Result<Response, postgres::Error>
 
 /// Hosts with the Go relay's field names. Rate limits sluice does not keep
 /// per host are `-1`, as the Go relay reports for an unconnected host.
-fn pds_list(c: &mut Client) -> Result<Response, postgres::Error> {
+fn pds_list(c: &mut Client, limits: &sluice_common::process::host::HostLimits) -> Result<Response, postgres::Error> {
     let rate = |window: u32| json!({"Max": -1.0, "Window": window});
     let hosts: Vec<Value> = crate::db::host_list(c)?
         .into_iter()
         .map(|h| {
+            let (limit, trusted) = h.limit(limits);
             json!({
                 "ID": h.id, "CreatedAt": h.created_at, "Host": h.hostname, "SSL": !h.insecure,
                 "Cursor": h.cursor, "Registered": h.status == HostStatus::Active, "Blocked": h.status == HostStatus::Banned,
-                "CrawlRateLimit": -1.0, "RepoCount": h.account_count, "RepoLimit": h.account_limit,
+                "CrawlRateLimit": -1.0, "RepoCount": h.account_count, "RepoLimit": limit, "Trusted": trusted,
                 "HasActiveConnection": h.status == HostStatus::Active, "EventsSeenSinceStartup": 0,
                 "PerSecondEventRate": rate(1), "PerHourEventRate": rate(3600), "PerDayEventRate": rate(86_400),
                 "UserCount": h.account_count, "Status": h.status.as_str(),

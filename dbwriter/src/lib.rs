@@ -30,7 +30,7 @@ pub mod throttle;
 use sluice_common::ipc::eventlog::LogWriter;
 use sluice_common::ipc::ring::{Consumer, Ring};
 use sluice_common::ipc::shm::{ControlBlock, WriterCounter, WriterState};
-use sluice_common::process::config::{Config, Validation};
+use sluice_common::process::config::Config;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -81,15 +81,7 @@ pub unsafe fn run(
     )?;
     let identity = identity::start(identity_config(cfg, database_url)?, control.clone(), query_stop.clone())?;
     workers.extend(identity.threads);
-    let mut seq = sequencer::Sequencer::new(
-        pg,
-        log,
-        control.clone(),
-        rings,
-        cfg.validation == Validation::Strict,
-        cfg.limits.account_cache_entries_max as usize,
-        cfg.retention_hours,
-    )?;
+    let mut seq = sequencer::Sequencer::new(pg, log, control.clone(), rings, sequencer::Settings::from_config(cfg))?;
     seq.apply_settings(sequencer::Settings::from_config(cfg));
     seq.database_url = Some(database_url.to_owned());
     seq.admin = Some(admin_rx);

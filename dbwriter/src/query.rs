@@ -12,7 +12,7 @@ use postgres::Client;
 use serde_json::{json, Value};
 use sluice_common::atproto::identity::PdsHost;
 use sluice_common::atproto::policy::AccountStatus;
-use sluice_common::process::host::HostStatus;
+use sluice_common::process::host::{HostLimits, HostStatus};
 use std::path::Path;
 
 /// The status page's data, as the supervisor last wrote it (each second).
@@ -37,8 +37,8 @@ fn did_param(req: &Request) -> Result<&str, Response> {
 pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
     let r = match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/xrpc/com.atproto.sync.requestCrawl") => request_crawl(c, cfg, req),
-        ("GET", "/xrpc/com.atproto.sync.listHosts") => list_hosts(c, req),
-        ("GET", "/xrpc/com.atproto.sync.getHostStatus") => host_status(c, req),
+        ("GET", "/xrpc/com.atproto.sync.listHosts") => list_hosts(c, &cfg.live().limits, req),
+        ("GET", "/xrpc/com.atproto.sync.getHostStatus") => host_status(c, &cfg.live().limits, req),
         ("GET", "/xrpc/com.atproto.sync.getRepoStatus") => repo_status(c, req),
         ("GET", "/xrpc/com.atproto.sync.listRepos") => list_repos(c, req),
         ("GET", "/xrpc/com.atproto.sync.getLatestCommit") => latest_commit(c, req),
@@ -91,7 +91,7 @@ pub(crate) fn request_crawl(c: &mut Client, cfg: &QueryConfig, req: &Request) ->
             return Ok(refused(why));
         }
     }
-    let new = crate::db::add_host(c, &host, live.host_account_limit_default)?;
+    let new = crate::db::add_host(c, &host)?;
     if new {
         tracing::info!(host = host.name, "new host from requestCrawl");
     } else if matches!(status, Some(HostStatus::Idle | HostStatus::Offline)) {
@@ -112,11 +112,11 @@ pub fn crawl_target(raw: &str, allow_insecure: bool) -> Result<PdsHost, crate::a
     crate::admission::parse_target(raw, allow_insecure)
 }
 
-fn list_hosts(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+fn list_hosts(c: &mut Client, limits: &HostLimits, req: &Request) -> Result<Response, postgres::Error> {
     let limit: i64 = param(req, "limit").and_then(|l| l.parse().ok()).unwrap_or(200).clamp(1, 1000);
     let cursor: i64 = param(req, "cursor").and_then(|l| l.parse().ok()).unwrap_or(0);
     let rows = crate::db::hosts_page(c, cursor, limit)?;
-    let hosts: Vec<Value> = rows.iter().map(host_json).collect();
+    let hosts: Vec<Value> = rows.iter().map(|h| host_json(h, limits)).collect();
     let mut body = json!({ "hosts": hosts });
     if rows.len() as i64 == limit {
         body["cursor"] = json!(rows.last().map(|r| r.id.to_string()));
@@ -124,13 +124,13 @@ fn list_hosts(c: &mut Client, req: &Request) -> Result<Response, postgres::Error
     Ok(Response::ok(body))
 }
 
-fn host_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Error> {
+fn host_status(c: &mut Client, limits: &HostLimits, req: &Request) -> Result<Response, postgres::Error> {
     let Some(h) = param(req, "hostname") else {
         return Ok(error(400, "InvalidRequest", "missing hostname"));
     };
     Ok(match crate::db::host_by_name(c, h)? {
         None => error(400, "HostNotFound", "unknown host"),
-        Some(r) => Response::ok(host_json(&r)),
+        Some(r) => Response::ok(host_json(&r, limits)),
     })
 }
 
@@ -153,8 +153,13 @@ fn repo_status(c: &mut Client, req: &Request) -> Result<Response, postgres::Erro
 }
 
 /// A host as listHosts and getHostStatus answer it.
-fn host_json(h: &crate::db::HostSummary) -> Value {
-    json!({"hostname": h.hostname, "seq": h.cursor, "accountCount": h.account_count, "status": h.status.as_str()})
+/// A host as listHosts and getHostStatus show it: the lexicon's fields,
+/// and sluice's own `accountLimit` and `trusted` (an open object: clients
+/// that do not know them skip them).
+fn host_json(h: &crate::db::HostSummary, limits: &HostLimits) -> Value {
+    let (limit, trusted) = h.limit(limits);
+    json!({"hostname": h.hostname, "seq": h.cursor, "accountCount": h.account_count, "status": h.status.as_str(),
+           "accountLimit": limit, "trusted": trusted})
 }
 
 /// `active` and, when not active, `status`, as the sync lexicons put them.

@@ -27,17 +27,18 @@
 use crate::db::{self, Batch};
 use crate::held::Held;
 use crate::messages::Refused;
-use lru::LruCache;
 use postgres::Client;
+use sluice_common::atproto::did::DidKey;
 use sluice_common::atproto::frame;
-use sluice_common::atproto::policy::{self, AccountState, AccountStatus, Verdict};
+use sluice_common::atproto::policy::{self, AccountState, AccountStatus, UpstreamStatus, Verdict};
 use sluice_common::ipc::eventlog::LogWriter;
 use sluice_common::ipc::ring::Consumer;
 use sluice_common::ipc::ringrec::{did_hash, RingRecord};
 use sluice_common::ipc::shm::{ControlBlock, Hist, WriterCounter, WriterState};
+use sluice_common::process::clockcache::ClockCache;
 use sluice_common::process::failpoint;
+use sluice_common::process::host::HostLimits;
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,12 +60,14 @@ pub struct Sequencer {
     /// Accounts this round's prefetch loaded from Postgres (`None`: not
     /// there, an account not seen before). Cleared every round; at most
     /// [`BATCH_PER_RING`] per ring.
-    loaded: HashMap<String, Option<AccountState>>,
+    loaded: HashMap<DidKey, Option<AccountState>>,
     pub log: LogWriter,
     pub control: Arc<ControlBlock>,
     pub rings: Vec<Consumer>,
     pub strict: bool,
-    pub cache: LruCache<String, AccountState>,
+    /// Accounts as Postgres holds them, by `DidKey::stored`, within
+    /// `limits.account_cache_bytes` (never below two ring turns' worth).
+    pub cache: ClockCache<AccountState>,
     /// Durable upstream cursor per host (as far as this process knows).
     pub host_floor: HashMap<i64, i64>,
     pub retention_micros: i64,
@@ -75,6 +78,8 @@ pub struct Sequencer {
     /// every [`LIMITS_RELOAD`] (admin changes) and kept current between.
     pub host_limits: HashMap<i64, (i64, i64)>,
     pub limits_loaded: Option<Instant>,
+    /// Trusted hosts and the limits of each kind (from the config).
+    pub limits: HostLimits,
     /// Shortest time between the starts of two group commits while less
     /// than [`COMMIT_GATHER_BYTES`] wait (`flush_interval_ms`). A commit
     /// costs a log fsync and a Postgres commit, about 0.55 ms of CPU
@@ -140,13 +145,23 @@ fn count_change(batch: &mut Batch, counted: Option<&AccountState>, state: &Accou
 /// reply channel, the seq of its `#account` event, the DID, on or off.
 type TakedownReply = (std::sync::mpsc::SyncSender<Result<i64, Refused>>, i64, String, bool);
 
+/// The account cache's size: `bytes`, but never under two ring turns of
+/// accounts, so what a turn's prefetch finds (and marks used) is still
+/// there when the turn's records apply.
+fn cache_floor(bytes: u64, rings: usize) -> u64 {
+    let per = ClockCache::<AccountState>::ENTRY_BYTES as u64;
+    bytes.max(per * (2 * BATCH_PER_RING * rings.max(1)) as u64)
+}
+
 /// What the sequencer takes from a reload, in place.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub strict: bool,
     pub retention_hours: f64,
     pub flush_interval_ms: u32,
     pub host_offline_idle_days: f64,
+    pub account_cache_bytes: u64,
+    pub limits: HostLimits,
 }
 
 impl Settings {
@@ -156,6 +171,8 @@ impl Settings {
             retention_hours: cfg.retention_hours,
             flush_interval_ms: cfg.flush_interval_ms,
             host_offline_idle_days: cfg.host_offline_idle_days,
+            account_cache_bytes: cfg.limits.account_cache_bytes,
+            limits: cfg.host_limits(),
         }
     }
 }
@@ -229,9 +246,7 @@ impl Sequencer {
         log: LogWriter,
         control: Arc<ControlBlock>,
         rings: Vec<Consumer>,
-        strict: bool,
-        cache_entries: usize,
-        retention_hours: f64,
+        settings: Settings,
     ) -> Result<Sequencer, db::DbError> {
         let host_floor = db::hosts(&mut pg)?.into_iter().map(|h| (h.id, h.cursor)).collect();
         let stmts = db::CommitStatements::prepare(&mut pg)?;
@@ -241,6 +256,7 @@ impl Sequencer {
         // what waited behind them applied, in order).
         let overdue = Instant::now().checked_sub(RECHECK_ANSWER_MAX * 2).unwrap_or_else(Instant::now);
         let rechecked = held.dids().map(|d| (d.clone(), (overdue, true))).collect();
+        let cache = ClockCache::with_bytes(cache_floor(settings.account_cache_bytes, rings.len()));
         Ok(Sequencer {
             pg,
             stmts,
@@ -248,18 +264,17 @@ impl Sequencer {
             log,
             control,
             rings,
-            strict,
-            // At least two ring turns: what the prefetch finds (and promotes)
-            // in the cache is still there when the turn's records apply.
-            cache: LruCache::new(NonZeroUsize::new(cache_entries.max(2 * BATCH_PER_RING)).expect("positive")),
+            strict: settings.strict,
+            cache,
             host_floor,
-            retention_micros: (retention_hours * 3_600_000_000.0) as i64,
+            retention_micros: (settings.retention_hours * 3_600_000_000.0) as i64,
             scratch: Vec::new(),
             admin: None,
             flag_jobs: None,
             pending_flags: Default::default(),
             host_limits: HashMap::new(),
             limits_loaded: None,
+            limits: settings.limits.clone(),
             commit_pace: Duration::from_millis(2),
             offline_idle_after: Duration::from_secs(7 * 86_400),
             paused: None,
@@ -277,6 +292,11 @@ impl Sequencer {
     /// Validation, the replay window, the commit pace and the idle delay.
     pub fn apply_settings(&mut self, s: Settings) {
         self.strict = s.strict;
+        self.cache.set_capacity_bytes(cache_floor(s.account_cache_bytes, self.rings.len()));
+        if s.limits != self.limits {
+            self.limits = s.limits;
+            self.limits_loaded = None;
+        }
         self.retention_micros = (s.retention_hours * 3_600_000_000.0) as i64;
         self.commit_pace = Duration::from_millis(s.flush_interval_ms.into());
         self.offline_idle_after = Duration::from_secs_f64(s.host_offline_idle_days * 86_400.0);
@@ -286,13 +306,15 @@ impl Sequencer {
     fn take_settings(&mut self) {
         let Some(rx) = &self.settings else { return };
         if let Some(s) = rx.try_iter().last() {
-            self.apply_settings(s);
             tracing::info!(
                 strict = s.strict,
                 retention_hours = s.retention_hours,
                 flush_interval_ms = s.flush_interval_ms,
+                account_cache_bytes = s.account_cache_bytes,
+                trusted_hosts = ?s.limits.trusted,
                 "db-writer settings reloaded"
             );
+            self.apply_settings(s);
         }
     }
 
@@ -494,7 +516,7 @@ impl Sequencer {
     /// One group commit. Returns how many ring records it consumed.
     pub fn round(&mut self) -> anyhow::Result<usize> {
         if self.limits_loaded.is_none_or(|t| t.elapsed() > LIMITS_RELOAD) {
-            self.host_limits = db::host_limits(&mut self.pg)?;
+            self.host_limits = db::host_limits(&mut self.pg, &self.limits)?;
             self.limits_loaded = Some(Instant::now());
         }
         let mut batch = Batch { last_seq: self.log.next_seq() - 1, ..Default::default() };
@@ -608,8 +630,8 @@ impl Sequencer {
         // The batch's account states are what Postgres now holds: they move
         // to the cache (read batch first, then cache, so nothing changes
         // for lookups; one clone per event less).
-        for (did, st) in std::mem::take(&mut batch.accounts) {
-            self.cache.put(did, st);
+        for (k, st) in std::mem::take(&mut batch.accounts) {
+            self.cache.put(k, st, st.host_id);
         }
         for (host, c) in &batch.cursors {
             let f = self.host_floor.entry(*host).or_insert(0);
@@ -768,7 +790,7 @@ impl Sequencer {
             .encode(&mut self.scratch);
         self.log.append(seq, sluice_common::ipc::ringrec::Kind::Account as u8, 0, did_hash(did), now, &self.scratch)?;
         self.count(WriterCounter::Relayed);
-        batch.accounts.insert(did.to_owned(), st);
+        batch.put(did, st);
         Ok(seq)
     }
 
@@ -874,7 +896,7 @@ impl Sequencer {
             return self.release_held(&a.did, batch);
         };
         st.upstream_active = true;
-        st.upstream_status = None;
+        st.upstream_status = UpstreamStatus::None;
         let seq = self.emit_account(&a.did, st, batch)?;
         tracing::info!(
             did = a.did,
@@ -889,7 +911,7 @@ impl Sequencer {
     /// Is `host` at its account limit, counting this batch's new accounts?
     fn host_full(&mut self, host: i64, batch: &Batch) -> anyhow::Result<bool> {
         if !self.host_limits.contains_key(&host) {
-            self.host_limits = db::host_limits(&mut self.pg)?;
+            self.host_limits = db::host_limits(&mut self.pg, &self.limits)?;
         }
         let Some(&(limit, count)) = self.host_limits.get(&host) else { return Ok(false) };
         Ok(count + batch.new_accounts.get(&host).copied().unwrap_or(0) >= limit)
@@ -900,18 +922,19 @@ impl Sequencer {
     }
 
     fn account(&mut self, did: &str, batch: &Batch) -> anyhow::Result<Option<AccountState>> {
-        if let Some(a) = batch.accounts.get(did) {
-            return Ok(Some(a.clone()));
+        let k = DidKey::stored(did);
+        if let Some(a) = batch.accounts.get(&k) {
+            return Ok(Some(*a));
         }
-        if let Some(a) = self.cache.get(did) {
-            return Ok(Some(a.clone()));
+        if let Some(a) = self.cache.get(&k) {
+            return Ok(Some(a));
         }
-        if let Some(a) = self.loaded.get(did) {
-            return Ok(a.clone());
+        if let Some(a) = self.loaded.get(&k) {
+            return Ok(*a);
         }
         self.count(WriterCounter::AccountLoads);
-        let mut m = db::load_accounts(&mut self.pg, &[did])?;
-        Ok(m.remove(did))
+        let mut m = db::load_accounts(&mut self.pg, &[k])?;
+        Ok(m.remove(&k))
     }
 
     /// First read of a ring's turn: load the accounts of its next
@@ -922,16 +945,15 @@ impl Sequencer {
     /// does not read or decode is left for the applying pass to report.
     fn prefetch(&mut self, ring: &mut Consumer, batch: &Batch) -> anyhow::Result<()> {
         let start = ring.position();
-        let mut missing: Vec<String> = Vec::new();
+        let mut missing: Vec<DidKey> = Vec::new();
         for _ in 0..BATCH_PER_RING {
             let Ok(Some(rec)) = ring.next_record() else { break };
             if let Ok(RingRecord::Event(e)) = RingRecord::decode(rec.payload) {
-                // `get` promotes a hit, so this turn's puts cannot evict it.
-                if !batch.accounts.contains_key(e.did)
-                    && self.cache.get(e.did).is_none()
-                    && !self.loaded.contains_key(e.did)
-                {
-                    missing.push(e.did.to_owned());
+                let k = DidKey::stored(e.did);
+                // `get` marks a hit used, so this turn's puts do not evict it
+                // (the cache holds at least two turns).
+                if !batch.accounts.contains_key(&k) && self.cache.get(&k).is_none() && !self.loaded.contains_key(&k) {
+                    missing.push(k);
                 }
             }
         }
@@ -942,11 +964,10 @@ impl Sequencer {
         missing.sort_unstable();
         missing.dedup();
         self.count(WriterCounter::AccountLoads);
-        let dids: Vec<&str> = missing.iter().map(String::as_str).collect();
-        let mut found = db::load_accounts(&mut self.pg, &dids)?;
-        for did in missing {
-            let st = found.remove(&did);
-            self.loaded.insert(did, st);
+        let mut found = db::load_accounts(&mut self.pg, &missing)?;
+        for k in missing {
+            let st = found.remove(&k);
+            self.loaded.insert(k, st);
         }
         Ok(())
     }
@@ -1000,7 +1021,7 @@ impl Sequencer {
             tracing::debug!(did = e.did, host, upstream_seq = useq, "host at its account limit");
             if stored.is_none() {
                 let st = AccountState { throttled: true, ..AccountState::new(host) };
-                batch.accounts.insert(e.did.to_owned(), st);
+                batch.put(e.did, st);
             }
             return Ok(());
         }
@@ -1043,7 +1064,11 @@ impl Sequencer {
             // again after its next change, however recent the last answer.
             self.rechecked.remove(e.did);
         }
-        batch.accounts.insert(e.did.to_owned(), state);
+        if state.upstream_status == UpstreamStatus::Other && e.kind == sluice_common::ipc::ringrec::Kind::Account as u8
+        {
+            batch.words.insert(DidKey::stored(e.did), e.status.to_owned());
+        }
+        batch.put(e.did, state);
         Ok(())
     }
 }

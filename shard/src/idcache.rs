@@ -51,6 +51,11 @@ impl IdCache {
         h.finish().max(1)
     }
 
+    /// A new size (a reload): entries beyond it are evicted now.
+    pub fn set_capacity_bytes(&mut self, bytes: u64) {
+        self.cache.set_capacity_bytes(bytes);
+    }
+
     pub fn len(&self) -> usize {
         self.cache.len()
     }

@@ -88,6 +88,10 @@ pub struct Shared {
     /// Consumer lag after each batch, gathered here and added to the
     /// shared histogram each second (see [`sluice_common::ipc::shm::LocalHist`]).
     pub lag_hist: RefCell<sluice_common::ipc::shm::LocalHist>,
+    /// The assigned hosts that match `trusted_hosts` (their event rate is
+    /// `limits.trusted_host_events_per_second_max`), as of the last
+    /// assignment.
+    pub trusted: RefCell<std::collections::HashSet<i64>>,
 }
 
 impl Shared {
@@ -97,6 +101,19 @@ impl Shared {
 
     pub fn settings(&self) -> ShardSettings {
         self.settings.get()
+    }
+
+    /// A host's event rate: `limits.trusted_host_events_per_second_max`
+    /// for a trusted host, else `limits.host_events_per_second_max` (as
+    /// reloaded).
+    pub fn events_per_second(&self, host_id: i64) -> f64 {
+        let s = self.settings();
+        let rate = if self.trusted.borrow().contains(&host_id) {
+            s.trusted_host_events_per_second_max
+        } else {
+            s.host_events_per_second_max
+        };
+        f64::from(rate.max(1))
     }
 }
 
@@ -119,6 +136,8 @@ struct Running {
 /// reset. One log line per change of the list, not one per host.
 fn apply_assignment(sh: &Rc<Shared>, running: &mut HashMap<i64, Running>, hosts: Vec<HostAssignment>) {
     let wanted: HashMap<i64, HostAssignment> = hosts.into_iter().map(|h| (h.id, h)).collect();
+    // A host's trust (its rate) changes in place: no reconnect.
+    *sh.trusted.borrow_mut() = wanted.values().filter(|h| h.trusted).map(|h| h.id).collect();
     let (mut stopped, mut restarted, mut started) = (0usize, 0usize, 0usize);
     running.retain(|hid, r| {
         let keep = wanted.get(hid).is_some_and(|h| h.crawl_gen == r.crawl_gen);
@@ -217,6 +236,7 @@ pub unsafe fn run(cfg: &Config, id: usize, fds: ShardFds, term: Arc<AtomicBool>)
             watermark: downstream::Watermark::default(),
             frames: RefCell::new(wsout::FrameCache::default()),
             lag_hist: RefCell::new(sluice_common::ipc::shm::LocalHist::new(sluice_common::ipc::shm::Hist::ConsumerLag)),
+            trusted: RefCell::default(),
         });
         stalls::spawn(control.clone(), id)?;
         spawn_services(&sh, &cfg)?;
@@ -354,8 +374,11 @@ fn housekeeping(sh: &Shared, generation: u32, running: &mut HashMap<i64, Running
 /// consumer check on.
 fn apply_settings(sh: &Shared, new: ShardSettings) {
     let old = sh.settings.replace(new);
+    if old.identity_cache_bytes != new.identity_cache_bytes {
+        sh.resolver.set_cache_bytes(new.identity_cache_bytes);
+    }
     if old != new {
-        tracing::info!(shard = sh.id, "settings reloaded");
+        tracing::info!(shard = sh.id, identity_cache_bytes = new.identity_cache_bytes, "settings reloaded");
     }
 }
 

@@ -160,6 +160,11 @@ impl Resolver {
         self.cache.borrow().pds_hash(host_name)
     }
 
+    /// Resize the cache (`limits.identity_cache_bytes` reloaded).
+    pub fn set_cache_bytes(&self, bytes: u64) {
+        self.cache.borrow_mut().set_capacity_bytes(bytes);
+    }
+
     /// (entries, bytes) of the cache.
     pub fn cache_size(&self) -> (usize, usize) {
         let c = self.cache.borrow();

@@ -373,7 +373,8 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
     // The last seq read (frames are read ahead of what is delivered).
     let mut last_read = *last_seq;
     let mut buf = Vec::new();
-    let mut bucket = TokenBucket::new(rate_of(sh), rate_of(sh), Instant::now());
+    let rate = sh.events_per_second(host.id);
+    let mut bucket = TokenBucket::new(rate, rate, Instant::now());
     let mut keep = KeepAlive::new(sh);
     // Wakes the loop when the host is unassigned or the relay stops, even
     // if the host sends nothing.
@@ -448,7 +449,7 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
                 }
             }
         };
-        throttle(sh, &mut bucket).await;
+        throttle(sh, host.id, &mut bucket).await;
         let started = Instant::now();
         let step = window.on_frame(&ctx, data, &mut last_read, now_micros(), &mut buf);
         sh.control.histogram(Hist::Validation).observe(started.elapsed().as_micros() as u64);
@@ -466,11 +467,6 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
     }
     ws.close().await;
     ended(UpstreamClose::Local, "unassigned or stopping")
-}
-
-/// The host's rate (`limits.host_events_per_second_max`, as reloaded).
-fn rate_of(sh: &Shared) -> f64 {
-    sh.settings().host_events_per_second_max.max(1) as f64
 }
 
 /// Deliver the window's head while it is ready.
@@ -535,10 +531,11 @@ fn connected<'a>(sh: &'a Shared, stats: &'a crate::consumers::HostStats) -> Guar
     })
 }
 
-/// Wait for the host's rate (`limits.host_events_per_second_max`, as
-/// reloaded) to allow one more event.
-async fn throttle(sh: &Shared, bucket: &mut TokenBucket) {
-    bucket.set_rate(rate_of(sh), rate_of(sh));
+/// Wait for the host's rate ([`Shared::events_per_second`]) to allow one
+/// more event.
+async fn throttle(sh: &Shared, host_id: i64, bucket: &mut TokenBucket) {
+    let rate = sh.events_per_second(host_id);
+    bucket.set_rate(rate, rate);
     while let Some(wait) = bucket.take(Instant::now()) {
         glommio::timer::sleep(wait).await;
     }

@@ -10,9 +10,9 @@ use std::time::Duration;
 /// Pages of listHosts read at most (500 hosts each).
 const PAGES_MAX: usize = 200;
 
-pub fn spawn(base: String, database_url: String, allow_insecure: bool, account_limit: i64) {
+pub fn spawn(base: String, database_url: String, allow_insecure: bool) {
     let r = std::thread::Builder::new().name("bootstrap".into()).spawn(move || {
-        match run(&base, &database_url, allow_insecure, account_limit) {
+        match run(&base, &database_url, allow_insecure) {
             Ok((seen, added)) => tracing::info!(relay = base, seen, added, "bootstrap from listHosts done"),
             Err(e) => tracing::warn!(relay = base, error = %e, "bootstrap from listHosts failed"),
         }
@@ -22,7 +22,7 @@ pub fn spawn(base: String, database_url: String, allow_insecure: bool, account_l
     }
 }
 
-pub fn run(base: &str, database_url: &str, allow_insecure: bool, account_limit: i64) -> anyhow::Result<(usize, usize)> {
+pub fn run(base: &str, database_url: &str, allow_insecure: bool) -> anyhow::Result<(usize, usize)> {
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
     let mut pg = db::connect(database_url)?;
     let (mut seen, mut added) = (0, 0);
@@ -50,7 +50,7 @@ pub fn run(base: &str, database_url: &str, allow_insecure: bool, account_limit: 
                     tracing::debug!(host = name, "bootstrap skips a host under a banned domain");
                 }
                 Ok(host) => {
-                    if db::add_host(&mut pg, &host, account_limit)? {
+                    if db::add_host(&mut pg, &host)? {
                         added += 1;
                     }
                 }

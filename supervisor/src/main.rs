@@ -254,6 +254,20 @@ fn load(config: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref())?)
 }
 
+/// One warning per key of the config file that a newer one replaced (it
+/// is still read, converted).
+fn warn_replaced_keys(path: Option<&Path>) {
+    let Ok(raw) = sluice_common::process::config::RawConfig::load(path) else { return };
+    for (old, new) in raw.limits.map(|l| l.replaced_keys()).unwrap_or_default() {
+        tracing::warn!(
+            key = old,
+            replaced_by = new,
+            bytes_per_entry = sluice_common::process::config::BYTES_PER_REPLACED_ENTRY,
+            "config key replaced: read as entries times bytes_per_entry; set the new key instead"
+        );
+    }
+}
+
 /// stderr for the logs, where a write that fails (the reader of a pipe
 /// gone, a terminal closed) is dropped: the logging library would report
 /// it with `eprintln!`, which panics on a broken stderr.
@@ -349,6 +363,7 @@ fn main() -> anyhow::Result<()> {
                 d.exists().then_some(d)
             });
             let cfg = load(config.as_deref())?;
+            warn_replaced_keys(source.as_deref());
             let term = signals()?;
             let hup = hangup()?;
             let mut s = supervise::Supervisor::start(cfg)?;

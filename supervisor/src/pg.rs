@@ -254,10 +254,14 @@ impl EmbeddedPg {
 
     fn start_server(&mut self) -> anyhow::Result<()> {
         let log = self.dir.join("postgres.log");
-        let opts = format!(
+        let mut opts = format!(
             "-c listen_addresses='' -k {} -c unix_socket_permissions=0700 -c max_connections=50 -c jit=off",
             self.socket_dir.display()
         );
+        let ram = memory_bytes();
+        for (k, v) in server_settings(ram) {
+            opts.push_str(&format!(" -c {k}={v}"));
+        }
         let out = self
             .command("pg_ctl")
             .args([
@@ -331,5 +335,176 @@ impl EmbeddedPg {
 impl Drop for EmbeddedPg {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The memory the relay may use: the machine's, or its cgroup's limit
+/// when lower (systemd's `MemoryMax`).
+fn memory_bytes() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kb = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim();
+            kb.parse::<u64>().ok()
+        })
+        .map_or(1 << 30, |kb| kb * 1024);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|v| v.trim().parse::<u64>().ok());
+    cgroup.map_or(total, |c| c.min(total))
+}
+
+/// The embedded cluster's settings for a machine of `ram` bytes
+/// (ARCHITECTURE.md, "The embedded PostgreSQL"):
+/// - `shared_buffers` an eighth of the memory, 128 MiB to 8 GiB: the
+///   accounts' hot pages and the primary key stay in it; the rest of the
+///   memory is the page cache's and the relay's own.
+/// - `effective_cache_size` half the memory (a planner hint only).
+/// - Checkpoints at most every 15 minutes or 4 GiB of WAL, spread over
+///   90% of the interval: every first change of a page after a checkpoint
+///   writes the whole page to the WAL, so rarer checkpoints are most of
+///   the WAL saved per event; `wal_compression` shrinks those pages.
+/// - `wal_level=minimal`, no WAL senders: nothing replicates a private
+///   cluster (an operator who wants replicas or point-in-time recovery
+///   runs their own PostgreSQL and sets `database_url`).
+/// - Commits stay synchronous: a cursor never runs ahead of what is
+///   durable.
+pub fn server_settings(ram: u64) -> Vec<(&'static str, String)> {
+    const MIB: u64 = 1 << 20;
+    let shared = (ram / 8).clamp(128 * MIB, 8192 * MIB) / MIB;
+    let cache = (ram / 2).max(256 * MIB) / MIB;
+    vec![
+        ("shared_buffers", format!("{shared}MB")),
+        ("effective_cache_size", format!("{cache}MB")),
+        ("max_wal_size", "4GB".to_owned()),
+        ("min_wal_size", "256MB".to_owned()),
+        ("checkpoint_timeout", "15min".to_owned()),
+        ("checkpoint_completion_target", "0.9".to_owned()),
+        ("wal_compression", "on".to_owned()),
+        ("wal_level", "minimal".to_owned()),
+        ("max_wal_senders", "0".to_owned()),
+        ("synchronous_commit", "on".to_owned()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_follow_the_machine_within_bounds() {
+        let get = |ram: u64, k: &str| server_settings(ram).into_iter().find(|(n, _)| *n == k).unwrap().1;
+        assert_eq!(get(24 << 30, "shared_buffers"), "3072MB");
+        assert_eq!(get(24 << 30, "effective_cache_size"), "12288MB");
+        assert_eq!(get(512 << 20, "shared_buffers"), "128MB", "never below PostgreSQL's default");
+        assert_eq!(get(256 << 30, "shared_buffers"), "8192MB");
+        assert!(memory_bytes() >= 64 << 20);
+    }
+
+    /// Migration V10 (compact accounts) keeps every row of today's schema
+    /// and stores each as the db-writer's Rust reads and writes it; the
+    /// SQL functions it brings (`sluice_did_key`, `sluice_tid_value`)
+    /// agree with `DidKey::stored` and `tid_value`.
+    #[test]
+    fn compact_accounts_migration_keeps_every_row() {
+        use sluice_common::atproto::cid::{binary_digest, binary_fingerprint, Cid, Codec};
+        use sluice_common::atproto::did::{plc_did, DidKey};
+        use sluice_common::atproto::policy::{AccountState, UpstreamStatus};
+        use sluice_common::atproto::syntax::{tid_value, Tid};
+        use sluice_dbwriter::db;
+        let dir = tempfile::tempdir().unwrap();
+        let mut pg = EmbeddedPg::start(dir.path()).unwrap();
+        let mut admin = db::connect(&pg.url()).unwrap();
+        admin.batch_execute("CREATE DATABASE before_v10").unwrap();
+        let url = pg.url().replace("dbname=postgres", "dbname=before_v10");
+        db::migrate_to(&url, 9).unwrap();
+        let mut c = db::connect(&url).unwrap();
+        let host: i64 =
+            c.query_one("INSERT INTO hosts (hostname) VALUES ('pds.example.com') RETURNING id", &[]).unwrap().get(0);
+        let cid = |n: u32| Cid::compute(Codec::DagCbor, &n.to_be_bytes()).to_bytes().to_vec();
+        // (did, active, status word, taken down, throttled, rev, commit, data)
+        type Row = (String, bool, Option<&'static str>, bool, bool, Option<String>, Option<Vec<u8>>, Option<Vec<u8>>);
+        let words = [None, Some("deactivated"), Some("deleted"), Some("takendown"), Some("on-vacation")];
+        let mut rows: Vec<Row> = (0..600u32)
+            .map(|i| {
+                let id: [u8; 15] = Cid::compute(Codec::Raw, &i.to_le_bytes()).digest()[..15].try_into().unwrap();
+                let did = if i % 7 == 3 { format!("did:web:pds{i}.example.com") } else { plc_did(&id) };
+                let word = words[i as usize % words.len()];
+                let rev =
+                    (i % 5 != 4).then(|| Tid::from_micros(1_700_000_000_000_000 + u64::from(i) * 977, 3).into_string());
+                let commit = rev.as_ref().map(|_| cid(i));
+                (
+                    did,
+                    word.is_none(),
+                    word,
+                    i % 11 == 0,
+                    i % 13 == 0,
+                    rev,
+                    commit.clone(),
+                    commit.map(|_| cid(i + 10_000)),
+                )
+            })
+            .collect();
+        rows.push(("did:plc:short".into(), true, None, false, false, None, None, None));
+        for (k, r) in rows.iter().enumerate() {
+            let status = if r.3 {
+                "takendown"
+            } else if r.1 {
+                "active"
+            } else {
+                "deactivated"
+            };
+            c.execute(
+                "INSERT INTO accounts (did, host_id, status, upstream_active, upstream_status, takendown, throttled, rev,
+                   commit_cid, data_cid, host_checked_micros) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[&r.0, &host, &status, &r.1, &r.2, &r.3, &r.4, &r.5, &r.6, &r.7, &(k as i64)],
+            )
+            .unwrap();
+        }
+        db::migrate(&url, 1).unwrap();
+        let keys: Vec<DidKey> = rows.iter().map(|r| DidKey::stored(&r.0)).collect();
+        let got = db::load_accounts(&mut c, &keys).unwrap();
+        assert_eq!(got.len(), rows.len(), "every row kept");
+        for (k, r) in rows.iter().enumerate() {
+            let want = AccountState {
+                host_id: host,
+                upstream_active: r.1,
+                upstream_status: UpstreamStatus::from_word(r.2),
+                takendown: r.3,
+                throttled: r.4,
+                rev: r.5.as_deref().and_then(tid_value),
+                commit: r.6.as_deref().and_then(binary_digest),
+                data_fp: r.7.as_deref().and_then(binary_fingerprint),
+                host_checked_micros: k as i64,
+            };
+            assert_eq!(got[&keys[k]], want, "{}", r.0);
+        }
+        // The word the lexicons do not know is kept as the host said it;
+        // every account is listed under its DID again.
+        let odd: i64 =
+            c.query_one("SELECT count(*) FROM accounts WHERE upstream_status = 'on-vacation'", &[]).unwrap().get(0);
+        assert_eq!(odd, rows.iter().filter(|r| r.2 == Some("on-vacation")).count() as i64);
+        let listed: std::collections::HashSet<String> =
+            db::repos_page(&mut c, "", 10_000).unwrap().into_iter().map(|h| h.did).collect();
+        for r in rows.iter().filter(|r| r.5.is_some()) {
+            assert!(listed.contains(&r.0), "{} not listed", r.0);
+        }
+        // The SQL functions agree with Rust, including on what is not a
+        // did:plc or a TID.
+        for r in &rows {
+            let k: uuid::Uuid = c.query_one("SELECT sluice_did_key($1)", &[&r.0]).unwrap().get(0);
+            assert_eq!(*k.as_bytes(), DidKey::stored(&r.0).0, "{}", r.0);
+            if let Some(rev) = &r.5 {
+                let v: Option<i64> = c.query_one("SELECT sluice_tid_value($1)", &[rev]).unwrap().get(0);
+                assert_eq!(v.map(|v| v as u64), tid_value(rev));
+            }
+        }
+        for odd in ["did:plc:UPPERCASEUPPERCASEUPPERC", "did:plc:0123456789abcdefghijklmn", "did:web:a"] {
+            let k: uuid::Uuid = c.query_one("SELECT sluice_did_key($1)", &[&odd]).unwrap().get(0);
+            assert_eq!(*k.as_bytes(), DidKey::stored(odd).0, "{odd}");
+        }
+        let none: Option<i64> = c.query_one("SELECT sluice_tid_value('not-a-tid')", &[]).unwrap().get(0);
+        assert_eq!(none, None);
+        drop(c);
+        drop(admin);
+        pg.stop();
     }
 }

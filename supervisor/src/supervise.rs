@@ -63,7 +63,7 @@ struct Proc {
     started: Instant,
     /// Write end of the shard's assignment pipe.
     assign: Option<std::fs::File>,
-    last_assignment: Option<Vec<(i64, i64)>>,
+    last_assignment: Option<Vec<(i64, i64, bool)>>,
 }
 
 impl Proc {
@@ -271,12 +271,7 @@ impl Supervisor {
         }
         let shards = (0..cfg.shard_count).map(|_| Proc::idle()).collect();
         if let Some(b) = &cfg.bootstrap_relay {
-            crate::bootstrap::spawn(
-                b.clone(),
-                database_url.clone(),
-                cfg.allow_insecure_hosts,
-                cfg.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
-            );
+            crate::bootstrap::spawn(b.clone(), database_url.clone(), cfg.allow_insecure_hosts);
         }
         let control = Arc::new(control);
         let view = crate::metrics::SharedView::default();
@@ -475,8 +470,9 @@ impl Supervisor {
     fn assign(&mut self, hosts: &[sluice_dbwriter::db::HostRow]) {
         let n = self.shards.len() as u32;
         let mut per: Vec<Assignment> = vec![Assignment { hosts: Vec::new() }; n as usize];
+        let limits = self.cfg.host_limits();
         for h in hosts.iter().filter(|h| h.status.dialed()) {
-            per[shard_for(&h.hostname, n) as usize].hosts.push(h.assignment());
+            per[shard_for(&h.hostname, n) as usize].hosts.push(h.assignment(&limits));
         }
         for (k, a) in per.into_iter().enumerate() {
             let p = &mut self.shards[k];
@@ -632,6 +628,10 @@ impl Supervisor {
             if let Err(e) = w.write_all(line.as_bytes()) {
                 tracing::warn!(shard = k, error = %e, "cannot send the reloaded settings");
             }
+        }
+        if new.trusted_hosts != self.cfg.trusted_hosts {
+            // Which hosts are trusted is in the assignments: read again.
+            self.hosts_seen = None;
         }
         self.cfg = new;
         Ok(())

@@ -21,11 +21,13 @@ pub fn request(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, 
     Some((status, body))
 }
 
-/// Sum of the metric `name` over its series (0 if the page is missing).
+/// Sum of the metric `name` over its series (0 if the page is missing);
+/// `name` may carry a label (`x_total{outcome="ok"` without the closing
+/// brace picks that series).
 pub fn metric(port: u16, name: &str) -> u64 {
     let Some((_, page)) = request(port, "GET", "/metrics", "") else { return 0 };
     page.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| !l.starts_with('#') && l.starts_with(name) && l[name.len()..].starts_with(['{', ' ', ',', '}']))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
         .sum()
 }

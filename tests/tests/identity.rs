@@ -33,7 +33,7 @@ fn a_slow_directory_is_asked_concurrently_and_once_per_did() {
         seed: 101,
         rate: 0.0,
         max_events: Some(900),
-        new_accounts_per_mille: 0,
+        new_accounts_per_mille: 0.0,
         directory: DirectoryConfig { latency: Duration::from_millis(400), ..DirectoryConfig::default() },
         ..ServeConfig::default()
     };
@@ -65,7 +65,7 @@ fn a_directory_that_says_slow_down_is_obeyed() {
         seed: 102,
         rate: 0.0,
         max_events: Some(500),
-        new_accounts_per_mille: 0,
+        new_accounts_per_mille: 0.0,
         directory: DirectoryConfig {
             latency: Duration::from_millis(20),
             rate: 5.0,
@@ -102,7 +102,7 @@ fn the_relay_keeps_to_its_own_rate() {
         seed: 103,
         rate: 0.0,
         max_events: Some(300),
-        new_accounts_per_mille: 0,
+        new_accounts_per_mille: 0.0,
         directory: DirectoryConfig { rate: 10.0, retry_after_s: 1, ..DirectoryConfig::default() },
         ..ServeConfig::default()
     };
@@ -127,7 +127,7 @@ fn identities_persist_and_the_export_is_followed() {
         seed: 104,
         rate: 120.0,
         duration: Some(Duration::from_secs(28)),
-        new_accounts_per_mille: 0,
+        new_accounts_per_mille: 0.0,
         faults: FaultRates::parse("rotatekey=0.01").unwrap(),
         ..ServeConfig::default()
     };
@@ -178,7 +178,7 @@ fn unresolvable_accounts_never_hold_back_their_host() {
         seed: 105,
         rate: 80.0,
         duration: Some(Duration::from_secs(12)),
-        new_accounts_per_mille: 0,
+        new_accounts_per_mille: 0.0,
         broken_web: 3,
         unregistered: 2,
         ..ServeConfig::default()
@@ -214,7 +214,7 @@ fn an_identity_flood_costs_the_directory_little() {
         seed: 106,
         rate: 100.0,
         duration: Some(Duration::from_secs(12)),
-        new_accounts_per_mille: 0,
+        new_accounts_per_mille: 0.0,
         faults: FaultRates::parse("identityflood=0.02").unwrap(),
         ..ServeConfig::default()
     };

@@ -54,6 +54,18 @@ pub enum CidError {
     Text(String),
 }
 
+/// The sha-256 digest of a binary CID (`Cid::to_bytes` form), for stores
+/// that keep a commit's CID in 32 bytes (a commit is dag-cbor).
+pub fn binary_digest(b: &[u8]) -> Option<[u8; 32]> {
+    Cid::from_bytes(b).ok().map(|c| c.digest)
+}
+
+/// 32 bits of a binary CID's digest: enough to tell whether a commit's
+/// `prevData` follows the last data CID (a chain break is only counted).
+pub fn binary_fingerprint(b: &[u8]) -> Option<i32> {
+    binary_digest(b).map(|d| i32::from_be_bytes([d[0], d[1], d[2], d[3]]))
+}
+
 impl Cid {
     pub const fn new(codec: Codec, digest: [u8; 32]) -> Cid {
         Cid { codec, digest }

@@ -2,18 +2,17 @@
 //! millions of them.
 //!
 //! A `did:plc` identifier is 24 characters of lower-case base32: 120 bits,
-//! so [`did_bytes`] stores it as a tag byte and 15 bytes (16 in all,
-//! against 32 as text). Any other DID (`did:web`, or a `did:plc` that is
-//! not of that form) is stored as its text, which starts with `d` and so
-//! never collides with the tag. [`did_from_bytes`] is the inverse: the
-//! store keeps every DID exactly.
-//!
-//! [`DidKey`] is the fixed 16-byte form an in-memory cache keys on: the
-//! same bytes for a `did:plc`, and for any other DID a 120-bit keyed hash
-//! (the key is the cache's own, drawn at random, so nobody outside can
-//! build two DIDs that share an entry).
+//! so a tag byte and 15 bytes hold it exactly (16 in all, against 32 as
+//! text). [`DidKey`] is that fixed 16-byte form, which caches and stores
+//! key on: a `did:plc`'s own bytes, and for any other DID (`did:web`, or
+//! a `did:plc` not of that form) a tag and 120 bits of a hash.
+//! In memory ([`DidKey::new`]) the hash is keyed by a secret of the
+//! process, so nobody outside can build two DIDs that share an entry; in
+//! Postgres ([`DidKey::stored`], a `uuid` column) it is SHA-256, the same
+//! in every process and every run (the store keeps the DID itself beside
+//! it, in `dids`, for the few accounts that are not did:plc).
 
-/// Tag of the compact `did:plc` form (`did_bytes`, `DidKey`).
+/// Tag of a `did:plc`'s own bytes in a [`DidKey`].
 const PLC_TAG: u8 = 0x01;
 /// Tag of a hashed DID in a [`DidKey`].
 const HASHED_TAG: u8 = 0x02;
@@ -59,27 +58,6 @@ pub fn plc_did(id: &[u8; 15]) -> String {
         }
     }
     s
-}
-
-/// `did` as stored: 16 bytes for a `did:plc`, else its text.
-pub fn did_bytes(did: &str) -> Vec<u8> {
-    match plc_id(did) {
-        Some(id) => {
-            let mut v = Vec::with_capacity(16);
-            v.push(PLC_TAG);
-            v.extend_from_slice(&id);
-            v
-        }
-        None => did.as_bytes().to_vec(),
-    }
-}
-
-/// The DID [`did_bytes`] stored (None: not such bytes).
-pub fn did_from_bytes(b: &[u8]) -> Option<String> {
-    match b.split_first() {
-        Some((&PLC_TAG, rest)) => Some(plc_did(rest.try_into().ok()?)),
-        _ => String::from_utf8(b.to_vec()).ok().filter(|s| s.starts_with("did:")),
-    }
 }
 
 /// A cache's fixed-size key for a DID (see the module docs).
@@ -130,9 +108,34 @@ impl DidKey {
         DidKey(out)
     }
 
+    /// The key a store keeps `did` under: a `did:plc`'s own bytes, or a
+    /// tag and 15 bytes of SHA-256 of any other DID. The SQL function
+    /// `sluice_did_key` (migration V10) computes the same.
+    pub fn stored(did: &str) -> DidKey {
+        let mut out = [0u8; 16];
+        match plc_id(did) {
+            Some(id) => {
+                out[0] = PLC_TAG;
+                out[1..].copy_from_slice(&id);
+            }
+            None => {
+                use sha2::Digest;
+                let h = sha2::Sha256::digest(did.as_bytes());
+                out[0] = HASHED_TAG;
+                out[1..].copy_from_slice(&h[..15]);
+            }
+        }
+        DidKey(out)
+    }
+
     /// A `did:plc` (exact), not a hash.
     pub fn is_plc(&self) -> bool {
         self.0[0] == PLC_TAG
+    }
+
+    /// The `did:plc` this key is, if it is one.
+    pub fn plc_did(&self) -> Option<String> {
+        self.is_plc().then(|| plc_did(self.0[1..].try_into().expect("15 bytes")))
     }
 }
 
@@ -143,34 +146,42 @@ mod tests {
     #[test]
     fn plc_round_trips_in_16_bytes() {
         let did = "did:plc:ewvi7nxzyoun6zhxrhs64oiz";
-        let b = did_bytes(did);
-        assert_eq!(b.len(), 16);
-        assert_eq!(did_from_bytes(&b).as_deref(), Some(did));
+        assert_eq!(DidKey::stored(did).plc_did().as_deref(), Some(did));
         // Every character of the alphabet in every position survives.
         for i in 0..24 {
             for c in BASE32 {
                 let mut id = *b"abcdefghijklmnopqrstuvwx";
                 id[i] = *c;
                 let d = format!("did:plc:{}", std::str::from_utf8(&id).unwrap());
-                assert_eq!(did_from_bytes(&did_bytes(&d)).as_deref(), Some(d.as_str()));
+                assert_eq!(DidKey::stored(&d).plc_did().as_deref(), Some(d.as_str()));
             }
         }
     }
 
     #[test]
-    fn other_dids_are_stored_as_text() {
+    fn other_dids_are_hashed() {
         for did in [
             "did:web:example.com",
             "did:plc:short",
             "did:plc:UPPERCASEUPPERCASEUPPERC",
             "did:plc:0123456789abcdefghijklmn",
         ] {
-            let b = did_bytes(did);
-            assert_eq!(b, did.as_bytes());
-            assert_eq!(did_from_bytes(&b).as_deref(), Some(did));
+            let k = DidKey::stored(did);
+            assert!(!k.is_plc() && k.plc_did().is_none(), "{did}");
         }
-        assert_eq!(did_from_bytes(b"nonsense"), None);
-        assert_eq!(did_from_bytes(&[PLC_TAG, 1, 2]), None);
+    }
+
+    #[test]
+    fn stored_keys_are_exact_for_plc_and_sha256_for_the_rest() {
+        let plc = "did:plc:ewvi7nxzyoun6zhxrhs64oiz";
+        let k = DidKey::stored(plc);
+        assert_eq!(k, DidKey::new(plc, &DidHashKey::random()));
+        assert_eq!(k.plc_did().as_deref(), Some(plc));
+        let web = DidKey::stored("did:web:example.com");
+        assert_eq!(web, DidKey::stored("did:web:example.com"), "the same in every process");
+        assert_eq!(web.0[0], HASHED_TAG);
+        assert_eq!(web.plc_did(), None);
+        assert_ne!(web, DidKey::stored("did:web:example.org"));
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //!   away) and is dropped. Shards cache documents separately, so a
 //!   lagging old host can pass its shard's check on a cached document.
 
+use crate::atproto::cid::{binary_digest, binary_fingerprint};
+use crate::atproto::syntax::tid_value;
 use crate::ipc::ringrec::{EventRecord, Kind, PROOF_ABSENT, PROOF_FAILED};
 
 /// An account's status as the relay reports it (getRepoStatus, listRepos,
@@ -85,22 +87,66 @@ impl std::fmt::Display for AccountStatus {
     }
 }
 
-/// What the relay stores per account.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The status word an account's host last gave, compactly: none (active),
+/// one the lexicons know, or another (kept as its host said only in the
+/// store, `accounts.upstream_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum UpstreamStatus {
+    #[default]
+    None,
+    Known(AccountStatus),
+    Other,
+}
+
+impl UpstreamStatus {
+    pub fn from_word(word: Option<&str>) -> UpstreamStatus {
+        match word {
+            None | Some("") => UpstreamStatus::None,
+            Some(w) => AccountStatus::parse(w).map_or(UpstreamStatus::Other, UpstreamStatus::Known),
+        }
+    }
+
+    /// A code in 0..=15 (stores keep it in four bits).
+    pub fn code(self) -> u8 {
+        match self {
+            UpstreamStatus::None => 0,
+            UpstreamStatus::Known(s) => 1 + AccountStatus::ALL.iter().position(|a| *a == s).expect("listed") as u8,
+            UpstreamStatus::Other => 15,
+        }
+    }
+
+    pub fn from_code(c: u8) -> UpstreamStatus {
+        match c {
+            0 => UpstreamStatus::None,
+            c if (1..=AccountStatus::ALL.len() as u8).contains(&c) => {
+                UpstreamStatus::Known(AccountStatus::ALL[c as usize - 1])
+            }
+            _ => UpstreamStatus::Other,
+        }
+    }
+}
+
+/// What the relay stores per account, compactly (no heap: the cache of
+/// millions of accounts holds it as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AccountState {
     pub host_id: i64,
     /// Upstream: active flag and status word as the host last said.
     pub upstream_active: bool,
-    pub upstream_status: Option<String>,
+    pub upstream_status: UpstreamStatus,
     /// Local moderation: taken down by the relay's admin.
     pub takendown: bool,
     /// Not admitted: it appeared on a host already at its account limit.
     /// Nothing of it is relayed, and it is not in the host's account count,
     /// until the host has room (the sequencer checks before [`decide`]).
     pub throttled: bool,
-    pub rev: Option<String>,
-    pub commit_cid: Option<Vec<u8>>,
-    pub data_cid: Option<Vec<u8>>,
+    /// The last commit's rev, as its number (`syntax::tid_value`).
+    pub rev: Option<u64>,
+    /// The last commit's CID's sha-256 digest (a commit is dag-cbor).
+    pub commit: Option<[u8; 32]>,
+    /// 32 bits of the last commit's data CID (`cid::binary_fingerprint`):
+    /// whether the next `prevData` follows it.
+    pub data_fp: Option<i32>,
     /// Newest `identity_micros` of an event accepted from `host_id`.
     pub host_checked_micros: i64,
 }
@@ -119,13 +165,21 @@ impl AccountState {
         } else if self.upstream_active {
             AccountStatus::Active
         } else {
-            AccountStatus::from_upstream(self.upstream_status.as_deref())
+            match self.upstream_status {
+                UpstreamStatus::Known(s) if s != AccountStatus::Active => s,
+                _ => AccountStatus::Deactivated,
+            }
         }
     }
 
     /// The host said the account is deleted.
     pub fn deleted_upstream(&self) -> bool {
-        self.upstream_status.as_deref() == Some(AccountStatus::Deleted.as_str())
+        self.upstream_status == UpstreamStatus::Known(AccountStatus::Deleted)
+    }
+
+    /// The last commit's CID.
+    pub fn commit_cid(&self) -> Option<crate::atproto::cid::Cid> {
+        self.commit.map(|d| crate::atproto::cid::Cid::new(crate::atproto::cid::Codec::DagCbor, d))
     }
 }
 
@@ -166,7 +220,7 @@ pub enum Verdict {
 /// Decide on `ev` given the stored state (None = never seen); returns the
 /// verdict and the state to store (unchanged on drop).
 pub fn decide(stored: Option<&AccountState>, ev: &EventRecord<'_>, strict: bool) -> (Verdict, AccountState) {
-    let st = stored.cloned().unwrap_or_else(|| AccountState::new(ev.host_id));
+    let st = stored.copied().unwrap_or_else(|| AccountState::new(ev.host_id));
     if st.takendown {
         return (Verdict::Drop(Drop::TakenDown), st);
     }
@@ -190,40 +244,39 @@ fn decide_kind(mut st: AccountState, ev: &EventRecord<'_>, strict: bool) -> (Ver
             if !st.upstream_active {
                 return drop(Drop::Inactive, st);
             }
-            if let Some(r) = &st.rev {
-                if ev.rev <= r.as_str() {
-                    return drop(Drop::RevNotNewer, st);
-                }
+            // A shard relays only revs that are TIDs.
+            let Some(rev) = tid_value(ev.rev) else { return drop(Drop::RevNotNewer, st) };
+            if st.rev.is_some_and(|r| rev <= r) {
+                return drop(Drop::RevNotNewer, st);
             }
-            if strict && ev.proof == PROOF_ABSENT && st.data_cid.is_some() {
+            if strict && ev.proof == PROOF_ABSENT && st.data_fp.is_some() {
                 return drop(Drop::PrevDataMissing, st);
             }
-            let chain_break = match (&st.data_cid, ev.prev_data.is_empty()) {
-                (Some(d), false) => d.as_slice() != ev.prev_data,
+            let chain_break = match (st.data_fp, binary_fingerprint(ev.prev_data)) {
+                (Some(d), Some(p)) => d != p,
                 _ => false,
             };
             st.host_id = ev.host_id;
-            st.rev = Some(ev.rev.to_owned());
-            st.commit_cid = Some(ev.commit_cid.to_vec());
-            st.data_cid = Some(ev.data_cid.to_vec());
+            st.rev = Some(rev);
+            st.commit = binary_digest(ev.commit_cid);
+            st.data_fp = binary_fingerprint(ev.data_cid);
             (Verdict::Relay { chain_break, proof_failed: ev.proof == PROOF_FAILED }, st)
         }
         Some(Kind::Sync) => {
-            if let Some(r) = &st.rev {
-                if ev.rev < r.as_str() {
-                    return drop(Drop::SyncRevOlder, st);
-                }
+            let Some(rev) = tid_value(ev.rev) else { return drop(Drop::SyncRevOlder, st) };
+            if st.rev.is_some_and(|r| rev < r) {
+                return drop(Drop::SyncRevOlder, st);
             }
             st.host_id = ev.host_id;
-            st.rev = Some(ev.rev.to_owned());
-            st.commit_cid = Some(ev.commit_cid.to_vec());
-            st.data_cid = Some(ev.data_cid.to_vec());
+            st.rev = Some(rev);
+            st.commit = binary_digest(ev.commit_cid);
+            st.data_fp = binary_fingerprint(ev.data_cid);
             (relay, st)
         }
         Some(Kind::Account) => {
             st.host_id = ev.host_id;
             st.upstream_active = ev.active;
-            st.upstream_status = (!ev.status.is_empty()).then(|| ev.status.to_owned());
+            st.upstream_status = UpstreamStatus::from_word(Some(ev.status));
             (relay, st)
         }
         Some(Kind::Identity) | None => {
@@ -236,7 +289,25 @@ fn decide_kind(mut st: AccountState, ev: &EventRecord<'_>, strict: bool) -> (Ver
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::atproto::cid::{Cid, Codec};
+    use crate::atproto::syntax::Tid;
     use crate::ipc::ringrec::PROOF_VERIFIED;
+
+    /// A rev named by a letter: "a" < "b" < ... as TIDs; "" is none.
+    fn r(name: &str) -> &'static str {
+        match name.bytes().next() {
+            None => "",
+            Some(b) => Box::leak(Tid::from_micros(1_700_000_000_000_000 + b as u64, 0).into_string().into_boxed_str()),
+        }
+    }
+
+    /// A binary CID named by a string; "" is none.
+    fn c(name: &str) -> &'static [u8] {
+        if name.is_empty() {
+            return &[];
+        }
+        Box::leak(Cid::compute(Codec::DagCbor, name.as_bytes()).to_bytes().to_vec().into_boxed_slice())
+    }
 
     fn ev<'a>(kind: Kind, rev: &'a str, data: &'a [u8], prev: &'a [u8]) -> EventRecord<'a> {
         EventRecord {
@@ -246,7 +317,7 @@ mod tests {
             did: "did:plc:a",
             rev,
             since: "",
-            commit_cid: b"c",
+            commit_cid: c("the commit"),
             data_cid: data,
             prev_data: prev,
             proof: if prev.is_empty() { PROOF_ABSENT } else { PROOF_VERIFIED },
@@ -264,21 +335,23 @@ mod tests {
 
     #[test]
     fn rev_order_chain_and_first_commit() {
-        let (v, s) = decide(None, &ev(Kind::Commit, "b", b"d1", b""), true);
+        let (v, s) = decide(None, &ev(Kind::Commit, r("b"), c("d1"), c("")), true);
         assert_eq!(v, RELAY, "first commit may lack prevData");
-        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "b", b"d2", b"d1"), true);
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, r("b"), c("d2"), c("d1")), true);
         assert_eq!(v, Verdict::Drop(Drop::RevNotNewer));
-        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "a", b"d2", b"d1"), true);
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, r("a"), c("d2"), c("d1")), true);
         assert_eq!(v, Verdict::Drop(Drop::RevNotNewer));
-        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b""), true);
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, r("c"), c("d2"), c("")), true);
         assert_eq!(v, Verdict::Drop(Drop::PrevDataMissing));
-        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b""), false);
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, r("c"), c("d2"), c("")), false);
         assert_eq!(v, RELAY, "lenient allows a missing prevData");
-        let (v, s2) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b"d1"), true);
+        let (v, s2) = decide(Some(&s), &ev(Kind::Commit, r("c"), c("d2"), c("d1")), true);
         assert_eq!(v, RELAY);
-        let (v, s3) = decide(Some(&s2), &ev(Kind::Commit, "d", b"d3", b"zz"), true);
+        let (v, s3) = decide(Some(&s2), &ev(Kind::Commit, r("d"), c("d3"), c("zz")), true);
         assert_eq!(v, Verdict::Relay { chain_break: true, proof_failed: false });
-        assert_eq!(s3.data_cid.as_deref(), Some(&b"d3"[..]));
+        assert_eq!(s3.data_fp, binary_fingerprint(c("d3")));
+        assert_eq!(s3.rev, tid_value(r("d")));
+        assert_eq!(s3.commit_cid(), Cid::from_bytes(c("the commit")).ok());
     }
 
     /// A late event from the host an account left passes its shard on a
@@ -286,17 +359,17 @@ mod tests {
     /// stale `#account` gate the new host's commits.
     #[test]
     fn stale_host_events_do_not_move_the_account() {
-        let (_, s) = decide(None, &ev(Kind::Commit, "b", b"d1", b""), true);
+        let (_, s) = decide(None, &ev(Kind::Commit, r("b"), c("d1"), c("")), true);
         assert_eq!(s.host_checked_micros, 10);
         // The account moves to host 2 on a document fetched at 50.
-        let mut moved = ev(Kind::Identity, "", b"", b"");
+        let mut moved = ev(Kind::Identity, r(""), c(""), c(""));
         moved.host_id = 2;
         moved.identity_micros = 50;
         let (v, s) = decide(Some(&s), &moved, true);
         assert_eq!((v, s.host_id, s.host_checked_micros), (RELAY, 2, 50));
         // Host 1, read late, on its shard's document from 10 (or 50 itself).
         for at in [10, 50] {
-            let mut stale = ev(Kind::Account, "", b"", b"");
+            let mut stale = ev(Kind::Account, r(""), c(""), c(""));
             stale.active = false;
             stale.status = "deactivated";
             stale.identity_micros = at;
@@ -305,13 +378,13 @@ mod tests {
             assert_eq!(same, s);
         }
         // Host 2's events on older cached documents still pass (same host).
-        let mut c = ev(Kind::Commit, "c", b"d2", b"d1");
-        c.host_id = 2;
-        c.identity_micros = 20;
-        let (v, s) = decide(Some(&s), &c, true);
+        let mut next = ev(Kind::Commit, r("c"), c("d2"), c("d1"));
+        next.host_id = 2;
+        next.identity_micros = 20;
+        let (v, s) = decide(Some(&s), &next, true);
         assert_eq!((v, s.host_checked_micros), (RELAY, 50));
         // Moving back to host 1 on a newer document is a move.
-        let mut back = ev(Kind::Identity, "", b"", b"");
+        let mut back = ev(Kind::Identity, r(""), c(""), c(""));
         back.identity_micros = 60;
         let (v, s) = decide(Some(&s), &back, true);
         assert_eq!((v, s.host_id, s.host_checked_micros), (RELAY, 1, 60));
@@ -319,41 +392,49 @@ mod tests {
 
     #[test]
     fn account_status_gates_commits_and_sync_resets() {
-        let (_, s) = decide(None, &ev(Kind::Commit, "b", b"d1", b""), true);
-        let mut deact = ev(Kind::Account, "", b"", b"");
+        let (_, s) = decide(None, &ev(Kind::Commit, r("b"), c("d1"), c("")), true);
+        let mut deact = ev(Kind::Account, r(""), c(""), c(""));
         deact.active = false;
         deact.status = "deactivated";
         let (v, s) = decide(Some(&s), &deact, true);
         assert_eq!(v, RELAY);
         assert_eq!(s.status(), AccountStatus::Deactivated);
-        let (v, _) = decide(Some(&s), &ev(Kind::Commit, "c", b"d2", b"d1"), true);
+        let (v, _) = decide(Some(&s), &ev(Kind::Commit, r("c"), c("d2"), c("d1")), true);
         assert_eq!(v, Verdict::Drop(Drop::Inactive));
-        let (v, s) = decide(Some(&s), &ev(Kind::Account, "", b"", b""), true);
+        let (v, s) = decide(Some(&s), &ev(Kind::Account, r(""), c(""), c("")), true);
         assert_eq!(v, RELAY);
         assert_eq!(s.status(), AccountStatus::Active);
         // #sync at the same rev passes and resets data; older is dropped.
-        let (v, s) = decide(Some(&s), &ev(Kind::Sync, "b", b"d9", b""), true);
+        let (v, s) = decide(Some(&s), &ev(Kind::Sync, r("b"), c("d9"), c("")), true);
         assert_eq!(v, RELAY);
-        assert_eq!(s.data_cid.as_deref(), Some(&b"d9"[..]));
-        let (v, _) = decide(Some(&s), &ev(Kind::Sync, "a", b"d8", b""), true);
+        assert_eq!(s.data_fp, binary_fingerprint(c("d9")));
+        let (v, _) = decide(Some(&s), &ev(Kind::Sync, r("a"), c("d8"), c("")), true);
         assert_eq!(v, Verdict::Drop(Drop::SyncRevOlder));
-        let mut t = s.clone();
+        let mut t = s;
         t.takendown = true;
         assert_eq!(t.status(), AccountStatus::Takendown);
-        let mut th = s.clone();
+        let mut th = s;
         th.throttled = true;
         assert_eq!(th.status(), AccountStatus::Throttled);
         th.takendown = true;
         assert_eq!(th.status(), AccountStatus::Takendown, "a takedown wins over throttling");
         // A word the lexicons do not know is reported as deactivated.
-        let mut odd = s.clone();
+        let mut odd = s;
         odd.upstream_active = false;
-        odd.upstream_status = Some("on-vacation".into());
+        odd.upstream_status = UpstreamStatus::from_word(Some("on-vacation"));
+        assert_eq!(odd.upstream_status, UpstreamStatus::Other);
         assert_eq!(odd.status(), AccountStatus::Deactivated);
-        odd.upstream_status = Some("suspended".into());
+        odd.upstream_status = UpstreamStatus::from_word(Some("suspended"));
         assert_eq!(odd.status(), AccountStatus::Suspended);
+        for u in [UpstreamStatus::None, UpstreamStatus::Other]
+            .into_iter()
+            .chain(AccountStatus::ALL.map(UpstreamStatus::Known))
+        {
+            assert_eq!(UpstreamStatus::from_code(u.code()), u);
+            assert!(u.code() < 16);
+        }
         assert!(AccountStatus::ALL.iter().all(|a| AccountStatus::parse(a.as_str()) == Some(*a)));
-        let (v, _) = decide(Some(&t), &ev(Kind::Identity, "", b"", b""), true);
+        let (v, _) = decide(Some(&t), &ev(Kind::Identity, r(""), c(""), c("")), true);
         assert_eq!(v, Verdict::Drop(Drop::TakenDown));
     }
 }

@@ -63,7 +63,33 @@ pub struct RawLimits {
     pub identity_refreshes_per_host_per_second: Option<f64>,
     pub host_window_frames_max: Option<u32>,
     pub host_window_bytes_max: Option<u64>,
-    pub account_cache_entries_max: Option<u32>,
+    pub trusted_host_account_limit: Option<u64>,
+    pub trusted_host_events_per_second_max: Option<u32>,
+    pub account_cache_bytes: Option<u64>,
+    /// Replaced by `identity_cache_bytes`: read as this many times
+    /// [`BYTES_PER_REPLACED_ENTRY`] when that is not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_cache_entries_max: Option<u64>,
+    /// Replaced by `account_cache_bytes`, read likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_cache_entries_max: Option<u64>,
+}
+
+/// What an entry of the caches sized in entries (before 0.2) is read as.
+pub const BYTES_PER_REPLACED_ENTRY: u64 = 128;
+
+impl RawLimits {
+    /// Keys set here that newer ones replaced (`sluice run` warns).
+    pub fn replaced_keys(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out = Vec::new();
+        if self.identity_cache_entries_max.is_some() {
+            out.push(("limits.identity_cache_entries_max", "limits.identity_cache_bytes"));
+        }
+        if self.account_cache_entries_max.is_some() {
+            out.push(("limits.account_cache_entries_max", "limits.account_cache_bytes"));
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -105,6 +131,8 @@ pub struct RawConfig {
     /// Whole or fractional hours.
     pub identity_plc_ttl_hours: Option<f64>,
     pub identity_web_ttl_hours: Option<f64>,
+    /// Host name patterns (`*.host.bsky.network`) with the trusted limits.
+    pub trusted_hosts: Option<Vec<String>>,
 }
 
 /// How the shards keep upstream connections (PROTOCOL §8: a PDS sends
@@ -160,7 +188,11 @@ pub struct Limits {
     /// (TCP backpressure) until the lookup ends.
     pub host_window_frames_max: u32,
     pub host_window_bytes_max: u64,
-    pub account_cache_entries_max: u32,
+    /// Hosts matching `trusted_hosts`: their account limit and event rate.
+    pub trusted_host_account_limit: u64,
+    pub trusted_host_events_per_second_max: u32,
+    /// The db-writer's account cache, in bytes (about 120 an account).
+    pub account_cache_bytes: u64,
 }
 
 /// How the relay resolves identities (the db-writer's identity service).
@@ -220,6 +252,8 @@ pub struct Config {
     /// One INFO line summing the relay up this often (0: never).
     pub log_summary_interval_s: u32,
     pub identity: IdentitySettings,
+    /// Lower-case host name patterns: `*.suffix` or a whole name.
+    pub trusted_hosts: Vec<String>,
 }
 
 /// What a running shard takes from a reload (SIGHUP) without restarting:
@@ -235,6 +269,8 @@ pub struct ShardSettings {
     pub upstream: UpstreamTimeouts,
     pub host_window_frames_max: u32,
     pub host_window_bytes_max: u64,
+    pub trusted_host_events_per_second_max: u32,
+    pub identity_cache_bytes: u64,
 }
 
 /// Environment variables that override file keys, and their keys.
@@ -368,6 +404,7 @@ impl RawConfig {
         };
         let limits = self.limits()?;
         let identity = self.identity()?;
+        let trusted_hosts = self.trusted_hosts()?;
         let (ring_size_bytes, segment_size_bytes) = self.sizes()?;
         let initial_seq = self.initial_seq.unwrap_or(1);
         if !(1..crate::atproto::frame::SEQ_MAX).contains(&initial_seq) {
@@ -421,7 +458,23 @@ impl RawConfig {
                 _ => return Err(invalid("log_summary_interval_s", "from 0 (never) to 86400")),
             },
             identity,
+            trusted_hosts,
         })
+    }
+
+    /// `trusted_hosts` (default: Bluesky's own PDS hosts), lower case.
+    fn trusted_hosts(&self) -> Result<Vec<String>, ConfigError> {
+        let v = self.trusted_hosts.clone().unwrap_or_else(|| vec!["*.host.bsky.network".to_owned()]);
+        v.into_iter()
+            .map(|p| {
+                let p = p.trim().to_ascii_lowercase();
+                if crate::process::host::valid_pattern(&p) {
+                    Ok(p)
+                } else {
+                    Err(invalid("trusted_hosts", format!("{p:?} is not a host name or *.suffix pattern")))
+                }
+            })
+            .collect()
     }
 
     fn identity(&self) -> Result<IdentitySettings, ConfigError> {
@@ -474,12 +527,26 @@ impl RawConfig {
             new_hosts_per_day_max: l.new_hosts_per_day_max.unwrap_or(500),
             consumers_max: l.consumers_max.unwrap_or(1_000),
             consumer_lag_events_max: l.consumer_lag_events_max.unwrap_or(2_000_000),
-            identity_cache_bytes: l.identity_cache_bytes.unwrap_or(256 << 20),
+            identity_cache_bytes: l
+                .identity_cache_bytes
+                .or(l.identity_cache_entries_max.map(|n| n.saturating_mul(BYTES_PER_REPLACED_ENTRY).max(1 << 20)))
+                .unwrap_or(256 << 20),
             identity_refreshes_per_host_per_second: l.identity_refreshes_per_host_per_second.unwrap_or(5.0),
             host_window_frames_max: l.host_window_frames_max.unwrap_or(1024),
             host_window_bytes_max: l.host_window_bytes_max.unwrap_or(16 << 20),
-            account_cache_entries_max: l.account_cache_entries_max.unwrap_or(500_000),
+            trusted_host_account_limit: l.trusted_host_account_limit.unwrap_or(10_000_000),
+            trusted_host_events_per_second_max: l.trusted_host_events_per_second_max.unwrap_or(50_000),
+            account_cache_bytes: l
+                .account_cache_bytes
+                .or(l.account_cache_entries_max.map(|n| n.saturating_mul(BYTES_PER_REPLACED_ENTRY).max(1 << 20)))
+                .unwrap_or(512 << 20),
         };
+        if !(1 << 20..=1 << 40).contains(&limits.account_cache_bytes) {
+            return Err(invalid("limits.account_cache_bytes", "from 1 MiB to 1 TiB"));
+        }
+        if limits.trusted_host_events_per_second_max == 0 {
+            return Err(invalid("limits.trusted_host_events_per_second_max", "must be at least 1"));
+        }
         if limits.consumers_max == 0 {
             return Err(invalid("limits.consumers_max", "must be at least 1"));
         }
@@ -537,10 +604,8 @@ macro_rules! fixed_fields {
             "tls_ca_file" => tls_ca_file,
             "allow_insecure_hosts" => allow_insecure_hosts,
             "segment_size_bytes" => segment_size_bytes,
-            "limits.identity_cache_bytes" => limits.identity_cache_bytes,
             "plc_export" => identity.plc_export,
             "identity_fetch_concurrency" => identity.fetch_concurrency,
-            "limits.account_cache_entries_max" => limits.account_cache_entries_max,
             "log_format" => log_format
         )
     };
@@ -577,7 +642,11 @@ impl Config {
                 identity_refreshes_per_host_per_second: Some(self.limits.identity_refreshes_per_host_per_second),
                 host_window_frames_max: Some(self.limits.host_window_frames_max),
                 host_window_bytes_max: Some(self.limits.host_window_bytes_max),
-                account_cache_entries_max: Some(self.limits.account_cache_entries_max),
+                trusted_host_account_limit: Some(self.limits.trusted_host_account_limit),
+                trusted_host_events_per_second_max: Some(self.limits.trusted_host_events_per_second_max),
+                account_cache_bytes: Some(self.limits.account_cache_bytes),
+                identity_cache_entries_max: None,
+                account_cache_entries_max: None,
             }),
             admin_password_file: self.admin_password_file.clone(),
             tls_ca_file: self.tls_ca_file.clone(),
@@ -601,6 +670,7 @@ impl Config {
             identity_wait_max_s: Some(self.identity.wait_max_s),
             identity_plc_ttl_hours: Some(self.identity.plc_ttl_hours),
             identity_web_ttl_hours: Some(self.identity.web_ttl_hours),
+            trusted_hosts: Some(self.trusted_hosts.clone()),
         };
         toml::to_string(&raw).expect("config serializes")
     }
@@ -621,6 +691,19 @@ impl Config {
             upstream: self.upstream,
             host_window_frames_max: self.limits.host_window_frames_max,
             host_window_bytes_max: self.limits.host_window_bytes_max,
+            trusted_host_events_per_second_max: self.limits.trusted_host_events_per_second_max,
+            identity_cache_bytes: self.limits.identity_cache_bytes / u64::from(self.shard_count.max(1)),
+        }
+    }
+
+    /// Which hosts are trusted, and the limits of each kind.
+    pub fn host_limits(&self) -> crate::process::host::HostLimits {
+        crate::process::host::HostLimits {
+            trusted: self.trusted_hosts.clone(),
+            trusted_account_limit: self.limits.trusted_host_account_limit.min(i64::MAX as u64) as i64,
+            trusted_events_per_second: self.limits.trusted_host_events_per_second_max,
+            default_account_limit: self.limits.host_account_limit_default.min(i64::MAX as u64) as i64,
+            default_events_per_second: self.limits.host_events_per_second_max,
         }
     }
 
@@ -742,7 +825,6 @@ mod tests {
             ("identity_web_ttl_hours = -1", "identity_web_ttl_hours"),
             ("[limits]\nidentity_cache_bytes = 10", "limits.identity_cache_bytes"),
             ("[limits]\nhost_window_bytes_max = 1000", "limits.host_window_bytes_max"),
-            ("[limits]\nidentity_cache_entries_max = 5", "identity_cache_entries_max"),
         ] {
             let e = RawConfig::from_toml(bad, Path::new("x")).and_then(|r| r.validate(2)).unwrap_err();
             assert!(e.to_string().contains(key), "{bad}: {e}");
@@ -751,6 +833,23 @@ mod tests {
             let e = RawConfig::from_toml(bad, Path::new("x")).unwrap().validate(2).unwrap_err();
             assert!(e.to_string().contains("retention_hours"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn cache_sizes_in_entries_are_read_as_bytes() {
+        let raw = RawConfig::from_toml(
+            "[limits]\nidentity_cache_entries_max = 200000\naccount_cache_entries_max = 500000",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(raw.limits.as_ref().unwrap().replaced_keys().len(), 2);
+        let cfg = raw.validate(2).unwrap();
+        assert_eq!(cfg.limits.identity_cache_bytes, 200_000 * BYTES_PER_REPLACED_ENTRY);
+        assert_eq!(cfg.limits.account_cache_bytes, 500_000 * BYTES_PER_REPLACED_ENTRY);
+        assert!(!cfg.to_toml().contains("entries_max"), "the effective config has the new keys only");
+        let both = "[limits]\naccount_cache_entries_max = 5\naccount_cache_bytes = 2097152";
+        let cfg = RawConfig::from_toml(both, Path::new("x")).unwrap().validate(2).unwrap();
+        assert_eq!(cfg.limits.account_cache_bytes, 2 << 20, "the new key wins");
     }
 
     #[test]

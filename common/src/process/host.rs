@@ -10,6 +10,12 @@
 //!   disconnect, or `host_offline_idle_days` offline).
 //! - `banned` hosts are never dialed; `throttled` is the lexicon's and is
 //!   not used by sluice (account limits throttle accounts, not hosts).
+//!
+//! Limits ([`HostLimits`]): a host whose name matches a `trusted_hosts`
+//! pattern (`*.host.bsky.network`: any name ending `.host.bsky.network`;
+//! or a whole name) gets the trusted account limit and event rate; any
+//! other host the default ones. A limit an operator set for one host
+//! (`sluice admin limit`, goat's `changeLimits`) wins over both.
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +65,67 @@ impl std::fmt::Display for HostStatus {
     }
 }
 
+/// Which hosts are trusted, and the limits of trusted and other hosts
+/// (from the config; a reload changes them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostLimits {
+    /// Lower-case name patterns: `*.suffix` (any port), a whole name (any
+    /// port) or `name:port` (that port only).
+    pub trusted: Vec<String>,
+    pub trusted_account_limit: i64,
+    pub trusted_events_per_second: u32,
+    pub default_account_limit: i64,
+    pub default_events_per_second: u32,
+}
+
+/// Is `pattern` a pattern `trusted_hosts` takes (`*.example.com`, a name,
+/// or `name:port`)?
+pub fn valid_pattern(pattern: &str) -> bool {
+    let (name, port) = match pattern.split_once(':') {
+        Some((n, p)) if !n.starts_with('*') => (n, Some(p)),
+        _ => (pattern, None),
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return false;
+    }
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+impl HostLimits {
+    /// Is the host `hostname` (a `PdsHost` name: lower case, `:port` when
+    /// not the default) trusted?
+    pub fn is_trusted(&self, hostname: &str) -> bool {
+        let whole = hostname.to_ascii_lowercase();
+        let name = whole.rsplit_once(':').map_or(whole.as_str(), |(h, _)| h);
+        self.trusted.iter().any(|p| match p.strip_prefix('*') {
+            Some(suffix) => name.ends_with(suffix) && name.len() > suffix.len(),
+            None if p.contains(':') => whole == *p,
+            None => name == *p,
+        })
+    }
+
+    /// A host's account limit: the one an operator set for it, else its
+    /// kind's.
+    pub fn account_limit(&self, hostname: &str, set_by_operator: Option<i64>) -> i64 {
+        match set_by_operator {
+            Some(l) => l,
+            None if self.is_trusted(hostname) => self.trusted_account_limit,
+            None => self.default_account_limit,
+        }
+    }
+
+    pub fn events_per_second(&self, trusted: bool) -> u32 {
+        if trusted {
+            self.trusted_events_per_second
+        } else {
+            self.default_events_per_second
+        }
+    }
+}
+
 /// One host a shard is to crawl.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostAssignment {
@@ -78,6 +145,9 @@ pub struct HostAssignment {
     /// Bumped by each requestCrawl of an offline or idle host: a shard
     /// whose task runs an older generation restarts it, backoff reset.
     pub crawl_gen: i64,
+    /// Matches `trusted_hosts`: read at the trusted event rate.
+    #[serde(default)]
+    pub trusted: bool,
 }
 
 /// A shard's whole host list (replaces the previous one).
@@ -87,10 +157,10 @@ pub struct Assignment {
 }
 
 impl Assignment {
-    /// What a running shard acts on: the hosts and their generations
-    /// (cursors and offline flags matter only when a task starts).
-    pub fn key(&self) -> Vec<(i64, i64)> {
-        self.hosts.iter().map(|h| (h.id, h.crawl_gen)).collect()
+    /// What a running shard acts on: the hosts, their generations and
+    /// trust (cursors and offline flags matter only when a task starts).
+    pub fn key(&self) -> Vec<(i64, i64, bool)> {
+        self.hosts.iter().map(|h| (h.id, h.crawl_gen, h.trusted)).collect()
     }
 }
 
@@ -131,6 +201,33 @@ mod tests {
     }
 
     #[test]
+    fn trusted_patterns() {
+        let l = HostLimits {
+            trusted: vec!["*.host.bsky.network".into(), "pds.example.com".into()],
+            trusted_account_limit: 10_000_000,
+            trusted_events_per_second: 50_000,
+            default_account_limit: 100,
+            default_events_per_second: 50,
+        };
+        assert!(l.is_trusted("morel.us-east.host.bsky.network"));
+        assert!(l.is_trusted("Morel.US-East.host.bsky.network:443"));
+        assert!(!l.is_trusted("host.bsky.network"), "the suffix alone is not a host under it");
+        assert!(!l.is_trusted("evilhost.bsky.network"));
+        assert!(l.is_trusted("pds.example.com") && !l.is_trusted("x.pds.example.com"));
+        let ported = HostLimits { trusted: vec!["localhost:2470".into()], ..l.clone() };
+        assert!(ported.is_trusted("localhost:2470") && !ported.is_trusted("localhost:2471"));
+        assert!(!ported.is_trusted("localhost"));
+        assert_eq!(l.account_limit("a.host.bsky.network", None), 10_000_000);
+        assert_eq!(l.account_limit("a.host.bsky.network", Some(5)), 5, "the operator's wins");
+        assert_eq!(l.account_limit("small.example", None), 100);
+        assert_eq!((l.events_per_second(true), l.events_per_second(false)), (50_000, 50));
+        assert!(valid_pattern("*.host.bsky.network") && valid_pattern("localhost"));
+        assert!(valid_pattern("localhost:2470"));
+        assert!(!valid_pattern("*") && !valid_pattern("a..b") && !valid_pattern("*.x:443") && !valid_pattern(""));
+        assert!(!valid_pattern("localhost:") && !valid_pattern("localhost:99999") && !valid_pattern("a:b:1"));
+    }
+
+    #[test]
     fn assignment_line_round_trips() {
         let a = Assignment {
             hosts: vec![HostAssignment {
@@ -140,13 +237,14 @@ mod tests {
                 insecure: false,
                 offline: true,
                 crawl_gen: 2,
+                trusted: false,
             }],
         };
         let m = ToShard::Assign(a.clone());
         let line = m.line();
         assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
         assert_eq!(ToShard::parse(&line).unwrap(), m);
-        assert_eq!(a.key(), vec![(3, 2)]);
+        assert_eq!(a.key(), vec![(3, 2, false)]);
         let cfg = crate::process::config::RawConfig::default().validate(1).unwrap();
         let m = ToShard::Settings(cfg.shard_settings());
         assert_eq!(ToShard::parse(&m.line()).unwrap(), m);

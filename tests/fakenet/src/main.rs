@@ -66,8 +66,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 0.0)]
     account_skew: f64,
     /// Of a thousand ordinary steps, how many create an account.
-    #[arg(long, default_value_t = 10)]
-    new_accounts_per_mille: u32,
+    #[arg(long, default_value_t = 10.0)]
+    new_accounts_per_mille: f64,
     /// The share of each host's accounts that act at all (a day's active
     /// set; 1 = all).
     #[arg(long, default_value_t = 1.0)]

@@ -28,7 +28,7 @@ pub struct ServeConfig {
     /// Zipf exponent over a host's accounts for who acts (0 = evenly).
     pub account_skew: f64,
     /// Of a thousand ordinary steps, how many create an account.
-    pub new_accounts_per_mille: u32,
+    pub new_accounts_per_mille: f64,
     /// The share of each host's accounts that act at all (1.0: all).
     pub active_share: f64,
     /// How the PLC directory misbehaves.
@@ -77,7 +77,7 @@ impl Default for ServeConfig {
             broken_web: 0,
             unregistered: 0,
             account_skew: 0.0,
-            new_accounts_per_mille: 10,
+            new_accounts_per_mille: 10.0,
             active_share: 1.0,
             directory: DirectoryConfig::default(),
             seed: 1,

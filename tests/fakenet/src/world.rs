@@ -216,7 +216,7 @@ pub struct WorldConfig {
     /// few hot accounts and a long tail.
     pub account_skew: f64,
     /// Of a thousand ordinary steps, how many create an account.
-    pub new_accounts_per_mille: u32,
+    pub new_accounts_per_mille: f64,
     /// The share of each host's accounts that act at all (its first ones:
     /// a day's active set), 1.0 for all.
     pub active_share: f64,
@@ -238,7 +238,7 @@ impl WorldConfig {
             broken_web: Vec::new(),
             unregistered: 0,
             account_skew: 0.0,
-            new_accounts_per_mille: 10,
+            new_accounts_per_mille: 10.0,
             active_share: 1.0,
         }
     }
@@ -687,8 +687,16 @@ impl World {
     fn normal_event(&mut self, out: &mut Vec<Output>) {
         let host = self.pick_host();
         let roll = self.rng.gen_range(0..1000);
+        // A whole number keeps the one draw (and every seed's schedule); a
+        // fraction of a step per mille takes a second draw.
+        let per_mille = self.cfg.new_accounts_per_mille;
+        let new_account = if per_mille.fract() == 0.0 {
+            f64::from(roll) < per_mille
+        } else {
+            self.rng.gen::<f64>() * 1000.0 < per_mille
+        };
         match roll {
-            r if r < self.cfg.new_accounts_per_mille => {
+            _ if new_account => {
                 let a = self.create_account(host);
                 let k = self.account_key(&self.accounts[a]);
                 out.push(Output::NewAccount(k));

@@ -50,9 +50,9 @@ struct Args {
     /// Live events per second.
     #[arg(long, default_value_t = 2000.0)]
     rate: f64,
-    /// Accounts created per thousand events.
-    #[arg(long, default_value_t = 1)]
-    new_accounts_per_mille: u32,
+    /// Accounts created per thousand events (the network: about 0.3).
+    #[arg(long, default_value_t = 0.3)]
+    new_accounts_per_mille: f64,
     #[arg(long, default_value_t = 50)]
     plc_latency_ms: u64,
     /// The directory's own rate (429 past it).
@@ -79,6 +79,10 @@ struct Args {
     cache_entries: usize,
     #[arg(long)]
     sluice: Option<PathBuf>,
+    /// The relay is a build from before the identity service (its config
+    /// has no identity keys).
+    #[arg(long)]
+    legacy: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -237,7 +241,7 @@ fn steady(a: &Args, relay: &Relay, lat: &Latencies, doc_requests: &dyn Fn() -> u
     );
     let t0 = Instant::now();
     lat.clear();
-    let mut peak: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut peak: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
     while t0.elapsed() < Duration::from_secs(a.steady_s) {
         let mut procs = children(relay.child.id());
         procs.push((relay.child.id(), "supervisor".into()));
@@ -245,7 +249,8 @@ fn steady(a: &Args, relay: &Relay, lat: &Latencies, doc_requests: &dyn Fn() -> u
             let name = name.split(" --config").next().unwrap_or("").to_owned();
             let e = peak.entry(name).or_default();
             e.0 = e.0.max(proc_status(p, "VmRSS:"));
-            e.1 = e.1.max(proc_status(p, "Threads:"));
+            e.1 = e.1.max(proc_status(p, "RssAnon:"));
+            e.2 = e.2.max(proc_status(p, "Threads:"));
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -268,17 +273,15 @@ fn steady(a: &Args, relay: &Relay, lat: &Latencies, doc_requests: &dyn Fn() -> u
     println!("  emission to consumer, other hosts:                       {rest}");
     let entries = m("sluice_identity_cache_entries");
     println!(
-        "  identity cache: {entries} identities, {} KiB ({:.0} B each as allocated)",
-        m("sluice_identity_cache_bytes") / 1024,
-        m("sluice_identity_cache_bytes") as f64 / entries.max(1) as f64
+        "  identity cache: {entries} identities; {} KiB allocated for its capacity",
+        m("sluice_identity_cache_bytes") / 1024
     );
-    println!(
-        "  identities unresolved (dropped): {}",
-        m("sluice_shard_drops_total{shard=\"0\",reason=\"identity_unresolved\"")
-            + m("sluice_shard_drops_total{shard=\"1\",reason=\"identity_unresolved\"")
-    );
-    for (name, (rss, threads)) in &peak {
-        println!("  {name:<14} peak RSS {rss:>8} KiB  threads {threads}");
+    let unresolved: u64 = (0..a.shards)
+        .map(|k| m(&format!("sluice_shard_drops_total{{shard=\"{k}\",reason=\"identity_unresolved\"")))
+        .sum();
+    println!("  events of unresolvable identities dropped: {unresolved}");
+    for (name, (rss, anon, threads)) in &peak {
+        println!("  {name:<14} peak RSS {rss:>8} KiB (anon {anon:>7} KiB)  threads {threads}");
     }
 }
 
@@ -368,16 +371,18 @@ impl Relay {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let cfg = dir.join("relay.toml");
+        let identity = if a.legacy {
+            String::new()
+        } else {
+            format!("plc_requests_per_second = {}\nidentity_fetch_concurrency = {}\n", a.relay_plc_rate, a.concurrency)
+        };
         std::fs::write(
             &cfg,
             format!(
                 "shard_count = {}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
-                 data_dir = {:?}\nplc_url = {plc:?}\nallow_insecure_hosts = true\n\
-                 plc_requests_per_second = {}\nidentity_fetch_concurrency = {}\n",
+                 data_dir = {:?}\nplc_url = {plc:?}\nallow_insecure_hosts = true\n{identity}",
                 a.shards,
                 dir.join("data").to_string_lossy(),
-                a.relay_plc_rate,
-                a.concurrency
             ),
         )?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("relay.log"))?;

@@ -1,0 +1,226 @@
+//! Accounts in Postgres, compact (migration V10): the DID as its 16-byte
+//! key (`DidKey::stored`, a `uuid` column; a DID that is not did:plc is
+//! kept whole in `dids`), the rev as the TID's number, the commit CID as
+//! its digest, the data CID as 32 bits, the booleans and the upstream
+//! status's code in `flags`. [`flags_of`] and [`state_of`] are the one
+//! place that encoding lives.
+
+use super::DbError;
+use postgres::Client;
+use sluice_common::atproto::did::DidKey;
+use sluice_common::atproto::policy::{AccountState, AccountStatus, UpstreamStatus};
+use sluice_common::atproto::syntax::Tid;
+use std::collections::HashMap;
+
+const ACTIVE: i16 = 1;
+const TAKENDOWN: i16 = 2;
+const THROTTLED: i16 = 4;
+
+/// A key as the `uuid` column takes it.
+pub fn uuid_of(k: &DidKey) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(k.0)
+}
+
+fn key_of(u: uuid::Uuid) -> DidKey {
+    DidKey(*u.as_bytes())
+}
+
+/// `accounts.flags` for `a`.
+pub fn flags_of(a: &AccountState) -> i16 {
+    (if a.upstream_active { ACTIVE } else { 0 })
+        | (if a.takendown { TAKENDOWN } else { 0 })
+        | (if a.throttled { THROTTLED } else { 0 })
+        | (i16::from(a.upstream_status.code()) << 4)
+}
+
+/// The state a row holds (`did, rev, host_checked, host_id, data_fp,
+/// flags, commit_cid` from column `at` on).
+fn state_of(r: &postgres::Row, at: usize) -> AccountState {
+    let flags: i16 = r.get(at + 5);
+    let commit: Option<&[u8]> = r.get(at + 6);
+    AccountState {
+        rev: r.get::<_, Option<i64>>(at + 1).map(|v| v as u64),
+        host_checked_micros: r.get(at + 2),
+        host_id: i64::from(r.get::<_, i32>(at + 3)),
+        data_fp: r.get(at + 4),
+        upstream_active: flags & ACTIVE != 0,
+        takendown: flags & TAKENDOWN != 0,
+        throttled: flags & THROTTLED != 0,
+        upstream_status: UpstreamStatus::from_code(((flags >> 4) & 15) as u8),
+        commit: commit.and_then(|c| c.try_into().ok()),
+    }
+}
+
+/// The columns [`state_of`] reads, of `accounts a`.
+const STATE: &str = "a.did, a.rev, a.host_checked, a.host_id, a.data_fp, a.flags, a.commit_cid";
+
+/// Load the stored state of `keys` (those not found are absent).
+pub fn load_accounts(c: &mut Client, keys: &[DidKey]) -> Result<HashMap<DidKey, AccountState>, DbError> {
+    let ids: Vec<uuid::Uuid> = keys.iter().map(uuid_of).collect();
+    let rows = c.query(&format!("SELECT {STATE} FROM accounts a WHERE a.did = ANY($1)"), &[&ids])?;
+    Ok(rows.iter().map(|r| (key_of(r.get(0)), state_of(r, 0))).collect())
+}
+
+/// The statement writing a round's accounts: inserted, or updated only
+/// where something changed (an `#identity` that moves nothing rewrites
+/// nothing), never touching the key (HOT updates in the page's room). A
+/// word the lexicons do not know is written when an `#account` brings it
+/// (`$8`), kept otherwise, dropped with its code.
+pub const UPSERT: &str = "INSERT INTO accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid, upstream_status)
+     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::int4[], $6::int2[], $7::bytea[], $8::text[])
+     ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, host_checked = EXCLUDED.host_checked,
+       host_id = EXCLUDED.host_id, data_fp = EXCLUDED.data_fp, flags = EXCLUDED.flags, commit_cid = EXCLUDED.commit_cid,
+       upstream_status = CASE WHEN (EXCLUDED.flags >> 4) & 15 = 15
+                              THEN COALESCE(EXCLUDED.upstream_status, accounts.upstream_status) END
+     WHERE (accounts.rev, accounts.host_checked, accounts.host_id, accounts.data_fp, accounts.flags, accounts.commit_cid)
+           IS DISTINCT FROM
+           (EXCLUDED.rev, EXCLUDED.host_checked, EXCLUDED.host_id, EXCLUDED.data_fp, EXCLUDED.flags, EXCLUDED.commit_cid)
+        OR EXCLUDED.upstream_status IS NOT NULL";
+
+/// A round's accounts as [`UPSERT`]'s arrays, one per column.
+#[derive(Default)]
+pub struct UpsertColumns {
+    did: Vec<uuid::Uuid>,
+    rev: Vec<Option<i64>>,
+    host_checked: Vec<i64>,
+    host_id: Vec<i32>,
+    data_fp: Vec<Option<i32>>,
+    flags: Vec<i16>,
+    commit: Vec<Option<Vec<u8>>>,
+    word: Vec<Option<String>>,
+}
+
+impl UpsertColumns {
+    pub fn new(accounts: &HashMap<DidKey, AccountState>, words: &HashMap<DidKey, String>) -> UpsertColumns {
+        let mut p = UpsertColumns::default();
+        for (k, a) in accounts {
+            p.did.push(uuid_of(k));
+            p.rev.push(a.rev.map(|v| v as i64));
+            p.host_checked.push(a.host_checked_micros);
+            p.host_id.push(a.host_id as i32);
+            p.data_fp.push(a.data_fp);
+            p.flags.push(flags_of(a));
+            p.commit.push(a.commit.map(|c| c.to_vec()));
+            p.word.push(words.get(k).cloned());
+        }
+        p
+    }
+
+    /// The statement's parameters, `$1` to `$8`.
+    pub fn params(&self) -> [&(dyn postgres::types::ToSql + Sync); 8] {
+        [&self.did, &self.rev, &self.host_checked, &self.host_id, &self.data_fp, &self.flags, &self.commit, &self.word]
+    }
+}
+
+/// Statement storing the DIDs of keys that are not a did:plc's own bytes.
+pub const NAMES: &str =
+    "INSERT INTO dids (key, did) SELECT * FROM unnest($1::uuid[], $2::text[]) ON CONFLICT (key) DO NOTHING";
+
+/// The DID of a key (None: a key whose DID was never stored).
+fn did_of(k: DidKey, stored: Option<String>) -> Option<String> {
+    k.plc_did().or(stored)
+}
+
+/// Taken-down accounts after `after` (key order), at most `limit`.
+pub fn takedowns(c: &mut Client, after: &str, limit: i64) -> Result<Vec<String>, postgres::Error> {
+    let after = if after.is_empty() { uuid::Uuid::nil() } else { uuid_of(&DidKey::stored(after)) };
+    let rows = c.query(
+        "SELECT a.did, d.did FROM accounts a LEFT JOIN dids d ON d.key = a.did
+         WHERE (a.flags & 2) <> 0 AND a.did > $1 ORDER BY a.did LIMIT $2",
+        &[&after, &limit],
+    )?;
+    Ok(rows.iter().filter_map(|r| did_of(key_of(r.get(0)), r.get(1))).collect())
+}
+
+/// Every taken-down account (at most a million), for the flagging pass at
+/// start (through the partial index: no scan of the table).
+pub fn taken_down_dids(c: &mut Client) -> Result<Vec<String>, postgres::Error> {
+    let rows = c.query(
+        "SELECT a.did, d.did FROM accounts a LEFT JOIN dids d ON d.key = a.did WHERE (a.flags & 2) <> 0 LIMIT 1000000",
+        &[],
+    )?;
+    Ok(rows.iter().filter_map(|r| did_of(key_of(r.get(0)), r.get(1))).collect())
+}
+
+/// An account's head as stored: its status, rev and commit.
+#[derive(Debug, Clone)]
+pub struct AccountHead {
+    pub did: String,
+    pub status: AccountStatus,
+    pub rev: Option<String>,
+    /// The binary CID.
+    pub commit_cid: Option<Vec<u8>>,
+}
+
+fn head_of(did: String, st: &AccountState) -> AccountHead {
+    AccountHead {
+        did,
+        status: st.status(),
+        rev: st.rev.map(|v| Tid::from_value(v).into_string()),
+        commit_cid: st.commit_cid().map(|c| c.to_bytes().to_vec()),
+    }
+}
+
+pub fn account_head(c: &mut Client, did: &str) -> Result<Option<AccountHead>, postgres::Error> {
+    let row =
+        c.query_opt(&format!("SELECT {STATE} FROM accounts a WHERE a.did = $1"), &[&uuid_of(&DidKey::stored(did))])?;
+    Ok(row.map(|r| head_of(did.to_owned(), &state_of(&r, 0))))
+}
+
+/// Accounts with a commit after the one `after` names (key order: stable
+/// while accounts come and go), at most `limit`.
+pub fn repos_page(c: &mut Client, after: &str, limit: i64) -> Result<Vec<AccountHead>, postgres::Error> {
+    let after = if after.is_empty() { uuid::Uuid::nil() } else { uuid_of(&DidKey::stored(after)) };
+    let rows = c.query(
+        &format!(
+            "SELECT {STATE}, d.did FROM accounts a LEFT JOIN dids d ON d.key = a.did
+             WHERE a.did > $1 AND a.commit_cid IS NOT NULL AND a.rev IS NOT NULL ORDER BY a.did LIMIT $2"
+        ),
+        &[&after, &limit],
+    )?;
+    Ok(rows.iter().filter_map(|r| Some(head_of(did_of(key_of(r.get(0)), r.get(7))?, &state_of(r, 0)))).collect())
+}
+
+/// An account's status and its host (name, plain text or not).
+pub fn account_host(c: &mut Client, did: &str) -> Result<Option<(AccountStatus, String, bool)>, postgres::Error> {
+    let row = c.query_opt(
+        &format!(
+            "SELECT {STATE}, h.hostname, h.insecure FROM accounts a JOIN hosts h ON h.id = a.host_id WHERE a.did = $1"
+        ),
+        &[&uuid_of(&DidKey::stored(did))],
+    )?;
+    Ok(row.map(|r| (state_of(&r, 0).status(), r.get(7), r.get(8))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_round_trip_every_status() {
+        for ua in [false, true] {
+            for td in [false, true] {
+                for th in [false, true] {
+                    for us in AccountStatus::ALL
+                        .map(UpstreamStatus::Known)
+                        .into_iter()
+                        .chain([UpstreamStatus::None, UpstreamStatus::Other])
+                    {
+                        let a = AccountState {
+                            upstream_active: ua,
+                            takendown: td,
+                            throttled: th,
+                            upstream_status: us,
+                            ..AccountState::default()
+                        };
+                        let f = flags_of(&a);
+                        assert_eq!(f & ACTIVE != 0, ua);
+                        assert_eq!(f & TAKENDOWN != 0, td);
+                        assert_eq!(f & THROTTLED != 0, th);
+                        assert_eq!(UpstreamStatus::from_code(((f >> 4) & 15) as u8), us);
+                    }
+                }
+            }
+        }
+    }
+}

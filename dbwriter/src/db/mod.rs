@@ -1,0 +1,242 @@
+//! Postgres access for the db-writer: migrations, the durable relay seq,
+//! the one transaction per group commit, held records and the admin
+//! audit here; hosts, accounts and identities each in their own file.
+
+use postgres::{Client, NoTls, Statement};
+use sluice_common::atproto::did::DidKey;
+use sluice_common::atproto::policy::AccountState;
+use sluice_common::process::host::HostStatus;
+use std::collections::HashMap;
+
+mod accounts;
+mod hosts;
+mod identities;
+
+pub use accounts::*;
+pub use hosts::*;
+pub use identities::*;
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("postgres: {0}")]
+    Pg(#[from] postgres::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] refinery::Error),
+}
+
+pub fn connect(url: &str) -> Result<Client, DbError> {
+    Ok(Client::connect(url, NoTls)?)
+}
+
+/// Apply every migration in `migrations/` not yet applied, and create the
+/// relay_meta row (last_seq = initial_seq - 1) if it is missing.
+pub fn migrate(url: &str, initial_seq: i64) -> Result<(), DbError> {
+    let mut c = connect(url)?;
+    embedded::migrations::runner().run(&mut c)?;
+    c.execute(
+        "INSERT INTO relay_meta (id, last_seq) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        &[&(initial_seq.max(1) - 1)],
+    )?;
+    Ok(())
+}
+
+/// Apply the migrations up to and including `version` only (tests of a
+/// migration: the schema as an older release left it).
+pub fn migrate_to(url: &str, version: u32) -> Result<(), DbError> {
+    let mut c = connect(url)?;
+    embedded::migrations::runner().set_target(refinery::Target::Version(version)).run(&mut c)?;
+    Ok(())
+}
+
+pub fn last_seq(c: &mut Client) -> Result<i64, DbError> {
+    Ok(c.query_one("SELECT last_seq FROM relay_meta WHERE id = 1", &[])?.get(0))
+}
+
+/// Everything one group commit writes.
+#[derive(Default)]
+pub struct Batch {
+    pub accounts: HashMap<DidKey, AccountState>,
+    /// The DIDs of this round's accounts whose key is not the DID itself
+    /// (not did:plc), for `dids`.
+    pub names: HashMap<DidKey, String>,
+    /// Upstream status words the lexicons do not know, as the host said
+    /// them (`UpstreamStatus::Other`).
+    pub words: HashMap<DidKey, String>,
+    /// Accounts seen for the first time, per host.
+    pub new_accounts: HashMap<i64, i64>,
+    /// Accounts that moved between hosts: (from, to).
+    pub moves: Vec<(i64, i64)>,
+    pub cursors: HashMap<i64, i64>,
+    /// Host reachability reported by the shards (`true`: offline), last
+    /// report per host.
+    pub host_offline: HashMap<i64, bool>,
+    /// Held lists that changed in the round, whole (empty: released).
+    pub held: Vec<(String, Vec<Vec<u8>>)>,
+    pub last_seq: i64,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty() && self.cursors.is_empty() && self.host_offline.is_empty()
+    }
+
+    /// `did`'s state as this round leaves it.
+    pub fn put(&mut self, did: &str, st: AccountState) {
+        let k = DidKey::stored(did);
+        if !k.is_plc() {
+            self.names.entry(k).or_insert_with(|| did.to_owned());
+        }
+        self.accounts.insert(k, st);
+    }
+}
+
+/// The group commit's statements, prepared once per connection: each
+/// commit then costs one Bind/Execute per statement instead of a parse and
+/// plan, and host cursors and counters go in one statement each however
+/// many hosts the batch touched.
+pub struct CommitStatements {
+    accounts: Statement,
+    names: Statement,
+    counts: Statement,
+    cursors: Statement,
+    offline: Statement,
+    last_seq: Statement,
+}
+
+impl CommitStatements {
+    pub fn prepare(c: &mut Client) -> Result<CommitStatements, DbError> {
+        Ok(CommitStatements {
+            accounts: c.prepare(UPSERT)?,
+            names: c.prepare(NAMES)?,
+            counts: c.prepare(
+                "UPDATE hosts h SET account_count = h.account_count + v.delta, updated_at = now()
+                 FROM unnest($1::int8[], $2::int8[]) AS v(id, delta) WHERE h.id = v.id",
+            )?,
+            cursors: c.prepare(
+                "UPDATE hosts h SET cursor = GREATEST(h.cursor, v.cursor), updated_at = now()
+                 FROM unnest($1::int8[], $2::int8[]) AS v(id, cursor) WHERE h.id = v.id",
+            )?,
+            offline: c.prepare(
+                "UPDATE hosts h SET status = CASE WHEN v.offline THEN 'offline' ELSE 'active' END,
+                   offline_since = CASE WHEN v.offline THEN now() END, updated_at = now()
+                 FROM unnest($1::int8[], $2::bool[]) AS v(id, offline)
+                 WHERE h.id = v.id AND h.status = CASE WHEN v.offline THEN 'active' ELSE 'offline' END
+                 RETURNING h.hostname, h.status",
+            )?,
+            last_seq: c.prepare("UPDATE relay_meta SET last_seq = $1 WHERE id = 1")?,
+        })
+    }
+}
+
+/// One transaction: accounts, host cursors, counters and reachability, the
+/// relay seq. Returns the hosts whose status changed (see [`set_offline`]).
+pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(String, HostStatus)>, DbError> {
+    let mut t = c.transaction()?;
+    if !b.names.is_empty() {
+        let (keys, dids): (Vec<uuid::Uuid>, Vec<&str>) = b.names.iter().map(|(k, d)| (uuid_of(k), d.as_str())).unzip();
+        t.execute(&s.names, &[&keys, &dids])?;
+    }
+    if !b.accounts.is_empty() {
+        let columns = UpsertColumns::new(&b.accounts, &b.words);
+        t.execute(&s.accounts, &columns.params())?;
+    }
+    let mut deltas: HashMap<i64, i64> = b.new_accounts.clone();
+    for &(from, to) in &b.moves {
+        *deltas.entry(from).or_default() -= 1;
+        *deltas.entry(to).or_default() += 1;
+    }
+    let (ids, ds): (Vec<i64>, Vec<i64>) = deltas.into_iter().filter(|&(_, d)| d != 0).unzip();
+    if !ids.is_empty() {
+        t.execute(&s.counts, &[&ids, &ds])?;
+    }
+    if !b.cursors.is_empty() {
+        let (ids, cursors): (Vec<i64>, Vec<i64>) = b.cursors.iter().map(|(h, c)| (*h, *c)).unzip();
+        t.execute(&s.cursors, &[&ids, &cursors])?;
+    }
+    let changed = if b.host_offline.is_empty() { Vec::new() } else { set_offline(&mut t, s, &b.host_offline)? };
+    if !b.held.is_empty() {
+        save_held(&mut t, &b.held)?;
+    }
+    t.execute(&s.last_seq, &[&b.last_seq])?;
+    t.commit()?;
+    Ok(changed)
+}
+
+/// Replace the held lists of these DIDs (`crate::held`).
+fn save_held(t: &mut postgres::Transaction<'_>, lists: &[(String, Vec<Vec<u8>>)]) -> Result<(), DbError> {
+    let dids: Vec<&str> = lists.iter().map(|(d, _)| d.as_str()).collect();
+    t.execute("DELETE FROM held_events WHERE did = ANY($1)", &[&dids])?;
+    let (mut ds, mut ns, mut recs) = (Vec::new(), Vec::new(), Vec::new());
+    for (d, list) in lists {
+        for (n, r) in list.iter().enumerate() {
+            ds.push(d.as_str());
+            ns.push(n as i32);
+            recs.push(r.as_slice());
+        }
+    }
+    if !ds.is_empty() {
+        t.execute(
+            "INSERT INTO held_events (did, n, record) SELECT * FROM unnest($1::text[], $2::int4[], $3::bytea[])",
+            &[&ds, &ns, &recs],
+        )?;
+    }
+    Ok(())
+}
+
+/// Every held list, in order.
+pub fn held_events(c: &mut Client) -> Result<HashMap<String, Vec<Vec<u8>>>, DbError> {
+    let mut out: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for r in c.query("SELECT did, record FROM held_events ORDER BY did, n", &[])? {
+        out.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    Ok(out)
+}
+
+/// One admin audit entry.
+pub struct AuditEntry {
+    pub id: i64,
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub action: String,
+    pub subject: String,
+    /// JSON text.
+    pub detail: Option<String>,
+}
+
+/// Audit entries older than id `before`, newest first, at most `limit`.
+pub fn audit_entries(c: &mut Client, before: i64, limit: i64) -> Result<Vec<AuditEntry>, postgres::Error> {
+    let rows = c.query(
+        "SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), action, subject, detail::text
+         FROM admin_audit WHERE id < $1 ORDER BY id DESC LIMIT $2",
+        &[&before, &limit],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| AuditEntry { id: r.get(0), at: r.get(1), action: r.get(2), subject: r.get(3), detail: r.get(4) })
+        .collect())
+}
+
+/// The admin API's setting of public requestCrawl (None: the config's).
+pub fn request_crawl_override(c: &mut Client) -> Result<Option<bool>, postgres::Error> {
+    Ok(c.query_one("SELECT request_crawl FROM relay_meta WHERE id = 1", &[])?.get(0))
+}
+
+// The admin API's writes.
+
+pub fn audit(c: &mut Client, action: &str, subject: &str, detail_json: &str) -> Result<(), postgres::Error> {
+    c.execute(
+        "INSERT INTO admin_audit (action, subject, detail) VALUES ($1, $2, $3::text::jsonb)",
+        &[&action, &subject, &detail_json],
+    )?;
+    Ok(())
+}
+
+/// Public requestCrawl on or off, kept over restarts.
+pub fn set_request_crawl(c: &mut Client, public: bool) -> Result<(), postgres::Error> {
+    c.execute("UPDATE relay_meta SET request_crawl = $1 WHERE id = 1", &[&public])?;
+    Ok(())
+}
