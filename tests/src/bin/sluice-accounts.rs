@@ -1,0 +1,471 @@
+//! Accounts bench (issue 22): the relay with millions of account rows.
+//!
+//! 1. The account cache alone: `common::process::clockcache::ClockCache`
+//!    of `AccountState` filled to `--cache-entries`, RSS over entries.
+//! 2. For each size in `--sizes` (10k, 1M, 10M; `--network` adds 40M):
+//!    - fakenet serves `--hosts` hosts whose accounts number the size,
+//!      at most `--active` (the accounts that act; a Zipf skew over them);
+//!    - `sluice run` starts on an empty data dir and stops; the bench then
+//!      writes straight into its PostgreSQL (COPY): a row for every fakenet
+//!      account (an old rev, so their commits are new) and its identity
+//!      (so the directory is not the bench's subject), and filler accounts
+//!      up to the size on a banned host of their own;
+//!    - `sluice run` starts again (the time to healthy, Postgres included,
+//!      is the start time at that size) and relays fakenet's `--rate`
+//!      events/s: after `--warmup-s`, a window of `--steady-s` gives
+//!      events/s, CPU per event of the db-writer, the shards and
+//!      PostgreSQL, WAL bytes per event, table and index bytes per
+//!      account, and each relay process's peak RSS and threads.
+//!
+//! `cargo build --release --bins && target/release/sluice-accounts`
+
+use clap::Parser;
+use fakenet::runner::{self, ServeConfig};
+use rand::{Rng, SeedableRng};
+use sluice_common::atproto::did::DidKey;
+use sluice_common::atproto::policy::AccountState;
+use sluice_common::ipc::idwire::IdentityRecord;
+use sluice_common::process::clockcache::ClockCache;
+use sluice_tests::http::{metric, request};
+use sluice_tests::procinfo::{children, cpu_ticks, status as proc_status, tree};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    /// Account rows in Postgres, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "10000,1000000,10000000")]
+    sizes: Vec<u64>,
+    /// Also run at the network's size (40M rows).
+    #[arg(long)]
+    network: bool,
+    /// Accounts that act (fakenet's population), at most.
+    #[arg(long, default_value_t = 1_000_000)]
+    active: u64,
+    #[arg(long, default_value_t = 4)]
+    hosts: usize,
+    #[arg(long, default_value_t = 2)]
+    shards: u32,
+    /// Zipf exponent over the acting accounts.
+    #[arg(long, default_value_t = 0.8)]
+    account_skew: f64,
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Accounts created per thousand events (the network: about 0.3).
+    #[arg(long, default_value_t = 0.3)]
+    new_accounts_per_mille: f64,
+    #[arg(long, default_value_t = 60)]
+    warmup_s: u64,
+    #[arg(long, default_value_t = 60)]
+    steady_s: u64,
+    /// Entries for the cache-alone measurement (0: skip it).
+    #[arg(long, default_value_t = 1_000_000)]
+    cache_entries: usize,
+    #[arg(long)]
+    sluice: Option<PathBuf>,
+}
+
+/// Seconds since the epoch of the rev every loaded account has (2023-01-01):
+/// older than any commit fakenet makes.
+const OLD_REV_SECS: u64 = 1_672_531_200;
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if a.cache_entries > 0 {
+        cache_alone(a.cache_entries);
+    }
+    let sluice = a.sluice.clone().unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("sluice"));
+    let mut sizes = a.sizes.clone();
+    if a.network {
+        sizes.push(40_000_000);
+    }
+    let root = std::env::temp_dir().join(format!("sluice-accounts-{}", std::process::id()));
+    for n in sizes {
+        let dir = root.join(n.to_string());
+        std::fs::create_dir_all(&dir)?;
+        println!("== {n} accounts");
+        run_size(&a, &sluice, &dir, n)?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// The account cache filled to `n` entries in this process.
+fn cache_alone(n: usize) {
+    let me = std::process::id();
+    let before = proc_status(me, "VmRSS:");
+    let mut c: ClockCache<AccountState> =
+        ClockCache::with_bytes((n as u64 + 1) * ClockCache::<AccountState>::ENTRY_BYTES as u64);
+    for i in 0..n {
+        let k = DidKey::stored(&sluice_common::atproto::did::plc_did(&id_bytes(i as u64, 7)));
+        let st = AccountState {
+            host_id: 1,
+            rev: Some(i as u64),
+            commit: Some([i as u8; 32]),
+            data_fp: Some(i as i32),
+            ..AccountState::new(1)
+        };
+        c.put(k, st, 1);
+    }
+    let after = proc_status(me, "VmRSS:");
+    println!(
+        "account cache alone: {} entries, RSS +{} KiB = {:.0} B an entry ({} B by its own count)",
+        c.len(),
+        after - before,
+        (after - before) as f64 * 1024.0 / c.len() as f64,
+        c.bytes() / c.len().max(1)
+    );
+}
+
+/// 15 bytes of a did:plc id, distinct per (i, salt).
+fn id_bytes(i: u64, salt: u64) -> [u8; 15] {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt);
+    let mut id = [0u8; 15];
+    rng.fill(&mut id);
+    id
+}
+
+fn run_size(a: &Args, sluice: &Path, dir: &Path, n: u64) -> anyhow::Result<()> {
+    let acting = n.min(a.active);
+    let per_host = (acting as usize).div_ceil(a.hosts);
+    let net = runner::start(ServeConfig {
+        hosts: a.hosts,
+        accounts: per_host,
+        skew: 0.0,
+        seed: 22,
+        rate: a.rate,
+        duration: Some(Duration::from_secs(a.warmup_s + a.steady_s + 600)),
+        new_accounts_per_mille: a.new_accounts_per_mille,
+        account_skew: a.account_skew,
+        active_share: 1.0,
+        ledger: dir.join("ledger.jsonl"),
+        wait_subscribers: Some(Duration::from_secs(3600)),
+        ..ServeConfig::default()
+    })?;
+    let population = net.shared.population.clone().expect("a generated network");
+    let relay_dir = dir.join("relay");
+    let mut relay = Relay::start(sluice, &relay_dir, a, &net.info.plc_url)?;
+    let t = Instant::now();
+    let mut pg = postgres::Client::connect(&relay.pg_url(), postgres::NoTls)?;
+    load(&mut pg, &population, &net.info.hosts, n)?;
+    println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+    drop(pg);
+    relay.stop();
+    let t = Instant::now();
+    let relay = Relay::start(sluice, &relay_dir, a, &net.info.plc_url)?;
+    println!(
+        "start at {n} rows: healthy {:.2} s after `sluice run` (PostgreSQL's start included)",
+        t.elapsed().as_secs_f64()
+    );
+    // The hosts were loaded idle (so the first relay left them alone): a
+    // crawl request makes each active.
+    for h in &net.info.hosts {
+        request(relay.port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
+    }
+    let mut pg = postgres::Client::connect(&relay.pg_url(), postgres::NoTls)?;
+    warm_up(a, &relay);
+    steady(a, &relay, &mut pg, n)?;
+    sizes(&mut pg, n)?;
+    drop(pg);
+    let mut relay = relay;
+    relay.stop();
+    Ok(())
+}
+
+/// Hosts, accounts and identities written straight into the relay's tables.
+fn load(
+    pg: &mut postgres::Client,
+    p: &fakenet::population::Population,
+    hosts: &[String],
+    n: u64,
+) -> anyhow::Result<()> {
+    let acting = p.initial() as u64;
+    let mut host_ids = Vec::new();
+    for (h, name) in hosts.iter().enumerate() {
+        let count = p.initial_range(h).len() as i64;
+        let row = pg.query_one(
+            "INSERT INTO hosts (hostname, insecure, account_count, status) VALUES ($1, true, $2, 'idle') RETURNING id",
+            &[name, &count],
+        )?;
+        host_ids.push(row.get::<_, i64>(0) as i32);
+    }
+    let filler_count = n.saturating_sub(acting) as i64;
+    let filler: i64 = pg
+        .query_one(
+            "INSERT INTO hosts (hostname, status, account_count) VALUES ('filler.invalid', 'banned', $1) RETURNING id",
+            &[&filler_count],
+        )?
+        .get(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    let rev = (OLD_REV_SECS * 1_000_000) << 10;
+    let t = Instant::now();
+    let mut w = pg.copy_in(
+        "COPY accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid) FROM STDIN (FORMAT text)",
+    )?;
+    let mut buf = String::with_capacity(1 << 20);
+    let row = |buf: &mut String, key: DidKey, host: i64, i: u64| {
+        use std::fmt::Write as _;
+        let mut commit = [0u8; 32];
+        rand_chacha::ChaCha8Rng::seed_from_u64(i ^ 0x636f_6d6d).fill(&mut commit);
+        let _ = writeln!(
+            buf,
+            "{}\t{rev}\t{}\t{host}\t{}\t17\t\\\\x{}",
+            uuid_text(&key.0),
+            now - 86_400_000_000,
+            i as i32,
+            hex(&commit)
+        );
+    };
+    for i in 0..acting {
+        row(&mut buf, DidKey::stored(&p.did(i as usize)), host_ids[p.initial_host(i as usize)] as i64, i);
+        flush(&mut w, &mut buf, false)?;
+    }
+    for i in 0..filler_count as u64 {
+        let mut b = [0u8; 16];
+        b[0] = 1;
+        b[1..].copy_from_slice(&id_bytes(i, 11));
+        row(&mut buf, DidKey(b), filler, i);
+        flush(&mut w, &mut buf, false)?;
+    }
+    flush(&mut w, &mut buf, true)?;
+    w.finish()?;
+    println!("  accounts: {n} rows by COPY in {:.1} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    identities(pg, p, hosts, now)?;
+    println!("  identities: {acting} rows in {:.1} s (keys derived from fakenet's seed)", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    pg.batch_execute("ANALYZE accounts; ANALYZE identities; CHECKPOINT")?;
+    println!("  analyze and checkpoint: {:.1} s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn flush(w: &mut postgres::CopyInWriter<'_>, buf: &mut String, all: bool) -> anyhow::Result<()> {
+    if all || buf.len() > (1 << 20) - 512 {
+        w.write_all(buf.as_bytes())?;
+        buf.clear();
+    }
+    Ok(())
+}
+
+/// Every fakenet account's identity as the relay would have stored it
+/// (keys derived on every core).
+fn identities(
+    pg: &mut postgres::Client,
+    p: &fakenet::population::Population,
+    hosts: &[String],
+    now: i64,
+) -> anyhow::Result<()> {
+    let mut pds_ids = Vec::new();
+    for h in 0..hosts.len() {
+        let id: i32 =
+            pg.query_one("INSERT INTO pds_endpoints (url) VALUES ($1) RETURNING id", &[&p.endpoint(h)])?.get(0);
+        pds_ids.push(id);
+    }
+    let total = p.initial();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut w = pg.copy_in("COPY identities (did, as_of, pds_id, key, handle) FROM STDIN (FORMAT text)")?;
+    const CHUNK: usize = 20_000;
+    for start in (0..total).step_by(CHUNK * threads) {
+        let parts: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let pds_ids = &pds_ids;
+                    s.spawn(move || {
+                        use std::fmt::Write as _;
+                        let mut out = String::new();
+                        let lo = (start + t * CHUNK).min(total);
+                        for i in lo..(lo + CHUNK).min(total) {
+                            let host = p.initial_host(i);
+                            let did = p.did(i);
+                            let rec = IdentityRecord::new(did.clone(), Some(&p.key(i).public_key()), None, None, now);
+                            let (curve, point) = rec.key.expect("a key");
+                            let _ = writeln!(
+                                out,
+                                "{}\t{now}\t{}\t\\\\x{:02x}{}\t{}",
+                                uuid_text(&DidKey::stored(&did).0),
+                                pds_ids[host],
+                                curve,
+                                hex(&point),
+                                p.handle(i, host)
+                            );
+                        }
+                        out
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("a key thread")).collect()
+        });
+        for part in parts {
+            w.write_all(part.as_bytes())?;
+        }
+    }
+    w.finish()?;
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn uuid_text(b: &[u8; 16]) -> String {
+    let h = hex(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Let the relay settle: caches fill, fakenet's generation runs.
+fn warm_up(a: &Args, relay: &Relay) {
+    let t = Instant::now();
+    let mut last = 0;
+    while t.elapsed() < Duration::from_secs(a.warmup_s) {
+        std::thread::sleep(Duration::from_secs(10));
+        let rel = metric(relay.metrics, "sluice_events_relayed_total");
+        println!("  warm-up {:>4} s: {:>6.0} events/s relayed", t.elapsed().as_secs(), (rel - last) as f64 / 10.0);
+        last = rel;
+    }
+}
+
+/// One relay process's figures over the window.
+#[derive(Default)]
+struct Proc {
+    cpu0: u64,
+    cpu: u64,
+    rss: u64,
+    threads: u64,
+}
+
+fn lsn(pg: &mut postgres::Client) -> anyhow::Result<i64> {
+    Ok(pg.query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8", &[])?.get(0))
+}
+
+/// The steady window's figures.
+fn steady(a: &Args, relay: &Relay, pg: &mut postgres::Client, n: u64) -> anyhow::Result<()> {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    let mut procs: BTreeMap<String, Proc> = BTreeMap::new();
+    let sample = |procs: &mut BTreeMap<String, Proc>, first: bool| {
+        for (name, pids) in relay.processes() {
+            let e = procs.entry(name).or_default();
+            let cpu: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+            if first {
+                e.cpu0 = cpu;
+            }
+            e.cpu = cpu;
+            e.rss = e.rss.max(pids.iter().map(|p| proc_status(*p, "VmRSS:")).sum());
+            e.threads = e.threads.max(pids.iter().map(|p| proc_status(*p, "Threads:")).sum());
+        }
+    };
+    let (rel0, wal0) = (metric(relay.metrics, "sluice_events_relayed_total"), lsn(pg)?);
+    let t0 = Instant::now();
+    sample(&mut procs, true);
+    while t0.elapsed() < Duration::from_secs(a.steady_s) {
+        std::thread::sleep(Duration::from_millis(500));
+        sample(&mut procs, false);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let events = metric(relay.metrics, "sluice_events_relayed_total") - rel0;
+    let wal = lsn(pg)? - wal0;
+    println!(
+        "steady {secs:.0} s at {n} rows: {:.0} events/s relayed ({} offered); WAL {:.0} B an event",
+        events as f64 / secs,
+        a.rate,
+        wal as f64 / events.max(1) as f64
+    );
+    for (name, p) in &procs {
+        println!(
+            "  {name:<14} CPU {:>6.1} us an event  peak RSS {:>8} KiB  threads {}",
+            (p.cpu - p.cpu0) as f64 / tick * 1e6 / events.max(1) as f64,
+            p.rss,
+            p.threads
+        );
+    }
+    Ok(())
+}
+
+/// Postgres bytes per account.
+fn sizes(pg: &mut postgres::Client, n: u64) -> anyhow::Result<()> {
+    let r = pg.query_one(
+        "SELECT pg_table_size('accounts'), pg_indexes_size('accounts'), pg_total_relation_size('identities'),
+                (SELECT count(*) FROM accounts)",
+        &[],
+    )?;
+    let (table, index, ids, rows): (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+    println!(
+        "postgres at {n} rows ({rows} counted): accounts table {} MiB + indexes {} MiB = {:.0} B an account; \
+         identities {} MiB",
+        table >> 20,
+        index >> 20,
+        (table + index) as f64 / rows.max(1) as f64,
+        ids >> 20
+    );
+    Ok(())
+}
+
+/// `sluice run` in `dir` against the fakenet directory, its hosts trusted.
+struct Relay {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+    metrics: u16,
+}
+
+impl Relay {
+    fn start(sluice: &Path, dir: &Path, a: &Args, plc: &str) -> anyhow::Result<Relay> {
+        std::fs::create_dir_all(dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let cfg = dir.join("relay.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "shard_count = {}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
+                 data_dir = {:?}\nplc_url = {plc:?}\nallow_insecure_hosts = true\n\
+                 trusted_hosts = [\"127.0.0.1\", \"localhost\"]\n",
+                a.shards,
+                dir.join("data").to_string_lossy(),
+            ),
+        )?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("relay.log"))?;
+        let child = Command::new(sluice)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let t = Instant::now();
+        while request(port, "GET", "/xrpc/_health", "").map(|r| r.0) != Some(200) {
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(300), "relay not healthy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Relay { child, dir: dir.to_owned(), port, metrics })
+    }
+
+    fn pg_url(&self) -> String {
+        format!("host={} user=postgres dbname=postgres", self.dir.join("data/pgsock").display())
+    }
+
+    /// The relay's processes by role; PostgreSQL's all together.
+    fn processes(&self) -> Vec<(String, Vec<u32>)> {
+        let mut out: Vec<(String, Vec<u32>)> = children(self.child.id())
+            .into_iter()
+            .map(|(p, name)| (name.split(" --config").next().unwrap_or("").to_owned(), vec![p]))
+            .collect();
+        out.push(("supervisor".into(), vec![self.child.id()]));
+        let pid = std::fs::read_to_string(self.dir.join("data/pg/postmaster.pid")).unwrap_or_default();
+        if let Some(pm) = pid.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) {
+            out.retain(|(_, p)| p[0] != pm);
+            out.push(("postgres (all)".into(), tree(pm)));
+        }
+        out
+    }
+
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
