@@ -91,8 +91,18 @@ pub fn route(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Result<Respons
         ("POST", "/admin/domain/unban") => ban_domain(c, req, false),
         ("POST", "/admin/host/cursor") => host_cursor(c, tx, req),
         ("GET", "/admin/audit") => audit_log(c, req),
+        ("POST", "/admin/collections/backfill") => collections_backfill(c),
         _ => Ok(error(404, "NotFound", "no such admin route")),
     }
+}
+
+/// Start the collection backfill (from the beginning; a running one is
+/// restarted): every known account the index has not placed is checked.
+fn collections_backfill(c: &mut Client) -> Result<Response, postgres::Error> {
+    let total = crate::db::backfill_start(c)?;
+    audit(c, "collections_backfill", "", json!({ "accounts": total }))?;
+    tracing::info!(accounts = total, "collection backfill started");
+    Ok(Response::ok(json!({ "accounts": total })))
 }
 
 pub(crate) fn takedown(

@@ -68,6 +68,8 @@ pub struct QueryConfig {
     pub workers: usize,
     /// Replaced by a reload; read per request.
     pub live: Arc<std::sync::RwLock<Live>>,
+    /// The collection index, for listReposByCollection.
+    pub collections: crate::collections::Shared,
     /// `data_dir/run`, where the shards publish their consumer lists.
     pub run_dir: std::path::PathBuf,
     /// To the sequencer, for admin actions that emit events.

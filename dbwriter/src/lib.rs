@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod admission;
 pub mod api;
+pub mod collections;
 pub mod db;
 pub mod goat;
 pub mod held;
@@ -71,12 +72,14 @@ pub unsafe fn run(
     if let Some(first) = log.oldest_seq()? {
         control.oldest().store(first as u64, Ordering::Release);
     }
+    let keeper = collections::Keeper::new(db::load_index(&mut pg)?, cfg.limits.collection_changes_max, control.clone());
+    let index = keeper.index.clone();
     let (admin_tx, admin_rx) = messages::channel();
     let live = Arc::new(std::sync::RwLock::new(api::Live::from_config(cfg)?));
     let query_stop = Arc::new(AtomicBool::new(false));
     let mut workers = serve::start(
         &cfg.query_socket(),
-        query_config(cfg, database_url, &control, live.clone(), admin_tx.clone())?,
+        query_config(cfg, database_url, &control, live.clone(), admin_tx.clone(), index.clone())?,
         query_stop.clone(),
     )?;
     let identity = identity::start(identity_config(cfg, database_url)?, control.clone(), query_stop.clone())?;
@@ -85,6 +88,16 @@ pub unsafe fn run(
     seq.apply_settings(sequencer::Settings::from_config(cfg));
     seq.database_url = Some(database_url.to_owned());
     seq.admin = Some(admin_rx);
+    seq.collections = Some(keeper);
+    let checker = collections::check::start(
+        database_url.to_owned(),
+        sluice_common::process::tls::client_config(cfg.tls_ca_file.as_deref())?,
+        cfg.limits.collection_checks_per_host_per_second,
+        control.clone(),
+        query_stop.clone(),
+    )?;
+    seq.collection_answers = Some(checker.answers);
+    workers.extend(checker.threads);
     seq.recheck =
         Some(recheck::start(sluice_common::process::tls::client_config(cfg.tls_ca_file.as_deref())?, admin_tx)?);
     if let Some(r) = reload {
@@ -146,6 +159,7 @@ fn query_config(
     control: &Arc<ControlBlock>,
     live: Arc<std::sync::RwLock<api::Live>>,
     admin: std::sync::mpsc::SyncSender<messages::Command>,
+    collections: collections::Shared,
 ) -> anyhow::Result<api::QueryConfig> {
     let control = control.clone();
     Ok(api::QueryConfig {
@@ -153,6 +167,7 @@ fn query_config(
         allow_insecure_hosts: cfg.allow_insecure_hosts,
         workers: 2,
         live,
+        collections,
         run_dir: cfg.run_dir(),
         admin,
         net: Arc::new(admission::SystemNet::new(sluice_common::process::tls::client_config(

@@ -41,6 +41,7 @@ pub fn handle(c: &mut Client, cfg: &QueryConfig, req: &Request) -> Response {
         ("GET", "/xrpc/com.atproto.sync.getHostStatus") => host_status(c, &cfg.live().limits, req),
         ("GET", "/xrpc/com.atproto.sync.getRepoStatus") => repo_status(c, req),
         ("GET", "/xrpc/com.atproto.sync.listRepos") => list_repos(c, req),
+        ("GET", "/xrpc/com.atproto.sync.listReposByCollection") => repos_by_collection(c, &cfg.collections, req),
         ("GET", "/xrpc/com.atproto.sync.getLatestCommit") => latest_commit(c, req),
         ("GET", "/xrpc/com.atproto.sync.getRepo") => get_repo(c, req),
         ("GET", "/status.json") => Ok(status(&cfg.run_dir)),
@@ -194,6 +195,81 @@ fn list_repos(c: &mut Client, req: &Request) -> Result<Response, postgres::Error
         body["cursor"] = json!(rows.last().map(|r| r.did.clone()));
     }
     Ok(Response::ok(body))
+}
+
+/// `collection` parameters one request may repeat (atproto PR 4733).
+pub const COLLECTIONS_PER_REQUEST_MAX: usize = 20;
+
+/// The parameters of listReposByCollection, or the lexicon's error.
+fn collection_params(req: &Request) -> Result<(Vec<&str>, usize, Option<u32>), Response> {
+    let bad = |m: &str| error(400, "InvalidRequest", m);
+    let cols: Vec<&str> = req.query.iter().filter(|(k, _)| k == "collection").map(|(_, v)| v.as_str()).collect();
+    if cols.is_empty() {
+        return Err(bad("missing collection"));
+    }
+    if cols.len() > COLLECTIONS_PER_REQUEST_MAX {
+        return Err(bad("at most 20 collections a request"));
+    }
+    if let Some(c) = cols.iter().find(|c| !sluice_common::atproto::syntax::is_nsid(c)) {
+        return Err(bad(&format!("collection {c:?} is not a valid NSID")));
+    }
+    let limit = match param(req, "limit") {
+        None => 500,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=2000).contains(&n) => n,
+            _ => return Err(bad("limit must be an integer from 1 to 2000")),
+        },
+    };
+    let cursor = match param(req, "cursor") {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<u32>().map_err(|_| bad("invalid cursor"))?),
+    };
+    Ok((cols, limit, cursor))
+}
+
+/// Accounts holding records of any of the collections, in account-number
+/// order (stable: a repo that holds records throughout a paging is on
+/// exactly one page). The cursor is the last number a page looked at.
+fn repos_by_collection(
+    c: &mut Client,
+    index: &crate::collections::Shared,
+    req: &Request,
+) -> Result<Response, postgres::Error> {
+    let (cols, limit, mut after) = match collection_params(req) {
+        Ok(p) => p,
+        Err(r) => return Ok(r),
+    };
+    let ids: Vec<u32> = {
+        let ix = index.read().unwrap_or_else(|p| p.into_inner());
+        cols.iter().filter_map(|c| ix.id(c)).collect()
+    };
+    let mut repos: Vec<Value> = Vec::with_capacity(limit);
+    // Accounts left out (inactive, or numbers without one) cost another
+    // look; a few looks at most, then the page ends short with a cursor.
+    for _ in 0..4 {
+        let want = limit - repos.len();
+        let nos = index.read().unwrap_or_else(|p| p.into_inner()).page(&ids, after, want);
+        if nos.is_empty() {
+            return Ok(Response::ok(json!({ "repos": repos })));
+        }
+        let found: std::collections::HashMap<u32, (String, AccountStatus)> =
+            crate::db::accounts_by_no(c, &nos)?.into_iter().map(|(n, d, s)| (n, (d, s))).collect();
+        for no in &nos {
+            after = Some(*no);
+            if let Some((did, status)) = found.get(no) {
+                if inactive(*status).is_none() {
+                    repos.push(json!({ "did": did }));
+                }
+            }
+        }
+        if nos.len() < want {
+            return Ok(Response::ok(json!({ "repos": repos })));
+        }
+        if repos.len() == limit {
+            break;
+        }
+    }
+    Ok(Response::ok(json!({ "repos": repos, "cursor": after.map(|a| a.to_string()) })))
 }
 
 /// Where the relay's stored state of `did` stops a read: the lexicons'

@@ -117,6 +117,11 @@ pub struct Sequencer {
     /// When the shards read this round's events (unix micros), for the
     /// ingest-to-durable histogram; at most a round's records.
     ingested: Vec<i64>,
+    /// The collection index (`crate::collections`) and the PDS answers
+    /// for its checks.
+    pub collections: Option<crate::collections::Keeper>,
+    pub collection_answers: Option<flume::Receiver<crate::collections::check::Answer>>,
+    gauges_at: Option<Instant>,
 }
 
 /// Keep the per-host account counts true as `state` is relayed: a new
@@ -286,6 +291,9 @@ impl Sequencer {
             host_names: HashMap::new(),
             settings: None,
             ingested: Vec::new(),
+            collections: None,
+            collection_answers: None,
+            gauges_at: None,
         })
     }
 
@@ -530,6 +538,7 @@ impl Sequencer {
         let mut replies = Vec::new();
         taken += self.admin_commands(&mut batch, &mut replies)?;
         taken += self.release_overdue(&mut batch)?;
+        taken += self.collection_answers(&mut batch)?;
         let mut rings = std::mem::take(&mut self.rings);
         let result = self.read_rings(&mut rings, &mut batch, &mut ends, &mut taken);
         self.rings = rings;
@@ -542,11 +551,25 @@ impl Sequencer {
         self.log.sync()?;
         failpoint::hit("sequencer-after-log-sync");
         batch.last_seq = self.log.next_seq() - 1;
-        let changed = db::commit(&mut self.pg, &self.stmts, &batch)?;
+        if let Some(k) = self.collections.as_mut() {
+            k.take(&mut batch.index);
+        }
+        let changed = match db::commit(&mut self.pg, &self.stmts, &batch) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(k) = self.collections.as_mut() {
+                    k.restore(std::mem::take(&mut batch.index));
+                }
+                return Err(e.into());
+            }
+        };
         failpoint::hit("sequencer-after-pg-commit");
         for (host, status) in changed {
             // The shard logged the change, with its reason.
             tracing::debug!(host, status = %status, "host status stored");
+        }
+        if let Some(k) = self.collections.as_mut() {
+            k.committed(&batch.index);
         }
         self.keep_committed(&mut batch);
         self.control.committed().store(batch.last_seq.max(0) as u64, Ordering::Release);
@@ -562,6 +585,13 @@ impl Sequencer {
         }
         self.count(WriterCounter::Commits);
         self.observe_commit(commit_began);
+        if let Some(k) = &self.collections {
+            if self.gauges_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                self.gauges_at = Some(Instant::now());
+                k.gauges();
+                k.bytes_gauge();
+            }
+        }
         for (reply, seq, did, on) in replies {
             let _ = reply.send(Ok(seq));
             // Hide (or show again) the account's earlier records on replay.
@@ -569,6 +599,25 @@ impl Sequencer {
         }
         self.send_flags();
         Ok(taken)
+    }
+
+    /// Apply the PDSes' answers about accounts' collections (at most a
+    /// ring batch's worth a round). Returns how many were applied.
+    fn collection_answers(&mut self, batch: &mut Batch) -> anyhow::Result<usize> {
+        let Some(rx) = self.collection_answers.clone() else { return Ok(0) };
+        let mut n = 0;
+        while n < BATCH_PER_RING {
+            let Ok(a) = rx.try_recv() else { break };
+            let mut st = self.account(&a.did, batch)?;
+            let Some(k) = self.collections.as_mut() else { break };
+            if let crate::collections::Applied::Placed { numbered } = k.on_answer(&a, st.as_mut(), &mut batch.index) {
+                if numbered {
+                    batch.put(&a.did, st.expect("numbered: it has a state"));
+                }
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Held lists whose PDS answer is overdue (lost, or asked by a run that
@@ -1028,7 +1077,7 @@ impl Sequencer {
         if let Some(s) = stored.as_mut() {
             s.throttled = false;
         }
-        let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
+        let (verdict, mut state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
             Verdict::Drop(policy::Drop::Inactive)
                 if !self.releasing
@@ -1067,6 +1116,9 @@ impl Sequencer {
         if state.upstream_status == UpstreamStatus::Other && e.kind == sluice_common::ipc::ringrec::Kind::Account as u8
         {
             batch.words.insert(DidKey::stored(e.did), e.status.to_owned());
+        }
+        if let Some(k) = self.collections.as_mut() {
+            k.on_event(e, stored.is_none(), &mut state, &mut batch.index);
         }
         batch.put(e.did, state);
         Ok(())

@@ -191,6 +191,7 @@ pub fn encode(
         frame: data,
         seq_start: p.span.0 as u32,
         seq_end: p.span.1 as u32,
+        collections: &[],
     };
     let (commit_bytes, data_bytes, prev_bytes);
     if let Some(checked) = &p.checked {
@@ -207,6 +208,7 @@ pub fn encode(
             rec.since = c.since.unwrap_or("");
             rec.prev_data = prev_bytes.as_ref().map_or(&[][..], |p| &p[..]);
             rec.proof = p.checked.as_ref().map_or(PROOF_ABSENT, |c| proof_code(&c.proof));
+            rec.collections = p.checked.as_ref().map_or(&[][..], |c| &c.collections[..]);
         }
         Event::Sync(s) => {
             rec.kind = Kind::Sync as u8;

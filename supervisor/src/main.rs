@@ -155,6 +155,12 @@ enum AdminAction {
     /// Read a host again from this upstream seq (after its seq went
     /// backwards: a PDS restored from a backup or rebuilt).
     HostCursor { hostname: String, cursor: i64 },
+    /// Fill the collection index (listReposByCollection) for the accounts
+    /// the relay knows but has not placed: each is asked of its PDS
+    /// (describeRepo), within `limits.collection_checks_per_host_per_second`.
+    /// Resumable (its position is kept); progress in
+    /// `sluice_collections_backfill_permille` and on the status page.
+    CollectionsBackfill,
     /// The admin audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 100)]
@@ -175,6 +181,9 @@ fn admin(url: &str, password_file: Option<&Path>, action: AdminAction) -> anyhow
     let auth = format!("Bearer {password}");
     let (req, body) = match action {
         AdminAction::Hosts => (agent.get(&format!("{base}/admin/hosts")), None),
+        AdminAction::CollectionsBackfill => {
+            (agent.post(&format!("{base}/admin/collections/backfill")), Some(serde_json::json!({})))
+        }
         AdminAction::Consumers => (agent.get(&format!("{base}/admin/consumers")), None),
         AdminAction::Takedown { did } => {
             (agent.post(&format!("{base}/admin/repo/takedown")), Some(serde_json::json!({ "did": did })))

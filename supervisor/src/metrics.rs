@@ -3,7 +3,9 @@
 //! per-shard counters, the db-writer's counters, ring fill, watermarks.
 //! One small blocking thread; a request gets the whole page.
 
-use sluice_common::ipc::shm::{ControlBlock, DropReason, Hist, IdentityStat, UpstreamClose, WriterCounter};
+use sluice_common::ipc::shm::{
+    CollectionStat, ControlBlock, DropReason, Hist, IdentityStat, UpstreamClose, WriterCounter,
+};
 use sluice_common::process::consumers::{read_snapshots, top_hosts, HostInfo};
 use sluice_common::process::host::HostStatus;
 use std::fmt::Write as _;
@@ -90,18 +92,22 @@ fn relay(out: &mut String, cb: &ControlBlock) {
         let (name, help) = c.describe();
         family(out, name, help, "counter", &one(cb.writer_counter(c).load(Ordering::Relaxed)));
     }
-    identity(out, cb);
+    labelled(out, &IdentityStat::ALL.map(|s| (s.describe(), cb.identity_stat(s).load(Ordering::Relaxed))));
+    labelled(out, &CollectionStat::ALL.map(|s| (s.describe(), cb.collection_stat(s).load(Ordering::Relaxed))));
 }
 
-/// The identity service's counters and gauges; variants that share a
-/// name are one family with a label each.
-fn identity(out: &mut String, cb: &ControlBlock) {
+/// A stat's (name, labels, help, gauge).
+type Described = (&'static str, &'static str, &'static str, bool);
+
+/// A service's counters and gauges, as (name, labels, help, gauge) and
+/// value; neighbours that share a name are one family with a label each.
+fn labelled(out: &mut String, stats: &[(Described, u64)]) {
     let mut i = 0;
-    while i < IdentityStat::ALL.len() {
-        let (name, _, help, gauge) = IdentityStat::ALL[i].describe();
+    while i < stats.len() {
+        let ((name, _, help, gauge), _) = stats[i];
         let mut values = Vec::new();
-        while let Some(&s) = IdentityStat::ALL.get(i).filter(|s| s.describe().0 == name) {
-            values.push((s.describe().1.to_owned(), cb.identity_stat(s).load(Ordering::Relaxed)));
+        while let Some(((_, labels, _, _), v)) = stats.get(i).filter(|s| s.0 .0 == name) {
+            values.push((labels.to_string(), *v));
             i += 1;
         }
         family(out, name, help, if gauge { "gauge" } else { "counter" }, &values);

@@ -106,6 +106,95 @@ pub struct CheckedCommit {
     pub proof: Proof,
     pub unsigned_sha256: [u8; 32],
     pub sig: [u8; 64],
+    /// `#commit`: what it leaves of each collection its ops touch, encoded
+    /// for the ring ([`encode_presence`]); empty for `#sync`.
+    pub collections: Vec<u8>,
+}
+
+/// Whether a repo holds records of a collection after a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Presence {
+    /// A create or update in it, or a remaining record the slice shows.
+    Present = 1,
+    /// Its last record deleted: the slice proves no other is left.
+    Absent = 2,
+    /// Deletes only, and the slice does not reach the neighbours (a
+    /// legacy or `tooBig` commit): the repo must be asked.
+    Unknown = 3,
+}
+
+impl Presence {
+    pub fn from_u8(v: u8) -> Option<Presence> {
+        match v {
+            1 => Some(Presence::Present),
+            2 => Some(Presence::Absent),
+            3 => Some(Presence::Unknown),
+            _ => None,
+        }
+    }
+}
+
+/// For each collection `ops` touch, once: is any record of it left in
+/// the tree at `data`? A collection's records are contiguous in key
+/// order, so a delete's two neighbours decide it (`Mst::
+/// has_other_with_prefix`); the slice carries them whenever it carries
+/// what inverting the delete needs.
+pub fn collection_presence(car: &CarSlice<'_>, data: Cid, ops: &[RepoOp<'_>]) -> Vec<(String, Presence)> {
+    let mut by: Vec<(&str, bool)> =
+        ops.iter().filter_map(|o| Some((o.path.split_once('/')?.0, o.action != Action::Delete))).collect();
+    by.sort_unstable();
+    let mut out: Vec<(String, Presence)> = Vec::new();
+    let mut mst: Option<Result<Mst<'_, CarSlice<'_>>, MstError>> = None;
+    for (i, &(col, written)) in by.iter().enumerate() {
+        if by.get(i + 1).is_some_and(|n| n.0 == col) {
+            continue; // sorted: the last of a collection says whether any op writes
+        }
+        let presence = if written {
+            Presence::Present
+        } else {
+            let prefix = format!("{col}/");
+            let m = mst.get_or_insert_with(|| Mst::load(car, data));
+            let near = ops.iter().find(|o| o.path.starts_with(&prefix)).map_or("", |o| o.path);
+            match m
+                .as_mut()
+                .map_err(|_| ())
+                .and_then(|m| m.has_other_with_prefix(prefix.as_bytes(), near.as_bytes()).map_err(|_| ()))
+            {
+                Ok(true) => Presence::Present,
+                Ok(false) => Presence::Absent,
+                Err(()) => Presence::Unknown,
+            }
+        };
+        out.push((col.to_owned(), presence));
+    }
+    out
+}
+
+/// The ring's form of [`collection_presence`]: per collection its
+/// presence byte, its length byte and its NSID (at most 317 bytes:
+/// longer ones are left out, as no valid NSID is).
+pub fn encode_presence(list: &[(String, Presence)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(list.iter().map(|(c, _)| c.len() + 2).sum());
+    for (c, p) in list {
+        if let Ok(len) = u8::try_from(c.len()) {
+            out.push(*p as u8);
+            out.push(len);
+            out.extend_from_slice(c.as_bytes());
+        }
+    }
+    out
+}
+
+/// Read [`encode_presence`]'s bytes back; a malformed tail ends the list.
+pub fn decode_presence(mut b: &[u8]) -> impl Iterator<Item = (&str, Presence)> {
+    std::iter::from_fn(move || {
+        let (&p, rest) = b.split_first()?;
+        let (&len, rest) = rest.split_first()?;
+        let name = rest.get(..len as usize)?;
+        b = &rest[len as usize..];
+        Some((std::str::from_utf8(name).ok()?, Presence::from_u8(p)?))
+    })
 }
 
 impl CheckedCommit {
@@ -313,6 +402,7 @@ pub fn check_commit(ev: &Commit<'_>, mode: Mode, now_micros: i64) -> Result<Chec
             }
         }
     };
+    let collections = encode_presence(&collection_presence(&car, signed.data, &ev.ops));
     Ok(CheckedCommit {
         commit_cid: ev.commit,
         data: signed.data,
@@ -320,6 +410,7 @@ pub fn check_commit(ev: &Commit<'_>, mode: Mode, now_micros: i64) -> Result<Chec
         proof,
         unsigned_sha256: signed.unsigned_sha256,
         sig: signed.sig,
+        collections,
     })
 }
 
@@ -336,6 +427,7 @@ pub fn check_sync(ev: &SyncEvent<'_>, now_micros: i64) -> Result<CheckedCommit, 
         proof: Proof::Absent,
         unsigned_sha256: signed.unsigned_sha256,
         sig: signed.sig,
+        collections: Vec::new(),
     })
 }
 
@@ -383,5 +475,63 @@ mod tests {
         let obj = parse_commit_object(&block).unwrap();
         assert_eq!(obj.data, data);
         key.public_key().verify_digest(&obj.unsigned_sha256, obj.sig).unwrap();
+    }
+
+    /// A repo with a collection of one record, one of many, and one of a
+    /// few: deleting the lone record leaves the collection absent, the
+    /// slice proving it; deleting one of many leaves it present; a create
+    /// is present; a commit whose slice misses the neighbours is unknown.
+    #[test]
+    fn collection_presence_from_the_slice() {
+        use crate::atproto::repo::{Repo, WriteOp};
+        use crate::atproto::syntax::Tid;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let key = PrivateKey::generate(Curve::K256, &mut rng);
+        let mut repo = Repo::new("did:plc:presence", key);
+        let rec = |i: usize| {
+            let mut w = cbor::Writer::new();
+            w.map(1);
+            w.text("n");
+            w.u64(i as u64);
+            w.into_inner()
+        };
+        let mut records: Vec<(String, Vec<u8>)> =
+            (0..200).map(|i| (format!("app.bsky.feed.like/{:013}", 1000 + i), rec(i))).collect();
+        records.push(("app.bsky.actor.profile/self".into(), rec(1)));
+        records.extend((0..3).map(|i| (format!("com.example.few/{:013}", 5000 + i), rec(i))));
+        repo.bulk_load(records).unwrap();
+        let mut clock = 1_700_000_000_000_000u64;
+        let mut commit = |repo: &mut Repo, ops: Vec<WriteOp>| {
+            clock += 1000;
+            let c = repo.commit(&ops, Tid::from_micros(clock, 0)).unwrap();
+            let frame = c.frame(1, "2024-01-01T00:00:00Z");
+            let decoded = crate::atproto::frame::decode(&frame).unwrap();
+            let crate::atproto::frame::Message::Event(crate::atproto::frame::Event::Commit(ev)) = decoded.message
+            else {
+                panic!("a commit")
+            };
+            let checked = check_commit(&ev, Mode::Strict, (clock + 1_000_000) as i64).unwrap();
+            let got: Vec<(String, Presence)> =
+                decode_presence(&checked.collections).map(|(c, p)| (c.to_owned(), p)).collect();
+            got
+        };
+        let del = |p: &str| WriteOp::Delete { path: p.into() };
+        assert_eq!(
+            commit(&mut repo, vec![del("app.bsky.actor.profile/self"), del("app.bsky.feed.like/0000000001005")]),
+            vec![("app.bsky.actor.profile".into(), Presence::Absent), ("app.bsky.feed.like".into(), Presence::Present)]
+        );
+        assert_eq!(
+            commit(&mut repo, vec![WriteOp::Create { path: "app.bsky.actor.profile/self".into(), record: rec(9) }]),
+            vec![("app.bsky.actor.profile".into(), Presence::Present)]
+        );
+        // The few, one by one: present, present, then absent.
+        let few: Vec<Presence> =
+            (0..3).map(|i| commit(&mut repo, vec![del(&format!("com.example.few/{:013}", 5000 + i))])[0].1).collect();
+        assert_eq!(few, [Presence::Present, Presence::Present, Presence::Absent]);
+        // Encoding round trip, and a truncated list ends cleanly.
+        let list = vec![("a.b.c".to_owned(), Presence::Unknown), ("d.e.f".to_owned(), Presence::Absent)];
+        let enc = encode_presence(&list);
+        assert_eq!(decode_presence(&enc).count(), 2);
+        assert_eq!(decode_presence(&enc[..enc.len() - 1]).count(), 1);
     }
 }

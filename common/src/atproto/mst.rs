@@ -433,6 +433,84 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         }
     }
 
+    /// Does the tree hold a key that starts with `prefix` other than
+    /// `near` (itself starting with `prefix`)? Keys with one prefix are
+    /// contiguous in key order, so it is enough to look at `near`'s two
+    /// neighbours: the walk to `near`'s place visits every node whose
+    /// entries bound it (the nodes a Sync 1.1 slice must carry to invert
+    /// an operation on `near`). `MissingBlock` when the slice lacks one.
+    pub fn has_other_with_prefix(&mut self, prefix: &[u8], near: &[u8]) -> Result<bool, MstError> {
+        debug_assert!(near.starts_with(prefix));
+        let Some(mut n) = self.resolve(self.root, self.root_layer)? else {
+            return Ok(false);
+        };
+        self.root = Link::Node(n);
+        let mut layer = self.root_layer;
+        loop {
+            let (i, found) = self.position(n, near);
+            let es = &self.nodes[n as usize].entries;
+            // The entries either side of `near`'s place here are nearer
+            // than any seen above (each descent narrows the interval).
+            let right = if found { i + 1 } else { i };
+            if i > 0 && es[i - 1].key.starts_with(prefix) || es.get(right).is_some_and(|e| e.key.starts_with(prefix)) {
+                return Ok(true);
+            }
+            if found {
+                // Present here: its neighbours are the far ends of the two
+                // subtrees beside it.
+                let (l, r) = (self.gap(n, i), self.gap(n, i + 1));
+                return Ok(
+                    self.edge_has_prefix(l, layer, prefix, false)? || self.edge_has_prefix(r, layer, prefix, true)?
+                );
+            }
+            if layer == 0 {
+                return Ok(false);
+            }
+            let Some(child) = self.resolve(self.gap(n, i), layer - 1)? else {
+                return Ok(false);
+            };
+            self.set_gap_loaded(n, i, child);
+            n = child;
+            layer -= 1;
+        }
+    }
+
+    /// Whether the first (`leftmost`) or last key under `link` (a gap of a
+    /// node at `layer`) starts with `prefix`.
+    fn edge_has_prefix(
+        &mut self,
+        mut link: Link,
+        mut layer: u8,
+        prefix: &[u8],
+        leftmost: bool,
+    ) -> Result<bool, MstError> {
+        while layer > 0 {
+            let Some(n) = self.resolve(link, layer - 1)? else { return Ok(false) };
+            let node = &self.nodes[n as usize];
+            let (next, edge) = if leftmost {
+                (node.left, node.entries.first())
+            } else {
+                (node.entries.last().map_or(node.left, |e| e.right), node.entries.last())
+            };
+            if next == Link::Empty {
+                return Ok(edge.is_some_and(|e| e.key.starts_with(prefix)));
+            }
+            link = next;
+            layer -= 1;
+        }
+        Ok(false)
+    }
+
+    /// A subtree just loaded: patch the link, keep the node's CID.
+    fn set_gap_loaded(&mut self, n: u32, i: usize, child: u32) {
+        let node = &mut self.nodes[n as usize];
+        if i == 0 {
+            node.left = Link::Node(child);
+        } else {
+            node.entries[i - 1].right = Link::Node(child);
+        }
+    }
+
     /// Insert or update; returns the previous value.
     pub fn put(&mut self, key: &[u8], val: Cid) -> Result<Option<Cid>, MstError> {
         let kl = key_layer(key);
@@ -693,6 +771,41 @@ mod tests {
             store.insert(c, b);
         });
         (store, root)
+    }
+
+    /// `has_other_with_prefix` against a sorted-set model, over trees of
+    /// several collections (some with one record), for present and absent
+    /// keys.
+    #[test]
+    fn other_key_with_prefix_matches_a_model() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let cols = ["a.b.like", "a.b.post", "a.b.solo", "z.y.x"];
+        for round in 0..40 {
+            let n = rng.gen_range(1..400);
+            let mut keys: std::collections::BTreeSet<String> = Default::default();
+            for _ in 0..n {
+                let c = cols[rng.gen_range(0..cols.len())];
+                if c == "a.b.solo" && round % 2 == 0 {
+                    continue;
+                }
+                keys.insert(format!("{c}/{:08}", rng.gen_range(0..100_000)));
+            }
+            let v: Vec<String> = keys.iter().cloned().collect();
+            let (store, root) = build(&v);
+            for _ in 0..50 {
+                let c = cols[rng.gen_range(0..cols.len())];
+                let near = if rng.gen_bool(0.5) && !v.is_empty() {
+                    v[rng.gen_range(0..v.len())].clone()
+                } else {
+                    format!("{c}/{:08}", rng.gen_range(0..100_000))
+                };
+                let prefix = format!("{}/", near.split('/').next().unwrap());
+                let want = keys.iter().any(|k| k.starts_with(&prefix) && *k != near);
+                let mut m = Mst::load(&store, root).unwrap();
+                assert_eq!(m.has_other_with_prefix(prefix.as_bytes(), near.as_bytes()).unwrap(), want, "{near}");
+            }
+        }
     }
 
     #[test]

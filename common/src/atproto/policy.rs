@@ -149,6 +149,9 @@ pub struct AccountState {
     pub data_fp: Option<i32>,
     /// Newest `identity_micros` of an event accepted from `host_id`.
     pub host_checked_micros: i64,
+    /// Its number in the collection index (`accounts.no`); 0: not placed
+    /// in the index yet.
+    pub no: u32,
 }
 
 impl AccountState {
@@ -328,6 +331,7 @@ mod tests {
             frame: b"",
             seq_start: 0,
             seq_end: 0,
+            collections: &[],
         }
     }
 

@@ -73,6 +73,10 @@ pub struct EventRecord<'a> {
     /// Byte range of the body's `seq` value inside `frame`.
     pub seq_start: u32,
     pub seq_end: u32,
+    /// `#commit`: what it leaves of each collection its ops touch
+    /// (`atproto::commit::encode_presence`; empty otherwise): the
+    /// db-writer's collection index follows it.
+    pub collections: &'a [u8],
 }
 
 /// One record in a shard's ring.
@@ -154,6 +158,7 @@ mod tests {
             frame: &frame,
             seq_start: 1,
             seq_end: 2,
+            collections: b"\x01\x05a.b.c",
         });
         let mut out = Vec::new();
         r.encode(&mut out);

@@ -213,11 +213,14 @@ const OFF_FLAGS_GENERATION: usize = 512;
 const OFF_WRITER_COUNTERS: usize = 1024;
 /// The identity service's counters and gauges ([`IdentityStat`]).
 const OFF_IDENTITY_STATS: usize = OFF_WRITER_COUNTERS + 8 * 48;
+/// The collection index's counters and gauges ([`CollectionStat`]).
+const OFF_COLLECTION_STATS: usize = OFF_IDENTITY_STATS + 8 * 32;
 /// The relay-wide histograms ([`Hist`]), [`HIST_STRIDE`] bytes each.
 const OFF_HISTOGRAMS: usize = 2048;
 const HIST_STRIDE: usize = 8 * (HIST_BOUNDS_MAX + 3);
 const _: () = assert!(OFF_WRITER_COUNTERS + 8 * WriterCounter::ALL.len() <= OFF_IDENTITY_STATS, "counters overlap");
-const _: () = assert!(OFF_IDENTITY_STATS + 8 * IdentityStat::ALL.len() <= OFF_HISTOGRAMS, "counters overlap");
+const _: () = assert!(OFF_IDENTITY_STATS + 8 * IdentityStat::ALL.len() <= OFF_COLLECTION_STATS, "counters overlap");
+const _: () = assert!(OFF_COLLECTION_STATS + 8 * CollectionStat::ALL.len() <= OFF_HISTOGRAMS, "counters overlap");
 const _: () = assert!(OFF_HISTOGRAMS + HIST_STRIDE * Hist::ALL.len() <= SHARDS_OFF, "histograms overlap the slots");
 
 /// Bounds per histogram at most (one more bucket holds what is above).
@@ -555,6 +558,86 @@ pub enum IdentityStat {
     ExportLagSeconds = 18,
 }
 
+/// The collection index's counters and gauges (listReposByCollection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum CollectionStat {
+    /// (account, collection) pairs added and removed by commits, and
+    /// collections a commit left undecided (the account is checked).
+    Added = 0,
+    Removed = 1,
+    Undecided = 2,
+    /// Checks of an account's collections at its PDS, by outcome; answers
+    /// not applied because a commit came meanwhile (asked again).
+    CheckOk = 3,
+    CheckGone = 4,
+    CheckFailed = 5,
+    CheckStale = 6,
+    /// New collections past the index's bound, not indexed.
+    Shed = 7,
+    /// Gauges: checks waiting, collections, pairs, the bitmaps' bytes,
+    /// the backfill's position in thousandths (0: not running).
+    ChecksWaiting = 8,
+    Collections = 9,
+    Pairs = 10,
+    Bytes = 11,
+    BackfillPermille = 12,
+}
+
+impl CollectionStat {
+    pub const ALL: [CollectionStat; 13] = [
+        CollectionStat::Added,
+        CollectionStat::Removed,
+        CollectionStat::Undecided,
+        CollectionStat::CheckOk,
+        CollectionStat::CheckGone,
+        CollectionStat::CheckFailed,
+        CollectionStat::CheckStale,
+        CollectionStat::Shed,
+        CollectionStat::ChecksWaiting,
+        CollectionStat::Collections,
+        CollectionStat::Pairs,
+        CollectionStat::Bytes,
+        CollectionStat::BackfillPermille,
+    ];
+
+    /// As [`IdentityStat::describe`].
+    pub fn describe(self) -> (&'static str, &'static str, &'static str, bool) {
+        const CHANGES: &str = "sluice_collections_changes_total";
+        const CHANGES_HELP: &str = "Changes to the collection index from relayed commits, by kind.";
+        const CHECKS: &str = "sluice_collections_checks_total";
+        const CHECKS_HELP: &str = "Checks of an account's collections at its PDS (describeRepo), by outcome.";
+        match self {
+            CollectionStat::Added => (CHANGES, "{change=\"added\"}", CHANGES_HELP, false),
+            CollectionStat::Removed => (CHANGES, "{change=\"removed\"}", CHANGES_HELP, false),
+            CollectionStat::Undecided => (CHANGES, "{change=\"undecided\"}", CHANGES_HELP, false),
+            CollectionStat::CheckOk => (CHECKS, "{outcome=\"ok\"}", CHECKS_HELP, false),
+            CollectionStat::CheckGone => (CHECKS, "{outcome=\"gone\"}", CHECKS_HELP, false),
+            CollectionStat::CheckFailed => (CHECKS, "{outcome=\"failed\"}", CHECKS_HELP, false),
+            CollectionStat::CheckStale => (CHECKS, "{outcome=\"stale\"}", CHECKS_HELP, false),
+            CollectionStat::Shed => {
+                ("sluice_collections_shed_total", "", "Collections past the index's bound, not indexed.", false)
+            }
+            CollectionStat::ChecksWaiting => {
+                ("sluice_collections_checks_waiting", "", "Accounts waiting for a check of their collections.", true)
+            }
+            CollectionStat::Collections => ("sluice_collections", "", "Collections in the index.", true),
+            CollectionStat::Pairs => {
+                ("sluice_collections_pairs", "", "(account, collection) pairs in the index.", true)
+            }
+            CollectionStat::Bytes => {
+                ("sluice_collections_index_bytes", "", "Bytes of the index's bitmaps (serialized).", true)
+            }
+            CollectionStat::BackfillPermille => (
+                "sluice_collections_backfill_permille",
+                "",
+                "The collection backfill's position in thousandths of the accounts (0: not running).",
+                true,
+            ),
+        }
+    }
+}
+
 impl IdentityStat {
     pub const ALL: [IdentityStat; 19] = [
         IdentityStat::Requests,
@@ -822,6 +905,10 @@ impl ControlBlock {
 
     pub fn identity_stat(&self, c: IdentityStat) -> &AtomicU64 {
         self.shm.u64_at(OFF_IDENTITY_STATS + 8 * c as usize)
+    }
+
+    pub fn collection_stat(&self, c: CollectionStat) -> &AtomicU64 {
+        self.shm.u64_at(OFF_COLLECTION_STATS + 8 * c as usize)
     }
 
     /// Set on shutdown: shards stop reading upstream.

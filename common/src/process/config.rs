@@ -61,6 +61,8 @@ pub struct RawLimits {
     /// The shards' identity caches together (each shard takes its share).
     pub identity_cache_bytes: Option<u64>,
     pub identity_refreshes_per_host_per_second: Option<f64>,
+    pub collection_checks_per_host_per_second: Option<f64>,
+    pub collection_changes_max: Option<u64>,
     pub host_window_frames_max: Option<u32>,
     pub host_window_bytes_max: Option<u64>,
     pub trusted_host_account_limit: Option<u64>,
@@ -183,6 +185,12 @@ pub struct Limits {
     /// `#identity` events of one host that may each cost a directory
     /// request, per second (beyond, the stored document answers).
     pub identity_refreshes_per_host_per_second: f64,
+    /// describeRepo requests a host gets from the collection index at
+    /// most, a second.
+    pub collection_checks_per_host_per_second: f64,
+    /// Change rows of the collection index before the chunks are written
+    /// whole (`dbwriter::collections`).
+    pub collection_changes_max: u64,
     /// A host's frames read ahead while an identity resolves: they enter
     /// the ring in order, so past these the host is read no further
     /// (TCP backpressure) until the lookup ends.
@@ -532,6 +540,8 @@ impl RawConfig {
                 .or(l.identity_cache_entries_max.map(|n| n.saturating_mul(BYTES_PER_REPLACED_ENTRY).max(1 << 20)))
                 .unwrap_or(256 << 20),
             identity_refreshes_per_host_per_second: l.identity_refreshes_per_host_per_second.unwrap_or(5.0),
+            collection_checks_per_host_per_second: l.collection_checks_per_host_per_second.unwrap_or(5.0),
+            collection_changes_max: l.collection_changes_max.unwrap_or(200_000),
             host_window_frames_max: l.host_window_frames_max.unwrap_or(1024),
             host_window_bytes_max: l.host_window_bytes_max.unwrap_or(16 << 20),
             trusted_host_account_limit: l.trusted_host_account_limit.unwrap_or(10_000_000),
@@ -552,6 +562,13 @@ impl RawConfig {
         }
         if !(1 << 20..=1 << 40).contains(&limits.identity_cache_bytes) {
             return Err(invalid("limits.identity_cache_bytes", "from 1 MiB to 1 TiB"));
+        }
+        if !(1..=100_000_000).contains(&limits.collection_changes_max) {
+            return Err(invalid("limits.collection_changes_max", "from 1 to 100000000"));
+        }
+        let c = limits.collection_checks_per_host_per_second;
+        if !(c > 0.0 && c <= 100_000.0) {
+            return Err(invalid("limits.collection_checks_per_host_per_second", "more than 0 and at most 100000"));
         }
         let r = limits.identity_refreshes_per_host_per_second;
         if !(r > 0.0 && r <= 100_000.0) {
@@ -640,6 +657,8 @@ impl Config {
                 consumer_lag_events_max: Some(self.limits.consumer_lag_events_max),
                 identity_cache_bytes: Some(self.limits.identity_cache_bytes),
                 identity_refreshes_per_host_per_second: Some(self.limits.identity_refreshes_per_host_per_second),
+                collection_checks_per_host_per_second: Some(self.limits.collection_checks_per_host_per_second),
+                collection_changes_max: Some(self.limits.collection_changes_max),
                 host_window_frames_max: Some(self.limits.host_window_frames_max),
                 host_window_bytes_max: Some(self.limits.host_window_bytes_max),
                 trusted_host_account_limit: Some(self.limits.trusted_host_account_limit),

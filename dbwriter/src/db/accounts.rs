@@ -34,8 +34,8 @@ pub fn flags_of(a: &AccountState) -> i16 {
 }
 
 /// The state a row holds (`did, rev, host_checked, host_id, data_fp,
-/// flags, commit_cid` from column `at` on).
-fn state_of(r: &postgres::Row, at: usize) -> AccountState {
+/// flags, commit_cid, no` from column `at` on).
+pub(super) fn state_of(r: &postgres::Row, at: usize) -> AccountState {
     let flags: i16 = r.get(at + 5);
     let commit: Option<&[u8]> = r.get(at + 6);
     AccountState {
@@ -48,11 +48,12 @@ fn state_of(r: &postgres::Row, at: usize) -> AccountState {
         throttled: flags & THROTTLED != 0,
         upstream_status: UpstreamStatus::from_code(((flags >> 4) & 15) as u8),
         commit: commit.and_then(|c| c.try_into().ok()),
+        no: r.get::<_, Option<i32>>(at + 7).map_or(0, |n| n as u32),
     }
 }
 
 /// The columns [`state_of`] reads, of `accounts a`.
-const STATE: &str = "a.did, a.rev, a.host_checked, a.host_id, a.data_fp, a.flags, a.commit_cid";
+pub(super) const STATE: &str = "a.did, a.rev, a.host_checked, a.host_id, a.data_fp, a.flags, a.commit_cid, a.no";
 
 /// Load the stored state of `keys` (those not found are absent).
 pub fn load_accounts(c: &mut Client, keys: &[DidKey]) -> Result<HashMap<DidKey, AccountState>, DbError> {
@@ -66,16 +67,19 @@ pub fn load_accounts(c: &mut Client, keys: &[DidKey]) -> Result<HashMap<DidKey, 
 /// nothing), never touching the key (HOT updates in the page's room). A
 /// word the lexicons do not know is written when an `#account` brings it
 /// (`$8`), kept otherwise, dropped with its code.
-pub const UPSERT: &str = "INSERT INTO accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid, upstream_status)
-     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::int4[], $6::int2[], $7::bytea[], $8::text[])
+pub const UPSERT: &str = "INSERT INTO accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid, upstream_status, no)
+     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::int4[], $6::int2[], $7::bytea[], $8::text[],
+                          $9::int4[])
      ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, host_checked = EXCLUDED.host_checked,
        host_id = EXCLUDED.host_id, data_fp = EXCLUDED.data_fp, flags = EXCLUDED.flags, commit_cid = EXCLUDED.commit_cid,
        upstream_status = CASE WHEN (EXCLUDED.flags >> 4) & 15 = 15
-                              THEN COALESCE(EXCLUDED.upstream_status, accounts.upstream_status) END
+                              THEN COALESCE(EXCLUDED.upstream_status, accounts.upstream_status) END,
+       no = COALESCE(EXCLUDED.no, accounts.no)
      WHERE (accounts.rev, accounts.host_checked, accounts.host_id, accounts.data_fp, accounts.flags, accounts.commit_cid)
            IS DISTINCT FROM
            (EXCLUDED.rev, EXCLUDED.host_checked, EXCLUDED.host_id, EXCLUDED.data_fp, EXCLUDED.flags, EXCLUDED.commit_cid)
-        OR EXCLUDED.upstream_status IS NOT NULL";
+        OR EXCLUDED.upstream_status IS NOT NULL
+        OR (EXCLUDED.no IS NOT NULL AND accounts.no IS NULL)";
 
 /// A round's accounts as [`UPSERT`]'s arrays, one per column.
 #[derive(Default)]
@@ -88,6 +92,7 @@ pub struct UpsertColumns {
     flags: Vec<i16>,
     commit: Vec<Option<Vec<u8>>>,
     word: Vec<Option<String>>,
+    no: Vec<Option<i32>>,
 }
 
 impl UpsertColumns {
@@ -102,13 +107,24 @@ impl UpsertColumns {
             p.flags.push(flags_of(a));
             p.commit.push(a.commit.map(|c| c.to_vec()));
             p.word.push(words.get(k).cloned());
+            p.no.push(Some(a.no as i32).filter(|&n| n != 0));
         }
         p
     }
 
-    /// The statement's parameters, `$1` to `$8`.
-    pub fn params(&self) -> [&(dyn postgres::types::ToSql + Sync); 8] {
-        [&self.did, &self.rev, &self.host_checked, &self.host_id, &self.data_fp, &self.flags, &self.commit, &self.word]
+    /// The statement's parameters, `$1` to `$9`.
+    pub fn params(&self) -> [&(dyn postgres::types::ToSql + Sync); 9] {
+        [
+            &self.did,
+            &self.rev,
+            &self.host_checked,
+            &self.host_id,
+            &self.data_fp,
+            &self.flags,
+            &self.commit,
+            &self.word,
+            &self.no,
+        ]
     }
 }
 
@@ -178,7 +194,7 @@ pub fn repos_page(c: &mut Client, after: &str, limit: i64) -> Result<Vec<Account
         ),
         &[&after, &limit],
     )?;
-    Ok(rows.iter().filter_map(|r| Some(head_of(did_of(key_of(r.get(0)), r.get(7))?, &state_of(r, 0)))).collect())
+    Ok(rows.iter().filter_map(|r| Some(head_of(did_of(key_of(r.get(0)), r.get(8))?, &state_of(r, 0)))).collect())
 }
 
 /// An account's status and its host (name, plain text or not).
@@ -189,7 +205,7 @@ pub fn account_host(c: &mut Client, did: &str) -> Result<Option<(AccountStatus, 
         ),
         &[&uuid_of(&DidKey::stored(did))],
     )?;
-    Ok(row.map(|r| (state_of(&r, 0).status(), r.get(7), r.get(8))))
+    Ok(row.map(|r| (state_of(&r, 0).status(), r.get(8), r.get(9))))
 }
 
 #[cfg(test)]

@@ -9,10 +9,12 @@ use sluice_common::process::host::HostStatus;
 use std::collections::HashMap;
 
 mod accounts;
+mod collections;
 mod hosts;
 mod identities;
 
 pub use accounts::*;
+pub use collections::*;
 pub use hosts::*;
 pub use identities::*;
 
@@ -22,10 +24,19 @@ mod embedded {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", detail(.0))]
     Pg(#[from] postgres::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] refinery::Error),
+}
+
+/// A Postgres error with the server's own words when it sent some
+/// (`postgres::Error` alone says only "db error").
+fn detail(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({}): {}", d.message(), d.code().code(), d.detail().unwrap_or("")),
+        None => e.to_string(),
+    }
 }
 
 pub fn connect(url: &str) -> Result<Client, DbError> {
@@ -76,6 +87,8 @@ pub struct Batch {
     pub host_offline: HashMap<i64, bool>,
     /// Held lists that changed in the round, whole (empty: released).
     pub held: Vec<(String, Vec<Vec<u8>>)>,
+    /// The collection index's changes (`collections`).
+    pub index: IndexChanges,
     pub last_seq: i64,
 }
 
@@ -160,6 +173,9 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(St
     let changed = if b.host_offline.is_empty() { Vec::new() } else { set_offline(&mut t, s, &b.host_offline)? };
     if !b.held.is_empty() {
         save_held(&mut t, &b.held)?;
+    }
+    if !b.index.is_empty() {
+        write_changes(&mut t, &b.index)?;
     }
     t.execute(&s.last_seq, &[&b.last_seq])?;
     t.commit()?;

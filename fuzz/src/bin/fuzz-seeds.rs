@@ -160,6 +160,7 @@ fn ring_records(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
             frame: f,
             seq_start: 0,
             seq_end: 0,
+            collections: &[],
         })
         .encode(&mut b);
         out.push(b);

@@ -314,6 +314,7 @@ fn repo_info(world: &World, a: &super::world::Account) -> RepoInfo {
         .map(str::to_owned),
         rev: a.repo.rev().map(|r| r.to_string()),
         head: a.repo.commit_block().map(|(c, _)| c.to_string()),
+        collections: a.collections(),
     }
 }
 

@@ -125,6 +125,8 @@ pub struct RepoInfo {
     pub status: Option<String>,
     pub rev: Option<String>,
     pub head: Option<String>,
+    /// The collections its repo holds records of (describeRepo).
+    pub collections: Vec<String>,
 }
 
 /// A fault requested through the control endpoint.
@@ -294,7 +296,14 @@ impl Shared {
         }
         let p = self.population.as_ref()?;
         let i = p.index_of(did).filter(|i| *i < p.initial())?;
-        Some(RepoInfo { host: p.hosts[p.initial_host(i)].clone(), active: true, status: None, rev: None, head: None })
+        Some(RepoInfo {
+            host: p.hosts[p.initial_host(i)].clone(),
+            active: true,
+            status: None,
+            rev: None,
+            head: None,
+            collections: Vec::new(),
+        })
     }
 
     /// A document changed: serve it from now on, and (a did:plc's) add its
@@ -400,6 +409,18 @@ fn host_endpoint(shared: &Shared, host: usize, path: &str, req: &Request) -> Vec
             _ => not_found("no commit for this repo on this host"),
         },
         "/xrpc/com.atproto.sync.listRepos" => list_repos(shared, host, req),
+        "/xrpc/com.atproto.repo.describeRepo" => match req.param("repo").and_then(|d| shared.repo(d).map(|r| (d, r))) {
+            Some((did, r)) if &r.host == name && r.active => ws::json_response(
+                200,
+                &json!({"did": did, "handle": "handle.invalid", "didDoc": {}, "collections": r.collections,
+                        "handleIsCorrect": false}),
+            ),
+            Some((_, r)) if &r.host == name => ws::json_response(
+                400,
+                &json!({"error": "RepoDeactivated", "message": r.status.unwrap_or_else(|| "inactive".into())}),
+            ),
+            _ => not_found("no such repo on this host"),
+        },
         _ => ws::json_response(404, &json!({"error": "NotFound", "message": path})),
     }
 }

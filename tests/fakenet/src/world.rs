@@ -280,6 +280,15 @@ pub struct Live {
 }
 
 impl Account {
+    /// The collections its repo holds records of, sorted.
+    pub fn collections(&self) -> Vec<String> {
+        let mut c: Vec<String> =
+            self.paths.iter().filter_map(|p| p.split_once('/')).map(|(c, _)| c.to_owned()).collect();
+        c.sort();
+        c.dedup();
+        c
+    }
+
     pub fn status(&self) -> Status {
         self.status
     }

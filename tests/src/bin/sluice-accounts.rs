@@ -169,6 +169,7 @@ fn run_size(a: &Args, sluice: &Path, dir: &Path, n: u64) -> anyhow::Result<()> {
     warm_up(a, &relay);
     steady(a, &relay, &mut pg, n)?;
     sizes(&mut pg, n)?;
+    pages(&relay, n)?;
     drop(pg);
     let mut relay = relay;
     relay.stop();
@@ -203,16 +204,16 @@ fn load(
     let rev = (OLD_REV_SECS * 1_000_000) << 10;
     let t = Instant::now();
     let mut w = pg.copy_in(
-        "COPY accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid) FROM STDIN (FORMAT text)",
+        "COPY accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid, no) FROM STDIN (FORMAT text)",
     )?;
     let mut buf = String::with_capacity(1 << 20);
-    let row = |buf: &mut String, key: DidKey, host: i64, i: u64| {
+    let row = |buf: &mut String, key: DidKey, host: i64, i: u64, no: u64| {
         use std::fmt::Write as _;
         let mut commit = [0u8; 32];
         rand_chacha::ChaCha8Rng::seed_from_u64(i ^ 0x636f_6d6d).fill(&mut commit);
         let _ = writeln!(
             buf,
-            "{}\t{rev}\t{}\t{host}\t{}\t17\t\\\\x{}",
+            "{}\t{rev}\t{}\t{host}\t{}\t17\t\\\\x{}\t{no}",
             uuid_text(&key.0),
             now - 86_400_000_000,
             i as i32,
@@ -220,14 +221,14 @@ fn load(
         );
     };
     for i in 0..acting {
-        row(&mut buf, DidKey::stored(&p.did(i as usize)), host_ids[p.initial_host(i as usize)] as i64, i);
+        row(&mut buf, DidKey::stored(&p.did(i as usize)), host_ids[p.initial_host(i as usize)] as i64, i, i + 1);
         flush(&mut w, &mut buf, false)?;
     }
     for i in 0..filler_count as u64 {
         let mut b = [0u8; 16];
         b[0] = 1;
         b[1..].copy_from_slice(&id_bytes(i, 11));
-        row(&mut buf, DidKey(b), filler, i);
+        row(&mut buf, DidKey(b), filler, i, acting + i + 1);
         flush(&mut w, &mut buf, false)?;
     }
     flush(&mut w, &mut buf, true)?;
@@ -237,8 +238,56 @@ fn load(
     identities(pg, p, hosts, now)?;
     println!("  identities: {acting} rows in {:.1} s (keys derived from fakenet's seed)", t.elapsed().as_secs_f64());
     let t = Instant::now();
+    let pairs = collection(pg, n)?;
+    println!("  collection index: {PROFILES} over {pairs} of the accounts in {:.1} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
     pg.batch_execute("ANALYZE accounts; ANALYZE identities; CHECKPOINT")?;
     println!("  analyze and checkpoint: {:.1} s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The collection every account numbered in the bench's index may hold.
+const PROFILES: &str = "app.bsky.actor.profile";
+
+/// 85% of the `n` accounts hold a profile: the index's chunks written as
+/// the db-writer writes them. Returns the pairs.
+fn collection(pg: &mut postgres::Client, n: u64) -> anyhow::Result<u64> {
+    let mut ix = sluice_dbwriter::collections::index::CollectionIndex::default();
+    let id = ix.id_or_add(PROFILES).expect("room");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(85);
+    for no in 1..=n as u32 {
+        if rng.gen_bool(0.85) {
+            ix.set(id, no, true);
+        }
+    }
+    pg.execute("INSERT INTO collections (id, nsid) VALUES ($1, $2)", &[&(id as i32), &PROFILES])?;
+    let mut w = pg.copy_in("COPY collection_chunks (collection, chunk, bits) FROM STDIN (FORMAT text)")?;
+    for (id, hi, bits) in ix.take_dirty() {
+        writeln!(w, "{id}\t{hi}\t\\\\x{}", hex(&bits))?;
+    }
+    w.finish()?;
+    Ok(ix.len(id))
+}
+
+/// Pages of 2,000 of the big collection at random cursors, over HTTP.
+fn pages(relay: &Relay, n: u64) -> anyhow::Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut ms = Vec::new();
+    for _ in 0..200 {
+        let cursor = rng.gen_range(0..n);
+        let path =
+            format!("/xrpc/com.atproto.sync.listReposByCollection?collection={PROFILES}&limit=2000&cursor={cursor}");
+        let t = Instant::now();
+        let (st, body) = request(relay.port, "GET", &path, "").unwrap_or_default();
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(st == 200, "{path}: {st} {body}");
+    }
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "listReposByCollection at {n} rows, pages of 2000 of {PROFILES} at random cursors: p50 {:.1} ms, p99 {:.1} ms",
+        ms[ms.len() / 2],
+        ms[ms.len() * 99 / 100]
+    );
     Ok(())
 }
 
@@ -386,18 +435,23 @@ fn steady(a: &Args, relay: &Relay, pg: &mut postgres::Client, n: u64) -> anyhow:
 /// Postgres bytes per account.
 fn sizes(pg: &mut postgres::Client, n: u64) -> anyhow::Result<()> {
     let r = pg.query_one(
-        "SELECT pg_table_size('accounts'), pg_indexes_size('accounts'), pg_total_relation_size('identities'),
-                (SELECT count(*) FROM accounts)",
+        "SELECT pg_table_size('accounts'), pg_indexes_size('accounts') - pg_relation_size('accounts_no'),
+                pg_total_relation_size('identities'), (SELECT count(*) FROM accounts),
+                pg_relation_size('accounts_no'), pg_total_relation_size('collection_chunks')",
         &[],
     )?;
     let (table, index, ids, rows): (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+    let (numbers, chunks): (i64, i64) = (r.get(4), r.get(5));
     println!(
         "postgres at {n} rows ({rows} counted): accounts table {} MiB + indexes {} MiB = {:.0} B an account; \
-         identities {} MiB",
+         identities {} MiB; collection index: accounts_no {} MiB ({:.0} B an account), chunks {} KiB",
         table >> 20,
         index >> 20,
         (table + index) as f64 / rows.max(1) as f64,
-        ids >> 20
+        ids >> 20,
+        numbers >> 20,
+        numbers as f64 / rows.max(1) as f64,
+        chunks >> 10
     );
     Ok(())
 }
