@@ -8,7 +8,7 @@
 use crate::metrics::View;
 use crate::summary::Totals;
 use serde_json::{json, Value};
-use sluice_common::ipc::shm::{ControlBlock, DropReason, WriterCounter};
+use sluice_common::ipc::shm::{CollectionStat, ControlBlock, DropReason, WriterCounter};
 use sluice_common::process::consumers::{read_snapshots, top_hosts};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -77,6 +77,7 @@ impl StatusWriter {
             })
             .collect();
         let w = |c| cb.writer_counter(c).load(Ordering::Relaxed);
+        let cs = |c| cb.collection_stat(c).load(Ordering::Relaxed);
         let (errors, shed) = crate::recent::read_all(run_dir, ERRORS_SHOWN);
         json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -100,6 +101,12 @@ impl StatusWriter {
             },
             "consumersTotal": consumers_total,
             "consumers": consumers,
+            "collections": {
+                "collections": cs(CollectionStat::Collections),
+                "pairs": cs(CollectionStat::Pairs),
+                "checksWaiting": cs(CollectionStat::ChecksWaiting),
+                "backfillPermille": cs(CollectionStat::BackfillPermille),
+            },
             "rings": view.rings.iter().enumerate().map(|(k, (used, cap))| json!({"shard": k, "used": used, "capacity": cap})).collect::<Vec<_>>(),
             "errors": errors,
             "errorsShed": shed,

@@ -6,7 +6,9 @@
 //! killed twice meanwhile. After the run, the endpoint's answer for every
 //! collection equals what fakenet's repos hold. Paging while records
 //! change never skips an account that held records throughout. Bad
-//! parameters get the lexicon's errors.
+//! parameters get the lexicon's errors. Then the index is emptied by hand
+//! (as a relay from before it has none) and `sluice admin
+//! collections-backfill` fills it again from the PDSes.
 
 mod support;
 
@@ -69,9 +71,37 @@ fn kill_db_writer(relay: &Relay) {
     }
 }
 
+/// Page every collection until the answer equals `want` (bounded).
+fn wait_index(relay: &Relay, want: &BTreeMap<String, BTreeSet<String>>, what: &str) {
+    let t = Instant::now();
+    loop {
+        let got: BTreeMap<String, BTreeSet<String>> = COLLECTIONS
+            .iter()
+            .map(|c| (c.to_string(), all_pages(relay, &format!("collection={c}"), 7).into_iter().collect()))
+            .filter(|(_, v): &(String, BTreeSet<String>)| !v.is_empty())
+            .collect();
+        if got == *want {
+            return;
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            let empty = BTreeSet::new();
+            for c in COLLECTIONS {
+                let (g, w) = (got.get(c).unwrap_or(&empty), want.get(c).unwrap_or(&empty));
+                eprintln!("{c}: listed but not held {:?}; held but not listed {:?}", g.difference(w), w.difference(g));
+            }
+            panic!("{what}: the index differs from the network\n{}\n{}", collection_metrics(relay), relay.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn repos_by_collection_match_the_network_through_restarts() {
-    let mut s = Setup::start(
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("admin.pw");
+    std::fs::write(&pw, "backfill-password").unwrap();
+    let mut s = Setup::start_with(
+        dir,
         ServeConfig {
             hosts: 2,
             accounts: 40,
@@ -85,7 +115,12 @@ fn repos_by_collection_match_the_network_through_restarts() {
         2,
         // Chunks written whole every 40 changes: the test passes through
         // many compactions and crashes between them.
-        "[limits]\ncollection_checks_per_host_per_second = 50\ncollection_changes_max = 40",
+        &format!(
+            "admin_password_file = {:?}\n[limits]\ncollection_checks_per_host_per_second = 50\n\
+             collection_changes_max = 40",
+            pw.to_string_lossy()
+        ),
+        |_| {},
     );
     let relay = &s.relay;
 
@@ -138,26 +173,7 @@ fn repos_by_collection_match_the_network_through_restarts() {
     // After the run (and the checks the crashes left): the index equals
     // the network's repos, for each collection and for all four at once.
     let want = expected(&s.net);
-    let t = Instant::now();
-    loop {
-        let got: BTreeMap<String, BTreeSet<String>> = COLLECTIONS
-            .iter()
-            .map(|c| (c.to_string(), all_pages(relay, &format!("collection={c}"), 7).into_iter().collect()))
-            .filter(|(_, v): &(String, BTreeSet<String>)| !v.is_empty())
-            .collect();
-        if got == want {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(90) {
-            let empty = BTreeSet::new();
-            for c in COLLECTIONS {
-                let (g, w) = (got.get(c).unwrap_or(&empty), want.get(c).unwrap_or(&empty));
-                eprintln!("{c}: listed but not held {:?}; held but not listed {:?}", g.difference(w), w.difference(g));
-            }
-            panic!("the index differs from the network\n{}\n{}", collection_metrics(relay), relay.log_tail());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_index(relay, &want, "after the run");
     let any: BTreeSet<String> =
         all_pages(relay, &COLLECTIONS.map(|c| format!("collection={c}")).join("&"), 11).into_iter().collect();
     assert_eq!(any, want.values().flatten().cloned().collect::<BTreeSet<String>>(), "several collections at once");
@@ -166,5 +182,29 @@ fn repos_by_collection_match_the_network_through_restarts() {
         "no account lost its last record of a collection: the test proves less than it says"
     );
     assert!(metric(relay, "sluice_collections_checks_total{outcome=\"ok\"") > 0, "no account was checked");
+
+    // A relay whose accounts are not in the index (as one from before
+    // it): the index emptied by hand while nothing flows (generation is
+    // over), a restart (the db-writer reads it empty), then the backfill.
+    let url = format!("host={} user=postgres dbname=postgres", s.dir.path().join("data/pgsock").display());
+    let mut pg = postgres::Client::connect(&url, postgres::NoTls).expect("the relay's PostgreSQL");
+    pg.batch_execute(
+        "UPDATE accounts SET no = NULL;
+         TRUNCATE collections, collection_chunks, collection_changes, collection_checks",
+    )
+    .unwrap();
+    drop(pg);
+    s.relay.stop();
+    s.relay.start();
+    let relay = &s.relay;
+    assert!(all_pages(relay, "collection=app.bsky.feed.post", 500).is_empty(), "the index was not emptied");
+    let out = std::process::Command::new(sluice_bin())
+        .args(["admin", "--url", &format!("http://127.0.0.1:{}", relay.port), "--password-file"])
+        .arg(&pw)
+        .arg("collections-backfill")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "collections-backfill: {}", String::from_utf8_lossy(&out.stderr));
+    wait_index(relay, &want, "after the backfill");
     s.relay.stop();
 }

@@ -237,23 +237,44 @@ pub fn children_matching(pid: i32, needle: &str) -> Vec<i32> {
     out
 }
 
-/// Read the relay's stream from `cursor` until `last` (inclusive).
+/// Read the relay's stream from `cursor` until `last` (inclusive). A
+/// connection that ends early (a relay process restarting after a crash
+/// the test caused) is opened again from the last seq read, within
+/// `timeout`.
 pub fn read_stream(port: u16, cursor: i64, last: i64, timeout: Duration) -> Vec<(i64, Vec<u8>)> {
-    let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
-    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
     let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
+    let mut out: Vec<(i64, Vec<u8>)> = Vec::new();
     while out.last().is_none_or(|(s, _)| *s < last) {
         assert!(Instant::now() < deadline, "stream from {cursor} stalled at {:?}", out.last().map(|x| x.0));
-        match ws.read().unwrap() {
-            tungstenite::Message::Binary(b) => {
-                let d = frame::decode(&b).unwrap();
-                let Message::Event(ev) = d.message else { panic!("error frame from the relay") };
-                out.push((ev.seq().expect("relayed events have a seq"), b.to_vec()));
+        let from = out.last().map_or(cursor, |(s, _)| *s);
+        let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={from}");
+        let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let Ok((mut ws, _)) = tungstenite::client(url, tcp) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        while out.last().is_none_or(|(s, _)| *s < last) {
+            assert!(Instant::now() < deadline, "stream from {cursor} stalled at {:?}", out.last().map(|x| x.0));
+            match ws.read() {
+                Ok(tungstenite::Message::Binary(b)) => {
+                    let d = frame::decode(&b).unwrap();
+                    let Message::Event(ev) = d.message else { panic!("error frame from the relay") };
+                    let seq = ev.seq().expect("relayed events have a seq");
+                    assert!(out.last().is_none_or(|(s, _)| *s < seq), "seq {seq} after {:?}", out.last().map(|x| x.0));
+                    out.push((seq, b.to_vec()));
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    continue
+                }
+                Err(_) => break,
             }
-            _ => continue,
         }
     }
     out
