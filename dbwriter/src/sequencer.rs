@@ -551,26 +551,8 @@ impl Sequencer {
         self.log.sync()?;
         failpoint::hit("sequencer-after-log-sync");
         batch.last_seq = self.log.next_seq() - 1;
-        if let Some(k) = self.collections.as_mut() {
-            k.take(&mut batch.index);
-        }
-        let changed = match db::commit(&mut self.pg, &self.stmts, &batch) {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(k) = self.collections.as_mut() {
-                    k.restore(std::mem::take(&mut batch.index));
-                }
-                return Err(e.into());
-            }
-        };
+        self.commit(&mut batch)?;
         failpoint::hit("sequencer-after-pg-commit");
-        for (host, status) in changed {
-            // The shard logged the change, with its reason.
-            tracing::debug!(host, status = %status, "host status stored");
-        }
-        if let Some(k) = self.collections.as_mut() {
-            k.committed(&batch.index);
-        }
         self.keep_committed(&mut batch);
         self.control.committed().store(batch.last_seq.max(0) as u64, Ordering::Release);
         if self.control.oldest().load(Ordering::Acquire) == 0 {
@@ -585,13 +567,6 @@ impl Sequencer {
         }
         self.count(WriterCounter::Commits);
         self.observe_commit(commit_began);
-        if let Some(k) = &self.collections {
-            if self.gauges_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                self.gauges_at = Some(Instant::now());
-                k.gauges();
-                k.bytes_gauge();
-            }
-        }
         for (reply, seq, did, on) in replies {
             let _ = reply.send(Ok(seq));
             // Hide (or show again) the account's earlier records on replay.
@@ -599,6 +574,36 @@ impl Sequencer {
         }
         self.send_flags();
         Ok(taken)
+    }
+
+    /// Step 4: the round's transaction, with the collection index's
+    /// changes (put back for the next round if it fails).
+    fn commit(&mut self, batch: &mut Batch) -> anyhow::Result<()> {
+        if let Some(k) = self.collections.as_mut() {
+            k.take(&mut batch.index);
+        }
+        let changed = match db::commit(&mut self.pg, &self.stmts, batch) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(k) = self.collections.as_mut() {
+                    k.restore(std::mem::take(&mut batch.index));
+                }
+                return Err(e.into());
+            }
+        };
+        for (host, status) in changed {
+            // The shard logged the change, with its reason.
+            tracing::debug!(host, status = %status, "host status stored");
+        }
+        if let Some(k) = self.collections.as_mut() {
+            k.committed(&batch.index);
+            if self.gauges_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                self.gauges_at = Some(Instant::now());
+                k.gauges();
+                k.bytes_gauge();
+            }
+        }
+        Ok(())
     }
 
     /// Apply the PDSes' answers about accounts' collections (at most a
@@ -1077,7 +1082,7 @@ impl Sequencer {
         if let Some(s) = stored.as_mut() {
             s.throttled = false;
         }
-        let (verdict, mut state) = policy::decide(stored.as_ref(), e, self.strict);
+        let (verdict, state) = policy::decide(stored.as_ref(), e, self.strict);
         match verdict {
             Verdict::Drop(policy::Drop::Inactive)
                 if !self.releasing
@@ -1102,6 +1107,18 @@ impl Sequencer {
         }
         // The account as its host's count knows it (None: not counted).
         count_change(batch, if admitting { None } else { stored.as_ref() }, &state);
+        self.relay(e, stored.is_none(), state, batch)
+    }
+
+    /// Sequence a relayed event: the log, then what it changes of the
+    /// account's state (and of the collection index).
+    fn relay(
+        &mut self,
+        e: &sluice_common::ipc::ringrec::EventRecord<'_>,
+        first_seen: bool,
+        mut state: AccountState,
+        batch: &mut Batch,
+    ) -> anyhow::Result<()> {
         let seq = self.log.next_seq();
         self.scratch.clear();
         frame::resequence(e.frame, (e.seq_start as usize, e.seq_end as usize), seq, &mut self.scratch);
@@ -1118,7 +1135,7 @@ impl Sequencer {
             batch.words.insert(DidKey::stored(e.did), e.status.to_owned());
         }
         if let Some(k) = self.collections.as_mut() {
-            k.on_event(e, stored.is_none(), &mut state, &mut batch.index);
+            k.on_event(e, first_seen, &mut state, &mut batch.index);
         }
         batch.put(e.did, state);
         Ok(())

@@ -123,8 +123,35 @@ fn repos_by_collection_match_the_network_through_restarts() {
         |_| {},
     );
     let relay = &s.relay;
+    bad_parameters(relay);
+    wait_events(&s.net, 1_500);
+    paging_while_records_change(relay);
 
-    // Bad parameters: the lexicon's errors.
+    // Crashes of the db-writer mid-stream.
+    kill_db_writer(relay);
+    wait_events(&s.net, 3_500);
+    kill_db_writer(relay);
+    s.net.wait_generation().unwrap();
+
+    // After the run (and the checks the crashes left): the index equals
+    // the network's repos, for each collection and for all four at once.
+    let want = expected(&s.net);
+    wait_index(relay, &want, "after the run");
+    let any: BTreeSet<String> =
+        all_pages(relay, &COLLECTIONS.map(|c| format!("collection={c}")).join("&"), 11).into_iter().collect();
+    assert_eq!(any, want.values().flatten().cloned().collect::<BTreeSet<String>>(), "several collections at once");
+    assert!(
+        metric(relay, "sluice_collections_changes_total{change=\"removed\"") > 0,
+        "no account lost its last record of a collection: the test proves less than it says"
+    );
+    assert!(metric(relay, "sluice_collections_checks_total{outcome=\"ok\"") > 0, "no account was checked");
+
+    backfill_refills(&mut s, &pw, &want);
+    s.relay.stop();
+}
+
+/// Bad parameters: the lexicon's errors.
+fn bad_parameters(relay: &Relay) {
     for q in [
         "",
         "collection=not%20an%20nsid",
@@ -137,11 +164,12 @@ fn repos_by_collection_match_the_network_through_restarts() {
         assert_eq!(st, 400, "{q}: {body}");
         assert!(body.contains("InvalidRequest"), "{q}: {body}");
     }
+}
 
-    // Paging while records change: accounts start with 40 posts each (a
-    // run deletes a few), so an active account holds posts throughout; a
-    // slow paging lists every account listed both before and after it.
-    wait_events(&s.net, 1_500);
+/// Paging while records change: accounts start with 40 posts each (a
+/// run deletes a few), so an active account holds posts throughout; a
+/// slow paging lists every account listed both before and after it.
+fn paging_while_records_change(relay: &Relay) {
     let posts = "collection=app.bsky.feed.post";
     let before: BTreeSet<String> = all_pages(relay, posts, 500).into_iter().collect();
     assert!(before.len() >= 20, "few accounts placed ({}):\n{}", before.len(), collection_metrics(relay));
@@ -163,29 +191,12 @@ fn repos_by_collection_match_the_network_through_restarts() {
     assert_eq!(unique.len(), paged.len(), "an account twice while paging");
     let skipped: Vec<&String> = before.intersection(&after).filter(|d| !unique.contains(*d)).collect();
     assert!(skipped.is_empty(), "paging skipped accounts listed before and after it: {skipped:?}");
+}
 
-    // Crashes of the db-writer mid-stream.
-    kill_db_writer(relay);
-    wait_events(&s.net, 3_500);
-    kill_db_writer(relay);
-    s.net.wait_generation().unwrap();
-
-    // After the run (and the checks the crashes left): the index equals
-    // the network's repos, for each collection and for all four at once.
-    let want = expected(&s.net);
-    wait_index(relay, &want, "after the run");
-    let any: BTreeSet<String> =
-        all_pages(relay, &COLLECTIONS.map(|c| format!("collection={c}")).join("&"), 11).into_iter().collect();
-    assert_eq!(any, want.values().flatten().cloned().collect::<BTreeSet<String>>(), "several collections at once");
-    assert!(
-        metric(relay, "sluice_collections_changes_total{change=\"removed\"") > 0,
-        "no account lost its last record of a collection: the test proves less than it says"
-    );
-    assert!(metric(relay, "sluice_collections_checks_total{outcome=\"ok\"") > 0, "no account was checked");
-
-    // A relay whose accounts are not in the index (as one from before
-    // it): the index emptied by hand while nothing flows (generation is
-    // over), a restart (the db-writer reads it empty), then the backfill.
+/// A relay whose accounts are not in the index (as one from before it):
+/// the index emptied by hand while nothing flows (generation is over), a
+/// restart (the db-writer reads it empty), then the backfill.
+fn backfill_refills(s: &mut Setup, pw: &std::path::Path, want: &BTreeMap<String, BTreeSet<String>>) {
     let url = format!("host={} user=postgres dbname=postgres", s.dir.path().join("data/pgsock").display());
     let mut pg = postgres::Client::connect(&url, postgres::NoTls).expect("the relay's PostgreSQL");
     pg.batch_execute(
@@ -200,11 +211,10 @@ fn repos_by_collection_match_the_network_through_restarts() {
     assert!(all_pages(relay, "collection=app.bsky.feed.post", 500).is_empty(), "the index was not emptied");
     let out = std::process::Command::new(sluice_bin())
         .args(["admin", "--url", &format!("http://127.0.0.1:{}", relay.port), "--password-file"])
-        .arg(&pw)
+        .arg(pw)
         .arg("collections-backfill")
         .output()
         .unwrap();
     assert!(out.status.success(), "collections-backfill: {}", String::from_utf8_lossy(&out.stderr));
-    wait_index(relay, &want, "after the backfill");
-    s.relay.stop();
+    wait_index(relay, want, "after the backfill");
 }
