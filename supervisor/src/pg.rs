@@ -463,6 +463,15 @@ mod tests {
         let keys: Vec<DidKey> = rows.iter().map(|r| DidKey::stored(&r.0)).collect();
         let got = db::load_accounts(&mut c, &keys).unwrap();
         assert_eq!(got.len(), rows.len(), "every row kept");
+        // V12: no column may hold NULL (a null bitmap costs 8 bytes a row).
+        let nullable: i64 = c
+            .query_one(
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND is_nullable = 'YES'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(nullable, 0, "accounts columns that take NULL");
         for (k, r) in rows.iter().enumerate() {
             let want = AccountState {
                 host_id: host,
@@ -505,6 +514,45 @@ mod tests {
         }
         let none: Option<i64> = c.query_one("SELECT sluice_tid_value('not-a-tid')", &[]).unwrap().get(0);
         assert_eq!(none, None);
+        // What the db-writer writes (V12's "none" values included) reads
+        // back as written; an unknown word is kept until a known code
+        // replaces it; a number, once given, stays.
+        let stmt = c.prepare(db::UPSERT).unwrap();
+        let mut states = std::collections::HashMap::new();
+        let mut words = std::collections::HashMap::new();
+        let bare = DidKey::stored("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
+        states.insert(bare, AccountState { host_id: host, ..AccountState::default() });
+        let full = DidKey::stored("did:web:full.example.com");
+        let mut st = AccountState {
+            host_id: host,
+            rev: Some(7 << 10),
+            commit: Some([9; 32]),
+            data_fp: Some(-5),
+            upstream_status: UpstreamStatus::Other,
+            host_checked_micros: 42,
+            no: 17,
+            ..AccountState::default()
+        };
+        states.insert(full, st);
+        words.insert(full, "on-vacation".to_owned());
+        c.execute(&stmt, &db::UpsertColumns::new(&states, &words).params()).unwrap();
+        let got = db::load_accounts(&mut c, &[bare, full]).unwrap();
+        assert_eq!(got[&bare], states[&bare]);
+        assert_eq!(got[&full], st);
+        st.no = 18;
+        st.rev = Some(8 << 10);
+        states.insert(full, st);
+        c.execute(&stmt, &db::UpsertColumns::new(&states, &Default::default()).params()).unwrap();
+        let got = db::load_accounts(&mut c, &[full]).unwrap();
+        assert_eq!((got[&full].no, got[&full].rev), (17, Some(8 << 10)), "number kept, rev moved");
+        let word = |c: &mut postgres::Client| -> String {
+            c.query_one("SELECT upstream_status FROM accounts WHERE did = $1", &[&db::uuid_of(&full)]).unwrap().get(0)
+        };
+        assert_eq!(word(&mut c), "on-vacation");
+        st.upstream_status = UpstreamStatus::None;
+        states.insert(full, st);
+        c.execute(&stmt, &db::UpsertColumns::new(&states, &Default::default()).params()).unwrap();
+        assert_eq!(word(&mut c), "");
         drop(c);
         drop(admin);
         pg.stop();

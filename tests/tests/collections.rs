@@ -200,7 +200,7 @@ fn backfill_refills(s: &mut Setup, pw: &std::path::Path, want: &BTreeMap<String,
     let url = format!("host={} user=postgres dbname=postgres", s.dir.path().join("data/pgsock").display());
     let mut pg = postgres::Client::connect(&url, postgres::NoTls).expect("the relay's PostgreSQL");
     pg.batch_execute(
-        "UPDATE accounts SET no = NULL;
+        "UPDATE accounts SET no = 0;
          TRUNCATE collections, collection_chunks, collection_changes, collection_checks",
     )
     .unwrap();

@@ -2,8 +2,11 @@
 //! key (`DidKey::stored`, a `uuid` column; a DID that is not did:plc is
 //! kept whole in `dids`), the rev as the TID's number, the commit CID as
 //! its digest, the data CID as 32 bits, the booleans and the upstream
-//! status's code in `flags`. [`flags_of`] and [`state_of`] are the one
-//! place that encoding lives.
+//! status's code in `flags`. No column holds NULL (migration V12: a row
+//! without NULLs has no null bitmap, 8 bytes less): "none" is 0 for `rev`,
+//! `data_fp` and `no`, empty for `commit_cid` and `upstream_status`.
+//! [`flags_of`], [`state_of`] and [`UpsertColumns`] are the one place that
+//! encoding lives.
 
 use super::DbError;
 use postgres::Client;
@@ -37,18 +40,18 @@ pub fn flags_of(a: &AccountState) -> i16 {
 /// flags, commit_cid, no` from column `at` on).
 pub(super) fn state_of(r: &postgres::Row, at: usize) -> AccountState {
     let flags: i16 = r.get(at + 5);
-    let commit: Option<&[u8]> = r.get(at + 6);
+    let commit: &[u8] = r.get(at + 6);
     AccountState {
-        rev: r.get::<_, Option<i64>>(at + 1).map(|v| v as u64),
+        rev: Some(r.get::<_, i64>(at + 1) as u64).filter(|&v| v != 0),
         host_checked_micros: r.get(at + 2),
         host_id: i64::from(r.get::<_, i32>(at + 3)),
-        data_fp: r.get(at + 4),
+        data_fp: Some(r.get::<_, i32>(at + 4)).filter(|&v| v != 0),
         upstream_active: flags & ACTIVE != 0,
         takendown: flags & TAKENDOWN != 0,
         throttled: flags & THROTTLED != 0,
         upstream_status: UpstreamStatus::from_code(((flags >> 4) & 15) as u8),
-        commit: commit.and_then(|c| c.try_into().ok()),
-        no: r.get::<_, Option<i32>>(at + 7).map_or(0, |n| n as u32),
+        commit: commit.try_into().ok(),
+        no: r.get::<_, i32>(at + 7) as u32,
     }
 }
 
@@ -66,33 +69,35 @@ pub fn load_accounts(c: &mut Client, keys: &[DidKey]) -> Result<HashMap<DidKey, 
 /// where something changed (an `#identity` that moves nothing rewrites
 /// nothing), never touching the key (HOT updates in the page's room). A
 /// word the lexicons do not know is written when an `#account` brings it
-/// (`$8`), kept otherwise, dropped with its code.
+/// (`$8` not empty), kept otherwise, dropped with its code; an account's
+/// number (`$9`) is written once.
 pub const UPSERT: &str = "INSERT INTO accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid, upstream_status, no)
      SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::int4[], $6::int2[], $7::bytea[], $8::text[],
                           $9::int4[])
      ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, host_checked = EXCLUDED.host_checked,
        host_id = EXCLUDED.host_id, data_fp = EXCLUDED.data_fp, flags = EXCLUDED.flags, commit_cid = EXCLUDED.commit_cid,
-       upstream_status = CASE WHEN (EXCLUDED.flags >> 4) & 15 = 15
-                              THEN COALESCE(EXCLUDED.upstream_status, accounts.upstream_status) END,
-       no = COALESCE(EXCLUDED.no, accounts.no)
+       upstream_status = CASE WHEN (EXCLUDED.flags >> 4) & 15 <> 15 THEN ''
+                              WHEN EXCLUDED.upstream_status <> '' THEN EXCLUDED.upstream_status
+                              ELSE accounts.upstream_status END,
+       no = CASE WHEN accounts.no = 0 THEN EXCLUDED.no ELSE accounts.no END
      WHERE (accounts.rev, accounts.host_checked, accounts.host_id, accounts.data_fp, accounts.flags, accounts.commit_cid)
            IS DISTINCT FROM
            (EXCLUDED.rev, EXCLUDED.host_checked, EXCLUDED.host_id, EXCLUDED.data_fp, EXCLUDED.flags, EXCLUDED.commit_cid)
-        OR EXCLUDED.upstream_status IS NOT NULL
-        OR (EXCLUDED.no IS NOT NULL AND accounts.no IS NULL)";
+        OR EXCLUDED.upstream_status <> ''
+        OR (EXCLUDED.no <> 0 AND accounts.no = 0)";
 
 /// A round's accounts as [`UPSERT`]'s arrays, one per column.
 #[derive(Default)]
 pub struct UpsertColumns {
     did: Vec<uuid::Uuid>,
-    rev: Vec<Option<i64>>,
+    rev: Vec<i64>,
     host_checked: Vec<i64>,
     host_id: Vec<i32>,
-    data_fp: Vec<Option<i32>>,
+    data_fp: Vec<i32>,
     flags: Vec<i16>,
-    commit: Vec<Option<Vec<u8>>>,
-    word: Vec<Option<String>>,
-    no: Vec<Option<i32>>,
+    commit: Vec<Vec<u8>>,
+    word: Vec<String>,
+    no: Vec<i32>,
 }
 
 impl UpsertColumns {
@@ -100,14 +105,14 @@ impl UpsertColumns {
         let mut p = UpsertColumns::default();
         for (k, a) in accounts {
             p.did.push(uuid_of(k));
-            p.rev.push(a.rev.map(|v| v as i64));
+            p.rev.push(a.rev.unwrap_or(0) as i64);
             p.host_checked.push(a.host_checked_micros);
             p.host_id.push(a.host_id as i32);
-            p.data_fp.push(a.data_fp);
+            p.data_fp.push(a.data_fp.unwrap_or(0));
             p.flags.push(flags_of(a));
-            p.commit.push(a.commit.map(|c| c.to_vec()));
-            p.word.push(words.get(k).cloned());
-            p.no.push(Some(a.no as i32).filter(|&n| n != 0));
+            p.commit.push(a.commit.map(|c| c.to_vec()).unwrap_or_default());
+            p.word.push(words.get(k).cloned().unwrap_or_default());
+            p.no.push(a.no as i32);
         }
         p
     }
@@ -190,7 +195,7 @@ pub fn repos_page(c: &mut Client, after: &str, limit: i64) -> Result<Vec<Account
     let rows = c.query(
         &format!(
             "SELECT {STATE}, d.did FROM accounts a LEFT JOIN dids d ON d.key = a.did
-             WHERE a.did > $1 AND a.commit_cid IS NOT NULL AND a.rev IS NOT NULL ORDER BY a.did LIMIT $2"
+             WHERE a.did > $1 AND a.commit_cid <> '' AND a.rev <> 0 ORDER BY a.did LIMIT $2"
         ),
         &[&after, &limit],
     )?;

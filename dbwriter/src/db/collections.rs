@@ -38,7 +38,7 @@ pub fn load_index(c: &mut Client) -> Result<Loaded, DbError> {
         next_round = r.get::<_, i64>(0) + 1;
         ix.set(r.get::<_, i32>(1) as u32, r.get::<_, i32>(2) as u32, r.get(3));
     }
-    let max: Option<i32> = c.query_one("SELECT max(no) FROM accounts", &[])?.get(0);
+    let max: Option<i32> = c.query_one("SELECT max(no) FROM accounts WHERE no <> 0", &[])?.get(0);
     Ok(Loaded { index: ix, next_no: max.unwrap_or(0) as u32 + 1, next_round, change_rows: rows.len() as u64 })
 }
 
@@ -166,7 +166,7 @@ pub fn checks_waiting(c: &mut Client) -> Result<i64, DbError> {
 }
 
 /// The backfill: each call queues a check for up to `limit` accounts
-/// after its position that the index has not placed (`no IS NULL`), and
+/// after its position that the index has not placed (`no = 0`), and
 /// moves the position on; None when not running. Returns (accounts
 /// queued, done).
 pub fn backfill_step(c: &mut Client, limit: i64) -> Result<Option<(u64, bool)>, DbError> {
@@ -177,7 +177,7 @@ pub fn backfill_step(c: &mut Client, limit: i64) -> Result<Option<(u64, bool)>, 
         return Ok(None);
     };
     let rows =
-        t.query("SELECT did, host_id, no IS NULL FROM accounts WHERE did > $1 ORDER BY did LIMIT $2", &[&pos, &limit])?;
+        t.query("SELECT did, host_id, no = 0 FROM accounts WHERE did > $1 ORDER BY did LIMIT $2", &[&pos, &limit])?;
     let last: Option<uuid::Uuid> = rows.last().map(|r| r.get(0));
     let (keys, hosts): (Vec<uuid::Uuid>, Vec<i32>) =
         rows.iter().filter(|r| r.get::<_, bool>(2)).map(|r| (r.get::<_, uuid::Uuid>(0), r.get::<_, i32>(1))).unzip();
