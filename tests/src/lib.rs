@@ -3,4 +3,5 @@
 //! what the benches share; the synthetic network is the `fakenet` crate.
 
 pub mod http;
+pub mod ports;
 pub mod procinfo;

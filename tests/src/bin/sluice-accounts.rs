@@ -133,6 +133,8 @@ fn run_size(a: &Args, sluice: &Path, dir: &Path, n: u64) -> anyhow::Result<()> {
     let per_host = (acting as usize).div_ceil(a.hosts);
     let net = runner::start(ServeConfig {
         hosts: a.hosts,
+        // The hosts even over the shards (their CPU per event depends on it).
+        base_port: sluice_tests::ports::balanced_base_port(a.hosts, 1, a.shards)?,
         accounts: per_host,
         skew: 0.0,
         seed: 22,

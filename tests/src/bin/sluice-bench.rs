@@ -2,15 +2,21 @@
 //! paid ahead, held in memory as each host's backlog), then `sluice run`
 //! crawls every host from cursor 0, so the hosts replay at full speed
 //! through the relay to one consumer. Prints fakenet's generation and raw
-//! replay rates, the relay's end-to-end events/s, and RSS / thread counts
-//! per relay process.
+//! replay rates, the relay's end-to-end events/s, and RSS, threads and CPU
+//! per event of each relay process (PostgreSQL's processes together).
+//!
+//! Fair across shards: unless `--unbalanced`, the hosts' ports are chosen
+//! so that rendezvous hashing of their names (`localhost:PORT`) gives each
+//! shard the same number of hosts (the hosts carry the same traffic), and
+//! the bench prints each shard's share of the events.
 //!
 //! `cargo build --release --bins && target/release/sluice-bench --shards 2`
 
 use clap::Parser;
 use fakenet::runner::{self, ServeConfig};
 use fakenet::world::FaultRates;
-use sluice_tests::procinfo::{children, cpu_ticks, status as proc_status};
+use sluice_common::process::partition::shard_for;
+use sluice_tests::procinfo::{children, cpu_ticks, status as proc_status, tree};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -44,6 +50,26 @@ struct Args {
     /// The sluice binary (default: next to this one).
     #[arg(long)]
     sluice: Option<PathBuf>,
+    /// Ephemeral ports for the hosts (their split over shards left to
+    /// chance: 20 such names put ~87% of the events on one of 2 shards).
+    #[arg(long)]
+    unbalanced: bool,
+}
+
+/// The relay's processes by role (PostgreSQL's postmaster and backends
+/// together), as in the accounts bench.
+fn relay_processes(child: &std::process::Child, data: &std::path::Path) -> Vec<(String, Vec<u32>)> {
+    let mut out: Vec<(String, Vec<u32>)> = children(child.id())
+        .into_iter()
+        .map(|(p, name)| (name.split(" --config").next().unwrap_or("").to_owned(), vec![p]))
+        .collect();
+    out.push(("supervisor".into(), vec![child.id()]));
+    let pid = std::fs::read_to_string(data.join("pg/postmaster.pid")).unwrap_or_default();
+    if let Some(pm) = pid.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) {
+        out.retain(|(_, p)| p[0] != pm);
+        out.push(("postgres (all)".into(), tree(pm)));
+    }
+    out
 }
 
 /// The status of one request (the benches' shared client).
@@ -90,6 +116,53 @@ fn consume_to_seq(port: u16, last: i64, timeout: Duration) -> (u64, Duration) {
     (got, t.elapsed())
 }
 
+/// fakenet's pre-generated network, its hosts on `base_port..` (0: any).
+fn generate(a: &Args, dir: &std::path::Path, base_port: u16) -> anyhow::Result<runner::Running> {
+    let t = Instant::now();
+    let mut net = runner::start(ServeConfig {
+        hosts: a.hosts,
+        accounts: a.accounts,
+        base_port,
+        seed: 9,
+        rate: 0.0,
+        max_events: Some(a.events),
+        faults: FaultRates::none(),
+        ledger: dir.join(format!("ledger-{base_port}.jsonl")),
+        ..ServeConfig::default()
+    })?;
+    net.wait_generation()?;
+    let gen = t.elapsed();
+    println!(
+        "fakenet generation: {} events in {:.2} s = {:.0} events/s",
+        net.events(),
+        gen.as_secs_f64(),
+        net.events() as f64 / gen.as_secs_f64()
+    );
+    Ok(net)
+}
+
+/// Every host's backlog straight to a consumer, host after host: the
+/// frames of each (in `info.hosts` order) and the time it took.
+fn replay_hosts(net: &runner::Running) -> anyhow::Result<(Vec<u64>, Duration)> {
+    let t = Instant::now();
+    let mut per_host = Vec::new();
+    for h in &net.info.hosts {
+        let port: u16 = h.rsplit_once(':').unwrap().1.parse()?;
+        let backlog = net.shared.hosts.iter().find(|x| &x.name == h).map_or(0, |x| x.last_seq());
+        per_host.push(consume_to_seq(port, backlog, Duration::from_secs(60)).0);
+    }
+    Ok((per_host, t.elapsed()))
+}
+
+/// Each shard's events, the hosts' frames placed by `shard_for`.
+fn shard_shares(net: &runner::Running, per_host: &[u64], shards: u32) -> Vec<u64> {
+    let mut split = vec![0u64; shards as usize];
+    for (h, n) in net.info.hosts.iter().zip(per_host) {
+        split[shard_for(h, shards) as usize] += n;
+    }
+    split
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let dir = tempfile_dir()?;
@@ -100,43 +173,38 @@ fn main() -> anyhow::Result<()> {
             println!("fakenet corpus loaded: {} events in {:.2} s", net.events(), t.elapsed().as_secs_f64());
             net
         }
+        None if a.unbalanced => generate(&a, &dir, 0)?,
         None => {
-            let t = Instant::now();
-            let mut net = runner::start(ServeConfig {
-                hosts: a.hosts,
-                accounts: a.accounts,
-                seed: 9,
-                rate: 0.0,
-                max_events: Some(a.events),
-                faults: FaultRates::none(),
-                ledger: dir.join("ledger.jsonl"),
-                ..ServeConfig::default()
-            })?;
-            net.wait_generation()?;
-            let gen = t.elapsed();
-            println!(
-                "fakenet generation: {} events in {:.2} s = {:.0} events/s",
-                net.events(),
-                gen.as_secs_f64(),
-                net.events() as f64 / gen.as_secs_f64()
-            );
-            net
+            // Even host counts first; the hosts' traffic differs, so their
+            // events (the same by host index whatever the ports) place
+            // them again if the shards' shares differ by more than 10%.
+            let net = generate(&a, &dir, sluice_tests::ports::balanced_base_port(a.hosts, 1, a.shards)?)?;
+            let (weights, _) = replay_hosts(&net)?;
+            let (base, spread) = sluice_tests::ports::weighted_base_port(&weights, 1, a.shards, 0.1)?;
+            if sluice_tests::ports::spread(&shard_shares(&net, &weights, a.shards)) <= 0.1 {
+                net
+            } else {
+                drop(net);
+                println!("hosts placed again by their events (shares' spread {:.1}%)", spread * 100.0);
+                generate(&a, &dir, base)?
+            }
         }
     };
     let total = net.events();
-    // Raw replay: every host's backlog straight to a consumer.
-    let t = Instant::now();
-    let mut replayed = 0;
-    for h in &net.info.hosts {
-        let port: u16 = h.rsplit_once(':').unwrap().1.parse()?;
-        let backlog = net.shared.hosts.iter().find(|x| &x.name == h).map_or(0, |x| x.last_seq()) as u64;
-        let (n, _) = consume_to_seq(port, backlog as i64, Duration::from_secs(60));
-        replayed += n;
-    }
-    let el = t.elapsed();
+    let (per_host, el) = replay_hosts(&net)?;
+    let replayed: u64 = per_host.iter().sum();
     println!(
         "fakenet replay (one consumer, host after host): {replayed} frames, ~{:.0} frames/s",
         replayed as f64 / el.as_secs_f64().max(1e-3)
+    );
+    let split = shard_shares(&net, &per_host, a.shards);
+    println!(
+        "events per shard: {split:?} ({})",
+        split
+            .iter()
+            .map(|&n| format!("{:.1}%", 100.0 * n as f64 / replayed.max(1) as f64))
+            .collect::<Vec<_>>()
+            .join(" / ")
     );
 
     let sluice = a.sluice.clone().unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("sluice"));
@@ -149,20 +217,24 @@ fn main() -> anyhow::Result<()> {
     for h in &net.info.hosts {
         http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
     }
-    // Sample RSS and threads while the load runs.
+    // Sample RSS, threads and CPU while the load runs (a process's CPU
+    // from its first sample; PostgreSQL's summed over its processes).
+    let data = dir.join("relay-throughput/data");
     let mut peak: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
-    let cpu0: std::collections::HashMap<u32, u64> =
-        children(child.id()).into_iter().map(|(p, _)| (p, cpu_ticks(p))).collect();
+    let mut cpu0: std::collections::HashMap<u32, u64> = Default::default();
+    for (_, pids) in relay_processes(&child, &data) {
+        for p in pids {
+            cpu0.insert(p, cpu_ticks(p));
+        }
+    }
     while !consumer.is_finished() {
-        let mut procs = children(child.id());
-        procs.push((child.id(), "supervisor".into()));
-        for (p, name) in procs {
-            let name = name.split(" --config").next().unwrap_or("").to_owned();
+        for (name, pids) in relay_processes(&child, &data) {
             let e = peak.entry(name).or_default();
-            e[0] = e[0].max(proc_status(p, "VmRSS:"));
-            e[1] = e[1].max(proc_status(p, "RssAnon:"));
-            e[2] = e[2].max(proc_status(p, "Threads:"));
-            e[3] = cpu_ticks(p).saturating_sub(cpu0.get(&p).copied().unwrap_or(0));
+            e[0] = e[0].max(pids.iter().map(|&p| proc_status(p, "VmRSS:")).sum());
+            e[1] = e[1].max(pids.iter().map(|&p| proc_status(p, "RssAnon:")).sum());
+            e[2] = e[2].max(pids.iter().map(|&p| proc_status(p, "Threads:")).sum());
+            let cpu: u64 = pids.iter().map(|&p| cpu_ticks(p).saturating_sub(*cpu0.entry(p).or_insert(0))).sum();
+            e[3] = e[3].max(cpu);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -185,12 +257,15 @@ fn main() -> anyhow::Result<()> {
         println!("  account loads  {loads:.0} Postgres queries (account cache misses)");
     }
     let hz = 100.0;
+    let per_event = |ticks: u64| ticks as f64 / hz / got.max(1) as f64 * 1e6;
     for (name, [rss, anon, threads, cpu]) in &peak {
         println!(
-            "  {name:<14} peak RSS {rss:>7} KiB (anon {anon:>6} KiB)  threads {threads}  CPU {:.2} s",
-            *cpu as f64 / hz
+            "  {name:<14} peak RSS {rss:>7} KiB (anon {anon:>6} KiB)  threads {threads}  CPU {:.2} s = {:.1} us an event",
+            *cpu as f64 / hz,
+            per_event(*cpu)
         );
     }
+    println!("  relay CPU, all processes: {:.1} us an event", per_event(peak.values().map(|v| v[3]).sum()));
     if a.churn_cycles > 0 {
         churn(&child, port, total, a.churn_cycles)?;
     }
@@ -331,13 +406,17 @@ fn spawn_relay(
     std::fs::create_dir_all(dir)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    // The directory is fakenet's, on loopback: its politeness is the
+    // identity bench's subject, and at the default 50 requests/s the
+    // 1,000 accounts' first lookups, not the relay, set this bench's pace.
     let cfg = dir.join("relay.toml");
     std::fs::write(
         &cfg,
         format!(
             "shard_count = {shards}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
              data_dir = {:?}\nplc_url = {plc:?}\n\
-             allow_insecure_hosts = true\nring_size_bytes = 67108864\n",
+             allow_insecure_hosts = true\nring_size_bytes = 67108864\n\
+             plc_requests_per_second = 100000.0\nidentity_fetch_concurrency = 32\n",
             dir.join("data").to_string_lossy(),
         ),
     )?;
