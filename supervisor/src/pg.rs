@@ -463,30 +463,6 @@ mod tests {
         let keys: Vec<DidKey> = rows.iter().map(|r| DidKey::stored(&r.0)).collect();
         let got = db::load_accounts(&mut c, &keys).unwrap();
         assert_eq!(got.len(), rows.len(), "every row kept");
-        // V12: no column may hold NULL (a null bitmap costs 8 bytes a row).
-        let nullable: i64 = c
-            .query_one(
-                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND is_nullable = 'YES'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(nullable, 0, "accounts columns that take NULL");
-        // The queries on account numbers go through the partial index
-        // (`no <> 0`), never a scan of 40 million rows. (A page's 2,000
-        // numbers: past 100 constants the planner no longer proves
-        // `no = ANY(..)` implies `no <> 0` by itself.)
-        c.batch_execute("SET enable_seqscan = off").unwrap();
-        for q in [db::accounts_by_no_sql(), "SELECT max(no) FROM accounts WHERE no <> 0".to_owned()] {
-            let plan: Vec<String> = c
-                .query(&format!("EXPLAIN {}", q.replace("$1", "ARRAY(SELECT generate_series(1, 2000))")), &[])
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            assert!(plan.iter().any(|l| l.contains("accounts_no")), "{q}: {plan:#?}");
-        }
-        c.batch_execute("RESET enable_seqscan").unwrap();
         for (k, r) in rows.iter().enumerate() {
             let want = AccountState {
                 host_id: host,
@@ -529,6 +505,63 @@ mod tests {
         }
         let none: Option<i64> = c.query_one("SELECT sluice_tid_value('not-a-tid')", &[]).unwrap().get(0);
         assert_eq!(none, None);
+        drop(c);
+        drop(admin);
+        pg.stop();
+    }
+
+    /// A migrated database's `accounts` (V12), for the tests below.
+    fn migrated(name: &str) -> (tempfile::TempDir, EmbeddedPg, postgres::Client) {
+        use sluice_dbwriter::db;
+        let dir = tempfile::tempdir().unwrap();
+        let pg = EmbeddedPg::start(dir.path()).unwrap();
+        db::connect(&pg.url()).unwrap().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let url = pg.url().replace("dbname=postgres", &format!("dbname={name}"));
+        db::migrate(&url, 1).unwrap();
+        let c = db::connect(&url).unwrap();
+        (dir, pg, c)
+    }
+
+    /// V12: no column takes NULL, and the queries on account numbers go
+    /// through the partial index `accounts_no`.
+    #[test]
+    fn accounts_rows_carry_no_nulls_and_numbers_use_their_index() {
+        use sluice_dbwriter::db;
+        let (_dir, mut pg, mut c) = migrated("v12_plans");
+        // V12: no column may hold NULL (a null bitmap costs 8 bytes a row).
+        let nullable: i64 = c
+            .query_one(
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND is_nullable = 'YES'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(nullable, 0, "accounts columns that take NULL");
+        // The queries on account numbers go through the partial index
+        // (`no <> 0`), never a scan of 40 million rows. (A page's 2,000
+        // numbers: past 100 constants the planner no longer proves
+        // `no = ANY(..)` implies `no <> 0` by itself.)
+        c.batch_execute("SET enable_seqscan = off").unwrap();
+        for q in [db::accounts_by_no_sql(), "SELECT max(no) FROM accounts WHERE no <> 0".to_owned()] {
+            let plan: Vec<String> = c
+                .query(&format!("EXPLAIN {}", q.replace("$1", "ARRAY(SELECT generate_series(1, 2000))")), &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(plan.iter().any(|l| l.contains("accounts_no")), "{q}: {plan:#?}");
+        }
+        drop(c);
+        pg.stop();
+    }
+
+    #[test]
+    fn upsert_round_trips_what_the_db_writer_writes() {
+        use sluice_common::atproto::did::DidKey;
+        use sluice_common::atproto::policy::{AccountState, UpstreamStatus};
+        use sluice_dbwriter::db;
+        let (_dir, mut pg, mut c) = migrated("v12_upsert");
+        c.batch_execute("INSERT INTO hosts (hostname) VALUES ('pds.example.com')").unwrap();
         // What the db-writer writes (V12's "none" values included) reads
         // back as written; an unknown word is kept until a known code
         // replaces it; a number, once given, stays.
@@ -536,10 +569,10 @@ mod tests {
         let mut states = std::collections::HashMap::new();
         let mut words = std::collections::HashMap::new();
         let bare = DidKey::stored("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
-        states.insert(bare, AccountState { host_id: host, ..AccountState::default() });
+        states.insert(bare, AccountState { host_id: 1, ..AccountState::default() });
         let full = DidKey::stored("did:web:full.example.com");
         let mut st = AccountState {
-            host_id: host,
+            host_id: 1,
             rev: Some(7 << 10),
             commit: Some([9; 32]),
             data_fp: Some(-5),
@@ -569,7 +602,6 @@ mod tests {
         c.execute(&stmt, &db::UpsertColumns::new(&states, &Default::default()).params()).unwrap();
         assert_eq!(word(&mut c), "");
         drop(c);
-        drop(admin);
         pg.stop();
     }
 }

@@ -163,22 +163,65 @@ fn shard_shares(net: &runner::Running, per_host: &[u64], shards: u32) -> Vec<u64
     split
 }
 
-fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
-    let dir = tempfile_dir()?;
-    let net = match &a.corpus {
+/// Each relay process's peak RSS, anonymous RSS, threads and CPU ticks
+/// since the first sample (PostgreSQL's summed over its processes),
+/// sampled every 100 ms until `done`.
+fn sample_until(
+    child: &std::process::Child,
+    data: &std::path::Path,
+    done: impl Fn() -> bool,
+) -> std::collections::BTreeMap<String, [u64; 4]> {
+    let mut peak: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
+    let mut cpu0: std::collections::HashMap<u32, u64> = Default::default();
+    for (_, pids) in relay_processes(child, data) {
+        for p in pids {
+            cpu0.insert(p, cpu_ticks(p));
+        }
+    }
+    while !done() {
+        for (name, pids) in relay_processes(child, data) {
+            let e = peak.entry(name).or_default();
+            e[0] = e[0].max(pids.iter().map(|&p| proc_status(p, "VmRSS:")).sum());
+            e[1] = e[1].max(pids.iter().map(|&p| proc_status(p, "RssAnon:")).sum());
+            e[2] = e[2].max(pids.iter().map(|&p| proc_status(p, "Threads:")).sum());
+            let cpu: u64 = pids.iter().map(|&p| cpu_ticks(p).saturating_sub(*cpu0.entry(p).or_insert(0))).sum();
+            e[3] = e[3].max(cpu);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    peak
+}
+
+/// What [`sample_until`] found, with CPU per event of `events`.
+fn print_processes(peak: &std::collections::BTreeMap<String, [u64; 4]>, events: u64) {
+    let hz = 100.0;
+    let per_event = |ticks: u64| ticks as f64 / hz / events.max(1) as f64 * 1e6;
+    for (name, [rss, anon, threads, cpu]) in peak {
+        println!(
+            "  {name:<14} peak RSS {rss:>7} KiB (anon {anon:>6} KiB)  threads {threads}  CPU {:.2} s = {:.1} us an event",
+            *cpu as f64 / hz,
+            per_event(*cpu)
+        );
+    }
+    println!("  relay CPU, all processes: {:.1} us an event", per_event(peak.values().map(|v| v[3]).sum()));
+}
+
+/// The network the bench relays: a corpus, or fakenet's generation with
+/// its hosts placed evenly over the shards (unless `--unbalanced`).
+fn network(a: &Args, dir: &std::path::Path) -> anyhow::Result<runner::Running> {
+    Ok(match &a.corpus {
         Some(c) => {
             let t = Instant::now();
             let net = runner::serve_corpus(c, None)?;
             println!("fakenet corpus loaded: {} events in {:.2} s", net.events(), t.elapsed().as_secs_f64());
             net
         }
-        None if a.unbalanced => generate(&a, &dir, 0)?,
+        None if a.unbalanced => generate(a, dir, 0)?,
         None => {
             // Even host counts first; the hosts' traffic differs, so their
             // events (the same by host index whatever the ports) place
             // them again if the shards' shares differ by more than 10%.
-            let net = generate(&a, &dir, sluice_tests::ports::balanced_base_port(a.hosts, 1, a.shards)?)?;
+            let net = generate(a, dir, sluice_tests::ports::balanced_base_port(a.hosts, 1, a.shards)?)?;
             let (weights, _) = replay_hosts(&net)?;
             let (base, spread) = sluice_tests::ports::weighted_base_port(&weights, 1, a.shards, 0.1)?;
             if sluice_tests::ports::spread(&shard_shares(&net, &weights, a.shards)) <= 0.1 {
@@ -186,10 +229,16 @@ fn main() -> anyhow::Result<()> {
             } else {
                 drop(net);
                 println!("hosts placed again by their events (shares' spread {:.1}%)", spread * 100.0);
-                generate(&a, &dir, base)?
+                generate(a, dir, base)?
             }
         }
-    };
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let dir = tempfile_dir()?;
+    let net = network(&a, &dir)?;
     let total = net.events();
     let (per_host, el) = replay_hosts(&net)?;
     let replayed: u64 = per_host.iter().sum();
@@ -217,27 +266,7 @@ fn main() -> anyhow::Result<()> {
     for h in &net.info.hosts {
         http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
     }
-    // Sample RSS, threads and CPU while the load runs (a process's CPU
-    // from its first sample; PostgreSQL's summed over its processes).
-    let data = dir.join("relay-throughput/data");
-    let mut peak: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
-    let mut cpu0: std::collections::HashMap<u32, u64> = Default::default();
-    for (_, pids) in relay_processes(&child, &data) {
-        for p in pids {
-            cpu0.insert(p, cpu_ticks(p));
-        }
-    }
-    while !consumer.is_finished() {
-        for (name, pids) in relay_processes(&child, &data) {
-            let e = peak.entry(name).or_default();
-            e[0] = e[0].max(pids.iter().map(|&p| proc_status(p, "VmRSS:")).sum());
-            e[1] = e[1].max(pids.iter().map(|&p| proc_status(p, "RssAnon:")).sum());
-            e[2] = e[2].max(pids.iter().map(|&p| proc_status(p, "Threads:")).sum());
-            let cpu: u64 = pids.iter().map(|&p| cpu_ticks(p).saturating_sub(*cpu0.entry(p).or_insert(0))).sum();
-            e[3] = e[3].max(cpu);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let peak = sample_until(&child, &dir.join("relay-throughput/data"), || consumer.is_finished());
     let (got, _) = consumer.join().unwrap();
     let el = t.elapsed();
     println!(
@@ -256,16 +285,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(loads) = metric(metrics, "sluice_account_loads_total") {
         println!("  account loads  {loads:.0} Postgres queries (account cache misses)");
     }
-    let hz = 100.0;
-    let per_event = |ticks: u64| ticks as f64 / hz / got.max(1) as f64 * 1e6;
-    for (name, [rss, anon, threads, cpu]) in &peak {
-        println!(
-            "  {name:<14} peak RSS {rss:>7} KiB (anon {anon:>6} KiB)  threads {threads}  CPU {:.2} s = {:.1} us an event",
-            *cpu as f64 / hz,
-            per_event(*cpu)
-        );
-    }
-    println!("  relay CPU, all processes: {:.1} us an event", per_event(peak.values().map(|v| v[3]).sum()));
+    print_processes(&peak, got);
     if a.churn_cycles > 0 {
         churn(&child, port, total, a.churn_cycles)?;
     }
