@@ -44,6 +44,13 @@ struct Args {
     /// Latency phase: seconds of live traffic.
     #[arg(long, default_value_t = 10)]
     latency_seconds: u64,
+    /// Catch-up phase: seconds the relay is down while the network goes
+    /// on at `--catchup-rate` (0 = skip; 3600 is the issue's hour).
+    #[arg(long, default_value_t = 60)]
+    catchup_downtime_s: u64,
+    /// Catch-up phase: live events per second, before, during and after.
+    #[arg(long, default_value_t = 1000.0)]
+    catchup_rate: f64,
     /// Replay a corpus written by `fakenet generate` instead of generating.
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -294,6 +301,9 @@ fn main() -> anyhow::Result<()> {
     if a.latency_rate > 0.0 {
         latency_phase(&a, &sluice, &dir)?;
     }
+    if a.catchup_downtime_s > 0 {
+        catchup_phase(&a, &sluice, &dir)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -454,4 +464,139 @@ fn spawn_relay(
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok((child, port, metrics))
+}
+
+/// What the catch-up phase's consumer saw: for each commit after the
+/// restart, when it arrived and how long after its emission.
+struct Arrivals {
+    after_restart: Vec<(Instant, Duration)>,
+    frames: u64,
+}
+
+/// A consumer that follows the relay across its restart: the relay's
+/// current port in `port` (0 while it is down), resuming from the last
+/// seq it read; commits' lags (arrival minus fakenet's emission) are kept
+/// once `restarted` is set.
+fn follow(
+    port: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    restarted: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    shared: std::sync::Arc<fakenet::server::Shared>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Arrivals {
+    use sluice_common::atproto::frame::{decode, Event, Message};
+    use std::sync::atomic::Ordering;
+    let mut out = Arrivals { after_restart: Vec::new(), frames: 0 };
+    let mut cursor: Option<i64> = None;
+    while !stop.load(Ordering::Acquire) {
+        let p = port.load(Ordering::Acquire);
+        let Ok(tcp) = TcpStream::connect(("127.0.0.1", p)).map_err(|_| std::thread::sleep(Duration::from_millis(100)))
+        else {
+            continue;
+        };
+        tcp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let q = cursor.map(|c| format!("?cursor={c}")).unwrap_or_default();
+        let url = format!("ws://127.0.0.1:{p}/xrpc/com.atproto.sync.subscribeRepos{q}");
+        let Ok((mut ws, _)) = tungstenite::client(url, tcp) else { continue };
+        while !stop.load(Ordering::Acquire) {
+            let b = match ws.read() {
+                Ok(tungstenite::Message::Binary(b)) => b,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    continue
+                }
+                Err(_) => break,
+            };
+            let now = Instant::now();
+            out.frames += 1;
+            let Ok(d) = decode(&b) else { continue };
+            let Message::Event(e) = d.message else { continue };
+            cursor = e.seq().or(cursor);
+            let since = *restarted.lock().unwrap();
+            if let (Event::Commit(c), Some(_)) = (e, since) {
+                if let Some(t) = shared.emit_times.lock().unwrap().get(&c.commit.to_string()) {
+                    out.after_restart.push((now, now.duration_since(*t)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Catch-up (issue 24): the network goes on at `--catchup-rate` while the
+/// relay is down `--catchup-downtime-s`; after its restart, the time until
+/// its consumer is live again (every later commit under 1 s from its
+/// emission), and that time over the downtime (target ≤ 1/10).
+fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+    let (warm, after) = (Duration::from_secs(10), Duration::from_secs(a.catchup_downtime_s.clamp(30, 600)));
+    let net = runner::start(ServeConfig {
+        hosts: a.hosts,
+        accounts: a.accounts,
+        base_port: sluice_tests::ports::balanced_base_port(a.hosts, 1, a.shards)?,
+        seed: 11,
+        rate: a.catchup_rate,
+        duration: Some(warm + Duration::from_secs(a.catchup_downtime_s) + after + Duration::from_secs(5)),
+        faults: FaultRates::none(),
+        ledger: dir.join("ledger-catchup.jsonl"),
+        wait_subscribers: Some(Duration::from_secs(60)),
+        emit_times_max: 20_000_000,
+        ..ServeConfig::default()
+    })?;
+    let rdir = dir.join("relay-catchup");
+    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url)?;
+    let current = Arc::new(std::sync::atomic::AtomicU16::new(port));
+    let restarted = Arc::new(Mutex::new(None));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer = {
+        let (c, r, sh, st) = (current.clone(), restarted.clone(), net.shared.clone(), stop.clone());
+        std::thread::spawn(move || follow(c, r, sh, st))
+    };
+    for h in &net.info.hosts {
+        http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
+    }
+    std::thread::sleep(warm);
+    let term = |c: &std::process::Child| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM)
+    };
+    term(&child)?;
+    let mut child = child;
+    let _ = child.wait();
+    current.store(0, Ordering::Release);
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(a.catchup_downtime_s).saturating_sub(down.elapsed()));
+    let backlog = (a.catchup_rate * down.elapsed().as_secs_f64()) as u64;
+    // From the restart's start: the relay's own start (PostgreSQL's
+    // included) is part of its catching up.
+    let up = Instant::now();
+    *restarted.lock().unwrap() = Some(up);
+    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url)?;
+    current.store(port, Ordering::Release);
+    std::thread::sleep(after);
+    stop.store(true, Ordering::Release);
+    let seen = consumer.join().unwrap();
+    term(&child)?;
+    let mut child = child;
+    let _ = child.wait();
+    let behind = seen.after_restart.iter().filter(|(_, lag)| *lag >= Duration::from_secs(1)).map(|(t, _)| *t).max();
+    let caught = behind.map_or(Duration::ZERO, |t| t.duration_since(up));
+    let live = seen.after_restart.iter().filter(|(t, _)| behind.is_none_or(|b| *t > b)).count();
+    println!(
+        "catch-up at {:.0} events/s: down {:.1} s (~{backlog} events behind), live again {:.2} s after the restart \
+         = {:.3} of the downtime (target <= 0.1); {} commits after the restart, {live} of them once live; {} frames in all",
+        a.catchup_rate,
+        up.duration_since(down).as_secs_f64(),
+        caught.as_secs_f64(),
+        caught.as_secs_f64() / up.duration_since(down).as_secs_f64(),
+        seen.after_restart.len(),
+        seen.frames
+    );
+    anyhow::ensure!(
+        behind.is_none() || live > 0,
+        "the consumer never caught up within {:.0} s of the restart",
+        after.as_secs_f64()
+    );
+    Ok(())
 }
