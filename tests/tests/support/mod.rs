@@ -118,7 +118,9 @@ impl Relay {
         let child = Command::new(sluice_bin())
             .args(["run", "--config"])
             .arg(&self.config)
-            .env("SLUICE_LOG", "info,refinery_core=warn")
+            // SLUICE_TEST_LOG: the relay's log filter when a test is
+            // looked at closer (e.g. `info,sluice_dbwriter::identity=debug`).
+            .env("SLUICE_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info,refinery_core=warn".into()))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
@@ -133,6 +135,10 @@ impl Relay {
         // Backtrace frames say little in a test failure; the lines around them do.
         let lines: Vec<&str> = s.lines().filter(|l| !l.starts_with("  ")).collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn clone_log_path(&self) -> std::path::PathBuf {
+        self.log.clone()
     }
 
     /// The whole log so far.
