@@ -48,6 +48,24 @@ pub fn children(pid: u32) -> Vec<(u32, String)> {
     out
 }
 
+/// A relay's processes by role, under its supervisor `pid` whose data
+/// directory is `data`: each child by its first arguments (`shard --id
+/// 0`, `db-writer`), the supervisor, and PostgreSQL's postmaster with all
+/// its backends as one ("postgres (all)").
+pub fn relay_processes(pid: u32, data: &std::path::Path) -> Vec<(String, Vec<u32>)> {
+    let mut out: Vec<(String, Vec<u32>)> = children(pid)
+        .into_iter()
+        .map(|(p, name)| (name.split(" --config").next().unwrap_or("").to_owned(), vec![p]))
+        .collect();
+    out.push(("supervisor".into(), vec![pid]));
+    let pm = std::fs::read_to_string(data.join("pg/postmaster.pid")).unwrap_or_default();
+    if let Some(pm) = pm.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) {
+        out.retain(|(_, p)| p[0] != pm);
+        out.push(("postgres (all)".into(), tree(pm)));
+    }
+    out
+}
+
 /// `pid` and all its descendants.
 pub fn tree(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];

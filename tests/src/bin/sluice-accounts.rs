@@ -27,7 +27,7 @@ use sluice_common::atproto::policy::AccountState;
 use sluice_common::ipc::idwire::IdentityRecord;
 use sluice_common::process::clockcache::ClockCache;
 use sluice_tests::http::{metric, request};
-use sluice_tests::procinfo::{children, cpu_ticks, status as proc_status, tree};
+use sluice_tests::procinfo::{cpu_ticks, status as proc_status};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -504,17 +504,7 @@ impl Relay {
 
     /// The relay's processes by role; PostgreSQL's all together.
     fn processes(&self) -> Vec<(String, Vec<u32>)> {
-        let mut out: Vec<(String, Vec<u32>)> = children(self.child.id())
-            .into_iter()
-            .map(|(p, name)| (name.split(" --config").next().unwrap_or("").to_owned(), vec![p]))
-            .collect();
-        out.push(("supervisor".into(), vec![self.child.id()]));
-        let pid = std::fs::read_to_string(self.dir.join("data/pg/postmaster.pid")).unwrap_or_default();
-        if let Some(pm) = pid.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) {
-            out.retain(|(_, p)| p[0] != pm);
-            out.push(("postgres (all)".into(), tree(pm)));
-        }
-        out
+        sluice_tests::procinfo::relay_processes(self.child.id(), &self.dir.join("data"))
     }
 
     fn stop(&mut self) {

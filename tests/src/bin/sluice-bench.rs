@@ -16,7 +16,7 @@ use clap::Parser;
 use fakenet::runner::{self, ServeConfig};
 use fakenet::world::FaultRates;
 use sluice_common::process::partition::shard_for;
-use sluice_tests::procinfo::{children, cpu_ticks, status as proc_status, tree};
+use sluice_tests::procinfo::{children, cpu_ticks, status as proc_status};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -61,22 +61,6 @@ struct Args {
     /// chance: 20 such names put ~87% of the events on one of 2 shards).
     #[arg(long)]
     unbalanced: bool,
-}
-
-/// The relay's processes by role (PostgreSQL's postmaster and backends
-/// together), as in the accounts bench.
-fn relay_processes(child: &std::process::Child, data: &std::path::Path) -> Vec<(String, Vec<u32>)> {
-    let mut out: Vec<(String, Vec<u32>)> = children(child.id())
-        .into_iter()
-        .map(|(p, name)| (name.split(" --config").next().unwrap_or("").to_owned(), vec![p]))
-        .collect();
-    out.push(("supervisor".into(), vec![child.id()]));
-    let pid = std::fs::read_to_string(data.join("pg/postmaster.pid")).unwrap_or_default();
-    if let Some(pm) = pid.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) {
-        out.retain(|(_, p)| p[0] != pm);
-        out.push(("postgres (all)".into(), tree(pm)));
-    }
-    out
 }
 
 /// The status of one request (the benches' shared client).
@@ -180,13 +164,13 @@ fn sample_until(
 ) -> std::collections::BTreeMap<String, [u64; 4]> {
     let mut peak: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
     let mut cpu0: std::collections::HashMap<u32, u64> = Default::default();
-    for (_, pids) in relay_processes(child, data) {
+    for (_, pids) in sluice_tests::procinfo::relay_processes(child.id(), data) {
         for p in pids {
             cpu0.insert(p, cpu_ticks(p));
         }
     }
     while !done() {
-        for (name, pids) in relay_processes(child, data) {
+        for (name, pids) in sluice_tests::procinfo::relay_processes(child.id(), data) {
             let e = peak.entry(name).or_default();
             e[0] = e[0].max(pids.iter().map(|&p| proc_status(p, "VmRSS:")).sum());
             e[1] = e[1].max(pids.iter().map(|&p| proc_status(p, "RssAnon:")).sum());
