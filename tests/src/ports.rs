@@ -10,17 +10,14 @@ use sluice_common::process::partition::shard_for;
 /// evenly as whole hosts allow and, with the `extra` ports after them
 /// (fakenet's directory), are free on loopback now.
 pub fn balanced_base_port(hosts: usize, extra: usize, shards: u32) -> anyhow::Result<u16> {
-    anyhow::ensure!(shards > 0 && hosts + extra < 1_000, "{hosts} hosts over {shards} shards");
-    let mut base: u16 = 20_000;
-    for _ in 0..2_000 {
-        let even = split(base, hosts, shards).iter().max() <= Some(&hosts.div_ceil(shards as usize));
-        let free = || (0..hosts + extra).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i as u16)).is_ok());
-        if even && free() {
-            return Ok(base);
-        }
-        base += (hosts + extra) as u16;
-    }
-    anyhow::bail!("no free range of {hosts} ports splits evenly over {shards} shards")
+    anyhow::ensure!(shards > 0, "{hosts} hosts over {shards} shards");
+    // Hosts of equal weight; the most even split of whole hosts differs
+    // by one host between shards, or by none.
+    let mean = hosts as f64 / f64::from(shards);
+    let tolerance = if hosts.is_multiple_of(shards as usize) || mean == 0.0 { 0.0 } else { 1.0 / mean };
+    let (base, spread) = weighted_base_port(&vec![1; hosts], extra, shards, tolerance)?;
+    anyhow::ensure!(spread <= tolerance + 1e-9, "no free range of {hosts} ports splits evenly over {shards} shards");
+    Ok(base)
 }
 
 /// Like [`balanced_base_port`] for hosts of unequal traffic (`weights[i]`
@@ -66,15 +63,6 @@ pub fn spread(per: &[u64]) -> f64 {
     }
 }
 
-/// Hosts per shard for the names `localhost:base..base + hosts`.
-pub fn split(base: u16, hosts: usize, shards: u32) -> Vec<usize> {
-    let mut per = vec![0usize; shards as usize];
-    for i in 0..hosts {
-        per[shard_for(&format!("localhost:{}", base as usize + i), shards) as usize] += 1;
-    }
-    per
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,8 +71,8 @@ mod tests {
     fn ranges_found_split_evenly() {
         for (hosts, shards) in [(20, 2), (4, 2), (7, 3), (1, 1)] {
             let base = balanced_base_port(hosts, 1, shards).unwrap();
-            let per = split(base, hosts, shards);
-            assert_eq!(per.iter().sum::<usize>(), hosts);
+            let per = shares(base, &vec![1; hosts], shards);
+            assert_eq!(per.iter().sum::<u64>(), hosts as u64);
             assert!(per.iter().max().unwrap() - per.iter().min().unwrap() <= 1, "{hosts} over {shards}: {per:?}");
         }
     }
