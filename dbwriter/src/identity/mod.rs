@@ -18,7 +18,9 @@
 //!   relay-wide, paced (no bursts), at most `identity_fetch_concurrency`
 //!   at once, over kept connections. A 429 or 503 pauses them all for its
 //!   Retry-After, and at least a backoff that doubles from 1 s to 60 s
-//!   while they repeat; other failures pause them too. A DID is fetched
+//!   while they repeat (plus up to a quarter at random); other failures
+//!   pause them too. The requests already on their way when a pause began
+//!   are one wave: their failures do not double it again. A DID is fetched
 //!   at most once per [`REFETCH_MIN`] and never twice in a row for one
 //!   event. DIDs waiting are served fairly by host ([`fair`]).
 //! - **Following the directory instead of polling it** (`plc_export`): the

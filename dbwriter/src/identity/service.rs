@@ -173,6 +173,10 @@ pub struct Service {
     /// PLC requests wait until then (a 429, 503 or failure).
     paused_until: Option<Instant>,
     pause: Duration,
+    /// When the current pause began (unix micros): a failure of a request
+    /// sent before then belongs to the wave that began it and does not
+    /// double the pause again.
+    paused_at_micros: i64,
     /// The PLC pace has a token again then.
     token_at: Option<Instant>,
     /// When the PLC directory last answered (anything but a failure).
@@ -215,6 +219,7 @@ impl Service {
             busy: 0,
             plc_bucket: TokenBucket::new(rate, 1.0, now),
             paused_until: None,
+            paused_at_micros: 0,
             pause: PAUSE_FIRST,
             token_at: None,
             plc_ok_at: None,
@@ -308,7 +313,7 @@ impl Service {
                     }
                 }
             }
-            Event::Fetched { did, result, .. } => self.fetched(did, result),
+            Event::Fetched { did, sent_micros, result } => self.fetched(did, sent_micros, result),
             Event::ExportPage { sent_micros, result } => self.export_page(sent_micros, result),
             Event::ExportApplied { changed, cursor, full, sent_micros } => {
                 self.export_applied(changed, cursor, full, sent_micros)
@@ -659,7 +664,7 @@ impl Service {
         }
     }
 
-    fn fetched(&mut self, did: String, result: Result<IdentityRecord, FetchError>) {
+    fn fetched(&mut self, did: String, sent_micros: i64, result: Result<IdentityRecord, FetchError>) {
         self.busy = self.busy.saturating_sub(1);
         let plc = did.starts_with("did:plc:");
         let now = Instant::now();
@@ -696,17 +701,19 @@ impl Service {
                 self.give_up(&did, p, true, e.to_string());
             }
             Err(FetchError::RateLimited { retry_after, why }) if plc => {
-                self.pause_plc(now, retry_after, &why);
+                self.pause_plc(now, sent_micros, retry_after, &why);
                 p.stage = Stage::Queued;
                 self.queue.push_front(p.host_id, did.clone());
                 self.pending.insert(did, p);
             }
-            Err(e) => self.failed(did, p, plc, e, now),
+            Err(e) => self.failed(did, p, (plc, sent_micros), e, now),
         }
     }
 
     /// A directory request for `did` failed (not permanently).
-    fn failed(&mut self, did: String, mut p: Pending, plc: bool, e: FetchError, now: Instant) {
+    /// `sent`: whether it went to the PLC directory, and when.
+    fn failed(&mut self, did: String, mut p: Pending, sent: (bool, i64), e: FetchError, now: Instant) {
+        let (plc, sent_micros) = sent;
         let first = *p.first_failure.get_or_insert(now);
         p.failures += 1;
         let waited = now.duration_since(p.asked_at) >= self.wait_max();
@@ -721,7 +728,7 @@ impl Service {
         if plc {
             // The directory failing for everyone is waited for; failing
             // for this DID while it answers others is this DID's.
-            self.pause_plc(now, None, &e.to_string());
+            self.pause_plc(now, sent_micros, None, &e.to_string());
             if waited && self.plc_ok_at.is_some_and(|t| t > first) {
                 return self.give_up(&did, p, false, format!("{e} (for {} s)", now.duration_since(first).as_secs()));
             }
@@ -748,16 +755,31 @@ impl Service {
 
     /// Pause every PLC request: for the directory's Retry-After if it gave
     /// one, and at least the backoff, which doubles while this repeats.
-    fn pause_plc(&mut self, now: Instant, retry_after: Option<Duration>, why: &str) {
-        let wait = retry_after.unwrap_or_default().max(self.pause);
+    /// The answers of requests already on their way when a pause began
+    /// (`sent_micros` before it) are one wave: they may lengthen the pause
+    /// to their Retry-After but do not double it again (four requests
+    /// failing in one burst would otherwise wait 16 s at once). The
+    /// backoff gets up to a quarter more at random, so that retries do not
+    /// keep step with a directory that fails on a schedule.
+    fn pause_plc(&mut self, now: Instant, sent_micros: i64, retry_after: Option<Duration>, why: &str) {
+        let same_wave = sent_micros < self.paused_at_micros;
+        let wait = if same_wave {
+            retry_after.unwrap_or_default()
+        } else {
+            let backoff = self.pause.mul_f64(1.0 + 0.25 * rand::random::<f64>());
+            retry_after.unwrap_or_default().max(backoff)
+        };
         let until = now + wait;
         if self.paused_until.is_none_or(|t| t < until) {
-            if self.pause == PAUSE_FIRST {
+            if self.pause == PAUSE_FIRST && !same_wave {
                 tracing::info!(why, pause_ms = wait.as_millis() as u64, "PLC directory: pausing requests");
             }
             self.paused_until = Some(until);
         }
-        self.pause = (self.pause * 2).min(PAUSE_MAX);
+        if !same_wave {
+            self.paused_at_micros = now_micros();
+            self.pause = (self.pause * 2).min(PAUSE_MAX);
+        }
     }
 
     /// The store's cursor came: follow from there (or, the first time,
@@ -776,7 +798,7 @@ impl Service {
             Err(e) => {
                 self.count(IdentityStat::ExportErrors);
                 if let FetchError::RateLimited { retry_after, why } = &e {
-                    self.pause_plc(now, *retry_after, why);
+                    self.pause_plc(now, sent_micros, *retry_after, why);
                 }
                 if !self.follower.failing {
                     tracing::warn!(error = %e, "PLC export: read failed; retrying with backoff");
@@ -899,5 +921,77 @@ impl Service {
             }
         };
         set(IdentityStat::ExportLagSeconds, lag);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_common::process::config::IdentitySettings;
+
+    fn service() -> Service {
+        let settings = IdentitySettings {
+            plc_requests_per_second: 50.0,
+            plc_export: true,
+            fetch_concurrency: 4,
+            wait_max_s: 10,
+            plc_ttl_hours: 168.0,
+            web_ttl_hours: 6.0,
+        };
+        let cfg = ServiceConfig {
+            socket: "/nonexistent".into(),
+            database_url: String::new(),
+            plc_url: "http://127.0.0.1:1".into(),
+            allow_insecure: true,
+            settings,
+            refreshes_per_host_per_second: 1.0,
+            tls: sluice_common::process::tls::client_config(None).expect("tls"),
+        };
+        let control = Arc::new(ControlBlock::create().expect("control block"));
+        Service::new(cfg, control, flume::unbounded().0, flume::unbounded().0)
+    }
+
+    fn paused_for(s: &Service, now: Instant) -> Duration {
+        s.paused_until.expect("paused").saturating_duration_since(now)
+    }
+
+    /// Four requests in flight failing in one 5xx burst pause the
+    /// directory once (1 s and its jitter), not 1 + 2 + 4 + 8 s; a
+    /// Retry-After among them still lengthens it; the next failure after
+    /// the pause doubles it.
+    #[test]
+    fn a_wave_of_failures_doubles_the_pause_once() {
+        let mut s = service();
+        let (now, sent) = (Instant::now(), now_micros() - 1_000);
+        for _ in 0..4 {
+            s.pause_plc(now, sent, None, "502");
+        }
+        assert_eq!(s.pause, PAUSE_FIRST * 2);
+        let first = paused_for(&s, now);
+        assert!(first >= PAUSE_FIRST && first <= PAUSE_FIRST.mul_f64(1.25), "{first:?}");
+        s.pause_plc(now, sent, Some(Duration::from_secs(3)), "429");
+        assert_eq!((s.pause, paused_for(&s, now)), (PAUSE_FIRST * 2, Duration::from_secs(3)));
+        // A request sent after the pause began fails too: a new wave.
+        s.pause_plc(now, now_micros() + 1, None, "502");
+        assert_eq!(s.pause, PAUSE_FIRST * 4);
+        assert!(paused_for(&s, now) >= Duration::from_secs(3));
+        // An answer ends the backoff.
+        s.plc_answered(now);
+        assert_eq!(s.pause, PAUSE_FIRST);
+    }
+
+    /// The jitter spreads pauses over a quarter of the backoff.
+    #[test]
+    fn the_backoff_is_jittered() {
+        let pauses: HashSet<u128> = (0..20)
+            .map(|_| {
+                let mut s = service();
+                let now = Instant::now();
+                s.pause_plc(now, now_micros(), None, "502");
+                paused_for(&s, now).as_micros()
+            })
+            .collect();
+        assert!(pauses.len() > 10, "{pauses:?}");
+        assert!(pauses.iter().all(|p| (1_000_000..=1_250_000).contains(p)), "{pauses:?}");
     }
 }
