@@ -61,6 +61,10 @@ struct Args {
     /// chance: 20 such names put ~87% of the events on one of 2 shards).
     #[arg(long)]
     unbalanced: bool,
+    /// A line added to the relay's config (repeatable), e.g.
+    /// `--relay-config flush_interval_ms=5`.
+    #[arg(long)]
+    relay_config: Vec<String>,
 }
 
 /// The status of one request (the benches' shared client).
@@ -248,7 +252,8 @@ fn main() -> anyhow::Result<()> {
     );
 
     let sluice = a.sluice.clone().unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("sluice"));
-    let (mut child, port, metrics) = spawn_relay(&sluice, &dir.join("relay-throughput"), a.shards, &net.info.plc_url)?;
+    let (mut child, port, metrics) =
+        spawn_relay(&sluice, &dir.join("relay-throughput"), a.shards, &net.info.plc_url, &a.relay_config)?;
     let consumer = std::thread::spawn(move || {
         consume(port, "/xrpc/com.atproto.sync.subscribeRepos", total, Duration::from_secs(600))
     });
@@ -350,7 +355,8 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         emit_times_max: 10_000_000,
         ..ServeConfig::default()
     })?;
-    let (mut child, port, _) = spawn_relay(sluice, &dir.join("relay-latency"), a.shards, &net.info.plc_url)?;
+    let (mut child, port, _) =
+        spawn_relay(sluice, &dir.join("relay-latency"), a.shards, &net.info.plc_url, &a.relay_config)?;
     let shared = net.shared.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -426,6 +432,7 @@ fn spawn_relay(
     dir: &std::path::Path,
     shards: u32,
     plc: &str,
+    extra: &[String],
 ) -> anyhow::Result<(std::process::Child, u16, u16)> {
     std::fs::create_dir_all(dir)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -440,8 +447,9 @@ fn spawn_relay(
             "shard_count = {shards}\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
              data_dir = {:?}\nplc_url = {plc:?}\n\
              allow_insecure_hosts = true\nring_size_bytes = 67108864\n\
-             plc_requests_per_second = 100000.0\nidentity_fetch_concurrency = 32\n",
+             plc_requests_per_second = 100000.0\nidentity_fetch_concurrency = 32\n{}\n",
             dir.join("data").to_string_lossy(),
+            extra.join("\n"),
         ),
     )?;
     let log = std::fs::File::create(dir.join("relay.log"))?;
@@ -551,7 +559,7 @@ fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         ..ServeConfig::default()
     })?;
     let rdir = dir.join("relay-catchup");
-    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url)?;
+    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url, &a.relay_config)?;
     let current = Arc::new(std::sync::atomic::AtomicU16::new(port));
     let restarted = Arc::new(Mutex::new(None));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -577,7 +585,7 @@ fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
     // included) is part of its catching up.
     let up = Instant::now();
     *restarted.lock().unwrap() = Some(up);
-    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url)?;
+    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url, &a.relay_config)?;
     current.store(port, Ordering::Release);
     std::thread::sleep(after);
     stop.store(true, Ordering::Release);
