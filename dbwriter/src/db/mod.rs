@@ -109,30 +109,59 @@ impl Batch {
 
 /// The group commit's statements, prepared once per connection: each
 /// commit then costs one Bind/Execute per statement instead of a parse and
-/// plan, and host cursors and counters go in one statement each however
-/// many hosts the batch touched.
+/// plan. What every round writes (accounts, host cursors and counters,
+/// `last_seq`) is one statement ([`round_statement`]): a round with nothing else is
+/// one round trip and its own transaction, no BEGIN or COMMIT.
 pub struct CommitStatements {
-    accounts: Statement,
+    round: Statement,
     names: Statement,
-    counts: Statement,
-    cursors: Statement,
     offline: Statement,
-    last_seq: Statement,
+}
+
+/// One round's accounts ([`UPSERT`], `$1`-`$9`), hosts' counters and
+/// cursors (`$10` ids, `$11` account deltas, `$12` cursors; a cursor of
+/// -1 keeps the stored one) and the relay seq (`$13`), in one statement:
+/// its data-modifying parts run whether or not the last one reads them.
+fn round_statement() -> String {
+    format!(
+        "WITH a AS ({UPSERT}),
+         h AS (UPDATE hosts h SET account_count = h.account_count + v.delta,
+                 cursor = GREATEST(h.cursor, v.cursor), updated_at = now()
+               FROM unnest($10::int8[], $11::int8[], $12::int8[]) AS v(id, delta, cursor) WHERE h.id = v.id)
+         UPDATE relay_meta SET last_seq = $13 WHERE id = 1"
+    )
+}
+
+/// A round's hosts as [`round_statement`]'s arrays: account count deltas
+/// (new accounts, moves) and cursors, one entry per host.
+fn host_columns(b: &Batch) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+    let mut hosts: HashMap<i64, (i64, i64)> = HashMap::new();
+    for (&h, &n) in &b.new_accounts {
+        hosts.entry(h).or_insert((0, -1)).0 += n;
+    }
+    for &(from, to) in &b.moves {
+        hosts.entry(from).or_insert((0, -1)).0 -= 1;
+        hosts.entry(to).or_insert((0, -1)).0 += 1;
+    }
+    for (&h, &c) in &b.cursors {
+        hosts.entry(h).or_insert((0, -1)).1 = c;
+    }
+    let mut cols = (Vec::new(), Vec::new(), Vec::new());
+    for (h, (delta, cursor)) in hosts {
+        if delta != 0 || cursor >= 0 {
+            cols.0.push(h);
+            cols.1.push(delta);
+            cols.2.push(cursor);
+        }
+    }
+    cols
 }
 
 impl CommitStatements {
     pub fn prepare(c: &mut Client) -> Result<CommitStatements, DbError> {
         Ok(CommitStatements {
-            accounts: c.prepare(UPSERT)?,
+            round: c.prepare(&round_statement())?,
             names: c.prepare(NAMES)?,
-            counts: c.prepare(
-                "UPDATE hosts h SET account_count = h.account_count + v.delta, updated_at = now()
-                 FROM unnest($1::int8[], $2::int8[]) AS v(id, delta) WHERE h.id = v.id",
-            )?,
-            cursors: c.prepare(
-                "UPDATE hosts h SET cursor = GREATEST(h.cursor, v.cursor), updated_at = now()
-                 FROM unnest($1::int8[], $2::int8[]) AS v(id, cursor) WHERE h.id = v.id",
-            )?,
             offline: c.prepare(
                 "UPDATE hosts h SET status = CASE WHEN v.offline THEN 'offline' ELSE 'active' END,
                    offline_since = CASE WHEN v.offline THEN now() END, updated_at = now()
@@ -140,36 +169,31 @@ impl CommitStatements {
                  WHERE h.id = v.id AND h.status = CASE WHEN v.offline THEN 'active' ELSE 'offline' END
                  RETURNING h.hostname, h.status",
             )?,
-            last_seq: c.prepare("UPDATE relay_meta SET last_seq = $1 WHERE id = 1")?,
         })
     }
 }
 
 /// One transaction: accounts, host cursors, counters and reachability, the
 /// relay seq. Returns the hosts whose status changed (see [`set_offline`]).
+/// A round with only accounts, cursors and counters (most of them) is the
+/// one statement of [`round_statement`] on its own.
 pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(String, HostStatus)>, DbError> {
+    let columns = UpsertColumns::new(&b.accounts, &b.words);
+    let (ids, deltas, cursors) = host_columns(b);
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = columns.params().to_vec();
+    let hosts: [&(dyn postgres::types::ToSql + Sync); 4] = [&ids, &deltas, &cursors, &b.last_seq];
+    params.extend(hosts);
+    let alone = b.names.is_empty() && b.host_offline.is_empty() && b.held.is_empty() && b.index.is_empty();
+    if alone {
+        c.execute(&s.round, &params)?;
+        return Ok(Vec::new());
+    }
     let mut t = c.transaction()?;
     if !b.names.is_empty() {
         let (keys, dids): (Vec<uuid::Uuid>, Vec<&str>) = b.names.iter().map(|(k, d)| (uuid_of(k), d.as_str())).unzip();
         t.execute(&s.names, &[&keys, &dids])?;
     }
-    if !b.accounts.is_empty() {
-        let columns = UpsertColumns::new(&b.accounts, &b.words);
-        t.execute(&s.accounts, &columns.params())?;
-    }
-    let mut deltas: HashMap<i64, i64> = b.new_accounts.clone();
-    for &(from, to) in &b.moves {
-        *deltas.entry(from).or_default() -= 1;
-        *deltas.entry(to).or_default() += 1;
-    }
-    let (ids, ds): (Vec<i64>, Vec<i64>) = deltas.into_iter().filter(|&(_, d)| d != 0).unzip();
-    if !ids.is_empty() {
-        t.execute(&s.counts, &[&ids, &ds])?;
-    }
-    if !b.cursors.is_empty() {
-        let (ids, cursors): (Vec<i64>, Vec<i64>) = b.cursors.iter().map(|(h, c)| (*h, *c)).unzip();
-        t.execute(&s.cursors, &[&ids, &cursors])?;
-    }
+    t.execute(&s.round, &params)?;
     let changed = if b.host_offline.is_empty() { Vec::new() } else { set_offline(&mut t, s, &b.host_offline)? };
     if !b.held.is_empty() {
         save_held(&mut t, &b.held)?;
@@ -177,7 +201,6 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(St
     if !b.index.is_empty() {
         write_changes(&mut t, &b.index)?;
     }
-    t.execute(&s.last_seq, &[&b.last_seq])?;
     t.commit()?;
     Ok(changed)
 }
@@ -255,4 +278,26 @@ pub fn audit(c: &mut Client, action: &str, subject: &str, detail_json: &str) -> 
 pub fn set_request_crawl(c: &mut Client, public: bool) -> Result<(), postgres::Error> {
     c.execute("UPDATE relay_meta SET request_crawl = $1 WHERE id = 1", &[&public])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counters and cursors of a round, one entry per host: a move counts
+    /// on both hosts, a host without a new cursor keeps its own (-1), a
+    /// host whose changes cancel out is left out.
+    #[test]
+    fn host_columns_merge_counters_and_cursors() {
+        let mut b = Batch::default();
+        b.new_accounts.insert(1, 3);
+        b.moves = vec![(2, 1), (3, 4), (4, 3)];
+        b.cursors.insert(5, 77);
+        b.cursors.insert(1, 0);
+        let (ids, deltas, cursors) = host_columns(&b);
+        let mut rows: Vec<(i64, i64, i64)> =
+            ids.into_iter().zip(deltas).zip(cursors).map(|((h, d), c)| (h, d, c)).collect();
+        rows.sort();
+        assert_eq!(rows, vec![(1, 4, 0), (2, -1, -1), (5, 0, 77)]);
+    }
 }
