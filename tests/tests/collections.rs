@@ -110,6 +110,8 @@ fn repos_by_collection_match_the_network_through_restarts() {
             rate: 250.0,
             max_events: Some(5_000),
             faults: FaultRates::none(),
+            // did:web repos are listed too (collectiondir leaves them out).
+            web_accounts: 3,
             ..ServeConfig::default()
         },
         2,
@@ -140,6 +142,7 @@ fn repos_by_collection_match_the_network_through_restarts() {
     let any: BTreeSet<String> =
         all_pages(relay, &COLLECTIONS.map(|c| format!("collection={c}")).join("&"), 11).into_iter().collect();
     assert_eq!(any, want.values().flatten().cloned().collect::<BTreeSet<String>>(), "several collections at once");
+    assert!(any.iter().any(|d| d.starts_with("did:web:")), "no did:web repo listed: the test proves less than it says");
     assert!(
         metric(relay, "sluice_collections_changes_total{change=\"removed\"") > 0,
         "no account lost its last record of a collection: the test proves less than it says"
