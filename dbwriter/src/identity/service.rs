@@ -706,14 +706,14 @@ impl Service {
                 self.queue.push_front(p.host_id, did.clone());
                 self.pending.insert(did, p);
             }
-            Err(e) => self.failed(did, p, (plc, sent_micros), e, now),
+            Err(e) => self.failed(did, p, sent_micros, e, now),
         }
     }
 
-    /// A directory request for `did` failed (not permanently).
-    /// `sent`: whether it went to the PLC directory, and when.
-    fn failed(&mut self, did: String, mut p: Pending, sent: (bool, i64), e: FetchError, now: Instant) {
-        let (plc, sent_micros) = sent;
+    /// A directory request for `did` sent at `sent_micros` failed (not
+    /// permanently).
+    fn failed(&mut self, did: String, mut p: Pending, sent_micros: i64, e: FetchError, now: Instant) {
+        let plc = did.starts_with("did:plc:");
         let first = *p.first_failure.get_or_insert(now);
         p.failures += 1;
         let waited = now.duration_since(p.asked_at) >= self.wait_max();
