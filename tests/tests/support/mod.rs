@@ -137,10 +137,6 @@ impl Relay {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    pub fn clone_log_path(&self) -> std::path::PathBuf {
-        self.log.clone()
-    }
-
     /// The whole log so far.
     pub fn log_all(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
