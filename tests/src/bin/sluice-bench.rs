@@ -259,9 +259,7 @@ fn main() -> anyhow::Result<()> {
     });
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
-    for h in &net.info.hosts {
-        http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
-    }
+    crawl(port, &net);
     let peak = sample_until(&child, &dir.join("relay-throughput/data"), || consumer.is_finished());
     let (got, _) = consumer.join().unwrap();
     let el = t.elapsed();
@@ -285,8 +283,7 @@ fn main() -> anyhow::Result<()> {
     if a.churn_cycles > 0 {
         churn(&child, port, total, a.churn_cycles)?;
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
-    let _ = child.wait();
+    stop_relay(&mut child)?;
     if a.latency_rate > 0.0 {
         latency_phase(&a, &sluice, &dir)?;
     }
@@ -385,9 +382,7 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         }
         (lat, first)
     });
-    for h in &net.info.hosts {
-        http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
-    }
+    crawl(port, &net);
     net.wait_generation()?;
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::Release);
@@ -410,8 +405,7 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
     report("all", all);
     report("accounts' later commits", lat);
     report("accounts' first commits (an identity lookup)", first);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
-    let _ = child.wait();
+    stop_relay(&mut child)?;
     Ok(())
 }
 
@@ -468,6 +462,20 @@ fn spawn_relay(
     Ok((child, port, metrics))
 }
 
+/// Ask the relay on `port` to crawl every host of `net`.
+fn crawl(port: u16, net: &runner::Running) {
+    for h in &net.info.hosts {
+        http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
+    }
+}
+
+/// Stop a relay as its operator would (SIGTERM) and reap it.
+fn stop_relay(child: &mut std::process::Child) -> anyhow::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let _ = child.wait();
+    Ok(())
+}
+
 /// What the catch-up phase's consumer saw after the restart: the last
 /// commit that came 1 s or more after its emission, the commits since it
 /// (live ones), all commits, and all frames (no list: an hour down at
@@ -486,7 +494,7 @@ struct Arrivals {
 /// once `restarted` is set.
 fn follow(
     port: std::sync::Arc<std::sync::atomic::AtomicU16>,
-    restarted: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    restarted: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shared: std::sync::Arc<fakenet::server::Shared>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Arrivals {
@@ -520,17 +528,17 @@ fn follow(
             let Ok(d) = decode(&b) else { continue };
             let Message::Event(e) = d.message else { continue };
             cursor = e.seq().or(cursor);
-            let since = *restarted.lock().unwrap();
-            if let (Event::Commit(c), Some(_)) = (e, since) {
-                if let Some(t) = shared.emit_times.lock().unwrap().get(&c.commit.to_string()) {
-                    out.commits += 1;
-                    if now.duration_since(*t) >= Duration::from_secs(1) {
-                        out.last_behind = Some(now);
-                        out.since_behind = 0;
-                    } else {
-                        out.since_behind += 1;
-                    }
-                }
+            let Event::Commit(c) = e else { continue };
+            if !restarted.load(Ordering::Acquire) {
+                continue;
+            }
+            let Some(t) = shared.emit_times.lock().unwrap().get(&c.commit.to_string()).copied() else { continue };
+            out.commits += 1;
+            if now.duration_since(t) >= Duration::from_secs(1) {
+                out.last_behind = Some(now);
+                out.since_behind = 0;
+            } else {
+                out.since_behind += 1;
             }
         }
     }
@@ -543,7 +551,7 @@ fn follow(
 /// emission), and that time over the downtime (target ≤ 1/10).
 fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     let (warm, after) = (Duration::from_secs(10), Duration::from_secs(a.catchup_downtime_s.clamp(30, 600)));
     let net = runner::start(ServeConfig {
         hosts: a.hosts,
@@ -559,24 +567,17 @@ fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         ..ServeConfig::default()
     })?;
     let rdir = dir.join("relay-catchup");
-    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url, &a.relay_config)?;
+    let (mut child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url, &a.relay_config)?;
     let current = Arc::new(std::sync::atomic::AtomicU16::new(port));
-    let restarted = Arc::new(Mutex::new(None));
+    let restarted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let consumer = {
         let (c, r, sh, st) = (current.clone(), restarted.clone(), net.shared.clone(), stop.clone());
         std::thread::spawn(move || follow(c, r, sh, st))
     };
-    for h in &net.info.hosts {
-        http(port, "POST", "/xrpc/com.atproto.sync.requestCrawl", &format!("{{\"hostname\":\"{h}\"}}"));
-    }
+    crawl(port, &net);
     std::thread::sleep(warm);
-    let term = |c: &std::process::Child| {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM)
-    };
-    term(&child)?;
-    let mut child = child;
-    let _ = child.wait();
+    stop_relay(&mut child)?;
     current.store(0, Ordering::Release);
     let down = Instant::now();
     std::thread::sleep(Duration::from_secs(a.catchup_downtime_s).saturating_sub(down.elapsed()));
@@ -584,15 +585,13 @@ fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
     // From the restart's start: the relay's own start (PostgreSQL's
     // included) is part of its catching up.
     let up = Instant::now();
-    *restarted.lock().unwrap() = Some(up);
-    let (child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url, &a.relay_config)?;
+    restarted.store(true, Ordering::Release);
+    let (mut child, port, _) = spawn_relay(sluice, &rdir, a.shards, &net.info.plc_url, &a.relay_config)?;
     current.store(port, Ordering::Release);
     std::thread::sleep(after);
     stop.store(true, Ordering::Release);
     let seen = consumer.join().unwrap();
-    term(&child)?;
-    let mut child = child;
-    let _ = child.wait();
+    stop_relay(&mut child)?;
     let behind = seen.last_behind;
     let caught = behind.map_or(Duration::ZERO, |t| t.duration_since(up));
     let live = seen.since_behind;
