@@ -31,7 +31,8 @@
 //!   read, so an event that needs a fresh document (an `#identity`, a
 //!   commit whose signature fails on the stored key, an event from a host
 //!   the stored document does not name) waits for the next poll (about a
-//!   second) instead of asking the directory about its DID.
+//!   second) instead of asking the directory about its DID. A failed read
+//!   is tried again after the same jittered backoff as the pauses.
 //! - **An unresolvable DID never holds a host back.** A permanent answer
 //!   (not registered, tombstoned, an invalid document, a did:web name that
 //!   does not exist or resolves to a refused address) is answered

@@ -57,6 +57,13 @@ pub enum FetchJob {
     Export { after: String },
 }
 
+/// A backoff plus up to a quarter at random: retries after failures
+/// that come on a schedule (a directory's 5xx every few seconds) do not
+/// keep step with it.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(1.0 + 0.25 * rand::random::<f64>())
+}
+
 fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
@@ -759,14 +766,13 @@ impl Service {
     /// (`sent_micros` before it) are one wave: they may lengthen the pause
     /// to their Retry-After but do not double it again (four requests
     /// failing in one burst would otherwise wait 16 s at once). The
-    /// backoff gets up to a quarter more at random, so that retries do not
-    /// keep step with a directory that fails on a schedule.
+    /// backoff is [`jittered`].
     fn pause_plc(&mut self, now: Instant, sent_micros: i64, retry_after: Option<Duration>, why: &str) {
         let same_wave = sent_micros < self.paused_at_micros;
         let wait = if same_wave {
             retry_after.unwrap_or_default()
         } else {
-            let backoff = self.pause.mul_f64(1.0 + 0.25 * rand::random::<f64>());
+            let backoff = jittered(self.pause);
             retry_after.unwrap_or_default().max(backoff)
         };
         let until = now + wait;
@@ -805,7 +811,7 @@ impl Service {
                 }
                 self.follower.failing = true;
                 self.follower.busy = false;
-                self.follower.next_poll = Some(now + self.follower.backoff);
+                self.follower.next_poll = Some(now + jittered(self.follower.backoff));
                 self.follower.backoff = (self.follower.backoff * 2).min(PAUSE_MAX);
                 return;
             }
