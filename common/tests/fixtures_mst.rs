@@ -73,6 +73,7 @@ fn commit_proofs() {
         let mut new_blocks = Vec::new();
         let after = m.root_with(&mut |c, b| new_blocks.push((c, b)));
         assert_eq!(after.to_string(), c["rootAfterCommit"].as_str().unwrap(), "{name}: after");
+        drop(m); // it gives its arena back to the thread when dropped
         store.extend(new_blocks);
         // The proof blocks alone suffice to invert the commit.
         let proof = Only { inner: &store, allowed: cids(&c["blocksInProof"]).into_iter().collect() };

@@ -9,9 +9,20 @@
 //!
 //! Blocks are kept in a `Vec` sorted by CID: commits carry 3 to 30 blocks,
 //! for which a sorted vector beats a hash map on both building and lookup.
+//! The vector holds offsets into the input and is a thread's spare
+//! (`atproto::spare`): a slice allocates nothing once the thread is warm.
 
 use crate::atproto::cbor::{CborError, Reader, Writer};
 use crate::atproto::cid::{Cid, CidError};
+use crate::atproto::spare::Spares;
+use smallvec::SmallVec;
+
+/// A block: its CID and where its bytes lie in the slice's input.
+type BlockAt = (Cid, u32, u32);
+
+thread_local! {
+    static BLOCK_LISTS: Spares<BlockAt> = const { Spares::new(4, 4096) };
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum CarError {
@@ -38,10 +49,26 @@ pub enum CarError {
 pub const BLOCKS_MAX: usize = 60_000;
 
 /// A parsed, hash-checked CAR slice borrowing from its input.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CarSlice<'a> {
-    pub roots: Vec<Cid>,
-    blocks: Vec<(Cid, &'a [u8])>,
+    pub roots: SmallVec<[Cid; 1]>,
+    buf: &'a [u8],
+    blocks: Vec<BlockAt>,
+}
+
+impl Clone for CarSlice<'_> {
+    fn clone(&self) -> Self {
+        let mut blocks = BLOCK_LISTS.with(Spares::take);
+        blocks.extend_from_slice(&self.blocks);
+        CarSlice { roots: self.roots.clone(), buf: self.buf, blocks }
+    }
+}
+
+impl Drop for CarSlice<'_> {
+    fn drop(&mut self) {
+        let blocks = std::mem::take(&mut self.blocks);
+        let _ = BLOCK_LISTS.try_with(|s| s.give(blocks));
+    }
 }
 
 /// Read an unsigned LEB128 varint (at most 9 bytes, value < 2^63).
@@ -82,7 +109,12 @@ impl<'a> CarSlice<'a> {
         let hend = pos.checked_add(hlen).filter(|&e| e <= buf.len()).ok_or(CarError::Truncated(0))?;
         let roots = parse_header(&buf[pos..hend])?;
         pos = hend;
-        let mut blocks = Vec::with_capacity(16);
+        // Offsets fit in u32: frames are at most a few MB.
+        if u32::try_from(buf.len()).is_err() {
+            return Err(CarError::Truncated(0));
+        }
+        // Built first, so an error below gives its list back.
+        let mut car = CarSlice { roots, buf, blocks: BLOCK_LISTS.with(Spares::take) };
         while pos < buf.len() {
             let at = pos;
             let len = read_varint(buf, &mut pos)? as usize;
@@ -92,15 +124,15 @@ impl<'a> CarSlice<'a> {
             if !cid.matches(data) {
                 return Err(CarError::HashMismatch(cid));
             }
-            if blocks.len() == BLOCKS_MAX {
+            if car.blocks.len() == BLOCKS_MAX {
                 return Err(CarError::TooManyBlocks(BLOCKS_MAX));
             }
-            blocks.push((cid, data));
+            car.blocks.push((cid, (pos + clen) as u32, end as u32));
             pos = end;
         }
-        blocks.sort_unstable_by_key(|b| b.0);
-        blocks.dedup_by(|a, b| a.0 == b.0);
-        Ok(CarSlice { roots, blocks })
+        car.blocks.sort_unstable_by_key(|b| b.0);
+        car.blocks.dedup_by(|a, b| a.0 == b.0);
+        Ok(car)
     }
 
     pub fn root(&self) -> Cid {
@@ -108,7 +140,7 @@ impl<'a> CarSlice<'a> {
     }
 
     pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
-        self.blocks.binary_search_by(|(c, _)| c.cmp(cid)).ok().map(|i| self.blocks[i].1)
+        self.blocks.binary_search_by(|(c, _, _)| c.cmp(cid)).ok().map(|i| self.at(i))
     }
 
     pub fn len(&self) -> usize {
@@ -120,15 +152,21 @@ impl<'a> CarSlice<'a> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (Cid, &'a [u8])> + '_ {
-        self.blocks.iter().copied()
+        (0..self.blocks.len()).map(|i| (self.blocks[i].0, self.at(i)))
+    }
+
+    /// The bytes of block `i`.
+    fn at(&self, i: usize) -> &'a [u8] {
+        let (_, start, end) = self.blocks[i];
+        &self.buf[start as usize..end as usize]
     }
 }
 
-fn parse_header(h: &[u8]) -> Result<Vec<Cid>, CarError> {
+fn parse_header(h: &[u8]) -> Result<SmallVec<[Cid; 1]>, CarError> {
     let mut r = Reader::new(h);
     let n = r.map().map_err(CarError::Header)?;
     let mut version = None;
-    let mut roots = Vec::new();
+    let mut roots = SmallVec::new();
     for _ in 0..n {
         match r.key().map_err(CarError::Header)? {
             "version" => version = Some(r.u64().map_err(CarError::Header)?),

@@ -491,21 +491,31 @@ impl Writer {
 
 /// Append a minimal item head to `out`.
 pub fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
+    let mut b = [0u8; 9];
+    out.extend_from_slice(head(&mut b, major, n));
+}
+
+/// A minimal item head, written into `buf`; returns its bytes.
+pub fn head(buf: &mut [u8; 9], major: u8, n: u64) -> &[u8] {
     let m = major << 5;
-    if n < 24 {
-        out.push(m | n as u8);
-    } else if n <= 0xff {
-        out.extend_from_slice(&[m | 24, n as u8]);
-    } else if n <= 0xffff {
-        out.push(m | 25);
-        out.extend_from_slice(&(n as u16).to_be_bytes());
-    } else if n <= 0xffff_ffff {
-        out.push(m | 26);
-        out.extend_from_slice(&(n as u32).to_be_bytes());
-    } else {
-        out.push(m | 27);
-        out.extend_from_slice(&n.to_be_bytes());
+    let len = head_len(n);
+    match len {
+        1 => buf[0] = m | n as u8,
+        2 => buf[..2].copy_from_slice(&[m | 24, n as u8]),
+        3 => {
+            buf[0] = m | 25;
+            buf[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+        }
+        5 => {
+            buf[0] = m | 26;
+            buf[1..5].copy_from_slice(&(n as u32).to_be_bytes());
+        }
+        _ => {
+            buf[0] = m | 27;
+            buf[1..9].copy_from_slice(&n.to_be_bytes());
+        }
     }
+    &buf[..len]
 }
 
 /// Length in bytes of the minimal head for argument `n`.

@@ -23,8 +23,9 @@ use crate::atproto::cid::Cid;
 use crate::atproto::crypto::{PublicKey, SigError};
 use crate::atproto::frame::{Action, Commit, RepoOp, SyncEvent};
 use crate::atproto::mst::{Mst, MstError};
-use crate::atproto::syntax::{is_did, is_nsid, is_record_key, Tid};
+use crate::atproto::syntax::{is_did, is_nsid, is_record_key, tid_value};
 use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
 
 /// How far in the future a rev's timestamp may be.
 pub const REV_FUTURE_MICROS_MAX: i64 = 5 * 60 * 1_000_000;
@@ -102,14 +103,19 @@ pub enum Proof {
 pub struct CheckedCommit {
     pub commit_cid: Cid,
     pub data: Cid,
-    pub rev: Tid,
+    /// The rev's number (`syntax::tid_value`).
+    pub rev: u64,
     pub proof: Proof,
     pub unsigned_sha256: [u8; 32],
     pub sig: [u8; 64],
     /// `#commit`: what it leaves of each collection its ops touch, encoded
     /// for the ring ([`encode_presence`]); empty for `#sync`.
-    pub collections: Vec<u8>,
+    pub collections: Presences,
 }
+
+/// [`encode_presence`]'s bytes: inline up to 64 (a commit's collections
+/// are one to a few NSIDs of about 20 bytes), so no allocation per commit.
+pub type Presences = SmallVec<[u8; 64]>;
 
 /// Whether a repo holds records of a collection after a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,22 +146,28 @@ impl Presence {
 /// order, so a delete's two neighbours decide it (`Mst::
 /// has_other_with_prefix`); the slice carries them whenever it carries
 /// what inverting the delete needs.
-pub fn collection_presence(car: &CarSlice<'_>, data: Cid, ops: &[RepoOp<'_>]) -> Vec<(String, Presence)> {
-    let mut by: Vec<(&str, bool)> =
-        ops.iter().filter_map(|o| Some((o.path.split_once('/')?.0, o.action != Action::Delete))).collect();
+pub fn collection_presence<'o>(
+    car: &CarSlice<'_>,
+    data: Cid,
+    ops: &[RepoOp<'o>],
+) -> SmallVec<[(&'o str, Presence); 4]> {
+    // (collection, written, path), sorted: a collection's last says
+    // whether any op writes it, and otherwise names one of its deletes.
+    let mut by: SmallVec<[(&str, bool, &str); 8]> =
+        ops.iter().filter_map(|o| Some((o.path.split_once('/')?.0, o.action != Action::Delete, o.path))).collect();
     by.sort_unstable();
-    let mut out: Vec<(String, Presence)> = Vec::new();
+    let mut out = SmallVec::new();
     let mut mst: Option<Result<Mst<'_, CarSlice<'_>>, MstError>> = None;
-    for (i, &(col, written)) in by.iter().enumerate() {
+    for (i, &(col, written, near)) in by.iter().enumerate() {
         if by.get(i + 1).is_some_and(|n| n.0 == col) {
             continue; // sorted: the last of a collection says whether any op writes
         }
         let presence = if written {
             Presence::Present
         } else {
-            let prefix = format!("{col}/");
+            // `near` is `col/rkey`: the prefix is `col/`.
+            let prefix = &near[..col.len() + 1];
             let m = mst.get_or_insert_with(|| Mst::load(car, data));
-            let near = ops.iter().find(|o| o.path.starts_with(&prefix)).map_or("", |o| o.path);
             match m
                 .as_mut()
                 .map_err(|_| ())
@@ -166,7 +178,7 @@ pub fn collection_presence(car: &CarSlice<'_>, data: Cid, ops: &[RepoOp<'_>]) ->
                 Err(()) => Presence::Unknown,
             }
         };
-        out.push((col.to_owned(), presence));
+        out.push((col, presence));
     }
     out
 }
@@ -174,8 +186,8 @@ pub fn collection_presence(car: &CarSlice<'_>, data: Cid, ops: &[RepoOp<'_>]) ->
 /// The ring's form of [`collection_presence`]: per collection its
 /// presence byte, its length byte and its NSID (at most 317 bytes:
 /// longer ones are left out, as no valid NSID is).
-pub fn encode_presence(list: &[(String, Presence)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(list.iter().map(|(c, _)| c.len() + 2).sum());
+pub fn encode_presence(list: &[(&str, Presence)]) -> Presences {
+    let mut out = Presences::new();
     for (c, p) in list {
         if let Ok(len) = u8::try_from(c.len()) {
             out.push(*p as u8);
@@ -218,7 +230,7 @@ fn parse_commit_object(bytes: &[u8]) -> Result<CommitObject<'_>, CborError> {
     let n = r.map()?;
     let (mut did, mut version, mut data, mut rev, mut sig) = (None, None, None, None, None);
     // (key, raw entry bytes) of every entry but `sig`, in block order.
-    let mut entries: Vec<(&str, &[u8])> = Vec::with_capacity(n);
+    let mut entries: SmallVec<[(&str, &[u8]); 8]> = SmallVec::new();
     let mut canonical = true;
     let mut prev_key: Option<&str> = None;
     for _ in 0..n {
@@ -252,9 +264,8 @@ fn parse_commit_object(bytes: &[u8]) -> Result<CommitObject<'_>, CborError> {
         entries.sort_by(|a, b| cbor::key_order(a.0.as_bytes(), b.0.as_bytes()));
     }
     let mut h = Sha256::new();
-    let mut head = Vec::with_capacity(9);
-    cbor::write_head(&mut head, cbor::MAJOR_MAP, entries.len() as u64);
-    h.update(&head);
+    let mut head = [0u8; 9];
+    h.update(cbor::head(&mut head, cbor::MAJOR_MAP, entries.len() as u64));
     for (_, raw) in &entries {
         h.update(raw);
     }
@@ -271,7 +282,7 @@ fn parse_commit_object(bytes: &[u8]) -> Result<CommitObject<'_>, CborError> {
 /// The parts of a checked signed object that outlive its block.
 struct Signed {
     data: Cid,
-    rev: Tid,
+    rev: u64,
     unsigned_sha256: [u8; 32],
     sig: [u8; 64],
 }
@@ -301,8 +312,8 @@ fn check_signed_object(
     if obj.rev != event_rev {
         return Err(CommitError::RevMismatch { event: event_rev.to_owned(), commit: obj.rev.to_owned() });
     }
-    let rev = Tid::new(obj.rev).map_err(|_| CommitError::BadRev(obj.rev.to_owned()))?;
-    if rev.micros() as i64 > now_micros + REV_FUTURE_MICROS_MAX {
+    let rev = tid_value(obj.rev).ok_or_else(|| CommitError::BadRev(obj.rev.to_owned()))?;
+    if (rev >> 10) as i64 > now_micros + REV_FUTURE_MICROS_MAX {
         return Err(CommitError::FutureRev(obj.rev.to_owned()));
     }
     let sig: [u8; 64] = obj.sig.try_into().map_err(|_| CommitError::SigLength(obj.sig.len()))?;
@@ -329,7 +340,7 @@ fn check_ops(ops: &[RepoOp<'_>]) -> Result<(), CommitError> {
 
 /// Invert `ops` on the partial tree rooted at `data`; return the root before.
 pub fn invert_ops(car: &CarSlice<'_>, data: Cid, ops: &[RepoOp<'_>]) -> Result<Cid, ProofError> {
-    let mut paths: Vec<&str> = ops.iter().map(|o| o.path).collect();
+    let mut paths: SmallVec<[&str; 8]> = ops.iter().map(|o| o.path).collect();
     paths.sort_unstable();
     if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
         return Err(ProofError::DuplicatePath(w[0].to_owned()));
@@ -427,7 +438,7 @@ pub fn check_sync(ev: &SyncEvent<'_>, now_micros: i64) -> Result<CheckedCommit, 
         proof: Proof::Absent,
         unsigned_sha256: signed.unsigned_sha256,
         sig: signed.sig,
-        collections: Vec::new(),
+        collections: Presences::new(),
     })
 }
 
@@ -529,7 +540,7 @@ mod tests {
             (0..3).map(|i| commit(&mut repo, vec![del(&format!("com.example.few/{:013}", 5000 + i))])[0].1).collect();
         assert_eq!(few, [Presence::Present, Presence::Present, Presence::Absent]);
         // Encoding round trip, and a truncated list ends cleanly.
-        let list = vec![("a.b.c".to_owned(), Presence::Unknown), ("d.e.f".to_owned(), Presence::Absent)];
+        let list = [("a.b.c", Presence::Unknown), ("d.e.f", Presence::Absent)];
         let enc = encode_presence(&list);
         assert_eq!(decode_presence(&enc).count(), 2);
         assert_eq!(decode_presence(&enc[..enc.len() - 1]).count(), 1);

@@ -11,7 +11,8 @@
 //! `#commit`/`#sync` validation), [`repo`] (the write side, for fakenet
 //! and tests). The stream: [`frame`] (subscribeRepos frames). The relay's
 //! rules over it: [`policy`] (the stateful checks of PROTOCOL.md §5, as a
-//! pure function).
+//! pure function). `spare` keeps the validation path's vectors per thread
+//! for reuse.
 
 pub mod car;
 pub mod cbor;
@@ -25,4 +26,5 @@ pub mod mst;
 pub mod plc;
 pub mod policy;
 pub mod repo;
+mod spare;
 pub mod syntax;

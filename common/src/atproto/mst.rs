@@ -17,10 +17,14 @@
 //! that is how a commit's proof is checked (see `commit`).
 //!
 //! Nodes live in an arena (`Vec<Node>`) addressed by index; the recursion
-//! depth is bounded by the number of layers (≤ 128).
+//! depth is bounded by the number of layers (≤ 128). The arena, the nodes'
+//! entry lists and the encoding buffer are the thread's spares
+//! (`atproto::spare`), given back when the tree drops: checking a commit's
+//! proof allocates nothing once the thread is warm.
 
 use crate::atproto::cbor::{CborError, Reader, Writer};
 use crate::atproto::cid::{Cid, Codec};
+use crate::atproto::spare::Spares;
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -145,7 +149,7 @@ fn parse_node(
     let mut left = None;
     let (mut seen_e, mut seen_l) = (false, false);
     // The previous key, for prefix expansion and order checks.
-    let mut prev: Vec<u8> = Vec::new();
+    let mut prev = Key::new();
     for _ in 0..n {
         match r.key_bytes().map_err(e)? {
             b"l" if !seen_l => {
@@ -281,6 +285,29 @@ struct Node {
     cid: Option<Cid>,
 }
 
+thread_local! {
+    static NODE_LISTS: Spares<Node> = const { Spares::new(4, 4096) };
+    static ENTRY_LISTS: Spares<Entry> = const { Spares::new(64, 4 * ENTRIES_ROOM) };
+    static ENCODE_BUFS: Spares<u8> = const { Spares::new(2, 64 * 1024) };
+}
+
+/// Room in a node's entry list: a node holds 4 entries on average (a key
+/// goes up a layer with probability 1/4) and more than 32 about once in
+/// 10,000 nodes, so a list rarely grows. 64 spare lists: 256 KiB a thread.
+const ENTRIES_ROOM: usize = 32;
+
+/// An empty entry list for a node.
+fn spare_entries() -> Vec<Entry> {
+    ENTRY_LISTS.with(|s| s.take_with_room(ENTRIES_ROOM))
+}
+
+/// An entry list for a new node, holding `first`.
+fn entries_of(first: Entry) -> Vec<Entry> {
+    let mut v = spare_entries();
+    v.push(first);
+    v
+}
+
 /// A partially loaded, mutable MST over a block source.
 pub struct Mst<'s, S: BlockSource> {
     store: &'s S,
@@ -293,7 +320,7 @@ pub struct Mst<'s, S: BlockSource> {
 impl<'s, S: BlockSource> Mst<'s, S> {
     /// An empty tree.
     pub fn empty(store: &'s S) -> Self {
-        Mst { store, nodes: Vec::with_capacity(16), root: Link::Empty, root_layer: 0 }
+        Mst { store, nodes: NODE_LISTS.with(Spares::take), root: Link::Empty, root_layer: 0 }
     }
 
     /// Open the tree rooted at `root`; the root node must be in `store`.
@@ -326,7 +353,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
     /// (`None` for the root, which may be the empty tree's empty node).
     fn load_node(&mut self, cid: Cid, layer: Option<u8>) -> Result<u32, MstError> {
         let bytes = self.store.get_block(&cid).ok_or(MstError::MissingBlock(cid))?;
-        let mut entries = Vec::with_capacity(8);
+        let mut entries = spare_entries();
         let left = parse_node(&cid, bytes, |key, val, right| {
             entries.push(Entry { key, val, right: Link::from_opt(right) });
         })?;
@@ -515,7 +542,8 @@ impl<'s, S: BlockSource> Mst<'s, S> {
     pub fn put(&mut self, key: &[u8], val: Cid) -> Result<Option<Cid>, MstError> {
         let kl = key_layer(key);
         if self.root == Link::Empty {
-            self.root = self.new_node(Link::Empty, vec![Entry { key: Key::from_slice(key), val, right: Link::Empty }]);
+            self.root =
+                self.new_node(Link::Empty, entries_of(Entry { key: Key::from_slice(key), val, right: Link::Empty }));
             self.root_layer = kl;
             return Ok(None);
         }
@@ -523,7 +551,7 @@ impl<'s, S: BlockSource> Mst<'s, S> {
             let (l, r) = self.split(self.root, self.root_layer, key)?;
             let l = self.raise(l, self.root_layer, kl - 1);
             let r = self.raise(r, self.root_layer, kl - 1);
-            self.root = self.new_node(l, vec![Entry { key: Key::from_slice(key), val, right: r }]);
+            self.root = self.new_node(l, entries_of(Entry { key: Key::from_slice(key), val, right: r }));
             self.root_layer = kl;
             return Ok(None);
         }
@@ -542,7 +570,8 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         prev: &mut Option<Cid>,
     ) -> Result<Link, MstError> {
         let Some(n) = self.resolve(link, layer)? else {
-            let leaf = self.new_node(Link::Empty, vec![Entry { key: Key::from_slice(key), val, right: Link::Empty }]);
+            let leaf =
+                self.new_node(Link::Empty, entries_of(Entry { key: Key::from_slice(key), val, right: Link::Empty }));
             return Ok(self.raise(leaf, kl, layer));
         };
         let (i, found) = self.position(n, key);
@@ -575,7 +604,8 @@ impl<'s, S: BlockSource> Mst<'s, S> {
         let (i, _) = self.position(n, key);
         let gap = self.gap(n, i);
         let (gl, gr) = if layer == 0 { (Link::Empty, Link::Empty) } else { self.split(gap, layer - 1, key)? };
-        let right_entries = self.nodes[n as usize].entries.split_off(i);
+        let mut right_entries = spare_entries();
+        right_entries.extend(self.nodes[n as usize].entries.drain(i..));
         let right = self.new_node(gr, right_entries);
         self.set_gap(n, i, gl);
         let node = &self.nodes[n as usize];
@@ -637,8 +667,9 @@ impl<'s, S: BlockSource> Mst<'s, S> {
             self.merge(a_gap, b_gap, layer - 1)?
         };
         self.set_gap(ai, a_last, mid);
-        let moved = std::mem::take(&mut self.nodes[bi as usize].entries);
-        self.nodes[ai as usize].entries.extend(moved);
+        let mut moved = std::mem::take(&mut self.nodes[bi as usize].entries);
+        self.nodes[ai as usize].entries.append(&mut moved);
+        ENTRY_LISTS.with(|s| s.give(moved));
         Ok(Link::Node(ai))
     }
 
@@ -685,8 +716,10 @@ impl<'s, S: BlockSource> Mst<'s, S> {
             }
             Link::Stub(c) => c,
             Link::Node(n) => {
-                let mut scratch = Vec::with_capacity(1024);
-                self.node_cid(n, &mut emit, &mut scratch)
+                let mut scratch = ENCODE_BUFS.with(Spares::take);
+                let cid = self.node_cid(n, &mut emit, &mut scratch);
+                ENCODE_BUFS.with(|s| s.give(scratch));
+                cid
             }
         }
     }
@@ -748,6 +781,14 @@ impl<'s, S: BlockSource> Mst<'s, S> {
             self.walk(r, sub, out)?;
         }
         Ok(())
+    }
+}
+
+impl<S: BlockSource> Drop for Mst<'_, S> {
+    fn drop(&mut self) {
+        let mut nodes = std::mem::take(&mut self.nodes);
+        let _ = ENTRY_LISTS.try_with(|s| nodes.iter_mut().for_each(|n| s.give(std::mem::take(&mut n.entries))));
+        let _ = NODE_LISTS.try_with(|s| s.give(nodes));
     }
 }
 

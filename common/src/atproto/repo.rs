@@ -77,7 +77,7 @@ pub struct RepoCommit {
 impl RepoCommit {
     /// Encode as a `#commit` frame.
     pub fn frame(&self, seq: i64, time: &str) -> Vec<u8> {
-        let ops: Vec<RepoOp<'_>> =
+        let ops: crate::atproto::frame::Ops<'_> =
             self.ops.iter().map(|o| RepoOp { action: o.action, path: &o.path, cid: o.cid, prev: o.prev }).collect();
         let ev = Commit {
             seq,
@@ -199,6 +199,7 @@ impl Repo {
             }
             let mut nodes = Vec::new();
             let root = mst.root_with(&mut |c, b| nodes.push((c, b)));
+            drop(mst);
             self.blocks.extend(nodes);
             root
         };
@@ -324,6 +325,7 @@ impl Repo {
             }
         }
         debug_assert_eq!(inv.root(), prev_data);
+        drop(inv);
         Ok(rec.read.into_inner())
     }
 

@@ -1371,8 +1371,9 @@ mod tests {
             let car = CarSlice::parse(&c.car).unwrap();
             for (cid, _) in car.iter() {
                 let stripped = without_block(&c.car, cid);
-                let mut broken = ev.clone();
-                broken.blocks = &stripped;
+                // (Ops re-collected: a commit's ops list is invariant in its
+                // lifetime, and `stripped` lives shorter than `ev`.)
+                let broken = frame::Commit { blocks: &stripped, ops: ev.ops.iter().cloned().collect(), ..ev.clone() };
                 let must_drop = cid == c.commit_cid || c.proof_nodes.contains(&cid);
                 let verdict = check_commit(&broken, Mode::Strict, w.now_micros());
                 assert_eq!(verdict.is_err(), must_drop, "commit {} without {cid}: {verdict:?}", c.commit_cid);

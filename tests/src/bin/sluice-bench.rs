@@ -369,7 +369,8 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         while !stop2.load(std::sync::atomic::Ordering::Acquire) {
             let Ok(tungstenite::Message::Binary(b)) = ws.read() else { continue };
             let now = Instant::now();
-            if let Ok(d) = sluice_common::atproto::frame::decode(&b) {
+            let decoded = sluice_common::atproto::frame::decode(&b);
+            if let Ok(d) = decoded {
                 if let sluice_common::atproto::frame::Message::Event(sluice_common::atproto::frame::Event::Commit(c)) =
                     d.message
                 {

@@ -136,7 +136,7 @@ fn maintenance(a: &Args, ix: &mut CollectionIndex, rng: &mut rand::rngs::StdRng)
         .map(|i| {
             let name = if i % 50 == 0 { format!("com.example.c{}.record", i % 997) } else { BIG[i % 5].0.to_owned() };
             let p = if i % 10 == 3 { Presence::Absent } else { Presence::Present };
-            encode_presence(&[(name, p)])
+            encode_presence(&[(&name, p)]).to_vec()
         })
         .collect();
     let nos: Vec<u32> = (0..4096).map(|_| rng.gen_range(1..=a.accounts)).collect();

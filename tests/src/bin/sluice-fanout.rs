@@ -229,7 +229,8 @@ fn probe(port: u16, cursor: u64, stop: Arc<AtomicBool>) -> Vec<(i64, String)> {
     let mut out = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let Ok(tungstenite::Message::Binary(b)) = ws.read() else { continue };
-        if let Ok(d) = sluice_common::atproto::frame::decode(&b) {
+        let decoded = sluice_common::atproto::frame::decode(&b);
+        if let Ok(d) = decoded {
             if let sluice_common::atproto::frame::Message::Event(e) = &d.message {
                 let cid = match e {
                     sluice_common::atproto::frame::Event::Commit(c) => c.commit.to_string(),
