@@ -61,6 +61,10 @@ pub struct Sequencer {
     /// there, an account not seen before). Cleared every round; at most
     /// [`BATCH_PER_RING`] per ring.
     loaded: HashMap<DidKey, Option<AccountState>>,
+    /// The last round's batch, emptied: its maps keep their room, so a
+    /// round in the steady state allocates nothing per event for them
+    /// (bounded by the largest round, [`BATCH_PER_RING`] per ring).
+    spare_batch: Batch,
     pub log: LogWriter,
     pub control: Arc<ControlBlock>,
     pub rings: Vec<Consumer>,
@@ -266,6 +270,7 @@ impl Sequencer {
             pg,
             stmts,
             loaded: HashMap::new(),
+            spare_batch: Batch::default(),
             log,
             control,
             rings,
@@ -527,7 +532,8 @@ impl Sequencer {
             self.host_limits = db::host_limits(&mut self.pg, &self.limits)?;
             self.limits_loaded = Some(Instant::now());
         }
-        let mut batch = Batch { last_seq: self.log.next_seq() - 1, ..Default::default() };
+        let mut batch = std::mem::take(&mut self.spare_batch);
+        batch.last_seq = self.log.next_seq() - 1;
         // `loaded` is Postgres as of this round's start; accounts relayed in
         // this round are in `batch.accounts`, checked first.
         self.loaded.clear();
@@ -544,6 +550,8 @@ impl Sequencer {
         self.rings = rings;
         result?;
         if taken == 0 {
+            batch.clear();
+            self.spare_batch = batch;
             return Ok(0);
         }
         let commit_began = Instant::now();
@@ -573,6 +581,8 @@ impl Sequencer {
             self.queue_flags(crate::messages::FlagJob { dids: vec![did], upto_seq: seq - 1, on });
         }
         self.send_flags();
+        batch.clear();
+        self.spare_batch = batch;
         Ok(taken)
     }
 
@@ -684,7 +694,7 @@ impl Sequencer {
         // The batch's account states are what Postgres now holds: they move
         // to the cache (read batch first, then cache, so nothing changes
         // for lookups; one clone per event less).
-        for (k, st) in std::mem::take(&mut batch.accounts) {
+        for (k, st) in batch.accounts.drain() {
             self.cache.put(k, st, st.host_id);
         }
         for (host, c) in &batch.cursors {

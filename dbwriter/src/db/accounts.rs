@@ -86,23 +86,36 @@ pub const UPSERT: &str = "INSERT INTO accounts (did, rev, host_checked, host_id,
         OR EXCLUDED.upstream_status <> ''
         OR (EXCLUDED.no <> 0 AND accounts.no = 0)";
 
-/// A round's accounts as [`UPSERT`]'s arrays, one per column.
+/// A round's accounts as [`UPSERT`]'s arrays, one per column; the commit
+/// digests and status words borrowed from the round's maps (no allocation
+/// per account).
 #[derive(Default)]
-pub struct UpsertColumns {
+pub struct UpsertColumns<'a> {
     did: Vec<uuid::Uuid>,
     rev: Vec<i64>,
     host_checked: Vec<i64>,
     host_id: Vec<i32>,
     data_fp: Vec<i32>,
     flags: Vec<i16>,
-    commit: Vec<Vec<u8>>,
-    word: Vec<String>,
+    commit: Vec<&'a [u8]>,
+    word: Vec<&'a str>,
     no: Vec<i32>,
 }
 
-impl UpsertColumns {
-    pub fn new(accounts: &HashMap<DidKey, AccountState>, words: &HashMap<DidKey, String>) -> UpsertColumns {
-        let mut p = UpsertColumns::default();
+impl<'a> UpsertColumns<'a> {
+    pub fn new(accounts: &'a HashMap<DidKey, AccountState>, words: &'a HashMap<DidKey, String>) -> UpsertColumns<'a> {
+        let n = accounts.len();
+        let mut p = UpsertColumns {
+            did: Vec::with_capacity(n),
+            rev: Vec::with_capacity(n),
+            host_checked: Vec::with_capacity(n),
+            host_id: Vec::with_capacity(n),
+            data_fp: Vec::with_capacity(n),
+            flags: Vec::with_capacity(n),
+            commit: Vec::with_capacity(n),
+            word: Vec::with_capacity(n),
+            no: Vec::with_capacity(n),
+        };
         for (k, a) in accounts {
             p.did.push(uuid_of(k));
             p.rev.push(a.rev.unwrap_or(0) as i64);
@@ -110,8 +123,8 @@ impl UpsertColumns {
             p.host_id.push(a.host_id as i32);
             p.data_fp.push(a.data_fp.unwrap_or(0));
             p.flags.push(flags_of(a));
-            p.commit.push(a.commit.map(|c| c.to_vec()).unwrap_or_default());
-            p.word.push(words.get(k).cloned().unwrap_or_default());
+            p.commit.push(a.commit.as_ref().map_or(&[][..], |c| &c[..]));
+            p.word.push(words.get(k).map_or("", String::as_str));
             p.no.push(a.no as i32);
         }
         p

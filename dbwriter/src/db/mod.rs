@@ -97,6 +97,20 @@ impl Batch {
         self.accounts.is_empty() && self.cursors.is_empty() && self.host_offline.is_empty()
     }
 
+    /// Empty for the next round; the maps and lists keep their room.
+    pub fn clear(&mut self) {
+        self.accounts.clear();
+        self.names.clear();
+        self.words.clear();
+        self.new_accounts.clear();
+        self.moves.clear();
+        self.cursors.clear();
+        self.host_offline.clear();
+        self.held.clear();
+        self.index = IndexChanges::default();
+        self.last_seq = 0;
+    }
+
     /// `did`'s state as this round leaves it.
     pub fn put(&mut self, did: &str, st: AccountState) {
         let k = DidKey::stored(did);
