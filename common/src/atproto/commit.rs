@@ -103,8 +103,6 @@ pub enum Proof {
 pub struct CheckedCommit {
     pub commit_cid: Cid,
     pub data: Cid,
-    /// The rev's number (`syntax::tid_value`).
-    pub rev: u64,
     pub proof: Proof,
     pub unsigned_sha256: [u8; 32],
     pub sig: [u8; 64],
@@ -282,7 +280,6 @@ fn parse_commit_object(bytes: &[u8]) -> Result<CommitObject<'_>, CborError> {
 /// The parts of a checked signed object that outlive its block.
 struct Signed {
     data: Cid,
-    rev: u64,
     unsigned_sha256: [u8; 32],
     sig: [u8; 64],
 }
@@ -317,7 +314,7 @@ fn check_signed_object(
         return Err(CommitError::FutureRev(obj.rev.to_owned()));
     }
     let sig: [u8; 64] = obj.sig.try_into().map_err(|_| CommitError::SigLength(obj.sig.len()))?;
-    Ok(Signed { data: obj.data, rev, unsigned_sha256: obj.unsigned_sha256, sig })
+    Ok(Signed { data: obj.data, unsigned_sha256: obj.unsigned_sha256, sig })
 }
 
 fn check_ops(ops: &[RepoOp<'_>]) -> Result<(), CommitError> {
@@ -417,7 +414,6 @@ pub fn check_commit(ev: &Commit<'_>, mode: Mode, now_micros: i64) -> Result<Chec
     Ok(CheckedCommit {
         commit_cid: ev.commit,
         data: signed.data,
-        rev: signed.rev,
         proof,
         unsigned_sha256: signed.unsigned_sha256,
         sig: signed.sig,
@@ -434,7 +430,6 @@ pub fn check_sync(ev: &SyncEvent<'_>, now_micros: i64) -> Result<CheckedCommit, 
     Ok(CheckedCommit {
         commit_cid: root,
         data: signed.data,
-        rev: signed.rev,
         proof: Proof::Absent,
         unsigned_sha256: signed.unsigned_sha256,
         sig: signed.sig,
