@@ -98,17 +98,20 @@ impl Batch {
     }
 
     /// Empty for the next round; the maps and lists keep their room.
+    /// Every field is named, so one added later cannot be carried into
+    /// the next round's commit by being forgotten here.
     pub fn clear(&mut self) {
-        self.accounts.clear();
-        self.names.clear();
-        self.words.clear();
-        self.new_accounts.clear();
-        self.moves.clear();
-        self.cursors.clear();
-        self.host_offline.clear();
-        self.held.clear();
-        self.index = IndexChanges::default();
-        self.last_seq = 0;
+        let Batch { accounts, names, words, new_accounts, moves, cursors, host_offline, held, index, last_seq } = self;
+        accounts.clear();
+        names.clear();
+        words.clear();
+        new_accounts.clear();
+        moves.clear();
+        cursors.clear();
+        host_offline.clear();
+        held.clear();
+        *index = IndexChanges::default();
+        *last_seq = 0;
     }
 
     /// `did`'s state as this round leaves it.
