@@ -42,6 +42,8 @@ pub enum CarError {
     HashMismatch(Cid),
     #[error("CAR has more than {0} blocks")]
     TooManyBlocks(usize),
+    #[error("CAR of {0} bytes (blocks are indexed by 32-bit offsets)")]
+    TooLarge(usize),
 }
 
 /// Upper bound on blocks in one slice (2,000,000 bytes / 37 bytes per
@@ -109,9 +111,9 @@ impl<'a> CarSlice<'a> {
         let hend = pos.checked_add(hlen).filter(|&e| e <= buf.len()).ok_or(CarError::Truncated(0))?;
         let roots = parse_header(&buf[pos..hend])?;
         pos = hend;
-        // Offsets fit in u32: frames are at most a few MB.
+        // Blocks are indexed by u32 offsets (frames are at most a few MB).
         if u32::try_from(buf.len()).is_err() {
-            return Err(CarError::Truncated(0));
+            return Err(CarError::TooLarge(buf.len()));
         }
         // Built first, so an error below gives its list back.
         let mut car = CarSlice { roots, buf, blocks: BLOCK_LISTS.with(Spares::take) };
