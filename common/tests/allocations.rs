@@ -19,7 +19,7 @@ use sluice_common::atproto::frame::{self, AccountEvent, Event, IdentityEvent, Me
 use sluice_common::atproto::policy::{self, AccountState};
 use sluice_common::atproto::repo::{Repo, WriteOp};
 use sluice_common::atproto::syntax::Tid;
-use sluice_common::ipc::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_VERIFIED};
+use sluice_common::ipc::ringrec::{self, Origin, RingRecord};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -125,47 +125,18 @@ fn relay_one(
     if let Some(c) = &checked {
         key.verify_digest(&c.unsigned_sha256, &c.sig).unwrap();
     }
-    let (commit_bytes, data_bytes) =
-        checked.as_ref().map(|c| (c.commit_cid.to_bytes(), c.data.to_bytes())).unwrap_or(([0; 36], [0; 36]));
-    let prev_bytes = match &ev {
-        Event::Commit(c) => c.prev_data.map(|p| p.to_bytes()),
-        _ => None,
-    };
-    let mut rec = EventRecord {
+    if let Event::Commit(_) = &ev {
+        assert!(matches!(checked.as_ref().unwrap().proof, Proof::Verified(_)), "a commit's proof verifies");
+    }
+    // The shard's own record builder (`shard::validate::encode` calls it).
+    let at = Origin {
         host_id: 1,
-        upstream_seq: ev.seq().unwrap(),
-        kind: 0,
-        did: ev.did().unwrap(),
-        rev: "",
-        since: "",
-        commit_cid: if checked.is_some() { &commit_bytes } else { &[] },
-        data_cid: if checked.is_some() { &data_bytes } else { &[] },
-        prev_data: prev_bytes.as_ref().map_or(&[][..], |p| &p[..]),
-        proof: PROOF_ABSENT,
-        active: true,
-        status: "",
+        frame: frame_bytes,
+        seq_span: decoded.seq_span.unwrap(),
         time_micros: NOW,
         identity_micros: NOW,
-        frame: frame_bytes,
-        seq_start: decoded.seq_span.unwrap().0 as u32,
-        seq_end: decoded.seq_span.unwrap().1 as u32,
-        collections: &[],
     };
-    match &ev {
-        Event::Commit(c) => {
-            let checked = checked.as_ref().unwrap();
-            assert!(matches!(checked.proof, Proof::Verified(_)));
-            (rec.kind, rec.rev, rec.proof) = (Kind::Commit as u8, c.rev, PROOF_VERIFIED);
-            rec.collections = &checked.collections;
-        }
-        Event::Sync(s) => (rec.kind, rec.rev) = (Kind::Sync as u8, s.rev),
-        Event::Identity(_) => rec.kind = Kind::Identity as u8,
-        Event::Account(a) => {
-            (rec.kind, rec.active, rec.status) = (Kind::Account as u8, a.active, a.status.unwrap_or(""))
-        }
-        _ => unreachable!(),
-    }
-    RingRecord::Event(rec).encode(record);
+    assert!(ringrec::encode_event(&ev, checked.as_ref(), at, record));
     // The db-writer.
     let RingRecord::Event(e) = RingRecord::decode(record).unwrap() else { panic!("an event") };
     let (verdict, next) = policy::decide(state.as_ref(), &e, true);

@@ -13,10 +13,10 @@
 
 use crate::upstream::Rejected;
 use crate::Shared;
-use sluice_common::atproto::commit::{check_commit, check_sync, CheckedCommit, Mode, Proof};
+use sluice_common::atproto::commit::{check_commit, check_sync, CheckedCommit, Mode};
 use sluice_common::atproto::frame::{self, Event};
 use sluice_common::ipc::idwire::Reason;
-use sluice_common::ipc::ringrec::{EventRecord, Kind, RingRecord, PROOF_ABSENT, PROOF_FAILED, PROOF_VERIFIED};
+use sluice_common::ipc::ringrec::{self, Origin};
 use sluice_common::ipc::shm::{DropReason, UpstreamClose};
 use sluice_common::process::host::HostAssignment;
 
@@ -153,14 +153,6 @@ pub fn check_identity(
     }
 }
 
-fn proof_code(p: &Proof) -> u8 {
-    match p {
-        Proof::Verified(_) => PROOF_VERIFIED,
-        Proof::Absent => PROOF_ABSENT,
-        Proof::Failed(_) => PROOF_FAILED,
-    }
-}
-
 /// The ring record of an event that passed both halves, into `out`;
 /// returns its seq.
 pub fn encode(
@@ -173,56 +165,13 @@ pub fn encode(
     out: &mut Vec<u8>,
 ) -> Verdict<i64> {
     let did = p.did();
-    let mut rec = EventRecord {
-        host_id: host.id,
-        upstream_seq: p.seq,
-        kind: 0,
-        did,
-        rev: "",
-        since: "",
-        commit_cid: &[],
-        data_cid: &[],
-        prev_data: &[],
-        proof: PROOF_ABSENT,
-        active: true,
-        status: "",
-        time_micros: now,
-        identity_micros,
-        frame: data,
-        seq_start: p.span.0 as u32,
-        seq_end: p.span.1 as u32,
-        collections: &[],
-    };
-    let (commit_bytes, data_bytes, prev_bytes);
-    if let Some(checked) = &p.checked {
-        commit_bytes = checked.commit_cid.to_bytes();
-        data_bytes = checked.data.to_bytes();
-        rec.commit_cid = &commit_bytes;
-        rec.data_cid = &data_bytes;
+    let at = Origin { host_id: host.id, frame: data, seq_span: p.span, time_micros: now, identity_micros };
+    let encoded = ringrec::encode_event(&p.ev, p.checked.as_ref(), at, out);
+    if !encoded {
+        // `prepare` lets none of these through; counted, never a panic.
+        let why = format!("{did}: {} has no ring record", p.ev.type_name());
+        return Err((Rejected::Drop(DropReason::UnknownType, why), Some(p.seq)));
     }
-    match &p.ev {
-        Event::Commit(c) => {
-            prev_bytes = c.prev_data.map(|p| p.to_bytes());
-            rec.kind = Kind::Commit as u8;
-            rec.rev = c.rev;
-            rec.since = c.since.unwrap_or("");
-            rec.prev_data = prev_bytes.as_ref().map_or(&[][..], |p| &p[..]);
-            rec.proof = p.checked.as_ref().map_or(PROOF_ABSENT, |c| proof_code(&c.proof));
-            rec.collections = p.checked.as_ref().map_or(&[][..], |c| &c.collections[..]);
-        }
-        Event::Sync(s) => {
-            rec.kind = Kind::Sync as u8;
-            rec.rev = s.rev;
-        }
-        Event::Identity(_) => rec.kind = Kind::Identity as u8,
-        Event::Account(a) => {
-            rec.kind = Kind::Account as u8;
-            rec.active = a.active;
-            rec.status = a.status.unwrap_or("");
-        }
-        Event::Info(_) | Event::Unknown { .. } => unreachable!("prepare rejects them"),
-    }
-    RingRecord::Event(rec).encode(out);
     if out.len() > sh.payload_max {
         let why = format!("{did}: record of {} bytes exceeds the ring's limit", out.len());
         return Err((Rejected::Drop(DropReason::TooLarge, why), Some(p.seq)));

@@ -8,6 +8,8 @@
 //! tells the db-writer that a host's upstream seq moved past events the shard
 //! dropped, so the persisted cursor does not lag behind dropped events.
 
+use crate::atproto::commit::{CheckedCommit, Proof};
+use crate::atproto::frame::Event;
 use bincode::{BorrowDecode, Encode};
 
 /// Event kinds as stored in rings and in the event log header.
@@ -122,6 +124,92 @@ impl<'a> RingRecord<'a> {
     }
 }
 
+/// Where an event came from and when: the parts of its [`EventRecord`]
+/// that are not in the event itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub host_id: i64,
+    /// The frame as received, and the byte range of its body's `seq`.
+    pub frame: &'a [u8],
+    pub seq_span: (usize, usize),
+    /// See [`EventRecord::time_micros`].
+    pub time_micros: i64,
+    /// See [`EventRecord::identity_micros`].
+    pub identity_micros: i64,
+}
+
+/// The ring code of a Sync 1.1 proof's outcome.
+pub fn proof_code(p: &Proof) -> u8 {
+    match p {
+        Proof::Verified(_) => PROOF_VERIFIED,
+        Proof::Absent => PROOF_ABSENT,
+        Proof::Failed(_) => PROOF_FAILED,
+    }
+}
+
+/// Encode into `out` (cleared first) the ring record of `ev`, an event
+/// that passed a shard's checks (`checked`: what they found of a
+/// `#commit` or `#sync`). The one place an [`EventRecord`] is built from
+/// an event: the shard writes its rings with it, and the allocation test
+/// (`common/tests/allocations.rs`) counts what it costs. Allocates
+/// nothing once `out` has room. Returns `false`, writing nothing, for an
+/// event that has no record (`#info`, an unknown type: a shard drops
+/// them before).
+pub fn encode_event(ev: &Event<'_>, checked: Option<&CheckedCommit>, at: Origin<'_>, out: &mut Vec<u8>) -> bool {
+    let (Some(did), Some(upstream_seq)) = (ev.did(), ev.seq()) else { return false };
+    let mut rec = EventRecord {
+        host_id: at.host_id,
+        upstream_seq,
+        kind: 0,
+        did,
+        rev: "",
+        since: "",
+        commit_cid: &[],
+        data_cid: &[],
+        prev_data: &[],
+        proof: PROOF_ABSENT,
+        active: true,
+        status: "",
+        time_micros: at.time_micros,
+        identity_micros: at.identity_micros,
+        frame: at.frame,
+        seq_start: at.seq_span.0 as u32,
+        seq_end: at.seq_span.1 as u32,
+        collections: &[],
+    };
+    let (commit_bytes, data_bytes, prev_bytes);
+    if let Some(checked) = checked {
+        commit_bytes = checked.commit_cid.to_bytes();
+        data_bytes = checked.data.to_bytes();
+        rec.commit_cid = &commit_bytes;
+        rec.data_cid = &data_bytes;
+    }
+    match ev {
+        Event::Commit(c) => {
+            prev_bytes = c.prev_data.map(|p| p.to_bytes());
+            rec.kind = Kind::Commit as u8;
+            rec.rev = c.rev;
+            rec.since = c.since.unwrap_or("");
+            rec.prev_data = prev_bytes.as_ref().map_or(&[][..], |p| &p[..]);
+            rec.proof = checked.map_or(PROOF_ABSENT, |c| proof_code(&c.proof));
+            rec.collections = checked.map_or(&[][..], |c| &c.collections[..]);
+        }
+        Event::Sync(s) => {
+            rec.kind = Kind::Sync as u8;
+            rec.rev = s.rev;
+        }
+        Event::Identity(_) => rec.kind = Kind::Identity as u8,
+        Event::Account(a) => {
+            rec.kind = Kind::Account as u8;
+            rec.active = a.active;
+            rec.status = a.status.unwrap_or("");
+        }
+        Event::Info(_) | Event::Unknown { .. } => return false,
+    }
+    RingRecord::Event(rec).encode(out);
+    true
+}
+
 /// A 64-bit hash of a DID (FNV-1a), stored in event log headers so replay
 /// can skip a taken-down account's records without decoding frames.
 pub fn did_hash(did: &str) -> u64 {
@@ -170,6 +258,36 @@ mod tests {
         assert!(RingRecord::decode(&out[..1]).is_err());
         out.push(0);
         assert!(RingRecord::decode(&out).is_err());
+    }
+
+    #[test]
+    fn an_event_record_carries_its_event_and_origin() {
+        use crate::atproto::frame::{self, AccountEvent, InfoEvent, Message};
+        let mut bytes = Vec::new();
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        AccountEvent { seq: 42, did, time: "2025-01-01T00:00:00Z", active: false, status: Some("deleted") }
+            .encode(&mut bytes);
+        let d = frame::decode(&bytes).unwrap();
+        let Message::Event(ev) = d.message else { panic!("an event") };
+        let at =
+            Origin { host_id: 7, frame: &bytes, seq_span: d.seq_span.unwrap(), time_micros: 5, identity_micros: 6 };
+        let mut out = vec![9; 3];
+        assert!(encode_event(&ev, None, at, &mut out));
+        let RingRecord::Event(e) = RingRecord::decode(&out).unwrap() else { panic!("an event record") };
+        assert_eq!((e.host_id, e.upstream_seq, e.kind, e.did), (7, 42, Kind::Account as u8, did));
+        assert_eq!((e.active, e.status, e.time_micros, e.identity_micros), (false, "deleted", 5, 6));
+        assert_eq!(
+            (e.frame, e.seq_start as usize, e.seq_end as usize),
+            (&bytes[..], d.seq_span.unwrap().0, d.seq_span.unwrap().1)
+        );
+        assert_eq!((e.commit_cid, e.proof), (&[][..], PROOF_ABSENT));
+
+        let mut info = Vec::new();
+        InfoEvent { name: "OutdatedCursor", message: None }.encode(&mut info);
+        let Message::Event(ev) = frame::decode(&info).unwrap().message else { panic!("an event") };
+        let mut out = vec![9; 3];
+        assert!(!encode_event(&ev, None, at, &mut out), "#info has no record");
+        assert_eq!(out, [9; 3], "nothing written");
     }
 
     #[test]
