@@ -94,11 +94,30 @@ fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
+/// A dropped event's detail, for the one debug line [`apply`] writes of
+/// it; the counted reason is the [`DropReason`]. Built with [`why!`]: empty,
+/// and no allocation, unless that line is on (a host that replays old
+/// seqs after a reconnect has thousands of them dropped).
+pub type Why = std::borrow::Cow<'static, str>;
+
+/// A [`Why`]: `format!` of its arguments when [`apply`]'s debug line is
+/// enabled, empty otherwise.
+macro_rules! why {
+    ($($arg:tt)*) => {
+        if tracing::enabled!(target: "sluice_shard::upstream", tracing::Level::DEBUG) {
+            $crate::upstream::Why::Owned(format!($($arg)*))
+        } else {
+            $crate::upstream::Why::Borrowed("")
+        }
+    };
+}
+pub(crate) use why;
+
 /// Why an event was not relayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejected {
     /// Drop the event, keep the connection.
-    Drop(DropReason, String),
+    Drop(DropReason, Why),
     /// Close the connection (the stream itself is broken, or the event
     /// cannot be judged now).
     Close(UpstreamClose, String),
@@ -506,7 +525,7 @@ async fn apply(
             sh.slot().dropped.fetch_add(1, Ordering::Relaxed);
             sh.slot().drops[reason as usize].fetch_add(1, Ordering::Relaxed);
             stats.drop(reason);
-            tracing::debug!(host = host.hostname, seq, reason = reason.name(), why, "dropped upstream event");
+            tracing::debug!(host = host.hostname, seq, reason = reason.name(), why = &*why, "dropped upstream event");
             if let Some(seq) = seq {
                 RingRecord::Cursor { host_id: host.id, upstream_seq: seq }.encode(buf);
                 push(sh, buf).await;
@@ -578,6 +597,28 @@ async fn push_raw(sh: &Shared, rec: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drop_detail_is_formatted_only_when_its_debug_line_is_on() {
+        let n = 7;
+        let quiet = why!("seq {n} not above {}", n + 1);
+        assert!(matches!(quiet, Why::Borrowed("")), "no subscriber: nothing formatted ({quiet:?})");
+        let at = |level| tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::sink).finish();
+        tracing::subscriber::with_default(at(tracing::Level::DEBUG), || {
+            assert_eq!(why!("seq {n} not above {}", n + 1), "seq 7 not above 8");
+        });
+        tracing::subscriber::with_default(at(tracing::Level::INFO), || {
+            assert!(matches!(why!("seq {n}"), Why::Borrowed("")));
+        });
+        // By target: the line's module, wherever the detail is built.
+        let only = |filter: &str| tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::sink).finish();
+        tracing::subscriber::with_default(only("info,sluice_shard::upstream=debug"), || {
+            assert_eq!(why!("seq {n}"), "seq 7");
+        });
+        tracing::subscriber::with_default(only("info,sluice_shard::validate=debug"), || {
+            assert!(matches!(why!("seq {n}"), Why::Borrowed("")));
+        });
+    }
 
     #[test]
     fn cancel_wakes_its_waiter_once_and_stays_set() {

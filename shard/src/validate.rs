@@ -11,7 +11,7 @@
 //! host's window meanwhile, its proof already checked: [`Prepared::checked`]
 //! is kept, the frame is decoded again, which is cheap).
 
-use crate::upstream::Rejected;
+use crate::upstream::{why, Rejected, Why};
 use crate::Shared;
 use sluice_common::atproto::commit::{check_commit, check_sync, CheckedCommit, Mode};
 use sluice_common::atproto::frame::{self, Event};
@@ -56,19 +56,19 @@ fn decode_event<'a>(host: &HostAssignment, data: &'a [u8], last_seq: i64) -> Ver
     let seq = match (&ev, ev.seq()) {
         (Event::Info(i), _) => {
             tracing::info!(host = host.hostname, name = i.name, message = i.message, "upstream #info");
-            return Err((Rejected::Drop(DropReason::Info, "info".into()), None));
+            return Err((Rejected::Drop(DropReason::Info, Why::Borrowed("info")), None));
         }
         (_, None) => {
-            let why = format!("unknown message type {}", ev.type_name());
+            let why = why!("unknown message type {}", ev.type_name());
             return Err((Rejected::Drop(DropReason::UnknownType, why), None));
         }
         (_, Some(s)) => s,
     };
     if seq <= last_seq {
-        return Err((Rejected::Drop(DropReason::OldSeq, format!("seq {seq} not above {last_seq}")), None));
+        return Err((Rejected::Drop(DropReason::OldSeq, why!("seq {seq} not above {last_seq}")), None));
     }
     let span =
-        decoded.seq_span.ok_or_else(|| (Rejected::Drop(DropReason::Malformed, "no seq span".into()), Some(seq)))?;
+        decoded.seq_span.ok_or((Rejected::Drop(DropReason::Malformed, Why::Borrowed("no seq span")), Some(seq)))?;
     Ok((ev, seq, span))
 }
 
@@ -82,15 +82,13 @@ pub fn prepare<'a>(
     now: i64,
 ) -> Verdict<Prepared<'a>> {
     let (ev, seq, span) = decode_event(host, data, last_seq)?;
-    let drop = |reason, why: String| (Rejected::Drop(reason, why), Some(seq));
+    let drop = |reason, why: Why| (Rejected::Drop(reason, why), Some(seq));
     let mode = if sh.settings().strict { Mode::Strict } else { Mode::Lenient };
     let checked = match &ev {
         Event::Commit(c) => {
-            Some(check_commit(c, mode, now).map_err(|e| drop(DropReason::InvalidCommit, format!("{}: {e}", c.repo)))?)
+            Some(check_commit(c, mode, now).map_err(|e| drop(DropReason::InvalidCommit, why!("{}: {e}", c.repo)))?)
         }
-        Event::Sync(s) => {
-            Some(check_sync(s, now).map_err(|e| drop(DropReason::InvalidSync, format!("{}: {e}", s.did)))?)
-        }
+        Event::Sync(s) => Some(check_sync(s, now).map_err(|e| drop(DropReason::InvalidSync, why!("{}: {e}", s.did)))?),
         _ => None,
     };
     Ok(Prepared { ev, seq, span, checked })
@@ -108,7 +106,7 @@ pub enum IdCheck {
     /// when the document was known current.
     Pass { identity_micros: i64 },
     /// It fails; a fresher document (asked with `refresh`) may pass it.
-    Fail { reason: DropReason, why: String, refresh: Reason },
+    Fail { reason: DropReason, why: Why, refresh: Reason },
 }
 
 /// The second half, with the DID's identity: host authority, then for a
@@ -124,14 +122,14 @@ pub fn check_identity(
     if e.pds == 0 {
         return IdCheck::Fail {
             reason: DropReason::WrongHost,
-            why: format!("{did} has no PDS endpoint"),
+            why: why!("{did} has no PDS endpoint"),
             refresh: Reason::WrongHost,
         };
     }
     if e.pds != host_pds {
         return IdCheck::Fail {
             reason: DropReason::WrongHost,
-            why: format!("{did}'s document names another PDS than {}", host.hostname),
+            why: why!("{did}'s document names another PDS than {}", host.hostname),
             refresh: Reason::WrongHost,
         };
     }
@@ -139,7 +137,7 @@ pub fn check_identity(
     let Some(key) = &e.key else {
         return IdCheck::Fail {
             reason: DropReason::NoSigningKey,
-            why: format!("{did} has no signing key"),
+            why: why!("{did} has no signing key"),
             refresh: Reason::BadSignature,
         };
     };
@@ -147,7 +145,7 @@ pub fn check_identity(
         Ok(()) => IdCheck::Pass { identity_micros: e.as_of_micros },
         Err(err) => IdCheck::Fail {
             reason: DropReason::BadSignature,
-            why: format!("{did}: signature: {err}"),
+            why: why!("{did}: signature: {err}"),
             refresh: Reason::BadSignature,
         },
     }
@@ -169,11 +167,11 @@ pub fn encode(
     let encoded = ringrec::encode_event(&p.ev, p.checked.as_ref(), at, out);
     if !encoded {
         // `prepare` lets none of these through; counted, never a panic.
-        let why = format!("{did}: {} has no ring record", p.ev.type_name());
+        let why = why!("{did}: {} has no ring record", p.ev.type_name());
         return Err((Rejected::Drop(DropReason::UnknownType, why), Some(p.seq)));
     }
     if out.len() > sh.payload_max {
-        let why = format!("{did}: record of {} bytes exceeds the ring's limit", out.len());
+        let why = why!("{did}: record of {} bytes exceeds the ring's limit", out.len());
         return Err((Rejected::Drop(DropReason::TooLarge, why), Some(p.seq)));
     }
     Ok(p.seq)

@@ -20,7 +20,7 @@
 
 use crate::idcache::Entry;
 use crate::resolver::{Cached, Lookup, Slot};
-use crate::upstream::Rejected;
+use crate::upstream::{why, Rejected};
 use crate::validate::{self, IdCheck, Prepared};
 use crate::Shared;
 use sluice_common::atproto::commit::CheckedCommit;
@@ -240,7 +240,7 @@ fn with_identity(
 }
 
 fn unresolved(p: &Prepared<'_>, why: &str) -> Step {
-    let why = format!("{}: identity unresolved: {why}", p.did());
+    let why = why!("{}: identity unresolved: {why}", p.did());
     Step::Reject(Rejected::Drop(DropReason::IdentityUnresolved, why), Some(p.seq))
 }
 
