@@ -338,6 +338,9 @@ impl Supervisor {
         let slot = self.control.shard(k);
         let generation = slot.generation.load(Ordering::Acquire).wrapping_add(1).max(1);
         slot.generation.store(generation, Ordering::Release);
+        // What the previous process held (hosts, consumers, windows) went
+        // with it; a SIGKILLed one never gave its gauges back.
+        slot.clear_gauges();
         let child =
             spawn_child(&["shard".into(), "--id".into(), k.to_string()], &self.config_path, &fds, libc::SIGKILL)?;
         drop::<OwnedFd>(r);

@@ -783,6 +783,25 @@ pub struct ShardSlot<'a> {
     pub window_frames: &'a AtomicU64,
 }
 
+impl ShardSlot<'_> {
+    /// Zero the gauges, which say what the running process holds now
+    /// (hosts connected, consumers, its identity cache, frames in its
+    /// windows). A process that is killed never takes its share back, so
+    /// the supervisor clears them before it starts the next one; the
+    /// counters (events, drops, closes...) keep adding up across starts.
+    pub fn clear_gauges(&self) {
+        for g in [
+            self.hosts_connected,
+            self.consumers,
+            self.identity_cache_entries,
+            self.identity_cache_bytes,
+            self.window_frames,
+        ] {
+            g.store(0, Ordering::Release);
+        }
+    }
+}
+
 /// Why an upstream connection ended (or never came up): the reasons the
 /// shards count per slot, `sluice_shard_upstream_closes_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -967,6 +986,26 @@ pub fn inheritable(fd: RawFd) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_shard_process_starts_its_gauges_at_zero_and_keeps_the_counters() {
+        let cb = ControlBlock::create().unwrap();
+        let s = cb.shard(1);
+        for g in [s.hosts_connected, s.consumers, s.identity_cache_entries, s.identity_cache_bytes, s.window_frames] {
+            g.store(7, Ordering::Relaxed);
+        }
+        s.events_in.store(100, Ordering::Relaxed);
+        s.drops[DropReason::WrongHost as usize].store(3, Ordering::Relaxed);
+        cb.shard(2).hosts_connected.store(4, Ordering::Relaxed);
+        s.clear_gauges();
+        let s = cb.shard(1);
+        for g in [s.hosts_connected, s.consumers, s.identity_cache_entries, s.identity_cache_bytes, s.window_frames] {
+            assert_eq!(g.load(Ordering::Relaxed), 0);
+        }
+        assert_eq!(s.events_in.load(Ordering::Relaxed), 100);
+        assert_eq!(s.drops[DropReason::WrongHost as usize].load(Ordering::Relaxed), 3);
+        assert_eq!(cb.shard(2).hosts_connected.load(Ordering::Relaxed), 4, "another shard's slot is its own");
+    }
 
     #[test]
     fn control_block_round_trip_through_fd() {
