@@ -291,7 +291,11 @@ impl<'c> Checker<'c> {
             if let Some((_, n)) = allowed.filter(|_| !self.expected.contains_key(&id)) {
                 *n -= 1;
                 self.report.either_seen += 1;
-                self.report.note(format!("the relay's own #account for {} (active={})", a.did, a.active));
+                // Allowed, so not a problem: noted only while the notes are
+                // few, so they never crowd out the problems.
+                if self.report.notes.len() < 5 {
+                    self.report.note(format!("the relay's own #account for {} (active={})", a.did, a.active));
+                }
                 return Ok(true);
             }
         }
@@ -344,16 +348,41 @@ impl<'c> Checker<'c> {
     }
 
     fn finish(mut self) -> Report {
+        // Missing events by host (count, first and last ledger event) and
+        // by kind, ahead of the examples: one stalled host and scattered
+        // losses read differently.
+        let mut by_host: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+        let mut by_kind: std::collections::BTreeMap<&str, u64> = Default::default();
+        let mut examples = Vec::new();
         for (id, x) in &self.expected {
             let n = self.seen.get(id).copied().unwrap_or(0);
             match x.expect {
                 Expect::Relay if n == 0 && x.counted => {
                     self.report.missing += 1;
+                    let h = by_host.entry(&x.host).or_insert((0, u64::MAX, 0));
+                    *h = (h.0 + 1, h.1.min(x.i), h.2.max(x.i));
+                    *by_kind
+                        .entry(id.split('|').next().filter(|k| k.starts_with('#')).unwrap_or("#commit"))
+                        .or_insert(0) += 1;
                     let did = x.did.as_deref().unwrap_or("-");
-                    self.report.note(format!("missing: {id} (ledger event {}, {did} on {})", x.i, x.host));
+                    examples.push((x.i, format!("missing: {id} (ledger event {}, {did} on {})", x.i, x.host)));
                 }
                 Expect::Either if n == 0 => self.report.either_missing += 1,
                 _ => {}
+            }
+        }
+        if self.report.missing > 0 {
+            let hosts: Vec<String> = by_host
+                .iter()
+                .map(|(h, (n, first, last))| format!("{h}: {n} (ledger events {first}..={last})"))
+                .collect();
+            let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            self.report
+                .notes
+                .insert(0, format!("missing by host: {}; by kind: {}", hosts.join(", "), kinds.join(", ")));
+            examples.sort();
+            for (_, e) in examples.into_iter().take(10) {
+                self.report.notes.insert(1, e);
             }
         }
         self.report

@@ -921,8 +921,17 @@ impl World {
         let time = self.time();
         let frame = self.accounts[a].repo.sync_frame(seq, &time).expect("has a commit");
         let did = self.accounts[a].did.clone();
-        let entry =
-            self.entry(host, Some(seq), Some(&did), "#sync", format!("#sync|{did}|{time}"), (Expect::Relay, ""));
+        // A #sync carries the repository's last commit as it was signed.
+        // After a key rotation with no commit since, that is the old key's
+        // signature: a relay that has not yet learned of the rotation
+        // verifies it and relays it, one that has drops it (PROTOCOL.md 4:
+        // refresh once, then drop).
+        let verdict = if signed_by_current_key(&frame, &self.accounts[a].repo.key().public_key()) {
+            (Expect::Relay, "")
+        } else {
+            (Expect::Either, "oldkeysync")
+        };
+        let entry = self.entry(host, Some(seq), Some(&did), "#sync", format!("#sync|{did}|{time}"), verdict);
         self.push_frame(host, a, seq, frame, entry, out);
         self.clock_micros += 1;
     }
@@ -1218,6 +1227,14 @@ fn replace_root(car: &[u8], old: Cid, new: Cid, block: &[u8]) -> Vec<u8> {
     write_car(&new, blocks.iter().map(|(c, b)| (c, b.as_slice())))
 }
 
+/// Whether the commit of a `#sync` frame verifies with `key`.
+fn signed_by_current_key(frame: &[u8], key: &sluice_common::atproto::crypto::PublicKey) -> bool {
+    let Ok(decoded) = frame::decode(frame) else { return false };
+    let Message::Event(Event::Sync(sync)) = decoded.message else { return false };
+    let now = i64::MAX / 2;
+    sluice_common::atproto::commit::check_sync(&sync, now).is_ok_and(|c| c.verify_signature(key).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1307,6 +1324,30 @@ mod tests {
     fn the_commit(out: &[Output]) -> (Vec<u8>, Entry) {
         let (f, e) = frames(out)[0];
         (f.clone(), e.clone())
+    }
+
+    /// A `#sync` right after a key rotation carries the commit the old
+    /// key signed: "either" (a relay that has not learned of the rotation
+    /// relays it; one that has drops it). After a new commit, "relay".
+    #[test]
+    fn a_sync_between_a_key_rotation_and_the_next_commit_is_either() {
+        let (mut w, out) = injected(Fault::RotateKey);
+        let did = frames(&out)[0].1.did.clone().expect("the #identity's DID");
+        let a = w.index_of(&did).unwrap();
+        let mut out = Vec::new();
+        w.emit_sync(a, &mut out);
+        let (f, e) = the_commit(&out);
+        assert_eq!((e.expect, e.why.as_str()), (Expect::Either, "oldkeysync"));
+        let Message::Event(Event::Sync(s)) = frame::decode(&f).unwrap().message else { panic!("a #sync") };
+        let checked = sluice_common::atproto::commit::check_sync(&s, w.now_micros()).unwrap();
+        assert!(checked.verify_signature(&key_of(&w, &did)).is_err(), "signed by the old key");
+
+        let ops = w.random_ops(a, 0);
+        w.commit(a, &ops).unwrap();
+        let mut out = Vec::new();
+        w.emit_sync(a, &mut out);
+        let (_, e) = the_commit(&out);
+        assert_eq!((e.expect, e.why.as_str()), (Expect::Relay, ""));
     }
 
     #[test]
