@@ -35,10 +35,15 @@ pub fn sluice_bin() -> PathBuf {
 /// The fixture: a temp dir holding fakenet's ledger and the relay's data,
 /// a fakenet network serving `net`, and `sluice run` (`shards`, the extra
 /// config lines `extra`) with every fakenet host crawled.
+///
+/// Fields drop in the order written: the relay stops first, then the
+/// network, and only then is the directory deleted (the other way round,
+/// a relay still stopping wrote into a deleted data dir and left its
+/// `run/` files behind in /tmp).
 pub struct Setup {
-    pub dir: tempfile::TempDir,
-    pub net: runner::Running,
     pub relay: Relay,
+    pub net: runner::Running,
+    pub dir: tempfile::TempDir,
 }
 
 impl Setup {
