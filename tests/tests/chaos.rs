@@ -15,7 +15,13 @@
 //! everything: `SLUICE_CHAOS_KILLS=100 SLUICE_CHAOS_PG_KILLS=5
 //! SLUICE_CHAOS_SUPERVISOR_KILLS=3 SLUICE_CHAOS_RATE=1000 cargo test
 //! --release -p sluice-tests --test chaos -- --nocapture`; it prints the
-//! recovery time per kind of kill (p50 / max).
+//! recovery time per kind of kill (p50 / max). For a post-mortem add
+//! `SLUICE_CHAOS_KEEP=1` (the run's directory stays: the relay's log, its
+//! PostgreSQL, the ledger) and
+//! `SLUICE_TEST_LOG=info,sluice_shard::upstream=debug,sluice_dbwriter::sequencer=debug`
+//! (every dropped event's reason in that log); build the relay's binaries
+//! first (`cargo build --release --bins`): this test runs the ones in
+//! `target/`.
 
 mod support;
 
