@@ -388,104 +388,155 @@ async fn read_loop<S: futures::AsyncRead + futures::AsyncWrite + Unpin, F: Fn() 
     let _connected = connected(sh, stats);
     tracing::debug!(host = host.hostname, cursor = *last_seq, "subscribed upstream");
     let ctx = HostCtx { host, pds: sh.resolver.pds_hash(&host.hostname) };
-    let mut window = Window::new(sh);
-    // The last seq read (frames are read ahead of what is delivered).
-    let mut last_read = *last_seq;
-    let mut buf = Vec::new();
     let rate = sh.events_per_second(host.id);
-    let mut bucket = TokenBucket::new(rate, rate, Instant::now());
+    let mut r = Reading {
+        window: Window::new(sh),
+        last_read: *last_seq,
+        buf: Vec::new(),
+        bucket: TokenBucket::new(rate, rate, Instant::now()),
+    };
     let mut keep = KeepAlive::new(sh);
     // Wakes the loop when the host is unassigned or the relay stops, even
     // if the host sends nothing.
     let mut watch = Box::pin(cancel.wait());
     let mut tick = Box::pin(glommio::timer::sleep(keep.ping_every));
     while !stopping() {
-        if let Err(e) = deliver(sh, &ctx, stats, &mut window, last_seq, &mut buf).await {
+        if let Err(e) = deliver(sh, &ctx, stats, &mut r.window, last_seq, &mut r.buf).await {
             return e;
         }
-        // `WsIn::next` is cancel-safe: a timer, a stop or an answer may
-        // drop it. A full window reads nothing (TCP backpressure).
-        let wake = {
-            let head = window.head_slot();
-            let answered = async {
-                match &head {
-                    Some(s) => s.wait().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let read = async {
-                if window.has_room() {
-                    ws.next().await
-                } else {
-                    std::future::pending().await
-                }
-            };
-            // Pinned on the stack: no allocation per message.
-            let (read, answered) = (std::pin::pin!(read), std::pin::pin!(answered));
-            let others = futures::future::select(answered, futures::future::select(&mut watch, &mut tick));
-            match futures::future::select(read, others).await {
-                futures::future::Either::Left((m, _)) => Wake::Message(m),
-                futures::future::Either::Right((futures::future::Either::Left(_), _)) => Wake::Answered,
-                futures::future::Either::Right((
-                    futures::future::Either::Right((futures::future::Either::Left(_), _)),
-                    _,
-                )) => Wake::Stop,
-                futures::future::Either::Right(_) => Wake::Tick,
-            }
-        };
-        let data = match wake {
+        let done = match next_wake(&r.window, &mut ws, &mut watch, &mut tick).await {
             Wake::Stop => break,
-            Wake::Answered => continue,
-            Wake::Tick => {
-                let (ping, next) = match keep.tick() {
-                    Ok(t) => t,
-                    Err(e) => return e,
-                };
-                if ping {
-                    if let Err(e) = ws.ping().await {
-                        return ws_error(e, false);
-                    }
+            Wake::Answered => Ok(()),
+            Wake::Tick => match on_tick(&mut ws, &keep).await {
+                Ok(next) => {
+                    tick = Box::pin(glommio::timer::sleep(next));
+                    Ok(())
                 }
-                tick = Box::pin(glommio::timer::sleep(next));
-                continue;
-            }
-            Wake::Message(Err(e)) => return ws_error(e, false),
-            Wake::Message(Ok(m)) => {
-                keep.last_heard = Instant::now();
-                match m {
-                    In::Binary(b) => b,
-                    In::Close(code) => return ended(UpstreamClose::Remote, format!("close frame ({code:?})")),
-                    In::Ping(p) => {
-                        if let Err(e) = keep.host_pinged() {
-                            return e;
-                        }
-                        if let Err(e) = ws.pong(&p).await {
-                            return ws_error(e, false);
-                        }
-                        continue;
-                    }
-                    In::Pong | In::Text => continue,
-                }
-            }
+                Err(e) => Err(e),
+            },
+            Wake::Message(m) => match message(m, &mut keep) {
+                Ok(Msg::Frame(data)) => on_frame(sh, &ctx, stats, &mut r, last_seq, data).await,
+                Ok(Msg::Ping(p)) => ws.pong(&p).await.map_err(|e| ws_error(e, false)),
+                Ok(Msg::Nothing) => Ok(()),
+                Err(e) => Err(e),
+            },
         };
-        throttle(sh, host.id, &mut bucket).await;
-        let started = Instant::now();
-        let step = window.on_frame(&ctx, data, &mut last_read, now_micros(), &mut buf);
-        sh.control.histogram(Hist::Validation).observe(started.elapsed().as_micros() as u64);
-        let delivery = match step {
-            None => continue,
-            Some(Step::Push(seq)) => Delivery::Push { seq, record: Vec::new() },
-            Some(Step::Reject(r, seq)) => Delivery::Reject(r, seq),
-            Some(Step::Wait(_)) => unreachable!("a waiting frame goes into the window"),
-        };
-        // The window was empty: straight to the ring (a push's record is
-        // still in `buf`, no copy).
-        if let Err(e) = apply(sh, host, stats, delivery, last_seq, &mut buf).await {
+        if let Err(e) = done {
             return e;
         }
     }
     ws.close().await;
     ended(UpstreamClose::Local, "unassigned or stopping")
+}
+
+/// What the read loop keeps of its host between frames.
+struct Reading<'a> {
+    window: Window<'a>,
+    /// The last seq read (frames are read ahead of what is delivered).
+    last_read: i64,
+    /// The scratch buffer records are encoded into.
+    buf: Vec<u8>,
+    /// The host's event rate ([`Shared::events_per_second`]).
+    bucket: TokenBucket,
+}
+
+/// What wakes the read loop next: a message (read only while the window
+/// has room: a full one leaves the rest to TCP backpressure), the
+/// window's head answered, a stop, or the keep-alive's tick.
+/// `WsIn::next` is cancel-safe, so whichever comes first may drop it.
+async fn next_wake<'w, S, W, T>(window: &Window<'_>, ws: &'w mut WsIn<S>, watch: &mut W, tick: &mut T) -> Wake<'w>
+where
+    S: futures::AsyncRead + futures::AsyncWrite + Unpin,
+    W: std::future::Future<Output = ()> + Unpin,
+    T: std::future::Future + Unpin,
+{
+    use futures::future::{select, Either};
+    let head = window.head_slot();
+    let answered = async {
+        match &head {
+            Some(s) => s.wait().await,
+            None => std::future::pending().await,
+        }
+    };
+    let room = window.has_room();
+    let read = async move {
+        if room {
+            ws.next().await
+        } else {
+            std::future::pending().await
+        }
+    };
+    // Pinned on the stack: no allocation per message.
+    let (read, answered) = (std::pin::pin!(read), std::pin::pin!(answered));
+    match select(read, select(answered, select(watch, tick))).await {
+        Either::Left((m, _)) => Wake::Message(m),
+        Either::Right((Either::Left(_), _)) => Wake::Answered,
+        Either::Right((Either::Right((Either::Left(_), _)), _)) => Wake::Stop,
+        Either::Right(_) => Wake::Tick,
+    }
+}
+
+/// What a message from the host comes to.
+enum Msg<'a> {
+    /// A binary message: a frame to check.
+    Frame(&'a [u8]),
+    /// A ping within the host's rate, to answer.
+    Ping(crate::wsin::Control),
+    /// A pong or a text message: nothing to do.
+    Nothing,
+}
+
+/// A message heard from the host (the keep-alive hears it); `Err` when
+/// it ends the connection (an error, a close frame, a ping flood).
+fn message<'a>(m: Result<In<'a>, WsError>, keep: &mut KeepAlive) -> Result<Msg<'a>, Ended> {
+    let m = m.map_err(|e| ws_error(e, false))?;
+    keep.last_heard = Instant::now();
+    Ok(match m {
+        In::Binary(b) => Msg::Frame(b),
+        In::Close(code) => return Err(ended(UpstreamClose::Remote, format!("close frame ({code:?})"))),
+        In::Ping(p) => {
+            keep.host_pinged()?;
+            Msg::Ping(p)
+        }
+        In::Pong | In::Text => Msg::Nothing,
+    })
+}
+
+/// The keep-alive's tick: a ping after `upstream_ping_interval_s` of
+/// silence, the end after `upstream_idle_timeout_s`; the next tick's wait.
+async fn on_tick<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    ws: &mut WsIn<S>,
+    keep: &KeepAlive,
+) -> Result<Duration, Ended> {
+    let (ping, next) = keep.tick()?;
+    if ping {
+        ws.ping().await.map_err(|e| ws_error(e, false))?;
+    }
+    Ok(next)
+}
+
+/// A frame read: paced to the host's rate, checked, and when the window
+/// was empty written to the ring or dropped at once (a push's record is
+/// still in `r.buf`, no copy); otherwise it waits in the window.
+async fn on_frame(
+    sh: &Shared,
+    ctx: &HostCtx<'_>,
+    stats: &crate::consumers::HostStats,
+    r: &mut Reading<'_>,
+    last_seq: &mut i64,
+    data: &[u8],
+) -> Result<(), Ended> {
+    throttle(sh, ctx.host.id, &mut r.bucket).await;
+    let started = Instant::now();
+    let step = r.window.on_frame(ctx, data, &mut r.last_read, now_micros(), &mut r.buf);
+    sh.control.histogram(Hist::Validation).observe(started.elapsed().as_micros() as u64);
+    let delivery = match step {
+        None => return Ok(()),
+        Some(Step::Push(seq)) => Delivery::Push { seq, record: Vec::new() },
+        Some(Step::Reject(r, seq)) => Delivery::Reject(r, seq),
+        Some(Step::Wait(_)) => unreachable!("a waiting frame goes into the window"),
+    };
+    apply(sh, ctx.host, stats, delivery, last_seq, &mut r.buf).await
 }
 
 /// Deliver the window's head while it is ready.
