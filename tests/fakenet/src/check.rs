@@ -115,6 +115,8 @@ struct Expected {
     i: u64,
     did: Option<String>,
     host: String,
+    /// The event's kind (`#commit`, `#sync`...), for the notes.
+    t: String,
     /// The ledger's reason (for a "drop": the fault), for the notes.
     why: String,
     /// In the ledger when the check began: only these can be missing.
@@ -186,6 +188,7 @@ impl<'c> Checker<'c> {
                 i: e.i,
                 did: e.did.clone(),
                 host: e.host.clone(),
+                t: e.t.clone(),
                 why: e.why.clone(),
                 counted,
             };
@@ -349,11 +352,11 @@ impl<'c> Checker<'c> {
 
     fn finish(mut self) -> Report {
         // Missing events by host (count, first and last ledger event) and
-        // by kind, ahead of the examples: one stalled host and scattered
-        // losses read differently.
+        // by kind, then the ten earliest, ahead of the other notes: one
+        // stalled host and scattered losses read differently.
         let mut by_host: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
         let mut by_kind: std::collections::BTreeMap<&str, u64> = Default::default();
-        let mut examples = Vec::new();
+        let mut missing = Vec::new();
         for (id, x) in &self.expected {
             let n = self.seen.get(id).copied().unwrap_or(0);
             match x.expect {
@@ -361,29 +364,25 @@ impl<'c> Checker<'c> {
                     self.report.missing += 1;
                     let h = by_host.entry(&x.host).or_insert((0, u64::MAX, 0));
                     *h = (h.0 + 1, h.1.min(x.i), h.2.max(x.i));
-                    *by_kind
-                        .entry(id.split('|').next().filter(|k| k.starts_with('#')).unwrap_or("#commit"))
-                        .or_insert(0) += 1;
-                    let did = x.did.as_deref().unwrap_or("-");
-                    examples.push((x.i, format!("missing: {id} (ledger event {}, {did} on {})", x.i, x.host)));
+                    *by_kind.entry(&x.t).or_insert(0) += 1;
+                    missing.push((x.i, id, x));
                 }
                 Expect::Either if n == 0 => self.report.either_missing += 1,
                 _ => {}
             }
         }
-        if self.report.missing > 0 {
+        if !missing.is_empty() {
             let hosts: Vec<String> = by_host
                 .iter()
                 .map(|(h, (n, first, last))| format!("{h}: {n} (ledger events {first}..={last})"))
                 .collect();
             let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
-            self.report
-                .notes
-                .insert(0, format!("missing by host: {}; by kind: {}", hosts.join(", "), kinds.join(", ")));
-            examples.sort();
-            for (_, e) in examples.into_iter().take(10) {
-                self.report.notes.insert(1, e);
-            }
+            let summary = format!("missing by host: {}; by kind: {}", hosts.join(", "), kinds.join(", "));
+            missing.sort_by_key(|(i, ..)| *i);
+            let earliest = missing.iter().take(10).map(|(i, id, x)| {
+                format!("missing: {id} (ledger event {i}, {} on {})", x.did.as_deref().unwrap_or("-"), x.host)
+            });
+            self.report.notes.splice(0..0, std::iter::once(summary).chain(earliest));
         }
         self.report
     }
