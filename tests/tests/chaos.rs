@@ -143,42 +143,19 @@ fn report_recoveries(recoveries: &[(Target, Duration)]) {
     }
 }
 
-/// The run's directory, deleted at the end unless `SLUICE_CHAOS_KEEP` is set.
-enum RunDir {
-    Temp(tempfile::TempDir),
-    Kept(std::path::PathBuf),
-}
-
-impl RunDir {
-    fn path(&self) -> &Path {
-        match self {
-            RunDir::Temp(d) => d.path(),
-            RunDir::Kept(p) => p,
-        }
-    }
-}
-
-fn run_dir(dir: tempfile::TempDir) -> RunDir {
-    if std::env::var_os("SLUICE_CHAOS_KEEP").is_some() {
-        RunDir::Kept(dir.keep())
-    } else {
-        RunDir::Temp(dir)
-    }
-}
-
 #[test]
 fn no_loss_under_repeated_kills_of_every_process() {
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|s| s.parse().ok()).unwrap_or(d);
     let seed = env("SLUICE_CHAOS_SEED", 20261201);
     eprintln!("chaos seed {seed} (SLUICE_CHAOS_SEED replays the kill schedule)");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
     // Keep the data dir of a failed run for a post-mortem (the relay's
     // log, PostgreSQL and event log): `SLUICE_CHAOS_KEEP=1`.
     if std::env::var_os("SLUICE_CHAOS_KEEP").is_some() {
+        dir.disable_cleanup(true);
         eprintln!("keeping {}", dir.path().display());
     }
-    let dir = run_dir(dir);
     let kills = env("SLUICE_CHAOS_KILLS", 25) as usize;
     let pg_kills = env("SLUICE_CHAOS_PG_KILLS", 2) as usize;
     let supervisor_kills = env("SLUICE_CHAOS_SUPERVISOR_KILLS", 1) as usize;
