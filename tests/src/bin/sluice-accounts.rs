@@ -395,6 +395,13 @@ fn lsn(pg: &mut postgres::Client) -> anyhow::Result<i64> {
     Ok(pg.query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8", &[])?.get(0))
 }
 
+/// `accounts`' rows updated and of them HOT-updated so far (the
+/// statistics as the backends last reported them, at most a second old).
+fn updates(pg: &mut postgres::Client) -> anyhow::Result<(i64, i64)> {
+    let r = pg.query_one("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'accounts'", &[])?;
+    Ok((r.get(0), r.get(1)))
+}
+
 /// The steady window's figures.
 fn steady(a: &Args, relay: &Relay, pg: &mut postgres::Client, n: u64) -> anyhow::Result<()> {
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
@@ -412,6 +419,7 @@ fn steady(a: &Args, relay: &Relay, pg: &mut postgres::Client, n: u64) -> anyhow:
         }
     };
     let (rel0, wal0) = (metric(relay.metrics, "sluice_events_relayed_total"), lsn(pg)?);
+    let upd0 = updates(pg)?;
     let t0 = Instant::now();
     sample(&mut procs, true);
     while t0.elapsed() < Duration::from_secs(a.steady_s) {
@@ -421,11 +429,15 @@ fn steady(a: &Args, relay: &Relay, pg: &mut postgres::Client, n: u64) -> anyhow:
     let secs = t0.elapsed().as_secs_f64();
     let events = metric(relay.metrics, "sluice_events_relayed_total") - rel0;
     let wal = lsn(pg)? - wal0;
+    let upd = updates(pg)?;
+    let (rows, hot) = (upd.0 - upd0.0, upd.1 - upd0.1);
     println!(
-        "steady {secs:.0} s at {n} rows: {:.0} events/s relayed ({} offered); WAL {:.0} B an event",
+        "steady {secs:.0} s at {n} rows: {:.0} events/s relayed ({} offered); WAL {:.0} B an event; \
+         account rows updated {rows}, HOT {hot} ({:.1}%)",
         events as f64 / secs,
         a.rate,
-        wal as f64 / events.max(1) as f64
+        wal as f64 / events.max(1) as f64,
+        hot as f64 * 100.0 / rows.max(1) as f64
     );
     for (name, p) in &procs {
         println!(
@@ -449,11 +461,14 @@ fn sizes(pg: &mut postgres::Client, n: u64) -> anyhow::Result<()> {
     let (table, index, ids, rows): (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
     let (numbers, chunks): (i64, i64) = (r.get(4), r.get(5));
     println!(
-        "postgres at {n} rows ({rows} counted): accounts table {} MiB + indexes {} MiB = {:.0} B an account; \
+        "postgres at {n} rows ({rows} counted): accounts table {} MiB + indexes {} MiB = {:.1} B an account \
+         ({:.1} + {:.1}); \
          identities {} MiB; collection index: accounts_no {} MiB ({:.0} B an account), chunks {} KiB",
         table >> 20,
         index >> 20,
         (table + index) as f64 / rows.max(1) as f64,
+        table as f64 / rows.max(1) as f64,
+        index as f64 / rows.max(1) as f64,
         ids >> 20,
         numbers >> 20,
         numbers as f64 / rows.max(1) as f64,
