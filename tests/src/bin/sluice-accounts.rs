@@ -90,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         run_size(&a, &sluice, &dir, n)?;
         let _ = std::fs::remove_dir_all(&dir);
     }
+    let _ = std::fs::remove_dir(&root);
     Ok(())
 }
 
