@@ -176,8 +176,14 @@ pub fn pong(out: &mut Vec<u8>, payload: &[u8]) {
     push_frame(out, OpCode::Control(Control::Pong), payload);
 }
 
-/// Write `bytes`, either at once or (split mode) in random small chunks
-/// with a pause between them so each becomes its own TCP segment.
+/// Write `bytes`, either at once or (split mode) in random small chunks,
+/// each flushed so it becomes its own TCP segment, the task yielding
+/// between some of them and now and then pausing a millisecond (so the
+/// reader sees frames cut across its reads). Not a timer pause between
+/// chunks: tokio's timers tick in milliseconds, so a 300 us sleep after
+/// three chunks in ten made a split connection deliver about 33 frames a
+/// second, and a relay catching up a backlog through one took minutes
+/// (the long chaos runs 2 and 10 of BENCHMARKS.md).
 pub async fn write_maybe_split<W: AsyncWrite + Unpin>(
     w: &mut W,
     bytes: &[u8],
@@ -193,8 +199,10 @@ pub async fn write_maybe_split<W: AsyncWrite + Unpin>(
                 w.write_all(&bytes[pos..pos + n]).await?;
                 w.flush().await?;
                 pos += n;
-                if rng.gen_bool(0.3) {
-                    tokio::time::sleep(std::time::Duration::from_micros(300)).await;
+                if rng.gen_bool(0.005) {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                } else if rng.gen_bool(0.3) {
+                    tokio::task::yield_now().await;
                 }
             }
             Ok(())
