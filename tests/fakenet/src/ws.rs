@@ -199,10 +199,10 @@ pub async fn write_maybe_split<W: AsyncWrite + Unpin>(
                 w.write_all(&bytes[pos..pos + n]).await?;
                 w.flush().await?;
                 pos += n;
-                if rng.gen_bool(0.005) {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                } else if rng.gen_bool(0.3) {
-                    tokio::task::yield_now().await;
+                match rng.gen_range(0..1000) {
+                    0..5 => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                    5..305 => tokio::task::yield_now().await,
+                    _ => {}
                 }
             }
             Ok(())
