@@ -497,6 +497,9 @@ fn reload_to_more_shards_mid_stream_loses_nothing() {
     // `#info RelayRestarting` and a close frame (1012), not a dropped TCP.
     let until = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
     let watcher = watch(relay.port, 0, until, Duration::from_secs(60));
+    // Only once it is streaming: a SIGHUP that came first would find it
+    // still waiting for its first event (seen in CI: no seqs, then 1012).
+    watcher.wait_seen(1, Duration::from_secs(30));
     // The reload also moves the metrics endpoint.
     relay.metrics_port = free_port();
     relay.write_config(dir.path(), &net.info.plc_url, 2, "");

@@ -300,6 +300,34 @@ pub struct Watched {
     pub dropped: Option<String>,
 }
 
+/// A [`watch`]ing thread, and how many events it has received so far.
+pub struct Watcher {
+    thread: std::thread::JoinHandle<Watched>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Watcher {
+    /// Wait (bounded) until the subscription has received `n` events: a
+    /// test that disturbs the relay "mid-stream" first knows the consumer
+    /// is streaming, not still connecting.
+    pub fn wait_seen(&self, n: usize, timeout: Duration) {
+        let t = Instant::now();
+        while self.seen.load(std::sync::atomic::Ordering::Acquire) < n {
+            assert!(
+                t.elapsed() < timeout && !self.thread.is_finished(),
+                "the watcher saw {} of {n} events",
+                self.seen.load(std::sync::atomic::Ordering::Acquire)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How the subscription ended.
+    pub fn join(self) -> std::thread::Result<Watched> {
+        self.thread.join()
+    }
+}
+
 /// One subscription from `cursor`, on one connection, in a thread: reads
 /// until the relay closes it, the connection fails, `until` (set later by
 /// the test) is reached, or `timeout`.
@@ -308,20 +336,25 @@ pub fn watch(
     cursor: i64,
     until: std::sync::Arc<std::sync::atomic::AtomicI64>,
     timeout: Duration,
-) -> std::thread::JoinHandle<Watched> {
+) -> Watcher {
     use std::sync::atomic::Ordering;
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
     let url = format!("ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
     let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let (mut ws, _) = tungstenite::client(url, tcp).unwrap();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let deadline = Instant::now() + timeout;
         let mut w = Watched::default();
         while Instant::now() < deadline && w.seqs.last().is_none_or(|s| *s < until.load(Ordering::Acquire)) {
             match ws.read() {
                 Ok(tungstenite::Message::Binary(b)) => match frame::decode(&b).unwrap().message {
                     Message::Event(frame::Event::Info(i)) => w.infos.push(i.name.to_owned()),
-                    Message::Event(ev) => w.seqs.push(ev.seq().expect("relayed events have a seq")),
+                    Message::Event(ev) => {
+                        w.seqs.push(ev.seq().expect("relayed events have a seq"));
+                        counter.store(w.seqs.len(), Ordering::Release);
+                    }
                     Message::Error { .. } => w.infos.push("error frame".into()),
                 },
                 Ok(tungstenite::Message::Close(c)) => {
@@ -341,7 +374,8 @@ pub fn watch(
             }
         }
         w
-    })
+    });
+    Watcher { thread, seen }
 }
 
 /// Seqs that come twice or are skipped, from the first one received.
