@@ -444,6 +444,9 @@ mod tests {
             })
             .collect();
         rows.push(("did:plc:short".into(), true, None, false, false, None, None, None));
+        // Host checks in microseconds; V14 keeps whole seconds, rounded
+        // down (the first row's 0, never, stays 0).
+        let checked = |k: usize| if k == 0 { 0 } else { 1_750_000_000_000_000 + k as i64 * 1_234_567 };
         for (k, r) in rows.iter().enumerate() {
             let status = if r.3 {
                 "takendown"
@@ -455,7 +458,7 @@ mod tests {
             c.execute(
                 "INSERT INTO accounts (did, host_id, status, upstream_active, upstream_status, takendown, throttled, rev,
                    commit_cid, data_cid, host_checked_micros) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                &[&r.0, &host, &status, &r.1, &r.2, &r.3, &r.4, &r.5, &r.6, &r.7, &(k as i64)],
+                &[&r.0, &host, &status, &r.1, &r.2, &r.3, &r.4, &r.5, &r.6, &r.7, &checked(k)],
             )
             .unwrap();
         }
@@ -473,11 +476,12 @@ mod tests {
                 rev: r.5.as_deref().and_then(tid_value),
                 commit: r.6.as_deref().and_then(binary_digest),
                 data_fp: r.7.as_deref().and_then(binary_fingerprint),
-                host_checked_micros: k as i64,
+                host_checked_micros: db::checked_micros(db::checked_secs(checked(k))),
                 // Migrated rows are not in the collection index yet.
                 no: 0,
             };
             assert_eq!(got[&keys[k]], want, "{}", r.0);
+            assert!(checked(k) - want.host_checked_micros < 1_000_000);
         }
         // The word the lexicons do not know is kept as the host said it;
         // every account is listed under its DID again.
@@ -560,8 +564,9 @@ mod tests {
     /// update: the page's one version of room (fillfactor 98), pruned
     /// between group commits, takes it and the key's index is untouched.
     /// Rounds as the db-writer's: 50 accounts of 100,000 each, a
-    /// transaction each: 1,970 of 2,000 HOT (the rest are two updates to
-    /// one page in one round); at fillfactor 100, 913.
+    /// transaction each: with V14's 80 rows a page, 1,961 and 1,965 of
+    /// 2,000 HOT in two runs (the rest are two updates to one page in one
+    /// round); at fillfactor 100, 957.
     #[test]
     fn an_events_write_is_a_hot_update() {
         use sluice_common::atproto::did::DidKey;
@@ -582,12 +587,18 @@ mod tests {
         };
         let states: std::collections::HashMap<_, _> = keys.iter().map(|k| (*k, fresh)).collect();
         c.execute(&stmt, &db::UpsertColumns::new(&states, &Default::default()).params()).unwrap();
+        // V14: a row is 96 bytes (72 of data), and 80 fill a page: 1,250
+        // pages (81 at fillfactor 100 would be 1,235; 74 before V14, 1,352).
+        let r = c
+            .query_one("SELECT max(pg_column_size(a.*)), count(DISTINCT (ctid::text::point)[0]) FROM accounts a", &[])
+            .unwrap();
+        assert_eq!((r.get::<_, i32>(0), r.get::<_, i64>(1)), (96, 1250), "row bytes, pages");
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(13);
         for round in 1..=40u64 {
             let st = AccountState {
                 rev: Some(round << 10),
                 commit: Some([round as u8; 32]),
-                data_fp: Some(round as i32),
+                data_fp: Some(round as i16),
                 ..fresh
             };
             let states: std::collections::HashMap<_, _> =
@@ -600,6 +611,7 @@ mod tests {
             .query_one("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'accounts'", &[])
             .unwrap();
         let (updated, hot): (i64, i64) = (r.get(0), r.get(1));
+        eprintln!("HOT updates: {hot} of {updated}");
         assert_eq!(updated, 2000, "every account of every round rewritten once");
         assert!(hot * 100 >= updated * 95, "HOT updates {hot} of {updated}");
         drop(c);
@@ -617,6 +629,9 @@ mod tests {
         // back as written; an unknown word is kept until a known code
         // replaces it; a number, once given, stays.
         let stmt = c.prepare(db::UPSERT).unwrap();
+        // The round statement the db-writer prepares at start numbers its
+        // parameters after UPSERT's.
+        db::CommitStatements::prepare(&mut c).unwrap();
         let mut states = std::collections::HashMap::new();
         let mut words = std::collections::HashMap::new();
         let bare = DidKey::stored("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
@@ -628,7 +643,7 @@ mod tests {
             commit: Some([9; 32]),
             data_fp: Some(-5),
             upstream_status: UpstreamStatus::Other,
-            host_checked_micros: 42,
+            host_checked_micros: 1_800_000_000_000_000,
             no: 17,
             ..AccountState::default()
         };
@@ -652,6 +667,19 @@ mod tests {
         states.insert(full, st);
         c.execute(&stmt, &db::UpsertColumns::new(&states, &Default::default()).params()).unwrap();
         assert_eq!(word(&mut c), "");
+        // A host check reads back in whole seconds, rounded down; the
+        // largest host id and every flag in the packed `host` column.
+        st.host_checked_micros += 999_999;
+        st.host_id = db::HOST_ID_LIMIT - 1;
+        st.takendown = true;
+        st.throttled = true;
+        st.data_fp = Some(i16::MIN);
+        states.insert(full, st);
+        c.execute(&stmt, &db::UpsertColumns::new(&states, &Default::default()).params()).unwrap();
+        let got = db::load_accounts(&mut c, &[full]).unwrap()[&full];
+        assert_eq!(got, AccountState { host_checked_micros: 1_800_000_000_000_000, no: 17, ..st });
+        let takendown: i64 = c.query_one("SELECT count(*) FROM accounts WHERE (host & 2) <> 0", &[]).unwrap().get(0);
+        assert_eq!(takendown, 1);
         drop(c);
         pg.stop();
     }

@@ -60,10 +60,12 @@ pub fn binary_digest(b: &[u8]) -> Option<[u8; 32]> {
     Cid::from_bytes(b).ok().map(|c| c.digest)
 }
 
-/// 32 bits of a binary CID's digest: enough to tell whether a commit's
-/// `prevData` follows the last data CID (a chain break is only counted).
-pub fn binary_fingerprint(b: &[u8]) -> Option<i32> {
-    binary_digest(b).map(|d| i32::from_be_bytes([d[0], d[1], d[2], d[3]]))
+/// 16 bits of a binary CID's digest: enough to tell whether a commit's
+/// `prevData` follows the last data CID. A chain break is only counted,
+/// and one in 65,536 goes uncounted; the bits are a 2-byte column of the
+/// account row (`accounts.data_fp`, migration V14).
+pub fn binary_fingerprint(b: &[u8]) -> Option<i16> {
+    binary_digest(b).map(|d| i16::from_be_bytes([d[0], d[1]]))
 }
 
 impl Cid {

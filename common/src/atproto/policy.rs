@@ -144,9 +144,9 @@ pub struct AccountState {
     pub rev: Option<u64>,
     /// The last commit's CID's sha-256 digest (a commit is dag-cbor).
     pub commit: Option<[u8; 32]>,
-    /// 32 bits of the last commit's data CID (`cid::binary_fingerprint`):
+    /// 16 bits of the last commit's data CID (`cid::binary_fingerprint`):
     /// whether the next `prevData` follows it.
-    pub data_fp: Option<i32>,
+    pub data_fp: Option<i16>,
     /// Newest `identity_micros` of an event accepted from `host_id`.
     pub host_checked_micros: i64,
     /// Its number in the collection index (`accounts.no`); 0: not placed

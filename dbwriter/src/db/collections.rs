@@ -177,7 +177,7 @@ pub fn backfill_step(c: &mut Client, limit: i64) -> Result<Option<(u64, bool)>, 
         return Ok(None);
     };
     let rows =
-        t.query("SELECT did, host_id, no = 0 FROM accounts WHERE did > $1 ORDER BY did LIMIT $2", &[&pos, &limit])?;
+        t.query("SELECT did, host >> 8, no = 0 FROM accounts WHERE did > $1 ORDER BY did LIMIT $2", &[&pos, &limit])?;
     let last: Option<uuid::Uuid> = rows.last().map(|r| r.get(0));
     let (keys, hosts): (Vec<uuid::Uuid>, Vec<i32>) =
         rows.iter().filter(|r| r.get::<_, bool>(2)).map(|r| (r.get::<_, uuid::Uuid>(0), r.get::<_, i32>(1))).unzip();
@@ -263,7 +263,7 @@ pub fn accounts_by_no(c: &mut Client, nos: &[u32]) -> Result<Vec<(u32, String, A
                 return None;
             }
             let key = DidKey(*r.get::<_, uuid::Uuid>(0).as_bytes());
-            let did = key.plc_did().or(r.get(8))?;
+            let did = key.plc_did().or(r.get(7))?;
             Some((st.no, did, st.status()))
         })
         .collect())

@@ -96,10 +96,13 @@ pub fn idle_offline_hosts(c: &mut Client, idle_after: std::time::Duration) -> Re
 }
 
 /// Add a host to crawl (no-op if known), its limits its kind's
-/// ([`HostLimits`]). Returns whether it was new.
+/// ([`HostLimits`]). Returns whether it was new. A known host takes no id
+/// from the sequence (`ON CONFLICT` alone would take one each time): ids
+/// stay below `accounts::HOST_ID_LIMIT`, which the table checks (V14).
 pub fn add_host(c: &mut Client, host: &sluice_common::atproto::identity::PdsHost) -> Result<bool, postgres::Error> {
     let n = c.execute(
-        "INSERT INTO hosts (hostname, insecure) VALUES ($1, $2) ON CONFLICT (hostname) DO NOTHING",
+        "INSERT INTO hosts (hostname, insecure) SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM hosts WHERE hostname = $1)
+         ON CONFLICT (hostname) DO NOTHING",
         &[&host.name, &host.insecure],
     )?;
     Ok(n > 0)

@@ -135,17 +135,22 @@ pub struct CommitStatements {
     offline: Statement,
 }
 
-/// One round's accounts ([`UPSERT`], `$1`-`$9`), hosts' counters and
-/// cursors (`$10` ids, `$11` account deltas, `$12` cursors; a cursor of
-/// -1 keeps the stored one) and the relay seq (`$13`), in one statement:
+/// One round's accounts ([`UPSERT`], `$1` to `$8`), hosts' counters and
+/// cursors (`$9` ids, `$10` account deltas, `$11` cursors; a cursor of
+/// -1 keeps the stored one) and the relay seq (`$12`), in one statement:
 /// its data-modifying parts run whether or not the last one reads them.
 fn round_statement() -> String {
+    let n = UPSERT_PARAMS;
     format!(
         "WITH a AS ({UPSERT}),
          h AS (UPDATE hosts h SET account_count = h.account_count + v.delta,
                  cursor = GREATEST(h.cursor, v.cursor), updated_at = now()
-               FROM unnest($10::int8[], $11::int8[], $12::int8[]) AS v(id, delta, cursor) WHERE h.id = v.id)
-         UPDATE relay_meta SET last_seq = $13 WHERE id = 1"
+               FROM unnest(${}::int8[], ${}::int8[], ${}::int8[]) AS v(id, delta, cursor) WHERE h.id = v.id)
+         UPDATE relay_meta SET last_seq = ${} WHERE id = 1",
+        n + 1,
+        n + 2,
+        n + 3,
+        n + 4
     )
 }
 

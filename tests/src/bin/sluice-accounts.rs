@@ -106,7 +106,7 @@ fn cache_alone(n: usize) {
             host_id: 1,
             rev: Some(i as u64),
             commit: Some([i as u8; 32]),
-            data_fp: Some(i as i32),
+            data_fp: Some(i as i16),
             ..AccountState::new(1)
         };
         c.put(k, st, 1);
@@ -209,23 +209,36 @@ fn load(
         .get(0);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
     let rev = (OLD_REV_SECS * 1_000_000) << 10;
+    // The schema of the relay under test: V14's packed `host` column (and
+    // host checks in seconds, a 16-bit data fingerprint), or the one
+    // before, so one bench binary measures old and new relays alike.
+    let packed: bool = pg
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'host')",
+            &[],
+        )?
+        .get(0);
     let t = Instant::now();
-    let mut w = pg.copy_in(
-        "COPY accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid, no) FROM STDIN (FORMAT text)",
-    )?;
+    let mut w = pg.copy_in(if packed {
+        "COPY accounts (did, rev, host_checked, host, data_fp, commit_cid, no) FROM STDIN (FORMAT text)"
+    } else {
+        "COPY accounts (did, rev, host_checked, host_id, data_fp, flags, commit_cid, no) FROM STDIN (FORMAT text)"
+    })?;
     let mut buf = String::with_capacity(1 << 20);
+    let checked = now - 86_400_000_000;
     let row = |buf: &mut String, key: DidKey, host: i64, i: u64, no: u64| {
         use std::fmt::Write as _;
         let mut commit = [0u8; 32];
         rand_chacha::ChaCha8Rng::seed_from_u64(i ^ 0x636f_6d6d).fill(&mut commit);
-        let _ = writeln!(
-            buf,
-            "{}\t{rev}\t{}\t{host}\t{}\t17\t\\\\x{}\t{no}",
-            uuid_text(&key.0),
-            now - 86_400_000_000,
-            i as i32,
-            hex(&commit)
-        );
+        let (key, commit) = (uuid_text(&key.0), hex(&commit));
+        // Active (1), status code 1 (active) in the flags; V14 adds 8 for
+        // "has a data fingerprint".
+        let _ = if packed {
+            let secs = checked / 1_000_000 - 1_704_067_200;
+            writeln!(buf, "{key}\t{rev}\t{secs}\t{}\t{}\t\\\\x{commit}\t{no}", host * 256 + 25, i as i16)
+        } else {
+            writeln!(buf, "{key}\t{rev}\t{checked}\t{host}\t{}\t17\t\\\\x{commit}\t{no}", i as i32)
+        };
     };
     for i in 0..acting {
         row(&mut buf, DidKey::stored(&p.did(i as usize)), host_ids[p.initial_host(i as usize)] as i64, i, i + 1);
