@@ -19,6 +19,18 @@
 -- The table is written anew, as V12 did, so it starts compact; every row
 -- is kept.
 
+DO $$
+BEGIN
+    IF (SELECT COALESCE(max(id), 0) FROM hosts) >= 8388608 THEN
+        RAISE EXCEPTION 'a host id reaches 8388608 (2^23): V14 packs host ids below it into accounts.host';
+    END IF;
+END $$;
+
+-- Ids that a repeated requestCrawl took from the sequence (ON CONFLICT
+-- took one each time) were never given to a row, and hosts are never
+-- deleted: the sequence goes on from the largest id in use.
+SELECT setval(pg_get_serial_sequence('hosts', 'id'), COALESCE(max(id), 0) + 1, false) FROM hosts;
+
 ALTER TABLE accounts RENAME TO accounts_v13;
 DROP INDEX accounts_takendown;
 DROP INDEX accounts_no;

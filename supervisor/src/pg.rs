@@ -399,6 +399,27 @@ mod tests {
         assert!(memory_bytes() >= 64 << 20);
     }
 
+    /// V14 packs host ids into `accounts.host` below 2^23: a database
+    /// with a host id at or past it stops the migration with a message
+    /// saying so, before anything is rewritten.
+    #[test]
+    fn v14_refuses_a_host_id_past_its_packing() {
+        use sluice_dbwriter::db;
+        let dir = tempfile::tempdir().unwrap();
+        let mut pg = EmbeddedPg::start(dir.path()).unwrap();
+        db::connect(&pg.url()).unwrap().batch_execute("CREATE DATABASE before_v14").unwrap();
+        let url = pg.url().replace("dbname=postgres", "dbname=before_v14");
+        db::migrate_to(&url, 13).unwrap();
+        let mut c = db::connect(&url).unwrap();
+        c.batch_execute("INSERT INTO hosts (id, hostname) VALUES (8388608, 'far.example.com')").unwrap();
+        let err = format!("{:#}", db::migrate(&url, 1).unwrap_err());
+        assert!(err.contains("8388608 (2^23)"), "{err}");
+        let v: i64 = c.query_one("SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'flags'", &[]).unwrap().get(0);
+        assert_eq!(v, 1, "V13's accounts table untouched");
+        drop(c);
+        pg.stop();
+    }
+
     /// Migration V10 (compact accounts) keeps every row of today's schema
     /// and stores each as the db-writer's Rust reads and writes it; the
     /// SQL functions it brings (`sluice_did_key`, `sluice_tid_value`)
@@ -462,7 +483,13 @@ mod tests {
             )
             .unwrap();
         }
+        // Ids repeated requestCrawls took from the sequence before V14:
+        // past the 2^23 that V14's packed `host` column allows.
+        c.batch_execute("SELECT setval(pg_get_serial_sequence('hosts', 'id'), 9000000)").unwrap();
         db::migrate(&url, 1).unwrap();
+        let next: i64 =
+            c.query_one("INSERT INTO hosts (hostname) VALUES ('next.example.com') RETURNING id", &[]).unwrap().get(0);
+        assert_eq!(next, host + 1, "the sequence goes on from the largest id in use");
         let keys: Vec<DidKey> = rows.iter().map(|r| DidKey::stored(&r.0)).collect();
         let got = db::load_accounts(&mut c, &keys).unwrap();
         assert_eq!(got.len(), rows.len(), "every row kept");

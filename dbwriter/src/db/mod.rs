@@ -26,8 +26,25 @@ mod embedded {
 pub enum DbError {
     #[error("postgres: {}", detail(.0))]
     Pg(#[from] postgres::Error),
-    #[error("migrations: {0}")]
+    #[error("migrations: {}", migrate_detail(.0))]
     Migrate(#[from] refinery::Error),
+}
+
+/// A failed migration with the server's words (a migration that refuses
+/// to run says why in its exception), which refinery's own message
+/// leaves out ("error applying update, db error").
+fn migrate_detail(e: &refinery::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(pg) = s.downcast_ref::<postgres::Error>() {
+            out.push_str(": ");
+            out.push_str(&detail(pg));
+            break;
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// A Postgres error with the server's own words when it sent some
