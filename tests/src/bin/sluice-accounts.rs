@@ -23,9 +23,10 @@ use clap::Parser;
 use fakenet::runner::{self, ServeConfig};
 use rand::{Rng, SeedableRng};
 use sluice_common::atproto::did::DidKey;
-use sluice_common::atproto::policy::AccountState;
+use sluice_common::atproto::policy::{AccountState, AccountStatus, UpstreamStatus};
 use sluice_common::ipc::idwire::IdentityRecord;
 use sluice_common::process::clockcache::ClockCache;
+use sluice_dbwriter::db;
 use sluice_tests::http::{metric, request};
 use sluice_tests::procinfo::{cpu_ticks, status as proc_status};
 use std::collections::BTreeMap;
@@ -231,11 +232,16 @@ fn load(
         let mut commit = [0u8; 32];
         rand_chacha::ChaCha8Rng::seed_from_u64(i ^ 0x636f_6d6d).fill(&mut commit);
         let (key, commit) = (uuid_text(&key.0), hex(&commit));
-        // Active (1), status code 1 (active) in the flags; V14 adds 8 for
-        // "has a data fingerprint".
+        // An active account with a commit: V14's columns as the db-writer
+        // encodes them; before V14, flags 17 (active, status code 1).
         let _ = if packed {
-            let secs = checked / 1_000_000 - 1_704_067_200;
-            writeln!(buf, "{key}\t{rev}\t{secs}\t{}\t{}\t\\\\x{commit}\t{no}", host * 256 + 25, i as i16)
+            let st = AccountState {
+                upstream_status: UpstreamStatus::Known(AccountStatus::Active),
+                data_fp: Some(i as i16),
+                ..AccountState::new(host)
+            };
+            let (secs, host) = (db::checked_secs(checked), db::host_of(&st));
+            writeln!(buf, "{key}\t{rev}\t{secs}\t{host}\t{}\t\\\\x{commit}\t{no}", i as i16)
         } else {
             writeln!(buf, "{key}\t{rev}\t{checked}\t{host}\t{}\t17\t\\\\x{commit}\t{no}", i as i32)
         };
