@@ -405,11 +405,7 @@ mod tests {
     #[test]
     fn v14_refuses_a_host_id_past_its_packing() {
         use sluice_dbwriter::db;
-        let dir = tempfile::tempdir().unwrap();
-        let mut pg = EmbeddedPg::start(dir.path()).unwrap();
-        db::connect(&pg.url()).unwrap().batch_execute("CREATE DATABASE before_v14").unwrap();
-        let url = pg.url().replace("dbname=postgres", "dbname=before_v14");
-        db::migrate_to(&url, 13).unwrap();
+        let (_dir, mut pg, url) = at_version("before_v14", 13);
         let mut c = db::connect(&url).unwrap();
         c.batch_execute("INSERT INTO hosts (id, hostname) VALUES (8388608, 'far.example.com')").unwrap();
         let err = format!("{:#}", db::migrate(&url, 1).unwrap_err());
@@ -431,12 +427,7 @@ mod tests {
         use sluice_common::atproto::policy::{AccountState, UpstreamStatus};
         use sluice_common::atproto::syntax::{tid_value, Tid};
         use sluice_dbwriter::db;
-        let dir = tempfile::tempdir().unwrap();
-        let mut pg = EmbeddedPg::start(dir.path()).unwrap();
-        let mut admin = db::connect(&pg.url()).unwrap();
-        admin.batch_execute("CREATE DATABASE before_v10").unwrap();
-        let url = pg.url().replace("dbname=postgres", "dbname=before_v10");
-        db::migrate_to(&url, 9).unwrap();
+        let (_dir, mut pg, url) = at_version("before_v10", 9);
         let mut c = db::connect(&url).unwrap();
         let host: i64 =
             c.query_one("INSERT INTO hosts (hostname) VALUES ('pds.example.com') RETURNING id", &[]).unwrap().get(0);
@@ -537,20 +528,30 @@ mod tests {
         let none: Option<i64> = c.query_one("SELECT sluice_tid_value('not-a-tid')", &[]).unwrap().get(0);
         assert_eq!(none, None);
         drop(c);
-        drop(admin);
         pg.stop();
     }
 
     /// A migrated database's `accounts` (V12), for the tests below.
     fn migrated(name: &str) -> (tempfile::TempDir, EmbeddedPg, postgres::Client) {
         use sluice_dbwriter::db;
+        let (dir, pg, url) = at_version(name, 0);
+        db::migrate(&url, 1).unwrap();
+        let c = db::connect(&url).unwrap();
+        (dir, pg, c)
+    }
+
+    /// A private cluster with database `name` migrated up to `version`
+    /// (0: none yet), and its URL.
+    fn at_version(name: &str, version: u32) -> (tempfile::TempDir, EmbeddedPg, String) {
+        use sluice_dbwriter::db;
         let dir = tempfile::tempdir().unwrap();
         let pg = EmbeddedPg::start(dir.path()).unwrap();
         db::connect(&pg.url()).unwrap().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         let url = pg.url().replace("dbname=postgres", &format!("dbname={name}"));
-        db::migrate(&url, 1).unwrap();
-        let c = db::connect(&url).unwrap();
-        (dir, pg, c)
+        if version > 0 {
+            db::migrate_to(&url, version).unwrap();
+        }
+        (dir, pg, url)
     }
 
     /// V12: no column takes NULL, and the queries on account numbers go
