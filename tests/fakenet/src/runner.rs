@@ -691,3 +691,56 @@ pub fn serve_corpus(dir: &std::path::Path, info_out: Option<&std::path::Path>) -
     }
     Ok(Running { info, shared, generator: None, runtime: Some(rt) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Read one response with a content-length from `s` (bounded).
+    fn response(s: &mut std::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse().ok())
+                    .expect("a content-length");
+                if got.len() >= end + 4 + len {
+                    return text;
+                }
+            }
+            let n = s.read(&mut chunk).expect("read within the timeout");
+            assert!(n > 0 && got.len() < 1 << 20, "connection closed after {} bytes", got.len());
+            got.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[test]
+    fn a_host_keeps_its_connection_for_the_next_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = start(ServeConfig {
+            hosts: 1,
+            accounts: 3,
+            rate: 1.0,
+            max_events: Some(1),
+            ledger: dir.path().join("ledger.jsonl"),
+            ..ServeConfig::default()
+        })
+        .unwrap();
+        let mut s = std::net::TcpStream::connect(&net.info.hosts[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for _ in 0..2 {
+            s.write_all(b"GET /xrpc/_health HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            let r = response(&mut s);
+            assert!(r.starts_with("HTTP/1.1 200") && r.contains("fakenet"), "{r}");
+        }
+        // Asked to close, it closes after the answer.
+        s.write_all(b"GET /xrpc/_health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+        assert!(response(&mut s).starts_with("HTTP/1.1 200"));
+        assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "closed");
+    }
+}

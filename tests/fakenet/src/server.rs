@@ -367,66 +367,71 @@ async fn handle_host_conn<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     shared: Arc<Shared>,
     host: usize,
 ) -> std::io::Result<()> {
-    let Some(req) = ws::read_request(&mut stream).await? else { return Ok(()) };
-    let hs = shared.hosts[host].clone();
-    match req.path.as_str() {
-        "/xrpc/com.atproto.sync.subscribeRepos" if req.is_websocket() => {
-            let n = hs.connections.fetch_add(1, Ordering::Relaxed);
-            let split = {
-                let mut r = ChaCha8Rng::seed_from_u64(shared.seed ^ (host as u64) << 32 ^ n);
-                r.gen_bool(shared.split_connections.clamp(0.0, 1.0)).then_some(r)
-            };
-            hs.subscribed.store(true, Ordering::Release);
-            subscriber(stream, req, hs, split).await
-        }
-        path => {
-            let resp = host_endpoint(&shared, host, path, &req);
-            stream.write_all(&resp).await
+    // A connection is kept for the client's next request, as a PDS behind
+    // its proxy keeps it: a relay's checks reuse their connections.
+    while let Some(req) = ws::read_request(&mut stream).await? {
+        let hs = shared.hosts[host].clone();
+        match req.path.as_str() {
+            "/xrpc/com.atproto.sync.subscribeRepos" if req.is_websocket() => {
+                let n = hs.connections.fetch_add(1, Ordering::Relaxed);
+                let split = {
+                    let mut r = ChaCha8Rng::seed_from_u64(shared.seed ^ (host as u64) << 32 ^ n);
+                    r.gen_bool(shared.split_connections.clamp(0.0, 1.0)).then_some(r)
+                };
+                hs.subscribed.store(true, Ordering::Release);
+                return subscriber(stream, req, hs, split).await;
+            }
+            path => {
+                let close = req.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+                let (status, body) = host_endpoint(&shared, host, path, &req);
+                let body = serde_json::to_vec(&body).expect("json");
+                stream.write_all(&keep_alive(status, &body, "application/json", "")).await?;
+                if close {
+                    return Ok(());
+                }
+            }
         }
     }
+    Ok(())
 }
 
-fn host_endpoint(shared: &Shared, host: usize, path: &str, req: &Request) -> Vec<u8> {
+fn host_endpoint(shared: &Shared, host: usize, path: &str, req: &Request) -> (u16, serde_json::Value) {
     use serde_json::json;
     let name = &shared.hosts[host].name;
-    let not_found = |msg: &str| ws::json_response(400, &json!({"error": "RepoNotFound", "message": msg}));
+    let not_found = |msg: &str| (400, json!({"error": "RepoNotFound", "message": msg}));
     match path {
-        "/xrpc/com.atproto.server.describeServer" => ws::json_response(
-            200,
-            &json!({"did": format!("did:web:{}", name.replace(':', "%3A")), "availableUserDomains": [".test"]}),
-        ),
-        "/xrpc/_health" => ws::json_response(200, &json!({"version": "fakenet"})),
+        "/xrpc/com.atproto.server.describeServer" => {
+            (200, json!({"did": format!("did:web:{}", name.replace(':', "%3A")), "availableUserDomains": [".test"]}))
+        }
+        "/xrpc/_health" => (200, json!({"version": "fakenet"})),
         "/xrpc/com.atproto.sync.getRepoStatus" => match req.param("did").and_then(|d| shared.repo(d).map(|r| (d, r))) {
             Some((did, r)) if &r.host == name => {
-                ws::json_response(200, &json!({"did": did, "active": r.active, "status": r.status, "rev": r.rev}))
+                (200, json!({"did": did, "active": r.active, "status": r.status, "rev": r.rev}))
             }
             _ => not_found("no such repo on this host"),
         },
         "/xrpc/com.atproto.sync.getLatestCommit" => match req.param("did").and_then(|d| shared.repo(d)) {
-            Some(r) if &r.host == name && r.head.is_some() => {
-                ws::json_response(200, &json!({"cid": r.head, "rev": r.rev}))
-            }
+            Some(r) if &r.host == name && r.head.is_some() => (200, json!({"cid": r.head, "rev": r.rev})),
             _ => not_found("no commit for this repo on this host"),
         },
         "/xrpc/com.atproto.sync.listRepos" => list_repos(shared, host, req),
         "/xrpc/com.atproto.repo.describeRepo" => match req.param("repo").and_then(|d| shared.repo(d).map(|r| (d, r))) {
-            Some((did, r)) if &r.host == name && r.active => ws::json_response(
+            Some((did, r)) if &r.host == name && r.active => (
                 200,
-                &json!({"did": did, "handle": "handle.invalid", "didDoc": {}, "collections": r.collections,
+                json!({"did": did, "handle": "handle.invalid", "didDoc": {}, "collections": r.collections,
                         "handleIsCorrect": false}),
             ),
-            Some((_, r)) if &r.host == name => ws::json_response(
-                400,
-                &json!({"error": "RepoDeactivated", "message": r.status.unwrap_or_else(|| "inactive".into())}),
-            ),
+            Some((_, r)) if &r.host == name => {
+                (400, json!({"error": "RepoDeactivated", "message": r.status.unwrap_or_else(|| "inactive".into())}))
+            }
             _ => not_found("no such repo on this host"),
         },
-        _ => ws::json_response(404, &json!({"error": "NotFound", "message": path})),
+        _ => (404, json!({"error": "NotFound", "message": path})),
     }
 }
 
 /// `listRepos` of `host`: every account on it, in DID order, paged.
-fn list_repos(shared: &Shared, host: usize, req: &Request) -> Vec<u8> {
+fn list_repos(shared: &Shared, host: usize, req: &Request) -> (u16, serde_json::Value) {
     use serde_json::json;
     let name = &shared.hosts[host].name;
     let limit: usize = req.param("limit").and_then(|l| l.parse().ok()).unwrap_or(500).clamp(1, 1000);
@@ -450,7 +455,7 @@ fn list_repos(shared: &Shared, host: usize, req: &Request) -> Vec<u8> {
         }
     }
     let next = (list.len() == limit).then_some(last).flatten();
-    ws::json_response(200, &json!({"repos": list, "cursor": next}))
+    (200, json!({"repos": list, "cursor": next}))
 }
 
 /// Where a subscription starts.

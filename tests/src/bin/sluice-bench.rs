@@ -554,15 +554,21 @@ fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     let (warm, after) = (Duration::from_secs(10), Duration::from_secs(a.catchup_downtime_s.clamp(30, 600)));
+    let total = warm + Duration::from_secs(a.catchup_downtime_s) + after + Duration::from_secs(5);
+    // Every host keeps its whole run for the relay to read back (an hour
+    // at 1,000 events/s is 3.6 million events over the hosts), as a PDS
+    // keeps far more than an hour.
+    let backlog = ((a.catchup_rate * total.as_secs_f64()) as usize).max(fakenet::server::BACKLOG_ITEMS_DEFAULT);
     let net = runner::start(ServeConfig {
         hosts: a.hosts,
         accounts: a.accounts,
         base_port: sluice_tests::ports::balanced_base_port(a.hosts, 1, a.shards)?,
         seed: 11,
         rate: a.catchup_rate,
-        duration: Some(warm + Duration::from_secs(a.catchup_downtime_s) + after + Duration::from_secs(5)),
+        duration: Some(total),
         faults: FaultRates::none(),
         ledger: dir.join("ledger-catchup.jsonl"),
+        backlog_items: backlog,
         wait_subscribers: Some(Duration::from_secs(60)),
         emit_times_max: 20_000_000,
         ..ServeConfig::default()
