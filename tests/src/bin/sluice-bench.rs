@@ -160,14 +160,26 @@ fn shard_shares(net: &runner::Running, per_host: &[u64], shards: u32) -> Vec<u64
 
 /// Each relay process's peak RSS, anonymous RSS, threads and CPU ticks
 /// since the first sample (PostgreSQL's summed over its processes),
-/// sampled every 100 ms until `done`.
+/// sampled every 100 ms until `done`; and the db-writer's CPU ticks by
+/// thread group over the same time.
+type Peaks = std::collections::BTreeMap<String, [u64; 4]>;
+
 fn sample_until(
     child: &std::process::Child,
     data: &std::path::Path,
     done: impl Fn() -> bool,
-) -> std::collections::BTreeMap<String, [u64; 4]> {
-    let mut peak: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
-    let mut cpu0: std::collections::HashMap<u32, u64> = Default::default();
+) -> (Peaks, std::collections::BTreeMap<&'static str, u64>) {
+    use std::collections::HashMap;
+    let mut peak = Peaks::default();
+    let mut cpu0: HashMap<u32, u64> = Default::default();
+    let writer = || {
+        sluice_tests::procinfo::relay_processes(child.id(), data)
+            .into_iter()
+            .find(|(n, _)| n == "db-writer")
+            .and_then(|(_, p)| p.first().copied())
+    };
+    let threads0 = writer().map(sluice_tests::procinfo::thread_ticks).unwrap_or_default();
+    let mut threads = threads0.clone();
     for (_, pids) in sluice_tests::procinfo::relay_processes(child.id(), data) {
         for p in pids {
             cpu0.insert(p, cpu_ticks(p));
@@ -182,13 +194,31 @@ fn sample_until(
             let cpu: u64 = pids.iter().map(|&p| cpu_ticks(p).saturating_sub(*cpu0.entry(p).or_insert(0))).sum();
             e[3] = e[3].max(cpu);
         }
+        if let Some(p) = writer() {
+            threads = sluice_tests::procinfo::thread_ticks(p);
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    peak
+    let writer_pid = writer();
+    let mut groups = std::collections::BTreeMap::new();
+    for (tid, (name, ticks)) in &threads {
+        let group = match name.as_str() {
+            _ if Some(*tid) == writer_pid => "sequencer",
+            "identity" => "identity service",
+            "identity-store" => "identity store",
+            n if n.starts_with("identity-fetch") => "identity fetch",
+            n if n.starts_with("identity") => "identity sockets",
+            n if n.starts_with("collections") => "collections",
+            n if n.starts_with("query") => "queries",
+            _ => "other",
+        };
+        *groups.entry(group).or_insert(0) += ticks.saturating_sub(threads0.get(tid).map_or(0, |t| t.1));
+    }
+    (peak, groups)
 }
 
 /// What [`sample_until`] found, with CPU per event of `events`.
-fn print_processes(peak: &std::collections::BTreeMap<String, [u64; 4]>, events: u64) {
+fn print_processes(peak: &Peaks, groups: &std::collections::BTreeMap<&'static str, u64>, events: u64) {
     let hz = 100.0;
     let per_event = |ticks: u64| ticks as f64 / hz / events.max(1) as f64 * 1e6;
     for (name, [rss, anon, threads, cpu]) in peak {
@@ -197,6 +227,10 @@ fn print_processes(peak: &std::collections::BTreeMap<String, [u64; 4]>, events: 
             *cpu as f64 / hz,
             per_event(*cpu)
         );
+        if name == "db-writer" {
+            let parts: Vec<String> = groups.iter().map(|(g, t)| format!("{g} {:.1}", per_event(*t))).collect();
+            println!("    by thread: {} us an event", parts.join(", "));
+        }
     }
     println!("  relay CPU, all processes: {:.1} us an event", per_event(peak.values().map(|v| v[3]).sum()));
 }
@@ -260,7 +294,7 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     crawl(port, &net);
-    let peak = sample_until(&child, &dir.join("relay-throughput/data"), || consumer.is_finished());
+    let (peak, groups) = sample_until(&child, &dir.join("relay-throughput/data"), || consumer.is_finished());
     let (got, _) = consumer.join().unwrap();
     let el = t.elapsed();
     println!(
@@ -279,7 +313,20 @@ fn main() -> anyhow::Result<()> {
     if let Some(loads) = metric(metrics, "sluice_account_loads_total") {
         println!("  account loads  {loads:.0} Postgres queries (account cache misses)");
     }
-    print_processes(&peak, got);
+    let m = |name: &str| metric(metrics, name).unwrap_or(0.0);
+    println!(
+        "  identity       {:.0} requests from the shards ({:.0} cache misses); answers {:.0} stored, {:.0} fetched; \
+         {:.0} directory fetches, {:.0} export pages applying {:.0} operations, {:.0} changes pushed",
+        m("sluice_identity_requests_total"),
+        metric_sum(metrics, "sluice_identity_cache_misses_total").unwrap_or(0.0),
+        m("sluice_identity_answers_total{source=\"stored\"}"),
+        m("sluice_identity_answers_total{source=\"fetched\"}"),
+        m("sluice_identity_fetches_total{outcome=\"ok\"}"),
+        m("sluice_identity_export_pages_total"),
+        m("sluice_identity_export_applied_total"),
+        m("sluice_identity_changes_pushed_total"),
+    );
+    print_processes(&peak, &groups, got);
     if a.churn_cycles > 0 {
         churn(&child, port, total, a.churn_cycles)?;
     }
@@ -418,6 +465,21 @@ fn metric(port: u16, name: &str) -> Option<f64> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sum of a metric over its labels (e.g. every shard's).
+fn metric_sum(port: u16, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let values = out.lines().filter_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let value = if rest.starts_with('{') { rest.split_once("} ")?.1 } else { rest.strip_prefix(' ')? };
+        value.trim().parse::<f64>().ok()
+    });
+    Some(values.sum())
 }
 
 /// Start `sluice run` in `dir` against a fakenet PLC; returns once healthy
