@@ -711,4 +711,46 @@ mod tests {
         drop(c);
         pg.stop();
     }
+    /// The identity store's prepared statements: a save gives new
+    /// endpoints numbers and reuses known ones, keeps the newer of one DID
+    /// twice in a batch, never lets an older answer overwrite a newer one,
+    /// and a load returns what was saved (and nothing for a DID not
+    /// stored).
+    #[test]
+    fn identity_statements_save_and_load() {
+        use sluice_common::ipc::idwire::IdentityRecord;
+        use sluice_dbwriter::db;
+        let (_dir, mut pg, mut c) = migrated("identities");
+        let s = db::IdentityStatements::prepare(&mut c).unwrap();
+        let rec = |did: &str, pds: Option<&str>, handle: &str, at: i64| IdentityRecord {
+            did: did.to_owned(),
+            key: Some((0, [2; 33])),
+            pds: pds.map(str::to_owned),
+            handle: Some(handle.to_owned()),
+            as_of_micros: at,
+        };
+        let (a, b, web) = ("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb", "did:web:c.test");
+        db::save_identities(&mut c, &s, &[rec(a, Some("https://one.test"), "a.test", 10)]).unwrap();
+        db::save_identities(
+            &mut c,
+            &s,
+            &[
+                rec(b, Some("https://one.test"), "b.test", 10),
+                rec(b, Some("https://two.test"), "b2.test", 20),
+                rec(web, None, "c.test", 5),
+                // Older than what is stored: not written.
+                rec(a, Some("https://two.test"), "old.test", 9),
+            ],
+        )
+        .unwrap();
+        let endpoints: i64 = c.query_one("SELECT count(*) FROM pds_endpoints", &[]).unwrap().get(0);
+        assert_eq!(endpoints, 2, "one.test kept its number, two.test got one");
+        let got = db::load_identities(&mut c, &s, &[a, b, web, "did:plc:cccccccccccccccccccccccc"]).unwrap();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[a], rec(a, Some("https://one.test"), "a.test", 10));
+        assert_eq!(got[b], rec(b, Some("https://two.test"), "b2.test", 20));
+        assert_eq!(got[web], rec(web, None, "c.test", 5));
+        drop(c);
+        pg.stop();
+    }
 }

@@ -30,15 +30,56 @@ fn record_of(did: String, r: &postgres::Row, at: usize) -> IdentityRecord {
     IdentityRecord { did, key, pds: r.get(at + 1), handle: r.get(at + 2), as_of_micros: r.get(at + 3) }
 }
 
+/// The store's frequent statements, prepared once per connection: a load
+/// or a save is then one Bind/Execute, where an unprepared one cost
+/// PostgreSQL a parse and a plan each time (in sluice-bench's throughput
+/// phase, a fresh relay resolving its first 1,240 DIDs, that was over
+/// half of PostgreSQL's CPU).
+pub struct IdentityStatements {
+    load: postgres::Statement,
+    save: postgres::Statement,
+}
+
+/// Fetched identities (`$1` keys, `$2` signing keys, `$3` endpoints, `$4`
+/// handles, `$5` as_of), each stored if newer than what is stored (a
+/// slower fetch never overwrites a newer answer), their endpoints given
+/// numbers on the way: one statement, its own transaction. The store's
+/// thread is the only writer of `pds_endpoints`, so an endpoint is either
+/// inserted here (and returned) or already visible.
+const SAVE: &str = "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::text[], $5::int8[])
+                          AS v(d, k, u, h, a)),
+     added AS (INSERT INTO pds_endpoints (url) SELECT DISTINCT v.u FROM v
+               WHERE v.u IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pds_endpoints e WHERE e.url = v.u)
+               ON CONFLICT (url) DO NOTHING RETURNING id, url),
+     ep AS (SELECT id, url FROM added
+            UNION ALL SELECT e.id, e.url FROM pds_endpoints e WHERE e.url IN (SELECT v.u FROM v))
+INSERT INTO identities (did, key, pds_id, handle, as_of)
+SELECT v.d, v.k, ep.id, v.h, v.a FROM v LEFT JOIN ep ON ep.url = v.u
+ON CONFLICT (did) DO UPDATE SET key = EXCLUDED.key, pds_id = EXCLUDED.pds_id, handle = EXCLUDED.handle,
+  as_of = EXCLUDED.as_of
+WHERE identities.as_of <= EXCLUDED.as_of";
+
+impl IdentityStatements {
+    pub fn prepare(c: &mut Client) -> Result<IdentityStatements, DbError> {
+        Ok(IdentityStatements {
+            load: c.prepare(
+                "SELECT i.did, i.key, e.url, i.handle, i.as_of FROM identities i
+                 LEFT JOIN pds_endpoints e ON e.id = i.pds_id WHERE i.did = ANY($1)",
+            )?,
+            save: c.prepare(SAVE)?,
+        })
+    }
+}
+
 /// The stored identities of `dids` (those not stored are absent).
-pub fn load_identities(c: &mut Client, dids: &[&str]) -> Result<HashMap<String, IdentityRecord>, DbError> {
+pub fn load_identities(
+    c: &mut Client,
+    s: &IdentityStatements,
+    dids: &[&str],
+) -> Result<HashMap<String, IdentityRecord>, DbError> {
     let by_key: HashMap<uuid::Uuid, &str> = dids.iter().map(|d| (uuid_of(&DidKey::stored(d)), *d)).collect();
     let keys: Vec<uuid::Uuid> = by_key.keys().copied().collect();
-    let rows = c.query(
-        "SELECT i.did, i.key, e.url, i.handle, i.as_of FROM identities i LEFT JOIN pds_endpoints e ON e.id = i.pds_id
-         WHERE i.did = ANY($1)",
-        &[&keys],
-    )?;
+    let rows = c.query(&s.load, &[&keys])?;
     Ok(rows
         .iter()
         .filter_map(|r| {
@@ -80,25 +121,22 @@ fn columns<'a>(recs: &[&'a IdentityRecord]) -> Columns<'a> {
 }
 
 /// Store fetched identities (newer than what is stored: a slower fetch
-/// never overwrites a newer answer).
-pub fn save_identities(c: &mut Client, recs: &[IdentityRecord]) -> Result<(), DbError> {
+/// never overwrites a newer answer). Of one DID twice in `recs`, the newer
+/// goes (one statement may not update a row twice).
+pub fn save_identities(c: &mut Client, s: &IdentityStatements, recs: &[IdentityRecord]) -> Result<(), DbError> {
     if recs.is_empty() {
         return Ok(());
     }
-    let mut t = c.transaction()?;
-    intern_endpoints(&mut t, recs.iter().filter_map(|r| r.pds.as_deref()))?;
-    let recs: Vec<&IdentityRecord> = recs.iter().collect();
+    let mut newest: HashMap<&str, &IdentityRecord> = HashMap::with_capacity(recs.len());
+    for r in recs {
+        let e = newest.entry(r.did.as_str()).or_insert(r);
+        if r.as_of_micros >= e.as_of_micros {
+            *e = r;
+        }
+    }
+    let recs: Vec<&IdentityRecord> = newest.into_values().collect();
     let (dids, keys, pds, handles, as_of) = columns(&recs);
-    t.execute(
-        "INSERT INTO identities (did, key, pds_id, handle, as_of)
-         SELECT v.d, v.k, e.id, v.h, v.a FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::text[], $5::int8[])
-           AS v(d, k, u, h, a) LEFT JOIN pds_endpoints e ON e.url = v.u
-         ON CONFLICT (did) DO UPDATE SET key = EXCLUDED.key, pds_id = EXCLUDED.pds_id, handle = EXCLUDED.handle,
-           as_of = EXCLUDED.as_of
-         WHERE identities.as_of <= EXCLUDED.as_of",
-        &[&dids, &keys, &pds, &handles, &as_of],
-    )?;
-    t.commit()?;
+    c.execute(&s.save, &[&dids, &keys, &pds, &handles, &as_of])?;
     Ok(())
 }
 

@@ -47,7 +47,7 @@ pub fn start(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("identity-store".into()).spawn(move || {
         let mut store = Store { url: database_url, pg: None, stop };
-        let Some(cursor) = store.retry(db::plc_cursor) else { return };
+        let Some(cursor) = store.retry(|pg, _| db::plc_cursor(pg)) else { return };
         if events.send(Event::Cursor(cursor)).is_err() {
             return;
         }
@@ -67,21 +67,28 @@ pub fn start(
 
 struct Store {
     url: String,
-    pg: Option<postgres::Client>,
+    /// The connection and its prepared statements.
+    pg: Option<(postgres::Client, db::IdentityStatements)>,
     stop: Arc<AtomicBool>,
 }
 
 impl Store {
     /// Run `f` until it succeeds (reconnecting every second), or the
     /// service stops (None).
-    fn retry<T>(&mut self, mut f: impl FnMut(&mut postgres::Client) -> Result<T, db::DbError>) -> Option<T> {
+    fn retry<T>(
+        &mut self,
+        mut f: impl FnMut(&mut postgres::Client, &db::IdentityStatements) -> Result<T, db::DbError>,
+    ) -> Option<T> {
         let mut logged = false;
         while !self.stop.load(Ordering::Acquire) {
-            if self.pg.as_ref().is_none_or(|c| c.is_closed()) {
-                self.pg = db::connect(&self.url).ok();
+            if self.pg.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+                self.pg = db::connect(&self.url).ok().and_then(|mut c| {
+                    let s = db::IdentityStatements::prepare(&mut c).ok()?;
+                    Some((c, s))
+                });
             }
-            if let Some(pg) = self.pg.as_mut() {
-                match f(pg) {
+            if let Some((pg, s)) = self.pg.as_mut() {
+                match f(pg, s) {
                     Ok(v) => return Some(v),
                     Err(e) if !logged => {
                         tracing::warn!(error = %e, "identity store: Postgres failed; retrying every second");
@@ -108,11 +115,11 @@ impl Store {
                 StoreJob::ApplyExport(e) => exports.push(e),
             }
         }
-        if !saves.is_empty() && self.retry(|pg| db::save_identities(pg, &saves)).is_none() {
+        if !saves.is_empty() && self.retry(|pg, s| db::save_identities(pg, s, &saves)).is_none() {
             return false;
         }
         for d in &deletes {
-            if self.retry(|pg| db::delete_identity(pg, d)).is_none() {
+            if self.retry(|pg, _| db::delete_identity(pg, d)).is_none() {
                 return false;
             }
         }
@@ -120,14 +127,14 @@ impl Store {
             loads.sort_unstable();
             loads.dedup();
             let refs: Vec<&str> = loads.iter().map(String::as_str).collect();
-            let Some(mut found) = self.retry(|pg| db::load_identities(pg, &refs)) else { return false };
+            let Some(mut found) = self.retry(|pg, s| db::load_identities(pg, s, &refs)) else { return false };
             let results = loads.into_iter().map(|d| (found.remove(&d), d)).map(|(r, d)| (d, r)).collect();
             if events.send(Event::Loaded(results)).is_err() {
                 return false;
             }
         }
         for e in exports {
-            let Some(changed) = self.retry(|pg| db::apply_plc_ops(pg, &e.ops, &e.tombstones, &e.cursor)) else {
+            let Some(changed) = self.retry(|pg, _| db::apply_plc_ops(pg, &e.ops, &e.tombstones, &e.cursor)) else {
                 return false;
             };
             let applied = Event::ExportApplied { changed, cursor: e.cursor, full: e.full, sent_micros: e.sent_micros };
