@@ -60,7 +60,9 @@ ON CONFLICT (did) DO UPDATE SET key = EXCLUDED.key, pds_id = EXCLUDED.pds_id, ha
 WHERE identities.as_of <= EXCLUDED.as_of";
 
 impl IdentityStatements {
+    /// Prepare on `c` (and [`super::plan_once`] there).
     pub fn prepare(c: &mut Client) -> Result<IdentityStatements, DbError> {
+        super::plan_once(c)?;
         Ok(IdentityStatements {
             load: c.prepare(
                 "SELECT i.did, i.key, e.url, i.handle, i.as_of FROM identities i
