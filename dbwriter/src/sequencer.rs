@@ -997,7 +997,7 @@ impl Sequencer {
             return Ok(*a);
         }
         self.count(WriterCounter::AccountLoads);
-        let mut m = db::load_accounts(&mut self.pg, &[k])?;
+        let mut m = self.stmts.load_accounts(&mut self.pg, &[k])?;
         Ok(m.remove(&k))
     }
 
@@ -1028,7 +1028,7 @@ impl Sequencer {
         missing.sort_unstable();
         missing.dedup();
         self.count(WriterCounter::AccountLoads);
-        let mut found = db::load_accounts(&mut self.pg, &missing)?;
+        let mut found = self.stmts.load_accounts(&mut self.pg, &missing)?;
         for k in missing {
             let st = found.remove(&k);
             self.loaded.insert(k, st);

@@ -93,10 +93,24 @@ pub(super) fn state_of(r: &postgres::Row, at: usize) -> AccountState {
 /// columns after them start at 7).
 pub(super) const STATE: &str = "a.did, a.rev, a.host_checked, a.host, a.data_fp, a.commit_cid, a.no";
 
+/// The query of [`load_accounts`] (`$1`: the keys).
+pub(super) fn load_sql() -> String {
+    format!("SELECT {STATE} FROM accounts a WHERE a.did = ANY($1)")
+}
+
 /// Load the stored state of `keys` (those not found are absent).
 pub fn load_accounts(c: &mut Client, keys: &[DidKey]) -> Result<HashMap<DidKey, AccountState>, DbError> {
+    load_with(c, load_sql().as_str(), keys)
+}
+
+/// [`load_accounts`] with its query as given (prepared or not).
+pub(super) fn load_with<T: ?Sized + postgres::ToStatement>(
+    c: &mut Client,
+    query: &T,
+    keys: &[DidKey],
+) -> Result<HashMap<DidKey, AccountState>, DbError> {
     let ids: Vec<uuid::Uuid> = keys.iter().map(uuid_of).collect();
-    let rows = c.query(&format!("SELECT {STATE} FROM accounts a WHERE a.did = ANY($1)"), &[&ids])?;
+    let rows = c.query(query, &[&ids])?;
     Ok(rows.iter().map(|r| (key_of(r.get(0)), state_of(r, 0))).collect())
 }
 

@@ -6,7 +6,7 @@
 use super::accounts::{uuid_of, STATE};
 use super::DbError;
 use crate::collections::index::CollectionIndex;
-use postgres::{Client, Transaction};
+use postgres::{Client, Statement, Transaction};
 use sluice_common::atproto::did::DidKey;
 use sluice_common::atproto::policy::AccountStatus;
 
@@ -69,15 +69,46 @@ impl IndexChanges {
     }
 }
 
+/// The statements of [`write_changes`], prepared with the group commit's
+/// ([`super::CommitStatements`]).
+pub struct IndexStatements {
+    collections: Statement,
+    changes: Statement,
+    chunks: Statement,
+    checked: Statement,
+    checks: Statement,
+}
+
+impl IndexStatements {
+    pub(super) fn prepare(c: &mut Client) -> Result<IndexStatements, DbError> {
+        Ok(IndexStatements {
+            collections: c.prepare(
+                "INSERT INTO collections (id, nsid) SELECT * FROM unnest($1::int4[], $2::text[]) ON CONFLICT DO NOTHING",
+            )?,
+            changes: c.prepare(
+                "INSERT INTO collection_changes (round, collection, no, present)
+                 SELECT $1, * FROM unnest($2::int4[], $3::int4[], $4::bool[])",
+            )?,
+            chunks: c.prepare(
+                "INSERT INTO collection_chunks (collection, chunk, bits)
+                 SELECT * FROM unnest($1::int4[], $2::int4[], $3::bytea[])
+                 ON CONFLICT (collection, chunk) DO UPDATE SET bits = EXCLUDED.bits",
+            )?,
+            checked: c.prepare("DELETE FROM collection_checks WHERE did = ANY($1)")?,
+            checks: c.prepare(
+                "INSERT INTO collection_checks (did, host_id) SELECT * FROM unnest($1::uuid[], $2::int4[])
+                 ON CONFLICT (did) DO UPDATE SET host_id = EXCLUDED.host_id",
+            )?,
+        })
+    }
+}
+
 /// Write a round's changes (a DID checked or queued twice in a round is
 /// written once: one statement may not touch a row twice).
-pub fn write_changes(t: &mut Transaction<'_>, ch: &IndexChanges) -> Result<(), DbError> {
+pub fn write_changes(t: &mut Transaction<'_>, s: &IndexStatements, ch: &IndexChanges) -> Result<(), DbError> {
     if !ch.collections.is_empty() {
         let (ids, names): (Vec<i32>, Vec<&str>) = ch.collections.iter().map(|(i, n)| (*i as i32, n.as_str())).unzip();
-        t.execute(
-            "INSERT INTO collections (id, nsid) SELECT * FROM unnest($1::int4[], $2::text[]) ON CONFLICT DO NOTHING",
-            &[&ids, &names],
-        )?;
+        t.execute(&s.collections, &[&ids, &names])?;
     }
     if !ch.changes.is_empty() {
         let mut ids = Vec::with_capacity(ch.changes.len());
@@ -88,11 +119,7 @@ pub fn write_changes(t: &mut Transaction<'_>, ch: &IndexChanges) -> Result<(), D
             nos.push(*no as i32);
             present.push(*p);
         }
-        t.execute(
-            "INSERT INTO collection_changes (round, collection, no, present)
-             SELECT $1, * FROM unnest($2::int4[], $3::int4[], $4::bool[])",
-            &[&ch.round, &ids, &nos, &present],
-        )?;
+        t.execute(&s.changes, &[&ch.round, &ids, &nos, &present])?;
     }
     if ch.compact {
         t.execute("TRUNCATE collection_changes", &[])?;
@@ -106,29 +133,20 @@ pub fn write_changes(t: &mut Transaction<'_>, ch: &IndexChanges) -> Result<(), D
             chunks.push(i32::from(*chunk));
             bits.push(b);
         }
-        t.execute(
-            "INSERT INTO collection_chunks (collection, chunk, bits)
-             SELECT * FROM unnest($1::int4[], $2::int4[], $3::bytea[])
-             ON CONFLICT (collection, chunk) DO UPDATE SET bits = EXCLUDED.bits",
-            &[&ids, &chunks, &bits],
-        )?;
+        t.execute(&s.chunks, &[&ids, &chunks, &bits])?;
     }
     if !ch.checked.is_empty() {
         let mut keys: Vec<uuid::Uuid> = ch.checked.iter().map(uuid_of).collect();
         keys.sort_unstable();
         keys.dedup();
-        t.execute("DELETE FROM collection_checks WHERE did = ANY($1)", &[&keys])?;
+        t.execute(&s.checked, &[&keys])?;
     }
     if !ch.checks.is_empty() {
         // The last host named for a DID wins.
         let last: std::collections::HashMap<uuid::Uuid, i32> =
             ch.checks.iter().map(|(k, h)| (uuid_of(k), *h as i32)).collect();
         let (keys, hosts): (Vec<uuid::Uuid>, Vec<i32>) = last.into_iter().unzip();
-        t.execute(
-            "INSERT INTO collection_checks (did, host_id) SELECT * FROM unnest($1::uuid[], $2::int4[])
-             ON CONFLICT (did) DO UPDATE SET host_id = EXCLUDED.host_id",
-            &[&keys, &hosts],
-        )?;
+        t.execute(&s.checks, &[&keys, &hosts])?;
     }
     Ok(())
 }

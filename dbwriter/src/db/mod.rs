@@ -150,6 +150,9 @@ pub struct CommitStatements {
     round: Statement,
     names: Statement,
     offline: Statement,
+    /// The accounts a round's prefetch lacks ([`CommitStatements::load_accounts`]).
+    load: Statement,
+    index: IndexStatements,
 }
 
 /// One round's accounts ([`UPSERT`], `$1` to `$8`), hosts' counters and
@@ -223,7 +226,14 @@ impl CommitStatements {
                  WHERE h.id = v.id AND h.status = CASE WHEN v.offline THEN 'active' ELSE 'offline' END
                  RETURNING h.hostname, h.status",
             )?,
+            load: c.prepare(&accounts::load_sql())?,
+            index: IndexStatements::prepare(c)?,
         })
+    }
+
+    /// [`load_accounts`] with the prepared query.
+    pub fn load_accounts(&self, c: &mut Client, keys: &[DidKey]) -> Result<HashMap<DidKey, AccountState>, DbError> {
+        accounts::load_with(c, &self.load, keys)
     }
 }
 
@@ -253,7 +263,7 @@ pub fn commit(c: &mut Client, s: &CommitStatements, b: &Batch) -> Result<Vec<(St
         save_held(&mut t, &b.held)?;
     }
     if !b.index.is_empty() {
-        write_changes(&mut t, &b.index)?;
+        write_changes(&mut t, &s.index, &b.index)?;
     }
     t.commit()?;
     Ok(changed)
