@@ -293,8 +293,10 @@ fn sync_endpoints_answer() {
     let host = &r.info.hosts[0];
     let get = |path: &str| -> serde_json::Value {
         let mut s = std::net::TcpStream::connect(host.replace("localhost", "127.0.0.1")).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         use std::io::{Read, Write};
-        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        // Read to its end: a host keeps a connection unless asked not to.
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap()
