@@ -313,12 +313,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(loads) = metric(metrics, "sluice_account_loads_total") {
         println!("  account loads  {loads:.0} Postgres queries (account cache misses)");
     }
-    let m = |name: &str| metric(metrics, name).unwrap_or(0.0);
+    let m = |name: &str| sluice_tests::http::metric(metrics, name);
     println!(
-        "  identity       {:.0} requests from the shards ({:.0} cache misses); answers {:.0} stored, {:.0} fetched; \
-         {:.0} directory fetches, {:.0} export pages applying {:.0} operations, {:.0} changes pushed",
+        "  identity       {} requests from the shards ({} cache misses); answers {} stored, {} fetched; \
+         {} directory fetches, {} export pages applying {} operations, {} changes pushed",
         m("sluice_identity_requests_total"),
-        metric_sum(metrics, "sluice_identity_cache_misses_total").unwrap_or(0.0),
+        m("sluice_identity_cache_misses_total"),
         m("sluice_identity_answers_total{source=\"stored\"}"),
         m("sluice_identity_answers_total{source=\"fetched\"}"),
         m("sluice_identity_fetches_total{outcome=\"ok\"}"),
@@ -465,21 +465,6 @@ fn metric(port: u16, name: &str) -> Option<f64> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// The sum of a metric over its labels (e.g. every shard's).
-fn metric_sum(port: u16, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let values = out.lines().filter_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        let value = if rest.starts_with('{') { rest.split_once("} ")?.1 } else { rest.strip_prefix(' ')? };
-        value.trim().parse::<f64>().ok()
-    });
-    Some(values.sum())
 }
 
 /// Start `sluice run` in `dir` against a fakenet PLC; returns once healthy
