@@ -81,23 +81,24 @@ impl Store {
     ) -> Option<T> {
         let mut logged = false;
         while !self.stop.load(Ordering::Acquire) {
-            if self.pg.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                self.pg = db::connect(&self.url).ok().and_then(|mut c| {
-                    let s = db::IdentityStatements::prepare(&mut c).ok()?;
-                    Some((c, s))
-                });
-            }
-            if let Some((pg, s)) = self.pg.as_mut() {
-                match f(pg, s) {
-                    Ok(v) => return Some(v),
-                    Err(e) if !logged => {
-                        tracing::warn!(error = %e, "identity store: Postgres failed; retrying every second");
-                        logged = true;
-                    }
-                    Err(_) => {}
+            let result = match self.pg.as_mut().filter(|(c, _)| !c.is_closed()) {
+                Some((pg, s)) => f(pg, s),
+                None => db::connect(&self.url).and_then(|mut c| {
+                    let s = db::IdentityStatements::prepare(&mut c)?;
+                    let (c, s) = self.pg.insert((c, s));
+                    f(c, s)
+                }),
+            };
+            match result {
+                Ok(v) => return Some(v),
+                // A failed connect or prepare is reported as a failed query is.
+                Err(e) if !logged => {
+                    tracing::warn!(error = %e, "identity store: Postgres failed; retrying every second");
+                    logged = true;
                 }
-                self.pg = None;
+                Err(_) => {}
             }
+            self.pg = None;
             std::thread::sleep(Duration::from_secs(1));
         }
         None
