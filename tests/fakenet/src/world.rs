@@ -269,7 +269,7 @@ pub struct Live {
     pub handle: String,
     pub repo: Repo,
     /// Record paths present, to pick updates and deletes from.
-    paths: Vec<String>,
+    paths: Paths,
     /// Its last relayed frames (for `replayedrev`; kept only while that
     /// fault may be asked for on a network of a size that affords it).
     last_frames: Vec<(usize, Vec<u8>)>,
@@ -279,14 +279,48 @@ pub struct Live {
     commits: u32,
 }
 
+/// An account's record paths, in the order they were made, and how many
+/// of them each collection has: what the account's collections are is
+/// asked at every step that touches it (`describeRepo`'s answer), so it
+/// is kept rather than found again from thousands of paths.
+#[derive(Clone, Default)]
+struct Paths {
+    list: Vec<String>,
+    per_collection: std::collections::BTreeMap<String, u32>,
+}
+
+impl Paths {
+    fn collection(path: &str) -> &str {
+        path.split_once('/').map_or(path, |(c, _)| c)
+    }
+
+    fn push(&mut self, path: String) {
+        *self.per_collection.entry(Paths::collection(&path).to_owned()).or_default() += 1;
+        self.list.push(path);
+    }
+
+    fn remove(&mut self, path: &str) {
+        let before = self.list.len();
+        self.list.retain(|p| p != path);
+        let gone = (before - self.list.len()) as u32;
+        let c = Paths::collection(path);
+        if let Some(n) = self.per_collection.get_mut(c) {
+            *n = n.saturating_sub(gone);
+            if *n == 0 {
+                self.per_collection.remove(c);
+            }
+        }
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.list.iter()
+    }
+}
+
 impl Account {
     /// The collections its repo holds records of, sorted.
     pub fn collections(&self) -> Vec<String> {
-        let mut c: Vec<String> =
-            self.paths.iter().filter_map(|p| p.split_once('/')).map(|(c, _)| c.to_owned()).collect();
-        c.sort();
-        c.dedup();
-        c
+        self.paths.per_collection.keys().cloned().collect()
     }
 
     pub fn status(&self) -> Status {
@@ -486,7 +520,7 @@ impl World {
         let did = p.did(a);
         let handle = p.handle(a, self.accounts[a].host);
         let mut repo = Repo::new(did.clone(), p.key(a));
-        let mut paths = Vec::new();
+        let mut paths = Paths::default();
         let records: Vec<(String, Vec<u8>)> = (0..self.cfg.initial_records)
             .map(|i| {
                 let p = format!("app.bsky.feed.post/{}", Tid::from_micros(1_700_000_000_000_000 + i as u64, 0));
@@ -824,7 +858,7 @@ impl World {
         for op in ops {
             match op {
                 WriteOp::Create { path, .. } => paths.push(path.clone()),
-                WriteOp::Delete { path } => paths.retain(|p| p != path),
+                WriteOp::Delete { path } => paths.remove(path),
                 WriteOp::Update { .. } => {}
             }
         }
@@ -1281,6 +1315,27 @@ mod tests {
             }
         }
         assert!(n > 300, "{n}");
+    }
+
+    /// The kept per-collection counts say what the paths say, through
+    /// creates, deletes and the faults' commits that are rolled back.
+    #[test]
+    fn an_accounts_collections_follow_its_paths() {
+        let mut w = world(FaultRates::default_mix());
+        for _ in 0..600 {
+            w.step();
+        }
+        let mut seen = 0;
+        for a in w.accounts.iter().filter(|a| a.is_live()) {
+            let mut from_paths: Vec<String> = a.paths.iter().map(|p| Paths::collection(p).to_owned()).collect();
+            from_paths.sort();
+            from_paths.dedup();
+            assert_eq!(a.collections(), from_paths, "{}", a.did);
+            let counted: u32 = a.paths.per_collection.values().sum();
+            assert_eq!(counted as usize, a.paths.list.len(), "{}", a.did);
+            seen += usize::from(from_paths.len() > 1);
+        }
+        assert!(seen > 0, "some account has records in two collections");
     }
 
     #[test]
