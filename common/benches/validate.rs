@@ -151,6 +151,37 @@ fn bench_verifiers(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same verifications when other work ran between them, as in a
+/// shard, where a frame's decoding, CAR and MST work, the rings and the
+/// sockets come between two signatures: before each one (untimed), 8 MiB
+/// are written, which leaves neither the curve's precomputed tables nor
+/// the verifier's code in the core's caches.
+fn bench_verifiers_cold(c: &mut Criterion) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let digest = sluice_common::atproto::crypto::sha256(b"an unsigned commit");
+    let mut g = c.benchmark_group("verify_signature_cold");
+    g.measurement_time(Duration::from_secs(5));
+    let mut other = vec![0u8; 8 << 20];
+    for curve in [Curve::K256, Curve::P256] {
+        let k = PrivateKey::generate(curve, &mut rng);
+        let sig = k.sign_digest(&digest);
+        let key = k.public_key();
+        g.bench_function(curve.name(), |b| {
+            b.iter_batched(
+                || {
+                    for (i, x) in other.iter_mut().enumerate().step_by(64) {
+                        *x = x.wrapping_add(i as u8);
+                    }
+                    black_box(&other);
+                },
+                |()| key.verify_digest(black_box(&digest), &sig).unwrap(),
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
 fn bench_sha(c: &mut Criterion) {
     let data = vec![7u8; 256];
     c.bench_function("sha256_256B", |b| b.iter(|| sluice_common::atproto::crypto::sha256(black_box(&data))));
@@ -158,5 +189,5 @@ fn bench_sha(c: &mut Criterion) {
     c.bench_function("sha256_4KiB", |b| b.iter(|| sluice_common::atproto::crypto::sha256(black_box(&data))));
 }
 
-criterion_group!(benches, bench_validate, bench_verifiers, bench_sha);
+criterion_group!(benches, bench_validate, bench_verifiers, bench_verifiers_cold, bench_sha);
 criterion_main!(benches);
