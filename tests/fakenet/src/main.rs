@@ -65,6 +65,9 @@ struct ServeArgs {
     /// few hot accounts and a long tail.
     #[arg(long, default_value_t = 0.0)]
     account_skew: f64,
+    /// The share of accounts with P-256 signing keys (the rest K-256).
+    #[arg(long, default_value_t = 0.3)]
+    p256_share: f64,
     /// Of a thousand ordinary steps, how many create an account.
     #[arg(long, default_value_t = 10.0)]
     new_accounts_per_mille: f64,
@@ -210,6 +213,7 @@ fn serve_config(a: ServeArgs) -> anyhow::Result<runner::ServeConfig> {
         broken_web: a.broken_web,
         unregistered: a.unregistered,
         account_skew: a.account_skew,
+        p256_share: a.p256_share,
         new_accounts_per_mille: a.new_accounts_per_mille,
         active_share: a.active_share,
         directory: fakenet::server::DirectoryConfig {

@@ -27,6 +27,8 @@ pub struct ServeConfig {
     pub unregistered: usize,
     /// Zipf exponent over a host's accounts for who acts (0 = evenly).
     pub account_skew: f64,
+    /// The share of accounts whose signing key is P-256 (the rest K-256).
+    pub p256_share: f64,
     /// Of a thousand ordinary steps, how many create an account.
     pub new_accounts_per_mille: f64,
     /// The share of each host's accounts that act at all (1.0: all).
@@ -77,6 +79,7 @@ impl Default for ServeConfig {
             broken_web: 0,
             unregistered: 0,
             account_skew: 0.0,
+            p256_share: 0.3,
             new_accounts_per_mille: 10.0,
             active_share: 1.0,
             directory: DirectoryConfig::default(),
@@ -190,7 +193,7 @@ pub fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         accounts_per_host: cfg.accounts,
         skew: cfg.skew,
         web_hosts: web_names.clone(),
-        p256_share: 0.3,
+        p256_share: cfg.p256_share,
         initial_records: cfg.initial_records,
         faults: cfg.faults.clone(),
         migrations: cfg.migrations,
