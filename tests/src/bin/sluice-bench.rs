@@ -54,8 +54,8 @@ struct Args {
     /// Replay a corpus written by `fakenet generate` instead of generating.
     #[arg(long)]
     corpus: Option<PathBuf>,
-    /// The share of generated accounts with P-256 signing keys (the rest
-    /// K-256). Issue 24's targets are defined on K-256 commits; 0 measures
+    /// The share of fakenet's accounts with P-256 signing keys (the rest
+    /// K-256), in every phase. Issue 24's targets are defined on K-256 commits; 0 measures
     /// against them on a K-256 corpus.
     #[arg(long, default_value_t = 0.3)]
     p256_share: f64,
@@ -397,6 +397,7 @@ fn latency_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         hosts: 10,
         accounts: 20,
         seed: 10,
+        p256_share: a.p256_share,
         rate: a.latency_rate,
         duration: Some(Duration::from_secs(a.latency_seconds)),
         faults: FaultRates::none(),
@@ -617,6 +618,7 @@ fn catchup_phase(a: &Args, sluice: &std::path::Path, dir: &std::path::Path) -> a
         accounts: a.accounts,
         base_port: sluice_tests::ports::balanced_base_port(a.hosts, 1, a.shards)?,
         seed: 11,
+        p256_share: a.p256_share,
         rate: a.catchup_rate,
         duration: Some(total),
         faults: FaultRates::none(),
